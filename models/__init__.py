@@ -1,0 +1,1 @@
+"""Model zoo: installed as ``onnxlrf.models`` (see pyproject.toml)."""
