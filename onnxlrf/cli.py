@@ -1,0 +1,189 @@
+"""Command line: parses arguments and calls the library, nothing more."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+from typing import Any, Callable
+
+import click
+
+from .errors import OnnxlrfError
+
+
+class _Group(click.Group):
+    """Turns library errors into click's one-line ``Error: ...`` and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OnnxlrfError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def _run(as_json: bool, work: Callable[[], Any]) -> Any:
+    """Run ``work``; with --json, keep stdout for the one JSON object."""
+    if not as_json:
+        return work()
+    with contextlib.redirect_stdout(sys.stderr):
+        return work()
+
+
+def _emit(as_json: bool, payload: dict, human: str) -> None:
+    if as_json:
+        click.echo(json.dumps(payload, default=str))
+    else:
+        click.echo(human)
+
+
+def _fmt_validation(v: Any) -> str:
+    lines = [f"{v.metric}: {v.value:.4f}"]
+    if v.reference_value is not None:
+        lines[0] += f" (reference {v.reference_value:.4f})"
+    lines.append(f"params: {v.params:,}" + (f" (reference {v.reference_params:,})" if v.reference_params else ""))
+    if v.max_abs_diff is not None:
+        lines.append(f"max abs diff vs reference: {v.max_abs_diff:.3g}")
+    lines.append(f"providers: {', '.join(v.providers)}")
+    return "\n".join(lines)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="onnxlrf")
+def cli() -> None:
+    """Low-rank factorization of ONNX models, validated in onnxruntime."""
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--weights", type=click.Path(), help="Checkpoint to load instead of downloading.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1), help="Static batch size.")
+@click.option("--dynamic-batch", is_flag=True, help="Make the batch dimension dynamic.")
+@click.option("--dynamo", is_flag=True, help="Use torch's dynamo exporter (opset 18) instead of TorchScript (opset 17).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def export(model: str, output: str, weights: str | None, batch: int, dynamic_batch: bool, dynamo: bool,
+           overwrite: bool, as_json: bool) -> None:
+    """Export MODEL (a model name, see docs) to ONNX and check it against torch in onnxruntime."""
+    from .export import export_model
+    from .models import load_model
+
+    result = _run(as_json, lambda: export_model(
+        load_model(model, weights=weights), output, dynamo=dynamo, batch=batch,
+        dynamic_batch=dynamic_batch, overwrite=overwrite))
+    payload = dataclasses.asdict(result)
+    _emit(as_json, payload,
+          f"wrote {result.path} ({result.exporter}, opset {result.opset}); "
+          f"max abs diff vs torch {result.max_abs_diff:.3g} (tolerance {result.tolerance:g}) "
+          f"on {', '.join(result.providers)}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
+@click.option("--mode", type=click.Choice(["uniform", "energy"]), required=True, help="How ranks are chosen.")
+@click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Fraction of the model's parameters to remove.")
+@click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
+              help="uniform: fraction of each layer's full rank to keep.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
+              help="energy: share of squared singular values to keep in each layer.")
+@click.option("--data", help="DATA spec for validation, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH.")
+@click.option("--weights", type=click.Path(), help="Checkpoint for a model name.")
+@click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
+@click.option("--dynamo", is_flag=True, help="Export with the dynamo exporter.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--dynamic-batch", is_flag=True)
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace existing output files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def compress(model: str, output: str, mode: str, target_reduction: float | None, rank_fraction: float | None,
+             energy: float | None, data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
+             batch: int, dynamic_batch: bool, provider: str, overwrite: bool, as_json: bool) -> None:
+    """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
+    from .compress import compress as run_compress
+
+    result = _run(as_json, lambda: run_compress(
+        model, output, mode=mode, target_reduction=target_reduction, rank_fraction=rank_fraction,
+        energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
+        batch=batch, dynamic_batch=dynamic_batch, provider=provider))
+    payload = result.to_dict()
+    human = (f"wrote {result.output}: {result.params:,} params "
+             f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "
+             f"{len(result.rewrite.rewritten)} layers factorized, {len(result.rewrite.kept_dense)} dense")
+    if result.validation is not None:
+        human += "\n" + _fmt_validation(result.validation)
+    _emit(as_json, payload, human)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False), help="Plan JSON.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool) -> None:
+    """Apply a plan to MODEL (ONNX) and write the low-rank ONNX file."""
+    from .compress import rewrite_file
+
+    report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite))
+    _emit(as_json, dataclasses.asdict(report),
+          f"wrote {output}: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} dense; "
+          f"params {report.params_before:,} -> {report.params_after:,}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--reference", type=click.Path(dir_okay=False), help="Original ONNX model to compare with.")
+@click.option("--data", required=True, help="DATA spec: cifar10-jpeg:PATH, cifar10, stsb:PATH, npz:PATH.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+def validate(model: str, reference: str | None, data: str, provider: str, batch_size: int, as_json: bool) -> None:
+    """Evaluate MODEL on DATA in onnxruntime, optionally against a reference model."""
+    from .data import load_data
+    from .onnx_io import load_onnx
+    from .validation import validate as run_validate
+
+    def work() -> Any:
+        onnx_model = load_onnx(model)
+        ref = load_onnx(reference) if reference else None
+        dataset = load_data(data, onnx_model)
+        return run_validate(onnx_model, dataset, reference=ref, batch_size=batch_size, provider=provider)
+
+    result = _run(as_json, work)
+    _emit(as_json, dataclasses.asdict(result), _fmt_validation(result))
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--reference", required=True, type=click.Path(dir_okay=False), help="Original ONNX model.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def bench(model: str, reference: str, batch: int, runs: int, warmup: int, threads: int | None, provider: str,
+          as_json: bool) -> None:
+    """Time MODEL against REFERENCE, interleaved, in onnxruntime."""
+    from .onnx_io import load_onnx
+    from .validation import benchmark
+
+    result = _run(as_json, lambda: benchmark(
+        load_onnx(model), load_onnx(reference), batch=batch, warmup=warmup, runs=runs, provider=provider,
+        threads=threads))
+    _emit(as_json, dataclasses.asdict(result),
+          f"latency {result.latency_ms:.3f} ms vs reference {result.reference_latency_ms:.3f} ms: "
+          f"{result.speedup:.2f}x; FLOPs {result.flops:,} vs {result.reference_flops:,}; "
+          f"providers {', '.join(result.providers)}")
+
+
+def main() -> None:
+    cli(prog_name="onnxlrf")
+
+
+if __name__ == "__main__":
+    main()
