@@ -1,0 +1,180 @@
+"""torch -> ONNX with either exporter, checked against torch in onnxruntime.
+
+``dynamo=False`` uses the TorchScript exporter at opset 17 and writes one file
+(external data only above protobuf's 2 GiB limit). ``dynamo=True`` uses the
+torch.export-based exporter at opset 18, which always saves the weights as
+external data; the file pair is ``<name>`` plus ``<name>.data``. Both
+exporters fold BatchNorm into the preceding Conv.
+
+The export goes to a temporary directory; the result is written beside the
+output atomically (data file first, then the model file), so a failed export
+or a failed check leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .errors import OnnxlrfError
+from .onnx_io import check_output_path, save_onnx
+from .models import ModelSpec
+
+DEFAULT_OPSET = {False: 17, True: 18}  # keyed by dynamo
+# ORT vs torch, float32: allowed max abs difference relative to the output's scale
+# (BatchNorm folding and kernel choice reorder float sums).
+RELATIVE_TOLERANCE = 1e-4
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    exporter: str  # 'torchscript' | 'dynamo'
+    opset: int
+    max_abs_diff: float
+    tolerance: float
+    providers: list[str]
+    external_data: bool
+
+
+def export_model(
+    spec: ModelSpec,
+    output: str | os.PathLike,
+    dynamo: bool = False,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    opset: int | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+) -> ExportResult:
+    """Export ``spec`` to ``output`` and (with ``check``) compare onnxruntime with torch on the example input.
+
+    The graph has batch ``batch``, or a dynamic batch with ``dynamic_batch``;
+    text models always have a dynamic sequence axis.
+    """
+    if batch < 1:
+        raise OnnxlrfError(f"batch must be at least 1, got {batch}")
+    output = check_output_path(output, (), overwrite)
+    data_file = output.with_name(output.name + ".data")
+    if dynamo and data_file.exists() and not overwrite:
+        raise OnnxlrfError(f"output exists: {data_file} (pass --overwrite to replace it)")
+    opset = opset or DEFAULT_OPSET[dynamo]
+    # torch.export specializes a dimension traced at size 1, so a dynamic batch is traced at 2 or more.
+    trace_batch = max(batch, 2) if dynamic_batch else batch
+    inputs = {name: resize_batch(t, trace_batch) for name, t in spec.example_inputs.items()}
+    dynamic_axes = {
+        name: {axis: dim for axis, dim in axes.items() if dynamic_batch or axis != 0}
+        for name, axes in spec.dynamic_axes.items()
+    }
+    dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
+
+    with tempfile.TemporaryDirectory(prefix=".onnxlrf-export-", dir=output.parent) as tmp:
+        exported = Path(tmp) / output.name
+        _run_exporter(spec, inputs, exported, dynamo, opset, dynamic_axes)
+        try:
+            model = onnx.load(str(exported))
+        except Exception as exc:
+            raise OnnxlrfError(f"torch wrote an unreadable ONNX file: {exc}".splitlines()[0]) from None
+        for key, value in spec.metadata.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        max_diff, tolerance, providers = float("nan"), float("nan"), []
+        if check:
+            max_diff, tolerance, providers = _check(spec, model, exported, inputs)
+        save_onnx(model, output, external_data=True if dynamo else None)
+    return ExportResult(
+        path=output,
+        exporter="dynamo" if dynamo else "torchscript",
+        opset=opset,
+        max_abs_diff=max_diff,
+        tolerance=tolerance,
+        providers=providers,
+        external_data=_uses_external_data(output),
+    )
+
+
+def resize_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """The example batch cut or repeated (cycling through its rows) to ``batch`` rows."""
+    return tensor.index_select(0, torch.arange(batch) % tensor.shape[0])
+
+
+def _run_exporter(
+    spec: ModelSpec,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    dynamo: bool,
+    opset: int,
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    args = tuple(inputs.values())
+    names = dict(input_names=list(inputs), output_names=list(spec.output_names))
+    # Both exporters are chatty (deprecation notes, progress lines on stdout); results are reported instead.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            if dynamo:
+                dims = {}
+                shapes = tuple(
+                    {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in dynamic_axes.get(name, {}).items()}
+                    or None
+                    for name in inputs
+                )
+                torch.onnx.export(
+                    spec.module, args, str(path), dynamo=True, opset_version=opset, external_data=True,
+                    dynamic_shapes=shapes if any(shapes) else None, verbose=False, **names,
+                )
+            else:
+                torch.onnx.export(
+                    spec.module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+                    dynamic_axes=dynamic_axes or None, **names,
+                )
+        except OnnxlrfError:
+            raise
+        except Exception as exc:
+            exporter = "dynamo" if dynamo else "torchscript"
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            raise OnnxlrfError(f"{exporter} export of {spec.name} failed: {message}") from None
+
+
+def _check(
+    spec: ModelSpec, model: onnx.ModelProto, path: Path, inputs: dict[str, torch.Tensor]
+) -> tuple[float, float, list[str]]:
+    """Max abs difference between onnxruntime (on the file as torch wrote it) and torch, and the tolerance."""
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        expected = spec.module(*inputs.values())
+    expected = expected.detach().float().numpy()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = min(2, os.cpu_count() or 1)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        got = session.run([spec.output_names[0]], {k: v.numpy() for k, v in inputs.items()})[0]
+    except Exception as exc:
+        raise OnnxlrfError(f"onnxruntime cannot run the export of {spec.name}: {exc}".splitlines()[0]) from None
+    if got.shape != expected.shape:
+        raise OnnxlrfError(f"export of {spec.name} gives shape {got.shape}, torch gives {expected.shape}")
+    max_diff = float(np.max(np.abs(got.astype(np.float64) - expected))) if got.size else 0.0
+    tolerance = RELATIVE_TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
+    if not max_diff <= tolerance:  # also catches NaN
+        raise OnnxlrfError(
+            f"export of {spec.name} differs from torch: max abs diff {max_diff:.3g} > tolerance {tolerance:.3g}"
+        )
+    return max_diff, tolerance, list(session.get_providers())
+
+
+def _uses_external_data(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)
+    )
