@@ -1,0 +1,398 @@
+"""Running models in onnxruntime: sessions, accuracy and fidelity, FLOPs, latency.
+
+Provider reporting always comes from ``session.get_providers()``: onnxruntime-gpu
+lists CUDA as *available* even where it cannot load it, and then silently runs
+on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .data import CLASSIFICATION, Dataset, check_fits, cosine_rows, graph_inputs
+from .errors import OnnxlrfError
+from .onnx_io import load_onnx, save_onnx
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+
+# protobuf cannot serialize 2 GiB or more in one message; bigger models go through a file.
+_PROTOBUF_LIMIT = 2**31 - 1
+# Symbolic dims other than the batch axis (sequence length) become this in random feeds and FLOP counts.
+DEFAULT_SEQ_LENGTH = 128
+# Random token ids stay below this, which every vocabulary of interest exceeds.
+RANDOM_TOKEN_LIMIT = 1000
+# onnxruntime's default logger level (warning), restored after the CUDA probe.
+_ORT_DEFAULT_LOG_SEVERITY = 2
+
+ModelLike = onnx.ModelProto | str | os.PathLike
+
+
+@dataclass
+class ValidationResult:
+    metric: str
+    value: float
+    reference_value: float | None
+    params: int
+    reference_params: int | None
+    max_abs_diff: float | None
+    mean_abs_diff: float | None
+    cosine: float | None
+    top1_agreement: float | None
+    providers: list[str]
+    file_size: int
+    reference_file_size: int | None
+    samples: int
+
+
+@dataclass
+class BenchResult:
+    latency_ms: float
+    reference_latency_ms: float
+    speedup: float
+    flops: int
+    reference_flops: int
+    providers: list[str]
+    batch: int
+    runs: int
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_works() -> bool:
+    """Whether a session on CUDAExecutionProvider really gets CUDA (not a silent CPU fallback)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "cuda_probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 13)],
+        ir_version=7,
+    )
+    # A failed CUDA load logs a multi-line error through the default logger; the answer is enough.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA, CPU])
+        return CUDA in session.get_providers()
+    except Exception:  # any failure to set CUDA up means "no CUDA"
+        return False
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
+
+
+def select_providers(provider: str = "auto") -> list[str]:
+    """Execution providers for ``provider``: 'auto' (CUDA if it really works, else CPU), 'cuda' or 'cpu'."""
+    if provider == "cpu":
+        return [CPU]
+    if provider == "cuda":
+        if not cuda_works():
+            raise OnnxlrfError("provider cuda requested, but onnxruntime cannot run on CUDA here (use --provider cpu)")
+        return [CUDA, CPU]
+    if provider == "auto":
+        return [CUDA, CPU] if cuda_works() else [CPU]
+    raise OnnxlrfError(f"unknown provider {provider!r}; known: {', '.join(PROVIDER_CHOICES)}")
+
+
+def make_session(
+    model: ModelLike, providers: list[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session (default graph optimizations, ``threads`` intra-op threads, no spinning)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    # Spinning threads burn CPU between runs and distort timings on a shared machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    providers = providers or select_providers("auto")
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            if not Path(model).is_file():
+                raise OnnxlrfError(f"file not found: {model}")
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if model.ByteSize() < _PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnxlrf-session-") as tmp:
+            path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except OnnxlrfError:
+        raise
+    except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/... with multi-line text
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line}") from None
+
+
+def _static_batch(session: ort.InferenceSession) -> int | None:
+    dims = session.get_inputs()[0].shape
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
+    """The session's first output for every row of ``dataset``, in order.
+
+    A model with a static batch size B is run B rows at a time, the last batch
+    padded by repeating its last row (the padding's outputs are dropped).
+    """
+    static_batch = _static_batch(session)
+    batch_size = static_batch or batch_size
+    names = [i.name for i in session.get_inputs()]
+    first_output = session.get_outputs()[0].name
+    outputs = []
+    for feed in dataset.batches(batch_size):
+        feed = {name: feed[name] for name in names}
+        rows = len(next(iter(feed.values())))
+        if static_batch and rows < static_batch:
+            feed = {n: np.concatenate([a, np.repeat(a[-1:], static_batch - rows, axis=0)]) for n, a in feed.items()}
+        outputs.append(session.run([first_output], feed)[0][:rows])
+    return np.concatenate(outputs)
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Elements of float initializers and float Constant tensors: the model's parameters."""
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            tensors += [a.t for a in node.attribute if a.name == "value"]
+    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in float_types)
+
+
+def concrete_input_shapes(
+    model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH
+) -> dict[str, list[int]]:
+    """Graph input shapes with static dims kept, symbolic axis 0 -> ``batch``, other symbolic dims -> ``seq_length``."""
+    shapes = {}
+    for inp in graph_inputs(model):
+        dims = inp.type.tensor_type.shape.dim
+        shapes[inp.name] = [
+            d.dim_value if d.HasField("dim_value") else (batch if axis == 0 else seq_length)
+            for axis, d in enumerate(dims)
+        ]
+    return shapes
+
+
+def _inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, list[int | None]]:
+    """Every tensor's shape after shape inference on a copy whose graph inputs have ``input_shapes``."""
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    del concrete.graph.value_info[:]
+    for value in concrete.graph.output:  # stale symbolic output shapes could contradict the concrete ones
+        value.type.tensor_type.ClearField("shape")
+    for inp in graph_inputs(concrete):
+        if inp.name in input_shapes:
+            shape = inp.type.tensor_type.shape
+            shape.ClearField("dim")
+            for size in input_shapes[inp.name]:
+                shape.dim.add().dim_value = int(size)
+    try:
+        if concrete.ByteSize() < _PROTOBUF_LIMIT:
+            inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
+        else:
+            with tempfile.TemporaryDirectory(prefix="onnxlrf-shapes-") as tmp:
+                path = save_onnx(concrete, Path(tmp) / "model.onnx", external_data=True)
+                onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
+                inferred = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises InferenceError / ValidationError with long texts
+        raise OnnxlrfError(f"shape inference failed: {str(exc).strip().splitlines()[0]}") from None
+    shapes: dict[str, list[int | None]] = {}
+    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        if value.type.tensor_type.HasField("shape"):
+            shapes[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+            ]
+    for init in inferred.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    shapes[node.output[0]] = list(attr.t.dims)
+    return shapes
+
+
+def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
+    """FLOPs (2 x multiply-accumulates) of all Conv, Gemm and MatMul nodes for one run.
+
+    Shapes come from ONNX shape inference on a copy with concrete input shapes:
+    ``input_shapes`` where given, else :func:`concrete_input_shapes` (batch 1,
+    sequence length 128). Other ops (elementwise, pooling, softmax) are not counted.
+    """
+    shapes = _inferred_shapes(model, input_shapes or concrete_input_shapes(model))
+    macs = 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        out = shapes.get(node.output[0])
+        a = shapes.get(node.input[0])
+        w = shapes.get(node.input[1])
+        if node.op_type == "Conv":
+            contraction = w[1:] if w else None
+        elif node.op_type == "Gemm":
+            trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
+            contraction = [a[0 if trans_a else 1]] if a and len(a) == 2 else None
+        else:
+            contraction = [a[-1]] if a else None
+        known = out is not None and contraction is not None and None not in out and None not in contraction
+        if not known:
+            raise OnnxlrfError(f"cannot count FLOPs of {node.op_type} node {node.name!r}: shape inference left its shapes unknown")
+        macs += int(np.prod(out, dtype=np.int64)) * int(np.prod(contraction, dtype=np.int64))
+    return 2 * macs
+
+
+def file_size(model: ModelLike) -> int:
+    """Bytes on disk: the ONNX file plus its external data files; a ModelProto's serialized size."""
+    if isinstance(model, onnx.ModelProto):
+        return model.ByteSize()
+    path = Path(model)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+
+
+def _as_proto(model: ModelLike) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else load_onnx(model)
+
+
+def validate(
+    model: ModelLike,
+    dataset: Dataset,
+    reference: ModelLike | None = None,
+    batch_size: int = 128,
+    provider: str = "auto",
+) -> ValidationResult:
+    """Score ``model`` on ``dataset`` and, with ``reference``, compare the two models' first outputs."""
+    providers = select_providers(provider)
+    proto = _as_proto(model)
+    check_fits(dataset, proto)
+    session = make_session(model, providers)
+    outputs = run_dataset(session, dataset, batch_size)
+    result = ValidationResult(
+        metric=dataset.metric_name,
+        value=dataset.score(outputs),
+        reference_value=None,
+        params=count_params(proto),
+        reference_params=None,
+        max_abs_diff=None,
+        mean_abs_diff=None,
+        cosine=None,
+        top1_agreement=None,
+        providers=session.get_providers(),
+        file_size=file_size(model),
+        reference_file_size=None,
+        samples=len(dataset),
+    )
+    if reference is None:
+        return result
+    reference_proto = _as_proto(reference)
+    check_fits(dataset, reference_proto)
+    reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size)
+    if reference_outputs.shape != outputs.shape:
+        raise OnnxlrfError(
+            f"model and reference outputs differ in shape: {list(outputs.shape)} vs {list(reference_outputs.shape)}"
+        )
+    diff = np.abs(outputs.astype(np.float64) - reference_outputs.astype(np.float64))
+    result.reference_value = dataset.score(reference_outputs)
+    result.reference_params = count_params(reference_proto)
+    result.max_abs_diff = float(diff.max())
+    result.mean_abs_diff = float(diff.mean())
+    result.cosine = float(np.mean(cosine_rows(outputs, reference_outputs)))
+    if dataset.task == CLASSIFICATION:
+        flat, reference_flat = outputs.reshape(len(outputs), -1), reference_outputs.reshape(len(outputs), -1)
+        result.top1_agreement = float(np.mean(flat.argmax(axis=1) == reference_flat.argmax(axis=1)))
+    result.reference_file_size = file_size(reference)
+    return result
+
+
+def random_feeds(model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs of :func:`concrete_input_shapes`: standard normal floats; for integer inputs token ids
+    in [0, 1000), all-ones attention masks and zero token type ids."""
+    rng = np.random.default_rng(seed)
+    shapes = concrete_input_shapes(model, batch, seq_length)
+    feeds = {}
+    for inp in graph_inputs(model):
+        shape = shapes[inp.name]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+        if dtype.kind == "f":
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in inp.name:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif "type" in inp.name:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+        elif dtype.kind in "iu":
+            feeds[inp.name] = rng.integers(0, RANDOM_TOKEN_LIMIT, size=shape).astype(dtype)
+        else:
+            raise OnnxlrfError(f"cannot make random data for input {inp.name!r} of type {dtype}; pass feeds")
+    return feeds
+
+
+def benchmark(
+    model: ModelLike,
+    reference: ModelLike,
+    batch: int = 1,
+    warmup: int = 5,
+    runs: int = 30,
+    provider: str = "auto",
+    threads: int | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> BenchResult:
+    """Median latency of ``model`` and ``reference`` on the same inputs.
+
+    After ``warmup`` runs of each, the two models run alternately (the order
+    flipping every round) so both see the same machine noise. Without ``feeds``,
+    inputs are :func:`random_feeds` (a static batch dim in the model wins over ``batch``).
+    """
+    if runs < 1 or warmup < 0:
+        raise OnnxlrfError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    providers = select_providers(provider)
+    proto, reference_proto = _as_proto(model), _as_proto(reference)
+    feeds = feeds if feeds is not None else random_feeds(proto, batch)
+    session = make_session(model, providers, threads)
+    reference_session = make_session(reference, providers, threads)
+    model_feeds = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
+    reference_feeds = {i.name: feeds[i.name] for i in reference_session.get_inputs() if i.name in feeds}
+    for name, sess, sess_feeds in (("model", session, model_feeds), ("reference", reference_session, reference_feeds)):
+        missing = [i.name for i in sess.get_inputs() if i.name not in sess_feeds]
+        if missing:
+            raise OnnxlrfError(f"feeds lack input(s) {', '.join(missing)} of the {name}")
+    for _ in range(warmup):
+        session.run(None, model_feeds)
+        reference_session.run(None, reference_feeds)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    pairs = ((0, session, model_feeds), (1, reference_session, reference_feeds))
+    for round_number in range(runs):
+        for which, sess, sess_feeds in pairs if round_number % 2 == 0 else pairs[::-1]:
+            start = time.perf_counter()
+            sess.run(None, sess_feeds)
+            times[which].append(time.perf_counter() - start)
+    latency_ms = statistics.median(times[0]) * 1e3
+    reference_latency_ms = statistics.median(times[1]) * 1e3
+    shapes = {name: list(array.shape) for name, array in feeds.items()}
+    return BenchResult(
+        latency_ms=latency_ms,
+        reference_latency_ms=reference_latency_ms,
+        speedup=reference_latency_ms / latency_ms,
+        flops=count_flops(proto, shapes),
+        reference_flops=count_flops(reference_proto, shapes),
+        providers=session.get_providers(),
+        batch=len(next(iter(feeds.values()))) if feeds else batch,
+        runs=runs,
+    )
