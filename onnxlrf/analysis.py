@@ -1,0 +1,214 @@
+"""Which layers of an ONNX graph can be factorized, and the factor math.
+
+A *layer* is a Conv, Gemm or MatMul node whose weight is a constant (an
+initializer or a ``Constant`` node output). Its weight is seen as ``g``
+matrices of shape ``(m, n)`` (``m`` outputs, ``n`` inputs per group), see
+METHOD.md section 6:
+
+* channel decomposition (any Conv, Gemm, MatMul): per group
+  ``(Cout/g) x (Cin/g * prod(kernel))``; Gemm/MatMul ``out x in``.
+* spatial decomposition (2-D Conv, groups 1, kernel larger than 1x1):
+  one ``(Cin*kh) x (Cout*kw)`` matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .errors import OnnxlrfError
+
+DECOMPOSITIONS = ("channel", "spatial")
+FLOAT_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+FACTORIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A factorizable node. ``out_features``/``in_features`` are the channel matrix's ``m``/``n`` per group.
+
+    ``transposed`` says how the stored weight relates to the ``m x n`` matrix:
+    True when the stored 2-D weight is ``(n, m)`` (MatMul, Gemm with transB=0).
+    """
+
+    node: str
+    op_type: str
+    weight: str
+    weight_shape: tuple
+    groups: int
+    out_features: int
+    in_features: int
+    kernel: tuple
+    decompositions: tuple
+    params: int
+    transposed: bool = False
+
+    def matrix_shape(self, decomposition: str) -> tuple[int, int, int]:
+        """``(g, m, n)`` of the matrices :func:`weight_matrices` returns."""
+        if decomposition == "channel":
+            return self.groups, self.out_features, self.in_features
+        if decomposition == "spatial" and "spatial" in self.decompositions:
+            cout, cin, kh, kw = self.weight_shape
+            return 1, cin * kh, cout * kw
+        raise OnnxlrfError(f"decomposition {decomposition!r} is not available for node {self.node!r}")
+
+    def max_rank(self, decomposition: str) -> int:
+        _, m, n = self.matrix_shape(decomposition)
+        return min(m, n)
+
+    def factorized_params(self, decomposition: str, rank: int) -> int:
+        g, m, n = self.matrix_shape(decomposition)
+        return g * rank * (m + n)
+
+    def break_even_rank(self, decomposition: str) -> int:
+        """Largest rank whose factorized form has fewer parameters than dense (0 if none)."""
+        g, m, n = self.matrix_shape(decomposition)
+        rank = (self.params - 1) // (g * (m + n))
+        return min(rank, self.max_rank(decomposition))
+
+
+@dataclass(frozen=True)
+class SkippedNode:
+    node: str
+    op_type: str
+    reason: str
+
+
+def _constant_producers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Constant tensors by name: initializers and ``Constant`` nodes with a ``value`` tensor."""
+    graph_inputs = {i.name for i in model.graph.input}
+    # An initializer that is also a graph input can be overridden at run time: not a constant.
+    constants = {t.name: t for t in model.graph.initializer if t.name not in graph_inputs}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = attr.t
+    return constants
+
+
+def count_float_tensor_params(model: onnx.ModelProto) -> int:
+    """Elements of float initializers and float ``Constant`` tensors of the main graph."""
+    total = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in _ALL_FLOATS)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in _ALL_FLOATS:
+                    total += math.prod(attr.t.dims)
+    return total
+
+
+_ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
+
+
+def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
+    """Factorizable layers of the main graph, and the Conv/Gemm/MatMul/quantized nodes that are not."""
+    constants = _constant_producers(model)
+    producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
+    name_count: dict[str, int] = {}
+    for node in model.graph.node:
+        name_count[node.name] = name_count.get(node.name, 0) + 1
+
+    layers: list[Layer] = []
+    skipped: list[SkippedNode] = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in QUANTIZED_OPS:
+            skipped.append(SkippedNode(node.name, node.op_type, "quantized op: not factorizable"))
+            continue
+        if node.op_type not in FACTORIZABLE_OPS:
+            continue
+        if not node.name:
+            skipped.append(SkippedNode(node.name, node.op_type, "node has no name (plans refer to nodes by name)"))
+            continue
+        if name_count[node.name] > 1:
+            skipped.append(SkippedNode(node.name, node.op_type, "node name is not unique"))
+            continue
+        result = _inspect(node, constants, producer_op)
+        if isinstance(result, str):
+            skipped.append(SkippedNode(node.name, node.op_type, result))
+        else:
+            layers.append(result)
+    return layers, skipped
+
+
+def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer | str:
+    """The node as a Layer, or the reason it is not one."""
+    weight_index = 1
+    if node.op_type == "MatMul" and node.input[0] in constants and node.input[1] not in constants:
+        return "constant weight is the first MatMul input (only X @ W is supported)"
+    if len(node.input) < 2 or node.input[weight_index] not in constants:
+        name = node.input[weight_index] if len(node.input) > 1 else ""
+        if producer_op.get(name) == "DequantizeLinear":
+            return "weight comes from DequantizeLinear (quantized model): not factorizable"
+        return "weight is not a constant"
+    weight_name = node.input[weight_index]
+    tensor = constants[weight_name]
+    if tensor.data_type not in FLOAT_DTYPES:
+        return f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not supported"
+    shape = tuple(int(d) for d in tensor.dims)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    if node.op_type == "Conv":
+        if len(shape) < 3:
+            return f"conv weight of rank {len(shape)} is not supported"
+        groups = int(attrs.get("group", 1))
+        cout, cin_per_group, kernel = shape[0], shape[1], shape[2:]
+        if cin_per_group == 1 and groups > 1:
+            return "depthwise conv: stays dense"
+        m, n = cout // groups, cin_per_group * math.prod(kernel)
+        spatial = len(kernel) == 2 and groups == 1 and max(kernel) > 1
+        decompositions = ("channel", "spatial") if spatial else ("channel",)
+        layer = Layer(node.name, "Conv", weight_name, shape, groups, m, n, tuple(kernel), decompositions,
+                      math.prod(shape))
+    else:
+        if len(shape) != 2:
+            return f"constant weight of rank {len(shape)} (only 2-D weights are supported)"
+        if node.op_type == "Gemm":
+            transposed = not attrs.get("transB", 0)
+        else:
+            transposed = True
+        m, n = (shape[1], shape[0]) if transposed else shape
+        layer = Layer(node.name, node.op_type, weight_name, shape, 1, m, n, (), ("channel",),
+                      math.prod(shape), transposed)
+    available = tuple(d for d in layer.decompositions if layer.break_even_rank(d) >= 1)
+    if not available:
+        return f"too small: no rank of the {m}x{n} weight saves parameters"
+    return layer
+
+
+def weight_array(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
+    """The layer's weight as stored (initializer or Constant node value)."""
+    tensor = _constant_producers(model).get(layer.weight)
+    if tensor is None:
+        raise OnnxlrfError(f"weight {layer.weight!r} of node {layer.node!r} is not a constant of this model")
+    return numpy_helper.to_array(tensor)
+
+
+def weight_matrices(weight: np.ndarray, layer: Layer, decomposition: str) -> np.ndarray:
+    """The weight as ``(g, m, n)`` matrices for ``decomposition`` (see module doc)."""
+    g, m, n = layer.matrix_shape(decomposition)
+    if tuple(weight.shape) != tuple(layer.weight_shape):
+        raise OnnxlrfError(
+            f"weight of node {layer.node!r} has shape {list(weight.shape)}, expected {list(layer.weight_shape)}"
+        )
+    if layer.op_type != "Conv":
+        return (weight.T if layer.transposed else weight)[None]
+    if decomposition == "channel":
+        return weight.reshape(g, m, n)
+    cout, cin, kh, kw = weight.shape
+    # M[c*kh + i, o*kw + j] = W[o, c, i, j]
+    return weight.transpose(1, 2, 0, 3).reshape(1, cin * kh, cout * kw)
+
+
+def svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thin SVD of a stack of matrices, in float64 via torch: ``U (g,m,k)``, ``S (g,k)``, ``Vh (g,k,n)``."""
+    u, s, vh = torch.linalg.svd(torch.from_numpy(np.asarray(matrices, dtype=np.float64)), full_matrices=False)
+    return u.numpy(), s.numpy(), vh.numpy()

@@ -1,0 +1,406 @@
+"""The plan: per layer, which decomposition and which singular components to keep.
+
+A plan is plain JSON (``Plan.to_json``) so it can be inspected, edited and
+re-applied (``onnxlrf rewrite --plan``). Planners here are the data-free
+baselines; they never emit a factorization that is not smaller than dense.
+
+Whole-model targets (``target_reduction``) are fractions of
+:func:`count_params`. Rule used by both planners: among the plans the knob
+(rank fraction or energy) can produce, pick the one that keeps the most
+(largest fraction / energy) while removing at least ``target_reduction``;
+i.e. the achieved reduction is the smallest achievable one that is
+``>= target_reduction``. The knob's plans change only at finitely many
+break points, so the search is an exact bisection over them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .analysis import Layer, count_float_tensor_params, find_layers, svd, weight_array, weight_matrices
+from .errors import OnnxlrfError
+from .onnx_io import atomic_path
+
+PLAN_FORMAT = "onnxlrf.plan"
+PLAN_VERSION = 1
+PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
+
+
+@dataclass
+class LayerPlan:
+    node: str
+    op_type: str
+    weight: str
+    weight_shape: list[int]
+    decomposition: str
+    rank: int | None
+    max_rank: int
+    keep: list[int] | None
+    params_dense: int
+    params_planned: int
+    notes: dict = field(default_factory=dict)
+
+    def kept_indices(self) -> list[int]:
+        """The kept component indices (``keep``, or the top ``rank``)."""
+        if self.rank is None:
+            return []
+        return list(self.keep) if self.keep is not None else list(range(self.rank))
+
+
+_LAYER_KEYS = ("node", "op_type", "weight", "weight_shape", "decomposition", "rank", "max_rank", "keep",
+               "params_dense", "params_planned")
+
+
+@dataclass
+class Plan:
+    layers: list[LayerPlan]
+    mode: str
+    options: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    format: str = PLAN_FORMAT
+    version: int = PLAN_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "version": self.version,
+            "mode": self.mode,
+            "options": self.options,
+            "source": self.source,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Plan":
+        if not isinstance(data, dict):
+            raise OnnxlrfError("plan must be a JSON object")
+        if data.get("format") != PLAN_FORMAT:
+            raise OnnxlrfError(f"not an onnxlrf plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
+        if data.get("version") != PLAN_VERSION:
+            raise OnnxlrfError(f"unsupported plan version {data.get('version')!r} (this onnxlrf reads {PLAN_VERSION})")
+        for key in ("mode", "layers"):
+            if key not in data:
+                raise OnnxlrfError(f"plan is missing key {key!r}")
+        if not isinstance(data["layers"], list):
+            raise OnnxlrfError("plan key 'layers' must be a list")
+        layers = []
+        for i, entry in enumerate(data["layers"]):
+            if not isinstance(entry, dict):
+                raise OnnxlrfError(f"plan layer {i} must be an object")
+            missing = [k for k in _LAYER_KEYS if k not in entry]
+            if missing:
+                raise OnnxlrfError(f"plan layer {i} ({entry.get('node', '?')!r}) is missing key {missing[0]!r}")
+            unknown = set(entry) - set(_LAYER_KEYS) - {"notes"}
+            if unknown:
+                raise OnnxlrfError(f"plan layer {i} ({entry['node']!r}) has unknown key {sorted(unknown)[0]!r}")
+            layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {}))
+        return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
+                   source=data.get("source") or {})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Plan":
+        try:
+            text = open(path, encoding="utf-8").read()
+        except OSError as exc:
+            raise OnnxlrfError(f"cannot read plan {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OnnxlrfError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        return cls.from_dict(data)
+
+    def summary(self) -> dict:
+        """Parameters of the planned layers before/after (a weight shared by several nodes counted once)."""
+        by_weight = {layer.weight: layer for layer in self.layers}
+        before = sum(layer.params_dense for layer in by_weight.values())
+        after = sum(layer.params_planned for layer in by_weight.values())
+        return {
+            "layers": len(self.layers),
+            "factorized": sum(layer.decomposition != "dense" for layer in self.layers),
+            "params_before": before,
+            "params_after": after,
+            "params_removed": before - after,
+        }
+
+
+def count_params(model: onnx.ModelProto) -> int:
+    """Model parameters: elements of float initializers plus float ``Constant`` tensors."""
+    return count_float_tensor_params(model)
+
+
+def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
+    """Raise OnnxlrfError naming the first plan entry that does not fit ``model``."""
+    if not isinstance(plan, Plan):
+        raise OnnxlrfError("expected a Plan")
+    layers, skipped = find_layers(model)
+    by_node = {layer.node: layer for layer in layers}
+    skipped_by_node = {s.node: s for s in skipped}
+    seen: set[str] = set()
+    for entry in plan.layers:
+        node = entry.node
+        if node in seen:
+            raise OnnxlrfError(f"plan lists node {node!r} twice")
+        seen.add(node)
+        layer = by_node.get(node)
+        if layer is None:
+            if node in skipped_by_node:
+                raise OnnxlrfError(f"plan node {node!r} is not factorizable: {skipped_by_node[node].reason}")
+            raise OnnxlrfError(f"plan node {node!r} does not exist in the model (or is not Conv/Gemm/MatMul)")
+        if entry.op_type != layer.op_type:
+            raise OnnxlrfError(f"plan node {node!r}: op_type {entry.op_type!r}, model has {layer.op_type!r}")
+        if entry.weight != layer.weight:
+            raise OnnxlrfError(f"plan node {node!r}: weight {entry.weight!r}, model has {layer.weight!r}")
+        if list(entry.weight_shape) != list(layer.weight_shape):
+            raise OnnxlrfError(
+                f"plan node {node!r}: weight shape {list(entry.weight_shape)}, model has {list(layer.weight_shape)}"
+            )
+        if entry.decomposition not in PLAN_DECOMPOSITIONS:
+            raise OnnxlrfError(
+                f"plan node {node!r}: unknown decomposition {entry.decomposition!r} "
+                f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
+            )
+        if entry.decomposition == "dense":
+            if entry.rank is not None or entry.keep is not None:
+                raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
+            continue
+        if entry.decomposition not in layer.decompositions:
+            raise OnnxlrfError(
+                f"plan node {node!r}: decomposition {entry.decomposition!r} not available "
+                f"(available: {', '.join(layer.decompositions)})"
+            )
+        max_rank = layer.max_rank(entry.decomposition)
+        if not isinstance(entry.rank, int) or isinstance(entry.rank, bool) or not 1 <= entry.rank <= max_rank:
+            raise OnnxlrfError(f"plan node {node!r}: rank {entry.rank!r} outside 1..{max_rank}")
+        if entry.max_rank != max_rank:
+            raise OnnxlrfError(f"plan node {node!r}: max_rank {entry.max_rank}, model has {max_rank}")
+        if entry.keep is not None:
+            keep = entry.keep
+            if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
+            if len(keep) != entry.rank:
+                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {entry.rank}")
+            if len(set(keep)) != len(keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
+            bad = [i for i in keep if not 0 <= i < max_rank]
+            if bad:
+                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
+    by_weight: dict[str, LayerPlan] = {}
+    for entry in plan.layers:
+        first = by_weight.setdefault(entry.weight, entry)
+        if _factor_choice(entry) != _factor_choice(first):
+            raise OnnxlrfError(
+                f"plan nodes {first.node!r} and {entry.node!r} share weight {entry.weight!r} but plan it differently"
+            )
+
+
+def _factor_choice(entry: LayerPlan) -> tuple:
+    return entry.decomposition, entry.rank, tuple(sorted(entry.kept_indices()))
+
+
+# --- planners -----------------------------------------------------------------------------------
+
+def _weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[list[Layer]], dict[str, str]]:
+    """Layers grouped by weight, and why a group must stay dense (if it must).
+
+    A weight shared by several nodes is factorized once for all of them; that
+    is only possible when they see it as the same matrices, and only saves
+    parameters when no other node still needs the dense weight.
+    """
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.weight, []).append(layer)
+    layer_nodes = {layer.node for layer in layers}
+    other_users: set[str] = set()
+    for node in model.graph.node:
+        if node.name not in layer_nodes:
+            other_users.update(node.input)
+        elif node.op_type in ("Conv", "Gemm"):
+            other_users.update(node.input[2:])  # a weight used as a bias is a dense use
+    for output in model.graph.output:
+        other_users.add(output.name)
+    dense_reason = {}
+    for weight, members in groups.items():
+        first = members[0]
+        if any((m.op_type, m.transposed, m.groups, m.kernel) != (first.op_type, first.transposed, first.groups,
+                                                                    first.kernel) for m in members):
+            dense_reason[weight] = "weight shared by nodes that read it differently"
+        elif weight in other_users:
+            dense_reason[weight] = "weight also used by a node that stays dense"
+    return list(groups.values()), dense_reason
+
+
+@dataclass
+class _Candidate:
+    """One weight group's choice as a function of the planner's knob."""
+
+    layers: list[Layer]
+    choose: Callable[[float], tuple[str, int] | None]  # knob -> (decomposition, rank) or None (dense)
+    breakpoints: list[float]
+    dense_reason: str | None = None
+
+
+def _best(layer: Layer, ranks: dict[str, int]) -> tuple[str, int] | None:
+    """The decomposition with the fewest parameters, or None if none is smaller than dense."""
+    options = [(layer.factorized_params(d, r), d, r) for d, r in ranks.items()]
+    params, decomposition, rank = min(options)
+    return (decomposition, rank) if params < layer.params else None
+
+
+def _build_plan(model: onnx.ModelProto, candidates: list[_Candidate], knob: float, mode: str, options: dict,
+                note_key: str) -> Plan:
+    entries = []
+    for cand in candidates:
+        choice = None if cand.dense_reason else cand.choose(knob)
+        for layer in cand.layers:
+            if choice is None:
+                reason = cand.dense_reason or "factorized form would not be smaller than dense"
+                entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
+                                         None, layer.max_rank("channel"), None, layer.params, layer.params,
+                                         {note_key: knob, "reason": reason}))
+            else:
+                decomposition, rank = choice
+                entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape),
+                                         decomposition, rank, layer.max_rank(decomposition), None, layer.params,
+                                         layer.factorized_params(decomposition, rank), {note_key: knob}))
+    plan = Plan(layers=entries, mode=mode, options=dict(options), source=_source(model))
+    plan.options["achieved_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)
+    return plan
+
+
+def _source(model: onnx.ModelProto) -> dict:
+    return {"graph": model.graph.name, "params": count_params(model)}
+
+
+def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float) -> float:
+    """The largest knob value whose plan removes at least ``target`` of the model's parameters."""
+    if not 0 < target < 1:
+        raise OnnxlrfError(f"target_reduction must be in (0, 1), got {target}")
+    total = count_params(model)
+
+    def removed(knob: float) -> int:
+        saved = 0
+        for cand in candidates:
+            choice = None if cand.dense_reason else cand.choose(knob)
+            if choice is not None:
+                layer = cand.layers[0]
+                saved += layer.params - layer.factorized_params(*choice)
+        return saved
+
+    knobs = sorted({k for cand in candidates if not cand.dense_reason for k in cand.breakpoints})
+    need = math.ceil(target * total - 1e-9)
+    if not knobs or removed(knobs[0]) < need:
+        best = removed(knobs[0]) / total if knobs else 0.0
+        raise OnnxlrfError(
+            f"target_reduction {target:g} is out of reach: factorizing every layer removes at most {best:.4f}"
+        )
+    # removed() is non-increasing in the knob: bisect for the last knob that still removes enough.
+    lo = bisect.bisect_right(range(len(knobs)), False, key=lambda i: removed(knobs[i]) < need)
+    return knobs[lo - 1]
+
+
+def plan_uniform(model: onnx.ModelProto, rank_fraction: float | None = None,
+                 target_reduction: float | None = None) -> Plan:
+    """Keep ``ceil(rank_fraction * max_rank)`` top components in every layer (best decomposition by params).
+
+    With ``target_reduction``, the fraction is chosen by the module's rule.
+    """
+    if (rank_fraction is None) == (target_reduction is None):
+        raise OnnxlrfError("plan_uniform needs exactly one of rank_fraction or target_reduction")
+    if rank_fraction is not None and not 0 < rank_fraction <= 1:
+        raise OnnxlrfError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+    layers, _ = find_layers(model)
+    groups, dense_reason = _weight_groups(model, layers)
+    candidates = []
+    for members in groups:
+        layer = members[0]
+
+        def choose(fraction: float, layer: Layer = layer) -> tuple[str, int] | None:
+            return _best(layer, {d: _rank_for_fraction(fraction, layer.max_rank(d)) for d in layer.decompositions})
+
+        breakpoints = sorted({k / layer.max_rank(d) for d in layer.decompositions
+                              for k in range(1, layer.max_rank(d) + 1)})
+        candidates.append(_Candidate(members, choose, breakpoints, dense_reason.get(layer.weight)))
+    options: dict = {"rank_fraction": rank_fraction, "target_reduction": target_reduction}
+    if target_reduction is not None:
+        rank_fraction = _search(model, candidates, target_reduction)
+        options["rank_fraction"] = rank_fraction
+    return _build_plan(model, candidates, rank_fraction, "uniform", options, "rank_fraction")
+
+
+def _rank_for_fraction(fraction: float, max_rank: int) -> int:
+    # The tolerance keeps k/max_rank itself from rounding up to k+1.
+    return min(max_rank, max(1, math.ceil(fraction * max_rank - 1e-9)))
+
+
+def plan_energy(model: onnx.ModelProto, energy: float | None = None,
+                target_reduction: float | None = None) -> Plan:
+    """Per layer, the smallest rank whose share of squared singular values is >= ``energy``.
+
+    Grouped convs share one rank: the share is taken over all groups together.
+    With ``target_reduction``, the energy is chosen by the module's rule.
+    """
+    if (energy is None) == (target_reduction is None):
+        raise OnnxlrfError("plan_energy needs exactly one of energy or target_reduction")
+    if energy is not None and not 0 < energy <= 1:
+        raise OnnxlrfError(f"energy must be in (0, 1], got {energy}")
+    layers, _ = find_layers(model)
+    groups, dense_reason = _weight_groups(model, layers)
+    candidates = []
+    for members in groups:
+        layer = members[0]
+        weight = weight_array(model, layer)
+        shares = {d: _energy_shares(weight_matrices(weight, layer, d)) for d in layer.decompositions}
+
+        def choose(level: float, layer: Layer = layer, shares: dict = shares) -> tuple[str, int] | None:
+            ranks = {d: min(int(np.searchsorted(cum, level, side="left")) + 1, len(cum)) for d, cum in shares.items()}
+            return _best(layer, ranks)
+
+        breakpoints = sorted({float(v) for cum in shares.values() for v in cum if v > 0})
+        candidates.append(_Candidate(members, choose, breakpoints, dense_reason.get(layer.weight)))
+    options: dict = {"energy": energy, "target_reduction": target_reduction}
+    if target_reduction is not None:
+        energy = _search(model, candidates, target_reduction)
+        options["energy"] = energy
+    return _build_plan(model, candidates, energy, "energy", options, "energy")
+
+
+def _energy_shares(matrices: np.ndarray) -> np.ndarray:
+    """Cumulative share of squared singular values by rank (summed over groups)."""
+    _, s, _ = svd(matrices)
+    power = (s.astype(np.float64) ** 2).sum(axis=0)
+    total = power.sum()
+    if total == 0:
+        return np.ones_like(power)
+    return np.cumsum(power) / total
+
+
+def plan_full_rank(model: onnx.ModelProto, decomposition: str = "channel") -> Plan:
+    """Every layer at its maximum rank (for exactness checks; apply with ``keep_dense_if_larger=False``).
+
+    Layers where ``decomposition`` is not available use ``channel``.
+    """
+    if decomposition not in ("channel", "spatial"):
+        raise OnnxlrfError(f"unknown decomposition {decomposition!r} (known: channel, spatial)")
+    layers, _ = find_layers(model)
+    entries = []
+    for layer in layers:
+        d = decomposition if decomposition in layer.decompositions else "channel"
+        rank = layer.max_rank(d)
+        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, rank, rank,
+                                 None, layer.params, layer.factorized_params(d, rank)))
+    return Plan(layers=entries, mode="full-rank", options={"decomposition": decomposition}, source=_source(model))

@@ -1,0 +1,221 @@
+"""Apply a plan: replace each planned Conv/Gemm/MatMul by a pair of thinner nodes.
+
+Factor shapes follow METHOD.md section 6; the kept singular values are split
+``sqrt(s)`` on each side. For node ``N`` with weight ``W`` at rank ``r``:
+
+* nodes ``N/lrf_a`` (reads the original input) and ``N/lrf_b`` (writes the
+  original output tensor), joined by tensor ``N/lrf_a/output``;
+* initializers ``W.lrf_a.r<r>`` (first factor) and ``W.lrf_b.r<r>`` (second),
+  created once per weight and shared by every node that uses it (a numeric
+  suffix is added if a name is taken).
+
+The graph is edited with onnx-graphsurgeon; everything the edit does not
+concern (graph inputs/outputs, value_info and initializers of untouched
+tensors, node doc strings and metadata, functions, opset_import, ir_version,
+producer, model metadata) is taken from the original model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .analysis import Layer, find_layers, svd, weight_array, weight_matrices
+from .errors import OnnxlrfError
+from .planning import LayerPlan, Plan, count_params, plan_full_rank, validate_plan
+
+__all__ = ["RewriteReport", "apply_plan", "plan_full_rank"]
+
+
+@dataclass
+class RewriteReport:
+    rewritten: list[dict] = field(default_factory=list)
+    kept_dense: list[dict] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+
+
+def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The two factor tensors (first node's weight, second node's weight) in the weight's dtype."""
+    u, s, vh = svd(weight_matrices(weight, layer, decomposition))
+    idx = np.asarray(keep, dtype=np.int64)
+    root = np.sqrt(s[:, idx])
+    left = u[:, :, idx] * root[:, None, :]  # (g, m, r)
+    right = root[:, :, None] * vh[:, idx, :]  # (g, r, n): W_g ~ left_g @ right_g
+    g, rank = left.shape[0], len(idx)
+    if layer.op_type != "Conv":
+        first, second = right[0].T, left[0].T  # X @ (K x r) @ (r x N)
+    elif decomposition == "channel":
+        cout, cin_per_group, kernel = layer.weight_shape[0], layer.weight_shape[1], layer.kernel
+        first = right.reshape(g * rank, cin_per_group, *kernel)
+        second = left.reshape(cout, rank, *([1] * len(kernel)))
+    else:
+        cout, cin, kh, kw = layer.weight_shape
+        first = left[0].T.reshape(rank, cin, kh, 1)  # rows of M are (c, i)
+        second = right[0].reshape(rank, cout, kw).transpose(1, 0, 2).reshape(cout, rank, 1, kw)  # columns (o, j)
+    return np.ascontiguousarray(first, dtype=weight.dtype), np.ascontiguousarray(second, dtype=weight.dtype)
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = True
+               ) -> tuple[onnx.ModelProto, RewriteReport]:
+    """Rewrite ``model`` by ``plan``; returns a new model and what changed. ``model`` is not modified.
+
+    ``keep_dense_if_larger`` leaves layers dense whose planned factorization
+    is not smaller than the dense weight; False rewrites them anyway (used to
+    check that full-rank factorization is exact).
+    """
+    validate_plan(plan, model)
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    report = RewriteReport(params_before=count_params(model))
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # graphsurgeon keeps lazy references to the tensors it imports
+    graph = gs.import_onnx(work)
+    nodes = {node.name: node for node in graph.nodes}
+    taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+    factors: dict[tuple, tuple[gs.Constant, gs.Constant]] = {}
+    weights: dict[str, np.ndarray] = {}
+    factorized_weights: set[str] = set()
+    new_node_names: set[str] = set()
+
+    for entry in plan.layers:
+        layer = layers[entry.node]
+        if entry.decomposition == "dense":
+            report.kept_dense.append({"node": entry.node, "reason": "planned dense"})
+            continue
+        params_after = layer.factorized_params(entry.decomposition, entry.rank)
+        if keep_dense_if_larger and params_after >= layer.params:
+            report.kept_dense.append({
+                "node": entry.node,
+                "reason": f"factorized form ({params_after} params) is not smaller than dense ({layer.params})",
+            })
+            continue
+        key = (layer.weight, entry.decomposition, layer.op_type == "Conv", layer.transposed, layer.groups,
+               tuple(entry.kept_indices()))
+        if key not in factors:
+            if layer.weight not in weights:
+                weights[layer.weight] = weight_array(model, layer)
+            first, second = factor_pair(weights[layer.weight], layer, entry.decomposition, entry.kept_indices())
+            factors[key] = (
+                gs.Constant(_unique(f"{layer.weight}.lrf_a.r{entry.rank}", taken), first),
+                gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
+            )
+        new_nodes = _replace(graph, nodes[entry.node], layer, entry, *factors[key], taken)
+        new_node_names.update(n.name for n in new_nodes)
+        factorized_weights.add(layer.weight)
+        report.rewritten.append({
+            "node": entry.node, "op_type": layer.op_type, "decomposition": entry.decomposition,
+            "rank": entry.rank, "params_before": layer.params, "params_after": params_after,
+            "new_nodes": [n.name for n in new_nodes],
+        })
+
+    exported = gs.export_onnx(graph, do_type_check=False)
+    result = _assemble(model, exported, factorized_weights, new_node_names)
+    report.params_after = count_params(result)
+    return result, report
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}.{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LayerPlan, first: gs.Constant,
+             second: gs.Constant, taken: set[str]) -> list[gs.Node]:
+    """Swap ``node`` for its factorized pair, in place in the node list (keeps topological order)."""
+    inputs, outputs, attrs = list(node.inputs), list(node.outputs), dict(node.attrs)
+    node.inputs.clear()
+    node.outputs.clear()
+    middle = gs.Variable(_unique(f"{node.name}/lrf_a/output", taken))
+    name_a, name_b = _unique(f"{node.name}/lrf_a", taken), _unique(f"{node.name}/lrf_b", taken)
+    if layer.op_type == "Conv":
+        attrs_a, attrs_b = _conv_attrs(attrs, layer, entry.decomposition)
+        node_a = gs.Node("Conv", name_a, attrs_a, [inputs[0], first], [middle])
+        node_b = gs.Node("Conv", name_b, attrs_b, [middle, second] + inputs[2:], outputs)
+    elif layer.op_type == "Gemm":
+        # Y = alpha * A' @ B + beta * C with B = P @ Q: (alpha * A' @ P) @ Q + beta * C
+        attrs_a = {k: attrs[k] for k in ("alpha", "transA") if k in attrs}
+        attrs_b = {"beta": attrs["beta"]} if "beta" in attrs and len(inputs) > 2 and inputs[2].name else {}
+        node_a = gs.Node("Gemm", name_a, attrs_a, [inputs[0], first], [middle])
+        node_b = gs.Node("Gemm", name_b, attrs_b, [middle, second] + inputs[2:], outputs)
+    else:
+        node_a = gs.Node("MatMul", name_a, {}, [inputs[0], first], [middle])
+        node_b = gs.Node("MatMul", name_b, {}, [middle, second], outputs)
+    index = graph.nodes.index(node)
+    graph.nodes[index:index + 1] = [node_a, node_b]
+    return [node_a, node_b]
+
+
+def _conv_attrs(attrs: dict, layer: Layer, decomposition: str) -> tuple[dict, dict]:
+    ndim = len(layer.kernel)
+    if decomposition == "channel":
+        # The first conv does all the spatial work; the second is a 1x1 (per group) mixing.
+        attrs_a = {**attrs, "kernel_shape": list(layer.kernel)}
+        attrs_b = {"kernel_shape": [1] * ndim}
+        if layer.groups > 1:
+            attrs_b["group"] = layer.groups
+        return attrs_a, attrs_b
+    # Spatial: height work in the first conv, width work in the second; each keeps its dimension's
+    # stride/dilation/padding, so the pair computes exactly the dense conv's output grid.
+    kh, kw = layer.kernel
+    sh, sw = attrs.get("strides", [1, 1])
+    dh, dw = attrs.get("dilations", [1, 1])
+    attrs_a = {"kernel_shape": [kh, 1], "strides": [sh, 1], "dilations": [dh, 1]}
+    attrs_b = {"kernel_shape": [1, kw], "strides": [1, sw], "dilations": [1, dw]}
+    auto_pad = attrs.get("auto_pad", "NOTSET")
+    if auto_pad != "NOTSET":
+        attrs_a["auto_pad"] = attrs_b["auto_pad"] = auto_pad
+    elif "pads" in attrs:
+        ph0, pw0, ph1, pw1 = attrs["pads"]
+        attrs_a["pads"] = [ph0, 0, ph1, 0]
+        attrs_b["pads"] = [0, pw0, 0, pw1]
+    return attrs_a, attrs_b
+
+
+def _assemble(original: onnx.ModelProto, exported: onnx.ModelProto, factorized_weights: set[str],
+              new_node_names: set[str]) -> onnx.ModelProto:
+    """The original model with the rewritten node list and initializers; everything else as it was."""
+    used = _used_names(exported.graph)
+    dropped = {w for w in factorized_weights if w not in used}
+    original_nodes = {n.name: n for n in original.graph.node if n.name}
+    nodes = []
+    for node in exported.graph.node:
+        if node.op_type == "Constant" and node.output[0] in dropped:
+            continue  # a Constant-node weight nobody reads any more
+        source = original_nodes.get(node.name) if node.name not in new_node_names else None
+        if source is not None:
+            node.CopyFrom(source)  # graphsurgeon drops node doc strings and metadata
+        nodes.append(node)
+    original_inits = {t.name for t in original.graph.initializer}
+    new_inits = [t for t in exported.graph.initializer if t.name not in original_inits]
+
+    result = onnx.ModelProto()
+    result.CopyFrom(original)
+    graph = result.graph
+    del graph.node[:]
+    graph.node.extend(nodes)
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    names = used | {t.name for t in graph.initializer} | {o for n in nodes for o in n.output}
+    value_info = [vi for vi in graph.value_info if vi.name in names]
+    del graph.value_info[:]
+    graph.value_info.extend(value_info)
+    return result
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    """Tensor names read by any node (subgraphs included) or returned by the graph."""
+    used = {o.name for o in graph.output}
+    for node in graph.node:
+        used.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                used |= _used_names(sub)
+    return used
