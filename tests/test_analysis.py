@@ -1,0 +1,156 @@
+"""find_layers, weight_array, weight_matrices, svd."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrf.analysis import Layer, find_layers, svd, weight_array, weight_matrices
+from onnxlrf.onnx_io import load_onnx
+
+RNG = np.random.default_rng(1)
+
+
+def graph_model(nodes, initializers, inputs=("x",)):
+    """A model holding ``nodes``; only analysed, never run, so shapes need not be consistent."""
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in inputs],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def weights(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def test_layers_and_skipped_nodes_with_reasons():
+    nodes = [
+        helper.make_node("Conv", ["x", "c1"], ["a"], name="conv"),
+        helper.make_node("Conv", ["x", "grouped"], ["b"], name="grouped", group=2),
+        helper.make_node("Conv", ["x", "dw"], ["c"], name="depthwise", group=8),
+        helper.make_node("Gemm", ["x", "g0"], ["d"], name="gemm_n", transB=0),
+        helper.make_node("Gemm", ["x", "g1"], ["e"], name="gemm_t", transB=1),
+        helper.make_node("MatMul", ["x", "m"], ["f"], name="matmul"),
+        helper.make_node("MatMul", ["m", "x"], ["g"], name="matmul_left"),
+        helper.make_node("MatMul", ["x", "m3"], ["h"], name="matmul_3d"),
+        helper.make_node("MatMul", ["x", "y"], ["i"], name="matmul_dynamic"),
+        helper.make_node("Gemm", ["x", "tiny"], ["j"], name="gemm_tiny", transB=1),
+        helper.make_node("DequantizeLinear", ["qw", "scale"], ["dq"], name="dequant"),
+        helper.make_node("Conv", ["x", "dq"], ["k"], name="conv_dq"),
+        helper.make_node("QLinearConv", ["x", "s", "z", "qw", "s", "z", "s", "z"], ["l"], name="qconv"),
+        helper.make_node("MatMulInteger", ["x", "qw"], ["n"], name="mmint"),
+        helper.make_node("MatMul", ["x", "m"], ["o"]),
+        helper.make_node("Relu", ["o"], ["p"], name="relu"),
+    ]
+    inits = {
+        "c1": weights(16, 8, 3, 3), "grouped": weights(12, 4, 1, 1), "dw": weights(8, 1, 3, 3),
+        "g0": weights(32, 10), "g1": weights(10, 32), "m": weights(24, 6), "m3": weights(2, 24, 6),
+        "tiny": weights(1, 32),
+    }
+    model = graph_model(nodes, inits, inputs=("x", "y"))
+    layers, skipped = find_layers(model)
+    by_node = {layer.node: layer for layer in layers}
+    assert list(by_node) == ["conv", "grouped", "gemm_n", "gemm_t", "matmul"]
+    assert by_node["conv"] == Layer("conv", "Conv", "c1", (16, 8, 3, 3), 1, 16, 72, (3, 3), ("channel", "spatial"),
+                                    16 * 72)
+    assert (by_node["grouped"].groups, by_node["grouped"].out_features, by_node["grouped"].in_features) == (2, 6, 4)
+    assert by_node["grouped"].decompositions == ("channel",)  # spatial needs groups == 1 and a kernel > 1x1
+    for name in ("gemm_n", "gemm_t"):
+        assert (by_node[name].out_features, by_node[name].in_features) == (10, 32)
+    assert (by_node["matmul"].out_features, by_node["matmul"].in_features) == (6, 24)
+    reasons = {s.node: s.reason for s in skipped}
+    assert "depthwise" in reasons["depthwise"]
+    assert "first MatMul input" in reasons["matmul_left"]
+    assert "rank 3" in reasons["matmul_3d"]
+    assert "not a constant" in reasons["matmul_dynamic"]
+    assert "too small" in reasons["gemm_tiny"]
+    assert "DequantizeLinear" in reasons["conv_dq"]
+    assert "quantized" in reasons["qconv"] and "quantized" in reasons["mmint"]
+    assert "no name" in reasons[""]
+    assert "relu" not in reasons
+
+
+def test_layer_rank_and_param_arithmetic():
+    layer = find_layers(graph_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=2)],
+                                    {"w": weights(12, 4, 3, 3)}))[0][0]
+    assert layer.params == 12 * 4 * 9
+    assert layer.max_rank("channel") == 6  # per group: 6 x 36
+    assert layer.factorized_params("channel", 2) == 2 * 2 * (6 + 36)
+    # largest r with 2 * r * 42 < 432 is 5
+    assert layer.break_even_rank("channel") == 5
+    square = find_layers(graph_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="m")],
+                                     {"w": weights(10, 10)}))[0][0]
+    assert square.break_even_rank("channel") == 4  # 4 * 20 = 80 < 100 <= 5 * 20
+
+
+def test_spatial_matrix_layout_and_rank():
+    w = weights(5, 3, 2, 4)
+    layer = find_layers(graph_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")], {"w": w}))[0][0]
+    mats = weight_matrices(w, layer, "spatial")
+    assert mats.shape == (1, 3 * 2, 5 * 4)
+    for o, c, i, j in [(0, 0, 0, 0), (4, 2, 1, 3), (2, 1, 0, 2)]:
+        assert mats[0, c * 2 + i, o * 4 + j] == w[o, c, i, j]
+    assert layer.max_rank("spatial") == 6 and layer.factorized_params("spatial", 2) == 2 * (6 + 20)
+
+
+def test_channel_matrices_per_group():
+    w = weights(6, 2, 3, 3)
+    layer = find_layers(graph_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", group=3)], {"w": w}))[0][0]
+    mats = weight_matrices(w, layer, "channel")
+    assert mats.shape == (3, 2, 18)
+    np.testing.assert_array_equal(mats[1], w[2:4].reshape(2, 18))
+
+
+@pytest.mark.parametrize("op, attrs, shape, orient", [
+    ("Gemm", {"transB": 0}, (12, 5), "T"),
+    ("Gemm", {"transB": 1}, (5, 12), "same"),
+    ("MatMul", {}, (12, 5), "T"),
+])
+def test_linear_matrix_is_out_by_in(op, attrs, shape, orient):
+    w = weights(*shape)
+    layer = find_layers(graph_model([helper.make_node(op, ["x", "w"], ["y"], name="n", **attrs)], {"w": w}))[0][0]
+    mats = weight_matrices(w, layer, "channel")
+    assert mats.shape == (1, 5, 12)
+    np.testing.assert_array_equal(mats[0], w.T if orient == "T" else w)
+
+
+def test_weight_array_from_initializer_and_constant_node():
+    w = weights(8, 4)
+    model = graph_model([
+        helper.make_node("Constant", [], ["cw"], name="const", value=numpy_helper.from_array(w)),
+        helper.make_node("MatMul", ["x", "cw"], ["a"], name="from_constant"),
+        helper.make_node("MatMul", ["a", "init"], ["b"], name="from_initializer"),
+    ], {"init": weights(4, 7)})
+    layers, skipped = find_layers(model)
+    assert [layer.weight for layer in layers] == ["cw", "init"] and skipped == []
+    np.testing.assert_array_equal(weight_array(model, layers[0]), w)
+    np.testing.assert_array_equal(weight_array(model, layers[1]), numpy_helper.to_array(model.graph.initializer[0]))
+
+
+def test_overridable_initializer_is_not_a_constant_weight():
+    model = graph_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], {"w": weights(8, 8)},
+                        inputs=("x", "w"))
+    layers, skipped = find_layers(model)
+    assert layers == [] and "not a constant" in skipped[0].reason
+
+
+def test_svd_float64_descending_reconstructs():
+    threads = torch.get_num_threads()
+    mats = weights(3, 7, 5)
+    u, s, vh = svd(mats)
+    assert torch.get_num_threads() == threads
+    assert u.dtype == s.dtype == vh.dtype == np.float64
+    assert (u.shape, s.shape, vh.shape) == ((3, 7, 5), (3, 5), (3, 5, 5))
+    assert np.all(np.diff(s, axis=1) <= 0)
+    np.testing.assert_allclose(u * s[:, None, :] @ vh, mats, atol=1e-6)
+
+
+def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):
+    layers, skipped = find_layers(load_onnx(shufflenet_int8))
+    assert layers == []
+    assert {s.op_type for s in skipped} == {"QLinearConv", "QLinearMatMul"}
+    assert all("quantized" in s.reason for s in skipped)

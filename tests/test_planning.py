@@ -1,0 +1,228 @@
+"""Plan JSON, validate_plan, count_params and the data-free planners."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrf.analysis import find_layers, svd, weight_array, weight_matrices
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.planning import (
+    PLAN_FORMAT, PLAN_VERSION, LayerPlan, Plan, count_params, plan_energy, plan_full_rank, plan_uniform,
+    validate_plan,
+)
+from onnxlrf.rewrite import apply_plan
+
+RNG = np.random.default_rng(2)
+
+
+def small_net():
+    """conv 3->16 3x3, conv 16->32 3x3 /2, grouped conv, pool, Gemm 32->64, MatMul 64->10, plus an int shape."""
+    inits = {
+        "conv1.w": RNG.standard_normal((16, 3, 3, 3)), "conv2.w": RNG.standard_normal((32, 16, 3, 3)),
+        "conv3.w": RNG.standard_normal((32, 8, 1, 1)),
+        "fc1.w": RNG.standard_normal((64, 32)), "fc1.b": RNG.standard_normal(64),
+        "fc2.w": RNG.standard_normal((64, 10)),
+    }
+    inits = {k: v.astype(np.float32) for k, v in inits.items()}
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.w"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "conv2.w"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["c2", "conv3.w"], ["c3"], name="conv3", group=4),
+        helper.make_node("GlobalAveragePool", ["c3"], ["p"], name="pool"),
+        helper.make_node("Reshape", ["p", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc1.w", "fc1.b"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r2"], name="relu2"),
+        helper.make_node("MatMul", ["r2", "fc2.w"], ["logits"], name="fc2"),
+    ]
+    initializers = [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    initializers.append(numpy_helper.from_array(np.array([2, 32], dtype=np.int64), "shape"))
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 10])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+MODEL = small_net()
+DENSE_PARAMS = 16 * 27 + 32 * 144 + 32 * 8 + 64 * 32 + 64 + 64 * 10
+
+
+def test_count_params_counts_float_tensors_only():
+    assert count_params(MODEL) == DENSE_PARAMS
+
+
+def test_plan_json_round_trip(tmp_path):
+    plan = plan_uniform(MODEL, rank_fraction=0.5)
+    plan.layers[0].keep = list(range(plan.layers[0].rank))[::-1]
+    plan.layers[0].notes["score"] = [1.5, -2.0]
+    assert Plan.from_dict(json.loads(plan.to_json())) == plan
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan and loaded.format == PLAN_FORMAT and loaded.version == PLAN_VERSION
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.json"]  # no temporary file left behind
+    validate_plan(loaded, MODEL)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(format="other"), "not an onnxlrf plan"),
+    (lambda d: d.update(version=99), "unsupported plan version 99"),
+    (lambda d: d.pop("layers"), "missing key 'layers'"),
+    (lambda d: d["layers"][0].pop("rank"), "missing key 'rank'"),
+    (lambda d: d["layers"][0].update(colour="red"), "unknown key 'colour'"),
+])
+def test_plan_load_rejects_bad_documents(tmp_path, mutate, message):
+    data = plan_uniform(MODEL, rank_fraction=0.5).to_dict()
+    mutate(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(OnnxlrfError, match=message):
+        Plan.load(path)
+
+
+def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):
+    path = tmp_path / "plan.json"
+    path.write_text("{not json")
+    with pytest.raises(OnnxlrfError, match="not valid JSON"):
+        Plan.load(path)
+    with pytest.raises(OnnxlrfError, match="cannot read plan"):
+        Plan.load(tmp_path / "missing.json")
+
+
+def entry_for(node, decomposition="channel", rank=2, keep=None):
+    layer = {layer.node: layer for layer in find_layers(MODEL)[0]}[node]
+    return LayerPlan(node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+                     layer.max_rank(decomposition), keep, layer.params, layer.factorized_params(decomposition, rank))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda e: setattr(e, "node", "nope"), "'nope' does not exist"),
+    (lambda e: setattr(e, "node", "relu1"), "'relu1' does not exist"),
+    (lambda e: setattr(e, "rank", 17), r"rank 17 outside 1\.\.16"),
+    (lambda e: setattr(e, "rank", 0), r"rank 0 outside"),
+    (lambda e: setattr(e, "keep", [0, 0]), "duplicate"),
+    (lambda e: setattr(e, "keep", [0, 16]), "keep index 16 outside"),
+    (lambda e: setattr(e, "keep", [0]), "keep has 1 indices, rank is 2"),
+    (lambda e: setattr(e, "decomposition", "tucker"), "unknown decomposition 'tucker'"),
+    (lambda e: setattr(e, "weight_shape", [32, 16, 3, 3]), "weight shape"),
+    (lambda e: setattr(e, "weight", "conv2.w"), "weight 'conv2.w'"),
+    (lambda e: setattr(e, "max_rank", 3), "max_rank 3"),
+])
+def test_validate_plan_errors_name_the_node(change, message):
+    bad = entry_for("conv1")
+    change(bad)
+    with pytest.raises(OnnxlrfError, match=message):
+        validate_plan(Plan([bad], mode="test"), MODEL)
+
+
+def test_validate_plan_rejects_unavailable_decomposition_and_duplicates():
+    grouped = entry_for("conv3")
+    grouped.decomposition = "spatial"
+    with pytest.raises(OnnxlrfError, match="'conv3': decomposition 'spatial' not available"):
+        validate_plan(Plan([grouped], mode="test"), MODEL)
+    with pytest.raises(OnnxlrfError, match="'fc1' twice"):
+        validate_plan(Plan([entry_for("fc1"), entry_for("fc1")], mode="test"), MODEL)
+
+
+def assert_never_larger_than_dense(plan):
+    for e in plan.layers:
+        if e.decomposition == "dense":
+            assert e.rank is None and e.params_planned == e.params_dense
+        else:
+            assert e.params_planned < e.params_dense
+
+
+def test_uniform_rank_fraction_uses_ceil_and_best_decomposition():
+    plan = plan_uniform(MODEL, rank_fraction=0.3)
+    validate_plan(plan, MODEL)
+    assert_never_larger_than_dense(plan)
+    layers = {layer.node: layer for layer in find_layers(MODEL)[0]}
+    for e in plan.layers:
+        layer = layers[e.node]
+        options = {d: layer.factorized_params(d, math.ceil(0.3 * layer.max_rank(d))) for d in layer.decompositions}
+        best = min(options, key=options.get)
+        if options[best] < layer.params:
+            assert (e.decomposition, e.rank) == (best, math.ceil(0.3 * layer.max_rank(best)))
+        else:
+            assert e.decomposition == "dense"
+
+
+def achieved(plan):
+    return sum(e.params_dense - e.params_planned for e in plan.layers) / DENSE_PARAMS
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+def test_uniform_target_reduction_is_closest_without_going_under(target):
+    plan = plan_uniform(MODEL, target_reduction=target)
+    assert_never_larger_than_dense(plan)
+    fraction = plan.options["rank_fraction"]
+    assert achieved(plan) >= target and plan.options["achieved_reduction"] == pytest.approx(achieved(plan))
+    # The next fraction at which any layer's rank grows already removes too little.
+    layers = find_layers(MODEL)[0]
+    next_fraction = min(k / layer.max_rank(d) for layer in layers for d in layer.decompositions
+                        for k in range(1, layer.max_rank(d) + 1) if k / layer.max_rank(d) > fraction + 1e-12)
+    assert achieved(plan_uniform(MODEL, rank_fraction=next_fraction)) < target
+    out, report = apply_plan(MODEL, plan)
+    assert 1 - count_params(out) / count_params(MODEL) == pytest.approx(achieved(plan))
+    assert report.params_after == count_params(out)
+
+
+def energy_rank(matrices, level):
+    _, s, _ = svd(matrices)
+    power = (s ** 2).sum(axis=0)
+    return int(np.argmax(np.cumsum(power) / power.sum() >= level - 1e-12)) + 1
+
+
+def test_energy_picks_smallest_rank_reaching_the_energy():
+    plan = plan_energy(MODEL, energy=0.8)
+    validate_plan(plan, MODEL)
+    assert_never_larger_than_dense(plan)
+    layers = {layer.node: layer for layer in find_layers(MODEL)[0]}
+    for e in plan.layers:
+        if e.decomposition != "dense":
+            layer = layers[e.node]
+            mats = weight_matrices(weight_array(MODEL, layer), layer, e.decomposition)
+            assert e.rank == energy_rank(mats, 0.8)
+
+
+@pytest.mark.parametrize("target", [0.2, 0.45])
+def test_energy_target_reduction_reaches_target(target):
+    plan = plan_energy(MODEL, target_reduction=target)
+    assert_never_larger_than_dense(plan)
+    assert achieved(plan) >= target
+    level = plan.options["energy"]
+    assert achieved(plan_energy(MODEL, energy=min(1.0, level + 1e-9))) < target
+
+
+def test_unreachable_target_is_an_error():
+    with pytest.raises(OnnxlrfError, match="out of reach"):
+        plan_uniform(MODEL, target_reduction=0.99)
+    with pytest.raises(OnnxlrfError, match="exactly one"):
+        plan_uniform(MODEL)
+
+
+def test_weight_shared_with_a_dense_user_stays_dense():
+    w = numpy_helper.from_array(RNG.standard_normal((16, 16)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"), helper.make_node("Add", ["h", "W"], ["y"], name="add")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (e,) = plan_uniform(model, rank_fraction=0.1).layers
+    assert e.decomposition == "dense" and "dense" in e.notes["reason"]
+
+
+def test_full_rank_plan_uses_requested_decomposition_where_available():
+    plan = plan_full_rank(MODEL, "spatial")
+    validate_plan(plan, MODEL)
+    assert {e.node: e.decomposition for e in plan.layers} == {
+        "conv1": "spatial", "conv2": "spatial", "conv3": "channel", "fc1": "channel", "fc2": "channel"}
+    assert all(e.rank == e.max_rank for e in plan.layers)
+    summary = plan.summary()
+    assert summary["layers"] == 5 and summary["params_before"] == DENSE_PARAMS - 64
