@@ -135,12 +135,17 @@ def _slice(x, starts, ends, axes=None, steps=None, a=None):
     steps = _ints(steps) if steps is not None else [1] * len(starts)
     index = [slice(None)] * x.dim()
     for s, e, ax, st in zip(starts, ends, axes, steps):
-        if st <= 0:
-            raise OnnxlrfError("Slice with non-positive steps is not supported by the torch analysis")
+        ax = ax % x.dim()
         n = x.shape[ax]
-        s = max(0, min(n, s + n if s < 0 else s))
-        e = max(0, min(n, e + n if e < 0 else e))
-        index[ax % x.dim()] = slice(s, e, st)
+        s, e = (s + n if s < 0 else s), (e + n if e < 0 else e)
+        if st > 0:
+            index[ax] = slice(max(0, min(n, s)), max(0, min(n, e)), st)
+        elif st < 0:
+            # torch slicing has no negative steps: gather the indices instead.
+            s, e = max(-1, min(n - 1, s)), max(-1, min(n - 1, e))
+            x = torch.index_select(x, ax, torch.arange(s, e, st, dtype=torch.int64))
+        else:
+            raise OnnxlrfError("Slice with step 0 is invalid")
     return x[tuple(index)]
 
 

@@ -1,0 +1,335 @@
+"""Joint analysis: how each singular component of each layer moves the task loss.
+
+METHOD.md sections 2, 2b and 3, computed in torch on the ONNX graph itself
+(:mod:`onnxlrf.torch_graph`), so the gradients are those of the exact weights
+the rewrite factorizes.
+
+Per layer (channel decomposition, per group) we collect over the calibration
+split the mean loss gradient ``G`` and the Kronecker factors of the curvature:
+``A = E[x x^T]`` (input activations, unfolded patches for a conv) and
+``B = E_sample[sum_pos g g^T]`` (per-sample gradients at the layer's output).
+The layer's basis is the SVD of ``B^(1/2) W A^(1/2)``; writing
+``W = sum_i s_i x_i y_i^T`` in it, dropping a set ``D`` of components changes
+the loss by
+
+    dL(D) ~ sum_{i in D} a_i + kappa * sum_{i in D} s_i^2 / 2,    a_i = -s_i x_i^T G y_i
+
+with no cross terms (the basis diagonalizes the K-FAC quadratic form).
+``kappa`` (1 = the K-FAC estimate) is the knob the back-off turns up when a
+plan that was predicted to be safe measures worse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from .analysis import Layer, find_layers, weight_array, weight_matrices
+from .errors import OnnxlrfError
+from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
+
+# Relative damping of the Kronecker factors: keeps B^(-1/2), A^(-1/2) finite for
+# dead channels (e.g. zero-padded shortcut channels) without changing the basis
+# of well-conditioned layers.
+DAMPING = 1e-3
+
+Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
+LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # -> per-sample losses
+
+
+@dataclass
+class LayerSensitivity:
+    """A layer in its joint basis: ``W[g] = x[g] @ diag(s[g]) @ y[g].T``."""
+
+    layer: Layer
+    s: np.ndarray  # (g, k) singular values in the whitened metric
+    x: np.ndarray  # (g, m, k) output-side basis
+    y: np.ndarray  # (g, n, k) input-side basis
+    first_order: np.ndarray  # (g, k) a_i
+    weight_norm: float
+    perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
+    range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
+
+    @property
+    def quadratic(self) -> np.ndarray:
+        return 0.5 * self.s**2
+
+    def scores(self, kappa: float = 1.0) -> np.ndarray:
+        """Predicted loss change of dropping each component alone."""
+        return self.first_order + kappa * self.quadratic
+
+    def drop_order(self, kappa: float = 1.0) -> np.ndarray:
+        """(g, k) component indices, cheapest to drop first (weight error breaks ties)."""
+        scores = self.scores(kappa)
+        return np.stack([np.lexsort((self.s[j], scores[j])) for j in range(scores.shape[0])])
+
+    def keep(self, rank: int, kappa: float = 1.0) -> np.ndarray:
+        """(g, rank) kept component indices, sorted."""
+        order = self.drop_order(kappa)
+        return np.sort(order[:, order.shape[1] - rank:], axis=1)
+
+    def predicted_dloss(self, kappa: float = 1.0) -> np.ndarray:
+        """(k+1,) predicted loss change when keeping rank r = 0..k (index r)."""
+        scores = self.scores(kappa)
+        order = self.drop_order(kappa)
+        dropped = np.take_along_axis(scores, order, axis=1)  # cheapest first
+        k = scores.shape[1]
+        cum = np.concatenate([np.zeros((scores.shape[0], 1)), np.cumsum(dropped, axis=1)], axis=1).sum(0)
+        return cum[k - np.arange(k + 1)]  # rank r drops k - r components
+
+    def relative_error(self, kappa: float = 1.0) -> np.ndarray:
+        """(k+1,) ||W - W_r||_F / ||W||_F when keeping rank r = 0..k in joint order."""
+        order = self.drop_order(kappa)
+        k = order.shape[1]
+        total = np.zeros(k + 1)
+        for j in range(order.shape[0]):
+            xs = self.x[j][:, order[j]] * self.s[j][order[j]]
+            ys = self.y[j][:, order[j]]
+            gram = (xs.T @ xs) * (ys.T @ ys)  # <x_a y_a^T, x_b y_b^T> terms
+            # ||sum of the first t dropped||^2 for t = 0..k: prefix sums of the Gram matrix.
+            prefix = np.cumsum(np.cumsum(gram, axis=0), axis=1).diagonal()
+            total += np.concatenate([[0.0], prefix])[k - np.arange(k + 1)]
+        return np.sqrt(np.maximum(total, 0.0)) / max(self.weight_norm, 1e-30)
+
+    def reconstruct(self, keep: np.ndarray) -> np.ndarray:
+        """(g, m, n) weight matrices from the kept components ``keep`` (g, r)."""
+        out = []
+        for j in range(self.s.shape[0]):
+            idx = keep[j]
+            out.append((self.x[j][:, idx] * self.s[j][idx]) @ self.y[j][:, idx].T)
+        return np.stack(out)
+
+
+@dataclass
+class Sensitivity:
+    """The joint analysis of a model: per layer, keyed by node name."""
+
+    layers: dict[str, LayerSensitivity]
+    reference_loss: float
+    samples: int
+    loss: str
+
+
+def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:
+    """A conv's input as (rows, Cin*prod(kernel)) patches, in the weight's (c, k...) order."""
+    a = _attrs(node)
+    kernel = list(weight_shape[2:])
+    spatial = len(kernel)
+    strides = a.get("strides", [1] * spatial)
+    dil = a.get("dilations", [1] * spatial)
+    pads = _auto_pad(x, a, kernel, strides, dil)
+    if any(pads):
+        x = F.pad(x, _pads(pads, spatial))
+    if spatial == 1:
+        x, kernel, strides, dil = x.unsqueeze(-1), kernel + [1], strides + [1], dil + [1]
+    elif spatial != 2:
+        raise OnnxlrfError(f"joint analysis supports 1-D and 2-D convs, not {spatial}-D ({node.name})")
+    cols = F.unfold(x, kernel, dilation=dil, stride=strides)  # (N, C*k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class _Statistics:
+    """Accumulates A, B and the gradient of one weight over micro-batches."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        g, m, n = layer.matrix_shape("channel")
+        self.a = torch.zeros(g, n, n, dtype=torch.float64)
+        self.b = torch.zeros(g, m, m, dtype=torch.float64)
+        self.rows = 0
+        self.outputs: list[torch.Tensor] = []
+
+    def add_input(self, node: onnx.NodeProto, inputs: list) -> None:
+        layer, x = self.layer, inputs[0].detach()
+        g, _, n = layer.matrix_shape("channel")
+        if layer.op_type == "Conv":
+            rows = _unfold_inputs(node, x, layer.weight_shape)
+        elif layer.op_type == "Gemm" and _attrs(node).get("transA", 0):
+            rows = x.t()
+        else:
+            rows = x.reshape(-1, x.shape[-1])
+        # float32 products (fast), float64 accumulation across micro-batches.
+        rows = rows.reshape(-1, g, n).transpose(0, 1)  # (g, rows, n)
+        self.a += (rows.transpose(1, 2) @ rows).to(torch.float64)
+        self.rows += rows.shape[1]
+
+    def add_output_grad(self, grad: torch.Tensor) -> None:
+        layer = self.layer
+        g, m, _ = layer.matrix_shape("channel")
+        grad = grad.detach()
+        if layer.op_type == "Conv":
+            grad = grad.movedim(1, -1)
+        grad = grad.reshape(-1, g, m).transpose(0, 1)
+        self.b += (grad.transpose(1, 2) @ grad).to(torch.float64)
+
+
+def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root and inverse square root of a damped PSD matrix (batched)."""
+    mat = 0.5 * (mat + mat.transpose(-1, -2))
+    diag_mean = mat.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    eye = torch.eye(mat.shape[-1], dtype=mat.dtype)
+    mat = mat + DAMPING * diag_mean[:, None, None] * eye
+    vals, vecs = torch.linalg.eigh(mat)
+    vals = vals.clamp_min(1e-12 * vals.max())
+    root = (vecs * vals.sqrt()[:, None, :]) @ vecs.transpose(-1, -2)
+    inv_root = (vecs * vals.rsqrt()[:, None, :]) @ vecs.transpose(-1, -2)
+    return root, inv_root
+
+
+def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs[0], targets.long(), reduction="none")
+
+
+def similarity_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Rows [first sentences; second sentences]: regress cosine on gold / 5."""
+    emb = outputs[0]
+    half = emb.shape[0] // 2
+    cos = F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+    return (cos - targets.to(cos.dtype) / 5.0) ** 2
+
+
+LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-similarity": similarity_loss}
+
+
+def analyze(
+    model: onnx.ModelProto,
+    batches: Callable[[], Iterator[Batch]],
+    loss_fn: LossFn,
+    loss_name: str = "",
+    layers: list[Layer] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Sensitivity:
+    """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis."""
+    if layers is None:
+        layers = find_layers(model)[0]
+    layers = [layer for layer in layers if "channel" in layer.decompositions]
+    if not layers:
+        raise OnnxlrfError("no factorizable layers in the model")
+    graph = TorchGraph(model, weights={layer.weight for layer in layers})
+    stats = {layer.node: _Statistics(layer) for layer in layers}
+    nodes = set(stats)
+
+    def hook(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> None:
+        entry = stats[node.name]
+        entry.add_input(node, inputs)
+        output.retain_grad()
+        entry.outputs.append(output)
+
+    total_loss, samples = 0.0, 0
+    for feeds, targets in batches():
+        outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=hook, hook_nodes=nodes)
+        losses = loss_fn(outputs, torch.as_tensor(targets))
+        if not torch.isfinite(losses).all():
+            raise OnnxlrfError("the calibration loss is not finite (NaN/Inf in the model or the data)")
+        # Sum of per-sample losses: output gradients are then per-sample gradients (for B).
+        losses.sum().backward()
+        for entry in stats.values():
+            for out in entry.outputs:
+                entry.add_output_grad(out.grad)
+            entry.outputs.clear()
+        total_loss += float(losses.sum())
+        samples += int(losses.numel())
+        if progress:
+            progress(f"calibration: {samples} samples")
+
+    result: dict[str, LayerSensitivity] = {}
+    for layer in layers:
+        entry = stats[layer.node]
+        weight = weight_array(model, layer).astype(np.float64)
+        w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
+        grad = graph.parameters[layer.weight].grad.detach().numpy().astype(np.float64) / samples
+        gmat = torch.from_numpy(weight_matrices(grad, layer, "channel"))
+        right, right_inv = _sqrt_and_inverse(entry.a / max(entry.rows, 1))
+        left, left_inv = _sqrt_and_inverse(entry.b / samples)
+        u, s, vh = torch.linalg.svd(left @ w @ right, full_matrices=False)
+        x = left_inv @ u  # (g, m, k)
+        y = right_inv @ vh.transpose(-1, -2)  # (g, n, k)
+        first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
+        result[layer.node] = LayerSensitivity(
+            layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
+            weight_norm=float(np.linalg.norm(weight)),
+        )
+    return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)
+
+
+def measure_loss(
+    model: onnx.ModelProto,
+    batches: Callable[[], Iterator[Batch]],
+    loss_fn: LossFn,
+    replacements: dict[str, np.ndarray] | None = None,
+    graph: TorchGraph | None = None,
+) -> float:
+    """Mean loss with some weights replaced (initializer name -> array in stored layout)."""
+    graph = graph or TorchGraph(model)
+    saved = {}
+    for name, value in (replacements or {}).items():
+        store = graph.parameters if name in graph.parameters else graph.constants
+        saved[name] = store[name]
+        store[name] = torch.as_tensor(value, dtype=saved[name].dtype)
+    try:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for feeds, targets in batches():
+                losses = loss_fn(graph({k: torch.as_tensor(v) for k, v in feeds.items()}), torch.as_tensor(targets))
+                total += float(losses.sum())
+                count += int(losses.numel())
+        return total / count
+    finally:
+        for name, value in saved.items():
+            store = graph.parameters if name in graph.parameters else graph.constants
+            store[name] = value
+
+
+def stored_weight(layer: Layer, matrices: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`weight_matrices` for the channel decomposition."""
+    if layer.op_type == "Conv":
+        return matrices.reshape(layer.weight_shape)
+    mat = matrices[0]
+    return mat.T if layer.transposed else mat
+
+
+def measure_ranges(
+    model: onnx.ModelProto,
+    sensitivity: Sensitivity,
+    batches: Callable[[], Iterator[Batch]],
+    loss_fn: LossFn,
+    levels: tuple[float, ...] = (0.75, 0.5, 0.25),
+    tolerance_abs: float = 0.01,
+    tolerance_rel: float = 0.5,
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Per layer, the largest relative weight error at which prediction and measurement agree (METHOD.md 3).
+
+    For each level (a fraction of the layer's break-even rank), only that layer
+    is truncated and the loss measured on ``batches``; agreement means
+    ``|measured - predicted| <= tolerance_abs + tolerance_rel * |measured|``.
+    The range is the relative error of the most aggressive level that agrees
+    while every milder one agreed too. Results are stored on the layers.
+    """
+    graph = TorchGraph(model)
+    base = measure_loss(model, batches, loss_fn, graph=graph)
+    for i, (node, ls) in enumerate(sensitivity.layers.items()):
+        layer = ls.layer
+        predicted = ls.predicted_dloss()
+        rel = ls.relative_error()
+        top = layer.break_even_rank("channel")
+        ranks = sorted({max(1, int(round(top * f))) for f in levels}, reverse=True)
+        ls.range_checks = []
+        ls.perturbation_range = 0.0
+        for rank in ranks:
+            weight = stored_weight(layer, ls.reconstruct(ls.keep(rank))).astype(np.float32)
+            measured = measure_loss(model, batches, loss_fn, {layer.weight: weight}, graph=graph) - base
+            ok = abs(measured - predicted[rank]) <= tolerance_abs + tolerance_rel * abs(measured)
+            ls.range_checks.append({"rank": rank, "relative_error": float(rel[rank]),
+                                    "predicted": float(predicted[rank]), "measured": float(measured), "agree": ok})
+            if not ok:
+                break
+            ls.perturbation_range = float(rel[rank])
+        if progress:
+            progress(f"perturbation range: {i + 1}/{len(sensitivity.layers)} layers")
