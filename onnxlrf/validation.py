@@ -22,6 +22,7 @@ import onnxruntime as ort
 from .data import CLASSIFICATION, Dataset, check_fits, cosine_rows, graph_inputs
 from .errors import OnnxlrfError
 from .onnx_io import load_onnx, save_onnx
+from .planning import count_params
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -160,16 +161,6 @@ def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int
     return np.concatenate(outputs)
 
 
-def count_params(model: onnx.ModelProto) -> int:
-    """Elements of float initializers and float Constant tensors: the model's parameters."""
-    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            tensors += [a.t for a in node.attribute if a.name == "value"]
-    return sum(int(np.prod(t.dims, dtype=np.int64)) for t in tensors if t.data_type in float_types)
-
-
 def concrete_input_shapes(
     model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH
 ) -> dict[str, list[int]]:
@@ -184,12 +175,12 @@ def concrete_input_shapes(
     return shapes
 
 
-def _inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> dict[str, list[int | None]]:
-    """Every tensor's shape after shape inference on a copy whose graph inputs have ``input_shapes``."""
+def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> onnx.ModelProto:
+    """A copy whose graph inputs have ``input_shapes`` and no stale inferred shapes."""
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
     del concrete.graph.value_info[:]
-    for value in concrete.graph.output:  # stale symbolic output shapes could contradict the concrete ones
+    for value in concrete.graph.output:  # symbolic output shapes could contradict the concrete ones
         value.type.tensor_type.ClearField("shape")
     for inp in graph_inputs(concrete):
         if inp.name in input_shapes:
@@ -197,30 +188,61 @@ def _inferred_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]])
             shape.ClearField("dim")
             for size in input_shapes[inp.name]:
                 shape.dim.add().dim_value = int(size)
-    try:
-        if concrete.ByteSize() < _PROTOBUF_LIMIT:
-            inferred = onnx.shape_inference.infer_shapes(concrete, data_prop=True)
-        else:
-            with tempfile.TemporaryDirectory(prefix="onnxlrf-shapes-") as tmp:
-                path = save_onnx(concrete, Path(tmp) / "model.onnx", external_data=True)
-                onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
-                inferred = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises InferenceError / ValidationError with long texts
-        raise OnnxlrfError(f"shape inference failed: {str(exc).strip().splitlines()[0]}") from None
+    return concrete
+
+
+def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model.ByteSize() < _PROTOBUF_LIMIT:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-shapes-") as tmp:
+        path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path), data_prop=True)
+        return onnx.load(str(path), load_external_data=False)
+
+
+def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+
+
+def _tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes: dict[str, list[int | None]] = {}
-    for value in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+    for value in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         if value.type.tensor_type.HasField("shape"):
             shapes[value.name] = [
                 d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
             ]
-    for init in inferred.graph.initializer:
+    for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
-    for node in inferred.graph.node:
+    for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     shapes[node.output[0]] = list(attr.t.dims)
     return shapes
+
+
+def _contraction_shapes(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> list[tuple[onnx.NodeProto, list, list]]:
+    """Per Conv/Gemm/MatMul node: (node, output shape, contracted dims), None where unknown."""
+    found = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        out, a, w = shapes.get(node.output[0]), shapes.get(node.input[0]), shapes.get(node.input[1])
+        if node.op_type == "Conv":
+            contraction = w[1:] if w else None
+        elif node.op_type == "Gemm":
+            trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
+            contraction = [a[0 if trans_a else 1]] if a and len(a) == 2 else None
+        else:
+            contraction = [a[-1]] if a else None
+        found.append((node, out, contraction))
+    return found
+
+
+def _known(out: list | None, contraction: list | None) -> bool:
+    return out is not None and contraction is not None and None not in out and None not in contraction
 
 
 def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
@@ -230,24 +252,25 @@ def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     ``input_shapes`` where given, else :func:`concrete_input_shapes` (batch 1,
     sequence length 128). Other ops (elementwise, pooling, softmax) are not counted.
     """
-    shapes = _inferred_shapes(model, input_shapes or concrete_input_shapes(model))
-    macs = 0
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+    concrete = _with_input_shapes(model, input_shapes or concrete_input_shapes(model))
+    # ONNX's own inference loses dims through shape arithmetic (e.g. the CIFAR ResNets'
+    # zero-padding shortcut); onnxruntime's symbolic inference recovers them.
+    nodes = None
+    for infer in (_onnx_inference, _symbolic_inference):
+        try:
+            nodes = _contraction_shapes(model, _tensor_shapes(infer(concrete)))
+        except Exception:  # either engine can fail on unusual graphs; the other may not
             continue
-        out = shapes.get(node.output[0])
-        a = shapes.get(node.input[0])
-        w = shapes.get(node.input[1])
-        if node.op_type == "Conv":
-            contraction = w[1:] if w else None
-        elif node.op_type == "Gemm":
-            trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
-            contraction = [a[0 if trans_a else 1]] if a and len(a) == 2 else None
-        else:
-            contraction = [a[-1]] if a else None
-        known = out is not None and contraction is not None and None not in out and None not in contraction
-        if not known:
-            raise OnnxlrfError(f"cannot count FLOPs of {node.op_type} node {node.name!r}: shape inference left its shapes unknown")
+        if all(_known(out, contraction) for _, out, contraction in nodes):
+            break
+    if nodes is None:
+        raise OnnxlrfError("cannot count FLOPs: shape inference fails on this model")
+    macs = 0
+    for node, out, contraction in nodes:
+        if not _known(out, contraction):
+            raise OnnxlrfError(
+                f"cannot count FLOPs of {node.op_type} node {node.name!r}: shape inference left its shapes unknown"
+            )
         macs += int(np.prod(out, dtype=np.int64)) * int(np.prod(contraction, dtype=np.int64))
     return 2 * macs
 

@@ -188,3 +188,42 @@ def test_benchmark_with_given_feeds_and_bad_feeds():
     assert result.flops == 2 * 5 * 8 * 8 and result.batch == 1
     with pytest.raises(OnnxlrfError, match="feeds lack input.s. attention_mask of the model"):
         benchmark(model, model, runs=1, feeds={"input_ids": feeds["input_ids"]})
+
+
+# Reference figures of /work/shared/README.md (CPU, fp32), reproduced through export + validate.
+REFERENCE_TOLERANCE = 0.0005
+RESNET20_FLOPS = 2 * 40_551_040  # conv1 442,368 + 3 stages of 14,155,776 / 12,976,128 / 12,976,128 + fc 640 MACs
+
+
+def _exported(name: str, weights, directory) -> str:
+    from onnxlrf.export import export_model
+    from onnxlrf.models import load_model
+
+    return str(export_model(load_model(name, weights=weights), directory / f"{name}.onnx", dynamic_batch=True).path)
+
+
+def test_resnet20_reference_top1_and_flops(resnet20_weights, cifar_npz, tmp_path):
+    path = _exported("cifar10-resnet20", resnet20_weights, tmp_path)
+    model = onnx.load(path)
+    assert count_flops(model) == RESNET20_FLOPS
+    result = validate(path, load_data(f"cifar10-jpeg:{cifar_npz}", model), batch_size=256)
+    assert result.samples == 10_000
+    assert result.value == pytest.approx(0.8103, abs=REFERENCE_TOLERANCE)
+    bench = benchmark(path, path, batch=2, warmup=1, runs=3)
+    assert bench.flops == bench.reference_flops == 2 * RESNET20_FLOPS
+
+
+@pytest.mark.slow
+def test_resnet56_reference_top1(resnet56_weights, cifar_npz, tmp_path):
+    path = _exported("cifar10-resnet56", resnet56_weights, tmp_path)
+    result = validate(path, load_data(f"cifar10-jpeg:{cifar_npz}", onnx.load(path)), batch_size=256)
+    assert result.value == pytest.approx(0.8320, abs=REFERENCE_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_minilm_reference_spearman(stsb_csv, tmp_path):
+    path = _exported("minilm", None, tmp_path)
+    dataset = load_data(f"stsb:{stsb_csv}", onnx.load(path))
+    assert len(dataset) == 1379
+    result = validate(path, dataset, batch_size=128)
+    assert result.value == pytest.approx(0.8205, abs=REFERENCE_TOLERANCE)
