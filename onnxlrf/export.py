@@ -84,6 +84,8 @@ def export_model(
             model = onnx.load(str(exported))
         except Exception as exc:
             raise OnnxlrfError(f"torch wrote an unreadable ONNX file: {exc}".splitlines()[0]) from None
+        if not dynamic_batch:
+            _pin_batch(model, spec, batch)
         for key, value in spec.metadata.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
@@ -143,6 +145,19 @@ def _run_exporter(
             exporter = "dynamo" if dynamo else "torchscript"
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             raise OnnxlrfError(f"{exporter} export of {spec.name} failed: {message}") from None
+
+
+def _pin_batch(model: onnx.ModelProto, spec: ModelSpec, batch: int) -> None:
+    """Write the static batch into graph inputs/outputs where the exporter left a made-up symbol.
+
+    The TorchScript exporter names some output dims it could not infer
+    (``Gemmlogits_dim_0``) even though the batch is static.
+    """
+    for value in (*model.graph.input, *model.graph.output):
+        if 0 in spec.dynamic_axes.get(value.name, {}):
+            dim = value.type.tensor_type.shape.dim[0]
+            if not dim.HasField("dim_value"):
+                dim.dim_value = batch
 
 
 def _check(
