@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .analysis import Layer, count_float_tensor_params, find_layers, svd, weight_array, weight_matrices
+from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .onnx_io import atomic_path
 
@@ -381,8 +381,7 @@ def plan_energy(model: onnx.ModelProto, energy: float | None = None,
 
 def _energy_shares(matrices: np.ndarray) -> np.ndarray:
     """Cumulative share of squared singular values by rank (summed over groups)."""
-    _, s, _ = svd(matrices)
-    power = (s.astype(np.float64) ** 2).sum(axis=0)
+    power = (singular_values(matrices) ** 2).sum(axis=0)
     total = power.sum()
     if total == 0:
         return np.ones_like(power)

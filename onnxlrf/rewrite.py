@@ -79,7 +79,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
     factors: dict[tuple, tuple[gs.Constant, gs.Constant]] = {}
     weights: dict[str, np.ndarray] = {}
     factorized_weights: set[str] = set()
-    new_node_names: set[str] = set()
+    replaced: dict[str, list[str]] = {}
 
     for entry in plan.layers:
         layer = layers[entry.node]
@@ -104,7 +104,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
                 gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
             )
         new_nodes = _replace(graph, nodes[entry.node], layer, entry, *factors[key], taken)
-        new_node_names.update(n.name for n in new_nodes)
+        replaced[entry.node] = [n.name for n in new_nodes]
         factorized_weights.add(layer.weight)
         report.rewritten.append({
             "node": entry.node, "op_type": layer.op_type, "decomposition": entry.decomposition,
@@ -113,7 +113,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
         })
 
     exported = gs.export_onnx(graph, do_type_check=False)
-    result = _assemble(model, exported, factorized_weights, new_node_names)
+    result = _assemble(model, exported, factorized_weights, replaced)
     report.params_after = count_params(result)
     return result, report
 
@@ -179,19 +179,22 @@ def _conv_attrs(attrs: dict, layer: Layer, decomposition: str) -> tuple[dict, di
 
 
 def _assemble(original: onnx.ModelProto, exported: onnx.ModelProto, factorized_weights: set[str],
-              new_node_names: set[str]) -> onnx.ModelProto:
-    """The original model with the rewritten node list and initializers; everything else as it was."""
+              replaced: dict[str, list[str]]) -> onnx.ModelProto:
+    """The original model with the rewritten nodes and initializers; everything else as it was.
+
+    Untouched nodes are taken from the original (graphsurgeon drops node doc
+    strings and metadata); each replaced node gives way to its pair, in place.
+    """
     used = _used_names(exported.graph)
     dropped = {w for w in factorized_weights if w not in used}
-    original_nodes = {n.name: n for n in original.graph.node if n.name}
+    new_names = {name for names in replaced.values() for name in names}
+    new_nodes = {n.name: n for n in exported.graph.node if n.name in new_names}
     nodes = []
-    for node in exported.graph.node:
-        if node.op_type == "Constant" and node.output[0] in dropped:
-            continue  # a Constant-node weight nobody reads any more
-        source = original_nodes.get(node.name) if node.name not in new_node_names else None
-        if source is not None:
-            node.CopyFrom(source)  # graphsurgeon drops node doc strings and metadata
-        nodes.append(node)
+    for node in original.graph.node:
+        if node.name in replaced:
+            nodes.extend(new_nodes[name] for name in replaced[node.name])
+        elif not (node.op_type == "Constant" and node.output[0] in dropped):  # a weight nobody reads any more
+            nodes.append(node)
     original_inits = {t.name for t in original.graph.initializer}
     new_inits = [t for t in exported.graph.initializer if t.name not in original_inits]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import Layer, find_layers, svd, weight_array, weight_matrices
+from onnxlrf.analysis import Layer, find_layers, singular_values, svd, weight_array, weight_matrices
 from onnxlrf.onnx_io import load_onnx
 
 RNG = np.random.default_rng(1)
@@ -147,6 +147,7 @@ def test_svd_float64_descending_reconstructs():
     assert (u.shape, s.shape, vh.shape) == ((3, 7, 5), (3, 5), (3, 5, 5))
     assert np.all(np.diff(s, axis=1) <= 0)
     np.testing.assert_allclose(u * s[:, None, :] @ vh, mats, atol=1e-6)
+    np.testing.assert_allclose(singular_values(mats), s, rtol=1e-10)
 
 
 def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):

@@ -411,3 +411,16 @@ def test_torch_exported_model_full_rank_matches(tmp_path, dynamo):
     removed = sum(e.params_dense - e.params_planned for e in plan.layers)
     assert report.params_after == count_params(model) - removed and removed > 0
     assert math.isfinite(rel_diff(run(out, feeds), reference))
+
+
+def test_untouched_nodes_with_duplicate_names_are_kept_in_place():
+    weight = RNG.standard_normal((8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="dup"),
+        helper.make_node("MatMul", ["a", "W"], ["b"], name="mm"),
+        helper.make_node("Sigmoid", ["b"], ["y"], name="dup"),
+    ]
+    model = make_model(nodes, {"x": [4, 8]}, ("y", [4, 8]), {"W": weight})
+    out, _ = apply_plan(model, one_layer_plan(model, "channel", 2)[1])
+    check_valid(out)
+    assert [n.op_type for n in out.graph.node] == ["Relu", "MatMul", "MatMul", "Sigmoid"]
