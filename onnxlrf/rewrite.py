@@ -24,7 +24,6 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .analysis import Layer, find_layers, svd, weight_array, weight_matrices
-from .errors import OnnxlrfError
 from .planning import LayerPlan, Plan, count_params, plan_full_rank, validate_plan
 
 __all__ = ["RewriteReport", "apply_plan", "plan_full_rank"]
