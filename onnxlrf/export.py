@@ -40,9 +40,9 @@ class ExportResult:
     path: Path
     exporter: str  # 'torchscript' | 'dynamo'
     opset: int
-    max_abs_diff: float
+    max_abs_diff: float  # NaN, like tolerance, when exported with check=False
     tolerance: float
-    providers: list[str]
+    providers: list[str]  # onnxruntime's session.get_providers() of the check; [] without check
     external_data: bool
 
 
