@@ -268,7 +268,9 @@ def read_stsb(path: Path) -> tuple[list[str], list[str], np.ndarray]:
                 first.append(fields[5])
                 second.append(fields[6])
             except (IndexError, ValueError):
-                raise OnnxlrfError(f"{path}:{number}: not an STS-B line (need a score in field 4 and sentences in 5, 6)") from None
+                raise OnnxlrfError(
+                    f"{path}:{number}: not an STS-B line (need a score in field 4 and sentences in 5, 6)"
+                ) from None
             gold.append(score)
     if not gold:
         raise OnnxlrfError(f"{path}: no sentence pairs")

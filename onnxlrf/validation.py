@@ -223,7 +223,9 @@ def _tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return shapes
 
 
-def _contraction_shapes(model: onnx.ModelProto, shapes: dict[str, list[int | None]]) -> list[tuple[onnx.NodeProto, list, list]]:
+def _contraction_shapes(
+    model: onnx.ModelProto, shapes: dict[str, list[int | None]]
+) -> list[tuple[onnx.NodeProto, list | None, list | None]]:
     """Per Conv/Gemm/MatMul node: (node, output shape, contracted dims), None where unknown."""
     found = []
     for node in model.graph.node:
@@ -288,7 +290,8 @@ def file_size(model: ModelLike) -> int:
         for entry in tensor.external_data
         if entry.key == "location"
     }
-    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file())
+    data_files = [path.parent / location for location in locations]
+    return path.stat().st_size + sum(f.stat().st_size for f in data_files if f.is_file())
 
 
 def _as_proto(model: ModelLike) -> onnx.ModelProto:
@@ -345,7 +348,9 @@ def validate(
     return result
 
 
-def random_feeds(model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feeds(
+    model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH, seed: int = 0
+) -> dict[str, np.ndarray]:
     """Inputs of :func:`concrete_input_shapes`: standard normal floats; for integer inputs token ids
     in [0, 1000), all-ones attention masks and zero token type ids."""
     rng = np.random.default_rng(seed)
