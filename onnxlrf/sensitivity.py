@@ -53,6 +53,7 @@ class LayerSensitivity:
     y: np.ndarray  # (g, n, k) input-side basis
     first_order: np.ndarray  # (g, k) a_i
     weight_norm: float
+    curvature_scale: float = 1.0  # fitted to measured single-layer loss changes (measure_ranges)
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
     range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
 
@@ -62,7 +63,7 @@ class LayerSensitivity:
 
     def scores(self, kappa: float = 1.0) -> np.ndarray:
         """Predicted loss change of dropping each component alone."""
-        return self.first_order + kappa * self.quadratic
+        return self.first_order + kappa * self.curvature_scale * self.quadratic
 
     def drop_order(self, kappa: float = 1.0) -> np.ndarray:
         """(g, k) component indices, cheapest to drop first (weight error breaks ties)."""
@@ -304,32 +305,47 @@ def measure_ranges(
     tolerance_rel: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Per layer, the largest relative weight error at which prediction and measurement agree (METHOD.md 3).
+    """Per layer: fit the curvature scale and find the trusted range (METHOD.md 3).
 
-    For each level (a fraction of the layer's break-even rank), only that layer
-    is truncated and the loss measured on ``batches``; agreement means
-    ``|measured - predicted| <= tolerance_abs + tolerance_rel * |measured|``.
-    The range is the relative error of the most aggressive level that agrees
-    while every milder one agreed too. Results are stored on the layers.
+    For each level (a fraction of the layer's break-even rank) only that layer
+    is truncated, in joint order, and the loss change measured on ``batches``.
+    The K-FAC quadratic term assumes uncorrelated positions and underestimates
+    conv curvature, so its scale is fitted per layer (least squares over the
+    measured points, at least 1). With it, a level agrees when
+    ``|measured - predicted| <= tolerance_abs + tolerance_rel * |measured|``;
+    the range is the relative error of the most aggressive level that agrees
+    while every milder one agreed too (0: the layer stays dense).
     """
     graph = TorchGraph(model)
     base = measure_loss(model, batches, loss_fn, graph=graph)
-    for i, (node, ls) in enumerate(sensitivity.layers.items()):
+    for i, ls in enumerate(sensitivity.layers.values()):
         layer = ls.layer
-        predicted = ls.predicted_dloss()
+        ls.curvature_scale = 1.0
         rel = ls.relative_error()
         top = layer.break_even_rank("channel")
         ranks = sorted({max(1, int(round(top * f))) for f in levels}, reverse=True)
-        ls.range_checks = []
-        ls.perturbation_range = 0.0
+        checks = []
         for rank in ranks:
-            weight = stored_weight(layer, ls.reconstruct(ls.keep(rank))).astype(np.float32)
+            keep = ls.keep(rank)
+            weight = stored_weight(layer, ls.reconstruct(keep)).astype(np.float32)
             measured = measure_loss(model, batches, loss_fn, {layer.weight: weight}, graph=graph) - base
-            ok = abs(measured - predicted[rank]) <= tolerance_abs + tolerance_rel * abs(measured)
-            ls.range_checks.append({"rank": rank, "relative_error": float(rel[rank]),
-                                    "predicted": float(predicted[rank]), "measured": float(measured), "agree": ok})
-            if not ok:
+            dropped = np.ones_like(ls.s, dtype=bool)
+            np.put_along_axis(dropped, keep, False, axis=1)
+            checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
+                           "first_order": float(ls.first_order[dropped].sum()),
+                           "quadratic": float(ls.quadratic[dropped].sum())})
+        lin = np.array([c["first_order"] for c in checks])
+        quad = np.array([c["quadratic"] for c in checks])
+        meas = np.array([c["measured"] for c in checks])
+        ls.curvature_scale = float(max(1.0, np.dot(meas - lin, quad) / max(np.dot(quad, quad), 1e-30)))
+        ls.perturbation_range = 0.0
+        for c in checks:
+            c["predicted"] = c["first_order"] + ls.curvature_scale * c["quadratic"]
+            c["agree"] = abs(c["measured"] - c["predicted"]) <= tolerance_abs + tolerance_rel * abs(c["measured"])
+        for c in checks:
+            if not c["agree"]:
                 break
-            ls.perturbation_range = float(rel[rank])
+            ls.perturbation_range = c["relative_error"]
+        ls.range_checks = checks
         if progress:
             progress(f"perturbation range: {i + 1}/{len(sensitivity.layers)} layers")
