@@ -19,6 +19,7 @@ import bisect
 import json
 import math
 import os
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ class LayerPlan:
     params_dense: int
     params_planned: int
     notes: dict = field(default_factory=dict)
+    basis: str = "svd"  # "svd": the weight's SVD; "joint": Plan.bases, components in priority order
 
     def kept_indices(self) -> list[int]:
         """The kept component indices (``keep``, or the top ``rank``)."""
@@ -67,6 +69,9 @@ class Plan:
     source: dict = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
+    # Joint bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)), components in priority order.
+    # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
+    bases: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
         return {
@@ -98,10 +103,11 @@ class Plan:
             missing = [k for k in _LAYER_KEYS if k not in entry]
             if missing:
                 raise OnnxlrfError(f"plan layer {i} ({entry.get('node', '?')!r}) is missing key {missing[0]!r}")
-            unknown = set(entry) - set(_LAYER_KEYS) - {"notes"}
+            unknown = set(entry) - set(_LAYER_KEYS) - {"notes", "basis"}
             if unknown:
                 raise OnnxlrfError(f"plan layer {i} ({entry['node']!r}) has unknown key {sorted(unknown)[0]!r}")
-            layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {}))
+            layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {},
+                                    basis=entry.get("basis", "svd")))
         return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
                    source=data.get("source") or {})
 
@@ -109,6 +115,14 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the JSON (and the joint bases beside it, when the plan has any)."""
+        path = Path(path)
+        if self.bases:
+            self.options["bases_file"] = path.name + ".bases.npz"
+            arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
+                      for part, value in zip(("x", "s", "yt"), basis)}
+            with atomic_path(path.parent / self.options["bases_file"], suffix=".npz") as tmp:
+                np.savez(tmp, **arrays)
         with atomic_path(path) as tmp:
             tmp.write_text(self.to_json() + "\n")
 
@@ -122,7 +136,20 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise OnnxlrfError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        return cls.from_dict(data)
+        plan = cls.from_dict(data)
+        bases_file = plan.options.get("bases_file")
+        if bases_file:
+            bases_path = Path(path).parent / bases_file
+            try:
+                with np.load(bases_path) as arrays:
+                    parts: dict[str, dict] = {}
+                    for key in arrays.files:
+                        weight, part = key.rsplit("|", 1)
+                        parts.setdefault(weight, {})[part] = arrays[key]
+            except (OSError, ValueError) as exc:
+                raise OnnxlrfError(f"cannot read the plan's joint bases {bases_path}: {exc}") from None
+            plan.bases = {w: (p["x"], p["s"], p["yt"]) for w, p in parts.items()}
+        return plan
 
     def summary(self) -> dict:
         """Parameters of the planned layers before/after (a weight shared by several nodes counted once)."""
@@ -174,6 +201,8 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                 f"plan node {node!r}: unknown decomposition {entry.decomposition!r} "
                 f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
             )
+        if entry.basis not in ("svd", "joint"):
+            raise OnnxlrfError(f"plan node {node!r}: unknown basis {entry.basis!r} (known: svd, joint)")
         if entry.decomposition == "dense":
             if entry.rank is not None or entry.keep is not None:
                 raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
@@ -188,6 +217,13 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(f"plan node {node!r}: rank {entry.rank!r} outside 1..{max_rank}")
         if entry.max_rank != max_rank:
             raise OnnxlrfError(f"plan node {node!r}: max_rank {entry.max_rank}, model has {max_rank}")
+        if entry.basis == "joint":
+            basis = plan.bases.get(entry.weight)
+            g, m, n = layer.matrix_shape(entry.decomposition)
+            if basis is None:
+                raise OnnxlrfError(f"plan node {node!r} uses a joint basis, but the plan has none for {entry.weight!r}")
+            if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
+                raise OnnxlrfError(f"plan node {node!r}: joint basis does not fit the weight's {g}x{m}x{n} matrices")
         if entry.keep is not None:
             keep = entry.keep
             if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
@@ -403,3 +439,166 @@ def plan_full_rank(model: onnx.ModelProto, decomposition: str = "channel") -> Pl
         entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, rank, rank,
                                  None, layer.params, layer.factorized_params(d, rank)))
     return Plan(layers=entries, mode="full-rank", options={"decomposition": decomposition}, source=_source(model))
+
+
+# --- joint planners (METHOD.md section 4) -----------------------------------------------------------
+
+JOINT_MODES = ("lossless", "compact")
+SOLVERS = ("lagrangian", "dp")
+
+
+@dataclass
+class _Options:
+    """One layer's candidates: params removed and predicted loss change, dense first."""
+
+    layer: Layer
+    ranks: np.ndarray  # 0 = dense
+    removed: np.ndarray
+    dloss: np.ndarray
+    relative_error: np.ndarray
+
+
+def _joint_options(sens: Any, kappa: float) -> list[_Options]:
+    out = []
+    for ls in sens.layers.values():
+        layer = ls.layer
+        predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
+        ranks = [r for r in range(1, layer.break_even_rank("channel") + 1) if rel[r] <= ls.perturbation_range]
+        ranks = np.array([0] + ranks, dtype=np.int64)
+        removed = np.array([0] + [layer.params - layer.factorized_params("channel", r) for r in ranks[1:]])
+        dloss = np.array([0.0] + [predicted[r] for r in ranks[1:]])
+        out.append(_Options(layer, ranks, removed, dloss, np.array([0.0] + [rel[r] for r in ranks[1:]])))
+    return out
+
+
+def _lagrangian(options: list[_Options], lam: float) -> list[int]:
+    return [int(np.argmin(o.dloss - lam * o.removed)) for o in options]
+
+
+def _totals(options: list[_Options], choice: list[int]) -> tuple[int, float]:
+    return (sum(int(o.removed[c]) for o, c in zip(options, choice)),
+            sum(float(o.dloss[c]) for o, c in zip(options, choice)))
+
+
+def _solve_lagrangian(options: list[_Options], need: int | None, tolerance: float | None) -> list[int] | None:
+    """Lossless (``need``: params to remove, min dL) or compact (``tolerance``: max dL, max removed)."""
+    scale = max(max((float(np.abs(o.dloss).max()) for o in options), default=1.0), 1e-12)
+    lo, hi = 0.0, scale * 1e6  # lambda in loss per parameter; hi removes all it can
+    feasible = (lambda c: _totals(options, c)[0] >= need) if need is not None else \
+        (lambda c: _totals(options, c)[1] <= tolerance)
+    if need is not None:
+        if not feasible(_lagrangian(options, hi)):
+            return None
+        for _ in range(200):  # smallest lambda that still removes enough
+            mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
+            lo, hi = (lo, mid) if feasible(_lagrangian(options, mid)) else (mid, hi)
+            if hi - lo <= 1e-9 * hi:
+                break
+        return _lagrangian(options, hi)
+    if not feasible(_lagrangian(options, 0.0)):
+        return None
+    for _ in range(200):  # largest lambda whose predicted change stays within tolerance
+        mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
+        lo, hi = (mid, hi) if feasible(_lagrangian(options, mid)) else (lo, mid)
+        if hi - lo <= 1e-9 * hi:
+            break
+    return _lagrangian(options, lo)
+
+
+def _solve_dp(options: list[_Options], need: int | None, tolerance: float | None, bins: int = 4000
+              ) -> list[int] | None:
+    """Exact multiple-choice knapsack over removed parameters counted in units (floor: never overstates)."""
+    total = sum(int(o.removed.max()) for o in options)
+    unit = max(1, math.ceil(total / bins))
+    size = total // unit + 1
+    best = np.full(size, np.inf)
+    best[0] = 0.0
+    picks = []
+    for o in options:
+        units = o.removed // unit
+        new = np.full(size, np.inf)
+        pick = np.zeros(size, dtype=np.int64)
+        for c, (u, d) in enumerate(zip(units, o.dloss)):
+            shifted = np.full(size, np.inf)
+            shifted[u:] = best[: size - u] + d
+            better = shifted < new
+            new[better], pick[better] = shifted[better], c
+        best = new
+        picks.append(pick)
+    if need is not None:
+        reachable = [b for b in range(math.ceil(need / unit), size) if np.isfinite(best[b])]
+        if not reachable:
+            return None
+        target = min(reachable, key=lambda b: best[b])
+    else:
+        ok = [b for b in range(size) if best[b] <= tolerance]
+        if not ok:
+            return None
+        target = max(ok)
+    choice = []
+    for o, pick in zip(reversed(options), reversed(picks)):
+        c = int(pick[target])
+        choice.append(c)
+        target -= int(o.removed[c] // unit)
+    return choice[::-1]
+
+
+def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduction: float | None = None,
+               tolerance: float = 0.0, kappa: float = 1.0, solver: str = "lagrangian") -> Plan:
+    """Joint plan from a :class:`~onnxlrf.sensitivity.Sensitivity` (METHOD.md section 4).
+
+    ``lossless``: minimum predicted loss change removing at least ``target_reduction``
+    of the model's parameters. ``compact``: the most parameters removed with
+    predicted loss change at most ``tolerance``. Only ranks inside each layer's
+    perturbation range are candidates; within a layer, components are dropped
+    in joint-score order. ``kappa`` multiplies the curvature term (back-off).
+    """
+    if mode not in JOINT_MODES:
+        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    if solver not in SOLVERS:
+        raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
+    options = _joint_options(sensitivity, kappa)
+    total = count_params(model)
+    need = None
+    if mode == "lossless":
+        if target_reduction is None or not 0 < target_reduction < 1:
+            raise OnnxlrfError("mode lossless needs --target-reduction in (0, 1)")
+        need = math.ceil(target_reduction * total - 1e-9)
+    solve = _solve_dp if solver == "dp" else _solve_lagrangian
+    choice = solve(options, need, None if need is not None else tolerance)
+    if choice is None:
+        if need is not None:
+            most = sum(int(o.removed.max()) for o in options) / total
+            raise OnnxlrfError(f"target_reduction {target_reduction:g} is out of reach within the layers' trusted "
+                               f"perturbation ranges: at most {most:.4f}")
+        choice = [0] * len(options)  # nothing predicted safe: stay dense
+    removed, dloss = _totals(options, choice)
+    entries, bases = [], {}
+    chosen = {o.layer.node: (o, c) for o, c in zip(options, choice)}
+    all_layers, _ = find_layers(model)
+    for layer in all_layers:
+        if layer.node not in chosen or chosen[layer.node][1] == 0:
+            reason = "not analyzed" if layer.node not in chosen else "kept dense by the planner"
+            entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
+                                     None, layer.max_rank("channel"), None, layer.params, layer.params,
+                                     {"reason": reason}))
+            continue
+        o, c = chosen[layer.node]
+        ls = sensitivity.layers[layer.node]
+        rank = int(o.ranks[c])
+        priority = ls.drop_order(kappa)[:, ::-1]  # most important first
+        x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
+        s = np.take_along_axis(ls.s, priority, axis=1)
+        y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)
+        bases[layer.weight] = (x.astype(np.float32), s.astype(np.float32),
+                               np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
+        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "channel",
+                                 rank, layer.max_rank("channel"), None, layer.params,
+                                 layer.factorized_params("channel", rank),
+                                 {"predicted_dloss": float(o.dloss[c]), "relative_error": float(o.relative_error[c]),
+                                  "perturbation_range": ls.perturbation_range,
+                                  "curvature_scale": ls.curvature_scale},
+                                 basis="joint"))
+    options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
+                   "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
+    return Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)

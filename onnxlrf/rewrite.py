@@ -37,9 +37,13 @@ class RewriteReport:
     params_after: int = 0
 
 
-def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The two factor tensors (first node's weight, second node's weight) in the weight's dtype."""
-    u, s, vh = svd(weight_matrices(weight, layer, decomposition))
+def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list[int],
+                basis: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The two factor tensors (first node's weight, second node's weight) in the weight's dtype.
+
+    ``basis`` (u, s, vh) with ``W = u diag(s) vh`` replaces the weight's own SVD (the joint basis).
+    """
+    u, s, vh = basis if basis is not None else svd(weight_matrices(weight, layer, decomposition))
     idx = np.asarray(keep, dtype=np.int64)
     root = np.sqrt(s[:, idx])
     left = u[:, :, idx] * root[:, None, :]  # (g, m, r)
@@ -97,7 +101,9 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
         if key not in factors:
             if layer.weight not in weights:
                 weights[layer.weight] = weight_array(model, layer)
-            first, second = factor_pair(weights[layer.weight], layer, entry.decomposition, entry.kept_indices())
+            basis = plan.bases[layer.weight] if entry.basis == "joint" else None
+            first, second = factor_pair(weights[layer.weight], layer, entry.decomposition, entry.kept_indices(),
+                                        basis)
             factors[key] = (
                 gs.Constant(_unique(f"{layer.weight}.lrf_a.r{entry.rank}", taken), first),
                 gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),

@@ -301,7 +301,7 @@ def measure_ranges(
     batches: Callable[[], Iterator[Batch]],
     loss_fn: LossFn,
     levels: tuple[float, ...] = (0.75, 0.5, 0.25),
-    tolerance_abs: float = 0.01,
+    tolerance_abs: float = 0.025,
     tolerance_rel: float = 0.5,
     progress: Callable[[str], None] | None = None,
 ) -> None:
@@ -311,8 +311,8 @@ def measure_ranges(
     is truncated, in joint order, and the loss change measured on ``batches``.
     The K-FAC quadratic term assumes uncorrelated positions and underestimates
     conv curvature, so its scale is fitted per layer (least squares over the
-    measured points, at least 1). With it, a level agrees when
-    ``|measured - predicted| <= tolerance_abs + tolerance_rel * |measured|``;
+    measured points, kept within [0.05, 100]). With it, a level agrees when
+    ``|measured - predicted| <= tolerance_abs + tolerance_rel * max(|measured|, |predicted|)``;
     the range is the relative error of the most aggressive level that agrees
     while every milder one agreed too (0: the layer stays dense).
     """
@@ -337,11 +337,13 @@ def measure_ranges(
         lin = np.array([c["first_order"] for c in checks])
         quad = np.array([c["quadratic"] for c in checks])
         meas = np.array([c["measured"] for c in checks])
-        ls.curvature_scale = float(max(1.0, np.dot(meas - lin, quad) / max(np.dot(quad, quad), 1e-30)))
+        fitted = np.dot(meas - lin, quad) / max(np.dot(quad, quad), 1e-30)
+        ls.curvature_scale = float(np.clip(fitted, 0.05, 100.0))
         ls.perturbation_range = 0.0
         for c in checks:
             c["predicted"] = c["first_order"] + ls.curvature_scale * c["quadratic"]
-            c["agree"] = abs(c["measured"] - c["predicted"]) <= tolerance_abs + tolerance_rel * abs(c["measured"])
+            c["agree"] = bool(abs(c["measured"] - c["predicted"])
+                              <= tolerance_abs + tolerance_rel * max(abs(c["measured"]), abs(c["predicted"])))
         for c in checks:
             if not c["agree"]:
                 break
