@@ -83,14 +83,26 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--mode", type=click.Choice(["uniform", "energy"]), required=True, help="How ranks are chosen.")
+@click.option("--mode", type=click.Choice(["lossless", "compact", "uniform", "energy"]), required=True,
+              help="lossless: best accuracy at --target-reduction; compact: smallest model as accurate as the "
+                   "original; uniform/energy: data-free baselines.")
 @click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Fraction of the model's parameters to remove.")
 @click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
               help="uniform: fraction of each layer's full rank to keep.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
               help="energy: share of squared singular values to keep in each layer.")
-@click.option("--data", help="DATA spec for validation, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH.")
+@click.option("--tolerance", default=0.0, show_default=True, type=float,
+              help="compact: largest predicted loss increase allowed.")
+@click.option("--calib", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Joint modes: calibration samples.")
+@click.option("--val", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Joint modes: validation samples (back-off); the rest is the held-out test split.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Fixes the splits.")
+@click.option("--labels", type=click.Choice(["labels", "predictions"]), default="labels", show_default=True,
+              help="Calibration targets: the data's labels, or the original model's predictions (label-free).")
+@click.option("--solver", type=click.Choice(["lagrangian", "dp"]), default="lagrangian", show_default=True)
+@click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @click.option("--weights", type=click.Path(), help="Checkpoint for a model name.")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
 @click.option("--dynamo", is_flag=True, help="Export with the dynamo exporter.")
@@ -100,7 +112,8 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def compress(model: str, output: str, mode: str, target_reduction: float | None, rank_fraction: float | None,
-             energy: float | None, data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
+             energy: float | None, tolerance: float, calib: int, val: int, seed: int, labels: str, solver: str,
+             data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
              batch: int, dynamic_batch: bool, provider: str, overwrite: bool, as_json: bool) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
     from .compress import compress as run_compress
@@ -108,7 +121,8 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
     result = _run(as_json, lambda: run_compress(
         model, output, mode=mode, target_reduction=target_reduction, rank_fraction=rank_fraction,
         energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
-        batch=batch, dynamic_batch=dynamic_batch, provider=provider))
+        batch=batch, dynamic_batch=dynamic_batch, provider=provider, tolerance=tolerance, calib=calib, val=val,
+        seed=seed, labels=labels, solver=solver, progress=lambda msg: click.echo(msg, err=True)))
     payload = result.to_dict()
     human = (f"wrote {result.output}: {result.params:,} params "
              f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "

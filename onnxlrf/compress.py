@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import math
+from typing import Callable, Iterator
+
+import numpy as np
 import onnx
 
 from .errors import OnnxlrfError
@@ -21,6 +25,11 @@ from .planning import Plan, count_params, plan_energy, plan_uniform
 from .rewrite import RewriteReport, apply_plan
 
 PLANNING_MODES = ("uniform", "energy")
+JOINT_MODES = ("lossless", "compact")
+MODES = JOINT_MODES + PLANNING_MODES
+# Curvature multipliers tried in turn by the back-off (METHOD.md section 5): each
+# trusts the quadratic model less, so plans get more conservative.
+BACKOFF_KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 
 
 @dataclass
@@ -99,7 +108,130 @@ def make_plan(
         if (target_reduction is None) == (energy is None):
             raise OnnxlrfError("mode energy needs exactly one of --target-reduction or --energy")
         return plan_energy(model, energy=energy, target_reduction=target_reduction)
-    raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(PLANNING_MODES)}")
+    raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+
+
+@dataclass
+class Splits:
+    """Disjoint calibration / validation / held-out test splits, fixed by the seed."""
+
+    calib: Any
+    val: Any
+    test: Any
+    seed: int
+
+
+def split_dataset(dataset: Any, calib: int, val: int, seed: int = 0) -> Splits:
+    if calib < 1 or val < 1:
+        raise OnnxlrfError("--calib and --val must be at least 1")
+    if calib + val >= len(dataset):
+        raise OnnxlrfError(f"--calib {calib} + --val {val} leave no held-out test data of {len(dataset)} samples")
+    order = np.random.default_rng(seed).permutation(len(dataset))
+    return Splits(dataset.subset(order[:calib]), dataset.subset(order[calib:calib + val]),
+                  dataset.subset(order[calib + val:]), seed)
+
+
+def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> Callable[[], Iterator]:
+    """Micro-batches (feeds, targets) for the torch analysis."""
+    def batches() -> Iterator:
+        for start in range(0, len(dataset), batch_size):
+            idx = np.arange(start, min(start + batch_size, len(dataset)))
+            yield dataset.subset(idx).inputs, targets[idx]
+    return batches
+
+
+def _metric(model: onnx.ModelProto, dataset: Any, provider: str) -> float:
+    from .validation import make_session, run_dataset, select_providers
+
+    session = make_session(model, providers=select_providers(provider))
+    return dataset.score(run_dataset(session, dataset))
+
+
+@dataclass
+class JointResult:
+    plan: Plan
+    compressed: onnx.ModelProto
+    report: RewriteReport
+    splits: dict  # split name -> {"value", "reference_value"}
+    backoff: list  # per tried kappa: achieved reduction, predicted dL, validation metric
+    sensitivity: Any
+    test_split: Any
+
+
+def compress_joint(
+    reference: onnx.ModelProto,
+    dataset: Any,
+    mode: str,
+    target_reduction: float | None = None,
+    tolerance: float = 0.0,
+    calib: int = 1000,
+    val: int = 1000,
+    seed: int = 0,
+    labels: str = "labels",
+    solver: str = "lagrangian",
+    range_samples: int = 256,
+    micro_batch: int = 50,
+    provider: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> JointResult:
+    """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split."""
+    from .planning import plan_joint
+    from .sensitivity import LOSSES, analyze, measure_ranges
+
+    if mode not in JOINT_MODES:
+        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    if labels not in ("labels", "predictions"):
+        raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
+    splits = split_dataset(dataset, calib, val, seed)
+    loss_fn = LOSSES[dataset.task]
+    targets = splits.calib.labels
+    if labels == "predictions":
+        if dataset.task != "classification":
+            raise OnnxlrfError("--labels predictions is for classifiers (sentence encoders need gold scores)")
+        from .validation import make_session, run_dataset
+
+        # Label-free: the original's hard predictions as targets (a distillation loss
+        # would have zero gradient at the original weights).
+        outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), splits.calib)
+        targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
+    batches = calibration_batches(splits.calib, targets, micro_batch)
+    sensitivity = analyze(reference, batches, loss_fn, loss_name=f"{dataset.task}/{labels}", progress=progress)
+    n_range = min(range_samples, len(splits.calib))
+    measure_ranges(reference, sensitivity,
+                   calibration_batches(splits.calib.subset(np.arange(n_range)), targets[:n_range], 128),
+                   loss_fn, progress=progress)
+    reference_val = _metric(reference, splits.val, provider)
+    best = None
+    backoff = []
+    for kappa in BACKOFF_KAPPAS:
+        plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
+                          kappa=kappa, solver=solver)
+        compressed, report = apply_plan(reference, plan)
+        value = _metric(compressed, splits.val, provider)
+        backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
+                        "predicted_dloss": plan.options["predicted_dloss"], "val": value})
+        if progress:
+            progress(f"back-off kappa {kappa:g}: reduction {plan.options['achieved_reduction']:.3f}, "
+                     f"val {value:.4f} (original {reference_val:.4f})")
+        if best is None or value > best[0]:
+            best = (value, plan, compressed, report)
+        if mode == "compact" and value >= reference_val:
+            best = (value, plan, compressed, report)
+            break
+    else:
+        if mode == "compact":
+            # No plan held on validation: the smallest safe plan is no compression.
+            plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver)
+            compressed, report = apply_plan(reference, plan)
+            best = (reference_val, plan, compressed, report)
+    _, plan, compressed, report = best
+    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
+    results = {}
+    for name, split in (("calib", splits.calib), ("val", splits.val), ("test", splits.test)):
+        results[name] = {"value": _metric(compressed, split, provider),
+                         "reference_value": reference_val if name == "val" else _metric(reference, split, provider),
+                         "samples": len(split)}
+    return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
 
 
 def compress(
@@ -117,12 +249,26 @@ def compress(
     batch: int = 1,
     dynamic_batch: bool = False,
     provider: str = "auto",
+    tolerance: float = 0.0,
+    calib: int = 1000,
+    val: int = 1000,
+    seed: int = 0,
+    labels: str = "labels",
+    solver: str = "lagrangian",
+    progress: Callable[[str], None] | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
-    With ``data``, the result is validated against the original model in
-    onnxruntime. Outputs are only written once everything before succeeded.
+    Modes ``lossless`` and ``compact`` are the joint method (they need ``data``:
+    ``calib`` samples for the analysis, ``val`` for the back-off, the rest
+    held out); ``uniform`` and ``energy`` are data-free baselines. With
+    ``data``, the result is validated against the original in onnxruntime.
+    Outputs are only written once everything before succeeded.
     """
+    if mode not in MODES:
+        raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if mode in JOINT_MODES and data is None:
+        raise OnnxlrfError(f"mode {mode} needs --data (calibration, validation and test splits come from it)")
     inputs = (model,) if is_onnx_path(model) else ()
     output = check_output_path(output, inputs, overwrite)
     if plan_out is not None:
@@ -137,13 +283,22 @@ def compress(
             from .data import load_data
 
             dataset = load_data(data, reference)
-        plan = make_plan(reference, mode, target_reduction, rank_fraction, energy)
+        extra: dict = {}
+        if mode in JOINT_MODES:
+            joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
+                                   solver, provider=provider, progress=progress)
+            plan, compressed, report = joint.plan, joint.compressed, joint.report
+            extra = dict(joint.splits)
+            dataset = joint.test_split
+        else:
+            plan = make_plan(reference, mode, target_reduction, rank_fraction, energy)
+            compressed, report = apply_plan(reference, plan)
         plan.source = {"model": model, **plan.source}
-        compressed, report = apply_plan(reference, plan)
         validation = None
         if dataset is not None:
             from .validation import validate
 
+            # For joint modes this is the held-out test split.
             validation = validate(compressed, dataset, reference=reference, provider=provider)
         save_onnx(compressed, output)
         if plan_out is not None:
@@ -156,6 +311,7 @@ def compress(
             reference_params=count_params(reference),
             validation=validation,
             export=exported,
+            extra=extra,
         )
 
 

@@ -234,7 +234,7 @@ def analyze(
             for out in entry.outputs:
                 entry.add_output_grad(out.grad)
             entry.outputs.clear()
-        total_loss += float(losses.sum())
+        total_loss += float(losses.detach().sum())
         samples += int(losses.numel())
         if progress:
             progress(f"calibration: {samples} samples")
