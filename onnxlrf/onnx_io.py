@@ -105,10 +105,14 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
     with atomic_path(path.parent / data_name) as tmp_data:
+        # onnx refuses a location that exists (checked relative to the working directory, so
+        # it bites when that is the output directory): start from no file, end with one.
+        tmp_data.unlink()
         onnx.external_data_helper.convert_model_to_external_data(
             model_copy, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
         )
         onnx.external_data_helper.write_external_data_tensors(model_copy, str(path.parent))
+        tmp_data.touch()
     # The data file is in place; now point the model at its final name and write it.
     for tensor in _external_tensors(model_copy):
         for entry in tensor.external_data:
