@@ -13,8 +13,10 @@ METHOD.md section 6:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -210,10 +212,24 @@ def weight_matrices(weight: np.ndarray, layer: Layer, decomposition: str) -> np.
 
 def svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD of a stack of matrices, in float64 via torch: ``U (g,m,k)``, ``S (g,k)``, ``Vh (g,k,n)``."""
-    u, s, vh = torch.linalg.svd(torch.from_numpy(np.asarray(matrices, dtype=np.float64)), full_matrices=False)
+    with single_thread():
+        u, s, vh = torch.linalg.svd(torch.from_numpy(np.asarray(matrices, dtype=np.float64)), full_matrices=False)
     return u.numpy(), s.numpy(), vh.numpy()
 
 
 def singular_values(matrices: np.ndarray) -> np.ndarray:
     """Singular values ``(g, k)`` of a stack of matrices, descending, float64 (cheaper than :func:`svd`)."""
-    return torch.linalg.svdvals(torch.from_numpy(np.asarray(matrices, dtype=np.float64))).numpy()
+    with single_thread():
+        return torch.linalg.svdvals(torch.from_numpy(np.asarray(matrices, dtype=np.float64))).numpy()
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """torch on one thread: multi-threaded LAPACK SVD of these small matrices is up to 100x
+    slower when the cores are busy (threads wait at barriers for descheduled peers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
