@@ -1,0 +1,146 @@
+"""The joint method on a small CNN trained in the test: analysis, planners, back-off, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+from onnxlrf.compress import calibration_batches, compress_joint, split_dataset
+from onnxlrf.data import Dataset
+from onnxlrf.planning import Plan, count_params, plan_joint
+from onnxlrf.rewrite import apply_plan
+from onnxlrf.sensitivity import analyze, classification_loss, measure_loss, measure_ranges, stored_weight
+from onnxlrf.torch_graph import TorchGraph
+
+CLASSES = 4
+
+
+def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is a noisy oriented texture: learnable, not trivially separable."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, CLASSES, n)
+    yy, xx = np.mgrid[0:12, 0:12]
+    patterns = np.stack([np.sin(xx), np.sin(yy), np.sin(xx + yy), np.sin(xx - yy)]).astype(np.float32)
+    images = patterns[labels][:, None].repeat(3, axis=1) * rng.uniform(0.2, 1.0, (n, 3, 1, 1))
+    images += rng.normal(0, 1.0, images.shape)
+    return images.astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def small_cnn(tmp_path_factory) -> tuple[onnx.ModelProto, Dataset]:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+        nn.Conv2d(24, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, CLASSES),
+    )
+    x, y = _data(2000, seed=1)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for epoch in range(4):
+        for i in range(0, 2000, 100):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(net(torch.from_numpy(x[i:i + 100])), torch.from_numpy(y[i:i + 100]))
+            loss.backward()
+            opt.step()
+    net.eval()
+    path = tmp_path_factory.mktemp("cnn") / "cnn.onnx"
+    torch.onnx.export(net, (torch.from_numpy(x[:2]),), str(path), dynamo=False, opset_version=17,
+                      input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}})
+    model = onnx.load(str(path))
+    xt, yt = _data(1500, seed=2)
+    return model, Dataset("synthetic", "classification", {"input": xt}, yt)
+
+
+def _batches(dataset: Dataset, batch: int = 100):
+    return calibration_batches(dataset, dataset.labels, batch)
+
+
+def test_torch_graph_matches_onnxruntime(small_cnn):
+    model, data = small_cnn
+    feeds = {"input": data.inputs["input"][:16]}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = TorchGraph(model)(feeds)[0].detach().numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn):
+    model, data = small_cnn
+    calib = data.subset(np.arange(500))
+    sens = analyze(model, _batches(calib), classification_loss)
+    assert len(sens.layers) == 5  # three convs, two Linear layers
+    base = measure_loss(model, _batches(calib), classification_loss)
+    assert sens.reference_loss == pytest.approx(base, rel=1e-4)
+    checked = 0
+    for ls in sens.layers.values():
+        k = ls.s.shape[1]
+        if ls.layer.groups != 1:
+            continue
+        full = ls.reconstruct(ls.keep(k))
+        weight = stored_weight(ls.layer, full)
+        original = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == ls.layer.weight))
+        np.testing.assert_allclose(weight, original, rtol=1e-6, atol=1e-6)
+        # Near W the Taylor model must hold: drop the two components whose own weight change
+        # s_i * |x_i| * |y_i| is smallest, and compare measured with predicted loss change.
+        size = ls.s[0] * np.linalg.norm(ls.x[0], axis=0) * np.linalg.norm(ls.y[0], axis=0)
+        dropped = np.argsort(size)[:2]
+        keep = np.setdiff1d(np.arange(k), dropped)[None]
+        weight = stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)
+        measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - base
+        predicted = float(ls.scores()[0, dropped].sum())
+        assert abs(measured - predicted) <= 0.005 + 0.5 * abs(measured), ls.layer.node
+        checked += 1
+    assert checked >= 2
+
+
+def test_planners_respect_target_and_dp_is_exact(small_cnn):
+    model, data = small_cnn
+    calib = data.subset(np.arange(400))
+    sens = analyze(model, _batches(calib), classification_loss)
+    measure_ranges(model, sens, _batches(calib.subset(np.arange(200))), classification_loss)
+    total = count_params(model)
+    for target in (0.05, 0.1, 0.2):
+        lag = plan_joint(model, sens, "lossless", target_reduction=target, kappa=4.0)
+        dp = plan_joint(model, sens, "lossless", target_reduction=target, kappa=4.0, solver="dp")
+        for plan in (lag, dp):
+            compressed, report = apply_plan(model, plan)
+            assert report.params_before - report.params_after >= target * total
+            assert count_params(compressed) == report.params_after
+            assert plan.options["achieved_reduction"] == pytest.approx(1 - report.params_after / total)
+        assert dp.options["predicted_dloss"] <= lag.options["predicted_dloss"] + 1e-9
+    compact = plan_joint(model, sens, "compact", tolerance=0.0, kappa=4.0)
+    assert compact.options["predicted_dloss"] <= 0.0
+    for entry in compact.layers:
+        if entry.decomposition != "dense":
+            assert entry.notes["relative_error"] <= entry.notes["perturbation_range"] + 1e-12
+
+
+def test_compact_never_below_original_on_validation_and_is_deterministic(small_cnn, tmp_path):
+    model, data = small_cnn
+    first = compress_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
+    assert first.splits["val"]["value"] >= first.splits["val"]["reference_value"]
+    assert first.splits["test"]["samples"] == len(data) - 800
+    again = compress_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
+    assert again.plan.to_json() == first.plan.to_json()
+    assert again.compressed.SerializeToString() == first.compressed.SerializeToString()
+    # The plan and its bases survive a round trip through disk and rewrite to the same model.
+    first.plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    rewritten, _ = apply_plan(model, loaded)
+    feeds = {"input": data.inputs["input"][:32]}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(run(rewritten), run(first.compressed), rtol=1e-5, atol=1e-5)
+
+
+def test_splits_are_disjoint_and_fixed_by_seed(small_cnn):
+    _, data = small_cnn
+    indexed = Dataset("idx", "classification", {"input": np.arange(len(data))[:, None]}, data.labels)
+    a = split_dataset(indexed, 300, 200, seed=7)
+    b = split_dataset(indexed, 300, 200, seed=7)
+    ids = [set(s.inputs["input"][:, 0]) for s in (a.calib, a.val, a.test)]
+    assert sum(map(len, ids)) == len(data) and not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert np.array_equal(a.test.inputs["input"], b.test.inputs["input"])
