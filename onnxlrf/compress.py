@@ -158,6 +158,94 @@ class JointResult:
     test_split: Any
 
 
+def joint_analysis(
+    reference: onnx.ModelProto,
+    calib: Any,
+    labels: str = "labels",
+    range_samples: int = 256,
+    micro_batch: int = 50,
+    progress: Callable[[str], None] | None = None,
+) -> Any:
+    """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
+    from .sensitivity import LOSSES, analyze, measure_ranges
+
+    if labels not in ("labels", "predictions"):
+        raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
+    loss_fn = LOSSES[calib.task]
+    targets = calib.labels
+    if labels == "predictions":
+        if calib.task != "classification":
+            raise OnnxlrfError("--labels predictions is for classifiers (sentence encoders need gold scores)")
+        from .validation import make_session, run_dataset
+
+        # Label-free: the original's hard predictions as targets (a distillation loss
+        # would have zero gradient at the original weights).
+        outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib)
+        targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
+    sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
+                          loss_name=f"{calib.task}/{labels}", progress=progress)
+    n_range = min(range_samples, len(calib))
+    measure_ranges(reference, sensitivity,
+                   calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range], 128),
+                   loss_fn, progress=progress)
+    return sensitivity
+
+
+def backoff_plan(
+    reference: onnx.ModelProto,
+    sensitivity: Any,
+    val: Any,
+    mode: str,
+    target_reduction: float | None = None,
+    tolerance: float = 0.0,
+    solver: str = "lagrangian",
+    provider: str = "auto",
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Plan, onnx.ModelProto, RewriteReport, list]:
+    """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
+
+    compact: the first plan whose validation metric is at least the original's
+    (none: the model stays dense). lossless: the best validation metric at the target size.
+    """
+    from .planning import plan_joint
+
+    if mode not in JOINT_MODES:
+        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    reference_val = _metric(reference, val, provider)
+    best = None
+    backoff = []
+    unreachable = None
+    for kappa in BACKOFF_KAPPAS:
+        try:
+            plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
+                              kappa=kappa, solver=solver)
+        except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
+            unreachable = exc
+            continue
+        compressed, report = apply_plan(reference, plan)
+        value = _metric(compressed, val, provider)
+        backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
+                        "predicted_dloss": plan.options["predicted_dloss"], "val": value})
+        if progress:
+            progress(f"back-off kappa {kappa:g}: reduction {plan.options['achieved_reduction']:.3f}, "
+                     f"val {value:.4f} (original {reference_val:.4f})")
+        if mode == "compact" and value >= reference_val:
+            best = (value, plan, compressed, report)
+            break
+        if mode == "lossless" and (best is None or value > best[0]):
+            best = (value, plan, compressed, report)
+    if best is None and mode == "lossless":
+        raise unreachable
+    if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
+        plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver)
+        compressed, report = apply_plan(reference, plan)
+        best = (reference_val, plan, compressed, report)
+    _, plan, compressed, report = best
+    plan.options["backoff"] = backoff
+    plan.options["reference_val"] = reference_val
+    return plan, compressed, report, backoff
+
+
 def compress_joint(
     reference: onnx.ModelProto,
     dataset: Any,
@@ -175,61 +263,17 @@ def compress_joint(
     progress: Callable[[str], None] | None = None,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split."""
-    from .planning import plan_joint
-    from .sensitivity import LOSSES, analyze, measure_ranges
-
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
-    if labels not in ("labels", "predictions"):
-        raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
     splits = split_dataset(dataset, calib, val, seed)
-    loss_fn = LOSSES[dataset.task]
-    targets = splits.calib.labels
-    if labels == "predictions":
-        if dataset.task != "classification":
-            raise OnnxlrfError("--labels predictions is for classifiers (sentence encoders need gold scores)")
-        from .validation import make_session, run_dataset
-
-        # Label-free: the original's hard predictions as targets (a distillation loss
-        # would have zero gradient at the original weights).
-        outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), splits.calib)
-        targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
-    batches = calibration_batches(splits.calib, targets, micro_batch)
-    sensitivity = analyze(reference, batches, loss_fn, loss_name=f"{dataset.task}/{labels}", progress=progress)
-    n_range = min(range_samples, len(splits.calib))
-    measure_ranges(reference, sensitivity,
-                   calibration_batches(splits.calib.subset(np.arange(n_range)), targets[:n_range], 128),
-                   loss_fn, progress=progress)
-    reference_val = _metric(reference, splits.val, provider)
-    best = None
-    backoff = []
-    for kappa in BACKOFF_KAPPAS:
-        plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
-                          kappa=kappa, solver=solver)
-        compressed, report = apply_plan(reference, plan)
-        value = _metric(compressed, splits.val, provider)
-        backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
-                        "predicted_dloss": plan.options["predicted_dloss"], "val": value})
-        if progress:
-            progress(f"back-off kappa {kappa:g}: reduction {plan.options['achieved_reduction']:.3f}, "
-                     f"val {value:.4f} (original {reference_val:.4f})")
-        if best is None or value > best[0]:
-            best = (value, plan, compressed, report)
-        if mode == "compact" and value >= reference_val:
-            best = (value, plan, compressed, report)
-            break
-    else:
-        if mode == "compact":
-            # No plan held on validation: the smallest safe plan is no compression.
-            plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver)
-            compressed, report = apply_plan(reference, plan)
-            best = (reference_val, plan, compressed, report)
-    _, plan, compressed, report = best
-    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
+    sensitivity = joint_analysis(reference, splits.calib, labels, range_samples, micro_batch, progress)
+    plan, compressed, report, backoff = backoff_plan(reference, sensitivity, splits.val, mode, target_reduction,
+                                                     tolerance, solver, provider, progress)
+    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels})
     results = {}
     for name, split in (("calib", splits.calib), ("val", splits.val), ("test", splits.test)):
-        results[name] = {"value": _metric(compressed, split, provider),
-                         "reference_value": reference_val if name == "val" else _metric(reference, split, provider),
+        reference_value = plan.options["reference_val"] if name == "val" else _metric(reference, split, provider)
+        results[name] = {"value": _metric(compressed, split, provider), "reference_value": reference_value,
                          "samples": len(split)}
     return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
 
