@@ -30,6 +30,7 @@ MODES = JOINT_MODES + PLANNING_MODES
 # Curvature multipliers tried in turn by the back-off (METHOD.md section 5): each
 # trusts the quadratic model less, so plans get more conservative.
 BACKOFF_KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+BACKOFF_BISECTIONS = 3
 
 
 @dataclass
@@ -215,13 +216,15 @@ def backoff_plan(
     best = None
     backoff = []
     unreachable = None
-    for kappa in BACKOFF_KAPPAS:
+
+    def attempt(kappa: float) -> tuple | None:
+        nonlocal unreachable
         try:
             plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
                               kappa=kappa, solver=solver)
         except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
             unreachable = exc
-            continue
+            return None
         compressed, report = apply_plan(reference, plan)
         value = _metric(compressed, val, provider)
         backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
@@ -229,11 +232,31 @@ def backoff_plan(
         if progress:
             progress(f"back-off kappa {kappa:g}: reduction {plan.options['achieved_reduction']:.3f}, "
                      f"val {value:.4f} (original {reference_val:.4f})")
-        if mode == "compact" and value >= reference_val:
-            best = (value, plan, compressed, report)
+        return value, plan, compressed, report
+
+    failed_kappa = None
+    for kappa in BACKOFF_KAPPAS:
+        result = attempt(kappa)
+        if result is None:
+            continue
+        if mode == "compact" and result[0] >= reference_val:
+            best = result
             break
-        if mode == "lossless" and (best is None or value > best[0]):
-            best = (value, plan, compressed, report)
+        failed_kappa = kappa
+        if mode == "lossless" and (best is None or result[0] > best[0]):
+            best = result
+    if mode == "compact" and best is not None and failed_kappa is not None:
+        # Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value.
+        lo, hi = failed_kappa, best[1].options["kappa"]
+        for _ in range(BACKOFF_BISECTIONS):
+            mid = math.sqrt(lo * hi)
+            result = attempt(mid)
+            if result is not None and result[0] >= reference_val:
+                hi = mid
+                if result[1].options["achieved_reduction"] > best[1].options["achieved_reduction"]:
+                    best = result
+            else:
+                lo = mid
     if best is None and mode == "lossless":
         raise unreachable
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan

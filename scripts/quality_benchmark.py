@@ -1,0 +1,112 @@
+"""Held-out quality of the joint method against baselines, at several sizes, through one rewrite and one evaluation.
+
+    python scripts/quality_benchmark.py --model cifar10-resnet20 --out results/
+
+For each target reduction (fraction of the model's parameters removed) it
+prints the held-out test metric of: uniform rank fraction, energy threshold,
+and joint lossless; then compact mode's reduction and metric. The splits are
+disjoint and fixed by --seed; the analysis runs once per model on the
+calibration split and is shared by every target. Run times are measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
+from onnxlrf.data import load_data
+from onnxlrf.export import export_model
+from onnxlrf.models import load_model
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning import count_params, plan_energy, plan_uniform
+from onnxlrf.rewrite import apply_plan
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SETUPS = {
+    "cifar10-resnet20": (SHARED / "cifar10/resnet20-12fca82f.th", "cifar10-jpeg:" + str(SHARED / "cifar10/cifar10_test_jpeg.npz"), 1000, 1000),
+    "cifar10-resnet56": (SHARED / "cifar10/resnet56-4bfd9763.th", "cifar10-jpeg:" + str(SHARED / "cifar10/cifar10_test_jpeg.npz"), 1000, 1000),
+    "minilm": (None, "stsb:" + str(SHARED / "stsb/sts-test.csv"), 300, 300),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet20")
+    parser.add_argument("--targets", default="0.05,0.1,0.2,0.3,0.5")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    weights, data_spec, n_calib, n_val = SETUPS[args.model]
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_model(args.model, weights=str(weights) if weights else None)
+        path = export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path
+        reference = load_onnx(path)
+    dataset = load_data(data_spec, reference)
+    splits = split_dataset(dataset, n_calib, n_val, args.seed)
+    total = count_params(reference)
+    reference_test = _metric(reference, splits.test, "auto")
+    rows = []
+
+    start = time.perf_counter()
+    sensitivity = joint_analysis(reference, splits.calib, progress=None)
+    analysis_s = time.perf_counter() - start
+    log(f"joint analysis: {analysis_s:.1f} s")
+
+    def evaluate(method: str, target: float | None, make) -> None:
+        t0 = time.perf_counter()
+        try:
+            plan, model = make()
+        except Exception as exc:  # a target out of a method's reach is a result, not a crash
+            rows.append({"method": method, "target": target, "error": str(exc)})
+            log(f"{method} {target}: {exc}")
+            return
+        seconds = time.perf_counter() - t0
+        value = _metric(model, splits.test, "auto")
+        reduction = 1 - count_params(model) / total
+        rows.append({"method": method, "target": target, "reduction": reduction, "test": value,
+                     "reference_test": reference_test, "seconds": seconds})
+        log(f"{method:>16} target {target}: reduction {reduction:.3f} test {value:.4f} "
+            f"(original {reference_test:.4f}) {seconds:.1f} s")
+
+    def rewrite(plan):
+        return plan, apply_plan(reference, plan)[0]
+
+    for target in [float(t) for t in args.targets.split(",")]:
+        evaluate("uniform", target, lambda: rewrite(plan_uniform(reference, target_reduction=target)))
+        evaluate("energy", target, lambda: rewrite(plan_energy(reference, target_reduction=target)))
+        evaluate("joint-lossless", target, lambda: backoff_plan(reference, sensitivity, splits.val, "lossless",
+                                                                target_reduction=target)[:2])
+    evaluate("joint-compact", None, lambda: backoff_plan(reference, sensitivity, splits.val, "compact")[:2])
+
+    print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
+          f"joint analysis {analysis_s:.0f} s, calib {n_calib}, val {n_val}, seed {args.seed}\n")
+    print("| method | target | reduction | test metric | time (s) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['method']} | {row['target']} | out of reach | - | - |")
+        else:
+            target = "-" if row["target"] is None else f"{row['target']:.2f}"
+            print(f"| {row['method']} | {target} | {row['reduction']:.3f} | {row['test']:.4f} | {row['seconds']:.1f} |")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"quality_{args.model}.json").write_text(json.dumps(
+            {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s, "rows": rows},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
