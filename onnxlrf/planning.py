@@ -33,6 +33,9 @@ from .onnx_io import atomic_path
 PLAN_FORMAT = "onnxlrf.plan"
 PLAN_VERSION = 1
 PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
+# "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
+# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines).
+BASES = ("svd", "joint", "fwsvd", "whitened")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class LayerPlan:
     params_dense: int
     params_planned: int
     notes: dict = field(default_factory=dict)
-    basis: str = "svd"  # "svd": the weight's SVD; "joint": Plan.bases, components in priority order
+    basis: str = "svd"  # one of BASES; stored bases list components in priority order
 
     def kept_indices(self) -> list[int]:
         """The kept component indices (``keep``, or the top ``rank``)."""
@@ -201,8 +204,8 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                 f"plan node {node!r}: unknown decomposition {entry.decomposition!r} "
                 f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
             )
-        if entry.basis not in ("svd", "joint"):
-            raise OnnxlrfError(f"plan node {node!r}: unknown basis {entry.basis!r} (known: svd, joint)")
+        if entry.basis not in BASES:
+            raise OnnxlrfError(f"plan node {node!r}: unknown basis {entry.basis!r} (known: {', '.join(BASES)})")
         if entry.decomposition == "dense":
             if entry.rank is not None or entry.keep is not None:
                 raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
@@ -217,13 +220,14 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(f"plan node {node!r}: rank {entry.rank!r} outside 1..{max_rank}")
         if entry.max_rank != max_rank:
             raise OnnxlrfError(f"plan node {node!r}: max_rank {entry.max_rank}, model has {max_rank}")
-        if entry.basis == "joint":
+        if entry.basis != "svd":
             basis = plan.bases.get(entry.weight)
             g, m, n = layer.matrix_shape(entry.decomposition)
             if basis is None:
-                raise OnnxlrfError(f"plan node {node!r} uses a joint basis, but the plan has none for {entry.weight!r}")
+                raise OnnxlrfError(f"plan node {node!r} uses a {entry.basis} basis, but the plan has none for "
+                                   f"{entry.weight!r}")
             if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
-                raise OnnxlrfError(f"plan node {node!r}: joint basis does not fit the weight's {g}x{m}x{n} matrices")
+                raise OnnxlrfError(f"plan node {node!r}: {entry.basis} basis does not fit the weight's {g}x{m}x{n} matrices")
         if entry.keep is not None:
             keep = entry.keep
             if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
@@ -602,3 +606,52 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
                    "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
     return Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)
+
+
+# --- data-aware baselines, through the same rewrite ---------------------------------------------------
+
+def baseline_basis(ls: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, s, y^T) with ``W = x diag(s) y^T``, components by decreasing s, for a baseline basis.
+
+    ``fwsvd``: SVD of ``diag(sqrt(I)) W`` with ``I`` the Fisher information of each output row
+    (Hsu et al. 2022); ``whitened``: SVD of ``W A^(1/2)`` with ``A`` the input-activation
+    second moment (as SVD-LLM and ASVD do). Truncation then drops the smallest s.
+    """
+    w = ls.reconstruct(np.tile(np.arange(ls.s.shape[1]), (ls.s.shape[0], 1)))
+    if kind == "fwsvd":
+        row = np.sqrt(ls.output_fisher) + 1e-6 * np.sqrt(ls.output_fisher).max()  # dead rows: keep finite
+        u, s, vh = np.linalg.svd(row[:, :, None] * w, full_matrices=False)
+        return (u / row[:, :, None], s, vh)
+    if kind == "whitened":
+        vals, vecs = np.linalg.eigh(ls.input_root)
+        vals = np.maximum(vals, 1e-12 * vals.max())
+        inv_root = (vecs / vals[:, None, :]) @ vecs.transpose(0, 2, 1)
+        u, s, vh = np.linalg.svd(w @ ls.input_root, full_matrices=False)
+        return (u, s, vh @ inv_root)
+    raise OnnxlrfError(f"unknown baseline basis {kind!r}; known: fwsvd, whitened")
+
+
+def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_reduction: float) -> Plan:
+    """Uniform rank fraction (channel decomposition) in a baseline basis, the fraction bisected to the target."""
+    analyzed = {ls.layer.node: ls for ls in sensitivity.layers.values()}
+    layers, _ = find_layers(model)
+    groups, dense_reason = _weight_groups(model, layers)
+    candidates = []
+    for members in groups:
+        layer = members[0]
+        reason = dense_reason.get(layer.weight) or (None if layer.node in analyzed else "not analyzed")
+
+        def choose(fraction: float, layer: Layer = layer) -> tuple[str, int] | None:
+            return _best(layer, {"channel": _rank_for_fraction(fraction, layer.max_rank("channel"))})
+
+        breakpoints = [k / layer.max_rank("channel") for k in range(1, layer.max_rank("channel") + 1)]
+        candidates.append(_Candidate(members, choose, breakpoints, reason))
+    fraction = _search(model, candidates, target_reduction)
+    plan = _build_plan(model, candidates, fraction, kind, {"target_reduction": target_reduction,
+                                                          "rank_fraction": fraction}, "rank_fraction")
+    for entry in plan.layers:
+        if entry.decomposition != "dense":
+            entry.basis = kind
+            x, s, yt = baseline_basis(analyzed[entry.node], kind)
+            plan.bases[entry.weight] = (x.astype(np.float32), s.astype(np.float32), yt.astype(np.float32))
+    return plan

@@ -101,7 +101,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
         if key not in factors:
             if layer.weight not in weights:
                 weights[layer.weight] = weight_array(model, layer)
-            basis = plan.bases[layer.weight] if entry.basis == "joint" else None
+            basis = plan.bases[layer.weight] if entry.basis != "svd" else None
             first, second = factor_pair(weights[layer.weight], layer, entry.decomposition, entry.kept_indices(),
                                         basis)
             factors[key] = (

@@ -53,6 +53,8 @@ class LayerSensitivity:
     y: np.ndarray  # (g, n, k) input-side basis
     first_order: np.ndarray  # (g, k) a_i
     weight_norm: float
+    input_root: np.ndarray = None  # (g, n, n) A^(1/2), for the activation-whitened baseline
+    output_fisher: np.ndarray = None  # (g, m) diag(B), for the Fisher-weighted baseline
     curvature_scale: float = 1.0  # fitted to measured single-layer loss changes (measure_ranges)
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
     range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
@@ -254,7 +256,8 @@ def analyze(
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-            weight_norm=float(np.linalg.norm(weight)),
+            weight_norm=float(np.linalg.norm(weight)), input_root=right.numpy(),
+            output_fisher=(entry.b / samples).diagonal(dim1=-2, dim2=-1).numpy(),
         )
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)
 

@@ -4,7 +4,8 @@
 
 For each target reduction (fraction of the model's parameters removed) it
 prints the held-out test metric of: uniform rank fraction, energy threshold,
-and joint lossless; then compact mode's reduction and metric. The splits are
+Fisher-weighted SVD (FWSVD), activation-whitened SVD (SVD-LLM/ASVD style; both
+at a uniform rank fraction), and joint lossless; then compact mode's reduction and metric. The splits are
 disjoint and fixed by --seed; the analysis runs once per model on the
 calibration split and is shared by every target. Run times are measured here.
 """
@@ -26,7 +27,7 @@ from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import count_params, plan_energy, plan_uniform
+from onnxlrf.planning import count_params, plan_baseline, plan_energy, plan_uniform
 from onnxlrf.rewrite import apply_plan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -86,6 +87,8 @@ def main() -> int:
     for target in [float(t) for t in args.targets.split(",")]:
         evaluate("uniform", target, lambda: rewrite(plan_uniform(reference, target_reduction=target)))
         evaluate("energy", target, lambda: rewrite(plan_energy(reference, target_reduction=target)))
+        for kind in ("fwsvd", "whitened"):
+            evaluate(kind, target, lambda: rewrite(plan_baseline(reference, sensitivity, kind, target)))
         evaluate("joint-lossless", target, lambda: backoff_plan(reference, sensitivity, splits.val, "lossless",
                                                                 target_reduction=target)[:2])
     evaluate("joint-compact", None, lambda: backoff_plan(reference, sensitivity, splits.val, "compact")[:2])

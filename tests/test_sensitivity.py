@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from onnxlrf.compress import calibration_batches, compress_joint, split_dataset
 from onnxlrf.data import Dataset
-from onnxlrf.planning import Plan, count_params, plan_joint
+from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
 from onnxlrf.rewrite import apply_plan
 from onnxlrf.sensitivity import analyze, classification_loss, measure_loss, measure_ranges, stored_weight
 from onnxlrf.torch_graph import TorchGraph
@@ -112,6 +112,14 @@ def test_planners_respect_target_and_dp_is_exact(small_cnn):
             assert count_params(compressed) == report.params_after
             assert plan.options["achieved_reduction"] == pytest.approx(1 - report.params_after / total)
         assert dp.options["predicted_dloss"] <= lag.options["predicted_dloss"] + 1e-9
+    for kind in ("fwsvd", "whitened"):
+        for ls in sens.layers.values():
+            x, s, yt = baseline_basis(ls, kind)
+            assert np.all(np.diff(s, axis=1) <= 1e-12)
+            np.testing.assert_allclose((x * s[:, None, :]) @ yt, ls.reconstruct(ls.keep(ls.s.shape[1])), atol=1e-8)
+        plan = plan_baseline(model, sens, kind, 0.1)
+        _, report = apply_plan(model, plan)
+        assert report.params_before - report.params_after >= 0.1 * total
     compact = plan_joint(model, sens, "compact", tolerance=0.0, kappa=4.0)
     assert compact.options["predicted_dloss"] <= 0.0
     for entry in compact.layers:
