@@ -1,0 +1,182 @@
+"""compress / rewrite_file: the Python API path, on a small MLP built here and once on the real ResNet-20."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrf.compress import CompressResult, compress, rewrite_file
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning import Plan, count_params, plan_uniform
+
+IN, HIDDEN, CLASSES, SAMPLES = 32, 48, 10, 200
+
+
+def mlp() -> onnx.ModelProto:
+    """x[N,32] -MatMul-> [N,48] -Relu-> Gemm(transB, bias) -> logits[N,10]."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((IN, HIDDEN)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((CLASSES, HIDDEN)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", transB=1)],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [w1, w2, b2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def model_path(tmp_path: Path) -> Path:
+    path = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), str(path))
+    return path
+
+
+@pytest.fixture()
+def data(tmp_path: Path, model_path: Path) -> str:
+    """npz data labelled with the original's own predictions: the reference scores exactly 1."""
+    x = np.random.default_rng(1).standard_normal((SAMPLES, IN)).astype(np.float32)
+    path = tmp_path / "data.npz"
+    np.savez(path, x=x, labels=run(model_path, x).argmax(axis=1).astype(np.int64))
+    return f"npz:{path}"
+
+
+def test_compress_onnx_uniform(tmp_path: Path, model_path: Path, data: str) -> None:
+    out, plan_out = tmp_path / "small.onnx", tmp_path / "plan.json"
+    result = compress(str(model_path), out, mode="uniform", rank_fraction=0.25, data=data, plan_out=plan_out,
+                      provider="cpu")
+    assert isinstance(result, CompressResult) and result.output == out and result.export is None
+    reference_params = IN * HIDDEN + CLASSES * HIDDEN + CLASSES
+    assert result.reference_params == reference_params
+    # fc1 at rank ceil(0.25*32)=8: 8*(32+48); fc2 at rank ceil(0.25*10)=3: 3*(48+10); bias unchanged.
+    assert result.params == 8 * (IN + HIDDEN) + 3 * (HIDDEN + CLASSES) + CLASSES
+    assert result.params == count_params(load_onnx(out))
+    assert result.params_reduction == pytest.approx(1 - result.params / reference_params)
+    assert {r["node"] for r in result.rewrite.rewritten} == {"fc1", "fc2"}
+
+    v = result.validation
+    assert v.metric == "top1" and v.samples == SAMPLES and v.reference_value == 1.0
+    assert 0 <= v.value < 1 and v.max_abs_diff > 0 and v.providers == ["CPUExecutionProvider"]
+    payload = result.to_dict()
+    assert {"params", "reference_params", "params_reduction", "metric", "value", "reference_value",
+            "max_abs_diff", "providers"} <= payload.keys()
+
+    plan = Plan.load(plan_out)
+    assert plan.mode == "uniform" and [layer.rank for layer in plan.layers] == [8, 3]
+    assert plan.source["model"] == str(model_path)
+    # The saved plan reproduces the output, from a path and from a Plan object.
+    x = np.random.default_rng(2).standard_normal((5, IN)).astype(np.float32)
+    for i, source in enumerate((plan_out, plan)):
+        again = tmp_path / f"again{i}.onnx"
+        report = rewrite_file(model_path, source, again)
+        assert report.params_after == result.params
+        np.testing.assert_array_equal(run(again, x), run(out, x))
+
+
+def test_compress_energy_target(tmp_path: Path, model_path: Path) -> None:
+    result = compress(str(model_path), tmp_path / "e.onnx", mode="energy", target_reduction=0.3)
+    assert result.validation is None
+    assert 0.3 <= result.params_reduction
+    assert result.plan.options["target_reduction"] == 0.3 and 0 < result.plan.options["energy"] <= 1
+
+
+def test_full_rank_fraction_changes_nothing(tmp_path: Path, model_path: Path, data: str) -> None:
+    """Factorizing at full rank is never smaller, so every layer stays dense and outputs are identical."""
+    result = compress(str(model_path), tmp_path / "same.onnx", mode="uniform", rank_fraction=1.0, data=data)
+    assert result.params == result.reference_params and not result.rewrite.rewritten
+    assert result.validation.max_abs_diff == 0 and result.validation.value == 1.0
+
+
+def test_compress_model_name(tmp_path: Path, resnet20_weights: Path, cifar_npz: Path) -> None:
+    with np.load(cifar_npz) as npz:
+        images, labels = npz["images"][:200], npz["labels"][:200]
+    subset = tmp_path / "cifar.npz"
+    np.savez(subset, images=images, labels=labels)
+    out = tmp_path / "r20.onnx"
+    result = compress("cifar10-resnet20", out, mode="uniform", rank_fraction=0.5, weights=str(resnet20_weights),
+                      data=f"cifar10-jpeg:{subset}")
+    assert result.export.exporter == "torchscript" and result.export.max_abs_diff <= result.export.tolerance
+    assert result.reference_params == 269_034  # ResNet-20 with BatchNorm folded into the convs
+    assert 0.4 < result.params_reduction < 0.6
+    assert result.validation.samples == 200 and result.validation.reference_value > 0.7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar.npz", "r20.onnx"]  # the export stayed temporary
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"mode": "lossless", "target_reduction": 0.3}, "needs --data"),
+    ({"mode": "uniform"}, "exactly one"),
+    ({"mode": "uniform", "rank_fraction": 0.5, "target_reduction": 0.5}, "exactly one"),
+    ({"mode": "energy", "rank_fraction": 0.5}, "exactly one"),
+    ({"mode": "svd", "rank_fraction": 0.5}, "unknown mode 'svd'"),
+    ({"mode": "uniform", "rank_fraction": 0.5, "weights": "w.th"}, "--weights"),
+    ({"mode": "uniform", "rank_fraction": 0.5, "data": "npz:{dir}/nothing.npz"}, "nothing.npz"),
+    ({"mode": "uniform", "target_reduction": 0.99}, "out of reach"),
+], ids=["joint-without-data", "no-knob", "two-knobs", "energy-with-rank-fraction", "unknown-mode",
+        "weights-with-onnx", "missing-data", "unreachable-target"])
+def test_compress_errors_write_nothing(tmp_path: Path, model_path: Path, kwargs: dict, message: str) -> None:
+    kwargs = {k: v.replace("{dir}", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(OnnxlrfError, match=message.replace("-", r"\-")) as info:
+        compress(str(model_path), tmp_path / "out.onnx", plan_out=tmp_path / "plan.json", **kwargs)
+    assert "\n" not in str(info.value)
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_existing_outputs_survive(tmp_path: Path, model_path: Path) -> None:
+    out, plan_out = tmp_path / "out.onnx", tmp_path / "plan.json"
+    out.write_bytes(b"keep me")
+    with pytest.raises(OnnxlrfError, match="output exists"):
+        compress(str(model_path), out, rank_fraction=0.5)
+    assert out.read_bytes() == b"keep me"
+    with pytest.raises(OnnxlrfError, match="must differ|same as input"):
+        compress(str(model_path), tmp_path / "new.onnx", rank_fraction=0.5, plan_out=tmp_path / "new.onnx")
+    with pytest.raises(OnnxlrfError, match="same as input"):
+        compress(str(model_path), model_path, rank_fraction=0.5, overwrite=True)
+    result = compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=True)
+    assert load_onnx(out) and result.plan.mode == "uniform" and plan_out.is_file()
+
+
+def test_rewrite_file_errors(tmp_path: Path, model_path: Path) -> None:
+    plan = plan_uniform(load_onnx(model_path), rank_fraction=0.5)
+    out = tmp_path / "out.onnx"
+    original = digest(model_path)
+    with pytest.raises(OnnxlrfError, match="same as input"):
+        rewrite_file(model_path, plan, model_path, overwrite=True)
+    plan.layers[0].node = "nope"
+    with pytest.raises(OnnxlrfError, match="'nope'"):
+        rewrite_file(model_path, plan, out)
+    plan.layers[0].node, plan.layers[0].rank = "fc1", plan.layers[0].max_rank + 1
+    with pytest.raises(OnnxlrfError, match="rank"):
+        rewrite_file(model_path, plan, out)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{not json")
+    with pytest.raises(OnnxlrfError, match="not valid JSON"):
+        rewrite_file(model_path, bad_json, out)
+    with pytest.raises(OnnxlrfError, match="same as input"):
+        rewrite_file(model_path, bad_json, bad_json, overwrite=True)
+    assert not out.exists() and digest(model_path) == original
