@@ -336,6 +336,7 @@ def compress(
         raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if mode in JOINT_MODES and data is None:
         raise OnnxlrfError(f"mode {mode} needs --data (calibration, validation and test splits come from it)")
+    model = str(model)
     inputs = (model,) if is_onnx_path(model) else ()
     output = check_output_path(output, inputs, overwrite)
     if plan_out is not None:
