@@ -284,8 +284,13 @@ def compress_joint(
     micro_batch: int = 50,
     provider: str = "auto",
     progress: Callable[[str], None] | None = None,
+    report_test: bool = True,
 ) -> JointResult:
-    """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split."""
+    """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
+
+    ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
+    them from its full validation of that split, so the split is evaluated once).
+    """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
     splits = split_dataset(dataset, calib, val, seed)
@@ -294,7 +299,8 @@ def compress_joint(
                                                      tolerance, solver, provider, progress)
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels})
     results = {}
-    for name, split in (("calib", splits.calib), ("val", splits.val), ("test", splits.test)):
+    reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
+    for name, split in reported:
         reference_value = plan.options["reference_val"] if name == "val" else _metric(reference, split, provider)
         results[name] = {"value": _metric(compressed, split, provider), "reference_value": reference_value,
                          "samples": len(split)}
@@ -354,7 +360,7 @@ def compress(
         extra: dict = {}
         if mode in JOINT_MODES:
             joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
-                                   solver, provider=provider, progress=progress)
+                                   solver, provider=provider, progress=progress, report_test=False)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split
@@ -368,6 +374,9 @@ def compress(
 
             # For joint modes this is the held-out test split.
             validation = validate(compressed, dataset, reference=reference, provider=provider)
+            if mode in JOINT_MODES:
+                extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
+                                 "samples": len(dataset)}
         save_onnx(compressed, output)
         if plan_out is not None:
             plan.save(plan_out)
