@@ -109,6 +109,30 @@ def count_float_tensor_params(model: onnx.ModelProto) -> int:
 _ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
 
 
+def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the float initializers and float ``Constant`` tensors of the main graph holding NaN or Inf."""
+    tensors = [(t.name, t) for t in model.graph.initializer]
+    tensors += [(node.output[0], attr.t) for node in model.graph.node if node.op_type == "Constant"
+                for attr in node.attribute if attr.name == "value"]
+    bad = []
+    for name, tensor in tensors:
+        if tensor.data_type in _ALL_FLOATS:
+            values = numpy_helper.to_array(tensor)
+            if values.dtype.kind != "f":  # bfloat16 comes as an ml_dtypes type numpy cannot test
+                values = values.astype(np.float32)
+            if not np.isfinite(values).all():
+                bad.append(name)
+    return bad
+
+
+def check_finite_weights(model: onnx.ModelProto) -> None:
+    """Raise OnnxlrfError naming the first weight that holds NaN or Inf."""
+    bad = nonfinite_weights(model)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise OnnxlrfError(f"weight {bad[0]!r} of the model contains NaN or Inf{more}")
+
+
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
     """Factorizable layers of the main graph, and the Conv/Gemm/MatMul/quantized nodes that are not."""
     constants = _constant_producers(model)

@@ -20,7 +20,8 @@ import numpy as np
 import onnx
 
 from .errors import OnnxlrfError
-from .onnx_io import check_output_path, load_onnx, save_onnx
+from .analysis import check_finite_weights
+from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
 from .planning import Plan, count_params, plan_energy, plan_uniform
 from .rewrite import RewriteReport, apply_plan
 
@@ -349,9 +350,12 @@ def compress(
         plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
         if Path(plan_out).resolve() == output.resolve():
             raise OnnxlrfError("--plan-out must differ from the output path")
+        if mode in JOINT_MODES:  # joint plans keep their bases beside the JSON
+            check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
         reference_path, exported = load_or_export(model, workdir, weights, dynamo, batch, dynamic_batch)
         reference = load_onnx(reference_path)
+        check_finite_weights(reference)
         dataset = None
         if data is not None:
             from .data import load_data
@@ -377,9 +381,11 @@ def compress(
             if mode in JOINT_MODES:
                 extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
                                  "samples": len(dataset)}
-        save_onnx(compressed, output)
-        if plan_out is not None:
-            plan.save(plan_out)
+        # Model and plan go in place together: a failed write leaves neither, and existing files as they were.
+        with staged_outputs(overwrite) as stage:
+            save_onnx(compressed, stage.path(output))
+            if plan_out is not None:
+                plan.save(stage.path(plan_out), overwrite=True)
         return CompressResult(
             output=output,
             plan=plan,
@@ -398,8 +404,10 @@ def rewrite_file(
     """Apply a plan (a JSON file or a Plan) to an ONNX file and write the result."""
     output = check_output_path(output, (model, plan if not isinstance(plan, Plan) else None), overwrite)
     reference = load_onnx(model)
+    check_finite_weights(reference)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     compressed, report = apply_plan(reference, plan)
-    save_onnx(compressed, output)
+    with staged_outputs(overwrite) as stage:  # with external data, the .data file obeys --overwrite too
+        save_onnx(compressed, stage.path(output))
     return report

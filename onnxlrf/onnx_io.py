@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -73,9 +74,15 @@ def check_output_path(output: str | os.PathLike, inputs: tuple = (), overwrite: 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    An OSError while writing (full disk, no permission) becomes a one-line OnnxlrfError.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -85,18 +92,131 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> OnnxlrfError:
+    """The one-line error for a failed write of ``path`` (a staged file is named by its final path)."""
+    path = Path(path)
+    while path.parent in _STAGING_DIRS:
+        path = _STAGING_DIRS[path.parent] / path.name
+    return OnnxlrfError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+_STAGING_DIRS: dict[Path, Path] = {}  # staging directory -> final directory, while staged outputs are open
+
+
+class StagedOutputs:
+    """Output files written under temporary names, then put in place together.
+
+    :meth:`path` gives where to write a final path's file: ``<staging dir>/<name>``,
+    a hidden directory beside the final path; files written next to it (external
+    data, a plan's bases) go along. :meth:`commit` moves every staged file onto its
+    final name; if one move fails, the moves made are undone and replaced files
+    restored, so either all new files are in place or none is.
+    """
+
+    def __init__(self, overwrite: bool = True) -> None:
+        self.overwrite = overwrite
+        self._stack = contextlib.ExitStack()
+        self._staging: dict[Path, tuple[Path, Path]] = {}  # resolved final dir -> (final dir, staging dir)
+        self.finals: list[Path] = []  # as passed to path(), in order
+
+    def path(self, final: str | os.PathLike) -> Path:
+        final = Path(final)
+        key = final.parent.resolve()
+        if key not in self._staging:
+            try:
+                staging = self._stack.enter_context(
+                    tempfile.TemporaryDirectory(prefix=f".{final.name}.", dir=final.parent))
+            except OSError as exc:
+                raise write_error(final, exc) from None
+            self._staging[key] = (final.parent, Path(staging))
+            _STAGING_DIRS[Path(staging)] = final.parent
+        self.finals.append(final)
+        return self._staging[key][1] / final.name
+
+    def _moves(self) -> list[tuple[Path, Path]]:
+        """(staged file, final path): side files before the files they belong to, which come in staging order."""
+        moves = []
+        for key, (final_dir, staging) in self._staging.items():
+            mains = [f.name for f in self.finals if f.parent.resolve() == key]
+            names = sorted(p.name for p in staging.iterdir() if p.is_file())
+            ordered = [n for n in names if n not in mains] + [n for n in dict.fromkeys(mains) if n in names]
+            moves += [(staging / name, final_dir / name) for name in ordered]
+        return moves
+
+    def commit(self) -> None:
+        moves = self._moves()
+        if not self.overwrite:
+            for _, final in moves:
+                if final.exists():
+                    raise OnnxlrfError(f"output exists: {final} (pass --overwrite to replace it)")
+        done: list[tuple[Path, Path | None]] = []
+        final = None
+        try:
+            for staged, final in moves:
+                backup = None
+                if final.exists():
+                    backup = staged.with_name(f".replaced.{staged.name}")  # same file system as final
+                    _keep_copy(final, backup)
+                os.replace(staged, final)
+                done.append((final, backup))
+        except BaseException as exc:
+            for moved, backup in reversed(done):
+                if backup is not None:
+                    os.replace(backup, moved)
+                else:
+                    moved.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise write_error(final, exc) from None
+            raise
+
+    def close(self) -> None:
+        """Remove the staging directories and whatever was not committed."""
+        for _, staging in self._staging.values():
+            _STAGING_DIRS.pop(staging, None)
+        self._stack.close()
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    try:
+        os.link(path, copy)
+    except OSError:  # file systems without hard links
+        shutil.copy2(path, copy)
+
+
+@contextlib.contextmanager
+def staged_outputs(overwrite: bool = True) -> Iterator[StagedOutputs]:
+    """A :class:`StagedOutputs` committed when the block succeeds and cleaned up in any case.
+
+    ``overwrite=False`` refuses (before moving anything) to replace an existing file,
+    side files included. An OSError while writing becomes a one-line OnnxlrfError.
+    """
+    stage = StagedOutputs(overwrite)
+    try:
+        try:
+            yield stage
+        except OSError as exc:
+            unknown = ", ".join(map(str, stage.finals)) or "output"
+            raise write_error(exc.filename or unknown, exc) from None
+        stage.commit()
+    finally:
+        stage.close()
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
     """Write ``model`` to ``path`` atomically.
 
     ``external_data=None`` chooses: one file below protobuf's 2 GiB limit,
-    else the weights go to ``<name>.data`` beside it. The data file is written
-    under a temporary name too and renamed before the model file, so the pair
-    is complete once the model file exists.
+    else the weights go to ``<name>.data`` beside it. The pair is staged
+    (:func:`staged_outputs`) and the data file renamed before the model file,
+    so the pair is complete once the model file exists, and a failure leaves an
+    existing pair as it was.
     """
     path = Path(path)
     if external_data is None:
@@ -108,20 +228,24 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     data_name = path.name + ".data"
     model_copy = onnx.ModelProto()
     model_copy.CopyFrom(model)
-    with atomic_path(path.parent / data_name) as tmp_data:
-        # onnx refuses a location that exists (checked relative to the working directory, so
-        # it bites when that is the output directory): start from no file, end with one.
-        tmp_data.unlink()
+    # Data file and model file are staged together: a failure leaves no new file and an
+    # existing pair as it was.
+    with staged_outputs() as stage:
+        staged = stage.path(path)
+        # onnx refuses a location that exists (checked relative to the working directory, so it
+        # bites when that is the output directory): write under a fresh name, then rename.
+        fd, tmp_data = tempfile.mkstemp(prefix=".data.", dir=staged.parent)
+        os.close(fd)
+        os.unlink(tmp_data)
         onnx.external_data_helper.convert_model_to_external_data(
-            model_copy, all_tensors_to_one_file=True, location=tmp_data.name, size_threshold=1024
+            model_copy, all_tensors_to_one_file=True, location=Path(tmp_data).name, size_threshold=1024
         )
-        onnx.external_data_helper.write_external_data_tensors(model_copy, str(path.parent))
-        tmp_data.touch()
-    # The data file is in place; now point the model at its final name and write it.
-    for tensor in _external_tensors(model_copy):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = data_name
-    with atomic_path(path) as tmp_model:
-        tmp_model.write_bytes(model_copy.SerializeToString())
+        onnx.external_data_helper.write_external_data_tensors(model_copy, str(staged.parent))
+        Path(tmp_data).touch()
+        os.replace(tmp_data, staged.parent / data_name)
+        for tensor in _external_tensors(model_copy):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data_name
+        staged.write_bytes(model_copy.SerializeToString())
     return path

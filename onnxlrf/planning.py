@@ -28,7 +28,7 @@ import onnx
 
 from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, weight_array, weight_matrices
 from .errors import OnnxlrfError
-from .onnx_io import atomic_path
+from .onnx_io import staged_outputs
 
 PLAN_FORMAT = "onnxlrf.plan"
 PLAN_VERSION = 1
@@ -117,17 +117,24 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the JSON (and the joint bases beside it, when the plan has any)."""
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
+        """Write the JSON (and the stored bases beside it as ``<name>.bases.npz``, when the plan has any).
+
+        Both files are written together (see :func:`~onnxlrf.onnx_io.staged_outputs`); an
+        existing file is replaced only with ``overwrite``.
+        """
         path = Path(path)
         if self.bases:
             self.options["bases_file"] = path.name + ".bases.npz"
-            arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
-                      for part, value in zip(("x", "s", "yt"), basis)}
-            with atomic_path(path.parent / self.options["bases_file"], suffix=".npz") as tmp:
-                np.savez(tmp, **arrays)
-        with atomic_path(path) as tmp:
-            tmp.write_text(self.to_json() + "\n")
+        else:
+            self.options.pop("bases_file", None)
+        with staged_outputs(overwrite) as stage:
+            staged = stage.path(path)
+            if self.bases:
+                arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
+                          for part, value in zip(("x", "s", "yt"), basis)}
+                np.savez(staged.parent / self.options["bases_file"], **arrays)  # members dated 1980: same bytes
+            staged.write_text(self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":

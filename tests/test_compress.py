@@ -180,3 +180,78 @@ def test_rewrite_file_errors(tmp_path: Path, model_path: Path) -> None:
     with pytest.raises(OnnxlrfError, match="same as input"):
         rewrite_file(model_path, bad_json, bad_json, overwrite=True)
     assert not out.exists() and digest(model_path) == original
+
+
+# --- the output pair: both or neither ----------------------------------------------------------------
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    """Every file, hidden temporaries included, with its content."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new", "replacing"])
+def test_failed_plan_write_leaves_no_pair(tmp_path: Path, model_path: Path, existing: bool,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    out, plan_out = tmp_path / "out.onnx", tmp_path / "plan.json"
+    if existing:
+        out.write_bytes(b"old model")
+        plan_out.write_bytes(b"old plan")
+    before = _listing(tmp_path)
+
+    def disk_full(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)  # the model is written (write_bytes), the plan is not
+    with pytest.raises(OnnxlrfError) as info:
+        compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=existing)
+    assert str(info.value) == f"cannot write {plan_out}: No space left on device"
+    assert _listing(tmp_path) == before
+
+
+def test_failed_rename_of_the_plan_restores_the_model(tmp_path: Path, model_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    out, plan_out = tmp_path / "out.onnx", tmp_path / "plan.json"
+    out.write_bytes(b"old model")
+    before = _listing(tmp_path)
+    real_replace = __import__("os").replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(dst) == plan_out:
+            raise OSError(5, "Input/output error")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("os.replace", replace)
+    with pytest.raises(OnnxlrfError, match=r"cannot write .*plan\.json: Input/output error"):
+        compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=True)
+    assert _listing(tmp_path) == before
+
+
+def test_existing_bases_file_needs_overwrite(tmp_path: Path, model_path: Path, data: str) -> None:
+    """A joint plan writes <plan>.bases.npz beside the JSON: it obeys --overwrite too, checked before any work."""
+    bases = tmp_path / "plan.json.bases.npz"
+    bases.write_bytes(b"precious")
+    with pytest.raises(OnnxlrfError, match=r"output exists: .*plan\.json\.bases\.npz \(pass --overwrite"):
+        compress(str(model_path), tmp_path / "out.onnx", mode="compact", data=data, plan_out=tmp_path / "plan.json")
+    assert bases.read_bytes() == b"precious" and not (tmp_path / "out.onnx").exists()
+
+
+def _with_nonfinite(path: Path, value: float, weight: str = "w2") -> Path:
+    model = onnx.load(str(path))
+    tensor = next(t for t in model.graph.initializer if t.name == weight)
+    array = numpy_helper.to_array(tensor).copy()
+    array.flat[3] = value
+    tensor.CopyFrom(numpy_helper.from_array(array, weight))
+    bad = path.with_name(f"bad_{value}.onnx")
+    onnx.save(model, str(bad))
+    return bad
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights_are_refused(tmp_path: Path, model_path: Path, value: float) -> None:
+    bad = _with_nonfinite(model_path, value)
+    before = _listing(tmp_path)
+    with pytest.raises(OnnxlrfError, match="weight 'w2' of the model contains NaN or Inf"):
+        compress(str(bad), tmp_path / "out.onnx", rank_fraction=0.5, plan_out=tmp_path / "plan.json")
+    with pytest.raises(OnnxlrfError, match="weight 'w2' of the model contains NaN or Inf"):
+        rewrite_file(bad, plan_uniform(load_onnx(model_path), rank_fraction=0.5), tmp_path / "out.onnx")
+    assert _listing(tmp_path) == before

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.onnx_io import check_output_path, load_onnx, save_onnx
+from onnxlrf.onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
 
 
 def model_with(weight: np.ndarray) -> onnx.ModelProto:
@@ -142,7 +142,7 @@ def test_failed_external_save_keeps_existing_pair(tmp_path: Path, weight: np.nda
         raise OSError("disk full")
 
     monkeypatch.setattr(onnx.external_data_helper, "write_external_data_tensors", fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OnnxlrfError, match="cannot write .*m.onnx: disk full"):
         save_onnx(model_with(2 * weight), tmp_path / "m.onnx", external_data=True)
     assert {name: (tmp_path / name).read_bytes() for name in names(tmp_path)} == before
 
@@ -187,3 +187,76 @@ def test_output_relative_in_working_directory(tmp_path: Path, monkeypatch: pytes
     Path("in.onnx").write_bytes(b"x")
     with pytest.raises(OnnxlrfError, match="same as input"):
         check_output_path(os.path.join(os.getcwd(), "in.onnx"), ("in.onnx",), overwrite=True)
+
+
+# --- write failures and staged groups --------------------------------------------------------------
+
+def _enospc(*args: object, **kwargs: object) -> None:
+    raise OSError(28, "No space left on device")
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path: Path, weight: np.ndarray,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "old.onnx").write_bytes(b"old")
+    monkeypatch.setattr(Path, "write_bytes", _enospc)
+    for path, external in ((tmp_path / "new.onnx", False), (tmp_path / "old.onnx", False),
+                           (tmp_path / "new.onnx", True), (tmp_path / "old.onnx", True)):
+        with pytest.raises(OnnxlrfError) as info:
+            save_onnx(model_with(weight), path, external_data=external)
+        assert str(info.value) == f"cannot write {path}: No space left on device"
+        assert names(tmp_path) == ["old.onnx"] and (tmp_path / "old.onnx").read_bytes() == b"old"
+
+
+def test_interrupted_save_leaves_nothing(tmp_path: Path, weight: np.ndarray,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupt)
+    for external in (False, True):
+        with pytest.raises(KeyboardInterrupt):
+            save_onnx(model_with(weight), tmp_path / "m.onnx", external_data=external)
+        assert names(tmp_path) == []
+
+
+def test_staged_outputs_commit_together(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    with staged_outputs() as stage:
+        first, second = stage.path(tmp_path / "a.txt"), stage.path(tmp_path / "sub" / "b.txt")
+        first.write_text("a")
+        (first.parent / "a.txt.side").write_text("side")  # a file written beside a staged one goes along
+        second.write_text("b")
+        assert [n for n in names(tmp_path) if not n.startswith(".")] == ["sub"]  # nothing in place yet
+    assert names(tmp_path) == ["a.txt", "a.txt.side", "sub"] and names(tmp_path / "sub") == ["b.txt"]
+    assert (tmp_path / "sub" / "b.txt").read_text() == "b"
+
+
+def test_staged_outputs_refuse_existing_side_file_without_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "a.txt.side").write_text("precious")
+    with pytest.raises(OnnxlrfError, match=r"output exists: .*a\.txt\.side \(pass --overwrite"):
+        with staged_outputs(overwrite=False) as stage:
+            path = stage.path(tmp_path / "a.txt")
+            path.write_text("a")
+            (path.parent / "a.txt.side").write_text("new")
+    assert names(tmp_path) == ["a.txt.side"] and (tmp_path / "a.txt.side").read_text() == "precious"
+
+
+def test_failed_move_undoes_the_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second rename fails: the first new file is taken back, the replaced file restored."""
+    (tmp_path / "a.txt").write_text("old a")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src: object, dst: object) -> None:
+        calls.append(Path(dst).name)
+        if Path(dst).name == "b.txt":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OnnxlrfError, match=r"cannot write .*b\.txt: No space left on device"):
+        with staged_outputs() as stage:
+            stage.path(tmp_path / "a.txt").write_text("new a")
+            stage.path(tmp_path / "b.txt").write_text("new b")
+    assert calls[:2] == ["a.txt", "b.txt"]
+    assert names(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"

@@ -226,3 +226,46 @@ def test_full_rank_plan_uses_requested_decomposition_where_available():
     assert all(e.rank == e.max_rank for e in plan.layers)
     summary = plan.summary()
     assert summary["layers"] == 5 and summary["params_before"] == DENSE_PARAMS - 64
+
+
+def _plan_with_bases() -> Plan:
+    plan = plan_uniform(MODEL, rank_fraction=0.5)
+    layer = plan.layers[0]
+    g, m, n = 1, 16, 27
+    rng = np.random.default_rng(0)
+    plan.bases[layer.weight] = (rng.standard_normal((g, m, m)).astype(np.float32),
+                                rng.standard_normal((g, m)).astype(np.float32),
+                                rng.standard_normal((g, m, n)).astype(np.float32))
+    return plan
+
+
+def test_plan_save_refuses_existing_files_without_overwrite(tmp_path):
+    plan, path = _plan_with_bases(), tmp_path / "plan.json"
+    bases = tmp_path / "plan.json.bases.npz"
+    for existing in (path, bases):
+        existing.write_bytes(b"precious")
+        with pytest.raises(OnnxlrfError, match=f"output exists: .*{existing.name} \\(pass --overwrite"):
+            plan.save(path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [existing.name]
+        assert existing.read_bytes() == b"precious"
+        existing.unlink()
+    path.write_bytes(b"old")
+    bases.write_bytes(b"old")
+    plan.save(path, overwrite=True)
+    loaded = Plan.load(path)
+    assert loaded.options["bases_file"] == bases.name
+    np.testing.assert_array_equal(loaded.bases[plan.layers[0].weight][2], plan.bases[plan.layers[0].weight][2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json", "plan.json.bases.npz"]
+
+
+def test_plan_save_is_byte_identical(tmp_path, monkeypatch):
+    """Same plan, same bytes: the bases archive does not record when it was written."""
+    plan = _plan_with_bases()
+    plan.save(tmp_path / "a.json")
+    real_localtime = __import__("time").localtime
+    monkeypatch.setattr("time.localtime", lambda *a: real_localtime(1_000_000_000))  # another day
+    plan.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json.bases.npz").read_bytes() == (tmp_path / "b.json.bases.npz").read_bytes()
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["options"].pop("bases_file") == "a.json.bases.npz" and b["options"].pop("bases_file") == "b.json.bases.npz"
+    assert a == b
