@@ -29,6 +29,7 @@ import onnx
 from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .onnx_io import staged_outputs
+from .progress import ProgressLike, as_progress
 
 PLAN_FORMAT = "onnxlrf.plan"
 PLAN_VERSION = 1
@@ -36,6 +37,8 @@ PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
 # "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
 # (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines).
 BASES = ("svd", "joint", "fwsvd", "whitened")
+# A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction).
+BASIS_PARTS = ("x", "s", "yt", "mu")
 
 
 @dataclass
@@ -52,6 +55,8 @@ class LayerPlan:
     params_planned: int
     notes: dict = field(default_factory=dict)
     basis: str = "svd"  # one of BASES; stored bases list components in priority order
+    # Add -(W_r - W) mu to the bias (mu: the stored basis' mean input), cancelling the mean output error.
+    bias_correction: bool = False
 
     def kept_indices(self) -> list[int]:
         """The kept component indices (``keep``, or the top ``rank``)."""
@@ -72,7 +77,7 @@ class Plan:
     source: dict = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
-    # Joint bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)), components in priority order.
+    # Stored bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)]), components in priority order.
     # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
     bases: dict = field(default_factory=dict, repr=False)
 
@@ -106,11 +111,12 @@ class Plan:
             missing = [k for k in _LAYER_KEYS if k not in entry]
             if missing:
                 raise OnnxlrfError(f"plan layer {i} ({entry.get('node', '?')!r}) is missing key {missing[0]!r}")
-            unknown = set(entry) - set(_LAYER_KEYS) - {"notes", "basis"}
+            unknown = set(entry) - set(_LAYER_KEYS) - {"notes", "basis", "bias_correction"}
             if unknown:
                 raise OnnxlrfError(f"plan layer {i} ({entry['node']!r}) has unknown key {sorted(unknown)[0]!r}")
             layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {},
-                                    basis=entry.get("basis", "svd")))
+                                    basis=entry.get("basis", "svd"),
+                                    bias_correction=bool(entry.get("bias_correction", False))))
         return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
                    source=data.get("source") or {})
 
@@ -132,7 +138,7 @@ class Plan:
             staged = stage.path(path)
             if self.bases:
                 arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
-                          for part, value in zip(("x", "s", "yt"), basis)}
+                          for part, value in zip(BASIS_PARTS, basis)}
                 np.savez(staged.parent / self.options["bases_file"], **arrays)  # members dated 1980: same bytes
             staged.write_text(self.to_json() + "\n")
 
@@ -158,7 +164,7 @@ class Plan:
                         parts.setdefault(weight, {})[part] = arrays[key]
             except (OSError, ValueError) as exc:
                 raise OnnxlrfError(f"cannot read the plan's joint bases {bases_path}: {exc}") from None
-            plan.bases = {w: (p["x"], p["s"], p["yt"]) for w, p in parts.items()}
+            plan.bases = {w: tuple(p[part] for part in BASIS_PARTS if part in p) for w, p in parts.items()}
         return plan
 
     def summary(self) -> dict:
@@ -235,6 +241,11 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                                    f"{entry.weight!r}")
             if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
                 raise OnnxlrfError(f"plan node {node!r}: {entry.basis} basis does not fit the weight's {g}x{m}x{n} matrices")
+        if entry.bias_correction:
+            basis = plan.bases.get(entry.weight) if entry.basis != "svd" else None
+            if basis is None or len(basis) < 4:
+                raise OnnxlrfError(f"plan node {node!r} asks for bias correction, but the plan stores no mean input "
+                                   f"for {entry.weight!r}")
         if entry.keep is not None:
             keep = entry.keep
             if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
@@ -256,7 +267,7 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
 
 
 def _factor_choice(entry: LayerPlan) -> tuple:
-    return entry.decomposition, entry.rank, tuple(sorted(entry.kept_indices()))
+    return entry.decomposition, entry.rank, tuple(sorted(entry.kept_indices())), entry.bias_correction
 
 
 # --- planners -----------------------------------------------------------------------------------
@@ -291,6 +302,12 @@ def _weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[li
     return list(groups.values()), dense_reason
 
 
+def dense_weight_reasons(model: onnx.ModelProto) -> dict[str, str]:
+    """Weights of factorizable layers that every planner keeps dense, with the reason (shared weights)."""
+    layers, _ = find_layers(model)
+    return _weight_groups(model, layers)[1]
+
+
 @dataclass
 class _Candidate:
     """One weight group's choice as a function of the planner's knob."""
@@ -301,31 +318,118 @@ class _Candidate:
     dense_reason: str | None = None
 
 
-def _best(layer: Layer, ranks: dict[str, int]) -> tuple[str, int] | None:
-    """The decomposition with the fewest parameters, or None if none is smaller than dense."""
-    options = [(layer.factorized_params(d, r), d, r) for d, r in ranks.items()]
-    params, decomposition, rank = min(options)
-    return (decomposition, rank) if params < layer.params else None
+# What planners minimize besides the loss: whole-model ``target_reduction`` is a fraction of this.
+TARGETS = ("params", "flops", "latency")
+
+
+class ParamsCost:
+    """Cost in parameters, the default target (a weight shared by several nodes counts once).
+
+    The cost interface, also of :class:`onnxlrf.latency.FlopsCost` and
+    :class:`onnxlrf.latency.LatencyCost`: ``total()`` for the whole model,
+    ``dense(layers)`` and ``factorized(layers, decomposition, rank)`` for the
+    nodes sharing one weight, ``notes(layer, decomposition, rank)`` for the plan,
+    ``describe()`` for the plan's options, and ``resolution``: costs times it are compared as integers.
+    """
+
+    target = "params"
+    resolution = 1.0
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._total = count_params(model)
+
+    def total(self) -> float:
+        return float(self._total)
+
+    def dense(self, layers: list[Layer]) -> float:
+        return float(layers[0].params)
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return float(layers[0].factorized_params(decomposition, rank))
+
+    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {}
+
+
+def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None) -> Any:
+    """``cost`` when given (it must be for ``target``), else the cost model for ``target``.
+
+    FLOPs and latency are for batch 1 on the default provider when not given
+    (:func:`onnxlrf.latency.make_cost` builds them for other settings).
+    """
+    if target not in TARGETS:
+        raise OnnxlrfError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    if cost is not None:
+        if cost.target != target:
+            raise OnnxlrfError(f"the cost model is for target {cost.target!r}, not {target!r}")
+        return cost
+    if target == "params":
+        return ParamsCost(model)
+    from .latency import make_cost
+
+    return make_cost(model, target)
+
+
+def _cost_units(cost: Any, value: float) -> int:
+    return int(round(value * cost.resolution))
+
+
+def _check_rank_multiple(rank_multiple: int) -> None:
+    if not isinstance(rank_multiple, int) or isinstance(rank_multiple, bool) or rank_multiple < 1:
+        raise OnnxlrfError(f"rank_multiple must be an integer >= 1, got {rank_multiple!r}")
+
+
+def _round_up_rank(rank: int, multiple: int, max_rank: int) -> int:
+    """``rank`` rounded up to a multiple of ``multiple``; ``max_rank`` is allowed when no multiple fits below it."""
+    return min(max_rank, -(-rank // multiple) * multiple)
+
+
+def _best(layers: list[Layer], ranks: dict[str, int], cost: Any) -> tuple[str, int] | None:
+    """The cheapest decomposition (in ``cost``) among those with fewer parameters than dense that
+    also cost less than dense; None if there is none."""
+    layer = layers[0]
+    dense = cost.dense(layers)
+    options = [(cost.factorized(layers, d, r), layer.factorized_params(d, r), d, r) for d, r in ranks.items()
+               if layer.factorized_params(d, r) < layer.params]
+    options = [option for option in options if option[0] < dense]
+    if not options:
+        return None
+    _, _, decomposition, rank = min(options)
+    return decomposition, rank
 
 
 def _build_plan(model: onnx.ModelProto, candidates: list[_Candidate], knob: float, mode: str, options: dict,
-                note_key: str) -> Plan:
+                note_key: str, cost: Any) -> Plan:
     entries = []
+    saved = 0.0
     for cand in candidates:
         choice = None if cand.dense_reason else cand.choose(knob)
+        if choice is not None:
+            saved += cost.dense(cand.layers) - cost.factorized(cand.layers, *choice)
         for layer in cand.layers:
             if choice is None:
-                reason = cand.dense_reason or "factorized form would not be smaller than dense"
+                reason = cand.dense_reason or (
+                    "factorized form would not be smaller than dense" if cost.target == "params" else
+                    f"no factorized form at this setting is smaller and has lower {cost.target} than dense")
                 entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
                                          None, layer.max_rank("channel"), None, layer.params, layer.params,
-                                         {note_key: knob, "reason": reason}))
+                                         {note_key: knob, "reason": reason, **cost.notes(layer, None, None)}))
             else:
                 decomposition, rank = choice
                 entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape),
                                          decomposition, rank, layer.max_rank(decomposition), None, layer.params,
-                                         layer.factorized_params(decomposition, rank), {note_key: knob}))
+                                         layer.factorized_params(decomposition, rank),
+                                         {note_key: knob, **cost.notes(layer, decomposition, rank)}))
     plan = Plan(layers=entries, mode=mode, options=dict(options), source=_source(model))
-    plan.options["achieved_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)
+    params_reduction = plan.summary()["params_removed"] / max(count_params(model), 1)
+    plan.options["target"] = cost.target
+    plan.options["achieved_reduction"] = params_reduction if cost.target == "params" else saved / cost.total()
+    plan.options["params_reduction"] = params_reduction
+    if cost.describe():
+        plan.options["cost_model"] = cost.describe()
     return plan
 
 
@@ -333,19 +437,18 @@ def _source(model: onnx.ModelProto) -> dict:
     return {"graph": model.graph.name, "params": count_params(model)}
 
 
-def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float) -> float:
-    """The largest knob value whose plan removes at least ``target`` of the model's parameters."""
+def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float, cost: Any) -> float:
+    """The largest knob value whose plan removes at least ``target`` of the model's cost."""
     if not 0 < target < 1:
         raise OnnxlrfError(f"target_reduction must be in (0, 1), got {target}")
-    total = count_params(model)
+    total = _cost_units(cost, cost.total())
 
     def removed(knob: float) -> int:
         saved = 0
         for cand in candidates:
             choice = None if cand.dense_reason else cand.choose(knob)
             if choice is not None:
-                layer = cand.layers[0]
-                saved += layer.params - layer.factorized_params(*choice)
+                saved += _cost_units(cost, cost.dense(cand.layers) - cost.factorized(cand.layers, *choice))
         return saved
 
     knobs = sorted({k for cand in candidates if not cand.dense_reason for k in cand.breakpoints})
@@ -354,6 +457,7 @@ def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float)
         best = removed(knobs[0]) / total if knobs else 0.0
         raise OnnxlrfError(
             f"target_reduction {target:g} is out of reach: factorizing every layer removes at most {best:.4f}"
+            + ("" if cost.target == "params" else f" of the model's {cost.target}")
         )
     # removed() is non-increasing in the knob: bisect for the last knob that still removes enough.
     lo = bisect.bisect_right(range(len(knobs)), False, key=lambda i: removed(knobs[i]) < need)
@@ -361,69 +465,83 @@ def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float)
 
 
 def plan_uniform(model: onnx.ModelProto, rank_fraction: float | None = None,
-                 target_reduction: float | None = None) -> Plan:
-    """Keep ``ceil(rank_fraction * max_rank)`` top components in every layer (best decomposition by params).
+                 target_reduction: float | None = None, target: str = "params", rank_multiple: int = 1,
+                 cost: Any = None) -> Plan:
+    """Keep ``ceil(rank_fraction * max_rank)`` top components in every layer (rounded up to a multiple of
+    ``rank_multiple``), in the decomposition of lowest ``target`` cost; a layer whose factorized form
+    would not be smaller and cheaper than dense stays dense.
 
-    With ``target_reduction``, the fraction is chosen by the module's rule.
+    With ``target_reduction`` (a fraction of the model's ``target`` cost), the fraction is
+    chosen by the module's rule. ``cost``: a prepared cost model (see :func:`cost_model`).
     """
     if (rank_fraction is None) == (target_reduction is None):
         raise OnnxlrfError("plan_uniform needs exactly one of rank_fraction or target_reduction")
     if rank_fraction is not None and not 0 < rank_fraction <= 1:
         raise OnnxlrfError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
+    _check_rank_multiple(rank_multiple)
+    cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
     groups, dense_reason = _weight_groups(model, layers)
     candidates = []
     for members in groups:
         layer = members[0]
 
-        def choose(fraction: float, layer: Layer = layer) -> tuple[str, int] | None:
-            return _best(layer, {d: _rank_for_fraction(fraction, layer.max_rank(d)) for d in layer.decompositions})
+        def choose(fraction: float, members: list[Layer] = members) -> tuple[str, int] | None:
+            return _best(members, {d: _rank_for_fraction(fraction, members[0].max_rank(d), rank_multiple)
+                                   for d in members[0].decompositions}, cost)
 
         breakpoints = sorted({k / layer.max_rank(d) for d in layer.decompositions
                               for k in range(1, layer.max_rank(d) + 1)})
         candidates.append(_Candidate(members, choose, breakpoints, dense_reason.get(layer.weight)))
-    options: dict = {"rank_fraction": rank_fraction, "target_reduction": target_reduction}
+    options: dict = {"rank_fraction": rank_fraction, "target_reduction": target_reduction,
+                     "rank_multiple": rank_multiple}
     if target_reduction is not None:
-        rank_fraction = _search(model, candidates, target_reduction)
+        rank_fraction = _search(model, candidates, target_reduction, cost)
         options["rank_fraction"] = rank_fraction
-    return _build_plan(model, candidates, rank_fraction, "uniform", options, "rank_fraction")
+    return _build_plan(model, candidates, rank_fraction, "uniform", options, "rank_fraction", cost)
 
 
-def _rank_for_fraction(fraction: float, max_rank: int) -> int:
+def _rank_for_fraction(fraction: float, max_rank: int, multiple: int = 1) -> int:
     # The tolerance keeps k/max_rank itself from rounding up to k+1.
-    return min(max_rank, max(1, math.ceil(fraction * max_rank - 1e-9)))
+    return _round_up_rank(max(1, math.ceil(fraction * max_rank - 1e-9)), multiple, max_rank)
 
 
 def plan_energy(model: onnx.ModelProto, energy: float | None = None,
-                target_reduction: float | None = None) -> Plan:
-    """Per layer, the smallest rank whose share of squared singular values is >= ``energy``.
+                target_reduction: float | None = None, progress: ProgressLike = None, target: str = "params",
+                rank_multiple: int = 1, cost: Any = None) -> Plan:
+    """Per layer, the smallest rank whose share of squared singular values is >= ``energy``
+    (rounded up to a multiple of ``rank_multiple``), in the decomposition of lowest ``target`` cost.
 
     Grouped convs share one rank: the share is taken over all groups together.
-    With ``target_reduction``, the energy is chosen by the module's rule.
+    With ``target_reduction`` (a fraction of the model's ``target`` cost), the energy
+    is chosen by the module's rule.
     """
     if (energy is None) == (target_reduction is None):
         raise OnnxlrfError("plan_energy needs exactly one of energy or target_reduction")
     if energy is not None and not 0 < energy <= 1:
         raise OnnxlrfError(f"energy must be in (0, 1], got {energy}")
+    _check_rank_multiple(rank_multiple)
+    cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
     groups, dense_reason = _weight_groups(model, layers)
     candidates = []
-    for members in groups:
+    for members in as_progress(progress).track(groups, "energy plan: singular values", unit="weight"):
         layer = members[0]
         weight = weight_array(model, layer)
         shares = {d: _energy_shares(weight_matrices(weight, layer, d)) for d in layer.decompositions}
 
-        def choose(level: float, layer: Layer = layer, shares: dict = shares) -> tuple[str, int] | None:
-            ranks = {d: min(int(np.searchsorted(cum, level, side="left")) + 1, len(cum)) for d, cum in shares.items()}
-            return _best(layer, ranks)
+        def choose(level: float, members: list[Layer] = members, shares: dict = shares) -> tuple[str, int] | None:
+            ranks = {d: _round_up_rank(min(int(np.searchsorted(cum, level, side="left")) + 1, len(cum)),
+                                       rank_multiple, len(cum)) for d, cum in shares.items()}
+            return _best(members, ranks, cost)
 
         breakpoints = sorted({float(v) for cum in shares.values() for v in cum if v > 0})
         candidates.append(_Candidate(members, choose, breakpoints, dense_reason.get(layer.weight)))
-    options: dict = {"energy": energy, "target_reduction": target_reduction}
+    options: dict = {"energy": energy, "target_reduction": target_reduction, "rank_multiple": rank_multiple}
     if target_reduction is not None:
-        energy = _search(model, candidates, target_reduction)
+        energy = _search(model, candidates, target_reduction, cost)
         options["energy"] = energy
-    return _build_plan(model, candidates, energy, "energy", options, "energy")
+    return _build_plan(model, candidates, energy, "energy", options, "energy", cost)
 
 
 def _energy_shares(matrices: np.ndarray) -> np.ndarray:
@@ -460,7 +578,7 @@ SOLVERS = ("lagrangian", "dp")
 
 @dataclass
 class _Options:
-    """One layer's candidates: params removed and predicted loss change, dense first."""
+    """One layer's candidates: cost removed (integer units of the target) and predicted loss change, dense first."""
 
     layer: Layer
     ranks: np.ndarray  # 0 = dense
@@ -469,14 +587,25 @@ class _Options:
     relative_error: np.ndarray
 
 
-def _joint_options(sens: Any, kappa: float) -> list[_Options]:
+def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int = 1) -> list[_Options]:
+    """Per analyzed layer: ranks below break-even, multiples of ``rank_multiple``, inside the trusted
+    range and (for flops/latency) cheaper than dense; channel decomposition only (the joint basis is
+    computed for the channel matrices)."""
     out = []
     for ls in sens.layers.values():
         layer = ls.layer
         predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
-        ranks = [r for r in range(1, layer.break_even_rank("channel") + 1) if rel[r] <= ls.perturbation_range]
+        ranks = [r for r in range(rank_multiple, layer.break_even_rank("channel") + 1, rank_multiple)
+                 if rel[r] <= ls.perturbation_range]
+        if cost is None:
+            saved = [layer.params - layer.factorized_params("channel", r) for r in ranks]
+        else:
+            dense = cost.dense([layer])
+            saved = [_cost_units(cost, dense - cost.factorized([layer], "channel", r)) for r in ranks]
+            ranks = [r for r, units in zip(ranks, saved) if units > 0]
+            saved = [units for units in saved if units > 0]
         ranks = np.array([0] + ranks, dtype=np.int64)
-        removed = np.array([0] + [layer.params - layer.factorized_params("channel", r) for r in ranks[1:]])
+        removed = np.array([0] + saved, dtype=np.int64)
         dloss = np.array([0.0] + [predicted[r] for r in ranks[1:]])
         out.append(_Options(layer, ranks, removed, dloss, np.array([0.0] + [rel[r] for r in ranks[1:]])))
     return out
@@ -555,7 +684,8 @@ def _solve_dp(options: list[_Options], need: int | None, tolerance: float | None
 
 
 def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduction: float | None = None,
-               tolerance: float = 0.0, kappa: float = 1.0, solver: str = "lagrangian") -> Plan:
+               tolerance: float = 0.0, kappa: float = 1.0, solver: str = "lagrangian", target: str = "params",
+               rank_multiple: int = 1, cost: Any = None) -> Plan:
     """Joint plan from a :class:`~onnxlrf.sensitivity.Sensitivity` (METHOD.md section 4).
 
     ``lossless``: minimum predicted loss change removing at least ``target_reduction``
@@ -563,13 +693,17 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     predicted loss change at most ``tolerance``. Only ranks inside each layer's
     perturbation range are candidates; within a layer, components are dropped
     in joint-score order. ``kappa`` multiplies the curvature term (back-off).
+    ``target``: what ``target_reduction`` and "removed" are counted in (params, flops or
+    measured latency; ``cost`` a prepared cost model); ranks are multiples of ``rank_multiple``.
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
     if solver not in SOLVERS:
         raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
-    options = _joint_options(sensitivity, kappa)
-    total = count_params(model)
+    _check_rank_multiple(rank_multiple)
+    cost = cost_model(model, target, cost)
+    options = _joint_options(sensitivity, kappa, None if cost.target == "params" else cost, rank_multiple)
+    total = _cost_units(cost, cost.total())
     need = None
     if mode == "lossless":
         if target_reduction is None or not 0 < target_reduction < 1:
@@ -581,7 +715,8 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
         if need is not None:
             most = sum(int(o.removed.max()) for o in options) / total
             raise OnnxlrfError(f"target_reduction {target_reduction:g} is out of reach within the layers' trusted "
-                               f"perturbation ranges: at most {most:.4f}")
+                               f"perturbation ranges: at most {most:.4f}"
+                               + ("" if cost.target == "params" else f" of the model's {cost.target}"))
         choice = [0] * len(options)  # nothing predicted safe: stay dense
     removed, dloss = _totals(options, choice)
     entries, bases = [], {}
@@ -589,10 +724,12 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     all_layers, _ = find_layers(model)
     for layer in all_layers:
         if layer.node not in chosen or chosen[layer.node][1] == 0:
-            reason = "not analyzed" if layer.node not in chosen else "kept dense by the planner"
+            notes = {"reason": _dense_reason(chosen[layer.node][0]) if layer.node in chosen else "not analyzed"}
+            if layer.node in sensitivity.layers:
+                notes["range_checks"] = _range_checks(sensitivity.layers[layer.node])
+            notes.update(cost.notes(layer, None, None))
             entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
-                                     None, layer.max_rank("channel"), None, layer.params, layer.params,
-                                     {"reason": reason}))
+                                     None, layer.max_rank("channel"), None, layer.params, layer.params, notes))
             continue
         o, c = chosen[layer.node]
         ls = sensitivity.layers[layer.node]
@@ -603,16 +740,37 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
         y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)
         bases[layer.weight] = (x.astype(np.float32), s.astype(np.float32),
                                np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
+        if ls.input_mean is not None:
+            bases[layer.weight] += (ls.input_mean.astype(np.float32),)
         entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "channel",
                                  rank, layer.max_rank("channel"), None, layer.params,
                                  layer.factorized_params("channel", rank),
                                  {"predicted_dloss": float(o.dloss[c]), "relative_error": float(o.relative_error[c]),
                                   "perturbation_range": ls.perturbation_range,
-                                  "curvature_scale": ls.curvature_scale},
-                                 basis="joint"))
+                                  "curvature_scale": ls.curvature_scale, "range_checks": _range_checks(ls),
+                                  **cost.notes(layer, "channel", rank)},
+                                 basis="joint", bias_correction=ls.input_mean is not None))
     options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
+                   "target": cost.target, "rank_multiple": rank_multiple,
                    "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
-    return Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)
+    plan = Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)
+    plan.options["params_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)
+    if cost.describe():
+        plan.options["cost_model"] = cost.describe()
+    return plan
+
+
+def _range_checks(ls: Any) -> list[dict]:
+    """The measured single-layer truncations (rank, predicted at kappa 1, measured, agree) for the plan's notes."""
+    return [{key: check[key] for key in ("rank", "relative_error", "predicted", "measured", "agree")}
+            for check in ls.range_checks if "predicted" in check]
+
+
+def _dense_reason(option: _Options) -> str:
+    """Why the joint planner left a layer dense."""
+    if len(option.ranks) == 1:
+        return "no rank below break-even lies inside the layer's trusted perturbation range"
+    return "kept dense by the planner: its allowed ranks cost more predicted loss per parameter than the plan affords"
 
 
 # --- data-aware baselines, through the same rewrite ---------------------------------------------------
@@ -630,16 +788,22 @@ def baseline_basis(ls: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         u, s, vh = np.linalg.svd(row[:, :, None] * w, full_matrices=False)
         return (u / row[:, :, None], s, vh)
     if kind == "whitened":
-        vals, vecs = np.linalg.eigh(ls.input_root)
-        vals = np.maximum(vals, 1e-12 * vals.max())
+        vals, vecs = np.linalg.eigh(ls.input_moment)
+        vals = vals + 1e-3 * vals.mean(-1, keepdims=True)  # the analysis' relative damping
+        vals = np.sqrt(np.maximum(vals, 1e-12 * vals.max()))
+        root = (vecs * vals[:, None, :]) @ vecs.transpose(0, 2, 1)
         inv_root = (vecs / vals[:, None, :]) @ vecs.transpose(0, 2, 1)
-        u, s, vh = np.linalg.svd(w @ ls.input_root, full_matrices=False)
+        u, s, vh = np.linalg.svd(w @ root, full_matrices=False)
         return (u, s, vh @ inv_root)
     raise OnnxlrfError(f"unknown baseline basis {kind!r}; known: fwsvd, whitened")
 
 
-def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_reduction: float) -> Plan:
-    """Uniform rank fraction (channel decomposition) in a baseline basis, the fraction bisected to the target."""
+def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_reduction: float,
+                  target: str = "params", rank_multiple: int = 1, cost: Any = None) -> Plan:
+    """Uniform rank fraction (channel decomposition) in a baseline basis, the fraction bisected to the target
+    (a fraction of the model's ``target`` cost); ranks rounded up to multiples of ``rank_multiple``."""
+    _check_rank_multiple(rank_multiple)
+    cost = cost_model(model, target, cost)
     analyzed = {ls.layer.node: ls for ls in sensitivity.layers.values()}
     layers, _ = find_layers(model)
     groups, dense_reason = _weight_groups(model, layers)
@@ -648,14 +812,16 @@ def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_re
         layer = members[0]
         reason = dense_reason.get(layer.weight) or (None if layer.node in analyzed else "not analyzed")
 
-        def choose(fraction: float, layer: Layer = layer) -> tuple[str, int] | None:
-            return _best(layer, {"channel": _rank_for_fraction(fraction, layer.max_rank("channel"))})
+        def choose(fraction: float, members: list[Layer] = members) -> tuple[str, int] | None:
+            return _best(members, {"channel": _rank_for_fraction(fraction, members[0].max_rank("channel"),
+                                                                 rank_multiple)}, cost)
 
         breakpoints = [k / layer.max_rank("channel") for k in range(1, layer.max_rank("channel") + 1)]
         candidates.append(_Candidate(members, choose, breakpoints, reason))
-    fraction = _search(model, candidates, target_reduction)
+    fraction = _search(model, candidates, target_reduction, cost)
     plan = _build_plan(model, candidates, fraction, kind, {"target_reduction": target_reduction,
-                                                          "rank_fraction": fraction}, "rank_fraction")
+                                                          "rank_fraction": fraction, "rank_multiple": rank_multiple},
+                       "rank_fraction", cost)
     for entry in plan.layers:
         if entry.decomposition != "dense":
             entry.basis = kind

@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 
 from .analysis import Layer, find_layers, svd, weight_array, weight_matrices
 from .planning import LayerPlan, Plan, count_params, plan_full_rank, validate_plan
+from .progress import ProgressLike, as_progress
 
 __all__ = ["RewriteReport", "apply_plan", "plan_full_rank"]
 
@@ -41,13 +42,19 @@ def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list
                 basis: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The two factor tensors (first node's weight, second node's weight) in the weight's dtype.
 
-    ``basis`` (u, s, vh) with ``W = u diag(s) vh`` replaces the weight's own SVD (the joint basis).
+    ``basis`` (u, s, vh[, mu]) with ``W = u diag(s) vh`` replaces the weight's own SVD (the joint basis).
     """
-    u, s, vh = basis if basis is not None else svd(weight_matrices(weight, layer, decomposition))
+    u, s, vh = basis[:3] if basis is not None else svd(weight_matrices(weight, layer, decomposition))
     idx = np.asarray(keep, dtype=np.int64)
     root = np.sqrt(s[:, idx])
     left = u[:, :, idx] * root[:, None, :]  # (g, m, r)
     right = root[:, :, None] * vh[:, idx, :]  # (g, r, n): W_g ~ left_g @ right_g
+    # Same norm per component on both sides (the SVD's is; stored bases' x and y^T need not be):
+    # neither factor gets large entries, which keeps fp16 deployments in range.
+    left_norm, right_norm = np.linalg.norm(left, axis=1), np.linalg.norm(right, axis=2)  # (g, r)
+    usable = (left_norm > 0) & (right_norm > 0)
+    scale = np.sqrt(np.where(usable, right_norm, 1.0) / np.where(usable, left_norm, 1.0))
+    left, right = left * scale[:, None, :], right / scale[:, :, None]
     g, rank = left.shape[0], len(idx)
     if layer.op_type != "Conv":
         first, second = right[0].T, left[0].T  # X @ (K x r) @ (r x N)
@@ -62,8 +69,22 @@ def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list
     return np.ascontiguousarray(first, dtype=weight.dtype), np.ascontiguousarray(second, dtype=weight.dtype)
 
 
-def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = True
-               ) -> tuple[onnx.ModelProto, RewriteReport]:
+def bias_shift(weight: np.ndarray, layer: Layer, first: np.ndarray, second: np.ndarray,
+               mean_input: np.ndarray) -> np.ndarray:
+    """``-(W_r - W) mu`` per output channel: the bias change that cancels the truncation's mean output error."""
+    g, m, n = layer.matrix_shape("channel")
+    dense = weight_matrices(weight.astype(np.float64), layer, "channel")
+    if layer.op_type == "Conv":
+        rank = first.shape[0] // g
+        right = first.astype(np.float64).reshape(g, rank, n)
+        left = second.astype(np.float64).reshape(g, m, rank)
+    else:
+        right, left = first.astype(np.float64).T[None], second.astype(np.float64).T[None]
+    return -np.einsum("gmn,gn->gm", left @ right - dense, mean_input.astype(np.float64)).reshape(-1)
+
+
+def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = True,
+               progress: ProgressLike = None) -> tuple[onnx.ModelProto, RewriteReport]:
     """Rewrite ``model`` by ``plan``; returns a new model and what changed. ``model`` is not modified.
 
     ``keep_dense_if_larger`` leaves layers dense whose planned factorization
@@ -81,10 +102,10 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}
     factors: dict[tuple, tuple[gs.Constant, gs.Constant]] = {}
     weights: dict[str, np.ndarray] = {}
-    factorized_weights: set[str] = set()
+    maybe_unused: set[str] = set()  # initializers the rewrite replaced: dropped if nothing reads them
     replaced: dict[str, list[str]] = {}
 
-    for entry in plan.layers:
+    for entry in as_progress(progress).track(plan.layers, "rewrite", unit="layer"):
         layer = layers[entry.node]
         if entry.decomposition == "dense":
             report.kept_dense.append({"node": entry.node, "reason": "planned dense"})
@@ -108,9 +129,20 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
                 gs.Constant(_unique(f"{layer.weight}.lrf_a.r{entry.rank}", taken), first),
                 gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
             )
-        new_nodes = _replace(graph, nodes[entry.node], layer, entry, *factors[key], taken)
+        shift = None
+        if entry.bias_correction:
+            first, second = (c.values for c in factors[key])
+            shift = bias_shift(weights[layer.weight], layer, first, second, plan.bases[layer.weight][3])
+            node_bias = nodes[entry.node].inputs[2:3]
+            if node_bias and isinstance(node_bias[0], gs.Constant):
+                maybe_unused.add(node_bias[0].name)  # replaced by the corrected bias
+        touched: dict[str, str] = {}
+        new_nodes = _replace(graph, nodes[entry.node], layer, entry, *factors[key], taken, shift, touched)
+        for name, old_bias in touched.items():
+            replaced[name] = [name]
+            maybe_unused.add(old_bias)
         replaced[entry.node] = [n.name for n in new_nodes]
-        factorized_weights.add(layer.weight)
+        maybe_unused.add(layer.weight)
         report.rewritten.append({
             "node": entry.node, "op_type": layer.op_type, "decomposition": entry.decomposition,
             "rank": entry.rank, "params_before": layer.params, "params_after": params_after,
@@ -118,7 +150,7 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
         })
 
     exported = gs.export_onnx(graph, do_type_check=False)
-    result = _assemble(model, exported, factorized_weights, replaced)
+    result = _assemble(model, exported, maybe_unused, replaced)
     report.params_after = count_params(result)
     return result, report
 
@@ -132,13 +164,50 @@ def _unique(name: str, taken: set[str]) -> str:
 
 
 def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LayerPlan, first: gs.Constant,
-             second: gs.Constant, taken: set[str]) -> list[gs.Node]:
-    """Swap ``node`` for its factorized pair, in place in the node list (keeps topological order)."""
+             second: gs.Constant, taken: set[str], shift: np.ndarray | None = None,
+             touched: dict[str, str] | None = None) -> list[gs.Node]:
+    """Swap ``node`` for its factorized pair, in place in the node list (keeps topological order).
+
+    ``shift`` (per output channel) is added to the bias: folded into a constant
+    Conv bias or Gemm C, or into the bias of the ``Add`` an exported Linear puts
+    after its MatMul (recorded in ``touched``: node name -> replaced constant's
+    name), else an ``Add`` node ``N/lrf_bias`` follows the pair.
+    """
     inputs, outputs, attrs = list(node.inputs), list(node.outputs), dict(node.attrs)
     node.inputs.clear()
     node.outputs.clear()
     middle = gs.Variable(_unique(f"{node.name}/lrf_a/output", taken))
     name_a, name_b = _unique(f"{node.name}/lrf_a", taken), _unique(f"{node.name}/lrf_b", taken)
+    added: list[gs.Node] = []
+    if shift is not None:
+        shift = shift.astype(first.values.dtype)
+        bias = inputs[2] if len(inputs) > 2 and inputs[2].name else None
+        foldable = layer.op_type in ("Conv", "Gemm") and (bias is None or isinstance(bias, gs.Constant))
+        consumers = outputs[0].outputs
+        bias_add = consumers[0] if (layer.op_type == "MatMul" and len(consumers) == 1 and consumers[0].op == "Add"
+                                    and consumers[0].name and touched is not None
+                                    and not graph_output(graph, outputs[0])) else None
+        add_bias = None
+        if bias_add is not None:  # exported Linear: MatMul then Add(bias); fold the shift into that bias
+            add_bias = next((t for t in bias_add.inputs if t is not outputs[0] and isinstance(t, gs.Constant)
+                             and t.values.shape[-1:] == shift.shape), None)
+        if add_bias is not None:
+            slot = bias_add.inputs.index(add_bias)
+            bias_add.inputs[slot] = gs.Constant(_unique(f"{add_bias.name}.lrf_bias", taken),
+                                                np.ascontiguousarray(add_bias.values + shift))
+            touched[bias_add.name] = add_bias.name
+        elif foldable:
+            scale = float(attrs.get("beta", 1.0)) if (layer.op_type == "Gemm" and bias is not None) else 1.0
+            values = shift / scale if bias is None else bias.values + shift / scale
+            inputs[2:] = [gs.Constant(_unique(f"{bias.name if bias is not None else node.name}.lrf_bias", taken),
+                                      np.ascontiguousarray(values, dtype=shift.dtype))]
+        else:
+            # MatMul (no bias input) or a computed bias: add the shift after the pair.
+            final = outputs
+            outputs = [gs.Variable(_unique(f"{node.name}/lrf_b/output", taken))]
+            offset = shift.reshape(-1, *[1] * len(layer.kernel)) if layer.op_type == "Conv" else shift
+            added.append(gs.Node("Add", _unique(f"{node.name}/lrf_bias", taken), {},
+                                 [outputs[0], gs.Constant(_unique(f"{node.name}.lrf_bias", taken), offset)], final))
     if layer.op_type == "Conv":
         attrs_a, attrs_b = _conv_attrs(attrs, layer, entry.decomposition)
         node_a = gs.Node("Conv", name_a, attrs_a, [inputs[0], first], [middle])
@@ -153,8 +222,12 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LayerPlan, fir
         node_a = gs.Node("MatMul", name_a, {}, [inputs[0], first], [middle])
         node_b = gs.Node("MatMul", name_b, {}, [middle, second], outputs)
     index = graph.nodes.index(node)
-    graph.nodes[index:index + 1] = [node_a, node_b]
-    return [node_a, node_b]
+    graph.nodes[index:index + 1] = [node_a, node_b] + added
+    return [node_a, node_b] + added
+
+
+def graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(out is tensor for out in graph.outputs)
 
 
 def _conv_attrs(attrs: dict, layer: Layer, decomposition: str) -> tuple[dict, dict]:
@@ -183,7 +256,7 @@ def _conv_attrs(attrs: dict, layer: Layer, decomposition: str) -> tuple[dict, di
     return attrs_a, attrs_b
 
 
-def _assemble(original: onnx.ModelProto, exported: onnx.ModelProto, factorized_weights: set[str],
+def _assemble(original: onnx.ModelProto, exported: onnx.ModelProto, maybe_unused: set[str],
               replaced: dict[str, list[str]]) -> onnx.ModelProto:
     """The original model with the rewritten nodes and initializers; everything else as it was.
 
@@ -191,7 +264,7 @@ def _assemble(original: onnx.ModelProto, exported: onnx.ModelProto, factorized_w
     strings and metadata); each replaced node gives way to its pair, in place.
     """
     used = _used_names(exported.graph)
-    dropped = {w for w in factorized_weights if w not in used}
+    dropped = {w for w in maybe_unused if w not in used}
     new_names = {name for names in replaced.values() for name in names}
     new_nodes = {n.name: n for n in exported.graph.node if n.name in new_names}
     nodes = []

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .analysis import Layer, find_layers, weight_array, weight_matrices
 from .errors import OnnxlrfError
+from .progress import Progress, ProgressLike, as_progress
 from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
 
 # Relative damping of the Kronecker factors: keeps B^(-1/2), A^(-1/2) finite for
@@ -53,7 +54,9 @@ class LayerSensitivity:
     y: np.ndarray  # (g, n, k) input-side basis
     first_order: np.ndarray  # (g, k) a_i
     weight_norm: float
-    input_root: np.ndarray = None  # (g, n, n) A^(1/2), for the activation-whitened baseline
+    input_moment: np.ndarray = None  # (g, n, n) A = E[x x^T], for the activation-whitened baseline
+    # (g, n) mean input row; set when the analysis compensates truncation with the bias (see output_shift).
+    input_mean: np.ndarray | None = None
     output_fisher: np.ndarray = None  # (g, m) diag(B), for the Fisher-weighted baseline
     curvature_scale: float = 1.0  # fitted to measured single-layer loss changes (measure_ranges)
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
@@ -108,6 +111,16 @@ class LayerSensitivity:
             out.append((self.x[j][:, idx] * self.s[j][idx]) @ self.y[j][:, idx].T)
         return np.stack(out)
 
+    def output_shift(self, keep: np.ndarray) -> np.ndarray | None:
+        """(g*m,) bias change that cancels the truncation's mean output error, ``-(W_r - W) mu``."""
+        if self.input_mean is None:
+            return None
+        dropped = []
+        for j in range(self.s.shape[0]):
+            idx = np.setdiff1d(np.arange(self.s.shape[1]), keep[j])
+            dropped.append((self.x[j][:, idx] * self.s[j][idx]) @ (self.y[j][:, idx].T @ self.input_mean[j]))
+        return np.concatenate(dropped)  # W - W_r is exactly the dropped components
+
 
 @dataclass
 class Sensitivity:
@@ -146,6 +159,8 @@ class _Statistics:
         self.a = torch.zeros(g, n, n, dtype=torch.float64)
         self.b = torch.zeros(g, m, m, dtype=torch.float64)
         self.rows = 0
+        self.input_sum = torch.zeros(g, n, dtype=torch.float64)
+        self.grad_sum = torch.zeros(g, m, dtype=torch.float64)
         self.outputs: list[torch.Tensor] = []
 
     def add_input(self, node: onnx.NodeProto, inputs: list) -> None:
@@ -160,6 +175,7 @@ class _Statistics:
         # float32 products (fast), float64 accumulation across micro-batches.
         rows = rows.reshape(-1, g, n).transpose(0, 1)  # (g, rows, n)
         self.a += (rows.transpose(1, 2) @ rows).to(torch.float64)
+        self.input_sum += rows.sum(1).to(torch.float64)
         self.rows += rows.shape[1]
 
     def add_output_grad(self, grad: torch.Tensor) -> None:
@@ -170,6 +186,7 @@ class _Statistics:
             grad = grad.movedim(1, -1)
         grad = grad.reshape(-1, g, m).transpose(0, 1)
         self.b += (grad.transpose(1, 2) @ grad).to(torch.float64)
+        self.grad_sum += grad.sum(1).to(torch.float64)
 
 
 def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +223,20 @@ def analyze(
     loss_fn: LossFn,
     loss_name: str = "",
     layers: list[Layer] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
+    bias_correction: bool = True,
 ) -> Sensitivity:
-    """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis."""
+    """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
+
+    ``bias_correction``: truncations are paired with the bias change that cancels
+    their mean output error (``-(W_r - W) E[x]``, free at inference). The
+    quadratic term then sees only the input covariance ``A - mu mu^T``, and the
+    first-order term the gradient through both weight and bias,
+    ``G - g_b mu^T``; the basis whitens with the covariance.
+
+    ``batches`` may have a ``len()`` (number of micro-batches) for the progress bar.
+    """
+    progress = as_progress(progress)
     if layers is None:
         layers = find_layers(model)[0]
     layers = [layer for layer in layers if "channel" in layer.decompositions]
@@ -225,7 +253,8 @@ def analyze(
         entry.outputs.append(output)
 
     total_loss, samples = 0.0, 0
-    for feeds, targets in batches():
+    n_batches = len(batches) if hasattr(batches, "__len__") else None
+    for feeds, targets in progress.track(batches(), "analysis: gradients and K-FAC factors", n_batches, "batch"):
         outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=hook, hook_nodes=nodes)
         losses = loss_fn(outputs, torch.as_tensor(targets))
         if not torch.isfinite(losses).all():
@@ -238,17 +267,21 @@ def analyze(
             entry.outputs.clear()
         total_loss += float(losses.detach().sum())
         samples += int(losses.numel())
-        if progress:
-            progress(f"calibration: {samples} samples")
 
     result: dict[str, LayerSensitivity] = {}
-    for layer in layers:
+    for layer in progress.track(layers, "analysis: joint bases (eigen, SVD)", unit="layer"):
         entry = stats[layer.node]
         weight = weight_array(model, layer).astype(np.float64)
         w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
         grad = graph.parameters[layer.weight].grad.detach().numpy().astype(np.float64) / samples
         gmat = torch.from_numpy(weight_matrices(grad, layer, "channel"))
-        right, right_inv = _sqrt_and_inverse(entry.a / max(entry.rows, 1))
+        moment = entry.a / max(entry.rows, 1)
+        mean = entry.input_sum / max(entry.rows, 1)
+        if bias_correction:
+            gmat = gmat - (entry.grad_sum / samples)[:, :, None] * mean[:, None, :]
+            right, right_inv = _sqrt_and_inverse(moment - mean[:, :, None] * mean[:, None, :])
+        else:
+            right, right_inv = _sqrt_and_inverse(moment)
         left, left_inv = _sqrt_and_inverse(entry.b / samples)
         u, s, vh = torch.linalg.svd(left @ w @ right, full_matrices=False)
         x = left_inv @ u  # (g, m, k)
@@ -256,8 +289,9 @@ def analyze(
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-            weight_norm=float(np.linalg.norm(weight)), input_root=right.numpy(),
+            weight_norm=float(np.linalg.norm(weight)), input_moment=moment.numpy(),
             output_fisher=(entry.b / samples).diagonal(dim1=-2, dim2=-1).numpy(),
+            input_mean=mean.numpy() if bias_correction else None,
         )
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)
 
@@ -268,9 +302,20 @@ def measure_loss(
     loss_fn: LossFn,
     replacements: dict[str, np.ndarray] | None = None,
     graph: TorchGraph | None = None,
+    output_shifts: dict[str, np.ndarray] | None = None,
 ) -> float:
-    """Mean loss with some weights replaced (initializer name -> array in stored layout)."""
+    """Mean loss with some weights replaced (initializer name -> array in stored layout).
+
+    ``output_shifts`` (node name -> per-output-channel vector) is added to those
+    nodes' outputs: a bias change, whether or not the node has a bias input.
+    """
     graph = graph or TorchGraph(model)
+    shifts = {name: torch.as_tensor(v, dtype=torch.float32) for name, v in (output_shifts or {}).items()}
+
+    def shift(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> torch.Tensor:
+        vec = shifts[node.name]
+        return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
+
     saved = {}
     for name, value in (replacements or {}).items():
         store = graph.parameters if name in graph.parameters else graph.constants
@@ -280,7 +325,9 @@ def measure_loss(
         total, count = 0.0, 0
         with torch.no_grad():
             for feeds, targets in batches():
-                losses = loss_fn(graph({k: torch.as_tensor(v) for k, v in feeds.items()}), torch.as_tensor(targets))
+                outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=shift if shifts else None,
+                                hook_nodes=set(shifts))
+                losses = loss_fn(outputs, torch.as_tensor(targets))
                 total += float(losses.sum())
                 count += int(losses.numel())
         return total / count
@@ -306,7 +353,7 @@ def measure_ranges(
     levels: tuple[float, ...] = (0.75, 0.5, 0.25),
     tolerance_abs: float = 0.025,
     tolerance_rel: float = 0.5,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
 ) -> None:
     """Per layer: fit the curvature scale and find the trusted range (METHOD.md 3).
 
@@ -319,9 +366,10 @@ def measure_ranges(
     the range is the relative error of the most aggressive level that agrees
     while every milder one agreed too (0: the layer stays dense).
     """
+    progress = as_progress(progress)
     graph = TorchGraph(model)
     base = measure_loss(model, batches, loss_fn, graph=graph)
-    for i, ls in enumerate(sensitivity.layers.values()):
+    for ls in progress.track(list(sensitivity.layers.values()), "perturbation ranges", unit="layer"):
         layer = ls.layer
         ls.curvature_scale = 1.0
         rel = ls.relative_error()
@@ -331,7 +379,9 @@ def measure_ranges(
         for rank in ranks:
             keep = ls.keep(rank)
             weight = stored_weight(layer, ls.reconstruct(keep)).astype(np.float32)
-            measured = measure_loss(model, batches, loss_fn, {layer.weight: weight}, graph=graph) - base
+            shift = ls.output_shift(keep)
+            measured = measure_loss(model, batches, loss_fn, {layer.weight: weight}, graph=graph,
+                                    output_shifts=None if shift is None else {layer.node: shift}) - base
             dropped = np.ones_like(ls.s, dtype=bool)
             np.put_along_axis(dropped, keep, False, axis=1)
             checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
@@ -352,5 +402,18 @@ def measure_ranges(
                 break
             ls.perturbation_range = c["relative_error"]
         ls.range_checks = checks
-        if progress:
-            progress(f"perturbation range: {i + 1}/{len(sensitivity.layers)} layers")
+    _log_ranges(sensitivity, progress)
+
+
+def _log_ranges(sensitivity: Sensitivity, progress: Progress) -> None:
+    """Say which layers the planners may truncate, and why the others stay dense."""
+    layers = list(sensitivity.layers.values())
+    untrusted = [ls for ls in layers if ls.perturbation_range == 0.0]
+    scales = [ls.curvature_scale for ls in layers]
+    progress.log(f"perturbation ranges: {len(layers) - len(untrusted)}/{len(layers)} layers can be truncated; "
+                 f"fitted curvature scale {min(scales):.3g} to {max(scales):.3g}")
+    for ls in untrusted:
+        check = ls.range_checks[0]
+        progress.log(f"  {ls.layer.node} stays dense: at its mildest tested truncation (rank {check['rank']}) "
+                     f"the measured loss change {check['measured']:+.4f} disagrees with the predicted "
+                     f"{check['predicted']:+.4f}")

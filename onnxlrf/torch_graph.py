@@ -21,7 +21,8 @@ from onnx import numpy_helper
 
 from .errors import OnnxlrfError
 
-NodeHook = Callable[[onnx.NodeProto, list, torch.Tensor], None]
+# Called after a hooked node runs; a returned tensor replaces the node's first output.
+NodeHook = Callable[[onnx.NodeProto, list, torch.Tensor], "torch.Tensor | None"]
 
 _DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32,
@@ -404,5 +405,7 @@ class TorchGraph:
                 if name:
                     env[name] = value
             if hook is not None and hook_nodes is not None and node.name in hook_nodes:
-                hook(node, args, outs[0])
+                replaced = hook(node, args, outs[0])
+                if replaced is not None:  # the hook may substitute the node's (first) output
+                    env[node.output[0]] = replaced
         return [env[name] for name in self.output_names]

@@ -424,3 +424,59 @@ def test_untouched_nodes_with_duplicate_names_are_kept_in_place():
     out, _ = apply_plan(model, one_layer_plan(model, "channel", 2)[1])
     check_valid(out)
     assert [n.op_type for n in out.graph.node] == ["Relu", "MatMul", "MatMul", "Sigmoid"]
+
+
+def _matmul_model(with_bias_add):
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h" if with_bias_add else "y"], name="mm")]
+    inits = {"W": RNG.standard_normal((16, 12)).astype(np.float32)}
+    if with_bias_add:  # how exporters write a Linear on 3-D activations
+        nodes.append(helper.make_node("Add", ["h", "b"], ["y"], name="mm_bias"))
+        inits["b"] = RNG.standard_normal(12).astype(np.float32)
+    return make_model(nodes, {"x": [2, 5, 16]}, ("y", [2, 5, 12]), inits)
+
+
+BIAS_CORRECTION_CASES = {  # model, extra nodes the correction may add
+    "conv-bias": (lambda: conv_model(pads=[1, 1, 1, 1]), 0),
+    "conv-no-bias": (lambda: conv_model(bias=False), 0),
+    "gemm-beta": (lambda: gemm_model(0, 1, "vector", 0.5, 2.0), 0),
+    "gemm-no-bias": (lambda: gemm_model(1, 0, "none", None, None), 0),
+    "matmul-then-add": (lambda: _matmul_model(True), 0),
+    "matmul-alone": (lambda: _matmul_model(False), 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIAS_CORRECTION_CASES))
+def test_bias_correction_adds_minus_truncation_times_mean_input(case):
+    make, extra_nodes = BIAS_CORRECTION_CASES[case]
+    model = make()
+    (layer,), _ = find_layers(model)
+    weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.weight))
+    mats = (weight.T if layer.transposed else weight)[None] if layer.op_type != "Conv" else \
+        weight.reshape(1, weight.shape[0], -1)
+    u, s, vh = np.linalg.svd(mats.astype(np.float64), full_matrices=False)
+    mean = RNG.standard_normal((1, mats.shape[2]))
+    rank = 2
+    plan = Plan([entry(layer, "channel", rank)], mode="test")
+    plan.layers[0].basis, plan.layers[0].bias_correction = "joint", True
+    plan.bases[layer.weight] = (u, s, vh, mean)
+    out, report = apply_plan(model, plan)
+    check_valid(out)
+    assert len(out.graph.node) == len(model.graph.node) + 1 + extra_nodes
+    assert report.params_after == count_params(out)
+
+    truncated = reconstruct(weight, layer, "channel", list(range(rank)))
+    mats_r = (truncated.T if layer.transposed else truncated)[None] if layer.op_type != "Conv" else \
+        truncated.reshape(1, truncated.shape[0], -1)
+    shift = -np.einsum("gmn,gn->gm", mats_r - mats, mean)[0]
+    feeds = feeds_for(model)
+    expected = run(with_weight(model, layer.weight, truncated), feeds)
+    expected = expected + (shift[:, None, None] if layer.op_type == "Conv" else shift)
+    assert rel_diff(run(out, feeds), expected) <= 1e-4
+
+
+def test_bias_correction_without_a_stored_mean_is_a_plan_error():
+    model = conv_model()
+    layer, plan = one_layer_plan(model, "channel", 2)
+    plan.layers[0].bias_correction = True
+    with pytest.raises(OnnxlrfError, match="bias correction"):
+        apply_plan(model, plan)

@@ -68,10 +68,11 @@ def test_torch_graph_matches_onnxruntime(small_cnn):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn):
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, bias_correction):
     model, data = small_cnn
     calib = data.subset(np.arange(500))
-    sens = analyze(model, _batches(calib), classification_loss)
+    sens = analyze(model, _batches(calib), classification_loss, bias_correction=bias_correction)
     assert len(sens.layers) == 5  # three convs, two Linear layers
     base = measure_loss(model, _batches(calib), classification_loss)
     assert sens.reference_loss == pytest.approx(base, rel=1e-4)
@@ -90,7 +91,10 @@ def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn):
         dropped = np.argsort(size)[:2]
         keep = np.setdiff1d(np.arange(k), dropped)[None]
         weight = stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)
-        measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - base
+        shift = ls.output_shift(keep)
+        assert (shift is not None) == bias_correction
+        measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight},
+                                output_shifts={ls.layer.node: shift} if bias_correction else None) - base
         predicted = float(ls.scores()[0, dropped].sum())
         assert abs(measured - predicted) <= 0.005 + 0.5 * abs(measured), ls.layer.node
         checked += 1
