@@ -14,6 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -23,6 +24,7 @@ from .data import CLASSIFICATION, Dataset, check_fits, cosine_rows, graph_inputs
 from .errors import OnnxlrfError
 from .onnx_io import load_onnx, save_onnx
 from .planning import count_params
+from .progress import ProgressLike, as_progress
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -141,7 +143,8 @@ def _static_batch(session: ort.InferenceSession) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
-def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128) -> np.ndarray:
+def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128,
+                progress: ProgressLike = None, description: str = "inference") -> np.ndarray:
     """The session's first output for every row of ``dataset``, in order.
 
     A model with a static batch size B is run B rows at a time, the last batch
@@ -152,7 +155,8 @@ def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int
     names = [i.name for i in session.get_inputs()]
     first_output = session.get_outputs()[0].name
     outputs = []
-    for feed in dataset.batches(batch_size):
+    n_batches = -(-len(dataset) // batch_size)
+    for feed in as_progress(progress).track(dataset.batches(batch_size), description, n_batches, "batch"):
         feed = {name: feed[name] for name in names}
         rows = len(next(iter(feed.values())))
         if static_batch and rows < static_batch:
@@ -247,6 +251,30 @@ def _known(out: list | None, contraction: list | None) -> bool:
     return out is not None and contraction is not None and None not in out and None not in contraction
 
 
+def infer_shapes(
+    model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None
+) -> dict[str, list[int | None]]:
+    """Shapes of the graph's tensors (None for unknown dims) with concrete inputs.
+
+    ``input_shapes`` where given, else :func:`concrete_input_shapes` (batch 1,
+    sequence length 128). ONNX's own inference loses dims through shape
+    arithmetic (e.g. the CIFAR ResNets' zero-padding shortcut); where it leaves a
+    Conv/Gemm/MatMul shape unknown, onnxruntime's symbolic inference is tried.
+    """
+    concrete = _with_input_shapes(model, input_shapes or concrete_input_shapes(model))
+    shapes = None
+    for infer in (_onnx_inference, _symbolic_inference):
+        try:
+            shapes = _tensor_shapes(infer(concrete))
+        except Exception:  # either engine can fail on unusual graphs; the other may not
+            continue
+        if all(_known(out, contraction) for _, out, contraction in _contraction_shapes(model, shapes)):
+            break
+    if shapes is None:
+        raise OnnxlrfError("shape inference fails on this model")
+    return shapes
+
+
 def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
     """FLOPs (2 x multiply-accumulates) of all Conv, Gemm and MatMul nodes for one run.
 
@@ -254,19 +282,7 @@ def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
     ``input_shapes`` where given, else :func:`concrete_input_shapes` (batch 1,
     sequence length 128). Other ops (elementwise, pooling, softmax) are not counted.
     """
-    concrete = _with_input_shapes(model, input_shapes or concrete_input_shapes(model))
-    # ONNX's own inference loses dims through shape arithmetic (e.g. the CIFAR ResNets'
-    # zero-padding shortcut); onnxruntime's symbolic inference recovers them.
-    nodes = None
-    for infer in (_onnx_inference, _symbolic_inference):
-        try:
-            nodes = _contraction_shapes(model, _tensor_shapes(infer(concrete)))
-        except Exception:  # either engine can fail on unusual graphs; the other may not
-            continue
-        if all(_known(out, contraction) for _, out, contraction in nodes):
-            break
-    if nodes is None:
-        raise OnnxlrfError("cannot count FLOPs: shape inference fails on this model")
+    nodes = _contraction_shapes(model, infer_shapes(model, input_shapes))
     macs = 0
     for node, out, contraction in nodes:
         if not _known(out, contraction):
@@ -275,6 +291,15 @@ def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
             )
         macs += int(np.prod(out, dtype=np.int64)) * int(np.prod(contraction, dtype=np.int64))
     return 2 * macs
+
+
+def flops_by_node(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, int | None]:
+    """FLOPs of each Conv/Gemm/MatMul node by node name, as :func:`count_flops` counts them (None: shapes unknown)."""
+    return {
+        node.name: 2 * int(np.prod(out, dtype=np.int64)) * int(np.prod(contraction, dtype=np.int64))
+        if _known(out, contraction) else None
+        for node, out, contraction in _contraction_shapes(model, infer_shapes(model, input_shapes))
+    }
 
 
 def file_size(model: ModelLike) -> int:
@@ -304,13 +329,14 @@ def validate(
     reference: ModelLike | None = None,
     batch_size: int = 128,
     provider: str = "auto",
+    progress: ProgressLike = None,
 ) -> ValidationResult:
     """Score ``model`` on ``dataset`` and, with ``reference``, compare the two models' first outputs."""
     providers = select_providers(provider)
     proto = _as_proto(model)
     check_fits(dataset, proto)
     session = make_session(model, providers)
-    outputs = run_dataset(session, dataset, batch_size)
+    outputs = run_dataset(session, dataset, batch_size, progress, f"validate on {len(dataset)} samples")
     result = ValidationResult(
         metric=dataset.metric_name,
         value=dataset.score(outputs),
@@ -330,7 +356,8 @@ def validate(
         return result
     reference_proto = _as_proto(reference)
     check_fits(dataset, reference_proto)
-    reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size)
+    reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size, progress,
+                                    f"validate the reference on {len(dataset)} samples")
     if reference_outputs.shape != outputs.shape:
         raise OnnxlrfError(
             f"model and reference outputs differ in shape: {list(outputs.shape)} vs {list(reference_outputs.shape)}"
@@ -372,6 +399,39 @@ def random_feeds(
     return feeds
 
 
+def make_runner(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                io_binding: bool = False) -> Callable[[], None]:
+    """A function running ``session`` once on ``feeds`` (its inputs), for timing.
+
+    With ``io_binding`` the inputs are copied to the session's device (CUDA or
+    CPU) once and the outputs stay there, so a timed run excludes host<->device
+    copies; each run ends with a synchronization of the outputs.
+    """
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    if not io_binding:
+        return lambda: session.run(None, feeds)
+    return _BoundRunner(session, feeds, "cuda" if session.get_providers()[0] == CUDA else "cpu")
+
+
+class _BoundRunner:
+    """Runs a session on inputs copied to ``device`` once; outputs are allocated there."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        # The binding does not own its OrtValues: they live as long as this runner.
+        self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+                       for name, array in feeds.items()}
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            self.binding.bind_output(output.name, device)
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()
+
+
 def benchmark(
     model: ModelLike,
     reference: ModelLike,
@@ -381,12 +441,15 @@ def benchmark(
     provider: str = "auto",
     threads: int | None = None,
     feeds: dict[str, np.ndarray] | None = None,
+    progress: ProgressLike = None,
+    io_binding: bool = False,
 ) -> BenchResult:
     """Median latency of ``model`` and ``reference`` on the same inputs.
 
     After ``warmup`` runs of each, the two models run alternately (the order
     flipping every round) so both see the same machine noise. Without ``feeds``,
     inputs are :func:`random_feeds` (a static batch dim in the model wins over ``batch``).
+    ``io_binding``: inputs and outputs stay on the provider's device (see :func:`make_runner`).
     """
     if runs < 1 or warmup < 0:
         raise OnnxlrfError(f"need runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
@@ -401,15 +464,19 @@ def benchmark(
         missing = [i.name for i in sess.get_inputs() if i.name not in sess_feeds]
         if missing:
             raise OnnxlrfError(f"feeds lack input(s) {', '.join(missing)} of the {name}")
-    for _ in range(warmup):
-        session.run(None, model_feeds)
-        reference_session.run(None, reference_feeds)
+    progress = as_progress(progress)
+    run_model = make_runner(session, model_feeds, io_binding)
+    run_reference = make_runner(reference_session, reference_feeds, io_binding)
+    for _ in progress.track(range(warmup), "benchmark: warm-up", unit="round"):
+        run_model()
+        run_reference()
     times: dict[int, list[float]] = {0: [], 1: []}
-    pairs = ((0, session, model_feeds), (1, reference_session, reference_feeds))
-    for round_number in range(runs):
-        for which, sess, sess_feeds in pairs if round_number % 2 == 0 else pairs[::-1]:
+    pairs = ((0, run_model), (1, run_reference))
+    # A bar update between timed runs costs microseconds, outside the timed calls.
+    for round_number in progress.track(range(runs), "benchmark: interleaved runs", unit="round"):
+        for which, run in pairs if round_number % 2 == 0 else pairs[::-1]:
             start = time.perf_counter()
-            sess.run(None, sess_feeds)
+            run()
             times[which].append(time.perf_counter() - start)
     latency_ms = statistics.median(times[0]) * 1e3
     reference_latency_ms = statistics.median(times[1]) * 1e3

@@ -1,0 +1,510 @@
+"""What a layer costs, dense and factorized, in FLOPs or in measured latency.
+
+Planners with a ``target`` other than params ask a cost model (:class:`FlopsCost`,
+:class:`LatencyCost`) for a layer's cost dense and factorized at a
+(decomposition, rank), in the target's unit, and for the whole model's cost.
+
+Latency is measured, not modelled: for every layer, one-node ONNX graphs (the
+dense node, and the factorized pair built by :func:`onnxlrf.rewrite.apply_plan`
+at a sparse grid of ranks, per decomposition) are timed in onnxruntime on the
+target provider with the layer's real input shape (shape inference on the model
+at the benchmark batch). Runs are interleaved after a warm-up, the median is
+kept, and the fixed cost of one ``session.run`` call (measured on a one-node
+Identity graph) is subtracted. Between measured ranks, latency is interpolated
+linearly, and made non-decreasing in rank (noise aside, more rank never costs
+less; planners rely on monotone costs). Measurements are cached on disk as JSON
+per context (provider, device, threads, onnxruntime version, I/O binding), keyed
+by the op signature (op, attributes, weight/bias/input shapes, dtype).
+
+A per-layer sum is not the whole model: the model's latency used as the total
+(:meth:`LatencyCost.total`) is measured on the model itself, and what factorizing
+saves is predicted from the per-layer differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .analysis import Layer, _constant_producers, find_layers
+from .errors import OnnxlrfError
+from .onnx_io import atomic_path
+from .progress import ProgressLike, as_progress
+
+CACHE_VERSION = 1
+# Geometric spacing of the measured ranks (ratio between neighbours) and how far below the largest useful rank.
+RANK_GRID_RATIO = math.sqrt(2)
+RANK_GRID_SPAN = 32
+# Sessions timed together (interleaved); the dense node is one of them in every chunk. Bounds memory at batch 32.
+SESSIONS_PER_CHUNK = 8
+# The probe rewrite of the calibration, and the range its scale is trusted in (else 1).
+CALIBRATION_RANK_FRACTION = 0.25
+CALIBRATION_SCALE_RANGE = (0.25, 4.0)
+CUDA_RANK_MULTIPLE = 8
+# onnxruntime's CPU kernels showed no gain from rank multiples of 8 (README, "Ranks that fit the hardware").
+CPU_RANK_MULTIPLE = 1
+
+
+def default_rank_multiple(providers: list[str]) -> int:
+    """8 on CUDA (and TensorRT: tensor-core tiles), else the CPU default."""
+    gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
+    return CUDA_RANK_MULTIPLE if providers and providers[0] in gpu else CPU_RANK_MULTIPLE
+
+
+def cache_dir() -> Path:
+    """``$ONNXLRF_CACHE/latency`` or ``~/.cache/onnxlrf/latency``."""
+    root = os.environ.get("ONNXLRF_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "onnxlrf") / "latency"
+
+
+# --- shapes and FLOPs ----------------------------------------------------------------------------------
+
+def layer_shapes(model: onnx.ModelProto, batch: int = 1, seq_length: int = 128
+                 ) -> dict[str, tuple[list[int], list[int]]]:
+    """Per layer node: (input shape, output shape) at ``batch`` (symbolic non-batch dims -> ``seq_length``)."""
+    from .validation import concrete_input_shapes, infer_shapes
+
+    shapes = infer_shapes(model, concrete_input_shapes(model, batch, seq_length))
+    nodes = {node.name: node for node in model.graph.node}
+    out = {}
+    for layer in find_layers(model)[0]:
+        node = nodes[layer.node]
+        x, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if x is None or y is None or None in x or None in y:
+            raise OnnxlrfError(f"shape inference leaves the input or output shape of node {layer.node!r} unknown")
+        out[layer.node] = (list(x), list(y))
+    return out
+
+
+def layer_flops(layer: Layer, input_shape: list[int], output_shape: list[int],
+                decomposition: str | None = None, rank: int | None = None) -> int:
+    """FLOPs (2 x MACs) of the dense node (``decomposition`` None) or of its factorized pair."""
+    if layer.op_type == "Conv":
+        positions = output_shape[0] * math.prod(output_shape[2:])  # batch x output pixels
+    else:
+        positions = math.prod(input_shape[:-1])  # rows of X in X @ W (Gemm with transA: pass A's shape reversed)
+    g, m, n = layer.groups, layer.out_features, layer.in_features
+    if decomposition is None:
+        return 2 * positions * g * m * n
+    if decomposition == "channel":
+        return 2 * positions * g * rank * (m + n)
+    # spatial: (kh x 1) conv over the full input width, then (1 x kw) conv on the output grid
+    cout, cin, kh, kw = layer.weight_shape
+    first = output_shape[0] * output_shape[2] * input_shape[3] * rank * cin * kh
+    return 2 * (first + positions * cout * rank * kw)
+
+
+@dataclass
+class FlopsCost:
+    """Cost in FLOPs of Conv/Gemm/MatMul nodes at ``batch`` (the total is :func:`validation.count_flops`)."""
+
+    model: onnx.ModelProto = field(repr=False)
+    batch: int = 1
+    seq_length: int = 128
+    target: str = "flops"
+    resolution: float = 1.0  # costs compared as integers after multiplying by this
+
+    def __post_init__(self) -> None:
+        from .validation import concrete_input_shapes, count_flops
+
+        self.shapes = layer_shapes(self.model, self.batch, self.seq_length)
+        self._total = count_flops(self.model, concrete_input_shapes(self.model, self.batch, self.seq_length))
+        self._trans_a = {n.name: any(a.name == "transA" and a.i for a in n.attribute)
+                         for n in self.model.graph.node if n.op_type == "Gemm"}
+
+    def _flops(self, layer: Layer, decomposition: str | None = None, rank: int | None = None) -> int:
+        x, y = self.shapes[layer.node]
+        if self._trans_a.get(layer.node):
+            x = x[::-1]  # Gemm with transA reads A as (K, M): rows are its last dim
+        return layer_flops(layer, x, y, decomposition, rank)
+
+    def total(self) -> float:
+        return float(self._total)
+
+    def dense(self, layers: list[Layer]) -> float:
+        return float(sum(self._flops(layer) for layer in layers))
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return float(sum(self._flops(layer, decomposition, rank) for layer in layers))
+
+    def describe(self) -> dict:
+        return {"batch": self.batch, "seq_length": self.seq_length}
+
+    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
+        dense = self._flops(layer)
+        return {"flops_dense": dense,
+                "flops_planned": dense if decomposition is None else self._flops(layer, decomposition, rank)}
+
+
+# --- latency measurement -------------------------------------------------------------------------------
+
+def device_name(providers: list[str]) -> str:
+    """The device the provider runs on, for cache keys and reports."""
+    if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+        except Exception:  # a CPU-only torch build or a broken driver: fall back to a generic name
+            pass
+        return "cuda:0"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Constant tensors by name, including outputs of Identity nodes on constants (the TorchScript
+    exporter shares equal tensors, e.g. all-zero biases, that way)."""
+    constants = _constant_producers(model)
+    for node in model.graph.node:  # topological order: chains resolve in one pass
+        if node.op_type == "Identity" and node.input[0] in constants:
+            constants[node.output[0]] = constants[node.input[0]]
+    return constants
+
+
+def _single_node_model(model: onnx.ModelProto, layer: Layer, input_shape: list[int]) -> onnx.ModelProto:
+    """The layer's node alone, with random weights of its shapes, reading an input of ``input_shape``."""
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    producers = _constants(model)
+    dtype = producers[layer.weight].data_type
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    rng = np.random.default_rng(0)
+    constants = {}
+    for name in node.input[1:]:
+        if name and name not in producers:
+            raise OnnxlrfError(f"cannot measure node {layer.node!r}: its input {name!r} is not a constant")
+        if name:
+            constants[name] = (0.1 * rng.standard_normal(list(producers[name].dims))).astype(np_dtype)
+    single = helper.make_node(node.op_type, ["x"] + list(node.input[1:]), ["y"], name=node.name)
+    single.attribute.extend(node.attribute)
+    graph = helper.make_graph(
+        [single], "latency_probe",
+        [helper.make_tensor_value_info("x", dtype, input_shape)],
+        [helper.make_tensor_value_info("y", dtype, None)],
+        [numpy_helper.from_array(v, k) for k, v in constants.items()],
+    )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min(model.ir_version, 9))
+
+
+def _pair_model(single: onnx.ModelProto, layer: Layer, decomposition: str, rank: int) -> onnx.ModelProto:
+    """``single`` with its node factorized at ``rank``, through the real rewrite."""
+    from .planning import LayerPlan, Plan
+
+    entry = LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+                      layer.max_rank(decomposition), None, layer.params, layer.factorized_params(decomposition, rank))
+    return rewrite_with_random_factors(single, Plan(layers=[entry], mode="latency-probe"))
+
+
+def rewrite_with_random_factors(model: onnx.ModelProto, plan: Any) -> onnx.ModelProto:
+    """``model`` rewritten by ``plan`` with random factors of the planned shapes: the graph a real
+    rewrite gives, for timing (values do not change the run time), without an SVD per layer."""
+    from .planning import Plan
+    from .rewrite import apply_plan
+
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    rng = np.random.default_rng(1)
+    entries, bases = [], {}
+    for entry in plan.layers:
+        if entry.decomposition != "dense":
+            g, m, n = layers[entry.node].matrix_shape(entry.decomposition)
+            bases[entry.weight] = (rng.standard_normal((g, m, entry.rank)), np.ones((g, entry.rank)),
+                                   rng.standard_normal((g, entry.rank, n)))
+        entries.append(dataclasses.replace(entry, keep=None, basis="joint" if entry.decomposition != "dense"
+                                           else entry.basis, bias_correction=False))
+    rewritten, _ = apply_plan(model, Plan(layers=entries, mode=plan.mode, bases=bases), keep_dense_if_larger=False)
+    return rewritten
+
+
+def _signature(model: onnx.ModelProto, layer: Layer, input_shape: list[int]) -> str:
+    """What the run time of the layer's node depends on, as a stable string (the cache key)."""
+    node = next(n for n in model.graph.node if n.name == layer.node)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in sorted(attrs.items())}
+    producers = _constants(model)
+    return json.dumps({"op": node.op_type, "attrs": attrs, "input": list(input_shape),
+                       "weights": [list(producers[name].dims) if name in producers else None
+                                   for name in node.input[1:]],
+                       "dtype": onnx.TensorProto.DataType.Name(producers[layer.weight].data_type)}, sort_keys=True)
+
+
+def rank_grid(layer: Layer, decomposition: str, rank_multiple: int = 1) -> list[int]:
+    """Ranks to measure: the largest multiple of ``rank_multiple`` that saves parameters, then
+    geometrically smaller ones (on the multiple) down to 1/32 of it, and the multiple itself."""
+    top = layer.break_even_rank(decomposition) // rank_multiple * rank_multiple
+    if top < 1:
+        return []
+    ranks = {top, rank_multiple}
+    value = top / RANK_GRID_RATIO
+    while value >= max(rank_multiple, top / RANK_GRID_SPAN):
+        ranks.add(max(rank_multiple, int(round(value / rank_multiple)) * rank_multiple))
+        value /= RANK_GRID_RATIO
+    return sorted(ranks)
+
+
+def time_interleaved(runners: list[Callable[[], None]], warmup: int = 2, budget_s: float = 1.0,
+                     min_rounds: int = 5, max_rounds: int = 200) -> list[list[float]]:
+    """Run times (s) of each runner: warm-up, then rounds running every runner once (order rotating
+    every round), until ``budget_s`` has passed and at least ``min_rounds`` rounds ran."""
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    times: list[list[float]] = [[] for _ in runners]
+    start = time.perf_counter()
+    for round_number in range(max_rounds):
+        shift = round_number % len(runners)
+        for index in list(range(shift, len(runners))) + list(range(shift)):
+            begin = time.perf_counter()
+            runners[index]()
+            times[index].append(time.perf_counter() - begin)
+        if round_number + 1 >= min_rounds and time.perf_counter() - start >= budget_s:
+            break
+    return times
+
+
+@dataclass
+class LayerTiming:
+    """Measured latency (ms, per-call overhead subtracted) of one op signature."""
+
+    dense_ms: float
+    pair_ms: dict[str, dict[int, float]]  # decomposition -> rank -> ms
+
+    def factorized_ms(self, decomposition: str, rank: int) -> float:
+        """Interpolated in rank, non-decreasing; below/above the grid: the nearest measured value."""
+        points = self.pair_ms.get(decomposition)
+        if not points:
+            raise OnnxlrfError(f"no latency measured for decomposition {decomposition!r}")
+        ranks = np.array(sorted(points))
+        values = np.maximum.accumulate(np.array([points[r] for r in ranks]))
+        return float(np.interp(rank, ranks, values))
+
+    def to_json(self) -> dict:
+        return {"dense_ms": self.dense_ms,
+                "pair_ms": {d: {str(r): v for r, v in sorted(p.items())} for d, p in self.pair_ms.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LayerTiming":
+        return cls(float(data["dense_ms"]),
+                   {d: {int(r): float(v) for r, v in p.items()} for d, p in data["pair_ms"].items()})
+
+
+class LatencyCache:
+    """Measurements on disk, one JSON file per measurement context."""
+
+    def __init__(self, context: dict, directory: str | os.PathLike | None = None) -> None:
+        self.context = context
+        digest = hashlib.sha1(json.dumps(context, sort_keys=True).encode()).hexdigest()[:16]
+        self.path = Path(directory) if directory is not None else cache_dir()
+        self.path = self.path / f"{digest}.json"
+        self.entries = self._read()
+
+    def _read(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if data.get("version") != CACHE_VERSION or data.get("context") != self.context:
+            return {}
+        return data.get("entries", {})
+
+    def get(self, signature: str) -> LayerTiming | None:
+        entry = self.entries.get(signature)
+        return LayerTiming.from_json(entry) if entry else None
+
+    def put(self, signature: str, timing: LayerTiming) -> None:
+        """Store and write through (merging with entries another process wrote meanwhile)."""
+        self.entries = {**self._read(), **self.entries, signature: timing.to_json()}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text(json.dumps({"version": CACHE_VERSION, "context": self.context,
+                                           "entries": self.entries}, indent=1))
+        except OSError:  # a read-only cache only costs re-measuring next time
+            pass
+
+
+class LatencyCost:
+    """Measured latency (ms) of each layer, dense and factorized, on one provider at one batch.
+
+    Layers are measured at construction (cached measurements are reused);
+    ``rank_multiple`` sets the grid of measured ranks. ``total()`` is the whole
+    model's measured median latency. Single-node timings miss in-graph effects
+    (weights no longer in cache, fused activations, thread scheduling), so they are
+    calibrated: the original and a probe rewrite (every layer whose pair is faster,
+    at a quarter of its rank) are timed interleaved, and ``scale`` = measured
+    saving / per-layer predicted saving multiplies every layer latency
+    (``rest_ms``: what the scaled dense layers leave of the whole model).
+    """
+
+    target = "latency"
+    resolution = 1e6  # ms -> ns for the integer knapsack
+
+    def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128, provider: str = "auto",
+                 threads: int | None = None, rank_multiple: int = 1, io_binding: bool | None = None,
+                 cache: str | os.PathLike | None = None, budget_s: float = 0.5,
+                 progress: ProgressLike = None) -> None:
+        from .validation import select_providers
+
+        self.model = model
+        self.batch = batch
+        self.providers = select_providers(provider)
+        self.threads = threads or min(2, os.cpu_count() or 1)  # as validation.make_session
+        self.io_binding = (self.providers[0] != "CPUExecutionProvider") if io_binding is None else io_binding
+        self.rank_multiple = rank_multiple
+        self.budget_s = budget_s
+        self.flops = FlopsCost(model, batch, seq_length)
+        self.context = {"provider": self.providers[0], "device": device_name(self.providers),
+                        "threads": self.threads, "onnxruntime": ort.__version__, "io_binding": self.io_binding}
+        self.cache = LatencyCache(self.context, cache)
+        self.progress = as_progress(progress)
+        self.call_overhead_ms = self._call_overhead_ms()
+        self.timings: dict[str, LayerTiming] = {}
+        self._measure_layers()
+        self.scale, self.rest_ms = 1.0, 0.0
+        self.model_ms = self.layer_sum_ms()  # until calibrated
+        self._calibrate()
+
+    # -- cost interface used by the planners
+
+    def total(self) -> float:
+        return self.model_ms
+
+    def dense(self, layers: list[Layer]) -> float:
+        return self.scale * sum(self.timings[layer.node].dense_ms for layer in layers)
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return self.scale * sum(self.timings[layer.node].factorized_ms(decomposition, rank) for layer in layers)
+
+    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
+        dense = self.dense([layer])
+        planned = dense if decomposition is None else self.factorized([layer], decomposition, rank)
+        return {**self.flops.notes(layer, decomposition, rank),
+                "latency_ms_dense": round(dense, 6), "latency_ms_planned": round(planned, 6)}
+
+    def describe(self) -> dict:
+        """How the latencies were measured, for the plan's options."""
+        return {**self.context, "batch": self.batch, "model_ms": self.model_ms,
+                "layer_sum_ms": self.layer_sum_ms(), "scale": self.scale, "rest_ms": self.rest_ms}
+
+    def layer_sum_ms(self) -> float:
+        """Sum of the dense layers' single-node latencies, unscaled (compare with the whole model's)."""
+        return sum(self.timings[layer.node].dense_ms for layer in find_layers(self.model)[0])
+
+    # -- measurement
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        from .validation import make_session
+
+        return make_session(model, self.providers, self.threads)
+
+    def _runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
+        from .validation import make_runner
+
+        return make_runner(self._session(model), feeds, self.io_binding)
+
+    def _call_overhead_ms(self) -> float:
+        """Median time of one run of a one-element Identity graph: what every timed call carries."""
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "overhead",
+                                  [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+        run = self._runner(probe, {"x": np.zeros(1, np.float32)})
+        return statistics.median(time_interleaved([run], warmup=20, budget_s=0.2, min_rounds=50)[0]) * 1e3
+
+    def _measure_layers(self) -> None:
+        shapes = self.flops.shapes
+        layers = find_layers(self.model)[0]
+        done: dict[str, LayerTiming] = {}
+        with self.progress.task("latency: measure layers", len(layers), "layer") as task:
+            for layer in layers:
+                signature = _signature(self.model, layer, shapes[layer.node][0])
+                if signature not in done:
+                    grids = {d: rank_grid(layer, d, self.rank_multiple) for d in layer.decompositions}
+                    timing = self.cache.get(signature)
+                    missing = {d: [r for r in ranks if timing is None or r not in timing.pair_ms.get(d, {})]
+                               for d, ranks in grids.items()}
+                    if timing is None or any(missing.values()):
+                        timing = self._measure(layer, shapes[layer.node][0], missing, timing)
+                        self.cache.put(signature, timing)
+                    done[signature] = timing
+                self.timings[layer.node] = done[signature]
+                task.update()
+
+    def _measure(self, layer: Layer, input_shape: list[int], ranks: dict[str, list[int]],
+                 known: LayerTiming | None) -> LayerTiming:
+        single = _single_node_model(self.model, layer, input_shape)
+        dtype = helper.tensor_dtype_to_np_dtype(single.graph.input[0].type.tensor_type.elem_type)
+        feeds = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(dtype)}
+        variants = [(d, r) for d, rs in ranks.items() for r in rs]
+        dense_times: list[float] = []
+        pair_ms = {d: dict(p) for d, p in (known.pair_ms.items() if known else ())}
+        dense = self._runner(single, feeds)
+        # Interleave the dense node with a few pairs at a time: every session holds its own buffers.
+        for start in range(0, max(len(variants), 1), SESSIONS_PER_CHUNK - 1):
+            chunk = variants[start:start + SESSIONS_PER_CHUNK - 1]
+            runners = [dense] + [self._runner(_pair_model(single, layer, d, r), feeds) for d, r in chunk]
+            times = time_interleaved(runners, budget_s=self.budget_s)
+            dense_times += times[0]
+            for (d, r), t in zip(chunk, times[1:]):
+                pair_ms.setdefault(d, {})[r] = max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0)
+            del runners
+        dense_ms = max(statistics.median(dense_times) * 1e3 - self.call_overhead_ms, 0.0)
+        if known is not None:
+            dense_ms = known.dense_ms  # keep the value the cached pairs were compared with
+        return LayerTiming(dense_ms, pair_ms)
+
+    def _calibrate(self) -> None:
+        from .planning import plan_uniform
+        from .validation import random_feeds
+
+        probe_plan = plan_uniform(self.model, rank_fraction=CALIBRATION_RANK_FRACTION, target="latency",
+                                  rank_multiple=self.rank_multiple, cost=self)
+        predicted_saving = sum(entry.notes["latency_ms_dense"] - entry.notes["latency_ms_planned"]
+                               for entry in probe_plan.layers)
+        feeds = random_feeds(self.model, self.batch)
+        runners = [self._runner(self.model, feeds)]
+        if predicted_saving > 0:
+            runners.append(self._runner(rewrite_with_random_factors(self.model, probe_plan), feeds))
+        with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
+            times = time_interleaved(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
+        medians = [max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times]
+        self.model_ms = medians[0]
+        if len(medians) == 2 and medians[0] > medians[1]:
+            self.scale = float(np.clip((medians[0] - medians[1]) / predicted_saving, *CALIBRATION_SCALE_RANGE))
+        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
+        self.progress.log(f"latency: whole model {self.model_ms:.3f} ms, sum of single-node layers "
+                          f"{self.layer_sum_ms():.3f} ms, in-graph scale {self.scale:.2f}")
+
+
+def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",
+              rank_multiple: int = 1, cache: str | os.PathLike | None = None, threads: int | None = None,
+              progress: ProgressLike = None) -> "FlopsCost | LatencyCost | None":
+    """The cost model for ``target`` (None for params: planners count parameters themselves)."""
+    if target == "params":
+        return None
+    if target == "flops":
+        return FlopsCost(model, batch, seq_length)
+    if target == "latency":
+        return LatencyCost(model, batch, seq_length, provider, threads=threads, rank_multiple=rank_multiple,
+                           cache=cache, progress=progress)
+    raise OnnxlrfError(f"unknown target {target!r}; known: params, flops, latency")

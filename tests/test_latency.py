@@ -1,0 +1,274 @@
+"""latency.py and the planners' targets: FLOPs per layer, rank grids, measurement and its cache,
+target flops/latency and rank multiples in every planner. No test asserts a timing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from onnxlrf.analysis import find_layers, svd, weight_array, weight_matrices
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.latency import (
+    FlopsCost, LatencyCost, LayerTiming, default_rank_multiple, layer_shapes, make_cost, rank_grid,
+    rewrite_with_random_factors,
+)
+from onnxlrf.planning import LayerPlan, Plan, ParamsCost, count_params, plan_energy, plan_joint, plan_uniform
+from onnxlrf.rewrite import apply_plan
+from onnxlrf.sensitivity import LayerSensitivity, Sensitivity
+from onnxlrf.validation import count_flops
+from test_planning import small_net
+from test_rewrite import CONV2D_VARIANTS, conv_model, gemm_model, make_model
+
+RNG = np.random.default_rng(5)
+
+
+def one_entry_plan(layer, decomposition, rank):
+    return Plan(layers=[LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition,
+                                  rank, layer.max_rank(decomposition), None, layer.params,
+                                  layer.factorized_params(decomposition, rank))], mode="test")
+
+
+def matmul_model(shape=(2, 5, 12), n=10):
+    weight = RNG.standard_normal((shape[-1], n)).astype(np.float32)
+    node = helper.make_node("MatMul", ["x", "W"], ["y"], name="mm")
+    return make_model([node], {"x": list(shape)}, ("y", None), {"W": weight})
+
+
+LAYER_MODELS = {
+    **{f"conv-{name}": (lambda attrs=attrs: conv_model(**attrs)) for name, attrs in CONV2D_VARIANTS.items()},
+    "conv-grouped": lambda: conv_model(cin=8, cout=12, groups=2),
+    "gemm-transA": lambda: gemm_model(1, 0, "vector", None, None),
+    "gemm-transB": lambda: gemm_model(0, 1, "none", 0.5, 2.0),
+    "matmul-3d": matmul_model,
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_MODELS))
+def test_flops_cost_matches_count_flops_of_the_rewritten_graph(name):
+    model = LAYER_MODELS[name]()
+    cost = FlopsCost(model)
+    assert cost.total() == count_flops(model)
+    layer = find_layers(model)[0][0]
+    assert cost.dense([layer]) == count_flops(model)
+    for decomposition in layer.decompositions:
+        rank = 2
+        rewritten, _ = apply_plan(model, one_entry_plan(layer, decomposition, rank), keep_dense_if_larger=False)
+        assert cost.factorized([layer], decomposition, rank) == count_flops(rewritten), decomposition
+        notes = cost.notes(layer, decomposition, rank)
+        assert notes == {"flops_dense": count_flops(model), "flops_planned": count_flops(rewritten)}
+
+
+def test_flops_depend_on_the_batch():
+    model = matmul_model(shape=("N", 5, 12))
+    assert layer_shapes(model, batch=3)["mm"] == ([3, 5, 12], [3, 5, 10])
+    assert FlopsCost(model, batch=4).total() == 4 * FlopsCost(model, batch=1).total()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_rank_grid_is_sparse_within_break_even_and_on_the_multiple(multiple):
+    model = conv_model(cin=64, cout=64)
+    layer = find_layers(model)[0][0]
+    for decomposition in ("channel", "spatial"):
+        grid = rank_grid(layer, decomposition, multiple)
+        top = layer.break_even_rank(decomposition)
+        assert grid == sorted(set(grid)) and 1 <= grid[0] and grid[-1] <= top
+        assert all(r % multiple == 0 for r in grid)
+        assert multiple in grid and len(grid) <= 12
+        assert top - grid[-1] < multiple  # the largest useful rank (on the multiple) is measured
+    assert rank_grid(find_layers(conv_model(cin=6, cout=8))[0][0], "channel", 8) == []  # no multiple saves params
+
+
+def test_layer_timing_interpolates_and_never_decreases_in_rank():
+    timing = LayerTiming(5.0, {"channel": {4: 1.0, 8: 3.0, 16: 2.0, 32: 6.0}})
+    assert timing.factorized_ms("channel", 6) == pytest.approx(2.0)
+    assert timing.factorized_ms("channel", 16) == pytest.approx(3.0)  # noise dip removed
+    assert timing.factorized_ms("channel", 24) == pytest.approx(4.5)
+    assert timing.factorized_ms("channel", 1) == 1.0 and timing.factorized_ms("channel", 64) == 6.0
+    ranks = range(1, 40)
+    values = [timing.factorized_ms("channel", r) for r in ranks]
+    assert values == sorted(values)
+    assert LayerTiming.from_json(json.loads(json.dumps(timing.to_json()))) == timing
+
+
+def test_default_rank_multiple():
+    assert default_rank_multiple(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
+    assert default_rank_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"]) == 8
+    assert default_rank_multiple(["CPUExecutionProvider"]) in (1, 8)
+
+
+def test_random_factor_rewrite_has_the_real_rewrites_graph():
+    model = small_net()
+    plan = plan_uniform(model, rank_fraction=0.3)
+    real, _ = apply_plan(model, plan)
+    probe = rewrite_with_random_factors(model, plan)
+    assert [(n.op_type, n.name) for n in probe.graph.node] == [(n.op_type, n.name) for n in real.graph.node]
+    shapes = {t.name: list(t.dims) for t in real.graph.initializer}
+    assert {t.name: list(t.dims) for t in probe.graph.initializer} == shapes
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """small_net measured once, in a private cache, with a tiny time budget."""
+    cache = tmp_path_factory.mktemp("latency-cache")
+    return LatencyCost(small_net(), provider="cpu", threads=1, rank_multiple=4, cache=cache, budget_s=0.02), cache
+
+
+def test_latency_cost_measures_every_layer_and_caches_by_context(measured, monkeypatch):
+    cost, cache = measured
+    layers = find_layers(cost.model)[0]
+    assert set(cost.timings) == {layer.node for layer in layers}
+    for layer in layers:
+        timing = cost.timings[layer.node]
+        assert timing.dense_ms >= 0
+        for decomposition in layer.decompositions:
+            assert sorted(timing.pair_ms.get(decomposition, {})) == rank_grid(layer, decomposition, 4)
+    assert cost.model_ms > 0 and cost.total() == cost.model_ms and cost.scale > 0
+    files = list(cache.iterdir())
+    assert len(files) == 1
+    stored = json.loads(files[0].read_text())
+    assert stored["context"]["provider"] == "CPUExecutionProvider" and stored["context"]["threads"] == 1
+    assert {"device", "onnxruntime", "io_binding"} <= set(stored["context"])
+    signatures = [json.loads(key) for key in stored["entries"]]
+    assert {s["op"] for s in signatures} == {"Conv", "Gemm", "MatMul"}
+    assert all({"attrs", "input", "weights", "dtype"} <= set(s) for s in signatures)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured again despite the cache")
+
+    monkeypatch.setattr(LatencyCost, "_measure", no_measuring)
+    again = LatencyCost(small_net(), provider="cpu", threads=1, rank_multiple=4, cache=cache, budget_s=0.02)
+    assert {k: v.to_json() for k, v in again.timings.items()} == {k: v.to_json() for k, v in cost.timings.items()}
+    with pytest.raises(AssertionError, match="measured again"):  # another thread count is another context
+        LatencyCost(small_net(), provider="cpu", threads=2, rank_multiple=4, cache=cache, budget_s=0.02)
+
+
+def test_latency_plan_records_target_multiple_and_notes(measured):
+    cost, _ = measured
+    plan = plan_uniform(cost.model, rank_fraction=0.3, target="latency", rank_multiple=4, cost=cost)
+    assert plan.options["target"] == "latency" and plan.options["rank_multiple"] == 4
+    assert plan.options["cost_model"]["provider"] == "CPUExecutionProvider"
+    for entry in plan.layers:
+        notes = entry.notes
+        assert {"latency_ms_dense", "latency_ms_planned", "flops_dense", "flops_planned"} <= set(notes)
+        if entry.decomposition == "dense":
+            assert notes["latency_ms_planned"] == notes["latency_ms_dense"]
+        else:
+            assert entry.rank % 4 == 0
+            assert notes["latency_ms_planned"] < notes["latency_ms_dense"]  # slower pairs stay dense
+
+
+class StubLatency:
+    """A latency cost with fixed numbers: 'slow' layers are never faster factorized;
+    spatial is cheaper than channel for every conv."""
+
+    target = "latency"
+    resolution = 1e6
+
+    def __init__(self, model, slow=()):
+        self.layers = {layer.node: layer for layer in find_layers(model)[0]}
+        self.slow = set(slow)
+
+    def total(self):
+        return 10.0 * len(self.layers)
+
+    def dense(self, layers):
+        return 10.0 * len(layers)
+
+    def factorized(self, layers, decomposition, rank):
+        per = [20.0 if layer.node in self.slow else
+               (1.0 if decomposition == "spatial" else 2.0) + 8.0 * rank / layer.max_rank(decomposition)
+               for layer in layers]
+        return sum(per)
+
+    def notes(self, layer, decomposition, rank):
+        return {}
+
+    def describe(self):
+        return {"stub": True}
+
+
+@pytest.mark.parametrize("planner", ["uniform", "energy"])
+def test_latency_target_keeps_slow_layers_dense_and_picks_the_faster_decomposition(planner):
+    model = small_net()
+    cost = StubLatency(model, slow={"fc1"})
+    make = {"uniform": lambda **kw: plan_uniform(model, **kw), "energy": lambda **kw: plan_energy(model, **kw)}
+    plan = make[planner](target_reduction=0.3, target="latency", cost=cost)
+    by_node = {entry.node: entry for entry in plan.layers}
+    assert by_node["fc1"].decomposition == "dense"
+    assert by_node["conv2"].decomposition == "spatial"  # fewer params would have picked channel
+    assert plan_uniform(model, rank_fraction=0.2).layers[1].decomposition == "channel"
+    assert plan.options["achieved_reduction"] >= 0.3 and plan.options["target"] == "latency"
+    assert plan.options["cost_model"] == {"stub": True}
+
+
+@pytest.mark.parametrize("multiple", [2, 4, 8])
+def test_rank_multiple_in_data_free_planners(multiple):
+    model = small_net()
+    for plan in (plan_uniform(model, target_reduction=0.3, rank_multiple=multiple),
+                 plan_energy(model, target_reduction=0.3, rank_multiple=multiple),
+                 plan_uniform(model, rank_fraction=0.4, target="flops", rank_multiple=multiple)):
+        assert plan.options["rank_multiple"] == multiple
+        for entry in plan.layers:
+            assert entry.decomposition == "dense" or entry.rank % multiple == 0 or entry.rank == entry.max_rank
+    plan = plan_uniform(model, target_reduction=0.3, rank_multiple=multiple)
+    assert plan.options["achieved_reduction"] >= 0.3
+    assert 1 - count_params(apply_plan(model, plan)[0]) / count_params(model) == pytest.approx(
+        plan.options["achieved_reduction"])
+
+
+def test_flops_target_reaches_the_measured_flops_reduction():
+    model = small_net()
+    plan = plan_uniform(model, target_reduction=0.3, target="flops")
+    compressed, _ = apply_plan(model, plan)
+    achieved = 1 - count_flops(compressed) / count_flops(model)
+    assert achieved >= 0.3 and achieved == pytest.approx(plan.options["achieved_reduction"])
+    assert sum(e.notes["flops_planned"] for e in plan.layers) == count_flops(compressed)
+    assert plan.options["params_reduction"] == pytest.approx(1 - count_params(compressed) / count_params(model))
+
+
+def test_bad_target_and_multiple_are_one_line_errors():
+    model = small_net()
+    with pytest.raises(OnnxlrfError, match="unknown target 'speed'"):
+        plan_uniform(model, rank_fraction=0.5, target="speed")
+    with pytest.raises(OnnxlrfError, match="rank_multiple must be an integer >= 1"):
+        plan_uniform(model, rank_fraction=0.5, rank_multiple=0)
+    with pytest.raises(OnnxlrfError, match="cost model is for target 'params', not 'flops'"):
+        plan_uniform(model, rank_fraction=0.5, target="flops", cost=ParamsCost(model))
+    with pytest.raises(OnnxlrfError, match="unknown target"):
+        make_cost(model, "speed")
+    with pytest.raises(OnnxlrfError, match="out of reach: .* of the model's flops"):
+        plan_uniform(model, target_reduction=0.99, target="flops")
+
+
+def synthetic_sensitivity(model):
+    """The weights' own SVD as the joint basis, with a loss that only sees the squared singular values."""
+    layers = {}
+    for layer in find_layers(model)[0]:
+        u, s, vh = svd(weight_matrices(weight_array(model, layer), layer, "channel"))
+        layers[layer.node] = LayerSensitivity(layer, s, u, vh.transpose(0, 2, 1), np.zeros_like(s),
+                                              float(np.sqrt((s**2).sum())))
+    return Sensitivity(layers, reference_loss=0.0, samples=0, loss="synthetic")
+
+
+def test_joint_planner_targets_flops_and_latency_with_rank_multiples():
+    model = small_net()
+    sens = synthetic_sensitivity(model)
+    plan = plan_joint(model, sens, "lossless", target_reduction=0.3, target="flops", rank_multiple=4)
+    compressed, _ = apply_plan(model, plan)
+    achieved = 1 - count_flops(compressed) / count_flops(model)
+    assert achieved >= 0.3 and achieved == pytest.approx(plan.options["achieved_reduction"])
+    assert plan.options["target"] == "flops" and plan.options["rank_multiple"] == 4
+    factorized = [e for e in plan.layers if e.decomposition != "dense"]
+    assert factorized and all(e.rank % 4 == 0 and e.decomposition == "channel" for e in factorized)
+    assert all({"flops_dense", "flops_planned"} <= set(e.notes) for e in plan.layers)
+
+    stub = StubLatency(model, slow={"conv2"})
+    for solver in ("lagrangian", "dp"):
+        plan = plan_joint(model, sens, "lossless", target_reduction=0.2, target="latency", cost=stub, solver=solver)
+        by_node = {e.node: e for e in plan.layers}
+        assert by_node["conv2"].decomposition == "dense"  # its pair is never faster
+        assert plan.options["achieved_reduction"] >= 0.2
+        assert plan.options["target"] == "latency" and plan.options["cost_model"] == {"stub": True}
