@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import math
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ from .errors import OnnxlrfError
 from .analysis import check_finite_weights
 from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
 from .planning import Plan, count_params, plan_energy, plan_uniform
+from .progress import Progress, ProgressLike, as_progress
 from .rewrite import RewriteReport, apply_plan
 
 PLANNING_MODES = ("uniform", "energy")
@@ -44,6 +45,7 @@ class CompressResult:
     validation: Any = None  # validation.ValidationResult when data was given
     export: Any = None  # export.ExportResult when a model name was given
     extra: dict = field(default_factory=dict)
+    reference: onnx.ModelProto | None = field(default=None, repr=False)  # the original, for reports
 
     @property
     def params_reduction(self) -> float:
@@ -78,6 +80,7 @@ def load_or_export(
     dynamo: bool = False,
     batch: int = 1,
     dynamic_batch: bool = False,
+    progress: ProgressLike = None,
 ) -> tuple[Path, Any]:
     """Return the path of an ONNX file for ``model``: the file itself, or a fresh export into ``workdir``."""
     if is_onnx_path(model):
@@ -90,8 +93,8 @@ def load_or_export(
 
     spec = load_model(model, weights=weights)
     exported = export_model(
-        spec, Path(workdir) / "reference.onnx", dynamo=dynamo, batch=batch, dynamic_batch=dynamic_batch
-    )
+        spec, Path(workdir) / "reference.onnx", dynamo=dynamo, batch=batch, dynamic_batch=dynamic_batch,
+        progress=progress)
     return Path(exported.path), exported
 
 
@@ -101,15 +104,25 @@ def make_plan(
     target_reduction: float | None = None,
     rank_fraction: float | None = None,
     energy: float | None = None,
+    progress: ProgressLike = None,
+    target: str = "params",
+    rank_multiple: int = 1,
+    cost: Any = None,
 ) -> Plan:
+    """A data-free plan: ``uniform`` (rank fraction) or ``energy`` (share of squared singular values).
+
+    ``target``/``cost``/``rank_multiple``: see :func:`onnxlrf.planning.plan_uniform`.
+    """
     if mode == "uniform":
         if (target_reduction is None) == (rank_fraction is None):
             raise OnnxlrfError("mode uniform needs exactly one of --target-reduction or --rank-fraction")
-        return plan_uniform(model, rank_fraction=rank_fraction, target_reduction=target_reduction)
+        return plan_uniform(model, rank_fraction=rank_fraction, target_reduction=target_reduction, target=target,
+                            rank_multiple=rank_multiple, cost=cost)
     if mode == "energy":
         if (target_reduction is None) == (energy is None):
             raise OnnxlrfError("mode energy needs exactly one of --target-reduction or --energy")
-        return plan_energy(model, energy=energy, target_reduction=target_reduction)
+        return plan_energy(model, energy=energy, target_reduction=target_reduction, progress=progress,
+                           target=target, rank_multiple=rank_multiple, cost=cost)
     raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
 
 
@@ -133,20 +146,32 @@ def split_dataset(dataset: Any, calib: int, val: int, seed: int = 0) -> Splits:
                   dataset.subset(order[calib + val:]), seed)
 
 
-def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> Callable[[], Iterator]:
+class CalibrationBatches:
+    """Micro-batches (feeds, targets) for the torch analysis: call it for a fresh iterator; ``len()`` counts them."""
+
+    def __init__(self, dataset: Any, targets: np.ndarray, batch_size: int) -> None:
+        self.dataset, self.targets, self.batch_size = dataset, targets, batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __call__(self) -> Iterator:
+        for start in range(0, len(self.dataset), self.batch_size):
+            idx = np.arange(start, min(start + self.batch_size, len(self.dataset)))
+            yield self.dataset.subset(idx).inputs, self.targets[idx]
+
+
+def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> CalibrationBatches:
     """Micro-batches (feeds, targets) for the torch analysis."""
-    def batches() -> Iterator:
-        for start in range(0, len(dataset), batch_size):
-            idx = np.arange(start, min(start + batch_size, len(dataset)))
-            yield dataset.subset(idx).inputs, targets[idx]
-    return batches
+    return CalibrationBatches(dataset, targets, batch_size)
 
 
-def _metric(model: onnx.ModelProto, dataset: Any, provider: str) -> float:
+def _metric(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
+            description: str = "evaluate") -> float:
     from .validation import make_session, run_dataset, select_providers
 
     session = make_session(model, providers=select_providers(provider))
-    return dataset.score(run_dataset(session, dataset))
+    return dataset.score(run_dataset(session, dataset, progress=progress, description=description))
 
 
 @dataclass
@@ -166,10 +191,12 @@ def joint_analysis(
     labels: str = "labels",
     range_samples: int = 256,
     micro_batch: int = 50,
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
 ) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
     from .sensitivity import LOSSES, analyze, measure_ranges
+
+    progress = as_progress(progress)
 
     if labels not in ("labels", "predictions"):
         raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
@@ -182,7 +209,8 @@ def joint_analysis(
 
         # Label-free: the original's hard predictions as targets (a distillation loss
         # would have zero gradient at the original weights).
-        outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib)
+        outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib,
+                              progress=progress, description="label-free targets: the original's predictions")
         targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=f"{calib.task}/{labels}", progress=progress)
@@ -202,18 +230,25 @@ def backoff_plan(
     tolerance: float = 0.0,
     solver: str = "lagrangian",
     provider: str = "auto",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
+    target: str = "params",
+    rank_multiple: int = 1,
+    cost: Any = None,
 ) -> tuple[Plan, onnx.ModelProto, RewriteReport, list]:
     """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
 
     compact: the first plan whose validation metric is at least the original's
     (none: the model stays dense). lossless: the best validation metric at the target size.
+    ``target``: what the size is counted in (params, flops or latency; ``cost`` a prepared
+    cost model, else one is built once here); ranks are multiples of ``rank_multiple``.
     """
-    from .planning import plan_joint
+    from .planning import cost_model, plan_joint
+
+    cost = cost_model(reference, target, cost)
 
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
-    reference_val = _metric(reference, val, provider)
+    progress = as_progress(progress)
     best = None
     backoff = []
     unreachable = None
@@ -222,48 +257,65 @@ def backoff_plan(
         nonlocal unreachable
         try:
             plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
-                              kappa=kappa, solver=solver)
+                              kappa=kappa, solver=solver, target=target, rank_multiple=rank_multiple, cost=cost)
         except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
             unreachable = exc
+            progress.log(f"  kappa {kappa:.3g}: no plan ({exc})")
             return None
-        compressed, report = apply_plan(reference, plan)
-        value = _metric(compressed, val, provider)
+        compressed, report = apply_plan(reference, plan, progress=progress)
+        value = _metric(compressed, val, provider, progress, f"validate the plan at kappa {kappa:.3g}")
         backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
                         "predicted_dloss": plan.options["predicted_dloss"], "val": value})
-        if progress:
-            progress(f"back-off kappa {kappa:g}: reduction {plan.options['achieved_reduction']:.3f}, "
-                     f"val {value:.4f} (original {reference_val:.4f})")
+        attempts.update()
+        summary = (f"  kappa {kappa:.3g}: {plan.options['achieved_reduction']:.1%} fewer parameters, "
+                   f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
+        if mode == "lossless":
+            progress.log(f"{summary} (original {reference_val:.4f})")
+        elif value >= reference_val:
+            progress.log(f"{summary} >= original {reference_val:.4f}: holds")
+        else:
+            progress.log(f"{summary} < original {reference_val:.4f}: rejected, trusting the curvature less")
         return value, plan, compressed, report
 
-    failed_kappa = None
-    for kappa in BACKOFF_KAPPAS:
-        result = attempt(kappa)
-        if result is None:
-            continue
-        if mode == "compact" and result[0] >= reference_val:
-            best = result
-            break
-        failed_kappa = kappa
-        if mode == "lossless" and (best is None or result[0] > best[0]):
-            best = result
-    if mode == "compact" and best is not None and failed_kappa is not None:
-        # Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value.
-        lo, hi = failed_kappa, best[1].options["kappa"]
-        for _ in range(BACKOFF_BISECTIONS):
-            mid = math.sqrt(lo * hi)
-            result = attempt(mid)
-            if result is not None and result[0] >= reference_val:
-                hi = mid
-                if result[1].options["achieved_reduction"] > best[1].options["achieved_reduction"]:
-                    best = result
-            else:
-                lo = mid
+    with progress.task(f"back-off ({mode})", unit="plan") as attempts:
+        reference_val = _metric(reference, val, provider, progress, "the original on validation")
+        progress.log(f"back-off: the original scores {reference_val:.4f} on {len(val)} validation samples")
+        failed_kappa = None
+        for kappa in BACKOFF_KAPPAS:
+            result = attempt(kappa)
+            if result is None:
+                continue
+            if mode == "compact" and result[0] >= reference_val:
+                best = result
+                break
+            failed_kappa = kappa
+            if mode == "lossless" and (best is None or result[0] > best[0]):
+                best = result
+        if mode == "compact" and best is not None and failed_kappa is not None:
+            # Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value.
+            lo, hi = failed_kappa, best[1].options["kappa"]
+            progress.log(f"back-off: bisecting kappa between {lo:g} (fails) and {hi:g} (holds) for a larger plan")
+            for _ in range(BACKOFF_BISECTIONS):
+                mid = math.sqrt(lo * hi)
+                result = attempt(mid)
+                if result is not None and result[0] >= reference_val:
+                    hi = mid
+                    if result[1].options["achieved_reduction"] > best[1].options["achieved_reduction"]:
+                        best = result
+                else:
+                    lo = mid
     if best is None and mode == "lossless":
         raise unreachable
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
-        plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver)
-        compressed, report = apply_plan(reference, plan)
+        progress.log("back-off: no plan held on validation; the model stays dense")
+        plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver, target=target,
+                          rank_multiple=rank_multiple, cost=cost)
+        compressed, report = apply_plan(reference, plan, progress=progress)
         best = (reference_val, plan, compressed, report)
+    else:
+        progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}: "
+                     f"{best[1].options['achieved_reduction']:.1%} fewer parameters, val {best[0]:.4f} "
+                     f"(original {reference_val:.4f})")
     _, plan, compressed, report = best
     plan.options["backoff"] = backoff
     plan.options["reference_val"] = reference_val
@@ -284,8 +336,11 @@ def compress_joint(
     range_samples: int = 256,
     micro_batch: int = 50,
     provider: str = "auto",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
     report_test: bool = True,
+    target: str = "params",
+    rank_multiple: int = 1,
+    cost: Any = None,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
@@ -294,17 +349,22 @@ def compress_joint(
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    progress = as_progress(progress)
     splits = split_dataset(dataset, calib, val, seed)
+    progress.log(f"splits (seed {seed}): {len(splits.calib)} calibration, {len(splits.val)} validation, "
+                 f"{len(splits.test)} held-out test samples")
     sensitivity = joint_analysis(reference, splits.calib, labels, range_samples, micro_batch, progress)
     plan, compressed, report, backoff = backoff_plan(reference, sensitivity, splits.val, mode, target_reduction,
-                                                     tolerance, solver, provider, progress)
+                                                     tolerance, solver, provider, progress, target, rank_multiple,
+                                                     cost)
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels})
     results = {}
     reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
-    for name, split in reported:
-        reference_value = plan.options["reference_val"] if name == "val" else _metric(reference, split, provider)
-        results[name] = {"value": _metric(compressed, split, provider), "reference_value": reference_value,
-                         "samples": len(split)}
+    for name, split in progress.track(reported, "evaluate the splits", unit="split"):
+        reference_value = plan.options["reference_val"] if name == "val" else \
+            _metric(reference, split, provider, progress, f"{name} split: the original")
+        results[name] = {"value": _metric(compressed, split, provider, progress, f"{name} split: compressed"),
+                         "reference_value": reference_value, "samples": len(split)}
     return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
 
 
@@ -329,7 +389,9 @@ def compress(
     seed: int = 0,
     labels: str = "labels",
     solver: str = "lagrangian",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressLike = None,
+    target: str = "params",
+    rank_multiple: int | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
@@ -337,14 +399,20 @@ def compress(
     ``calib`` samples for the analysis, ``val`` for the back-off, the rest
     held out); ``uniform`` and ``energy`` are data-free baselines. With
     ``data``, the result is validated against the original in onnxruntime.
-    Outputs are only written once everything before succeeded.
+    Outputs are only written once everything before succeeded. ``progress``
+    (a :class:`~onnxlrf.progress.Progress`) shows bars and the decisions made.
+    ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
+    ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.latency`).
+    ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.latency.default_rank_multiple`).
     """
+    progress = as_progress(progress)
     if mode not in MODES:
         raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if mode in JOINT_MODES and data is None:
         raise OnnxlrfError(f"mode {mode} needs --data (calibration, validation and test splits come from it)")
     model = str(model)
-    inputs = (model,) if is_onnx_path(model) else ()
+    # Outputs may not replace any input: model, checkpoint, data file.
+    inputs = ((model,) if is_onnx_path(model) else ()) + (weights, data.partition(":")[2] if data else None)
     output = check_output_path(output, inputs, overwrite)
     if plan_out is not None:
         plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
@@ -353,7 +421,7 @@ def compress(
         if mode in JOINT_MODES:  # joint plans keep their bases beside the JSON
             check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
-        reference_path, exported = load_or_export(model, workdir, weights, dynamo, batch, dynamic_batch)
+        reference_path, exported = load_or_export(model, workdir, weights, dynamo, batch, dynamic_batch, progress)
         reference = load_onnx(reference_path)
         check_finite_weights(reference)
         dataset = None
@@ -362,22 +430,32 @@ def compress(
 
             dataset = load_data(data, reference)
         extra: dict = {}
+        from .latency import default_rank_multiple, make_cost
+        from .validation import select_providers
+
+        if rank_multiple is None:
+            rank_multiple = default_rank_multiple(select_providers(provider), target)
+        cost = make_cost(reference, target, batch=batch, provider=provider, rank_multiple=rank_multiple,
+                         progress=progress)
         if mode in JOINT_MODES:
             joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
-                                   solver, provider=provider, progress=progress, report_test=False)
+                                   solver, provider=provider, progress=progress, report_test=False, target=target,
+                                   rank_multiple=rank_multiple, cost=cost)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split
         else:
-            plan = make_plan(reference, mode, target_reduction, rank_fraction, energy)
-            compressed, report = apply_plan(reference, plan)
+            plan = make_plan(reference, mode, target_reduction, rank_fraction, energy, progress, target,
+                             rank_multiple, cost)
+            compressed, report = apply_plan(reference, plan, progress=progress)
+        _log_rewrite(plan, report, progress)
         plan.source = {"model": model, **plan.source}
         validation = None
         if dataset is not None:
             from .validation import validate
 
             # For joint modes this is the held-out test split.
-            validation = validate(compressed, dataset, reference=reference, provider=provider)
+            validation = validate(compressed, dataset, reference=reference, provider=provider, progress=progress)
             if mode in JOINT_MODES:
                 extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
                                  "samples": len(dataset)}
@@ -395,11 +473,26 @@ def compress(
             validation=validation,
             export=exported,
             extra=extra,
+            reference=reference,
         )
 
 
+def _log_rewrite(plan: Plan, report: RewriteReport, progress: Progress) -> None:
+    """What the rewrite did, and why layers stayed dense (grouped by reason; the planner's where it gave one)."""
+    progress.log(f"rewrite: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} kept dense; "
+                 f"parameters {report.params_before:,} -> {report.params_after:,}")
+    planned = {entry.node: entry.notes.get("reason") for entry in plan.layers}
+    reasons: dict[str, int] = {}
+    for entry in report.kept_dense:
+        reason = planned.get(entry["node"]) or entry["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+        progress.log(f"  {count} dense: {reason}")
+
+
 def rewrite_file(
-    model: str | os.PathLike, plan: str | os.PathLike | Plan, output: str | os.PathLike, overwrite: bool = False
+    model: str | os.PathLike, plan: str | os.PathLike | Plan, output: str | os.PathLike, overwrite: bool = False,
+    progress: ProgressLike = None,
 ) -> RewriteReport:
     """Apply a plan (a JSON file or a Plan) to an ONNX file and write the result."""
     output = check_output_path(output, (model, plan if not isinstance(plan, Plan) else None), overwrite)
@@ -407,7 +500,7 @@ def rewrite_file(
     check_finite_weights(reference)
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    compressed, report = apply_plan(reference, plan)
+    compressed, report = apply_plan(reference, plan, progress=progress)
     with staged_outputs(overwrite) as stage:  # with external data, the .data file obeys --overwrite too
         save_onnx(compressed, stage.path(output))
     return report

@@ -54,15 +54,16 @@ SESSIONS_PER_CHUNK = 8
 # The probe rewrite of the calibration, and the range its scale is trusted in (else 1).
 CALIBRATION_RANK_FRACTION = 0.25
 CALIBRATION_SCALE_RANGE = (0.25, 4.0)
-CUDA_RANK_MULTIPLE = 8
-# onnxruntime's CPU kernels showed no gain from rank multiples of 8 (README, "Ranks that fit the hardware").
-CPU_RANK_MULTIPLE = 1
+# Ranks on multiples of 8 fit GPU tensor-core tiles and, measured here, onnxruntime's CPU convolutions
+# (8-channel NCHWc blocks: ranks 57..64 run as fast as 64; README, "Ranks that fit the hardware").
+HARDWARE_RANK_MULTIPLE = 8
 
 
-def default_rank_multiple(providers: list[str]) -> int:
-    """8 on CUDA (and TensorRT: tensor-core tiles), else the CPU default."""
-    gpu = {"CUDAExecutionProvider", "TensorrtExecutionProvider"}
-    return CUDA_RANK_MULTIPLE if providers and providers[0] in gpu else CPU_RANK_MULTIPLE
+def default_rank_multiple(providers: list[str], target: str = "params") -> int:
+    """8 on CUDA/TensorRT, and for the latency target on any provider; else 1 (parameter and FLOP
+    targets on CPU gain nothing from coarser ranks and hit their target more closely without)."""
+    gpu = providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    return HARDWARE_RANK_MULTIPLE if gpu or target == "latency" else 1
 
 
 def cache_dir() -> Path:
@@ -498,10 +499,13 @@ class LatencyCost:
 
 def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",
               rank_multiple: int = 1, cache: str | os.PathLike | None = None, threads: int | None = None,
-              progress: ProgressLike = None) -> "FlopsCost | LatencyCost | None":
-    """The cost model for ``target`` (None for params: planners count parameters themselves)."""
+              progress: ProgressLike = None) -> Any:
+    """The cost model for ``target``: :class:`~onnxlrf.planning.ParamsCost`, :class:`FlopsCost`
+    or :class:`LatencyCost` (measured now, on ``provider`` at ``batch``)."""
+    from .planning import ParamsCost
+
     if target == "params":
-        return None
+        return ParamsCost(model)
     if target == "flops":
         return FlopsCost(model, batch, seq_length)
     if target == "latency":

@@ -95,8 +95,9 @@ def test_layer_timing_interpolates_and_never_decreases_in_rank():
 
 def test_default_rank_multiple():
     assert default_rank_multiple(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
-    assert default_rank_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"]) == 8
-    assert default_rank_multiple(["CPUExecutionProvider"]) in (1, 8)
+    assert default_rank_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "flops") == 8
+    assert default_rank_multiple(["CPUExecutionProvider"], "latency") == 8
+    assert default_rank_multiple(["CPUExecutionProvider"], "params") == 1
 
 
 def test_random_factor_rewrite_has_the_real_rewrites_graph():
@@ -272,3 +273,38 @@ def test_joint_planner_targets_flops_and_latency_with_rank_multiples():
         assert by_node["conv2"].decomposition == "dense"  # its pair is never faster
         assert plan.options["achieved_reduction"] >= 0.2
         assert plan.options["target"] == "latency" and plan.options["cost_model"] == {"stub": True}
+
+
+def test_cli_compress_targets_and_bench_with_io_binding(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from onnxlrf.cli import cli
+    from onnxlrf.onnx_io import save_onnx
+
+    monkeypatch.setenv("ONNXLRF_CACHE", str(tmp_path / "cache"))
+    # One wide layer: at low rank its pair does a small fraction of the dense work, so it is faster.
+    model = save_onnx(matmul_model(shape=(64, 512), n=512), tmp_path / "wide.onnx")
+
+    def invoke(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return result
+
+    for target, multiple in (("flops", "4"), ("latency", None)):
+        out, plan_path = tmp_path / f"{target}.onnx", tmp_path / f"{target}.plan.json"
+        invoke("compress", model, "-o", out, "--mode", "uniform", "--target", target, "--target-reduction", "0.05",
+               "--plan-out", plan_path, "--quiet", *(["--rank-multiple", multiple] if multiple else []))
+        plan = json.loads(plan_path.read_text())
+        assert plan["options"]["target"] == target
+        assert plan["options"]["rank_multiple"] == (4 if multiple else 8)  # latency defaults to 8
+        assert all("flops_planned" in layer["notes"] for layer in plan["layers"])
+    assert list((tmp_path / "cache" / "latency").glob("*.json"))  # measured into $ONNXLRF_CACHE/latency
+
+    result = invoke("bench", tmp_path / "flops.onnx", "--reference", model, "--runs", 3, "--warmup", 1,
+                    "--io-binding", "--provider", "cpu", "--json", "--quiet")
+    payload = json.loads(result.stdout)
+    assert payload["providers"] == ["CPUExecutionProvider"] and payload["speedup"] > 0
+
+    bad = CliRunner().invoke(cli, ["compress", str(model), "-o", str(tmp_path / "x.onnx"), "--mode", "uniform",
+                                   "--target", "latency", "--target-reduction", "0.9", "--quiet"])
+    assert bad.exit_code == 1 and "out of reach" in bad.output and "latency" in bad.output
