@@ -195,6 +195,32 @@ def bench(model: str, reference: str, batch: int, runs: int, warmup: int, thread
           f"providers {', '.join(result.providers)}")
 
 
+def _input_shapes(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, list[int]]:
+    shapes = {}
+    for value in values:
+        name, _, dims = value.rpartition("=")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not NAME=D1,D2,...") from None
+        if not name:
+            raise click.BadParameter(f"{value!r} is not NAME=D1,D2,...")
+    return shapes
+
+
+@cli.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME=D1,D2,...",
+              help="Input shape to count FLOPs at (default: static dims; dynamic batch 1, other dynamic dims 128).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def inspect_command(model: str, input_shapes: dict[str, list[int]], as_json: bool) -> None:
+    """List MODEL's factorizable layers (shapes, params, FLOPs, ranks) and the nodes that are not, and why."""
+    from .inspection import format_inspection, inspect_model
+
+    result = _run(as_json, lambda: inspect_model(model, input_shapes or None))
+    _emit(as_json, result.to_dict(), format_inspection(result))
+
+
 def main() -> None:
     cli(prog_name="onnxlrf")
 

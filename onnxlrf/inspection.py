@@ -1,0 +1,225 @@
+"""What a model offers for factorization, before any planning: ``onnxlrf inspect``.
+
+Per factorizable layer: weight, shape, parameters, FLOPs, and for each
+decomposition the matrices it factorizes, the maximum rank and the break-even
+rank (the largest rank whose factorized form is still smaller than dense).
+Per Conv/Gemm/MatMul or quantized node that is not a layer: why. Works on any
+ONNX file: nothing is run, shapes come from shape inference.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from .analysis import QUANTIZED_OPS, find_layers, nonfinite_weights
+from .data import graph_inputs
+from .errors import OnnxlrfError
+from .onnx_io import load_onnx
+from .planning import count_params, dense_weight_reasons
+from .validation import DEFAULT_SEQ_LENGTH, concrete_input_shapes, flops_by_node
+
+_INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+
+@dataclass
+class DecompositionInfo:
+    name: str  # channel | spatial
+    matrices: list[int]  # [g, m, n]: g matrices of m x n
+    max_rank: int
+    break_even_rank: int  # 0: no rank is smaller than dense
+
+
+@dataclass
+class LayerInfo:
+    node: str
+    op_type: str
+    weight: str
+    weight_shape: list[int]
+    groups: int
+    params: int
+    flops: int | None  # None: shape inference left the node's shapes unknown
+    decompositions: list[DecompositionInfo]
+    dense_reason: str | None = None  # why the planners keep it dense anyway (a shared weight)
+
+
+@dataclass
+class SkippedInfo:
+    node: str
+    op_type: str
+    reason: str
+    flops: int | None = None  # Conv/Gemm/MatMul only
+
+
+@dataclass
+class Inspection:
+    model: str
+    opset: int
+    ir_version: int
+    producer: str
+    inputs: dict[str, list]  # declared shapes: ints, or the names of dynamic dims
+    flops_input_shapes: dict[str, list[int]]  # the concrete shapes FLOPs are counted at
+    layers: list[LayerInfo]
+    skipped: list[SkippedInfo]
+    params: int  # float initializers and Constants, as compress counts them
+    factorizable_params: int  # of the layers' weights, a shared weight counted once
+    flops: int | None  # Conv/Gemm/MatMul nodes, one run at flops_input_shapes; None if unknown
+    factorizable_flops: int | None
+    nonfinite_weights: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect_model(model: onnx.ModelProto | str | os.PathLike,
+                  input_shapes: dict[str, list[int]] | None = None) -> Inspection:
+    """Inspect ``model`` (a ModelProto or an ONNX path).
+
+    FLOPs are counted at ``input_shapes`` where given, else at the model's static
+    input shapes with dynamic dims set to batch 1 (axis 0) and length
+    ``DEFAULT_SEQ_LENGTH`` (other axes); the notes say which were set.
+    """
+    name = "<model>"
+    if not isinstance(model, onnx.ModelProto):
+        name = str(model)
+        model = load_onnx(model)
+    elif model.graph.name:
+        name = model.graph.name
+    declared = {inp.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in inp.type.tensor_type.shape.dim] for inp in graph_inputs(model)}
+    notes: list[str] = []
+    shapes = _flops_shapes(declared, input_shapes, notes, model)
+
+    layers, skipped = find_layers(model)
+    flops, flops_note = _node_flops(model, shapes)
+    if flops_note:
+        notes.append(flops_note)
+    dense_reasons = dense_weight_reasons(model)
+    layer_infos = [
+        LayerInfo(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, layer.params,
+                  flops.get(layer.node),
+                  [DecompositionInfo(d, list(layer.matrix_shape(d)), layer.max_rank(d), layer.break_even_rank(d))
+                   for d in layer.decompositions],
+                  dense_reasons.get(layer.weight))
+        for layer in layers
+    ]
+    skipped_infos = [SkippedInfo(s.node, s.op_type, s.reason, flops.get(s.node) if s.node else None)
+                     for s in skipped]
+    quantized = sum(s.op_type in QUANTIZED_OPS for s in skipped)
+    if quantized:
+        int8 = sum(math.prod(t.dims) for t in model.graph.initializer if t.data_type in _INT8)
+        notes.append(f"{quantized} quantized nodes: not factorizable; their FLOPs and their {int8:,} 8-bit "
+                     "weight elements are not counted")
+
+    total_flops = None if None in flops.values() or flops_note else sum(flops.values())
+    layer_flops = [info.flops for info in layer_infos]
+    return Inspection(
+        model=name,
+        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+        ir_version=model.ir_version,
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=declared,
+        flops_input_shapes=shapes,
+        layers=layer_infos,
+        skipped=skipped_infos,
+        params=count_params(model),
+        factorizable_params=sum({layer.weight: layer.params for layer in layers}.values()),
+        flops=total_flops,
+        factorizable_flops=None if None in layer_flops else sum(layer_flops),
+        nonfinite_weights=nonfinite_weights(model),
+        notes=notes,
+    )
+
+
+def _flops_shapes(declared: dict[str, list], given: dict[str, list[int]] | None, notes: list[str],
+                  model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The concrete input shapes for FLOPs: ``given`` (checked against the declared ones) or the defaults."""
+    shapes = concrete_input_shapes(model)
+    for input_name, dims in (given or {}).items():
+        if input_name not in declared:
+            raise OnnxlrfError(f"the model has no input {input_name!r} (inputs: {', '.join(declared) or 'none'})")
+        want = declared[input_name]
+        fits = len(dims) == len(want) and all(isinstance(w, str) or w == d for w, d in zip(want, dims))
+        if not fits or any(d < 1 for d in dims):
+            raise OnnxlrfError(f"shape {list(dims)} does not fit input {input_name!r} "
+                               f"[{','.join(map(str, want))}]")
+        shapes[input_name] = list(dims)
+    for input_name, want in declared.items():
+        if input_name in (given or {}):
+            continue
+        dynamic = [f"{dim} (axis {axis}) = {shapes[input_name][axis]}" for axis, dim in enumerate(want)
+                   if isinstance(dim, str)]
+        if dynamic:
+            notes.append(f"input {input_name!r}: dynamic dims set for FLOPs: {', '.join(dynamic)} "
+                         "(--input-shape to choose)")
+    return shapes
+
+
+def _node_flops(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[dict[str, int | None], str | None]:
+    """FLOPs per Conv/Gemm/MatMul node name, and a note when they cannot be counted."""
+    try:
+        return flops_by_node(model, shapes), None
+    except OnnxlrfError as exc:
+        return {}, f"FLOPs unknown: {exc}"
+
+
+# --- the table -------------------------------------------------------------------------------------
+
+def format_inspection(inspection: Inspection) -> str:
+    """A readable report: header, layer table, skipped nodes, totals, notes."""
+    i = inspection
+    lines = [f"{i.model}: opset {i.opset}, IR {i.ir_version}" + (f", {i.producer}" if i.producer else "")]
+    lines.append("inputs: " + "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.inputs.items()))
+    if i.layers:
+        rows = [["node", "op", "weight shape", "params", "FLOPs", "max / break-even rank"]]
+        for layer in i.layers:
+            ranks = ", ".join(f"{d.name} {d.max_rank}/{d.break_even_rank or '-'}" for d in layer.decompositions)
+            if layer.groups > 1:
+                ranks += f" (per group, {layer.groups} groups)"
+            if layer.dense_reason:
+                ranks += f"; stays dense: {layer.dense_reason}"
+            rows.append([layer.node, layer.op_type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
+                         _si(layer.flops), ranks])
+        lines += ["", f"factorizable layers ({len(i.layers)}):"] + _table(rows, right={3, 4})
+    else:
+        lines += ["", "factorizable layers: none"]
+    if i.skipped:
+        rows = [["node", "op", "FLOPs", "why not factorizable"]]
+        rows += [[s.node or "(no name)", s.op_type, "-" if s.op_type in QUANTIZED_OPS else _si(s.flops), s.reason]
+                 for s in i.skipped]
+        lines += ["", f"skipped nodes ({len(i.skipped)}):"] + _table(rows, right={2})
+    share = f", {i.factorizable_params / i.params:.1%}" if i.params else ""
+    lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
+    at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())
+    flops_share = f", {i.factorizable_flops / i.flops:.1%}" if i.flops and i.factorizable_flops is not None else ""
+    lines.append(f"FLOPs (Conv/Gemm/MatMul, one run at {at}): {_si(i.flops)} "
+                 f"(in factorizable layers: {_si(i.factorizable_flops)}{flops_share})")
+    if i.nonfinite_weights:
+        lines.append(f"weights with NaN or Inf ({len(i.nonfinite_weights)}): {', '.join(i.nonfinite_weights)}")
+    lines += [f"note: {note}" for note in i.notes]
+    return "\n".join(lines)
+
+
+def _si(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return str(value)
+
+
+def _table(rows: list[list[str]], right: set[int]) -> list[str]:
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    out = []
+    for row in rows:
+        cells = [cell.rjust(w) if c in right else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))]
+        out.append("  " + "  ".join(cells).rstrip())
+    return out
+
+
+__all__ = ["DecompositionInfo", "Inspection", "LayerInfo", "SkippedInfo", "format_inspection", "inspect_model"]

@@ -1,0 +1,232 @@
+"""Bad input through the CLI: exit status 1, one line ``Error: ...`` naming the problem, no file written or changed.
+
+Complements tests/test_cli.py (missing, non-ONNX and truncated files, unknown models, data that does not
+fit, edited plans, output equal to input, existing outputs, on ResNet-20) with the remaining cases, on a
+small model built here: external data missing, checkpoints that do not fit, NaN/Inf in weights and data,
+data of the wrong dtype, a full disk and an interrupted run, and the bases file of a joint plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner, Result
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrf.cli import cli
+from onnxlrf.onnx_io import save_onnx
+
+IN, HIDDEN, CLASSES = 24, 32, 5
+
+
+def mlp(nonfinite: float | None = None) -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((IN, HIDDEN)).astype(np.float32)
+    if nonfinite is not None:
+        w1[1, 2] = nonfinite
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", transB=1)],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(w1, "w1"),
+         numpy_helper.from_array(rng.standard_normal((CLASSES, HIDDEN)).astype(np.float32), "w2"),
+         numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b2")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden temporaries included) with its content hash."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(result: Result, expected: str) -> None:
+    """Exit status 1, no traceback, and the error is the last line of stderr (progress lines may precede it)."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("Error: ") and expected in lines[-1], result.stderr
+    assert sum(line.startswith("Error") for line in lines) == 1 and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> dict[str, Path]:
+    """Inputs in ``tmp_path``: the model (one file and with external data), data, a plan, and bad variants."""
+    model = tmp_path / "mlp.onnx"
+    onnx.save(mlp(), str(model))
+    external = save_onnx(mlp(), tmp_path / "ext.onnx", external_data=True)
+    (tmp_path / "ext.onnx.data").rename(tmp_path / "moved.data")  # external data missing
+    nan_model, inf_model = tmp_path / "nan.onnx", tmp_path / "inf.onnx"
+    onnx.save(mlp(float("nan")), str(nan_model))
+    onnx.save(mlp(float("-inf")), str(inf_model))
+    x = np.random.default_rng(1).standard_normal((40, IN)).astype(np.float32)
+    labels = np.arange(40, dtype=np.int64) % CLASSES
+    data = tmp_path / "data.npz"
+    np.savez(data, x=x, labels=labels)
+    nan_data = tmp_path / "nan_data.npz"
+    np.savez(nan_data, x=np.where(np.arange(IN) == 3, np.nan, x).astype(np.float32), labels=labels)
+    f64_data = tmp_path / "f64_data.npz"
+    np.savez(f64_data, x=x.astype(np.float64), labels=labels)
+    plan = tmp_path / "plan.json"
+    result = invoke("compress", model, "-o", tmp_path / "small.onnx", "--mode", "uniform", "--rank-fraction", 0.5,
+                    "--plan-out", plan)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "small.onnx").unlink()
+    edited = json.loads(plan.read_text())
+    edited["layers"][0]["rank"] = edited["layers"][0]["max_rank"] + 1
+    too_large = tmp_path / "rank_too_large.json"
+    too_large.write_text(json.dumps(edited))
+    edited["layers"][0]["rank"], edited["layers"][0]["node"] = 2, "no_such_node"
+    no_node = tmp_path / "no_node.json"
+    no_node.write_text(json.dumps(edited))
+    (tmp_path / "existing.onnx").write_bytes(b"precious")
+    return {"dir": tmp_path, "model": model, "external": external, "nan": nan_model, "inf": inf_model,
+            "data": data, "nan_data": nan_data, "f64_data": f64_data, "plan": plan, "too_large": too_large,
+            "no_node": no_node, "out": tmp_path / "out.onnx", "existing": tmp_path / "existing.onnx"}
+
+
+COMPRESS = ["compress", "{model}", "-o", "{out}", "--mode", "uniform", "--rank-fraction", "0.5"]
+CASES = {
+    # id: (argv with {name} from the files fixture, expected text in the message)
+    "compress-external-data-missing": (["compress", "{external}", "-o", "{out}", "--mode", "uniform",
+                                        "--rank-fraction", "0.5"], "external data of tensor 'w1' not found"),
+    "rewrite-external-data-missing": (["rewrite", "{external}", "--plan", "{plan}", "-o", "{out}"],
+                                      "external data of tensor 'w1' not found"),
+    "validate-external-data-missing": (["validate", "{external}", "--data", "npz:{data}"],
+                                       "external data of tensor 'w1' not found"),
+    "inspect-external-data-missing": (["inspect", "{external}"], "external data of tensor 'w1' not found"),
+    "compress-nan-weight": (["compress", "{nan}", "-o", "{out}", "--mode", "uniform", "--rank-fraction", "0.5"],
+                            "weight 'w1' of the model contains NaN or Inf"),
+    "rewrite-inf-weight": (["rewrite", "{inf}", "--plan", "{plan}", "-o", "{out}"],
+                           "weight 'w1' of the model contains NaN or Inf"),
+    "compress-nan-data": (COMPRESS + ["--data", "npz:{nan_data}"], "data input 'x' of npz:"),
+    "validate-nan-data": (["validate", "{model}", "--data", "npz:{nan_data}"], "contains NaN or Inf"),
+    "compress-data-dtype": (COMPRESS + ["--data", "npz:{f64_data}"], "expected float32[batch,24], got float64"),
+    "validate-data-dtype": (["validate", "{model}", "--data", "npz:{f64_data}"], "got float64[40,24]"),
+    "rewrite-plan-rank-too-large": (["rewrite", "{model}", "--plan", "{too_large}", "-o", "{out}"],
+                                    "plan node 'fc1': rank 25 outside 1..24"),
+    "rewrite-plan-no-such-node": (["rewrite", "{model}", "--plan", "{no_node}", "-o", "{out}"],
+                                  "plan node 'no_such_node' does not exist"),
+    "rewrite-output-is-plan": (["rewrite", "{model}", "--plan", "{plan}", "-o", "{plan}", "--overwrite"],
+                               "same as input"),
+    "compress-plan-out-is-input": (COMPRESS + ["--plan-out", "{model}", "--overwrite"], "same as input"),
+    "compress-output-is-data": (["compress", "{model}", "-o", "{data}", "--mode", "uniform", "--rank-fraction", "0.5",
+                                 "--data", "npz:{data}", "--overwrite"], "same as input"),
+    "compress-plan-out-is-data": (COMPRESS + ["--data", "npz:{data}", "--plan-out", "{data}", "--overwrite"],
+                                  "same as input"),
+    "compress-existing-bases": (["compress", "{model}", "-o", "{out}", "--mode", "compact", "--data", "npz:{data}",
+                                 "--plan-out", "{dir}/joint.json"], "output exists: {dir}/joint.json.bases.npz"),
+    "rewrite-output-exists": (["rewrite", "{model}", "--plan", "{plan}", "-o", "{existing}"],
+                              "output exists: {existing} (pass --overwrite"),
+}
+
+
+def _fill(arg: str, files: dict[str, Path]) -> str:
+    for key, value in files.items():
+        arg = arg.replace("{" + key + "}", str(value))
+    return arg
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case: str, files: dict[str, Path]) -> None:
+    (files["dir"] / "joint.json.bases.npz").write_bytes(b"precious")
+    argv, expected = CASES[case]
+    before = snapshot(files["dir"])
+    result = invoke(*[_fill(a, files) for a in argv])
+    assert_one_line_error(result, _fill(expected, files))
+    assert snapshot(files["dir"]) == before
+
+
+def test_inspect_reports_nonfinite_weights(files: dict[str, Path]) -> None:
+    result = invoke("inspect", files["nan"], "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["nonfinite_weights"] == ["w1"]
+
+
+@pytest.mark.parametrize("command", ["compress", "rewrite"])
+@pytest.mark.parametrize("failure", ["disk-full", "interrupted"])
+def test_failed_write_leaves_nothing(files: dict[str, Path], command: str, failure: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the model fails: the existing output stays as it was, no new file (plan included) appears."""
+    def fail(self: Path, *args: object, **kwargs: object) -> None:
+        self.open("wb").write(b"partial")  # something reached the disk before the failure
+        if failure == "interrupted":
+            raise KeyboardInterrupt
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    out, plan_out = files["existing"], files["dir"] / "new_plan.json"
+    argv = (["compress", files["model"], "-o", out, "--mode", "uniform", "--rank-fraction", 0.5, "--plan-out",
+             plan_out] if command == "compress" else ["rewrite", files["model"], "--plan", files["plan"], "-o", out])
+    before = snapshot(files["dir"])
+    result = invoke(*argv, "--overwrite")
+    if failure == "interrupted":
+        assert result.exit_code == 1 and result.stderr.strip().splitlines()[-1] == "Aborted!"  # click's Ctrl-C
+    else:
+        assert_one_line_error(result, f"cannot write {out}: No space left on device")
+    assert snapshot(files["dir"]) == before
+
+
+def test_overwrite_replaces_both_outputs(files: dict[str, Path]) -> None:
+    out, plan_out = files["existing"], files["dir"] / "plan_again.json"
+    plan_out.write_text("old plan")
+    result = invoke("compress", files["model"], "-o", out, "--mode", "uniform", "--rank-fraction", 0.5,
+                    "--plan-out", plan_out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert onnx.load(str(out)).graph.node[0].name == "fc1/lrf_a"
+    assert json.loads(plan_out.read_text())["mode"] == "uniform"
+    assert not [p for p in files["dir"].iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+# --- checkpoints that do not fit the model ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory: pytest.TempPathFactory, resnet20_weights: Path) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("checkpoints")
+    state = torch.load(resnet20_weights, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    key = next(k for k in state if k.endswith(".conv1.weight"))  # the stem conv, 16x3x3x3
+    paths = {}
+    for name, change in (("nan", lambda t: t.index_fill(0, torch.tensor([0]), float("nan"))),
+                         ("inf", lambda t: t.index_fill(0, torch.tensor([1]), float("inf"))),
+                         ("shape", lambda t: t[:, :-1])):
+        changed = dict(state)
+        changed[key] = change(state[key])
+        paths[name] = work / f"{name}.th"
+        torch.save({"state_dict": changed}, paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["export", "cifar10-resnet56", "--weights", "{r20}", "-o", "{out}"], "weights do not fit cifar10-resnet56"),
+    (["compress", "cifar10-resnet56", "--weights", "{r20}", "-o", "{out}", "--mode", "uniform",
+      "--rank-fraction", "0.5"], "weights do not fit cifar10-resnet56"),
+    (["export", "cifar10-resnet20", "--weights", "{shape}", "-o", "{out}"],
+     "weights do not fit cifar10-resnet20: conv1.weight expected (16, 3, 3, 3) got (16, 2, 3, 3)"),
+    (["compress", "cifar10-resnet20", "--weights", "{nan}", "-o", "{out}", "--mode", "uniform",
+      "--rank-fraction", "0.5"], "contain NaN or Inf"),
+    (["export", "cifar10-resnet20", "--weights", "{inf}", "-o", "{out}"], "contain NaN or Inf"),
+], ids=["export-resnet20-into-56", "compress-resnet20-into-56", "export-wrong-shape", "compress-nan",
+        "export-inf"])
+def test_checkpoint_does_not_fit(tmp_path: Path, resnet20_weights: Path, bad_checkpoints: dict[str, Path],
+                                 argv: list[str], expected: str) -> None:
+    values = {"r20": resnet20_weights, "out": tmp_path / "out.onnx", **bad_checkpoints}
+    before = snapshot(tmp_path)
+    result = invoke(*[_fill(a, values) for a in argv])
+    assert_one_line_error(result, expected)
+    assert snapshot(tmp_path) == before

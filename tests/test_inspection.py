@@ -1,0 +1,202 @@
+"""inspect: layers, ranks, FLOPs and skipped nodes, on graphs built here, the int8 ShuffleNet and ResNet-20."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxlrf.cli import cli
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.inspection import format_inspection, inspect_model
+from onnxlrf.planning import count_params
+from onnxlrf.validation import count_flops
+
+RNG = np.random.default_rng(0)
+
+
+def make_model(nodes, inputs, outputs, initializers, opset=17):
+    """``inputs``/``outputs``: {name: shape} (float); ``initializers``: {name: array}."""
+    graph = helper.make_graph(
+        nodes, "inspect-test",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()],
+        [numpy_helper.from_array(v, k) for k, v in initializers.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def weights(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def cnn_and_mlp():
+    """conv 6->8 3x3 (pads 1), grouped conv 8->8 g2 1x1, depthwise 3x3, pool, Gemm 8->20, MatMul 20->5 N-D,
+    and a MatMul of two activations."""
+    inits = {"c1.w": weights(8, 6, 3, 3), "c1.b": weights(8), "g.w": weights(8, 4, 1, 1),
+             "dw.w": weights(8, 1, 3, 3), "fc.w": weights(20, 8), "fc.b": weights(20), "mm.w": weights(20, 5),
+             "shape": np.array([1, 8], dtype=np.int64)}
+    nodes = [
+        helper.make_node("Conv", ["x", "c1.w", "c1.b"], ["c1"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c1", "g.w"], ["g"], name="grouped", group=2),
+        helper.make_node("Conv", ["g", "dw.w"], ["dw"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["dw"], ["p"], name="pool"),
+        helper.make_node("Reshape", ["p", "shape"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.w", "fc.b"], ["h"], name="fc", transB=1),
+        helper.make_node("MatMul", ["t", "mm.w"], ["tokens"], name="mm"),
+        helper.make_node("MatMul", ["t", "tt"], ["scores"], name="attention"),
+    ]
+    inits = {k: v if v.dtype == np.int64 else v.astype(np.float32) for k, v in inits.items()}
+    return make_model(nodes, {"x": [1, 6, 9, 11], "t": ["batch", 7, 20], "tt": ["batch", 20, 7]},
+                      {"h": [1, 20], "tokens": ["batch", 7, 5], "scores": ["batch", 7, 7]}, inits)
+
+
+def test_layers_ranks_flops_and_skipped_nodes():
+    model = cnn_and_mlp()
+    result = inspect_model(model)
+    layers = {layer.node: layer for layer in result.layers}
+    assert list(layers) == ["conv", "grouped", "fc", "mm"]
+
+    conv = layers["conv"]
+    assert (conv.op_type, conv.weight, conv.weight_shape, conv.groups, conv.params) == ("Conv", "c1.w", [8, 6, 3, 3],
+                                                                                          1, 432)
+    assert conv.flops == 2 * (8 * 9 * 11) * (6 * 3 * 3)
+    channel, spatial = conv.decompositions
+    # Break-even: the largest r with r * (m + n) < m * n (per group), capped by the max rank.
+    assert (channel.name, channel.matrices, channel.max_rank, channel.break_even_rank) == ("channel", [1, 8, 54], 8, 6)
+    assert (spatial.name, spatial.matrices, spatial.max_rank, spatial.break_even_rank) == ("spatial", [1, 18, 24], 18,
+                                                                                           10)
+    grouped = layers["grouped"]
+    assert [(d.name, d.matrices, d.max_rank, d.break_even_rank) for d in grouped.decompositions] == [
+        ("channel", [2, 4, 4], 4, 1)]
+    assert grouped.flops == 2 * (8 * 9 * 11) * 4
+    assert layers["fc"].flops == 2 * 20 * 8 and layers["fc"].decompositions[0].matrices == [1, 20, 8]
+    # Dynamic batch: FLOPs at batch 1, and the notes say so.
+    assert layers["mm"].flops == 2 * 7 * 5 * 20 and layers["mm"].decompositions[0].break_even_rank == 3
+    assert result.flops_input_shapes == {"x": [1, 6, 9, 11], "t": [1, 7, 20], "tt": [1, 20, 7]}
+    assert any("'t'" in note and "batch (axis 0) = 1" in note for note in result.notes)
+
+    skipped = {s.node: s for s in result.skipped}
+    assert "depthwise" in skipped["depthwise"].reason and skipped["depthwise"].flops == 2 * (8 * 9 * 11) * 9
+    assert skipped["attention"].reason == "weight is not a constant"
+    assert skipped["attention"].flops == 2 * 7 * 7 * 20
+
+    assert result.params == count_params(model) == 432 + 8 + 32 + 72 + 160 + 20 + 100
+    assert result.factorizable_params == 432 + 32 + 160 + 100
+    assert result.flops == count_flops(model) == sum(layer.flops for layer in result.layers) + sum(
+        s.flops for s in result.skipped)
+    assert result.factorizable_flops == sum(layer.flops for layer in result.layers)
+    assert result.nonfinite_weights == [] and result.opset == 17 and result.producer == "tests"
+    assert json.loads(json.dumps(result.to_dict()))["layers"][0]["decompositions"][1]["name"] == "spatial"
+
+
+def test_input_shapes_override_and_errors():
+    model = cnn_and_mlp()
+    result = inspect_model(model, {"t": [4, 7, 20], "tt": [4, 20, 7]})
+    assert next(layer for layer in result.layers if layer.node == "mm").flops == 4 * 2 * 7 * 5 * 20
+    assert not any("dynamic" in note for note in result.notes)
+    with pytest.raises(OnnxlrfError, match="no input 'nope'"):
+        inspect_model(model, {"nope": [1]})
+    with pytest.raises(OnnxlrfError, match=r"shape \[4, 8, 20\] does not fit input 't' \[batch,7,20\]"):
+        inspect_model(model, {"t": [4, 8, 20]})
+
+
+def test_shared_weight_nonfinite_weight_and_quantized_node():
+    w = weights(16, 16)
+    w[2, 3] = np.nan
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="mm1"),
+        helper.make_node("Transpose", ["h"], ["ht"], name="transpose"),
+        helper.make_node("Gemm", ["ht", "W"], ["y"], name="gemm", transB=1),  # reads W transposed
+        helper.make_node("MatMulInteger", ["q", "qw"], ["qy"], name="int_mm"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16]),
+         helper.make_tensor_value_info("q", TensorProto.UINT8, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 16]),
+         helper.make_tensor_value_info("qy", TensorProto.INT32, [4, 8])],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.ones((16, 8), np.uint8), "qw")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = inspect_model(model)
+    assert [layer.node for layer in result.layers] == ["mm1", "gemm"]
+    assert all(layer.dense_reason == "weight shared by nodes that read it differently" for layer in result.layers)
+    assert result.factorizable_params == 256  # the shared weight once
+    assert result.nonfinite_weights == ["W"]
+    (quantized,) = result.skipped
+    assert (quantized.node, quantized.op_type, quantized.reason) == ("int_mm", "MatMulInteger",
+                                                                    "quantized op: not factorizable")
+    assert any("1 quantized nodes" in note and "128 8-bit weight elements" in note for note in result.notes)
+    text = format_inspection(result)
+    assert "stays dense: weight shared" in text and "weights with NaN or Inf (1): W" in text
+    assert "int_mm  MatMulInteger" in text
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_shufflenet_int8_reports_quantized_nodes(shufflenet_int8: Path):
+    text = invoke("inspect", shufflenet_int8)
+    assert text.exit_code == 0, text.output
+    assert "factorizable layers: none" in text.stdout and "QLinearConv" in text.stdout
+    result = invoke("inspect", shufflenet_int8, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["layers"] == [] and payload["factorizable_params"] == 0
+    ops = {s["op_type"] for s in payload["skipped"]}
+    assert ops == {"QLinearConv", "QLinearMatMul"} and len(payload["skipped"]) == 57
+    assert all(s["reason"] == "quantized op: not factorizable" for s in payload["skipped"])
+    assert payload["inputs"] == {"input": [1, 3, 224, 224]} and payload["nonfinite_weights"] == []
+
+
+@pytest.fixture(scope="module")
+def resnet20(tmp_path_factory: pytest.TempPathFactory, resnet20_weights: Path) -> Path:
+    from onnxlrf.export import export_model
+    from onnxlrf.models import load_model
+
+    path = tmp_path_factory.mktemp("inspect") / "r20.onnx"
+    export_model(load_model("cifar10-resnet20", weights=str(resnet20_weights)), path, dynamic_batch=True)
+    return path
+
+
+def test_resnet20(resnet20: Path):
+    result = invoke("inspect", resnet20, "--json", "--input-shape", "input=2,3,32,32")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    model = onnx.load(str(resnet20))
+    assert len(payload["layers"]) == 20 and payload["skipped"] == []  # 19 convs and the classifier
+    assert payload["params"] == count_params(model) == 269_034
+    assert payload["factorizable_params"] == sum(layer["params"] for layer in payload["layers"])
+    assert payload["flops"] == payload["factorizable_flops"] == count_flops(model, {"input": [2, 3, 32, 32]})
+    first = payload["layers"][0]
+    assert first["weight_shape"] == [16, 3, 3, 3] and first["flops"] == 2 * 2 * (16 * 32 * 32) * 27
+    assert [d["name"] for d in first["decompositions"]] == ["channel", "spatial"]
+    assert payload["layers"][-1]["op_type"] == "Gemm"
+    text = invoke("inspect", resnet20)
+    assert text.exit_code == 0 and "/layer3/layer3.2/conv2/Conv" in text.stdout
+    assert "batch (axis 0) = 1" in text.stdout and "params: 269,034" in text.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "{dir}/missing.onnx"], "file not found"),
+    (["inspect", "{dir}/junk.onnx"], "not a valid ONNX file"),
+    (["inspect", "{model}", "--input-shape", "y=1"], "no input 'y'"),
+])
+def test_cli_errors_are_one_line(tmp_path: Path, argv: list[str], message: str):
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx at all")
+    model = tmp_path / "m.onnx"
+    onnx.save(cnn_and_mlp(), str(model))
+    result = invoke(*[a.replace("{dir}", str(tmp_path)).replace("{model}", str(model)) for a in argv])
+    assert result.exit_code == 1 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
