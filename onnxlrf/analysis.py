@@ -110,17 +110,20 @@ _ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
 
 
 def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
-    """Names of the float initializers and float ``Constant`` tensors of the main graph holding NaN or Inf."""
+    """Names of the float initializers and ``Constant`` tensors of the main graph that hold NaN, or that hold
+    +-Inf and are read by a Conv/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention masks and
+    fill values hold -Inf, as MiniLM's exported graph does)."""
     tensors = [(t.name, t) for t in model.graph.initializer]
     tensors += [(node.output[0], attr.t) for node in model.graph.node if node.op_type == "Constant"
                 for attr in node.attribute if attr.name == "value"]
+    read_by_layers = {name for node in model.graph.node if node.op_type in FACTORIZABLE_OPS for name in node.input}
     bad = []
     for name, tensor in tensors:
         if tensor.data_type in _ALL_FLOATS:
             values = numpy_helper.to_array(tensor)
             if values.dtype.kind != "f":  # bfloat16 comes as an ml_dtypes type numpy cannot test
                 values = values.astype(np.float32)
-            if not np.isfinite(values).all():
+            if np.isnan(values).any() or (name in read_by_layers and np.isinf(values).any()):
                 bad.append(name)
     return bad
 

@@ -155,3 +155,39 @@ def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):
     assert layers == []
     assert {s.op_type for s in skipped} == {"QLinearConv", "QLinearMatMul"}
     assert all("quantized" in s.reason for s in skipped)
+
+
+def test_nonfinite_weights_nan_anywhere_inf_only_in_layer_inputs():
+    """-Inf in a mask or fill value is how exported attention looks (MiniLM); in a MatMul/Conv weight it is broken."""
+    from onnxlrf.analysis import check_finite_weights, nonfinite_weights
+    from onnxlrf.errors import OnnxlrfError
+
+    mask = np.where(np.triu(np.ones((4, 4)), 1) > 0, -np.inf, 0).astype(np.float32)
+
+    def model(weight: np.ndarray, scale: np.ndarray):
+        nodes = [
+            helper.make_node("Constant", [], ["fill"], name="fill", value=numpy_helper.from_array(
+                np.array(-np.inf, np.float32))),
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+            helper.make_node("Add", ["h", "mask"], ["masked"], name="add"),
+            helper.make_node("Mul", ["masked", "scale"], ["scaled"], name="mul"),
+            helper.make_node("Max", ["scaled", "fill"], ["y"], name="max"),
+        ]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])],
+            [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(mask, "mask"),
+             numpy_helper.from_array(scale, "scale")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    weight, scale = np.eye(4, dtype=np.float32), np.ones(4, np.float32)
+    assert nonfinite_weights(model(weight, scale)) == []  # the mask and the fill value are fine
+    check_finite_weights(model(weight, scale))
+    bad_weight = weight.copy()
+    bad_weight[0, 1] = np.inf
+    assert nonfinite_weights(model(bad_weight, scale)) == ["w"]
+    bad_scale = scale.copy()
+    bad_scale[2] = np.nan
+    assert nonfinite_weights(model(weight, bad_scale)) == ["scale"]
+    with pytest.raises(OnnxlrfError, match="weight 'w' of the model contains NaN or Inf \\(and 1 more\\)"):
+        check_finite_weights(model(bad_weight, bad_scale))
