@@ -5,16 +5,24 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import shlex
 import sys
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from .errors import OnnxlrfError
 
+if TYPE_CHECKING:
+    from .progress import Progress
+
 
 class _Group(click.Group):
     """Turns library errors into click's one-line ``Error: ...`` and exit status 1."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["onnxlrf.argv"] = list(args)  # the exact command, for reports
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -29,6 +37,20 @@ def _run(as_json: bool, work: Callable[[], Any]) -> Any:
         return work()
     with contextlib.redirect_stdout(sys.stderr):
         return work()
+
+
+def _progress(quiet: bool) -> Progress:
+    """Progress bars and decision log on stderr, or nothing with --quiet."""
+    from .progress import Progress
+
+    return Progress(enabled=not quiet)
+
+
+def _command_line() -> str:
+    return shlex.join(["onnxlrf", *click.get_current_context().meta.get("onnxlrf.argv", [])])
+
+
+_quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or log on stderr.")
 
 
 def _emit(as_json: bool, payload: dict, human: str) -> None:
@@ -64,15 +86,16 @@ def cli() -> None:
 @click.option("--dynamo", is_flag=True, help="Use torch's dynamo exporter (opset 18) instead of TorchScript (opset 17).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_quiet_option
 def export(model: str, output: str, weights: str | None, batch: int, dynamic_batch: bool, dynamo: bool,
-           overwrite: bool, as_json: bool) -> None:
+           overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Export MODEL (a model name, see docs) to ONNX and check it against torch in onnxruntime."""
     from .export import export_model
     from .models import load_model
 
     result = _run(as_json, lambda: export_model(
         load_model(model, weights=weights), output, dynamo=dynamo, batch=batch,
-        dynamic_batch=dynamic_batch, overwrite=overwrite))
+        dynamic_batch=dynamic_batch, overwrite=overwrite, progress=_progress(quiet)))
     payload = dataclasses.asdict(result)
     _emit(as_json, payload,
           f"wrote {result.path} ({result.exporter}, opset {result.opset}); "
@@ -87,7 +110,12 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
               help="lossless: best accuracy at --target-reduction; compact: smallest model as accurate as the "
                    "original; uniform/energy: data-free baselines.")
 @click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Fraction of the model's parameters to remove.")
+              help="Fraction of the model's --target (parameters by default) to remove.")
+@click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+              help="What --target-reduction counts: parameters, Conv/Gemm/MatMul FLOPs at --batch, or latency "
+                   "measured on --provider at --batch (layers whose factorized pair is not faster stay dense).")
+@click.option("--rank-multiple", type=click.IntRange(min=1),
+              help="Ranks are multiples of this (default: 8 on CUDA and for --target latency, else 1).")
 @click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
               help="uniform: fraction of each layer's full rank to keep.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
@@ -109,26 +137,40 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--dynamic-batch", is_flag=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--report", "report_dir", type=click.Path(file_okay=False),
+              help="Also write a Markdown and a self-contained HTML report into this directory.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def compress(model: str, output: str, mode: str, target_reduction: float | None, rank_fraction: float | None,
-             energy: float | None, tolerance: float, calib: int, val: int, seed: int, labels: str, solver: str,
+@_quiet_option
+def compress(model: str, output: str, mode: str, target_reduction: float | None, target: str,
+             rank_multiple: int | None, rank_fraction: float | None, energy: float | None, tolerance: float,
+             calib: int, val: int, seed: int, labels: str, solver: str,
              data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
-             batch: int, dynamic_batch: bool, provider: str, overwrite: bool, as_json: bool) -> None:
+             batch: int, dynamic_batch: bool, provider: str, report_dir: str | None, overwrite: bool,
+             as_json: bool, quiet: bool) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
     from .compress import compress as run_compress
+    from .report import check_report_dir, write_report
 
+    if report_dir is not None:
+        check_report_dir(report_dir, overwrite)  # before the work, not after
     result = _run(as_json, lambda: run_compress(
         model, output, mode=mode, target_reduction=target_reduction, rank_fraction=rank_fraction,
         energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
         batch=batch, dynamic_batch=dynamic_batch, provider=provider, tolerance=tolerance, calib=calib, val=val,
-        seed=seed, labels=labels, solver=solver, progress=lambda msg: click.echo(msg, err=True)))
+        seed=seed, labels=labels, solver=solver, progress=_progress(quiet), target=target,
+        rank_multiple=rank_multiple))
     payload = result.to_dict()
+    if report_dir is not None:
+        _, html_path = write_report(result, report_dir, _command_line(), overwrite=overwrite)
+        payload["report"] = str(html_path)
     human = (f"wrote {result.output}: {result.params:,} params "
              f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "
              f"{len(result.rewrite.rewritten)} layers factorized, {len(result.rewrite.kept_dense)} dense")
     if result.validation is not None:
         human += "\n" + _fmt_validation(result.validation)
+    if report_dir is not None:
+        human += f"\nreport: {payload['report']}"
     _emit(as_json, payload, human)
 
 
@@ -138,11 +180,13 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False))
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool) -> None:
+@_quiet_option
+def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Apply a plan to MODEL (ONNX) and write the low-rank ONNX file."""
     from .compress import rewrite_file
 
-    report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite))
+    report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite,
+                                                progress=_progress(quiet)))
     _emit(as_json, dataclasses.asdict(report),
           f"wrote {output}: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} dense; "
           f"params {report.params_before:,} -> {report.params_after:,}")
@@ -155,7 +199,9 @@ def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: b
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--json", "as_json", is_flag=True)
-def validate(model: str, reference: str | None, data: str, provider: str, batch_size: int, as_json: bool) -> None:
+@_quiet_option
+def validate(model: str, reference: str | None, data: str, provider: str, batch_size: int, as_json: bool,
+             quiet: bool) -> None:
     """Evaluate MODEL on DATA in onnxruntime, optionally against a reference model."""
     from .data import load_data
     from .onnx_io import load_onnx
@@ -165,7 +211,8 @@ def validate(model: str, reference: str | None, data: str, provider: str, batch_
         onnx_model = load_onnx(model)
         ref = load_onnx(reference) if reference else None
         dataset = load_data(data, onnx_model)
-        return run_validate(onnx_model, dataset, reference=ref, batch_size=batch_size, provider=provider)
+        return run_validate(onnx_model, dataset, reference=ref, batch_size=batch_size, provider=provider,
+                            progress=_progress(quiet))
 
     result = _run(as_json, work)
     _emit(as_json, dataclasses.asdict(result), _fmt_validation(result))
@@ -179,16 +226,20 @@ def validate(model: str, reference: str | None, data: str, provider: str, batch_
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--io-binding", is_flag=True,
+              help="Copy inputs to the provider's device once and keep outputs there (GPU timing without "
+                   "host<->device copies; on CPU, inputs bound in host memory).")
 @click.option("--json", "as_json", is_flag=True)
+@_quiet_option
 def bench(model: str, reference: str, batch: int, runs: int, warmup: int, threads: int | None, provider: str,
-          as_json: bool) -> None:
+          io_binding: bool, as_json: bool, quiet: bool) -> None:
     """Time MODEL against REFERENCE, interleaved, in onnxruntime."""
     from .onnx_io import load_onnx
     from .validation import benchmark
 
     result = _run(as_json, lambda: benchmark(
         load_onnx(model), load_onnx(reference), batch=batch, warmup=warmup, runs=runs, provider=provider,
-        threads=threads))
+        threads=threads, progress=_progress(quiet), io_binding=io_binding))
     _emit(as_json, dataclasses.asdict(result),
           f"latency {result.latency_ms:.3f} ms vs reference {result.reference_latency_ms:.3f} ms: "
           f"{result.speedup:.2f}x; FLOPs {result.flops:,} vs {result.reference_flops:,}; "
@@ -213,8 +264,10 @@ def _input_shapes(ctx: click.Context, param: click.Parameter, values: tuple[str,
 @click.option("--input-shape", "input_shapes", multiple=True, callback=_input_shapes, metavar="NAME=D1,D2,...",
               help="Input shape to count FLOPs at (default: static dims; dynamic batch 1, other dynamic dims 128).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def inspect_command(model: str, input_shapes: dict[str, list[int]], as_json: bool) -> None:
+@_quiet_option
+def inspect_command(model: str, input_shapes: dict[str, list[int]], as_json: bool, quiet: bool) -> None:
     """List MODEL's factorizable layers (shapes, params, FLOPs, ranks) and the nodes that are not, and why."""
+    del quiet  # accepted like on every command; inspect shows no progress
     from .inspection import format_inspection, inspect_model
 
     result = _run(as_json, lambda: inspect_model(model, input_shapes or None))

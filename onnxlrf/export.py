@@ -27,6 +27,7 @@ import torch
 
 from .errors import OnnxlrfError
 from .onnx_io import check_output_path, save_onnx
+from .progress import ProgressLike, as_progress
 from .models import ModelSpec
 
 DEFAULT_OPSET = {False: 17, True: 18}  # keyed by dynamo
@@ -55,6 +56,7 @@ def export_model(
     opset: int | None = None,
     overwrite: bool = False,
     check: bool = True,
+    progress: ProgressLike = None,
 ) -> ExportResult:
     """Export ``spec`` to ``output`` and (with ``check``) compare onnxruntime with torch on the example input.
 
@@ -77,9 +79,14 @@ def export_model(
     }
     dynamic_axes = {name: axes for name, axes in dynamic_axes.items() if axes}
 
-    with tempfile.TemporaryDirectory(prefix=".onnxlrf-export-", dir=output.parent) as tmp:
+    exporter = "dynamo" if dynamo else "torchscript"
+    steps = 3 if check else 2  # export, (check,) save
+    with tempfile.TemporaryDirectory(prefix=".onnxlrf-export-", dir=output.parent) as tmp, \
+            as_progress(progress).task(f"export {spec.name} ({exporter}, opset {opset})", steps, "step") as task:
         exported = Path(tmp) / output.name
+        task.note("tracing")
         _run_exporter(spec, inputs, exported, dynamo, opset, dynamic_axes)
+        task.update()
         try:
             model = onnx.load(str(exported))
         except Exception as exc:
@@ -91,11 +98,15 @@ def export_model(
             entry.key, entry.value = key, value
         max_diff, tolerance, providers = float("nan"), float("nan"), []
         if check:
+            task.note("checking against torch in onnxruntime")
             max_diff, tolerance, providers = _check(spec, model, exported, inputs)
+            task.update()
+        task.note("saving")
         save_onnx(model, output, external_data=True if dynamo else None)
+        task.update()
     return ExportResult(
         path=output,
-        exporter="dynamo" if dynamo else "torchscript",
+        exporter=exporter,
         opset=opset,
         max_abs_diff=max_diff,
         tolerance=tolerance,
