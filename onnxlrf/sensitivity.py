@@ -224,7 +224,7 @@ def analyze(
     loss_name: str = "",
     layers: list[Layer] | None = None,
     progress: ProgressLike = None,
-    bias_correction: bool = True,
+    bias_correction: bool = False,
 ) -> Sensitivity:
     """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
 
@@ -232,7 +232,10 @@ def analyze(
     their mean output error (``-(W_r - W) E[x]``, free at inference). The
     quadratic term then sees only the input covariance ``A - mu mu^T``, and the
     first-order term the gradient through both weight and bias,
-    ``G - g_b mu^T``; the basis whitens with the covariance.
+    ``G - g_b mu^T``; the basis whitens with the covariance. Off by default:
+    on ResNet-20 it lowered joint lossless held-out top-1 at 10/20/30% fewer
+    parameters (0.8095/0.8000/0.7586 against 0.8110/0.8049/0.7724 without),
+    although it lifts plain truncated SVD at 20% from 0.47 to 0.70.
 
     ``batches`` may have a ``len()`` (number of micro-batches) for the progress bar.
     """

@@ -108,7 +108,49 @@ def main() -> int:
         (args.out / f"quality_{args.model}.json").write_text(json.dumps(
             {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s, "rows": rows},
             indent=1))
+        peer = args.out / f"aimet_{args.model}.json"  # scripts/aimet_benchmark.py, same splits
+        if peer.exists():
+            rows += json.loads(peer.read_text())["rows"]
+        plot = args.out / f"quality_{args.model}.svg"
+        plot.write_text(metric_vs_size_svg(rows, reference_test, f"{args.model}: held-out test metric"))
+        log(f"wrote {plot}")
     return 0
+
+
+def metric_vs_size_svg(rows: list[dict], reference: float, title: str) -> str:
+    """A self-contained SVG line chart: held-out metric against parameters removed, one line per method."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if "error" not in row:
+            series.setdefault(row["method"], []).append((row["reduction"], row["test"]))
+    width, height, left, top = 520, 320, 60, 30
+    xs = [x for points in series.values() for x, _ in points] + [0.0]
+    ys = [y for points in series.values() for _, y in points] + [reference]
+    x1, y0, y1 = max(xs) * 1.05, max(0.0, min(ys) - 0.02), min(1.0, max(ys) + 0.02)
+    px = lambda x: left + x / x1 * width  # noqa: E731
+    py = lambda y: top + height - (y - y0) / (y1 - y0) * height  # noqa: E731
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#17becf"]
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + 230}" height="{height + 80}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<text x="{left}" y="18" font-size="13">{title}</text>',
+           f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#bbb"/>',
+           f'<line x1="{left}" x2="{left + width}" y1="{py(reference):.1f}" y2="{py(reference):.1f}" '
+           f'stroke="#000" stroke-dasharray="4 3"/>',
+           f'<text x="{left + width + 8}" y="{py(reference) + 4:.1f}">original {reference:.4f}</text>']
+    for i in range(6):
+        x, y = x1 * i / 5, y0 + (y1 - y0) * i / 5
+        out.append(f'<text x="{px(x):.1f}" y="{top + height + 16}" text-anchor="middle">{x:.0%}</text>')
+        out.append(f'<text x="{left - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{y:.2f}</text>')
+    out.append(f'<text x="{left + width / 2}" y="{top + height + 36}" text-anchor="middle">'
+               f'parameters removed</text>')
+    for i, (method, points) in enumerate(sorted(series.items())):
+        colour = colours[i % len(colours)]
+        points = sorted(points)
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"/>')
+        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>' for x, y in points]
+        out.append(f'<text x="{left + width + 8}" y="{top + 60 + 16 * i}" fill="{colour}">{method}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 
 if __name__ == "__main__":
