@@ -300,7 +300,7 @@ def _flops(n: int | None) -> str:
 
 
 def _signed(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.4f}"
+    return "-" if x is None else f"{x:+.3g}"
 
 
 def _pair(before: Any, after: Any, fmt: Callable[[Any], str]) -> str:
@@ -399,6 +399,7 @@ table{border-collapse:collapse;font-size:13px;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f4f4f4;position:sticky;top:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.checks{white-space:nowrap;font-variant-numeric:tabular-nums}td.note{min-width:18em;font-size:12px}
 tr.dense td{color:#777}
 .layers{overflow-x:auto}
 .note{color:#555;font-size:12px;max-width:1100px}
@@ -409,8 +410,10 @@ details summary{cursor:pointer;color:#1f77b4}
 .kv td:first-child{color:#555;white-space:nowrap}
 """
 
-NUMERIC_COLUMNS = {"max rank", "rank", "predicted dloss", "measured dloss", "params", "FLOPs", "latency ms"}
-NUM, DENSE = ' class="num"', ' class="dense"'
+CELL_CLASS = {**{h: ' class="num"' for h in ("max rank", "rank", "predicted dloss", "measured dloss", "params",
+                                              "FLOPs", "latency ms")},
+              CHECKS_HEADER: ' class="checks"', "note": ' class="note"'}
+DENSE = ' class="dense"'
 
 
 def render_html(page: dict, plots: dict[str, str | None]) -> str:
@@ -433,7 +436,7 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
     out += ["<h2>Per layer</h2>", '<div class="layers"><table>',
             "<tr>" + "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER) + "</tr>"]
     for row in page["rows"]:
-        cells = "".join(f"<td{NUM if h in NUMERIC_COLUMNS else ''}>{_cell_html(h, c)}</td>"
+        cells = "".join(f"<td{CELL_CLASS.get(h, '')}>{_cell_html(h, c)}</td>"
                         for h, c in zip(TABLE_HEADER, _table_cells(row)))
         out.append(f"<tr{DENSE if row.rank is None else ''}>{cells}</tr>")
     out += ["</table></div>", f'<p class="note">{e(TABLE_NOTE)}</p>', "<h2>Plots</h2>"]
