@@ -61,10 +61,12 @@ class Layer:
         raise OnnxlrfError(f"decomposition {decomposition!r} is not available for node {self.node!r}")
 
     def max_rank(self, decomposition: str) -> int:
+        """Full rank of the decomposition's matrices."""
         _, m, n = self.matrix_shape(decomposition)
         return min(m, n)
 
     def factorized_params(self, decomposition: str, rank: int) -> int:
+        """Weights of the factorized pair at ``rank``."""
         g, m, n = self.matrix_shape(decomposition)
         return g * rank * (m + n)
 
@@ -77,6 +79,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class SkippedNode:
+    """A Conv/Gemm/MatMul (or quantized) node that is not factorizable, and why."""
+
     node: str
     op_type: str
     reason: str

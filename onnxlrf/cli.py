@@ -275,6 +275,7 @@ def inspect_command(model: str, input_shapes: dict[str, list[int]], as_json: boo
 
 
 def main() -> None:
+    """The ``onnxlrf`` console script."""
     cli(prog_name="onnxlrf")
 
 

@@ -37,6 +37,8 @@ BACKOFF_BISECTIONS = 3
 
 @dataclass
 class CompressResult:
+    """What :func:`compress` did: the written file, the plan, the rewrite, sizes, and metrics where data was given."""
+
     output: Path
     plan: Plan
     rewrite: RewriteReport
@@ -49,9 +51,11 @@ class CompressResult:
 
     @property
     def params_reduction(self) -> float:
+        """Fraction of the original's parameters removed."""
         return 1.0 - self.params / self.reference_params
 
     def to_dict(self) -> dict:
+        """The JSON object ``onnxlrf compress --json`` prints."""
         out = {
             "output": str(self.output),
             "mode": self.plan.mode,
@@ -70,6 +74,7 @@ class CompressResult:
 
 
 def is_onnx_path(model: str) -> bool:
+    """Whether ``model`` names an ONNX file (rather than a model name)."""
     return model.endswith(".onnx") or Path(model).is_file()
 
 
@@ -137,6 +142,7 @@ class Splits:
 
 
 def split_dataset(dataset: Any, calib: int, val: int, seed: int = 0) -> Splits:
+    """``calib`` and ``val`` samples drawn without overlap by ``seed``; the rest is the held-out test split."""
     if calib < 1 or val < 1:
         raise OnnxlrfError("--calib and --val must be at least 1")
     if calib + val >= len(dataset):
@@ -176,6 +182,8 @@ def _metric(model: onnx.ModelProto, dataset: Any, provider: str, progress: Progr
 
 @dataclass
 class JointResult:
+    """The joint method's outcome (:func:`compress_joint`), in memory."""
+
     plan: Plan
     compressed: onnx.ModelProto
     report: RewriteReport

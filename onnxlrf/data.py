@@ -60,9 +60,10 @@ class Dataset:
 
     @property
     def metric_name(self) -> str:
+        """``top1`` for classification, ``spearman`` for sentence similarity."""
         return "spearman" if self.task == SENTENCE_SIMILARITY else "top1"
 
-    def subset(self, indices) -> Dataset:
+    def subset(self, indices: np.ndarray | list[int]) -> Dataset:
         """The samples (pairs) at ``indices``, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         if indices.ndim != 1 or (indices.size and (indices.min() < 0 or indices.max() >= len(self))):
@@ -128,6 +129,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def cache_dir() -> Path:
+    """Where downloads go: ``$ONNXLRF_CACHE`` or ``~/.cache/onnxlrf``."""
     return Path(os.environ.get("ONNXLRF_CACHE") or Path.home() / ".cache" / "onnxlrf")
 
 

@@ -38,6 +38,8 @@ RELATIVE_TOLERANCE = 1e-4
 
 @dataclass
 class ExportResult:
+    """The exported file and how it compares with torch in onnxruntime (``onnxlrf export``)."""
+
     path: Path
     exporter: str  # 'torchscript' | 'dynamo'
     opset: int

@@ -43,6 +43,8 @@ BASIS_PARTS = ("x", "s", "yt", "mu")
 
 @dataclass
 class LayerPlan:
+    """One layer's entry in a plan (see the README's "The plan")."""
+
     node: str
     op_type: str
     weight: str
@@ -71,6 +73,8 @@ _LAYER_KEYS = ("node", "op_type", "weight", "weight_shape", "decomposition", "ra
 
 @dataclass
 class Plan:
+    """Per layer, which decomposition and components to keep; saved as JSON (plus stored bases)."""
+
     layers: list[LayerPlan]
     mode: str
     options: dict = field(default_factory=dict)
@@ -82,6 +86,7 @@ class Plan:
     bases: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
+        """The plan as a JSON-ready dict (without the stored bases)."""
         return {
             "format": self.format,
             "version": self.version,
@@ -93,6 +98,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
+        """A plan from :meth:`to_dict`'s form; a malformed one raises OnnxlrfError naming the problem."""
         if not isinstance(data, dict):
             raise OnnxlrfError("plan must be a JSON object")
         if data.get("format") != PLAN_FORMAT:
@@ -121,6 +127,7 @@ class Plan:
                    source=data.get("source") or {})
 
     def to_json(self) -> str:
+        """The plan as JSON text."""
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -144,6 +151,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
+        """Read a plan written by :meth:`save` (its bases file too, when it has one)."""
         try:
             text = open(path, encoding="utf-8").read()
         except OSError as exc:

@@ -35,11 +35,13 @@ class Task:
         self.count = 0
 
     def update(self, n: int = 1) -> None:
+        """Advance by ``n`` units."""
         self.count += n
         if self._bar is not None:
             self._bar.update(n)
 
     def note(self, text: str) -> None:
+        """Show ``text`` beside the bar (what the step is doing now)."""
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
 

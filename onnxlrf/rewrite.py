@@ -32,6 +32,8 @@ __all__ = ["RewriteReport", "apply_plan", "plan_full_rank"]
 
 @dataclass
 class RewriteReport:
+    """Per layer what the rewrite did (new nodes, rank, parameters) or why it left the layer dense."""
+
     rewritten: list[dict] = field(default_factory=list)
     kept_dense: list[dict] = field(default_factory=list)
     params_before: int = 0

@@ -203,6 +203,7 @@ def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of the first output against class labels."""
     return F.cross_entropy(outputs[0], targets.long(), reduction="none")
 
 

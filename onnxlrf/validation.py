@@ -44,6 +44,8 @@ ModelLike = onnx.ModelProto | str | os.PathLike
 
 @dataclass
 class ValidationResult:
+    """Metric, fidelity to a reference, sizes and the providers onnxruntime really used (``onnxlrf validate``)."""
+
     metric: str
     value: float
     reference_value: float | None
@@ -61,6 +63,8 @@ class ValidationResult:
 
 @dataclass
 class BenchResult:
+    """Median latencies, speedup and FLOPs of a model against its reference (``onnxlrf bench``)."""
+
     latency_ms: float
     reference_latency_ms: float
     speedup: float
