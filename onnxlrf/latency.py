@@ -16,9 +16,10 @@ less; planners rely on monotone costs). Measurements are cached on disk as JSON
 per context (provider, device, threads, onnxruntime version, I/O binding), keyed
 by the op signature (op, attributes, weight/bias/input shapes, dtype).
 
-A per-layer sum is not the whole model: the model's latency used as the total
-(:meth:`LatencyCost.total`) is measured on the model itself, and what factorizing
-saves is predicted from the per-layer differences.
+A per-layer sum is not the whole model (weights stay in cache between single-node
+runs, activations are fused in the graph, other ops take time): the total
+(:meth:`LatencyCost.total`) is the model's own measured latency, and the per-layer
+latencies are scaled by one factor calibrated on the model (see :class:`LatencyCost`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,19 +110,16 @@ def layer_flops(layer: Layer, input_shape: list[int], output_shape: list[int],
     return 2 * (first + positions * cout * rank * kw)
 
 
-@dataclass
 class FlopsCost:
     """Cost in FLOPs of Conv/Gemm/MatMul nodes at ``batch`` (the total is :func:`validation.count_flops`)."""
 
-    model: onnx.ModelProto = field(repr=False)
-    batch: int = 1
-    seq_length: int = 128
-    target: str = "flops"
-    resolution: float = 1.0  # costs compared as integers after multiplying by this
+    target = "flops"
+    resolution = 1.0
 
-    def __post_init__(self) -> None:
+    def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128) -> None:
         from .validation import concrete_input_shapes, count_flops
 
+        self.model, self.batch, self.seq_length = model, batch, seq_length
         self.shapes = layer_shapes(self.model, self.batch, self.seq_length)
         self._total = count_flops(self.model, concrete_input_shapes(self.model, self.batch, self.seq_length))
         self._trans_a = {n.name: any(a.name == "transA" and a.i for a in n.attribute)
