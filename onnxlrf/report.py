@@ -391,15 +391,15 @@ def _change(split: dict) -> str:
 
 
 CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1400px;
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1500px;
  padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.1em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 .sub{color:#666;margin-top:0}
-table{border-collapse:collapse;font-size:13px;margin:.5em 0}
+table{border-collapse:collapse;font-size:12px;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 6px;text-align:left;vertical-align:top}
 th{background:#f4f4f4;position:sticky;top:0}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td.checks{white-space:nowrap;font-variant-numeric:tabular-nums}td.note{min-width:18em;font-size:12px}
+td.checks{white-space:nowrap;font-variant-numeric:tabular-nums}td.note{min-width:13em;font-size:11px}
 tr.dense td{color:#777}
 .layers{overflow-x:auto}
 .note{color:#555;font-size:12px;max-width:1100px}
@@ -654,14 +654,22 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
                           "1 3"))
         legend.append((f'<line x1="0" y1="0" x2="14" y2="0" stroke="{GREY}" stroke-dasharray="1 3"/>',
                        "original, validation"))
-    for b in backoff:
+    placed: list[tuple[float, float, float, float]] = []  # label boxes, so labels do not overlap
+    # The chosen attempt is labelled first, so it keeps its label when attempts crowd together.
+    for b in sorted(backoff, key=lambda b: b["kappa"] != curve.get("kappa")):
         chosen = b["kappa"] == curve.get("kappa")
         tip = f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}"
         body.append(f'<circle cx="{px(b["achieved_reduction"]):.1f}" cy="{py(b["val"]):.1f}" r="4" '
                     f'fill="{BLUE if chosen else "white"}" stroke="{BLUE}" stroke-width="1.5">'
                     f'<title>{html.escape(tip)}</title></circle>')
-        body.append(_text(px(b["achieved_reduction"]) + 6, py(b["val"]) - 5, f"\u03ba{b['kappa']:.3g}", "start", 9,
-                          BLUE))
+        label = f"\u03ba{b['kappa']:.3g}"
+        x, y = px(b["achieved_reduction"]), py(b["val"])
+        for lx, ly in ((x + 6, y - 5), (x + 6, y + 12), (x - 6 - 5.5 * len(label), y - 5)):
+            box = (lx, ly - 9, lx + 5.5 * len(label), ly + 1)
+            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in placed):
+                placed.append(box)
+                body.append(_text(lx, ly, label, "start", 9, BLUE))
+                break
     if backoff:
         legend.append((f'<circle cx="7" cy="0" r="4" fill="white" stroke="{BLUE}" stroke-width="1.5"/>',
                        "back-off attempt, validation"))
