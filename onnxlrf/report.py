@@ -275,7 +275,8 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
         "title": f"onnxlrf report: {plan.source.get('model', result.output)}",
         "written": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "summary": summary, "splits": splits, "metric": validation.metric if validation is not None else "metric",
-        "rows": rows, "curve": curve, "providers": providers or {"onnxruntime": "no session ran (no data given)"}, "versions": versions(),
+        "rows": rows, "curve": curve, "versions": versions(),
+        "providers": providers or {"onnxruntime": "no session ran (no data given)"},
         "command": command, "plan_json": plan.to_json(),
         "bases_note": "; its stored bases are not included (--plan-out writes them beside the plan)"
         if plan.bases else "",
@@ -364,7 +365,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
     if page["curve"]["backoff"]:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
-        md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.4f} | "
+        md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.3g} | "
                f"{_metric(b['val'])} | {'chosen' if b['kappa'] == page['curve']['kappa'] else ''} |"
                for b in page["curve"]["backoff"]]
         md.append("")
@@ -406,6 +407,7 @@ tr.dense td{color:#777}
 figure{display:inline-block;margin:0 1.5em 1.5em 0;vertical-align:top}
 figcaption{font-size:13px;color:#444;max-width:640px}
 pre{background:#f7f7f7;padding:.6em;overflow-x:auto;font-size:12px}
+pre.command{white-space:pre-wrap;word-break:break-all}
 details summary{cursor:pointer;color:#1f77b4}
 .kv td:first-child{color:#555;white-space:nowrap}
 """
@@ -449,11 +451,12 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
         out += ["<h2>Back-off on the validation split</h2>", "<table><tr><th>kappa</th><th>reduction</th>"
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
         out += [f"<tr><td class=\"num\">{b['kappa']:.4g}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
-                f"<td class=\"num\">{b['predicted_dloss']:+.4f}</td><td class=\"num\">{_metric(b['val'])}</td>"
+                f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b['val'])}</td>"
                 f"<td>{'chosen' if b['kappa'] == page['curve']['kappa'] else ''}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
-    out += ["<h2>Run</h2>", "<p>Command:</p>", f"<pre>{e(page['command'] or '(not recorded: Python API)')}</pre>",
+    command = page["command"] or "(not recorded: Python API)"
+    out += ["<h2>Run</h2>", "<p>Command:</p>", f'<pre class="command">{e(command)}</pre>',
             '<table class="kv"><tr><th>execution providers</th><th></th></tr>']
     out += [f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in page["providers"].items()]
     out += ["</table>", '<table class="kv"><tr><th>package</th><th>version</th></tr>']
@@ -594,7 +597,8 @@ def loss_plot(rows: list[LayerRow]) -> str | None:
                       px(_inv_symlog(extent, threshold)), py(_inv_symlog(extent, threshold)), GREY, 1, "4 3"))
     for row, c in points:
         colour = BLUE if c.get("agree") else RED
-        ring = ' stroke="#000" stroke-width="1.6"' if c.get("rank") == row.rank else ' stroke="white" stroke-width="0.5"'
+        kept = c.get("rank") == row.rank
+        ring = ' stroke="#000" stroke-width="1.6"' if kept else ' stroke="white" stroke-width="0.5"'
         tip = (f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured {c['measured']:+.4f}"
                f"{'' if c.get('agree') else ' (disagree)'}")
         body.append(f'<circle cx="{px(c["predicted"]):.1f}" cy="{py(c["measured"]):.1f}" r="3.5" fill="{colour}" '
@@ -640,14 +644,16 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
 
     body = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#bbb"/>']
     for t in x_ticks:
-        body += [_line(px(t), top, px(t), top + height, "#eee"), _text(px(t), top + height + 14, f"{t:.0%}", "middle", 9)]
+        body += [_line(px(t), top, px(t), top + height, "#eee"),
+                 _text(px(t), top + height + 14, f"{t:.0%}", "middle", 9)]
     for t in y_ticks:
         body += [_line(left, py(t), left + width, py(t), "#eee"), _text(left - 4, py(t) + 3, f"{t:.4g}", "end", 9)]
     legend: list[tuple[str, str]] = []
     if final is not None and final.get("reference_value") is not None:
         body.append(_line(left, py(final["reference_value"]), left + width, py(final["reference_value"]), GREY, 1.2,
                           "5 3"))
-        legend.append((f'<line x1="0" y1="0" x2="14" y2="0" stroke="{GREY}" stroke-width="1.2" stroke-dasharray="5 3"/>',
+        legend.append((f'<line x1="0" y1="0" x2="14" y2="0" stroke="{GREY}" stroke-width="1.2" '
+                       'stroke-dasharray="5 3"/>',
                        f"original, {final['split']}"))
     if curve.get("val_reference") is not None:
         body.append(_line(left, py(curve["val_reference"]), left + width, py(curve["val_reference"]), GREY, 1,

@@ -25,7 +25,8 @@ from onnxlrf.progress import Progress
 from onnxlrf.report import PLOTS, REPORT_FILES, layer_rows, write_report
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 64, 10, 300
-BASELINES = [{"method": "uniform", "reduction": 0.1, "value": 0.9}, {"method": "uniform", "reduction": 0.3, "value": 0.7},
+BASELINES = [{"method": "uniform", "reduction": 0.1, "value": 0.9},
+             {"method": "uniform", "reduction": 0.3, "value": 0.7},
              {"method": "energy", "reduction": 0.2, "value": 0.85}]
 VOID = {"meta", "br", "hr", "img", "input", "link", "source", "wbr", "col", "area", "base", "embed", "param", "track"}
 SVG_LEAVES = {"rect", "line", "circle", "polygon", "polyline", "path"}  # self-closed inside SVG
@@ -40,7 +41,8 @@ def low_rank_mlp() -> onnx.ModelProto:
         return (rng.standard_normal((m, 6)) @ rng.standard_normal((6, n)) / np.sqrt(6)
                 + 0.02 * rng.standard_normal((m, n))).astype(np.float32)
 
-    inits = [numpy_helper.from_array(low_rank(IN, HIDDEN), "w1"), numpy_helper.from_array(low_rank(HIDDEN, HIDDEN), "w2"),
+    inits = [numpy_helper.from_array(low_rank(IN, HIDDEN), "w1"),
+             numpy_helper.from_array(low_rank(HIDDEN, HIDDEN), "w2"),
              numpy_helper.from_array(0.3 * rng.standard_normal((CLASSES, HIDDEN)).astype(np.float32), "w3"),
              numpy_helper.from_array(np.zeros(CLASSES, np.float32), "b3")]
     graph = helper.make_graph(
