@@ -275,7 +275,7 @@ def backoff_plan(
         backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
                         "predicted_dloss": plan.options["predicted_dloss"], "val": value})
         attempts.update()
-        summary = (f"  kappa {kappa:.3g}: {plan.options['achieved_reduction']:.1%} fewer parameters, "
+        summary = (f"  kappa {kappa:.3g}: {_reduction_text(plan)}, "
                    f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
         if mode == "lossless":
             progress.log(f"{summary} (original {reference_val:.4f})")
@@ -322,12 +322,21 @@ def backoff_plan(
         best = (reference_val, plan, compressed, report)
     else:
         progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}: "
-                     f"{best[1].options['achieved_reduction']:.1%} fewer parameters, val {best[0]:.4f} "
+                     f"{_reduction_text(best[1])}, val {best[0]:.4f} "
                      f"(original {reference_val:.4f})")
     _, plan, compressed, report = best
     plan.options["backoff"] = backoff
     plan.options["reference_val"] = reference_val
     return plan, compressed, report, backoff
+
+
+def _reduction_text(plan: Plan) -> str:
+    """The plan's size in its target's words, e.g. '12.0% fewer parameters' or '30.1% less latency'."""
+    target = plan.options.get("target", "params")
+    reduction = plan.options["achieved_reduction"]
+    if target == "params":
+        return f"{reduction:.1%} fewer parameters"
+    return f"{reduction:.1%} less {'latency' if target == 'latency' else 'FLOPs'}"
 
 
 def compress_joint(
