@@ -796,11 +796,7 @@ def baseline_basis(ls: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         u, s, vh = np.linalg.svd(row[:, :, None] * w, full_matrices=False)
         return (u / row[:, :, None], s, vh)
     if kind == "whitened":
-        vals, vecs = np.linalg.eigh(ls.input_moment)
-        vals = vals + 1e-3 * vals.mean(-1, keepdims=True)  # the analysis' relative damping
-        vals = np.sqrt(np.maximum(vals, 1e-12 * vals.max()))
-        root = (vecs * vals[:, None, :]) @ vecs.transpose(0, 2, 1)
-        inv_root = (vecs / vals[:, None, :]) @ vecs.transpose(0, 2, 1)
+        root, inv_root = ls.input_whitening()
         u, s, vh = np.linalg.svd(w @ root, full_matrices=False)
         return (u, s, vh @ inv_root)
     raise OnnxlrfError(f"unknown baseline basis {kind!r}; known: fwsvd, whitened")

@@ -111,6 +111,11 @@ class LayerSensitivity:
             out.append((self.x[j][:, idx] * self.s[j][idx]) @ self.y[j][:, idx].T)
         return np.stack(out)
 
+    def input_whitening(self) -> tuple[np.ndarray, np.ndarray]:
+        """``A^(1/2)`` and ``A^(-1/2)`` of the input moment, damped as the analysis damps its factors."""
+        root, inv_root = _sqrt_and_inverse(torch.from_numpy(self.input_moment).to(torch.float64))
+        return root.numpy(), inv_root.numpy()
+
     def output_shift(self, keep: np.ndarray) -> np.ndarray | None:
         """(g*m,) bias change that cancels the truncation's mean output error, ``-(W_r - W) mu``."""
         if self.input_mean is None:

@@ -34,6 +34,7 @@ from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params
+from quality_benchmark import print_table  # scripts/ is on sys.path when a script runs
 
 SHARED = Path(os.environ.get("ONNXLRF_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 WEIGHTS = {"cifar10-resnet20": "resnet20-12fca82f.th", "cifar10-resnet56": "resnet56-4bfd9763.th"}
@@ -126,14 +127,7 @@ def main() -> int:
 
     print(f"\n{args.model}: AIMET (aimet-torch) held-out test top-1 ({len(splits.test)} images; original "
           f"{reference_test:.4f}); seed {args.seed}\n")
-    print("| method | target | reduction | test metric | time (s) |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['method']} | {row['target']} | failed | - | - |")
-        else:
-            print(f"| {row['method']} | {row['target']:.2f} | {row['reduction']:.3f} | {row['test']:.4f} | "
-                  f"{row['seconds']:.0f} |")
+    print_table(rows, "failed")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"aimet_{args.model}.json").write_text(json.dumps(

@@ -95,14 +95,7 @@ def main() -> int:
 
     print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
           f"joint analysis {analysis_s:.0f} s, calib {n_calib}, val {n_val}, seed {args.seed}\n")
-    print("| method | target | reduction | test metric | time (s) |")
-    print("|---|---|---|---|---|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['method']} | {row['target']} | out of reach | - | - |")
-        else:
-            target = "-" if row["target"] is None else f"{row['target']:.2f}"
-            print(f"| {row['method']} | {target} | {row['reduction']:.3f} | {row['test']:.4f} | {row['seconds']:.1f} |")
+    print_table(rows, "out of reach")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"quality_{args.model}.json").write_text(json.dumps(
@@ -115,6 +108,18 @@ def main() -> int:
         plot.write_text(metric_vs_size_svg(rows, reference_test, f"{args.model}: held-out test metric"))
         log(f"wrote {plot}")
     return 0
+
+
+def print_table(rows: list[dict], failure: str) -> None:
+    """The Markdown results table; ``failure`` stands in a row whose method raised."""
+    print("| method | target | reduction | test metric | time (s) |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['method']} | {row['target']} | {failure} | - | - |")
+        else:
+            target = "-" if row["target"] is None else f"{row['target']:.2f}"
+            print(f"| {row['method']} | {target} | {row['reduction']:.3f} | {row['test']:.4f} | {row['seconds']:.1f} |")
 
 
 def metric_vs_size_svg(rows: list[dict], reference: float, title: str) -> str:
