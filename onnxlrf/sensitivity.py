@@ -22,6 +22,7 @@ plan that was predicted to be safe measures worse.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -39,6 +40,10 @@ from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
 # dead channels (e.g. zero-padded shortcut channels) without changing the basis
 # of well-conditioned layers.
 DAMPING = 1e-3
+# Activations the truncation probe may keep to start runs at the truncated layer.
+PROBE_CACHE_BYTES = 2 << 30
+# Standard errors a first-order gain must clear before the planners count it.
+SIGNIFICANCE = 2.0
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # -> per-sample losses
@@ -54,6 +59,8 @@ class LayerSensitivity:
     y: np.ndarray  # (g, n, k) input-side basis
     first_order: np.ndarray  # (g, k) a_i
     weight_norm: float
+    # (g, k) standard error of a_i across calibration micro-batches (None: not measured).
+    first_order_se: np.ndarray | None = None
     input_moment: np.ndarray = None  # (g, n, n) A = E[x x^T], for the activation-whitened baseline
     # (g, n) mean input row; set when the analysis compensates truncation with the bias (see output_shift).
     input_mean: np.ndarray | None = None
@@ -66,9 +73,22 @@ class LayerSensitivity:
     def quadratic(self) -> np.ndarray:
         return 0.5 * self.s**2
 
+    @property
+    def trusted_first_order(self) -> np.ndarray:
+        """First-order effects, gains shrunk by ``SIGNIFICANCE`` standard errors (never below zero).
+
+        A gain measured on the calibration split is partly that split's noise:
+        on ResNet-56, components predicted to lower the loss by 0.07 raised the
+        validation loss by 0.26. A cost is kept as measured.
+        """
+        if self.first_order_se is None:
+            return self.first_order
+        a = self.first_order
+        return np.where(a < 0, np.minimum(a + SIGNIFICANCE * self.first_order_se, 0.0), a)
+
     def scores(self, kappa: float = 1.0) -> np.ndarray:
         """Predicted loss change of dropping each component alone."""
-        return self.first_order + kappa * self.curvature_scale * self.quadratic
+        return self.trusted_first_order + kappa * self.curvature_scale * self.quadratic
 
     def drop_order(self, kappa: float = 1.0) -> np.ndarray:
         """(g, k) component indices, cheapest to drop first (weight error breaks ties)."""
@@ -135,6 +155,8 @@ class Sensitivity:
     reference_loss: float
     samples: int
     loss: str
+    # Set by measure_ranges: measures single-layer truncations on its batches (for the back-off).
+    probe: "TruncationProbe | None" = field(default=None, repr=False)
 
 
 def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:
@@ -207,6 +229,20 @@ def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root, inv_root
 
 
+def _standard_error(layer: Layer, grads: list[torch.Tensor], sizes: list[int], x: torch.Tensor, s: torch.Tensor,
+                    y: torch.Tensor, first: torch.Tensor) -> np.ndarray | None:
+    """(g, k) standard error of the first-order effects, from their spread across micro-batches (METHOD.md 2)."""
+    if len(grads) < 2:
+        return None
+    n = torch.tensor(sizes, dtype=torch.float64)
+    per_batch = torch.stack([
+        -s * torch.einsum("gmk,gmn,gnk->gk", x, torch.from_numpy(weight_matrices(
+            grad.numpy().astype(np.float64) / size, layer, "channel")), y)
+        for grad, size in zip(grads, sizes)])  # (batches, g, k)
+    variance = (n[:, None, None] * (per_batch - first) ** 2).sum(0) / (len(sizes) - 1) / n.sum()
+    return variance.sqrt().numpy()
+
+
 def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of the first output against class labels."""
     return F.cross_entropy(outputs[0], targets.long(), reduction="none")
@@ -261,6 +297,9 @@ def analyze(
         output.retain_grad()
         entry.outputs.append(output)
 
+    batch_grads: dict[str, list[torch.Tensor]] = {layer.node: [] for layer in layers}
+    grad_so_far = {layer.node: torch.zeros_like(graph.parameters[layer.weight]) for layer in layers}
+    batch_sizes: list[int] = []
     total_loss, samples = 0.0, 0
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     for feeds, targets in progress.track(batches(), "analysis: gradients and K-FAC factors", n_batches, "batch"):
@@ -270,12 +309,17 @@ def analyze(
             raise OnnxlrfError("the calibration loss is not finite (NaN/Inf in the model or the data)")
         # Sum of per-sample losses: output gradients are then per-sample gradients (for B).
         losses.sum().backward()
+        for layer in layers:  # this micro-batch's gradient sum, for the first order's standard error
+            total_grad = graph.parameters[layer.weight].grad.detach()
+            batch_grads[layer.node].append((total_grad - grad_so_far[layer.node]).clone())
+            grad_so_far[layer.node] = total_grad.clone()
         for entry in stats.values():
             for out in entry.outputs:
                 entry.add_output_grad(out.grad)
             entry.outputs.clear()
         total_loss += float(losses.detach().sum())
         samples += int(losses.numel())
+        batch_sizes.append(int(losses.numel()))
 
     result: dict[str, LayerSensitivity] = {}
     for layer in progress.track(layers, "analysis: joint bases (eigen, SVD)", unit="layer"):
@@ -296,13 +340,32 @@ def analyze(
         x = left_inv @ u  # (g, m, k)
         y = right_inv @ vh.transpose(-1, -2)  # (g, n, k)
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
+        # With bias correction the first order also moves the bias; its spread is not measured.
+        first_se = None if bias_correction else _standard_error(layer, batch_grads.pop(layer.node), batch_sizes,
+                                                                x, s, y, first)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-            weight_norm=float(np.linalg.norm(weight)), input_moment=moment.numpy(),
+            weight_norm=float(np.linalg.norm(weight)), first_order_se=first_se, input_moment=moment.numpy(),
             output_fisher=(entry.b / samples).diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
         )
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)
+
+
+@contextmanager
+def _replaced(graph: TorchGraph, replacements: dict[str, np.ndarray] | None) -> Iterator[None]:
+    """``graph`` with some weights replaced (initializer name -> array in stored layout), restored after."""
+    saved = {}
+    for name, value in (replacements or {}).items():
+        store = graph.parameters if name in graph.parameters else graph.constants
+        saved[name] = store[name]
+        store[name] = torch.as_tensor(value, dtype=saved[name].dtype)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            store = graph.parameters if name in graph.parameters else graph.constants
+            store[name] = value
 
 
 def measure_loss(
@@ -325,25 +388,15 @@ def measure_loss(
         vec = shifts[node.name]
         return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
 
-    saved = {}
-    for name, value in (replacements or {}).items():
-        store = graph.parameters if name in graph.parameters else graph.constants
-        saved[name] = store[name]
-        store[name] = torch.as_tensor(value, dtype=saved[name].dtype)
-    try:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for feeds, targets in batches():
-                outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=shift if shifts else None,
-                                hook_nodes=set(shifts))
-                losses = loss_fn(outputs, torch.as_tensor(targets))
-                total += float(losses.sum())
-                count += int(losses.numel())
-        return total / count
-    finally:
-        for name, value in saved.items():
-            store = graph.parameters if name in graph.parameters else graph.constants
-            store[name] = value
+    total, count = 0.0, 0
+    with _replaced(graph, replacements), torch.no_grad():
+        for feeds, targets in batches():
+            outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=shift if shifts else None,
+                            hook_nodes=set(shifts))
+            losses = loss_fn(outputs, torch.as_tensor(targets))
+            total += float(losses.sum())
+            count += int(losses.numel())
+    return total / count
 
 
 def stored_weight(layer: Layer, matrices: np.ndarray) -> np.ndarray:
@@ -352,6 +405,60 @@ def stored_weight(layer: Layer, matrices: np.ndarray) -> np.ndarray:
         return matrices.reshape(layer.weight_shape)
     mat = matrices[0]
     return mat.T if layer.transposed else mat
+
+
+class TruncationProbe:
+    """Measured loss change of truncating one layer alone, on fixed calibration batches; results cached.
+
+    The planners' predictions are a model; the back-off asks the probe for the
+    layers and ranks a plan chose and corrects the prediction with what it
+    measures (METHOD.md 3 and 5: measured loss is the final judge). The
+    original's activations on the batches are kept (up to ``cache_bytes``), so
+    a truncated layer's run starts at that layer.
+    """
+
+    def __init__(self, model: onnx.ModelProto, sensitivity: Sensitivity, batches: Callable[[], Iterator[Batch]],
+                 loss_fn: LossFn, cache_bytes: int = PROBE_CACHE_BYTES) -> None:
+        self.model, self.sensitivity, self.batches, self.loss_fn = model, sensitivity, batches, loss_fn
+        self.graph = TorchGraph(model)
+        weights = {**self.graph.constants, **self.graph.parameters}
+        self.traces: list | None = []  # (values, targets) per batch; None when they would not fit
+        total, count, size = 0.0, 0, 0
+        with torch.no_grad():
+            for feeds, targets in batches():
+                values = self.graph.trace({k: torch.as_tensor(v) for k, v in feeds.items()})
+                targets = torch.as_tensor(targets)
+                losses = loss_fn(self.graph._outputs(values), targets)
+                total += float(losses.sum())
+                count += int(losses.numel())
+                if self.traces is not None:
+                    size += sum(v.nbytes for k, v in values.items() if k not in weights and torch.is_tensor(v))
+                    self.traces = self.traces + [(values, targets)] if size <= cache_bytes else None
+        self.base = total / count
+        self.cache: dict[tuple[str, int, float], float] = {}
+
+    def __call__(self, node: str, rank: int, kappa: float = 1.0) -> float:
+        """Loss change with only ``node`` truncated to ``rank`` components, dropped in joint order at ``kappa``."""
+        key = (node, int(rank), float(kappa))
+        if key not in self.cache:
+            ls = self.sensitivity.layers[node]
+            keep = ls.keep(rank, kappa)
+            replacement = {ls.layer.weight: stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)}
+            shift = ls.output_shift(keep)
+            if shift is not None or self.traces is None:
+                loss = measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
+                                    output_shifts=None if shift is None else {node: shift})
+            else:
+                start = self.graph.first_reader(ls.layer.weight)
+                total, count = 0.0, 0
+                with _replaced(self.graph, replacement), torch.no_grad():
+                    for values, targets in self.traces:
+                        losses = self.loss_fn(self.graph.resume(values, start), targets)
+                        total += float(losses.sum())
+                        count += int(losses.numel())
+                loss = total / count
+            self.cache[key] = loss - self.base
+        return self.cache[key]
 
 
 def measure_ranges(
@@ -373,11 +480,12 @@ def measure_ranges(
     measured points, kept within [0.05, 100]). With it, a level agrees when
     ``|measured - predicted| <= tolerance_abs + tolerance_rel * max(|measured|, |predicted|)``;
     the range is the relative error of the most aggressive level that agrees
-    while every milder one agreed too (0: the layer stays dense).
+    while every milder one agreed too (0: the layer stays dense). The probe that
+    measured them stays on ``sensitivity.probe`` for the back-off.
     """
     progress = as_progress(progress)
-    graph = TorchGraph(model)
-    base = measure_loss(model, batches, loss_fn, graph=graph)
+    probe = TruncationProbe(model, sensitivity, batches, loss_fn)
+    sensitivity.probe = probe
     for ls in progress.track(list(sensitivity.layers.values()), "perturbation ranges", unit="layer"):
         layer = ls.layer
         ls.curvature_scale = 1.0
@@ -387,14 +495,11 @@ def measure_ranges(
         checks = []
         for rank in ranks:
             keep = ls.keep(rank)
-            weight = stored_weight(layer, ls.reconstruct(keep)).astype(np.float32)
-            shift = ls.output_shift(keep)
-            measured = measure_loss(model, batches, loss_fn, {layer.weight: weight}, graph=graph,
-                                    output_shifts=None if shift is None else {layer.node: shift}) - base
+            measured = probe(layer.node, rank)
             dropped = np.ones_like(ls.s, dtype=bool)
             np.put_along_axis(dropped, keep, False, axis=1)
             checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
-                           "first_order": float(ls.first_order[dropped].sum()),
+                           "first_order": float(ls.trusted_first_order[dropped].sum()),
                            "quadratic": float(ls.quadratic[dropped].sum())})
         lin = np.array([c["first_order"] for c in checks])
         quad = np.array([c["quadratic"] for c in checks])

@@ -388,13 +388,33 @@ class TorchGraph:
 
     def __call__(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
                  hook_nodes: set[str] | None = None) -> list[torch.Tensor]:
+        return self._outputs(self.trace(feeds, hook, hook_nodes))
+
+    def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
+              hook_nodes: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Run the graph and return every value it computed (for :meth:`resume`)."""
         env: dict[str, torch.Tensor] = {**self.constants, **self.parameters}
         for name in self.input_names:
             if name not in feeds:
                 raise OnnxlrfError(f"missing input {name!r}")
-            value = feeds[name]
-            env[name] = torch.as_tensor(value)
-        for node, a in zip(self.nodes, self.attrs):
+            env[name] = torch.as_tensor(feeds[name])
+        return self._run(env, 0, hook, hook_nodes)
+
+    def resume(self, traced: dict[str, torch.Tensor], start: int) -> list[torch.Tensor]:
+        """Outputs of a run that reuses ``traced`` values computed before node index ``start``.
+
+        Correct when nothing before ``start`` changed: a weight read first at
+        ``start`` or later may have been replaced since the trace.
+        """
+        env = {**traced, **self.constants, **self.parameters}
+        return self._outputs(self._run(env, start, None, None))
+
+    def _outputs(self, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [env[name] for name in self.output_names]
+
+    def _run(self, env: dict[str, torch.Tensor], start: int, hook: NodeHook | None,
+             hook_nodes: set[str] | None) -> dict[str, torch.Tensor]:
+        for node, a in zip(self.nodes[start:], self.attrs[start:]):
             args = [env[name] if name else None for name in node.input]
             if node.op_type == "Split":
                 outs = _split(*args, a=a, n_out=len(node.output))
@@ -408,4 +428,11 @@ class TorchGraph:
                 replaced = hook(node, args, outs[0])
                 if replaced is not None:  # the hook may substitute the node's (first) output
                     env[node.output[0]] = replaced
-        return [env[name] for name in self.output_names]
+        return env
+
+    def first_reader(self, name: str) -> int:
+        """Index of the first node that reads value ``name``."""
+        for index, node in enumerate(self.nodes):
+            if name in node.input:
+                return index
+        raise OnnxlrfError(f"no node reads {name!r}")
