@@ -93,9 +93,14 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
     from .export import export_model
     from .models import load_model
 
-    result = _run(as_json, lambda: export_model(
-        load_model(model, weights=weights), output, dynamo=dynamo, batch=batch,
-        dynamic_batch=dynamic_batch, overwrite=overwrite, progress=_progress(quiet)))
+    from .onnx_io import check_output_path
+
+    def run() -> Any:
+        check_output_path(output, (weights,), overwrite)  # before the checkpoint is even read
+        return export_model(load_model(model, weights=weights), output, dynamo=dynamo, batch=batch,
+                            dynamic_batch=dynamic_batch, overwrite=overwrite, progress=_progress(quiet))
+
+    result = _run(as_json, run)
     payload = dataclasses.asdict(result)
     _emit(as_json, payload,
           f"wrote {result.path} ({result.exporter}, opset {result.opset}); "

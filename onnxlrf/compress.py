@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -31,8 +31,6 @@ MODES = JOINT_MODES + PLANNING_MODES
 # trusts the quadratic model less, so plans get more conservative.
 BACKOFF_KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BACKOFF_BISECTIONS = 3
-# Rounds of measuring a plan's layers alone and re-planning with the measurements (per kappa).
-REFINE_ROUNDS = 4
 
 
 @dataclass
@@ -202,7 +200,7 @@ def joint_analysis(
     progress: ProgressLike = None,
 ) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
-    from .sensitivity import LOSSES, analyze, measure_ranges
+    from .sensitivity import LOSSES, analyze, calibrate_loss, measure_ranges
 
     progress = as_progress(progress)
 
@@ -220,8 +218,12 @@ def joint_analysis(
         outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib,
                               progress=progress, description="label-free targets: the original's predictions")
         targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
-    sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
-                          loss_name=f"{calib.task}/{labels}", progress=progress)
+    batches = calibration_batches(calib, targets, micro_batch)
+    if labels == "labels":  # (the original's own predictions leave no calibration to fit)
+        loss_fn = calibrate_loss(reference, batches, loss_fn)
+        progress.log(f"calibration loss: {loss_fn.describe()}, fitted to the original on the calibration split")
+    name = f"{calib.task}/{labels}" + (f": {loss_fn.describe()}" if hasattr(loss_fn, "describe") else "")
+    sensitivity = analyze(reference, batches, loss_fn, loss_name=name, progress=progress)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range], 128),
@@ -264,11 +266,8 @@ def backoff_plan(
     def attempt(kappa: float) -> tuple | None:
         nonlocal unreachable
         try:
-            plan = measured_plan(
-                lambda measured: plan_joint(reference, sensitivity, mode, target_reduction=target_reduction,
-                                            tolerance=tolerance, kappa=kappa, solver=solver, target=target,
-                                            rank_multiple=rank_multiple, cost=cost, measured=measured),
-                sensitivity.probe, kappa, progress)
+            plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
+                              kappa=kappa, solver=solver, target=target, rank_multiple=rank_multiple, cost=cost)
         except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
             unreachable = exc
             progress.log(f"  kappa {kappa:.3g}: no plan ({exc})")
@@ -331,31 +330,6 @@ def backoff_plan(
     plan.options["backoff"] = backoff
     plan.options["reference_val"] = reference_val
     return plan, compressed, report, backoff
-
-
-def measured_plan(make: Callable[[dict], Plan], probe: Any, kappa: float, progress: ProgressLike = None,
-                  rounds: int = REFINE_ROUNDS) -> Plan:
-    """Plan, measure each chosen (layer, rank) alone with ``probe``, re-plan with the measurements; repeat.
-
-    ``make(measured)`` returns a plan given (node, rank) -> measured loss change.
-    A layer whose truncation measures worse than predicted loses its appeal
-    before any validation is spent on it (METHOD.md 5: restore the layers whose
-    measured contribution is worst). Stops when the plan's layers are all
-    measured, or after ``rounds``. Without a probe, the plain prediction.
-    """
-    progress = as_progress(progress)
-    measured: dict = {}
-    plan = make(measured)
-    for _ in range(rounds if probe is not None else 0):
-        new = [(entry.node, entry.rank) for entry in plan.layers
-               if entry.decomposition != "dense" and (entry.node, entry.rank) not in measured]
-        if not new:
-            break
-        for node, rank in progress.track(new, f"measure the planned layers alone (kappa {kappa:.3g})",
-                                         unit="layer"):
-            measured[(node, rank)] = probe(node, rank, kappa)
-        plan = make(measured)
-    return plan
 
 
 def _reduction_text(plan: Plan) -> str:

@@ -595,38 +595,14 @@ class _Options:
     relative_error: np.ndarray
 
 
-def _corrected(predicted: np.ndarray, measured: dict[int, float]) -> np.ndarray:
-    """A layer's predicted loss change per rank, raised where single-layer measurements exceed it.
-
-    Corrections only ever raise: a layer measured alone misses the compounding
-    of many truncated layers (on ResNet-56 the whole plan's loss change was
-    about twice the sum of its layers' single changes), so a measurement better
-    than predicted is no licence to cut more. A lower rank drops a superset of
-    a measured rank's components and inherits its excess.
-    """
-    out = predicted.copy()
-    excess = 0.0
-    for rank in range(len(predicted) - 1, -1, -1):
-        if rank in measured:
-            excess = max(excess, measured[rank] - predicted[rank])
-        out[rank] = predicted[rank] + excess
-    return out
-
-
-def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int = 1,
-                   measured: dict | None = None) -> list[_Options]:
+def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int = 1) -> list[_Options]:
     """Per analyzed layer: ranks below break-even, multiples of ``rank_multiple``, inside the trusted
     range and (for flops/latency) cheaper than dense; channel decomposition only (the joint basis is
-    computed for the channel matrices). ``measured``: (node, rank) -> single-layer loss change at ``kappa``."""
+    computed for the channel matrices)."""
     out = []
-    by_layer: dict[str, dict[int, float]] = {}
-    for (node, rank), value in (measured or {}).items():
-        by_layer.setdefault(node, {})[rank] = value
     for ls in sens.layers.values():
         layer = ls.layer
         predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
-        if layer.node in by_layer:
-            predicted = _corrected(predicted, by_layer[layer.node])
         ranks = [r for r in range(rank_multiple, layer.break_even_rank("channel") + 1, rank_multiple)
                  if rel[r] <= ls.perturbation_range]
         if cost is None:
@@ -717,7 +693,7 @@ def _solve_dp(options: list[_Options], need: int | None, tolerance: float | None
 
 def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduction: float | None = None,
                tolerance: float = 0.0, kappa: float = 1.0, solver: str = "lagrangian", target: str = "params",
-               rank_multiple: int = 1, cost: Any = None, measured: dict | None = None) -> Plan:
+               rank_multiple: int = 1, cost: Any = None) -> Plan:
     """Joint plan from a :class:`~onnxlrf.sensitivity.Sensitivity` (METHOD.md section 4).
 
     ``lossless``: minimum predicted loss change removing at least ``target_reduction``
@@ -727,8 +703,6 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     in joint-score order. ``kappa`` multiplies the curvature term (back-off).
     ``target``: what ``target_reduction`` and "removed" are counted in (params, flops or
     measured latency; ``cost`` a prepared cost model); ranks are multiples of ``rank_multiple``.
-    ``measured``: (node, rank) -> measured single-layer loss change at this ``kappa``, which
-    replaces the prediction there (see :func:`_corrected`).
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
@@ -736,7 +710,7 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
         raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
     _check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
-    options = _joint_options(sensitivity, kappa, None if cost.target == "params" else cost, rank_multiple, measured)
+    options = _joint_options(sensitivity, kappa, None if cost.target == "params" else cost, rank_multiple)
     total = _cost_units(cost, cost.total())
     need = None
     if mode == "lossless":
@@ -779,10 +753,7 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
         entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "channel",
                                  rank, layer.max_rank("channel"), None, layer.params,
                                  layer.factorized_params("channel", rank),
-                                 {"predicted_dloss": float(o.dloss[c]),
-                                  **({"measured_dloss": measured[(layer.node, rank)]}
-                                     if measured and (layer.node, rank) in measured else {}),
-                                  "relative_error": float(o.relative_error[c]),
+                                 {"predicted_dloss": float(o.dloss[c]), "relative_error": float(o.relative_error[c]),
                                   "perturbation_range": ls.perturbation_range,
                                   "curvature_scale": ls.curvature_scale, "range_checks": _range_checks(ls),
                                   **cost.notes(layer, "channel", rank)},

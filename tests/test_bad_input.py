@@ -131,6 +131,8 @@ CASES = {
                                   "same as input"),
     "compress-existing-bases": (["compress", "{model}", "-o", "{out}", "--mode", "compact", "--data", "npz:{data}",
                                  "--plan-out", "{dir}/joint.json"], "output exists: {dir}/joint.json.bases.npz"),
+    "export-output-is-checkpoint": (["export", "cifar10-resnet20", "--weights", "{existing}", "-o", "{existing}",
+                                     "--overwrite"], "same as input"),
     "rewrite-output-exists": (["rewrite", "{model}", "--plan", "{plan}", "-o", "{existing}"],
                               "output exists: {existing} (pass --overwrite"),
 }

@@ -1,0 +1,118 @@
+"""How much faster is joint compression with a latency target than uniform SVD, at the same held-out accuracy?
+
+    python scripts/speed_at_accuracy.py --model cifar10-resnet56 --batch 32 --out results/
+
+One joint analysis on the calibration split, then two families of compressed
+models, each evaluated on the held-out test split and timed against the
+original (interleaved, onnxruntime, no thread spinning):
+
+  uniform        truncated SVD at a uniform rank fraction, at each of --uniform
+                 fractions of the model's parameters removed
+  joint-latency  joint lossless with ``target="latency"`` at each of --latency
+                 fractions of the measured latency removed (back-off on the
+                 validation split), ranks multiples of --rank-multiple
+
+For every joint model it prints the fastest uniform model whose held-out
+metric is at least the joint model's (the original itself counts as uniform at
+speedup 1.0), and the ratio of their speedups: the issue's goal is 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
+from onnxlrf.data import load_data
+from onnxlrf.export import export_model
+from onnxlrf.latency import make_cost
+from onnxlrf.models import load_model
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning import count_params, plan_uniform
+from onnxlrf.progress import Progress
+from onnxlrf.rewrite import apply_plan
+from onnxlrf.validation import benchmark
+
+from quality_benchmark import SETUPS
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet56")
+    parser.add_argument("--batch", type=int, default=32, help="Batch the latency is measured and planned at.")
+    parser.add_argument("--uniform", default="0.02,0.05,0.1,0.2,0.3")
+    parser.add_argument("--latency", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--rank-multiple", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    progress = Progress()
+    weights, data_spec, n_calib, n_val = SETUPS[args.model]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_model(args.model, weights=str(weights) if weights else None)
+        reference = load_onnx(export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path)
+    splits = split_dataset(load_data(data_spec, reference), n_calib, n_val, args.seed)
+    total = count_params(reference)
+    reference_test = _metric(reference, splits.test, "cpu")
+    sensitivity = joint_analysis(reference, splits.calib, progress=progress)
+    cost = make_cost(reference, "latency", batch=args.batch, provider="cpu", rank_multiple=args.rank_multiple,
+                     threads=args.threads, progress=progress)
+    rows = [{"method": "original", "target": 0.0, "reduction": 0.0, "test": reference_test, "speedup": 1.0}]
+
+    def measure(method: str, target: float, compressed) -> None:
+        speed = benchmark(compressed, reference, batch=args.batch, runs=args.runs, provider="cpu",
+                          threads=args.threads)
+        row = {"method": method, "target": target, "reduction": 1 - count_params(compressed) / total,
+               "test": _metric(compressed, splits.test, "cpu"), "speedup": speed.speedup,
+               "providers": speed.providers}
+        rows.append(row)
+        progress.log(f"{method} {target:g}: params -{row['reduction']:.1%}, test {row['test']:.4f} "
+                     f"(original {reference_test:.4f}), speedup {row['speedup']:.2f}x")
+
+    for target in [float(t) for t in args.uniform.split(",")]:
+        measure("uniform", target, apply_plan(reference, plan_uniform(reference, target_reduction=target))[0])
+    for target in [float(t) for t in args.latency.split(",")]:
+        try:
+            _, compressed, _, _ = backoff_plan(reference, sensitivity, splits.val, "lossless", target_reduction=target,
+                                               provider="cpu", target="latency", rank_multiple=args.rank_multiple,
+                                               cost=cost)
+        except Exception as exc:  # a target out of reach is a result
+            rows.append({"method": "joint-latency", "target": target, "error": str(exc)})
+            progress.log(f"joint-latency {target:g}: {exc}")
+            continue
+        measure("joint-latency", target, compressed)
+
+    uniform = [row for row in rows if row["method"] in ("original", "uniform")]
+    print(f"\n{args.model}, batch {args.batch}, CPU EP, {args.threads} threads; original held-out "
+          f"{reference_test:.4f} on {len(splits.test)} samples\n")
+    print("| method | target | params -% | held-out | speedup | fastest uniform at >= this held-out | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        if "error" in row:
+            print(f"| {row['method']} | {row['target']:g} | out of reach | | | | |")
+            continue
+        line = (f"| {row['method']} | {row['target']:g} | {row['reduction']:.1%} | {row['test']:.4f} | "
+                f"{row['speedup']:.2f}x |")
+        if row["method"] == "joint-latency":
+            peer = max((u for u in uniform if u["test"] >= row["test"]), key=lambda u: u["speedup"])
+            row["ratio"] = row["speedup"] / peer["speedup"]
+            line += f" {peer['method']} {peer['target']:g}: {peer['speedup']:.2f}x | {row['ratio']:.2f} |"
+        else:
+            line += " | |"
+        print(line)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"speed_{args.model}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
