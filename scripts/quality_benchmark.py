@@ -45,7 +45,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
+    parser.add_argument("--replot", type=Path, metavar="DIR",
+                        help="Only redraw quality_<model>.svg from the JSON results an earlier run wrote into DIR.")
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.replot)
     torch.set_num_threads(args.threads)
     weights, data_spec, n_calib, n_val = SETUPS[args.model]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -101,12 +105,26 @@ def main() -> int:
         (args.out / f"quality_{args.model}.json").write_text(json.dumps(
             {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s, "rows": rows},
             indent=1))
-        peer = args.out / f"aimet_{args.model}.json"  # scripts/aimet_benchmark.py, same splits
-        if peer.exists():
-            rows += json.loads(peer.read_text())["rows"]
-        plot = args.out / f"quality_{args.model}.svg"
-        plot.write_text(metric_vs_size_svg(rows, reference_test, f"{args.model}: held-out test metric"))
-        log(f"wrote {plot}")
+        log(f"wrote {plot(args.out, args.model)}")
+    return 0
+
+
+def plot(directory: Path, model: str) -> Path:
+    """Draw quality_<model>.svg from quality_<model>.json, with AIMET's rows (aimet_<model>.json) where present."""
+    results = json.loads((directory / f"quality_{model}.json").read_text())
+    rows = list(results["rows"])
+    peer = directory / f"aimet_{model}.json"  # scripts/aimet_benchmark.py, same splits
+    if peer.exists():
+        rows += json.loads(peer.read_text())["rows"]
+    path = directory / f"quality_{model}.svg"
+    path.write_text(metric_vs_size_svg(rows, results["reference_test"], f"{model}: held-out test metric"))
+    return path
+
+
+def replot(directory: Path) -> int:
+    """Redraw every quality_<model>.svg in ``directory`` from its JSON."""
+    for result in sorted(directory.glob("quality_*.json")):
+        print(plot(directory, result.stem.removeprefix("quality_")))
     return 0
 
 
