@@ -200,7 +200,7 @@ def joint_analysis(
     progress: ProgressLike = None,
 ) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
-    from .sensitivity import LOSSES, analyze, calibrate_loss, measure_ranges
+    from .sensitivity import LOSSES, analyze, measure_ranges
 
     progress = as_progress(progress)
 
@@ -218,12 +218,8 @@ def joint_analysis(
         outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib,
                               progress=progress, description="label-free targets: the original's predictions")
         targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
-    batches = calibration_batches(calib, targets, micro_batch)
-    if labels == "labels":  # (the original's own predictions leave no calibration to fit)
-        loss_fn = calibrate_loss(reference, batches, loss_fn)
-        progress.log(f"calibration loss: {loss_fn.describe()}, fitted to the original on the calibration split")
-    name = f"{calib.task}/{labels}" + (f": {loss_fn.describe()}" if hasattr(loss_fn, "describe") else "")
-    sensitivity = analyze(reference, batches, loss_fn, loss_name=name, progress=progress)
+    sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
+                          loss_name=f"{calib.task}/{labels}", progress=progress)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range], 128),

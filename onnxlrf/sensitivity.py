@@ -42,8 +42,6 @@ from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
 DAMPING = 1e-3
 # Activations the truncation probe may keep to start runs at the truncated layer.
 PROBE_CACHE_BYTES = 2 << 30
-# Standard errors a first-order gain must clear before the planners count it.
-SIGNIFICANCE = 2.0
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # -> per-sample losses
@@ -59,8 +57,6 @@ class LayerSensitivity:
     y: np.ndarray  # (g, n, k) input-side basis
     first_order: np.ndarray  # (g, k) a_i
     weight_norm: float
-    # (g, k) standard error of a_i across calibration micro-batches (None: not measured).
-    first_order_se: np.ndarray | None = None
     input_moment: np.ndarray = None  # (g, n, n) A = E[x x^T], for the activation-whitened baseline
     # (g, n) mean input row; set when the analysis compensates truncation with the bias (see output_shift).
     input_mean: np.ndarray | None = None
@@ -73,22 +69,9 @@ class LayerSensitivity:
     def quadratic(self) -> np.ndarray:
         return 0.5 * self.s**2
 
-    @property
-    def trusted_first_order(self) -> np.ndarray:
-        """First-order effects, gains shrunk by ``SIGNIFICANCE`` standard errors (never below zero).
-
-        A gain measured on the calibration split is partly that split's noise:
-        on ResNet-56, components predicted to lower the loss by 0.07 raised the
-        validation loss by 0.26. A cost is kept as measured.
-        """
-        if self.first_order_se is None:
-            return self.first_order
-        a = self.first_order
-        return np.where(a < 0, np.minimum(a + SIGNIFICANCE * self.first_order_se, 0.0), a)
-
     def scores(self, kappa: float = 1.0) -> np.ndarray:
         """Predicted loss change of dropping each component alone."""
-        return self.trusted_first_order + kappa * self.curvature_scale * self.quadratic
+        return self.first_order + kappa * self.curvature_scale * self.quadratic
 
     def drop_order(self, kappa: float = 1.0) -> np.ndarray:
         """(g, k) component indices, cheapest to drop first (weight error breaks ties)."""
@@ -227,104 +210,20 @@ def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return root, inv_root
 
 
-def _standard_error(layer: Layer, grads: list[torch.Tensor], sizes: list[int], x: torch.Tensor, s: torch.Tensor,
-                    y: torch.Tensor, first: torch.Tensor) -> np.ndarray | None:
-    """(g, k) standard error of the first-order effects, from their spread across micro-batches (METHOD.md 2)."""
-    if len(grads) < 2:
-        return None
-    n = torch.tensor(sizes, dtype=torch.float64)
-    per_batch = torch.stack([
-        -s * torch.einsum("gmk,gmn,gnk->gk", x, torch.from_numpy(weight_matrices(
-            grad.numpy().astype(np.float64) / size, layer, "channel")), y)
-        for grad, size in zip(grads, sizes)])  # (batches, g, k)
-    variance = (n[:, None, None] * (per_batch - first) ** 2).sum(0) / (len(sizes) - 1) / n.sum()
-    return variance.sqrt().numpy()
+def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy of the first output against class labels."""
+    return F.cross_entropy(outputs[0], targets.long(), reduction="none")
 
 
-@dataclass(frozen=True)
-class ClassificationLoss:
-    """Per-sample cross-entropy of the first output, divided by ``temperature``, against class labels.
-
-    A temperature changes no prediction; :meth:`calibrated` fits it so that
-    the original is calibrated on the calibration split (see :func:`calibrate_loss`).
-    """
-
-    temperature: float = 1.0
-
-    def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(outputs[0] / self.temperature, targets.long(), reduction="none")
-
-    def calibrated(self, runs: list[tuple[list[torch.Tensor], torch.Tensor]]) -> "ClassificationLoss":
-        logits = torch.cat([outputs[0].reshape(len(targets), -1) for outputs, targets in runs]).to(torch.float64)
-        labels = torch.cat([targets for _, targets in runs]).long()
-
-        def loss(log_t: float) -> float:
-            return float(F.cross_entropy(logits / math.exp(log_t), labels))
-
-        lo, hi = math.log(0.05), math.log(20.0)  # golden-section search: the loss is convex in 1/T
-        ratio = (math.sqrt(5) - 1) / 2
-        for _ in range(60):
-            a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-            lo, hi = (lo, b) if loss(a) < loss(b) else (a, hi)
-        return ClassificationLoss(temperature=math.exp(0.5 * (lo + hi)))
-
-    def describe(self) -> str:
-        return f"cross-entropy at temperature {self.temperature:.3g}"
-
-
-@dataclass(frozen=True)
-class SimilarityLoss:
-    """Rows [first sentences; second sentences]: regress ``scale * cosine + offset`` on gold / 5.
-
-    Spearman correlation ignores any increasing affine map of the cosine;
-    :meth:`calibrated` fits the map on the original so the loss does too.
-    """
-
-    scale: float = 1.0
-    offset: float = 0.0
-
-    def __call__(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-        return (self.scale * _pair_cosine(outputs) + self.offset - targets.to(torch.float32) / 5.0) ** 2
-
-    def calibrated(self, runs: list[tuple[list[torch.Tensor], torch.Tensor]]) -> "SimilarityLoss":
-        cos = torch.cat([_pair_cosine(outputs) for outputs, _ in runs]).to(torch.float64)
-        gold = torch.cat([targets for _, targets in runs]).to(torch.float64) / 5.0
-        design = torch.stack([cos, torch.ones_like(cos)], dim=1)
-        scale, offset = torch.linalg.lstsq(design, gold[:, None]).solution[:, 0].tolist()
-        return SimilarityLoss(scale=max(scale, 1e-3), offset=offset)  # increasing: Spearman is unchanged
-
-    def describe(self) -> str:
-        return f"squared error of {self.scale:.3g} * cosine {self.offset:+.3g} against gold / 5"
-
-
-def _pair_cosine(outputs: list[torch.Tensor]) -> torch.Tensor:
+def similarity_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Rows [first sentences; second sentences]: regress cosine on gold / 5."""
     emb = outputs[0]
     half = emb.shape[0] // 2
-    return F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+    cos = F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+    return (cos - targets.to(cos.dtype) / 5.0) ** 2
 
 
-classification_loss = ClassificationLoss()
-similarity_loss = SimilarityLoss()
 LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-similarity": similarity_loss}
-
-
-def calibrate_loss(model: onnx.ModelProto, batches: Callable[[], Iterator[Batch]], loss_fn: LossFn) -> LossFn:
-    """``loss_fn`` with its free calibration (temperature; affine map of the cosine) fitted to the original.
-
-    An overconfident classifier's cross-entropy falls when its logits shrink,
-    and most truncations shrink them: measured on ResNet-56 (temperature 1),
-    compressed models with 0.06 lower held-out cross-entropy than the original
-    had up to 1 point lower top-1. At the fitted temperature the original sits
-    at the bottom of that direction, so the first-order gains left are ones the
-    metric can see. Losses without ``calibrated`` are returned as they are.
-    """
-    if not hasattr(loss_fn, "calibrated"):
-        return loss_fn
-    graph = TorchGraph(model)
-    with torch.no_grad():
-        runs = [(graph({k: torch.as_tensor(v) for k, v in feeds.items()}), torch.as_tensor(targets))
-                for feeds, targets in batches()]
-    return loss_fn.calibrated(runs)
 
 
 def analyze(
@@ -365,9 +264,6 @@ def analyze(
         output.retain_grad()
         entry.outputs.append(output)
 
-    batch_grads: dict[str, list[torch.Tensor]] = {layer.node: [] for layer in layers}
-    grad_so_far = {layer.node: torch.zeros_like(graph.parameters[layer.weight]) for layer in layers}
-    batch_sizes: list[int] = []
     total_loss, samples = 0.0, 0
     n_batches = len(batches) if hasattr(batches, "__len__") else None
     for feeds, targets in progress.track(batches(), "analysis: gradients and K-FAC factors", n_batches, "batch"):
@@ -377,17 +273,12 @@ def analyze(
             raise OnnxlrfError("the calibration loss is not finite (NaN/Inf in the model or the data)")
         # Sum of per-sample losses: output gradients are then per-sample gradients (for B).
         losses.sum().backward()
-        for layer in layers:  # this micro-batch's gradient sum, for the first order's standard error
-            total_grad = graph.parameters[layer.weight].grad.detach()
-            batch_grads[layer.node].append((total_grad - grad_so_far[layer.node]).clone())
-            grad_so_far[layer.node] = total_grad.clone()
         for entry in stats.values():
             for out in entry.outputs:
                 entry.add_output_grad(out.grad)
             entry.outputs.clear()
         total_loss += float(losses.detach().sum())
         samples += int(losses.numel())
-        batch_sizes.append(int(losses.numel()))
 
     result: dict[str, LayerSensitivity] = {}
     for layer in progress.track(layers, "analysis: joint bases (eigen, SVD)", unit="layer"):
@@ -408,12 +299,9 @@ def analyze(
         x = left_inv @ u  # (g, m, k)
         y = right_inv @ vh.transpose(-1, -2)  # (g, n, k)
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
-        # With bias correction the first order also moves the bias; its spread is not measured.
-        first_se = None if bias_correction else _standard_error(layer, batch_grads.pop(layer.node), batch_sizes,
-                                                                x, s, y, first)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-            weight_norm=float(np.linalg.norm(weight)), first_order_se=first_se, input_moment=moment.numpy(),
+            weight_norm=float(np.linalg.norm(weight)), input_moment=moment.numpy(),
             output_fisher=(entry.b / samples).diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
         )
@@ -476,7 +364,7 @@ def stored_weight(layer: Layer, matrices: np.ndarray) -> np.ndarray:
 
 
 class TruncationProbe:
-    """Measured loss change of truncating one layer alone, on fixed calibration batches; results cached.
+    """Measured loss change of truncating one layer alone, on fixed calibration batches.
 
     The original's activations on the batches are kept (up to ``cache_bytes``),
     so a truncated layer's run starts at that layer.
@@ -493,37 +381,31 @@ class TruncationProbe:
             for feeds, targets in batches():
                 values = self.graph.trace({k: torch.as_tensor(v) for k, v in feeds.items()})
                 targets = torch.as_tensor(targets)
-                losses = loss_fn(self.graph._outputs(values), targets)
+                losses = loss_fn(self.graph.outputs(values), targets)
                 total += float(losses.sum())
                 count += int(losses.numel())
                 if self.traces is not None:
                     size += sum(v.nbytes for k, v in values.items() if k not in weights and torch.is_tensor(v))
                     self.traces = self.traces + [(values, targets)] if size <= cache_bytes else None
         self.base = total / count
-        self.cache: dict[tuple[str, int, float], float] = {}
 
     def __call__(self, node: str, rank: int, kappa: float = 1.0) -> float:
         """Loss change with only ``node`` truncated to ``rank`` components, dropped in joint order at ``kappa``."""
-        key = (node, int(rank), float(kappa))
-        if key not in self.cache:
-            ls = self.sensitivity.layers[node]
-            keep = ls.keep(rank, kappa)
-            replacement = {ls.layer.weight: stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)}
-            shift = ls.output_shift(keep)
-            if shift is not None or self.traces is None:
-                loss = measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
-                                    output_shifts=None if shift is None else {node: shift})
-            else:
-                start = self.graph.first_reader(ls.layer.weight)
-                total, count = 0.0, 0
-                with _replaced(self.graph, replacement), torch.no_grad():
-                    for values, targets in self.traces:
-                        losses = self.loss_fn(self.graph.resume(values, start), targets)
-                        total += float(losses.sum())
-                        count += int(losses.numel())
-                loss = total / count
-            self.cache[key] = loss - self.base
-        return self.cache[key]
+        ls = self.sensitivity.layers[node]
+        keep = ls.keep(rank, kappa)
+        replacement = {ls.layer.weight: stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)}
+        shift = ls.output_shift(keep)
+        if shift is not None or self.traces is None:
+            return measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
+                                output_shifts=None if shift is None else {node: shift}) - self.base
+        start = self.graph.first_reader(ls.layer.weight)
+        total, count = 0.0, 0
+        with _replaced(self.graph, replacement), torch.no_grad():
+            for values, targets in self.traces:
+                losses = self.loss_fn(self.graph.resume(values, start), targets)
+                total += float(losses.sum())
+                count += int(losses.numel())
+        return total / count - self.base
 
 
 def measure_ranges(
@@ -562,7 +444,7 @@ def measure_ranges(
             dropped = np.ones_like(ls.s, dtype=bool)
             np.put_along_axis(dropped, keep, False, axis=1)
             checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
-                           "first_order": float(ls.trusted_first_order[dropped].sum()),
+                           "first_order": float(ls.first_order[dropped].sum()),
                            "quadratic": float(ls.quadratic[dropped].sum())})
         lin = np.array([c["first_order"] for c in checks])
         quad = np.array([c["quadratic"] for c in checks])

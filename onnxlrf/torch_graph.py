@@ -388,7 +388,7 @@ class TorchGraph:
 
     def __call__(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
                  hook_nodes: set[str] | None = None) -> list[torch.Tensor]:
-        return self._outputs(self.trace(feeds, hook, hook_nodes))
+        return self.outputs(self.trace(feeds, hook, hook_nodes))
 
     def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
               hook_nodes: set[str] | None = None) -> dict[str, torch.Tensor]:
@@ -407,9 +407,10 @@ class TorchGraph:
         ``start`` or later may have been replaced since the trace.
         """
         env = {**traced, **self.constants, **self.parameters}
-        return self._outputs(self._run(env, start, None, None))
+        return self.outputs(self._run(env, start, None, None))
 
-    def _outputs(self, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def outputs(self, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The graph outputs among the values of a run (see :meth:`trace`)."""
         return [env[name] for name in self.output_names]
 
     def _run(self, env: dict[str, torch.Tensor], start: int, hook: NodeHook | None,
