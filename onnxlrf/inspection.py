@@ -183,33 +183,34 @@ def format_inspection(inspection: Inspection) -> str:
             if layer.dense_reason:
                 ranks += f"; stays dense: {layer.dense_reason}"
             rows.append([layer.node, layer.op_type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
-                         _si(layer.flops), ranks])
+                         format_si(layer.flops), ranks])
         lines += ["", f"factorizable layers ({len(i.layers)}):"] + _table(rows, right={3, 4})
     else:
         lines += ["", "factorizable layers: none"]
     if i.skipped:
         rows = [["node", "op", "FLOPs", "why not factorizable"]]
-        rows += [[s.node or "(no name)", s.op_type, "-" if s.op_type in QUANTIZED_OPS else _si(s.flops), s.reason]
+        rows += [[s.node or "(no name)", s.op_type, "-" if s.op_type in QUANTIZED_OPS else format_si(s.flops), s.reason]
                  for s in i.skipped]
         lines += ["", f"skipped nodes ({len(i.skipped)}):"] + _table(rows, right={2})
     share = f", {i.factorizable_params / i.params:.1%}" if i.params else ""
     lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
     at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())
     flops_share = f", {i.factorizable_flops / i.flops:.1%}" if i.flops and i.factorizable_flops is not None else ""
-    lines.append(f"FLOPs (Conv/Gemm/MatMul, one run at {at}): {_si(i.flops)} "
-                 f"(in factorizable layers: {_si(i.factorizable_flops)}{flops_share})")
+    lines.append(f"FLOPs (Conv/Gemm/MatMul, one run at {at}): {format_si(i.flops)} "
+                 f"(in factorizable layers: {format_si(i.factorizable_flops)}{flops_share})")
     if i.nonfinite_weights:
         lines.append(f"weights with NaN or Inf ({len(i.nonfinite_weights)}): {', '.join(i.nonfinite_weights)}")
     lines += [f"note: {note}" for note in i.notes]
     return "\n".join(lines)
 
 
-def _si(value: int | None) -> str:
+def format_si(value: int | None, missing: str = "?", space: str = "") -> str:
+    """A count with a k/M/G prefix and three significant digits (``missing`` for None)."""
     if value is None:
-        return "?"
+        return missing
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= scale:
-            return f"{value / scale:.3g}{unit}"
+            return f"{value / scale:.3g}{space}{unit}"
     return str(value)
 
 

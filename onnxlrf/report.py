@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 import onnx
 
 from .errors import OnnxlrfError
+from .inspection import format_si
 from .onnx_io import load_onnx, staged_outputs
 
 MARKDOWN, HTML, PLAN = "report.md", "report.html", "plan.json"
@@ -291,12 +292,7 @@ def _value(v: Any) -> str:
 
 
 def _flops(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return str(n)
+    return format_si(n, missing="-", space=" ")
 
 
 def _signed(x: float | None) -> str:

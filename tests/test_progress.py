@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 
 from onnxlrf.compress import compress, rewrite_file
@@ -16,14 +15,7 @@ from onnxlrf.planning import plan_uniform
 from onnxlrf.progress import SILENT, Progress, as_progress
 from onnxlrf.validation import benchmark
 
-from test_compress import IN, mlp, run
-
-
-@pytest.fixture()
-def model_path(tmp_path: Path) -> Path:
-    path = tmp_path / "mlp.onnx"
-    onnx.save(mlp(), str(path))
-    return path
+from test_compress import IN, model_path, run  # noqa: F401 (model_path is a fixture)
 
 
 @pytest.fixture()
