@@ -245,6 +245,7 @@ def backoff_plan(
 
     compact: the first plan whose validation metric is at least the original's
     (none: the model stays dense). lossless: the best validation metric at the target size.
+    Under a latency target, a plan not measured faster than the original is rejected.
     ``target``: what the size is counted in (params, flops or latency; ``cost`` a prepared
     cost model, else one is built once here); ranks are multiples of ``rank_multiple``.
     """
@@ -258,6 +259,8 @@ def backoff_plan(
     best = None
     backoff = []
     unreachable = None
+    # Latency targets are verified as accuracy is: each plan is timed against the original.
+    measure_speed = cost.target == "latency" and hasattr(cost, "measured_speedup")
 
     def attempt(kappa: float) -> tuple | None:
         nonlocal unreachable
@@ -269,9 +272,21 @@ def backoff_plan(
             progress.log(f"  kappa {kappa:.3g}: no plan ({exc})")
             return None
         compressed, report = apply_plan(reference, plan, progress=progress)
+        if measure_speed:
+            speedup = cost.measured_speedup(compressed)
+            if speedup <= 1.0:  # a latency target that is not faster is no plan at all
+                unreachable = OnnxlrfError(f"no plan for this latency target measured faster than the original "
+                                           f"(kappa {kappa:.3g}: {speedup:.2f}x)")
+                backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
+                                "predicted_dloss": plan.options["predicted_dloss"], "speedup": speedup})
+                progress.log(f"  kappa {kappa:.3g}: {_reduction_text(plan)} predicted, measured {speedup:.2f}x "
+                             f"the original's speed: rejected")
+                attempts.update()
+                return None
         value = _metric(compressed, val, provider, progress, f"validate the plan at kappa {kappa:.3g}")
         backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
-                        "predicted_dloss": plan.options["predicted_dloss"], "val": value})
+                        "predicted_dloss": plan.options["predicted_dloss"], "val": value,
+                        **({"speedup": speedup} if measure_speed else {})})
         attempts.update()
         summary = (f"  kappa {kappa:.3g}: {_reduction_text(plan)}, "
                    f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")

@@ -405,6 +405,18 @@ class LatencyCost:
         return {**self.context, "batch": self.batch, "model_ms": self.model_ms,
                 "layer_sum_ms": self.layer_sum_ms(), "scale": self.scale, "rest_ms": self.rest_ms}
 
+    def measured_speedup(self, compressed: onnx.ModelProto, runs: int = 10) -> float:
+        """Whole-model speedup of ``compressed`` over the model, timed interleaved where the costs were measured.
+
+        The per-layer costs are a model of the whole: on small layers (CIFAR
+        ResNet-56, batch 32) a plan they predicted 10% faster measured 0.93x.
+        """
+        from .validation import benchmark
+
+        provider = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
+        return benchmark(compressed, self.model, batch=self.batch, warmup=2, runs=runs, provider=provider,
+                         threads=self.threads, io_binding=self.io_binding).speedup
+
     def layer_sum_ms(self) -> float:
         """Sum of the dense layers' single-node latencies, unscaled (compare with the whole model's)."""
         return sum(self.timings[layer.node].dense_ms for layer in find_layers(self.model)[0])

@@ -146,6 +146,13 @@ def test_latency_cost_measures_every_layer_and_caches_by_context(measured, monke
         LatencyCost(small_net(), provider="cpu", threads=2, rank_multiple=4, cache=cache, budget_s=0.02)
 
 
+def test_measured_speedup_times_the_whole_model_against_the_original(measured):
+    cost, _ = measured
+    plan = plan_uniform(cost.model, rank_fraction=0.5)
+    speedup = cost.measured_speedup(apply_plan(cost.model, plan)[0], runs=2)
+    assert np.isfinite(speedup) and speedup > 0  # a ratio of two measured medians; its value is not asserted
+
+
 def test_latency_plan_records_target_multiple_and_notes(measured):
     cost, _ = measured
     plan = plan_uniform(cost.model, rank_fraction=0.3, target="latency", rank_multiple=4, cost=cost)
@@ -310,3 +317,41 @@ def test_cli_compress_targets_and_bench_with_io_binding(tmp_path, monkeypatch):
                                    "--target", "flops", "--rank-multiple", "64", "--target-reduction", "0.95",
                                    "--quiet"])
     assert bad.exit_code == 1 and "out of reach" in bad.output and "flops" in bad.output
+
+
+class TimedStub(StubLatency):
+    """StubLatency whose whole-model measurement says every plan runs at ``speedup`` times the original."""
+
+    def __init__(self, model, speedup):
+        super().__init__(model)
+        self.speedup, self.timed = speedup, 0
+
+    def measured_speedup(self, compressed):
+        self.timed += 1
+        return self.speedup
+
+
+@pytest.mark.parametrize("speedup", [0.93, 1.2])
+def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
+    from onnxlrf.compress import backoff_plan
+    from onnxlrf.data import Dataset
+    from onnxlrf.validation import make_session
+
+    model = small_net()
+    x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
+    session = make_session(model, providers=["CPUExecutionProvider"])
+    labels = np.concatenate([session.run(None, {"input": x[i:i + 2]})[0].argmax(1) for i in range(0, 40, 2)])
+    val = Dataset("val", "classification", {"input": x}, labels)
+    stub = TimedStub(model, speedup)
+    kwargs = dict(target_reduction=0.2, provider="cpu", target="latency", cost=stub)
+    if speedup < 1:
+        with pytest.raises(OnnxlrfError, match="no plan for this latency target measured faster"):
+            backoff_plan(model, synthetic_sensitivity(model), val, "lossless", **kwargs)
+        stub.timed = 0
+        plan, _, _, attempts = backoff_plan(model, synthetic_sensitivity(model), val, "compact", **kwargs)
+        assert all(e.decomposition == "dense" for e in plan.layers)  # nothing faster: the model stays dense
+    else:
+        plan, _, _, attempts = backoff_plan(model, synthetic_sensitivity(model), val, "lossless", **kwargs)
+        assert plan.options["achieved_reduction"] >= 0.2
+    assert stub.timed == len(attempts) > 0 and all(a["speedup"] == speedup for a in attempts)
+    assert all(("val" in a) == (speedup > 1) for a in attempts)
