@@ -272,21 +272,20 @@ def backoff_plan(
             progress.log(f"  kappa {kappa:.3g}: no plan ({exc})")
             return None
         compressed, report = apply_plan(reference, plan, progress=progress)
+        entry = {"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
+                 "predicted_dloss": plan.options["predicted_dloss"]}
+        backoff.append(entry)
         if measure_speed:
-            speedup = cost.measured_speedup(compressed)
-            if speedup <= 1.0:  # a latency target that is not faster is no plan at all
+            entry["speedup"] = cost.measured_speedup(compressed)
+            if entry["speedup"] <= 1.0:  # a latency target that is not faster is no plan at all
                 unreachable = OnnxlrfError(f"no plan for this latency target measured faster than the original "
-                                           f"(kappa {kappa:.3g}: {speedup:.2f}x)")
-                backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
-                                "predicted_dloss": plan.options["predicted_dloss"], "speedup": speedup})
-                progress.log(f"  kappa {kappa:.3g}: {_reduction_text(plan)} predicted, measured {speedup:.2f}x "
-                             f"the original's speed: rejected")
+                                           f"(kappa {kappa:.3g}: {entry['speedup']:.2f}x)")
+                progress.log(f"  kappa {kappa:.3g}: {_reduction_text(plan)} predicted, measured "
+                             f"{entry['speedup']:.2f}x the original's speed: rejected")
                 attempts.update()
                 return None
-        value = _metric(compressed, val, provider, progress, f"validate the plan at kappa {kappa:.3g}")
-        backoff.append({"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
-                        "predicted_dloss": plan.options["predicted_dloss"], "val": value,
-                        **({"speedup": speedup} if measure_speed else {})})
+        value = entry["val"] = _metric(compressed, val, provider, progress,
+                                       f"validate the plan at kappa {kappa:.3g}")
         attempts.update()
         summary = (f"  kappa {kappa:.3g}: {_reduction_text(plan)}, "
                    f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")

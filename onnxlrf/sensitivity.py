@@ -344,14 +344,19 @@ def measure_loss(
         vec = shifts[node.name]
         return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
 
-    total, count = 0.0, 0
     with _replaced(graph, replacements), torch.no_grad():
-        for feeds, targets in batches():
-            outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=shift if shifts else None,
-                            hook_nodes=set(shifts))
-            losses = loss_fn(outputs, torch.as_tensor(targets))
-            total += float(losses.sum())
-            count += int(losses.numel())
+        return _mean_loss(loss_fn(graph({k: torch.as_tensor(v) for k, v in feeds.items()},
+                                        hook=shift if shifts else None, hook_nodes=set(shifts)),
+                                  torch.as_tensor(targets))
+                          for feeds, targets in batches())
+
+
+def _mean_loss(losses: Iterator[torch.Tensor]) -> float:
+    """Mean of per-sample losses arriving in batches."""
+    total, count = 0.0, 0
+    for batch in losses:
+        total += float(batch.sum())
+        count += int(batch.numel())
     return total / count
 
 
@@ -399,13 +404,9 @@ class TruncationProbe:
             return measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
                                 output_shifts=None if shift is None else {node: shift}) - self.base
         start = self.graph.first_reader(ls.layer.weight)
-        total, count = 0.0, 0
         with _replaced(self.graph, replacement), torch.no_grad():
-            for values, targets in self.traces:
-                losses = self.loss_fn(self.graph.resume(values, start), targets)
-                total += float(losses.sum())
-                count += int(losses.numel())
-        return total / count - self.base
+            return _mean_loss(self.loss_fn(self.graph.resume(values, start), targets)
+                              for values, targets in self.traces) - self.base
 
 
 def measure_ranges(

@@ -17,31 +17,17 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.cli import cli
 from onnxlrf.onnx_io import save_onnx
+from test_compress import mlp as compress_mlp
 
 IN, HIDDEN, CLASSES = 24, 32, 5
 
 
 def mlp(nonfinite: float | None = None) -> onnx.ModelProto:
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((IN, HIDDEN)).astype(np.float32)
-    if nonfinite is not None:
-        w1[1, 2] = nonfinite
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", transB=1)],
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        [numpy_helper.from_array(w1, "w1"),
-         numpy_helper.from_array(rng.standard_normal((CLASSES, HIDDEN)).astype(np.float32), "w2"),
-         numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b2")],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    """The compress tests' MLP at this file's sizes (the error messages below name them)."""
+    return compress_mlp(IN, HIDDEN, CLASSES, nonfinite)
 
 
 def invoke(*args: object) -> Result:

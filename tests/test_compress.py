@@ -19,20 +19,26 @@ from onnxlrf.planning import Plan, count_params, plan_uniform
 IN, HIDDEN, CLASSES, SAMPLES = 32, 48, 10, 200
 
 
-def mlp() -> onnx.ModelProto:
-    """x[N,32] -MatMul-> [N,48] -Relu-> Gemm(transB, bias) -> logits[N,10]."""
+def mlp(inputs: int = IN, hidden: int = HIDDEN, classes: int = CLASSES, nonfinite: float | None = None
+        ) -> onnx.ModelProto:
+    """x[N,inputs] -MatMul-> [N,hidden] -Relu-> Gemm(transB, bias) -> logits[N,classes].
+
+    ``nonfinite`` (NaN or Inf) is written into w1[1, 2].
+    """
     rng = np.random.default_rng(0)
-    w1 = numpy_helper.from_array(rng.standard_normal((IN, HIDDEN)).astype(np.float32), "w1")
-    w2 = numpy_helper.from_array(rng.standard_normal((CLASSES, HIDDEN)).astype(np.float32), "w2")
-    b2 = numpy_helper.from_array(rng.standard_normal(CLASSES).astype(np.float32), "b2")
+    w1 = rng.standard_normal((inputs, hidden)).astype(np.float32)
+    if nonfinite is not None:
+        w1[1, 2] = nonfinite
+    w2 = numpy_helper.from_array(rng.standard_normal((classes, hidden)).astype(np.float32), "w2")
+    b2 = numpy_helper.from_array(rng.standard_normal(classes).astype(np.float32), "b2")
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
          helper.make_node("Relu", ["h"], ["r"], name="relu"),
          helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"], name="fc2", transB=1)],
         "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", IN])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", CLASSES])],
-        [w1, w2, b2],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(w1, "w1"), w2, b2],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
