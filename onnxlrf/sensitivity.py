@@ -380,11 +380,12 @@ class TruncationProbe:
         self.model, self.sensitivity, self.batches, self.loss_fn = model, sensitivity, batches, loss_fn
         self.graph = TorchGraph(model)
         weights = {**self.graph.constants, **self.graph.parameters}
+        starts = {self.graph.first_reader(ls.layer.weight) for ls in sensitivity.layers.values()}
         self.traces: list | None = []  # (values, targets) per batch; None when they would not fit
         total, count, size = 0.0, 0, 0
         with torch.no_grad():
             for feeds, targets in batches():
-                values = self.graph.trace({k: torch.as_tensor(v) for k, v in feeds.items()})
+                values = self.graph.trace({k: torch.as_tensor(v) for k, v in feeds.items()}, resume_from=starts)
                 targets = torch.as_tensor(targets)
                 losses = loss_fn(self.graph.outputs(values), targets)
                 total += float(losses.sum())

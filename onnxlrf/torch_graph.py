@@ -78,10 +78,13 @@ def _conv(x, w, b=None, a=None):
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
     pads = _auto_pad(x, a, kernel, strides, dil)
-    if any(pads):
+    padding = pads[:spatial]
+    if pads[:spatial] != pads[spatial:]:
+        # Only asymmetric pads need a padded copy of the input; conv pads symmetric ones itself.
         x = F.pad(x, _pads(pads, spatial))
+        padding = [0] * spatial
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    return fn(x, w, b, stride=strides, dilation=dil, groups=a.get("group", 1))
+    return fn(x, w, b, stride=strides, padding=padding, dilation=dil, groups=a.get("group", 1))
 
 
 def _pool(x, a, kind):
@@ -355,6 +358,13 @@ OPS: dict[str, Callable] = {
 }
 
 
+def _channels_last(value: torch.Tensor) -> torch.Tensor:
+    """4-D float tensors in channels-last order: torch's CPU convs run about 1.3x faster on it."""
+    if value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
 class TorchGraph:
     """An ONNX graph evaluated in torch.
 
@@ -371,10 +381,13 @@ class TorchGraph:
         self.nodes = list(model.graph.node)
         self.attrs = [_attrs(n) for n in self.nodes]
         weights = set(weights)
+        conv_weights = {n.input[1] for n in self.nodes if n.op_type == "Conv"}
         self.constants: dict[str, torch.Tensor] = {}
         self.parameters: dict[str, torch.Tensor] = {}
         for init in model.graph.initializer:
             value = torch.from_numpy(numpy_helper.to_array(init).copy())
+            if init.name in conv_weights:
+                value = _channels_last(value)
             if init.name in weights:
                 self.parameters[init.name] = value.to(dtype).requires_grad_(True)
             else:
@@ -385,20 +398,26 @@ class TorchGraph:
         init_names = {i.name for i in model.graph.initializer}
         self.input_names = [i.name for i in model.graph.input if i.name not in init_names]
         self.output_names = [o.name for o in model.graph.output]
+        last_reader: dict[str, int] = {}
+        for index, node in enumerate(self.nodes):
+            for name in node.input:
+                if name and name not in init_names:
+                    last_reader[name] = index
+        self._freed_after: list[list[str]] = [[] for _ in self.nodes]
+        for name, index in last_reader.items():
+            self._freed_after[index].append(name)
 
     def __call__(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
                  hook_nodes: set[str] | None = None) -> list[torch.Tensor]:
-        return self.outputs(self.trace(feeds, hook, hook_nodes))
+        env = self._feed(feeds)
+        return self.outputs(self._run(env, 0, hook, hook_nodes, keep=set(self.output_names)))
 
-    def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], hook: NodeHook | None = None,
-              hook_nodes: set[str] | None = None) -> dict[str, torch.Tensor]:
-        """Run the graph and return every value it computed (for :meth:`resume`)."""
-        env: dict[str, torch.Tensor] = {**self.constants, **self.parameters}
-        for name in self.input_names:
-            if name not in feeds:
-                raise OnnxlrfError(f"missing input {name!r}")
-            env[name] = torch.as_tensor(feeds[name])
-        return self._run(env, 0, hook, hook_nodes)
+    def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], resume_from: Iterable[int]) -> dict[str, torch.Tensor]:
+        """Run the graph; return the outputs and the values a :meth:`resume` at any of ``resume_from`` needs."""
+        live: set[str] = set(self.output_names)
+        for start in resume_from:
+            live |= self._live_at(start)
+        return self._run(self._feed(feeds), 0, None, None, keep=live)
 
     def resume(self, traced: dict[str, torch.Tensor], start: int) -> list[torch.Tensor]:
         """Outputs of a run that reuses ``traced`` values computed before node index ``start``.
@@ -406,16 +425,35 @@ class TorchGraph:
         Correct when nothing before ``start`` changed: a weight read first at
         ``start`` or later may have been replaced since the trace.
         """
+        missing = self._live_at(start) - set(traced)
+        if missing:
+            raise OnnxlrfError(f"the trace lacks {', '.join(sorted(missing))} to resume at node {start}")
         env = {**traced, **self.constants, **self.parameters}
-        return self.outputs(self._run(env, start, None, None))
+        return self.outputs(self._run(env, start, None, None, keep=set(self.output_names)))
 
     def outputs(self, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The graph outputs among the values of a run (see :meth:`trace`)."""
         return [env[name] for name in self.output_names]
 
+    def _feed(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> dict[str, torch.Tensor]:
+        env: dict[str, torch.Tensor] = {**self.constants, **self.parameters}
+        for name in self.input_names:
+            if name not in feeds:
+                raise OnnxlrfError(f"missing input {name!r}")
+            env[name] = _channels_last(torch.as_tensor(feeds[name]))
+        return env
+
+    def _live_at(self, start: int) -> set[str]:
+        """Computed values (inputs included) made before node ``start`` and read at or after it."""
+        made_before = set(self.input_names).union(*(n.output for n in self.nodes[:start]))
+        read_after = {name for n in self.nodes[start:] for name in n.input}
+        return made_before & (read_after | set(self.output_names))
+
     def _run(self, env: dict[str, torch.Tensor], start: int, hook: NodeHook | None,
-             hook_nodes: set[str] | None) -> dict[str, torch.Tensor]:
-        for node, a in zip(self.nodes[start:], self.attrs[start:]):
+             hook_nodes: set[str] | None, keep: set[str]) -> dict[str, torch.Tensor]:
+        # Free each computed value after its last reader unless kept: the fresh
+        # allocations of a run that holds every activation cost more than the ops.
+        for index, (node, a) in enumerate(zip(self.nodes[start:], self.attrs[start:]), start):
             args = [env[name] if name else None for name in node.input]
             if node.op_type == "Split":
                 outs = _split(*args, a=a, n_out=len(node.output))
@@ -429,6 +467,9 @@ class TorchGraph:
                 replaced = hook(node, args, outs[0])
                 if replaced is not None:  # the hook may substitute the node's (first) output
                     env[node.output[0]] = replaced
+            for name in self._freed_after[index]:
+                if name not in keep:
+                    env.pop(name, None)
         return env
 
     def first_reader(self, name: str) -> int:

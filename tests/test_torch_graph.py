@@ -65,3 +65,33 @@ def test_negative_step_slice_matches_numpy():
                                    [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], inits)
     got = TorchGraph(onnx.helper.make_model(graph))({"x": torch.from_numpy(x)})[0].numpy()
     np.testing.assert_array_equal(got, x[:, ::-2])
+
+
+def test_trace_keeps_only_what_resuming_needs(tmp_path, resnet20_weights):
+    spec = load_model("cifar10-resnet20", weights=str(resnet20_weights))
+    model = load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path)
+    graph = TorchGraph(model)
+    feeds = {"input": np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)}
+    convs = [i for i, n in enumerate(graph.nodes) if n.op_type == "Conv"]
+    start = convs[len(convs) // 2]
+    with torch.no_grad():
+        full = graph(feeds)[0]
+        traced = graph.trace(feeds, resume_from=[start])
+        computed = [k for k in traced if k not in graph.constants]
+        # The input to the middle conv and the residual branch it will be added to; the output.
+        assert len(computed) <= 3
+        np.testing.assert_array_equal(graph.resume(traced, start)[0].numpy(), full.numpy())
+        with pytest.raises(OnnxlrfError, match="the trace lacks"):
+            graph.resume(traced, convs[1])
+
+
+def test_conv_with_asymmetric_pads_matches_onnxruntime():
+    rng = np.random.default_rng(0)
+    weight = onnx.numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    node = onnx.helper.make_node("Conv", ["x", "w"], ["y"], pads=[0, 1, 2, 1], strides=[2, 1])
+    graph = onnx.helper.make_graph(
+        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 7, 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [weight])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.normal(size=(1, 3, 7, 6)).astype(np.float32)}
+    np.testing.assert_allclose(TorchGraph(model)(feeds)[0].numpy(), _ort(model, feeds), rtol=1e-5, atol=1e-5)
