@@ -241,6 +241,16 @@ def weight_matrices(weight: np.ndarray, layer: Layer, decomposition: str) -> np.
     return weight.transpose(1, 2, 0, 3).reshape(1, cin * kh, cout * kw)
 
 
+def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> np.ndarray:
+    """Inverse of :func:`weight_matrices`: ``(g, m, n)`` matrices back to the stored weight's layout."""
+    if layer.op_type != "Conv":
+        return matrices[0].T if layer.transposed else matrices[0]
+    if decomposition == "channel":
+        return matrices.reshape(layer.weight_shape)
+    cout, cin, kh, kw = layer.weight_shape
+    return matrices.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3)
+
+
 def svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Thin SVD of a stack of matrices, in float64 via torch: ``U (g,m,k)``, ``S (g,k)``, ``Vh (g,k,n)``."""
     with single_thread():

@@ -18,11 +18,11 @@ import numpy as np
 import onnx
 
 from .errors import OnnxlrfError
-from .analysis import check_finite_weights
+from .analysis import check_finite_weights, find_layers
 from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
 from .planning import Plan, count_params, plan_energy, plan_uniform
 from .progress import Progress, ProgressLike, as_progress
-from .rewrite import RewriteReport, apply_plan
+from .rewrite import RewriteReport, apply_plan, truncate_weights
 
 PLANNING_MODES = ("uniform", "energy")
 JOINT_MODES = ("lossless", "compact")
@@ -240,6 +240,7 @@ def backoff_plan(
     target: str = "params",
     rank_multiple: int = 1,
     cost: Any = None,
+    reference_val: float | None = None,
 ) -> tuple[Plan, onnx.ModelProto, RewriteReport, list]:
     """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
 
@@ -298,7 +299,8 @@ def backoff_plan(
         return value, plan, compressed, report
 
     with progress.task(f"back-off ({mode})", unit="plan") as attempts:
-        reference_val = _metric(reference, val, provider, progress, "the original on validation")
+        if reference_val is None:
+            reference_val = _metric(reference, val, provider, progress, "the original on validation")
         progress.log(f"back-off: the original scores {reference_val:.4f} on {len(val)} validation samples")
         failed_kappa = None
         for kappa in BACKOFF_KAPPAS:
@@ -342,6 +344,31 @@ def backoff_plan(
     return plan, compressed, report, backoff
 
 
+def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan, cost: Any) -> Plan:
+    """``later``, planned on ``earlier``'s truncated weights, as a plan for ``reference``.
+
+    A layer ``later`` keeps dense stays at ``earlier``'s truncation (its weight was
+    that truncation when ``later`` was verified), so its earlier entry and basis stand.
+    """
+    if earlier is None:
+        return later
+    before = {entry.node: entry for entry in earlier.layers}
+    merged = dataclasses.replace(later, layers=list(later.layers), bases=dict(later.bases),
+                                 options=dict(later.options))
+    for i, entry in enumerate(merged.layers):
+        prior = before[entry.node]
+        if entry.decomposition == "dense" and prior.decomposition != "dense":
+            merged.layers[i] = prior
+            merged.bases[prior.weight] = earlier.bases[prior.weight]
+    layers = {layer.node: layer for layer in find_layers(reference)[0]}
+    saved = sum(cost.dense([layers[e.node]]) - cost.factorized([layers[e.node]], e.decomposition, e.rank)
+                for e in merged.layers if e.decomposition != "dense")
+    params = merged.summary()["params_removed"] / max(count_params(reference), 1)
+    merged.options["params_reduction"] = params
+    merged.options["achieved_reduction"] = params if cost.target == "params" else saved / cost.total()
+    return merged
+
+
 def _reduction_text(plan: Plan) -> str:
     """The plan's size in its target's words, e.g. '12.0% fewer parameters' or '30.1% less latency'."""
     target = plan.options.get("target", "params")
@@ -370,23 +397,56 @@ def compress_joint(
     target: str = "params",
     rank_multiple: int = 1,
     cost: Any = None,
+    rounds: int = 1,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
+    ``rounds`` > 1 repeats analysis and back-off around the truncated weights of the
+    previous round, so each round's Taylor model sees what the earlier truncations
+    did to the other layers. compact: until a round adds nothing that holds on
+    validation (against the original's metric); lossless: round k aims at k/rounds
+    of ``target_reduction``. The returned plan applies to ``reference`` itself.
     ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
     them from its full validation of that split, so the split is evaluated once).
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    if rounds < 1:
+        raise OnnxlrfError(f"--rounds must be at least 1, got {rounds}")
     progress = as_progress(progress)
     splits = split_dataset(dataset, calib, val, seed)
     progress.log(f"splits (seed {seed}): {len(splits.calib)} calibration, {len(splits.val)} validation, "
                  f"{len(splits.test)} held-out test samples")
-    sensitivity = joint_analysis(reference, splits.calib, labels, range_samples, micro_batch, progress)
-    plan, compressed, report, backoff = backoff_plan(reference, sensitivity, splits.val, mode, target_reduction,
-                                                     tolerance, solver, provider, progress, target, rank_multiple,
-                                                     cost)
-    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels})
+    from .planning import cost_model
+
+    cost = cost_model(reference, target, cost)
+    current, plan, reference_val, backoff, history = reference, None, None, [], []
+    for index in range(rounds):
+        if rounds > 1:
+            progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
+        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress)
+        round_target = None if target_reduction is None else target_reduction * (index + 1) / rounds
+        round_plan, _, _, round_backoff = backoff_plan(current, sensitivity, splits.val, mode, round_target,
+                                                       tolerance, solver, provider, progress, target,
+                                                       rank_multiple, cost, reference_val)
+        reference_val = round_plan.options["reference_val"]
+        merged = _merge_rounds(reference, plan, round_plan, cost)
+        backoff += [{"round": index + 1, **entry} for entry in round_backoff]
+        if plan is not None and mode == "compact" and \
+                merged.options["achieved_reduction"] <= plan.options["achieved_reduction"]:
+            progress.log(f"round {index + 1} added nothing that holds on validation; stopping")
+            break
+        plan = merged
+        history.append({"round": index + 1, "achieved_reduction": plan.options["achieved_reduction"],
+                        "params_reduction": plan.options["params_reduction"], "kappa": round_plan.options["kappa"],
+                        "val": next((e.get("val") for e in round_backoff
+                                     if e["kappa"] == round_plan.options["kappa"]), None)})
+        if index + 1 < rounds:
+            current = truncate_weights(reference, plan)[0]
+    compressed, report = apply_plan(reference, plan, progress=progress)
+    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
+    if rounds > 1:
+        plan.options["rounds"] = history
     results = {}
     reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
     for name, split in progress.track(reported, "evaluate the splits", unit="split"):
@@ -421,6 +481,7 @@ def compress(
     progress: ProgressLike = None,
     target: str = "params",
     rank_multiple: int | None = None,
+    rounds: int = 1,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
@@ -433,6 +494,7 @@ def compress(
     ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
     ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.latency`).
     ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.latency.default_rank_multiple`).
+    ``rounds``: joint modes, see :func:`compress_joint`.
     """
     progress = as_progress(progress)
     if mode not in MODES:
@@ -469,7 +531,7 @@ def compress(
         if mode in JOINT_MODES:
             joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
                                    solver, provider=provider, progress=progress, report_test=False, target=target,
-                                   rank_multiple=rank_multiple, cost=cost)
+                                   rank_multiple=rank_multiple, cost=cost, rounds=rounds)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
-from .analysis import Layer, find_layers, svd, weight_array, weight_matrices
+from .analysis import Layer, find_layers, matrices_to_weight, svd, weight_array, weight_matrices
+from .errors import OnnxlrfError
 from .planning import LayerPlan, Plan, count_params, plan_full_rank, validate_plan
 from .progress import ProgressLike, as_progress
 
-__all__ = ["RewriteReport", "apply_plan", "plan_full_rank"]
+__all__ = ["RewriteReport", "apply_plan", "plan_full_rank", "truncate_weights"]
 
 
 @dataclass
@@ -153,6 +155,47 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
 
     exported = gs.export_onnx(graph, do_type_check=False)
     result = _assemble(model, exported, maybe_unused, replaced)
+    report.params_after = count_params(result)
+    return result, report
+
+
+def truncate_weights(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProto, RewriteReport]:
+    """The same graph with each planned weight replaced by its low-rank reconstruction, kept dense.
+
+    Names, shapes, dtypes and nodes stay as they are; only the values of the
+    planned layers' weight initializers change. This is the point a further
+    joint analysis expands around (``compress_joint(rounds=...)``). Layers the
+    rewrite would keep dense (planned dense, or a pair not smaller) keep their weight.
+    """
+    validate_plan(plan, model)
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    report = RewriteReport(params_before=count_params(model))
+    truncated: dict[str, np.ndarray] = {}
+    for entry in plan.layers:
+        layer = layers[entry.node]
+        if entry.decomposition == "dense" or layer.factorized_params(entry.decomposition, entry.rank) >= layer.params:
+            report.kept_dense.append({"node": entry.node, "reason": "planned dense or pair not smaller"})
+            continue
+        if entry.bias_correction:
+            raise OnnxlrfError(f"node {entry.node!r}: a bias-corrected truncation changes the bias too; "
+                               "truncate_weights keeps biases as they are")
+        weight = weight_array(model, layer)
+        u, s, vh = plan.bases[layer.weight][:3] if entry.basis != "svd" else \
+            svd(weight_matrices(weight, layer, entry.decomposition))
+        idx = np.asarray(entry.kept_indices(), dtype=np.int64)
+        value = matrices_to_weight((u[:, :, idx] * s[:, None, idx]) @ vh[:, idx, :], layer, entry.decomposition)
+        value = value.astype(weight.dtype)
+        if layer.weight in truncated and not np.array_equal(truncated[layer.weight], value):
+            raise OnnxlrfError(f"weight {layer.weight!r} is shared by nodes planned differently")
+        truncated[layer.weight] = value
+        report.rewritten.append({"node": entry.node, "op_type": layer.op_type, "decomposition": entry.decomposition,
+                                 "rank": entry.rank, "params_before": layer.params, "params_after": layer.params,
+                                 "new_nodes": []})
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    for init in result.graph.initializer:
+        if init.name in truncated:
+            init.CopyFrom(numpy_helper.from_array(truncated[init.name], init.name))
     report.params_after = count_params(result)
     return result, report
 

@@ -31,7 +31,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from .analysis import Layer, find_layers, weight_array, weight_matrices
+from .analysis import Layer, find_layers, matrices_to_weight, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .progress import Progress, ProgressLike, as_progress
 from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
@@ -360,14 +360,6 @@ def _mean_loss(losses: Iterator[torch.Tensor]) -> float:
     return total / count
 
 
-def stored_weight(layer: Layer, matrices: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`weight_matrices` for the channel decomposition."""
-    if layer.op_type == "Conv":
-        return matrices.reshape(layer.weight_shape)
-    mat = matrices[0]
-    return mat.T if layer.transposed else mat
-
-
 class TruncationProbe:
     """Measured loss change of truncating one layer alone, on fixed calibration batches.
 
@@ -399,7 +391,7 @@ class TruncationProbe:
         """Loss change with only ``node`` truncated to ``rank`` components, dropped in joint order at ``kappa``."""
         ls = self.sensitivity.layers[node]
         keep = ls.keep(rank, kappa)
-        replacement = {ls.layer.weight: stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)}
+        replacement = {ls.layer.weight: matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)}
         shift = ls.output_shift(keep)
         if shift is not None or self.traces is None:
             return measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,

@@ -15,7 +15,7 @@ from onnxlrf.analysis import find_layers
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import LayerPlan, Plan, count_params, plan_full_rank, plan_uniform
-from onnxlrf.rewrite import apply_plan
+from onnxlrf.rewrite import apply_plan, truncate_weights
 
 RNG = np.random.default_rng(0)
 
@@ -480,3 +480,26 @@ def test_bias_correction_without_a_stored_mean_is_a_plan_error():
     plan.layers[0].bias_correction = True
     with pytest.raises(OnnxlrfError, match="bias correction"):
         apply_plan(model, plan)
+
+
+@pytest.mark.parametrize("model, decomposition, rank", [
+    (conv_model(groups=2), "channel", 2),
+    (conv_model(), "spatial", 3),
+    (make_model([helper.make_node("Gemm", ["x", "W", "B"], ["y"], name="gemm", transB=1)], {"x": [3, 12]},
+                ("y", None), {"W": RNG.standard_normal((10, 12)).astype(np.float32),
+                              "B": RNG.standard_normal(10).astype(np.float32)}), "channel", 3),
+], ids=["grouped-conv", "spatial-conv", "gemm-transB"])
+def test_truncate_weights_keeps_the_graph_and_matches_the_pair(model, decomposition, rank):
+    layer, plan = one_layer_plan(model, decomposition, rank, keep=list(range(1, rank + 1)))
+    truncated, report = truncate_weights(model, plan)
+    assert [n.SerializeToString() for n in truncated.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in truncated.graph.initializer}
+    assert {k: (v.shape, v.dtype) for k, v in after.items()} == {k: (v.shape, v.dtype) for k, v in before.items()}
+    assert all(np.array_equal(after[k], before[k]) for k in before if k != layer.weight)
+    expected = reconstruct(before[layer.weight], layer, decomposition, plan.layers[0].kept_indices())
+    np.testing.assert_allclose(after[layer.weight], expected, rtol=1e-5, atol=1e-5)
+    assert [r["node"] for r in report.rewritten] == [layer.node] and report.params_after == count_params(model)
+    feeds = feeds_for(model)
+    assert rel_diff(run(truncated, feeds), run(apply_plan(model, plan)[0], feeds)) <= 1e-4
+

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from onnxlrf.analysis import matrices_to_weight
 from onnxlrf.compress import calibration_batches, compress_joint, split_dataset
 from onnxlrf.data import Dataset
 from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
 from onnxlrf.rewrite import apply_plan
-from onnxlrf.sensitivity import (TruncationProbe, analyze, classification_loss, measure_loss, measure_ranges,
-                                 stored_weight)
+from onnxlrf.sensitivity import TruncationProbe, analyze, classification_loss, measure_loss, measure_ranges
 from onnxlrf.torch_graph import TorchGraph
 
 CLASSES = 4
@@ -83,7 +83,7 @@ def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, 
         if ls.layer.groups != 1:
             continue
         full = ls.reconstruct(ls.keep(k))
-        weight = stored_weight(ls.layer, full)
+        weight = matrices_to_weight(full, ls.layer, "channel")
         original = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == ls.layer.weight))
         np.testing.assert_allclose(weight, original, rtol=1e-6, atol=1e-6)
         # Near W the Taylor model must hold: drop the two components whose own weight change
@@ -91,7 +91,7 @@ def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, 
         size = ls.s[0] * np.linalg.norm(ls.x[0], axis=0) * np.linalg.norm(ls.y[0], axis=0)
         dropped = np.argsort(size)[:2]
         keep = np.setdiff1d(np.arange(k), dropped)[None]
-        weight = stored_weight(ls.layer, ls.reconstruct(keep)).astype(np.float32)
+        weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)
         shift = ls.output_shift(keep)
         assert (shift is not None) == bias_correction
         measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight},
@@ -168,7 +168,28 @@ def test_truncation_probe_with_cached_activations_equals_a_full_run(small_cnn):
     assert cached.traces and uncached.traces is None
     for ls in sens.layers.values():
         rank = max(1, ls.s.shape[1] // 2)
-        weight = stored_weight(ls.layer, ls.reconstruct(ls.keep(rank, 2.0))).astype(np.float32)
+        weight = matrices_to_weight(ls.reconstruct(ls.keep(rank, 2.0)), ls.layer, "channel").astype(np.float32)
         full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - cached.base
         assert cached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
         assert uncached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode, target", [("compact", None), ("lossless", 0.3)])
+def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target):
+    model, data = small_cnn
+    kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu")
+    one = compress_joint(model, data, mode, **kwargs)
+    two = compress_joint(model, data, mode, rounds=2, **kwargs)
+    # Held to the original's validation metric in every round; the plan rewrites the original model.
+    assert two.splits["val"]["reference_value"] == one.splits["val"]["reference_value"]
+    history = two.plan.options.get("rounds", [])
+    if mode == "compact":
+        assert two.splits["val"]["value"] >= two.splits["val"]["reference_value"]
+        assert two.plan.options["params_reduction"] >= one.plan.options["params_reduction"]
+        assert [h["params_reduction"] for h in history] == sorted(h["params_reduction"] for h in history)
+    else:
+        assert [h["round"] for h in history] == [1, 2]
+        assert history[0]["achieved_reduction"] >= 0.15 and two.plan.options["achieved_reduction"] >= 0.3
+    assert {e["round"] for e in two.backoff} <= {1, 2}
+    rewritten, _ = apply_plan(model, two.plan)
+    assert rewritten.SerializeToString() == two.compressed.SerializeToString()
