@@ -359,7 +359,8 @@ def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan,
         prior = before[entry.node]
         if entry.decomposition == "dense" and prior.decomposition != "dense":
             merged.layers[i] = prior
-            merged.bases[prior.weight] = earlier.bases[prior.weight]
+            if prior.weight in earlier.bases:
+                merged.bases[prior.weight] = earlier.bases[prior.weight]
     layers = {layer.node: layer for layer in find_layers(reference)[0]}
     saved = sum(cost.dense([layers[e.node]]) - cost.factorized([layers[e.node]], e.decomposition, e.rank)
                 for e in merged.layers if e.decomposition != "dense")

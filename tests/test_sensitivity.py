@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -193,3 +195,19 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target):
     assert {e["round"] for e in two.backoff} <= {1, 2}
     rewritten, _ = apply_plan(model, two.plan)
     assert rewritten.SerializeToString() == two.compressed.SerializeToString()
+
+
+def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small_cnn):
+    from onnxlrf.compress import _merge_rounds
+    from onnxlrf.planning import cost_model, plan_uniform
+
+    model, _ = small_cnn
+    earlier = plan_uniform(model, rank_fraction=0.5)
+    later = plan_uniform(model, rank_fraction=0.25)
+    first = next(i for i, e in enumerate(later.layers) if e.decomposition != "dense")
+    later.layers[first] = dataclasses.replace(later.layers[first], decomposition="dense", rank=None)
+    merged = _merge_rounds(model, earlier, later, cost_model(model))
+    assert merged.layers[first] == earlier.layers[first]
+    assert merged.layers[first + 1:] == later.layers[first + 1:]
+    removed = sum(e.params_dense - e.params_planned for e in merged.layers)
+    assert merged.options["params_reduction"] == pytest.approx(removed / count_params(model))

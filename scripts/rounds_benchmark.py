@@ -1,0 +1,69 @@
+"""Joint compression in several rounds against one round, held-out metric.
+
+    python scripts/rounds_benchmark.py --model cifar10-resnet56 --mode lossless --targets 0.2,0.3 --rounds 3
+
+Each run is ``compress.compress_joint`` on the quality benchmark's splits
+(seed 0: calibration / validation / held-out test as in ``quality_benchmark.py``),
+so the one-round figures are that benchmark's joint rows. Prints one JSON line
+per run (reduction, validation and held-out metric, the rounds' history, seconds)
+and, with --out, writes them to rounds_<model>_<mode>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from onnxlrf.compress import compress_joint
+from onnxlrf.data import load_data
+from onnxlrf.export import export_model
+from onnxlrf.models import load_model
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning import count_params
+from onnxlrf.progress import Progress
+
+from quality_benchmark import SETUPS
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet56")
+    parser.add_argument("--mode", choices=["lossless", "compact"], default="lossless")
+    parser.add_argument("--targets", default="0.2,0.3", help="lossless: fractions of the parameters to remove.")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    weights, data_spec, n_calib, n_val = SETUPS[args.model]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_model(args.model, weights=str(weights) if weights else None)
+        reference = load_onnx(export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path)
+    data = load_data(data_spec, reference)
+    targets = [float(t) for t in args.targets.split(",")] if args.mode == "lossless" else [None]
+    rows = []
+    for target in targets:
+        start = time.perf_counter()
+        result = compress_joint(reference, data, args.mode, target_reduction=target, calib=n_calib, val=n_val,
+                                seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False))
+        rows.append({"mode": args.mode, "target": target, "rounds": args.rounds,
+                     "reduction": 1 - count_params(result.compressed) / count_params(reference),
+                     "val": result.splits["val"]["value"], "test": result.splits["test"]["value"],
+                     "reference_test": result.splits["test"]["reference_value"],
+                     "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"rounds_{args.model}_{args.mode}.json").write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
