@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params
-from quality_benchmark import print_table  # scripts/ is on sys.path when a script runs
+from quality_benchmark import print_table, write_results  # scripts/ is on sys.path when a script runs
 
 SHARED = Path(os.environ.get("ONNXLRF_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
 WEIGHTS = {"cifar10-resnet20": "resnet20-12fca82f.th", "cifar10-resnet56": "resnet56-4bfd9763.th"}
@@ -129,9 +128,8 @@ def main() -> int:
           f"{reference_test:.4f}); seed {args.seed}\n")
     print_table(rows, "failed")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"aimet_{args.model}.json").write_text(json.dumps(
-            {"model": args.model, "reference_test": reference_test, "rows": rows}, indent=1))
+        write_results(args.out, f"aimet_{args.model}.json",
+                      {"model": args.model, "reference_test": reference_test, "rows": rows})
     return 0
 
 

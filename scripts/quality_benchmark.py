@@ -18,8 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 
 from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
@@ -38,6 +38,22 @@ SETUPS = {
 }
 
 
+def load_setup(model: str) -> tuple[Any, Any, int, int]:
+    """``model``'s reference ONNX (exported with a dynamic batch), its dataset, and its calibration
+    and validation sizes, as every benchmark on these splits uses them."""
+    weights, data_spec, n_calib, n_val = SETUPS[model]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = load_model(model, weights=str(weights) if weights else None)
+        reference = load_onnx(export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path)
+    return reference, load_data(data_spec, reference), n_calib, n_val
+
+
+def write_results(directory: Path, name: str, results: Any) -> None:
+    """``results`` as indented JSON in ``directory/name`` (the directory is made if needed)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(json.dumps(results, indent=1))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet20")
@@ -51,14 +67,9 @@ def main() -> int:
     if args.replot:
         return replot(args.replot)
     torch.set_num_threads(args.threads)
-    weights, data_spec, n_calib, n_val = SETUPS[args.model]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_model(args.model, weights=str(weights) if weights else None)
-        path = export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path
-        reference = load_onnx(path)
-    dataset = load_data(data_spec, reference)
+    reference, dataset, n_calib, n_val = load_setup(args.model)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = _metric(reference, splits.test, "auto")
@@ -101,10 +112,9 @@ def main() -> int:
           f"joint analysis {analysis_s:.0f} s, calib {n_calib}, val {n_val}, seed {args.seed}\n")
     print_table(rows, "out of reach")
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"quality_{args.model}.json").write_text(json.dumps(
-            {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s, "rows": rows},
-            indent=1))
+        write_results(args.out, f"quality_{args.model}.json",
+                      {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s,
+                       "rows": rows})
         log(f"wrote {plot(args.out, args.model)}")
     return 0
 

@@ -14,21 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from onnxlrf.compress import compress_joint
-from onnxlrf.data import load_data
-from onnxlrf.export import export_model
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params
 from onnxlrf.progress import Progress
 
-from quality_benchmark import SETUPS
+from quality_benchmark import SETUPS, load_setup, write_results
 
 
 def main() -> int:
@@ -42,11 +37,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    weights, data_spec, n_calib, n_val = SETUPS[args.model]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_model(args.model, weights=str(weights) if weights else None)
-        reference = load_onnx(export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path)
-    data = load_data(data_spec, reference)
+    reference, data, n_calib, n_val = load_setup(args.model)
     targets = [float(t) for t in args.targets.split(",")] if args.mode == "lossless" else [None]
     rows = []
     for target in targets:
@@ -60,8 +51,7 @@ def main() -> int:
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"rounds_{args.model}_{args.mode}.json").write_text(json.dumps(rows, indent=1))
+        write_results(args.out, f"rounds_{args.model}_{args.mode}.json", rows)
     return 0
 
 

@@ -20,25 +20,19 @@ speedup 1.0), and the ratio of their speedups: the issue's goal is 1.5.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
-from onnxlrf.data import load_data
-from onnxlrf.export import export_model
 from onnxlrf.latency import make_cost
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params, plan_uniform
 from onnxlrf.progress import Progress
 from onnxlrf.rewrite import apply_plan
 from onnxlrf.validation import benchmark
 
-from quality_benchmark import SETUPS
+from quality_benchmark import SETUPS, load_setup, write_results
 
 
 def main() -> int:
@@ -55,11 +49,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     progress = Progress()
-    weights, data_spec, n_calib, n_val = SETUPS[args.model]
-    with tempfile.TemporaryDirectory() as tmp:
-        spec = load_model(args.model, weights=str(weights) if weights else None)
-        reference = load_onnx(export_model(spec, Path(tmp) / "model.onnx", dynamic_batch=True).path)
-    splits = split_dataset(load_data(data_spec, reference), n_calib, n_val, args.seed)
+    reference, dataset, n_calib, n_val = load_setup(args.model)
+    splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = _metric(reference, splits.test, "cpu")
     sensitivity = joint_analysis(reference, splits.calib, progress=progress)
@@ -109,8 +100,7 @@ def main() -> int:
             line += " | |"
         print(line)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"speed_{args.model}.json").write_text(json.dumps(rows, indent=1))
+        write_results(args.out, f"speed_{args.model}.json", rows)
     return 0
 
 
