@@ -20,7 +20,7 @@ import onnx
 from .errors import OnnxlrfError
 from .analysis import check_finite_weights, find_layers
 from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
-from .planning import Plan, count_params, plan_energy, plan_uniform
+from .planning import Plan, cost_model, count_params, plan_energy, plan_joint, plan_uniform
 from .progress import Progress, ProgressLike, as_progress
 from .rewrite import RewriteReport, apply_plan, truncate_weights
 
@@ -250,8 +250,6 @@ def backoff_plan(
     ``target``: what the size is counted in (params, flops or latency; ``cost`` a prepared
     cost model, else one is built once here); ranks are multiples of ``rank_multiple``.
     """
-    from .planning import cost_model, plan_joint
-
     cost = cost_model(reference, target, cost)
 
     if mode not in JOINT_MODES:
@@ -418,8 +416,6 @@ def compress_joint(
     splits = split_dataset(dataset, calib, val, seed)
     progress.log(f"splits (seed {seed}): {len(splits.calib)} calibration, {len(splits.val)} validation, "
                  f"{len(splits.test)} held-out test samples")
-    from .planning import cost_model
-
     cost = cost_model(reference, target, cost)
     current, plan, reference_val, backoff, history = reference, None, None, [], []
     for index in range(rounds):
