@@ -200,7 +200,7 @@ def joint_analysis(
     progress: ProgressLike = None,
 ) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
-    from .sensitivity import LOSSES, analyze, measure_ranges
+    from .sensitivity import CURVATURES, LOSSES, analyze, measure_ranges
 
     progress = as_progress(progress)
 
@@ -219,7 +219,8 @@ def joint_analysis(
                               progress=progress, description="label-free targets: the original's predictions")
         targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
-                          loss_name=f"{calib.task}/{labels}", progress=progress)
+                          loss_name=f"{calib.task}/{labels}", progress=progress,
+                          curvature_fn=CURVATURES.get(calib.task))
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range], 128),

@@ -223,7 +223,19 @@ def similarity_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch
     return (cos - targets.to(cos.dtype) / 5.0) ** 2
 
 
+def similarity_curvature(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per pair, sqrt(2) * cosine: its gradients give the Gauss-Newton curvature of :func:`similarity_loss`."""
+    emb = outputs[0]
+    half = emb.shape[0] // 2
+    return math.sqrt(2.0) * F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+
+
 LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-similarity": similarity_loss}
+# Per-sample outputs whose gradients define B, where the loss's own gradients would mislead.
+# The regression loss's gradient is 2 * residual * dcos: its empirical Fisher weighs curvature
+# by the squared residual, small for a well-fit model, where the Gauss-Newton term 2 dcos dcos^T
+# does not. Cross-entropy keeps its empirical Fisher (measured on the CIFAR ResNets).
+CURVATURES: dict[str, LossFn] = {"sentence-similarity": similarity_curvature}
 
 
 def analyze(
@@ -234,8 +246,13 @@ def analyze(
     layers: list[Layer] | None = None,
     progress: ProgressLike = None,
     bias_correction: bool = False,
+    curvature_fn: LossFn | None = None,
 ) -> Sensitivity:
     """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
+
+    ``curvature_fn``: per-sample outputs whose gradients at each layer's output make up
+    ``B`` (a Gauss-Newton factor, see :data:`CURVATURES`); None: the per-sample loss
+    gradients (the empirical Fisher).
 
     ``bias_correction``: truncations are paired with the bias change that cancels
     their mean output error (``-(W_r - W) E[x]``, free at inference). The
@@ -272,10 +289,17 @@ def analyze(
         if not torch.isfinite(losses).all():
             raise OnnxlrfError("the calibration loss is not finite (NaN/Inf in the model or the data)")
         # Sum of per-sample losses: output gradients are then per-sample gradients (for B).
-        losses.sum().backward()
+        losses.sum().backward(retain_graph=curvature_fn is not None)
+        hooked = [out for entry in stats.values() for out in entry.outputs]
+        if curvature_fn is None:
+            grads = [out.grad for out in hooked]
+        else:  # autograd.grad leaves the parameters' accumulated loss gradients alone
+            grads = torch.autograd.grad(curvature_fn(outputs, torch.as_tensor(targets)).sum(), hooked,
+                                        allow_unused=True)
+        grads = iter([torch.zeros_like(out) if grad is None else grad for out, grad in zip(hooked, grads)])
         for entry in stats.values():
-            for out in entry.outputs:
-                entry.add_output_grad(out.grad)
+            for _ in entry.outputs:
+                entry.add_output_grad(next(grads))
             entry.outputs.clear()
         total_loss += float(losses.detach().sum())
         samples += int(losses.numel())

@@ -16,8 +16,17 @@ from onnxlrf.compress import calibration_batches, compress_joint, split_dataset
 from onnxlrf.data import Dataset
 from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
 from onnxlrf.rewrite import apply_plan
-from onnxlrf.sensitivity import TruncationProbe, analyze, classification_loss, measure_loss, measure_ranges
+from onnxlrf.sensitivity import (
+    TruncationProbe,
+    analyze,
+    classification_loss,
+    measure_loss,
+    measure_ranges,
+    similarity_curvature,
+    similarity_loss,
+)
 from onnxlrf.torch_graph import TorchGraph
+from test_data import sentence_encoder_model
 
 CLASSES = 4
 
@@ -69,6 +78,38 @@ def test_torch_graph_matches_onnxruntime(small_cnn):
     expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = TorchGraph(model)(feeds)[0].detach().numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_similarity_curvature_predicts_a_well_fit_encoder():
+    """Gold scores are the encoder's own cosines plus noise (residuals about 0.03): the regime of
+    a trained encoder, where the empirical Fisher, scaled by the squared residual, sees almost no
+    curvature and the Gauss-Newton factor from ``similarity_curvature`` sees it all."""
+    pairs, hidden = 300, 16
+    model = sentence_encoder_model(hidden=hidden, seq=5)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 40, (2 * pairs, 5)).astype(np.int64)
+    mask = np.ones_like(ids)
+    emb = TorchGraph(model)({"input_ids": ids, "attention_mask": mask})[0].detach()
+    cos = torch.nn.functional.cosine_similarity(emb[:pairs], emb[pairs:], dim=-1).numpy()
+    gold = (5 * (cos + rng.normal(0, 0.03, pairs))).astype(np.float32)
+    data = Dataset("pairs", "sentence-similarity", {"input_ids": ids, "attention_mask": mask}, gold)
+    base = measure_loss(model, _batches(data, 50), similarity_loss)
+
+    def drop(sens, rank: int) -> tuple[float, float]:
+        ls = sens.layers["proj"]
+        keep = ls.keep(rank)
+        weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)
+        measured = measure_loss(model, _batches(data, 50), similarity_loss, {ls.layer.weight: weight}) - base
+        return measured, float(ls.scores()[0, np.setdiff1d(np.arange(hidden), keep[0])].sum())
+
+    gauss_newton = analyze(model, _batches(data, 50), similarity_loss, curvature_fn=similarity_curvature)
+    fisher = analyze(model, _batches(data, 50), similarity_loss)
+    assert gauss_newton.layers["proj"].quadratic.sum() > 100 * fisher.layers["proj"].quadratic.sum()
+    for rank in (12, 8):
+        measured, predicted = drop(gauss_newton, rank)
+        assert measured > 0 and abs(measured - predicted) <= 1e-3 + 0.5 * max(measured, abs(predicted)), rank
+        measured, predicted = drop(fisher, rank)
+        assert measured > 10 * abs(predicted), rank  # the empirical Fisher drops what matters, as free
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
