@@ -209,15 +209,18 @@ def joint_analysis(
     loss_fn = LOSSES[calib.task]
     targets = calib.labels
     if labels == "predictions":
-        if calib.task != "classification":
-            raise OnnxlrfError("--labels predictions is for classifiers (sentence encoders need gold scores)")
+        from .data import cosine_rows
         from .validation import make_session, run_dataset
 
-        # Label-free: the original's hard predictions as targets (a distillation loss
-        # would have zero gradient at the original weights).
         outputs = run_dataset(make_session(reference, providers=["CPUExecutionProvider"]), calib,
                               progress=progress, description="label-free targets: the original's predictions")
-        targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
+        if calib.task == "classification":
+            # The original's hard predictions: a distillation loss would have zero gradient here.
+            targets = outputs.reshape(len(outputs), -1).argmax(axis=1)
+        else:
+            # The original's own similarity (on the gold 0-5 scale): zero gradient, so the plan
+            # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
+            targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=f"{calib.task}/{labels}", progress=progress,
                           curvature_fn=CURVATURES.get(calib.task))

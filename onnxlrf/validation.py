@@ -159,7 +159,7 @@ def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int
     names = [i.name for i in session.get_inputs()]
     first_output = session.get_outputs()[0].name
     outputs = []
-    n_batches = -(-len(dataset) // batch_size)
+    n_batches = -(-dataset.rows // batch_size)  # rows: two per sentence pair
     for feed in as_progress(progress).track(dataset.batches(batch_size), description, n_batches, "batch"):
         feed = {name: feed[name] for name in names}
         rows = len(next(iter(feed.values())))

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from onnxlrf.analysis import matrices_to_weight
-from onnxlrf.compress import calibration_batches, compress_joint, split_dataset
+from onnxlrf.compress import calibration_batches, compress_joint, joint_analysis, split_dataset
 from onnxlrf.data import Dataset
 from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
 from onnxlrf.rewrite import apply_plan
@@ -80,11 +80,8 @@ def test_torch_graph_matches_onnxruntime(small_cnn):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_similarity_curvature_predicts_a_well_fit_encoder():
-    """Gold scores are the encoder's own cosines plus noise (residuals about 0.03): the regime of
-    a trained encoder, where the empirical Fisher, scaled by the squared residual, sees almost no
-    curvature and the Gauss-Newton factor from ``similarity_curvature`` sees it all."""
-    pairs, hidden = 300, 16
+def _encoder_pairs(pairs: int = 300, hidden: int = 16) -> tuple[onnx.ModelProto, Dataset]:
+    """A small sentence encoder and pairs scored by its own cosines plus noise (residuals about 0.03)."""
     model = sentence_encoder_model(hidden=hidden, seq=5)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 40, (2 * pairs, 5)).astype(np.int64)
@@ -92,7 +89,14 @@ def test_similarity_curvature_predicts_a_well_fit_encoder():
     emb = TorchGraph(model)({"input_ids": ids, "attention_mask": mask})[0].detach()
     cos = torch.nn.functional.cosine_similarity(emb[:pairs], emb[pairs:], dim=-1).numpy()
     gold = (5 * (cos + rng.normal(0, 0.03, pairs))).astype(np.float32)
-    data = Dataset("pairs", "sentence-similarity", {"input_ids": ids, "attention_mask": mask}, gold)
+    return model, Dataset("pairs", "sentence-similarity", {"input_ids": ids, "attention_mask": mask}, gold)
+
+
+def test_similarity_curvature_predicts_a_well_fit_encoder():
+    """A well-fit encoder, as trained ones are: the empirical Fisher, scaled by the squared
+    residual, sees almost no curvature; the Gauss-Newton factor from ``similarity_curvature`` does."""
+    hidden = 16
+    model, data = _encoder_pairs(hidden=hidden)
     base = measure_loss(model, _batches(data, 50), similarity_loss)
 
     def drop(sens, rank: int) -> tuple[float, float]:
@@ -110,6 +114,16 @@ def test_similarity_curvature_predicts_a_well_fit_encoder():
         assert measured > 0 and abs(measured - predicted) <= 1e-3 + 0.5 * max(measured, abs(predicted)), rank
         measured, predicted = drop(fisher, rank)
         assert measured > 10 * abs(predicted), rank  # the empirical Fisher drops what matters, as free
+
+
+def test_label_free_similarity_targets_are_the_originals_cosines():
+    model, data = _encoder_pairs()
+    sens = joint_analysis(model, data, labels="predictions", range_samples=100)
+    assert sens.reference_loss < 1e-10
+    ls = sens.layers["proj"]
+    # Zero gradient at the original: the plan rests on curvature alone, and the range checks see it.
+    assert np.abs(ls.first_order).max() < 1e-4 * ls.quadratic.max()
+    assert all(check["measured"] > 0 for check in ls.range_checks)
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
