@@ -59,6 +59,9 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet20")
     parser.add_argument("--targets", default="0.05,0.1,0.2,0.3,0.5")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--labels", default="labels",
+                        help="Calibration targets of the joint analyses, comma-separated: labels, predictions "
+                             "(label-free; its joint rows are named joint-...-label-free).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
     parser.add_argument("--replot", type=Path, metavar="DIR",
@@ -75,10 +78,13 @@ def main() -> int:
     reference_test = _metric(reference, splits.test, "auto")
     rows = []
 
-    start = time.perf_counter()
-    sensitivity = joint_analysis(reference, splits.calib, progress=None)
-    analysis_s = time.perf_counter() - start
-    log(f"joint analysis: {analysis_s:.1f} s")
+    analyses, analysis_s = {}, {}
+    for labels in args.labels.split(","):
+        start = time.perf_counter()
+        analyses[labels] = joint_analysis(reference, splits.calib, labels=labels, progress=None)
+        analysis_s[labels] = time.perf_counter() - start
+        log(f"joint analysis ({labels}): {analysis_s[labels]:.1f} s")
+    sensitivity = next(iter(analyses.values()))  # the first one's input moments serve the baselines
 
     def evaluate(method: str, target: float | None, make) -> None:
         t0 = time.perf_counter()
@@ -104,12 +110,15 @@ def main() -> int:
         evaluate("energy", target, lambda: rewrite(plan_energy(reference, target_reduction=target)))
         for kind in ("fwsvd", "whitened"):
             evaluate(kind, target, lambda: rewrite(plan_baseline(reference, sensitivity, kind, target)))
-        evaluate("joint-lossless", target, lambda: backoff_plan(reference, sensitivity, splits.val, "lossless",
-                                                                target_reduction=target)[:2])
-    evaluate("joint-compact", None, lambda: backoff_plan(reference, sensitivity, splits.val, "compact")[:2])
+        for labels, analysis in analyses.items():
+            evaluate(joint_name("lossless", labels), target,
+                     lambda: backoff_plan(reference, analysis, splits.val, "lossless", target_reduction=target)[:2])
+    for labels, analysis in analyses.items():
+        evaluate(joint_name("compact", labels), None,
+                 lambda: backoff_plan(reference, analysis, splits.val, "compact")[:2])
 
     print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
-          f"joint analysis {analysis_s:.0f} s, calib {n_calib}, val {n_val}, seed {args.seed}\n")
+          f"joint analysis {', '.join(f'{k} {v:.0f} s' for k, v in analysis_s.items())}, calib {n_calib}, val {n_val}, seed {args.seed}\n")
     print_table(rows, "out of reach")
     if args.out:
         write_results(args.out, f"quality_{args.model}.json",
@@ -117,6 +126,10 @@ def main() -> int:
                        "rows": rows})
         log(f"wrote {plot(args.out, args.model)}")
     return 0
+
+
+def joint_name(mode: str, labels: str) -> str:
+    return f"joint-{mode}" + ("-label-free" if labels == "predictions" else "")
 
 
 def plot(directory: Path, model: str) -> Path:
