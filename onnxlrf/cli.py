@@ -133,7 +133,8 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
               help="Joint modes: validation samples (back-off); the rest is the held-out test split.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Fixes the splits.")
 @click.option("--labels", type=click.Choice(["labels", "predictions"]), default="labels", show_default=True,
-              help="Calibration targets: the data's labels, or the original model's predictions (label-free).")
+              help="Calibration targets: the data's labels, or the original model's predictions (label-free: "
+                   "its classes; for sentence encoders its similarities, the better choice in lossless mode).")
 @click.option("--solver", type=click.Choice(["lagrangian", "dp"]), default="lagrangian", show_default=True)
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Joint modes: analyse and back off again around each round's truncated weights "
