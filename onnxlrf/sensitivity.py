@@ -215,19 +215,22 @@ def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> t
     return F.cross_entropy(outputs[0], targets.long(), reduction="none")
 
 
-def similarity_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    """Rows [first sentences; second sentences]: regress cosine on gold / 5."""
+def _pair_cosines(outputs: list[torch.Tensor]) -> torch.Tensor:
+    """Rows [first sentences; second sentences] of the first output: the cosine of each pair."""
     emb = outputs[0]
     half = emb.shape[0] // 2
-    cos = F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+    return F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+
+
+def similarity_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    """Per pair, the cosine regressed on gold / 5."""
+    cos = _pair_cosines(outputs)
     return (cos - targets.to(cos.dtype) / 5.0) ** 2
 
 
 def similarity_curvature(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per pair, sqrt(2) * cosine: its gradients give the Gauss-Newton curvature of :func:`similarity_loss`."""
-    emb = outputs[0]
-    half = emb.shape[0] // 2
-    return math.sqrt(2.0) * F.cosine_similarity(emb[:half], emb[half:], dim=-1)
+    return math.sqrt(2.0) * _pair_cosines(outputs)
 
 
 LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-similarity": similarity_loss}
