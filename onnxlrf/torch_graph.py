@@ -412,6 +412,18 @@ class TorchGraph:
         env = self._feed(feeds)
         return self.outputs(self._run(env, 0, hook, hook_nodes, keep=set(self.output_names)))
 
+    def largest_value_bytes(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> int:
+        """Bytes of the largest value a run on ``feeds`` computes."""
+        largest = 0
+
+        def note(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> None:
+            nonlocal largest
+            largest = max(largest, output.nbytes if torch.is_tensor(output) else 0)
+
+        with torch.no_grad():
+            self(feeds, hook=note, hook_nodes={n.name for n in self.nodes})
+        return largest
+
     def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], resume_from: Iterable[int]) -> dict[str, torch.Tensor]:
         """Run the graph; return the outputs and the values a :meth:`resume` at any of ``resume_from`` needs."""
         live: set[str] = set(self.output_names)

@@ -41,6 +41,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=32, help="Batch the latency is measured and planned at.")
     parser.add_argument("--uniform", default="0.02,0.05,0.1,0.2,0.3")
     parser.add_argument("--latency", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--labels", choices=("labels", "predictions"), default="labels",
+                        help="Calibration targets of the joint analysis (see compress --labels).")
     parser.add_argument("--rank-multiple", type=int, default=8)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
@@ -53,7 +55,7 @@ def main() -> int:
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = _metric(reference, splits.test, "cpu")
-    sensitivity = joint_analysis(reference, splits.calib, progress=progress)
+    sensitivity = joint_analysis(reference, splits.calib, labels=args.labels, progress=progress)
     cost = make_cost(reference, "latency", batch=args.batch, provider="cpu", rank_multiple=args.rank_multiple,
                      threads=args.threads, progress=progress)
     rows = [{"method": "original", "target": 0.0, "reduction": 0.0, "test": reference_test, "speedup": 1.0}]
@@ -82,8 +84,8 @@ def main() -> int:
         measure("joint-latency", target, compressed)
 
     uniform = [row for row in rows if row["method"] in ("original", "uniform")]
-    print(f"\n{args.model}, batch {args.batch}, CPU EP, {args.threads} threads; original held-out "
-          f"{reference_test:.4f} on {len(splits.test)} samples\n")
+    print(f"\n{args.model}, batch {args.batch}, CPU EP, {args.threads} threads, joint targets: {args.labels}; "
+          f"original held-out {reference_test:.4f} on {len(splits.test)} samples\n")
     print("| method | target | params -% | held-out | speedup | fastest uniform at >= this held-out | ratio |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:
@@ -100,7 +102,8 @@ def main() -> int:
             line += " | |"
         print(line)
     if args.out:
-        write_results(args.out, f"speed_{args.model}.json", rows)
+        suffix = "" if args.labels == "labels" else "-label-free"
+        write_results(args.out, f"speed_{args.model}{suffix}.json", rows)
     return 0
 
 

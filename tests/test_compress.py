@@ -261,3 +261,21 @@ def test_nonfinite_weights_are_refused(tmp_path: Path, model_path: Path, value: 
     with pytest.raises(OnnxlrfError, match="weight 'w2' of the model contains NaN or Inf"):
         rewrite_file(bad, plan_uniform(load_onnx(model_path), rank_fraction=0.5), tmp_path / "out.onnx")
     assert _listing(tmp_path) == before
+
+
+def test_range_check_batches_keep_activations_within_budget(tmp_path: Path, resnet20_weights: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from onnxlrf import compress as compress_module
+    from onnxlrf.data import Dataset
+    from onnxlrf.export import export_model
+    from onnxlrf.models import load_model
+
+    spec = load_model("cifar10-resnet20", weights=str(resnet20_weights))
+    model = load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path)
+    images = Dataset("zeros", "classification", {"input": np.zeros((4, 3, 32, 32), np.float32)}, np.zeros(4, int))
+    per_image = 16 * 32 * 32 * 4  # ResNet-20's largest activation
+    assert compress_module.range_batch_size(model, images) == 128  # 16 MiB fits 256 images: the cap
+    monkeypatch.setattr(compress_module, "RANGE_BATCH_BYTES", 5 * per_image + 1)
+    assert compress_module.range_batch_size(model, images) == 5
+    monkeypatch.setattr(compress_module, "RANGE_BATCH_BYTES", per_image // 2)
+    assert compress_module.range_batch_size(model, images) == 1

@@ -353,5 +353,9 @@ def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
     else:
         plan, _, _, attempts = backoff_plan(model, synthetic_sensitivity(model), val, "lossless", **kwargs)
         assert plan.options["achieved_reduction"] >= 0.2
-    assert stub.timed == len(attempts) > 0 and all(a["speedup"] == speedup for a in attempts)
+    # No first-order term: every kappa keeps the same components, so the model is verified once.
+    assert len(attempts) == 7 and stub.timed == 1
+    assert [a.get("same_as_kappa") for a in attempts] == [None] + [attempts[0]["kappa"]] * 6
+    assert all(a["speedup"] == speedup for a in attempts)
     assert all(("val" in a) == (speedup > 1) for a in attempts)
+    assert len({a.get("val") for a in attempts}) == 1

@@ -95,3 +95,10 @@ def test_conv_with_asymmetric_pads_matches_onnxruntime():
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
     feeds = {"x": rng.normal(size=(1, 3, 7, 6)).astype(np.float32)}
     np.testing.assert_allclose(TorchGraph(model)(feeds)[0].numpy(), _ort(model, feeds), rtol=1e-5, atol=1e-5)
+
+
+def test_largest_value_bytes_is_the_largest_activation(tmp_path, resnet20_weights):
+    spec = load_model("cifar10-resnet20", weights=str(resnet20_weights))
+    graph = TorchGraph(load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path))
+    feeds = {"input": np.zeros((2, 3, 32, 32), dtype=np.float32)}
+    assert graph.largest_value_bytes(feeds) == 2 * 16 * 32 * 32 * 4  # the first stage's 16 channels at 32x32
