@@ -361,7 +361,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
         md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.3g} | "
-               f"{_metric(b['val'])} | {'chosen' if b['kappa'] == page['curve']['kappa'] else ''} |"
+               f"{_metric(b.get('val'))} | {_backoff_note(b, page['curve']['kappa'])} |"
                for b in page["curve"]["backoff"]]
         md.append("")
     md += ["## Run", "", "Command:", "", "```", page["command"] or "(not recorded: Python API)", "```", "",
@@ -374,6 +374,17 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
 
 def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _backoff_note(attempt: dict, chosen_kappa: float | None) -> str:
+    """What became of one back-off attempt, for the report's back-off table."""
+    if attempt["kappa"] == chosen_kappa:
+        return "chosen"
+    if "same_as_kappa" in attempt:
+        return f"the plan of kappa {attempt['same_as_kappa']:.4g}"
+    if "val" not in attempt:
+        return f"rejected: {attempt['speedup']:.2f}x the original's speed"
+    return ""
 
 
 def _metric(x: float | None) -> str:
@@ -446,8 +457,8 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
         out += ["<h2>Back-off on the validation split</h2>", "<table><tr><th>kappa</th><th>reduction</th>"
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
         out += [f"<tr><td class=\"num\">{b['kappa']:.4g}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
-                f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b['val'])}</td>"
-                f"<td>{'chosen' if b['kappa'] == page['curve']['kappa'] else ''}</td></tr>"
+                f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
+                f"<td>{e(_backoff_note(b, page['curve']['kappa']))}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
     command = page["command"] or "(not recorded: Python API)"
@@ -616,7 +627,8 @@ def _inv_symlog(y: float, threshold: float) -> float:
 def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
     """Metric vs fraction of parameters removed: original, back-off attempts (validation), result, baselines."""
     final = curve.get("final")
-    backoff = curve.get("backoff") or []
+    # Attempts rejected before validation (not faster) and repeats of an earlier plan have no point of their own.
+    backoff = [b for b in curve.get("backoff") or [] if "val" in b and "same_as_kappa" not in b]
     if final is None and not backoff and not baselines:
         return None
     xs = [0.0, curve["reduction"]] + [b["achieved_reduction"] for b in backoff] + [b["reduction"] for b in baselines]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import html
 import io
 import json
@@ -189,7 +190,8 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     assert loss.count("<circle") == sum(len(row.checks) for row in rows) + 3  # + 3 legend symbols
     curve = (work / "api-report" / PLOTS["curve"]).read_text()
     assert ">uniform<" in curve and ">energy<" in curve and "back-off attempt" in curve
-    assert curve.count("<title>kappa") == len(result.plan.options["backoff"])
+    evaluated = [b for b in result.plan.options["backoff"] if "val" in b and "same_as_kappa" not in b]
+    assert curve.count("<title>kappa") == len(evaluated)
 
     markdown = md_path.read_text()
     for name in ("fc1", "fc2", "fc3"):
@@ -203,6 +205,23 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     check_rows(uniform, checker)
     assert [row.rank for row in layer_rows(uniform)] == [8, 16, 3]
     assert "validation (onnxruntime)" in checker.cells and "calibration" not in checker.cells
+
+
+def test_back_off_table_says_what_became_of_each_attempt(work: Path, compact: tuple[CompressResult, str]) -> None:
+    result = copy.deepcopy(compact[0])
+    backoff = result.plan.options["backoff"]
+    first = backoff[0]
+    # A latency plan rejected before validation, and a later kappa that repeated the first plan.
+    backoff += [{"kappa": 512.0, "achieved_reduction": 0.3, "predicted_dloss": 0.01, "speedup": 0.93},
+                {**first, "kappa": 1024.0, "same_as_kappa": first["kappa"]}]
+    md_path, html_path = write_report(result, work / "backoff-report")
+    markdown = md_path.read_text()
+    assert "| 512 | 30.0% | +0.01 | - | rejected: 0.93x the original's speed |" in markdown
+    assert f"| 1024 | {first['achieved_reduction']:.1%} |" in markdown
+    assert f"the plan of kappa {first['kappa']:.4g} |" in markdown
+    curve = (work / "backoff-report" / PLOTS["curve"]).read_text()
+    assert curve.count("<title>kappa") == len(backoff) - 2  # neither has a point of its own
+    assert not parse_html(html_path.read_text()).errors
 
 
 def test_progress_log_says_what_was_decided(compact: tuple[CompressResult, str]) -> None:
