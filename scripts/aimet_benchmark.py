@@ -2,16 +2,23 @@
 
     pip install aimet-torch        # optional; a pure-Python wheel, kept out of onnxlrf's dependencies
     python scripts/aimet_benchmark.py --model cifar10-resnet20 --out results/
+    python scripts/aimet_benchmark.py --model minilm --schemes weight_svd --out results/
 
-Same splits as scripts/quality_benchmark.py (seed 0: calibration 1,000 /
-validation 1,000 / held-out test 8,000 of the shared CIFAR-10 images). AIMET's
-greedy selection scores each layer at each candidate ratio with an evaluation
-callback; it gets the calibration and validation images (the 2,000 the joint
-method sees), never the test split. Its compressed torch model is exported
-to ONNX and evaluated on the held-out test split in onnxruntime, and its
-parameter reduction is counted on the ONNX file exactly as for every other
-method (``planning.count_params``; AIMET's own cost counts only the layers it
-compresses). The first conv is left alone, as in AIMET's examples.
+Same splits as scripts/quality_benchmark.py (seed 0; CIFAR-10: calibration
+1,000 / validation 1,000 / held-out test 8,000 images; STS-B: 300 / 300 / 779
+pairs). AIMET's greedy selection scores each layer at each candidate ratio
+with an evaluation callback; it gets the calibration and validation splits
+(what the joint method sees: the callback returns their size-weighted mean
+metric), never the test split. Its compressed torch model is exported to ONNX
+and evaluated on the held-out test split in onnxruntime, and its parameter
+reduction is counted on the ONNX file exactly as for every other method
+(``planning.count_params``). AIMET's own cost counts only the layers it may
+compress, so each target (a fraction of the whole model) is handed to it
+divided by their share of the model's parameters. CIFAR ResNets: the first
+conv is left alone, as in AIMET's examples. MiniLM: every encoder Linear is a
+candidate (Spatial SVD compresses convolutions only, so Weight SVD is the
+scheme); AIMET traces the model from a random float tensor, so it gets the
+encoder behind one float input of token ids, padding 0 masked.
 """
 
 from __future__ import annotations
@@ -33,15 +40,34 @@ from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params
-from quality_benchmark import print_table, write_results  # scripts/ is on sys.path when a script runs
+from quality_benchmark import SETUPS, print_table, write_results  # scripts/ is on sys.path when a script runs
 
-SHARED = Path(os.environ.get("ONNXLRF_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "data"
-WEIGHTS = {"cifar10-resnet20": "resnet20-12fca82f.th", "cifar10-resnet56": "resnet56-4bfd9763.th"}
+
+class TokenIdsEncoder(torch.nn.Module):
+    """A sentence encoder with one float input, token ids whose padding (id 0) is the attention mask."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()
+        return self.encoder(ids, (ids != 0).long())
+
+
+def outputs(model: torch.nn.Module, dataset, chunk: int) -> np.ndarray:
+    """``model``'s first output on every row of ``dataset`` (token ids as floats for an encoder)."""
+    if dataset.task == "classification":
+        (x,) = dataset.inputs.values()
+    else:
+        x = dataset.inputs["input_ids"].astype(np.float32)
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + chunk])).numpy() for i in range(0, len(x), chunk)])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(WEIGHTS), default="cifar10-resnet20")
+    parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet20")
     parser.add_argument("--targets", default="0.05,0.1,0.2,0.3,0.5")
     parser.add_argument("--schemes", default="spatial_svd,weight_svd")
     parser.add_argument("--candidates", type=int, default=10, help="AIMET's comp-ratio candidates per layer.")
@@ -59,32 +85,46 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    spec = load_model(args.model, weights=str(SHARED / "cifar10" / WEIGHTS[args.model]))
+    weights, data_spec, n_calib, n_val = SETUPS[args.model]
+    spec = load_model(args.model, weights=str(weights) if weights else None)
     work = Path(tempfile.mkdtemp(prefix="onnxlrf-aimet-"))
     reference = load_onnx(export_model(spec, work / "reference.onnx", dynamic_batch=True).path)
-    dataset = load_data("cifar10-jpeg:" + str(SHARED / "cifar10" / "cifar10_test_jpeg.npz"), reference)
-    splits = split_dataset(dataset, 1000, 1000, args.seed)
+    dataset = load_data(data_spec, reference)
+    splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = _metric(reference, splits.test, "cpu")
-    (name,) = splits.calib.inputs
-    seen_x = torch.from_numpy(np.concatenate([splits.calib.inputs[name], splits.val.inputs[name]]))
-    seen_y = torch.from_numpy(np.concatenate([splits.calib.labels, splits.val.labels]))
+    encoder = dataset.task != "classification"
+    if encoder and not np.array_equal(dataset.inputs["input_ids"] != 0, dataset.inputs["attention_mask"] != 0):
+        raise SystemExit("the attention mask is not the non-padding tokens: TokenIdsEncoder would change the model")
+    wrap = TokenIdsEncoder if encoder else lambda module: module
+    input_shape = (1, dataset.inputs["input_ids"].shape[1]) if encoder else (1, 3, 32, 32)
+    chunk = 100 if encoder else 500
 
     def evaluate(model: torch.nn.Module, iterations: int | None = None, use_cuda: bool = False) -> float:
         model.eval()
-        with torch.no_grad():
-            correct = sum(int((model(seen_x[i:i + 500]).argmax(1) == seen_y[i:i + 500]).sum())
-                          for i in range(0, len(seen_x), 500))
-        return correct / len(seen_x)
+        seen = (splits.calib, splits.val)
+        return sum(len(s) * s.score(outputs(model, s, chunk)) for s in seen) / sum(len(s) for s in seen)
 
     rows = []
     for scheme in args.schemes.split(","):
         scores = work / f"{scheme}-eval-scores.pkl"  # AIMET's per-layer sweep, reused across targets
+        kinds = (torch.nn.Conv2d,) if scheme == "spatial_svd" else (torch.nn.Conv2d, torch.nn.Linear)
+        stem = None if encoder else "conv1"
+        candidates = [m for name, m in spec.module.named_modules() if isinstance(m, kinds) and name != stem]
+        share = sum(m.weight.numel() for m in candidates) / total
         for target in [float(t) for t in args.targets.split(",")]:
-            greedy = GreedySelectionParameters(target_comp_ratio=1.0 - target,
+            if not candidates or target >= share:
+                rows.append({"method": f"aimet-{scheme}", "target": target,
+                             "error": f"{scheme} may compress {share:.1%} of the model's parameters"})
+                log(f"aimet {scheme} {target}: {rows[-1]['error']}")
+                continue
+            ratio = 1.0 - target / share
+            greedy = GreedySelectionParameters(target_comp_ratio=ratio,
                                                num_comp_ratio_candidates=args.candidates,
                                                saved_eval_scores_dict=str(scores) if scores.exists() else None)
-            ignore = [spec.module.conv1]
+            # AIMET matches the modules to ignore by identity: they must be the copy's own.
+            model = wrap(copy.deepcopy(spec.module))
+            ignore = [module for name, module in model.named_modules() if stem and name == stem]
             if scheme == "spatial_svd":
                 params = SpatialSvdParameters(SpatialSvdParameters.Mode.auto,
                                               SpatialSvdParameters.AutoModeParams(greedy, modules_to_ignore=ignore))
@@ -100,8 +140,8 @@ def main() -> int:
             cwd = os.getcwd()
             os.chdir(work)  # AIMET writes its eval-score pickle under ./data
             try:
-                model, _ = ModelCompressor.compress_model(copy.deepcopy(spec.module), evaluate, None, (1, 3, 32, 32),
-                                                          kind, CostMetric.memory, params)
+                model, _ = ModelCompressor.compress_model(model, evaluate, None, input_shape, kind, CostMetric.memory,
+                                                          params)
             except Exception as exc:  # a target AIMET cannot reach is a result, not a crash
                 rows.append({"method": f"aimet-{scheme}", "target": target, "error": str(exc)})
                 log(f"aimet {scheme} {target}: {exc}")
@@ -113,18 +153,19 @@ def main() -> int:
             if saved.exists() and not scores.exists():
                 saved.rename(scores)
             compressed_spec = copy.copy(spec)
-            compressed_spec.module = model.eval()
+            compressed_spec.module = (model.encoder if encoder else model).eval()
             path = export_model(compressed_spec, work / f"{scheme}-{target}.onnx", dynamic_batch=True,
                                 overwrite=True).path
             compressed = load_onnx(path)
             value = _metric(compressed, splits.test, "cpu")
             reduction = 1 - count_params(compressed) / total
-            rows.append({"method": f"aimet-{scheme}", "target": target, "reduction": reduction, "test": value,
-                         "reference_test": reference_test, "seconds": seconds})
+            rows.append({"method": f"aimet-{scheme}", "target": target, "aimet_ratio": ratio, "reduction": reduction,
+                         "test": value, "reference_test": reference_test, "seconds": seconds})
             log(f"aimet {scheme} target {target}: reduction {reduction:.3f} test {value:.4f} "
                 f"(original {reference_test:.4f}) {seconds:.0f} s")
 
-    print(f"\n{args.model}: AIMET (aimet-torch) held-out test top-1 ({len(splits.test)} images; original "
+    metric = "Spearman" if encoder else "top-1"
+    print(f"\n{args.model}: AIMET (aimet-torch) held-out test {metric} ({len(splits.test)} samples; original "
           f"{reference_test:.4f}); seed {args.seed}\n")
     print_table(rows, "failed")
     if args.out:
