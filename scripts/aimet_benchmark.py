@@ -99,6 +99,7 @@ def main() -> int:
     wrap = TokenIdsEncoder if encoder else lambda module: module
     input_shape = (1, dataset.inputs["input_ids"].shape[1]) if encoder else (1, 3, 32, 32)
     chunk = 100 if encoder else 500
+    stem = None if encoder else "conv1"  # left alone, as in AIMET's examples
 
     def evaluate(model: torch.nn.Module, iterations: int | None = None, use_cuda: bool = False) -> float:
         model.eval()
@@ -109,7 +110,6 @@ def main() -> int:
     for scheme in args.schemes.split(","):
         scores = work / f"{scheme}-eval-scores.pkl"  # AIMET's per-layer sweep, reused across targets
         kinds = (torch.nn.Conv2d,) if scheme == "spatial_svd" else (torch.nn.Conv2d, torch.nn.Linear)
-        stem = None if encoder else "conv1"
         candidates = [m for name, m in spec.module.named_modules() if isinstance(m, kinds) and name != stem]
         share = sum(m.weight.numel() for m in candidates) / total
         for target in [float(t) for t in args.targets.split(",")]:

@@ -128,8 +128,13 @@ def main() -> int:
     return 0
 
 
+def label_suffix(labels: str) -> str:
+    """How results name the calibration targets: '' for the data's labels, '-label-free' for predictions."""
+    return "-label-free" if labels == "predictions" else ""
+
+
 def joint_name(mode: str, labels: str) -> str:
-    return f"joint-{mode}" + ("-label-free" if labels == "predictions" else "")
+    return f"joint-{mode}{label_suffix(labels)}"
 
 
 def plot(directory: Path, model: str) -> Path:

@@ -32,7 +32,7 @@ from onnxlrf.progress import Progress
 from onnxlrf.rewrite import apply_plan
 from onnxlrf.validation import benchmark
 
-from quality_benchmark import SETUPS, load_setup, write_results
+from quality_benchmark import SETUPS, label_suffix, load_setup, write_results
 
 
 def main() -> int:
@@ -102,8 +102,7 @@ def main() -> int:
             line += " | |"
         print(line)
     if args.out:
-        suffix = "" if args.labels == "labels" else "-label-free"
-        write_results(args.out, f"speed_{args.model}{suffix}.json", rows)
+        write_results(args.out, f"speed_{args.model}{label_suffix(args.labels)}.json", rows)
     return 0
 
 
