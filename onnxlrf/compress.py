@@ -262,7 +262,9 @@ def backoff_plan(
     """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
 
     compact: the first plan whose validation metric is at least the original's
-    (none: the model stays dense). lossless: the best validation metric at the target size.
+    (none: the model stays dense); then the smallest plan that failed, with its worst
+    measured layers set back until it holds (:func:`restore_layers`), if that is larger.
+    lossless: the best validation metric at the target size.
     Under a latency target, a plan not measured faster than the original is rejected.
     ``target``: what the size is counted in (params, flops or latency; ``cost`` a prepared
     cost model, else one is built once here); ranks are multiples of ``rank_multiple``.
@@ -360,20 +362,138 @@ def backoff_plan(
                     lo = mid
     if best is None and mode == "lossless":
         raise unreachable
+    if mode == "compact":
+        holding = best[1] if best is not None else plan_joint(
+            reference, sensitivity, mode, tolerance=-math.inf, solver=solver, target=target,
+            rank_multiple=rank_multiple, cost=cost)  # no compression: the smallest plan that holds
+        failing = [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
+        restored = _restore_smallest_failing(reference, failing, holding, val, reference_val, cost, measure_speed,
+                                             provider, progress)
+        if restored is not None:
+            best = restored
+            backoff.append({"kappa": restored[1].options["kappa"],
+                            "restored": len(restored[1].options["restored"]["layers"]),
+                            "achieved_reduction": restored[1].options["achieved_reduction"],
+                            "predicted_dloss": restored[1].options["predicted_dloss"], "val": restored[0]})
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
         progress.log("back-off: no plan held on validation; the model stays dense")
-        plan = plan_joint(reference, sensitivity, mode, tolerance=-math.inf, solver=solver, target=target,
-                          rank_multiple=rank_multiple, cost=cost)
-        compressed, report = apply_plan(reference, plan, progress=progress)
-        best = (reference_val, plan, compressed, report)
+        compressed, report = apply_plan(reference, holding, progress=progress)
+        best = (reference_val, holding, compressed, report)
     else:
-        progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}: "
-                     f"{_reduction_text(best[1])}, val {best[0]:.4f} "
-                     f"(original {reference_val:.4f})")
+        restored = best[1].options.get("restored")
+        progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}"
+                     + (f" with {len(restored['layers'])} layers set back" if restored else "")
+                     + f": {_reduction_text(best[1])}, val {best[0]:.4f} (original {reference_val:.4f})")
     _, plan, compressed, report = best
     plan.options["backoff"] = backoff
     plan.options["reference_val"] = reference_val
     return plan, compressed, report, backoff
+
+
+def restore_layers(
+    reference: onnx.ModelProto,
+    failing: Plan,
+    holding: Plan,
+    val: Any,
+    reference_val: float,
+    cost: Any,
+    provider: str = "auto",
+    progress: ProgressLike = None,
+) -> tuple[float, Plan, onnx.ModelProto, RewriteReport] | None:
+    """METHOD.md 5: set ``failing``'s layers back to ``holding``'s entries, worst first, until validation holds.
+
+    A layer's measured contribution is how much the validation loss (the task's loss on the
+    gold labels) falls when that layer alone is set back. Layers whose setting back lowers the
+    loss are set back in that order, the metric re-checked after each, until it is at least
+    ``reference_val``. Returns (metric, plan, model, report), or None if it never is.
+    """
+    progress = as_progress(progress)
+    before = {entry.node: entry for entry in holding.layers}
+    differing = [e.node for e in failing.layers
+                 if (e.decomposition, e.rank) != (before[e.node].decomposition, before[e.node].rank)]
+    if len(differing) < 2:
+        return None
+    evaluated: dict[frozenset, tuple[float, float, Plan, onnx.ModelProto, RewriteReport]] = {}
+
+    def evaluate(nodes: list[str], description: str) -> tuple[float, float, Plan, onnx.ModelProto, RewriteReport]:
+        key = frozenset(nodes)
+        if key not in evaluated:
+            plan = _set_back(reference, failing, holding, key, cost)
+            compressed, report = apply_plan(reference, plan)
+            evaluated[key] = (*_validate(compressed, val, provider, progress, description), plan, compressed, report)
+        return evaluated[key]
+
+    with progress.task("back-off: restore the worst layers", total=len(differing), unit="layer") as task:
+        base_loss = evaluate([], "validate the failing plan")[1]
+        gains = {}
+        for node in differing:
+            gains[node] = base_loss - evaluate([node], f"validate with {node} set back")[1]
+            task.update()
+    order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
+    progress.log(f"back-off: restoring the layers of the smallest failing plan ({len(differing)} differ from "
+                 f"the plan that holds), worst measured first: "
+                 + ", ".join(f"{node} ({gains[node]:+.3g} validation loss)" for node in order[:5])
+                 + (" ..." if len(order) > 5 else ""))
+    for count in range(1, min(len(order), len(differing) - 1) + 1):  # all of them set back is ``holding``
+        value, _, plan, compressed, report = evaluate(order[:count], f"validate with {count} layers set back")
+        held = value >= reference_val
+        progress.log(f"  {count} set back: {_reduction_text(plan)}, val {value:.4f} "
+                     f"{'>=' if held else '<'} original {reference_val:.4f}")
+        if held:
+            return value, plan, compressed, report
+    return None
+
+
+def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], holding: Plan, val: Any,
+                              reference_val: float, cost: Any, measure_speed: bool, provider: str,
+                              progress: Progress) -> tuple[float, Plan, onnx.ModelProto, RewriteReport] | None:
+    """:func:`restore_layers` on the smallest failing plan larger than ``holding``, if the result is larger
+    than ``holding`` too (and, under a latency target, measured faster than the original)."""
+    size = holding.options["achieved_reduction"]
+    larger = [plan for plan in failing if plan.options["achieved_reduction"] > size]
+    if not larger:
+        return None
+    smallest = min(larger, key=lambda plan: plan.options["achieved_reduction"])
+    restored = restore_layers(reference, smallest, holding, val, reference_val, cost, provider, progress)
+    if restored is None or restored[1].options["achieved_reduction"] <= size:
+        return None
+    if measure_speed:
+        speedup = cost.measured_speedup(restored[2])
+        if speedup <= 1.0:
+            progress.log(f"  measured {speedup:.2f}x the original's speed: rejected")
+            return None
+    return restored
+
+
+def _set_back(reference: onnx.ModelProto, failing: Plan, holding: Plan, nodes: frozenset, cost: Any) -> Plan:
+    """``failing`` with the entries (and bases) of ``nodes`` taken from ``holding``."""
+    before = {entry.node: entry for entry in holding.layers}
+    layers = [dataclasses.replace(before[e.node]) if e.node in nodes else e for e in failing.layers]
+    bases = {w: b for w, b in failing.bases.items()
+             if w not in {before[node].weight for node in nodes}}
+    bases.update({before[node].weight: holding.bases[before[node].weight]
+                  for node in nodes if before[node].weight in holding.bases})
+    options = dict(failing.options)
+    options["predicted_dloss"] = sum(e.notes.get("predicted_dloss", 0.0) for e in layers)
+    if nodes:
+        options["restored"] = {"to_kappa": holding.options.get("kappa") if holding.summary()["factorized"] else None,
+                               "layers": [e.node for e in failing.layers if e.node in nodes]}
+    plan = dataclasses.replace(failing, layers=layers, bases=bases, options=options)
+    return _with_sizes(reference, plan, cost)
+
+
+def _validate(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike,
+              description: str) -> tuple[float, float]:
+    """(metric, mean task loss on the gold labels) of ``model`` on ``dataset``, from one run."""
+    import torch
+
+    from .sensitivity import LOSSES
+    from .validation import make_session, run_dataset, select_providers
+
+    outputs = run_dataset(make_session(model, providers=select_providers(provider)), dataset,
+                          progress=progress, description=description)
+    loss = LOSSES[dataset.task]([torch.as_tensor(outputs)], torch.as_tensor(dataset.labels))
+    return dataset.score(outputs), float(loss.double().mean())
 
 
 def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan, cost: Any) -> Plan:
@@ -393,13 +513,18 @@ def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan,
             merged.layers[i] = prior
             if prior.weight in earlier.bases:
                 merged.bases[prior.weight] = earlier.bases[prior.weight]
+    return _with_sizes(reference, merged, cost)
+
+
+def _with_sizes(reference: onnx.ModelProto, plan: Plan, cost: Any) -> Plan:
+    """``plan`` with its reductions (parameters, and in ``cost``'s units) counted from its entries."""
     layers = {layer.node: layer for layer in find_layers(reference)[0]}
     saved = sum(cost.dense([layers[e.node]]) - cost.factorized([layers[e.node]], e.decomposition, e.rank)
-                for e in merged.layers if e.decomposition != "dense")
-    params = merged.summary()["params_removed"] / max(count_params(reference), 1)
-    merged.options["params_reduction"] = params
-    merged.options["achieved_reduction"] = params if cost.target == "params" else saved / cost.total()
-    return merged
+                for e in plan.layers if e.decomposition != "dense")
+    params = plan.summary()["params_removed"] / max(count_params(reference), 1)
+    plan.options["params_reduction"] = params
+    plan.options["achieved_reduction"] = params if cost.target == "params" else saved / cost.total()
+    return plan
 
 
 def _reduction_text(plan: Plan) -> str:

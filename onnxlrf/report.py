@@ -240,7 +240,8 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     final = next((s for s in splits if s["split"] == "held-out test"), splits[0] if splits else None)
     curve = {"reduction": result.params_reduction, "final": final,
              "val_reference": plan.options.get("reference_val"),
-             "backoff": list(plan.options.get("backoff") or []), "kappa": plan.options.get("kappa")}
+             "backoff": list(plan.options.get("backoff") or []), "kappa": plan.options.get("kappa"),
+             "restored": bool(plan.options.get("restored"))}
     summary = [
         ("model", str(plan.source.get("model", "-"))),
         ("mode", plan.mode),
@@ -361,7 +362,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
         md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.3g} | "
-               f"{_metric(b.get('val'))} | {_backoff_note(b, page['curve']['kappa'])} |"
+               f"{_metric(b.get('val'))} | {_backoff_note(b, page['curve'])} |"
                for b in page["curve"]["backoff"]]
         md.append("")
     md += ["## Run", "", "Command:", "", "```", page["command"] or "(not recorded: Python API)", "```", "",
@@ -376,10 +377,18 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _backoff_note(attempt: dict, chosen_kappa: float | None) -> str:
+def _is_chosen(attempt: dict, curve: dict) -> bool:
+    """Whether ``attempt`` made the final plan: its kappa, and layers restored or not as the plan's were."""
+    return attempt["kappa"] == curve.get("kappa") and bool(attempt.get("restored")) == curve.get("restored", False)
+
+
+def _backoff_note(attempt: dict, curve: dict) -> str:
     """What became of one back-off attempt, for the report's back-off table."""
-    if attempt["kappa"] == chosen_kappa:
-        return "chosen"
+    restored = f"{attempt['restored']} layers restored (worst measured first)" if attempt.get("restored") else ""
+    if _is_chosen(attempt, curve):
+        return f"chosen: {restored}" if restored else "chosen"
+    if restored:
+        return restored
     if "same_as_kappa" in attempt:
         return f"the plan of kappa {attempt['same_as_kappa']:.4g}"
     if "val" not in attempt:
@@ -458,7 +467,7 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
         out += [f"<tr><td class=\"num\">{b['kappa']:.4g}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
                 f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
-                f"<td>{e(_backoff_note(b, page['curve']['kappa']))}</td></tr>"
+                f"<td>{e(_backoff_note(b, page['curve']))}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
     command = page["command"] or "(not recorded: Python API)"
@@ -669,13 +678,13 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
                        "original, validation"))
     placed: list[tuple[float, float, float, float]] = []  # label boxes, so labels do not overlap
     # The chosen attempt is labelled first, so it keeps its label when attempts crowd together.
-    for b in sorted(backoff, key=lambda b: b["kappa"] != curve.get("kappa")):
-        chosen = b["kappa"] == curve.get("kappa")
+    for b in sorted(backoff, key=lambda b: not _is_chosen(b, curve)):
+        chosen = _is_chosen(b, curve)
         tip = f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}"
         body.append(f'<circle cx="{px(b["achieved_reduction"]):.1f}" cy="{py(b["val"]):.1f}" r="4" '
                     f'fill="{BLUE if chosen else "white"}" stroke="{BLUE}" stroke-width="1.5">'
                     f'<title>{html.escape(tip)}</title></circle>')
-        label = f"\u03ba{b['kappa']:.3g}"
+        label = f"\u03ba{b['kappa']:.3g}" + ("+r" if b.get("restored") else "")
         x, y = px(b["achieved_reduction"]), py(b["val"])
         for lx, ly in ((x + 6, y - 5), (x + 6, y + 12), (x - 6 - 5.5 * len(label), y - 5)):
             box = (lx, ly - 9, lx + 5.5 * len(label), ly + 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -11,10 +12,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.compress import CompressResult, compress, rewrite_file
+from onnxlrf.analysis import find_layers
+from onnxlrf.compress import CompressResult, compress, restore_layers, rewrite_file
+from onnxlrf.data import Dataset
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import Plan, count_params, plan_uniform
+from onnxlrf.planning import ParamsCost, Plan, count_params, plan_uniform
+from onnxlrf.rewrite import apply_plan
+from onnxlrf.validation import make_session, run_dataset
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 48, 10, 200
 
@@ -279,3 +284,29 @@ def test_range_check_batches_keep_activations_within_budget(tmp_path: Path, resn
     assert compress_module.range_batch_size(model, images) == 5
     monkeypatch.setattr(compress_module, "RANGE_BATCH_BYTES", per_image // 2)
     assert compress_module.range_batch_size(model, images) == 1
+
+
+def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> None:
+    model = mlp()
+    x = np.random.default_rng(1).standard_normal((SAMPLES, IN)).astype(np.float32)
+    labels = make_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(axis=1)
+    val = Dataset("val", "classification", {"x": x}, labels)
+    holding = plan_uniform(model, rank_fraction=1.0)  # every layer dense: nothing is below break-even
+    assert holding.summary()["factorized"] == 0
+    ranks = {"fc1": 19, "fc2": 1}  # fc1 mildly truncated; fc2 at rank 1 ruins the model
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    failing = Plan(layers=[dataclasses.replace(e, decomposition="channel", rank=ranks[e.node],
+                                               params_planned=layers[e.node].factorized_params("channel",
+                                                                                               ranks[e.node]))
+                           for e in holding.layers], mode="uniform", options=dict(holding.options))
+    fc1_only = dataclasses.replace(failing, layers=[failing.layers[0], holding.layers[1]])
+    fc1_metric = val.score(run_dataset(make_session(apply_plan(model, fc1_only)[0]), val))
+    assert fc1_metric > val.score(run_dataset(make_session(apply_plan(model, failing)[0]), val))
+
+    value, plan, compressed, _ = restore_layers(model, failing, holding, val, fc1_metric, ParamsCost(model), "cpu")
+    assert plan.options["restored"] == {"to_kappa": None, "layers": ["fc2"]}
+    assert [(e.node, e.decomposition, e.rank) for e in plan.layers] == [("fc1", "channel", 19), ("fc2", "dense", None)]
+    assert value == fc1_metric
+    assert plan.options["achieved_reduction"] == pytest.approx(1 - count_params(compressed) / count_params(model))
+    # A bar that not even the plan with every harmful layer set back reaches: no plan.
+    assert restore_layers(model, failing, holding, val, 1.01, ParamsCost(model), "cpu") is None
