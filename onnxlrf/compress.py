@@ -380,6 +380,9 @@ def backoff_plan(
         compressed, report = apply_plan(reference, holding, progress=progress)
         best = (reference_val, holding, compressed, report)
     else:
+        chosen = backoff[-1] if best[1].options.get("restored") else \
+            next(entry for _, entry, result in verified.values() if result is best)
+        chosen["chosen"] = True
         restored = best[1].options.get("restored")
         progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}"
                      + (f" with {len(restored['layers'])} layers set back" if restored else "")
@@ -595,8 +598,7 @@ def compress_joint(
         plan = merged
         history.append({"round": index + 1, "achieved_reduction": plan.options["achieved_reduction"],
                         "params_reduction": plan.options["params_reduction"], "kappa": round_plan.options["kappa"],
-                        "val": next((e.get("val") for e in round_backoff
-                                     if e["kappa"] == round_plan.options["kappa"]), None)})
+                        "val": next((e["val"] for e in round_backoff if e.get("chosen")), None)})
         if index + 1 < rounds:
             current = truncate_weights(reference, plan)[0]
     compressed, report = apply_plan(reference, plan, progress=progress)

@@ -240,8 +240,7 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     final = next((s for s in splits if s["split"] == "held-out test"), splits[0] if splits else None)
     curve = {"reduction": result.params_reduction, "final": final,
              "val_reference": plan.options.get("reference_val"),
-             "backoff": list(plan.options.get("backoff") or []), "kappa": plan.options.get("kappa"),
-             "restored": bool(plan.options.get("restored"))}
+             "backoff": list(plan.options.get("backoff") or [])}
     summary = [
         ("model", str(plan.source.get("model", "-"))),
         ("mode", plan.mode),
@@ -362,7 +361,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
         md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.3g} | "
-               f"{_metric(b.get('val'))} | {_backoff_note(b, page['curve'])} |"
+               f"{_metric(b.get('val'))} | {_backoff_note(b)} |"
                for b in page["curve"]["backoff"]]
         md.append("")
     md += ["## Run", "", "Command:", "", "```", page["command"] or "(not recorded: Python API)", "```", "",
@@ -377,15 +376,10 @@ def _md(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _is_chosen(attempt: dict, curve: dict) -> bool:
-    """Whether ``attempt`` made the final plan: its kappa, and layers restored or not as the plan's were."""
-    return attempt["kappa"] == curve.get("kappa") and bool(attempt.get("restored")) == curve.get("restored", False)
-
-
-def _backoff_note(attempt: dict, curve: dict) -> str:
+def _backoff_note(attempt: dict) -> str:
     """What became of one back-off attempt, for the report's back-off table."""
     restored = f"{attempt['restored']} layers restored (worst measured first)" if attempt.get("restored") else ""
-    if _is_chosen(attempt, curve):
+    if attempt.get("chosen"):
         return f"chosen: {restored}" if restored else "chosen"
     if restored:
         return restored
@@ -467,7 +461,7 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
         out += [f"<tr><td class=\"num\">{b['kappa']:.4g}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
                 f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
-                f"<td>{e(_backoff_note(b, page['curve']))}</td></tr>"
+                f"<td>{e(_backoff_note(b))}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
     command = page["command"] or "(not recorded: Python API)"
@@ -678,8 +672,8 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
                        "original, validation"))
     placed: list[tuple[float, float, float, float]] = []  # label boxes, so labels do not overlap
     # The chosen attempt is labelled first, so it keeps its label when attempts crowd together.
-    for b in sorted(backoff, key=lambda b: not _is_chosen(b, curve)):
-        chosen = _is_chosen(b, curve)
+    for b in sorted(backoff, key=lambda b: not b.get("chosen")):
+        chosen = b.get("chosen", False)
         tip = f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}"
         body.append(f'<circle cx="{px(b["achieved_reduction"]):.1f}" cy="{py(b["val"]):.1f}" r="4" '
                     f'fill="{BLUE if chosen else "white"}" stroke="{BLUE}" stroke-width="1.5">'

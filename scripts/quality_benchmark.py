@@ -64,6 +64,10 @@ def main() -> int:
                              "(label-free; its joint rows are named joint-...-label-free).")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
+    parser.add_argument("--update", action="store_true",
+                        help="Merge this run's rows into the JSON already in --out (a row replaces the one of the "
+                             "same method and target) instead of writing a new one; with --targets '' only the "
+                             "compact rows are run.")
     parser.add_argument("--replot", type=Path, metavar="DIR",
                         help="Only redraw quality_<model>.svg from the JSON results an earlier run wrote into DIR.")
     args = parser.parse_args()
@@ -105,7 +109,7 @@ def main() -> int:
     def rewrite(plan):
         return plan, apply_plan(reference, plan)[0]
 
-    for target in [float(t) for t in args.targets.split(",")]:
+    for target in [float(t) for t in args.targets.split(",") if t]:
         evaluate("uniform", target, lambda: rewrite(plan_uniform(reference, target_reduction=target)))
         evaluate("energy", target, lambda: rewrite(plan_energy(reference, target_reduction=target)))
         for kind in ("fwsvd", "whitened"):
@@ -121,11 +125,23 @@ def main() -> int:
           f"joint analysis {', '.join(f'{k} {v:.0f} s' for k, v in analysis_s.items())}, calib {n_calib}, val {n_val}, seed {args.seed}\n")
     print_table(rows, "out of reach")
     if args.out:
-        write_results(args.out, f"quality_{args.model}.json",
-                      {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s,
-                       "rows": rows})
+        results = {"model": args.model, "reference_test": reference_test, "analysis_seconds": analysis_s, "rows": rows}
+        if args.update:
+            results = merge_results(json.loads((args.out / f"quality_{args.model}.json").read_text()), results)
+        write_results(args.out, f"quality_{args.model}.json", results)
         log(f"wrote {plot(args.out, args.model)}")
     return 0
+
+
+def merge_results(earlier: dict, later: dict) -> dict:
+    """``earlier``'s results with ``later``'s rows in place of those of the same method and target."""
+    if earlier["reference_test"] != later["reference_test"]:
+        raise SystemExit(f"the original scores {later['reference_test']} here but {earlier['reference_test']} in the "
+                         "results to update: not the same model, data or splits")
+    replaced = {(row["method"], row["target"]): row for row in later["rows"]}
+    rows = [replaced.pop((row["method"], row["target"]), row) for row in earlier["rows"]]
+    return {**earlier, "analysis_seconds": {**earlier["analysis_seconds"], **later["analysis_seconds"]},
+            "rows": rows + list(replaced.values())}
 
 
 def label_suffix(labels: str) -> str:

@@ -213,7 +213,7 @@ def test_back_off_table_says_what_became_of_each_attempt(work: Path, compact: tu
     first = backoff[0]
     # A latency plan rejected before validation, and a later kappa that repeated the first plan.
     backoff += [{"kappa": 512.0, "achieved_reduction": 0.3, "predicted_dloss": 0.01, "speedup": 0.93},
-                {**first, "kappa": 1024.0, "same_as_kappa": first["kappa"]},
+                {**first, "kappa": 1024.0, "same_as_kappa": first["kappa"], "chosen": False},
                 {"kappa": 2048.0, "restored": 2, "achieved_reduction": 0.25, "predicted_dloss": 0.02, "val": 0.5}]
     md_path, html_path = write_report(result, work / "backoff-report")
     markdown = md_path.read_text()
@@ -236,6 +236,7 @@ def test_progress_log_says_what_was_decided(compact: tuple[CompressResult, str])
         untrusted = not entry.notes["range_checks"][0]["agree"]
         assert (f"{entry.node} stays dense: at its mildest tested truncation" in log) == untrusted, entry.node
     held = [b for b in result.plan.options["backoff"] if b["val"] >= result.plan.options["reference_val"]]
+    assert sum(b.get("chosen", False) for b in result.plan.options["backoff"]) == (1 if held else 0)
     if held:
         assert f"back-off chose kappa {result.plan.options['kappa']:.3g}" in log
     else:
