@@ -258,13 +258,15 @@ def backoff_plan(
     rank_multiple: int = 1,
     cost: Any = None,
     reference_val: float | None = None,
+    calib: Any = None,
 ) -> tuple[Plan, onnx.ModelProto, RewriteReport, list]:
     """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
 
     compact: the first plan whose validation metric is at least the original's
-    (none: the model stays dense); then the smallest plan that failed, with its worst
-    measured layers set back until it holds (:func:`restore_layers`), if that is larger.
-    lossless: the best validation metric at the target size.
+    (none: the model stays dense); then, given ``calib``, the smallest plan that failed with
+    its worst layers (measured on ``calib``) set back until it holds on ``val``
+    (:func:`restore_layers`), if that is larger. lossless: the best validation metric at
+    the target size.
     Under a latency target, a plan not measured faster than the original is rejected.
     ``target``: what the size is counted in (params, flops or latency; ``cost`` a prepared
     cost model, else one is built once here); ranks are multiples of ``rank_multiple``.
@@ -367,8 +369,8 @@ def backoff_plan(
             reference, sensitivity, mode, tolerance=-math.inf, solver=solver, target=target,
             rank_multiple=rank_multiple, cost=cost)  # no compression: the smallest plan that holds
         failing = [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
-        restored = _restore_smallest_failing(reference, failing, holding, val, reference_val, cost, measure_speed,
-                                             provider, progress)
+        restored = None if calib is None else _restore_smallest_failing(
+            reference, failing, holding, calib, val, reference_val, cost, measure_speed, provider, progress)
         if restored is not None:
             best = restored
             backoff.append({"kappa": restored[1].options["kappa"],
@@ -397,6 +399,7 @@ def restore_layers(
     reference: onnx.ModelProto,
     failing: Plan,
     holding: Plan,
+    calib: Any,
     val: Any,
     reference_val: float,
     cost: Any,
@@ -405,10 +408,11 @@ def restore_layers(
 ) -> tuple[float, Plan, onnx.ModelProto, RewriteReport] | None:
     """METHOD.md 5: set ``failing``'s layers back to ``holding``'s entries, worst first, until validation holds.
 
-    A layer's measured contribution is how much the validation loss (the task's loss on the
-    gold labels) falls when that layer alone is set back. Layers whose setting back lowers the
-    loss are set back in that order, the metric re-checked after each, until it is at least
-    ``reference_val``. Returns (metric, plan, model, report), or None if it never is.
+    A layer's measured contribution is how much the loss on ``calib`` (the task's loss on its
+    gold labels) falls when that layer alone is set back: measured on data the check below does
+    not see, so the validation split only verifies. Layers whose setting back lowers that loss
+    are set back in that order, the validation metric re-checked after each, until it is at
+    least ``reference_val``. Returns (metric, plan, model, report), or None if it never is.
     """
     progress = as_progress(progress)
     before = {entry.node: entry for entry in holding.layers}
@@ -416,29 +420,26 @@ def restore_layers(
                  if (e.decomposition, e.rank) != (before[e.node].decomposition, before[e.node].rank)]
     if len(differing) < 2:
         return None
-    evaluated: dict[frozenset, tuple[float, float, Plan, onnx.ModelProto, RewriteReport]] = {}
 
-    def evaluate(nodes: list[str], description: str) -> tuple[float, float, Plan, onnx.ModelProto, RewriteReport]:
-        key = frozenset(nodes)
-        if key not in evaluated:
-            plan = _set_back(reference, failing, holding, key, cost)
-            compressed, report = apply_plan(reference, plan)
-            evaluated[key] = (*_validate(compressed, val, provider, progress, description), plan, compressed, report)
-        return evaluated[key]
+    def calib_loss(nodes: set[str], description: str) -> float:
+        compressed, _ = apply_plan(reference, _set_back(reference, failing, holding, frozenset(nodes), cost))
+        return _loss(compressed, calib, provider, progress, description)
 
-    with progress.task("back-off: restore the worst layers", total=len(differing), unit="layer") as task:
-        base_loss = evaluate([], "validate the failing plan")[1]
+    with progress.task("back-off: measure each layer's contribution", total=len(differing), unit="layer") as task:
+        base_loss = calib_loss(set(), "calibration loss of the failing plan")
         gains = {}
         for node in differing:
-            gains[node] = base_loss - evaluate([node], f"validate with {node} set back")[1]
+            gains[node] = base_loss - calib_loss({node}, f"calibration loss with {node} set back")
             task.update()
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
     progress.log(f"back-off: restoring the layers of the smallest failing plan ({len(differing)} differ from "
                  f"the plan that holds), worst measured first: "
-                 + ", ".join(f"{node} ({gains[node]:+.3g} validation loss)" for node in order[:5])
+                 + ", ".join(f"{node} ({-gains[node]:+.3g} calibration loss)" for node in order[:5])
                  + (" ..." if len(order) > 5 else ""))
     for count in range(1, min(len(order), len(differing) - 1) + 1):  # all of them set back is ``holding``
-        value, _, plan, compressed, report = evaluate(order[:count], f"validate with {count} layers set back")
+        plan = _set_back(reference, failing, holding, frozenset(order[:count]), cost)
+        compressed, report = apply_plan(reference, plan)
+        value = _metric(compressed, val, provider, progress, f"validate with {count} layers set back")
         held = value >= reference_val
         progress.log(f"  {count} set back: {_reduction_text(plan)}, val {value:.4f} "
                      f"{'>=' if held else '<'} original {reference_val:.4f}")
@@ -447,7 +448,7 @@ def restore_layers(
     return None
 
 
-def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], holding: Plan, val: Any,
+def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], holding: Plan, calib: Any, val: Any,
                               reference_val: float, cost: Any, measure_speed: bool, provider: str,
                               progress: Progress) -> tuple[float, Plan, onnx.ModelProto, RewriteReport] | None:
     """:func:`restore_layers` on the smallest failing plan larger than ``holding``, if the result is larger
@@ -457,7 +458,7 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
     if not larger:
         return None
     smallest = min(larger, key=lambda plan: plan.options["achieved_reduction"])
-    restored = restore_layers(reference, smallest, holding, val, reference_val, cost, provider, progress)
+    restored = restore_layers(reference, smallest, holding, calib, val, reference_val, cost, provider, progress)
     if restored is None or restored[1].options["achieved_reduction"] <= size:
         return None
     if measure_speed:
@@ -485,9 +486,8 @@ def _set_back(reference: onnx.ModelProto, failing: Plan, holding: Plan, nodes: f
     return _with_sizes(reference, plan, cost)
 
 
-def _validate(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike,
-              description: str) -> tuple[float, float]:
-    """(metric, mean task loss on the gold labels) of ``model`` on ``dataset``, from one run."""
+def _loss(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike, description: str) -> float:
+    """Mean task loss of ``model`` on ``dataset``'s gold labels (:data:`sensitivity.LOSSES`), in onnxruntime."""
     import torch
 
     from .sensitivity import LOSSES
@@ -496,7 +496,7 @@ def _validate(model: onnx.ModelProto, dataset: Any, provider: str, progress: Pro
     outputs = run_dataset(make_session(model, providers=select_providers(provider)), dataset,
                           progress=progress, description=description)
     loss = LOSSES[dataset.task]([torch.as_tensor(outputs)], torch.as_tensor(dataset.labels))
-    return dataset.score(outputs), float(loss.double().mean())
+    return float(loss.double().mean())
 
 
 def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan, cost: Any) -> Plan:
@@ -587,7 +587,7 @@ def compress_joint(
         round_target = None if target_reduction is None else target_reduction * (index + 1) / rounds
         round_plan, _, _, round_backoff = backoff_plan(current, sensitivity, splits.val, mode, round_target,
                                                        tolerance, solver, provider, progress, target,
-                                                       rank_multiple, cost, reference_val)
+                                                       rank_multiple, cost, reference_val, splits.calib)
         reference_val = round_plan.options["reference_val"]
         merged = _merge_rounds(reference, plan, round_plan, cost)
         backoff += [{"round": index + 1, **entry} for entry in round_backoff]

@@ -119,7 +119,7 @@ def main() -> int:
                      lambda: backoff_plan(reference, analysis, splits.val, "lossless", target_reduction=target)[:2])
     for labels, analysis in analyses.items():
         evaluate(joint_name("compact", labels), None,
-                 lambda: backoff_plan(reference, analysis, splits.val, "compact")[:2])
+                 lambda: backoff_plan(reference, analysis, splits.val, "compact", calib=splits.calib)[:2])
 
     print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
           f"joint analysis {', '.join(f'{k} {v:.0f} s' for k, v in analysis_s.items())}, calib {n_calib}, val {n_val}, seed {args.seed}\n")

@@ -303,10 +303,15 @@ def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> 
     fc1_metric = val.score(run_dataset(make_session(apply_plan(model, fc1_only)[0]), val))
     assert fc1_metric > val.score(run_dataset(make_session(apply_plan(model, failing)[0]), val))
 
-    value, plan, compressed, _ = restore_layers(model, failing, holding, val, fc1_metric, ParamsCost(model), "cpu")
+    # Contributions are measured on a calibration split of their own; the check is on val.
+    x_calib = np.random.default_rng(2).standard_normal((SAMPLES, IN)).astype(np.float32)
+    calib = Dataset("calib", "classification", {"x": x_calib},
+                    make_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x_calib})[0].argmax(axis=1))
+    value, plan, compressed, _ = restore_layers(model, failing, holding, calib, val, fc1_metric, ParamsCost(model),
+                                                "cpu")
     assert plan.options["restored"] == {"to_kappa": None, "layers": ["fc2"]}
     assert [(e.node, e.decomposition, e.rank) for e in plan.layers] == [("fc1", "channel", 19), ("fc2", "dense", None)]
     assert value == fc1_metric
     assert plan.options["achieved_reduction"] == pytest.approx(1 - count_params(compressed) / count_params(model))
     # A bar that not even the plan with every harmful layer set back reaches: no plan.
-    assert restore_layers(model, failing, holding, val, 1.01, ParamsCost(model), "cpu") is None
+    assert restore_layers(model, failing, holding, calib, val, 1.01, ParamsCost(model), "cpu") is None
