@@ -182,12 +182,18 @@ def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> C
     return CalibrationBatches(dataset, targets, batch_size)
 
 
-def _metric(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
-            description: str = "evaluate") -> float:
+def _outputs(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
+             description: str = "evaluate") -> np.ndarray:
+    """``model``'s first output on every row of ``dataset``, in onnxruntime."""
     from .validation import make_session, run_dataset, select_providers
 
     session = make_session(model, providers=select_providers(provider))
-    return dataset.score(run_dataset(session, dataset, progress=progress, description=description))
+    return run_dataset(session, dataset, progress=progress, description=description)
+
+
+def _metric(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
+            description: str = "evaluate") -> float:
+    return dataset.score(_outputs(model, dataset, provider, progress, description))
 
 
 @dataclass
@@ -382,12 +388,11 @@ def backoff_plan(
         compressed, report = apply_plan(reference, holding, progress=progress)
         best = (reference_val, holding, compressed, report)
     else:
-        chosen = backoff[-1] if best[1].options.get("restored") else \
-            next(entry for _, entry, result in verified.values() if result is best)
+        set_back = best[1].options.get("restored")
+        chosen = backoff[-1] if set_back else next(entry for _, entry, result in verified.values() if result is best)
         chosen["chosen"] = True
-        restored = best[1].options.get("restored")
         progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}"
-                     + (f" with {len(restored['layers'])} layers set back" if restored else "")
+                     + (f" with {len(set_back['layers'])} layers set back" if set_back else "")
                      + f": {_reduction_text(best[1])}, val {best[0]:.4f} (original {reference_val:.4f})")
     _, plan, compressed, report = best
     plan.options["backoff"] = backoff
@@ -491,10 +496,8 @@ def _loss(model: onnx.ModelProto, dataset: Any, provider: str, progress: Progres
     import torch
 
     from .sensitivity import LOSSES
-    from .validation import make_session, run_dataset, select_providers
 
-    outputs = run_dataset(make_session(model, providers=select_providers(provider)), dataset,
-                          progress=progress, description=description)
+    outputs = _outputs(model, dataset, provider, progress, description)
     loss = LOSSES[dataset.task]([torch.as_tensor(outputs)], torch.as_tensor(dataset.labels))
     return float(loss.double().mean())
 
