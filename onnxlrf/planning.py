@@ -35,10 +35,11 @@ PLAN_FORMAT = "onnxlrf.plan"
 PLAN_VERSION = 1
 PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
 # "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
-# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines).
-BASES = ("svd", "joint", "fwsvd", "whitened")
-# A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction).
-BASIS_PARTS = ("x", "s", "yt", "mu")
+# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (onnxlrf.refit).
+BASES = ("svd", "joint", "fwsvd", "whitened", "refit")
+# A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction),
+# and shift, the bias change a refit layer pairs with its factors. Absent parts are None.
+BASIS_PARTS = ("x", "s", "yt", "mu", "shift")
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Plan:
     source: dict = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
-    # Stored bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)]), components in priority order.
+    # Stored bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)[, shift (g*m,)]]), components in
+    # priority order; an absent part is None.
     # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
     bases: dict = field(default_factory=dict, repr=False)
 
@@ -145,7 +147,7 @@ class Plan:
             staged = stage.path(path)
             if self.bases:
                 arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
-                          for part, value in zip(BASIS_PARTS, basis)}
+                          for part, value in zip(BASIS_PARTS, basis) if value is not None}
                 np.savez(staged.parent / self.options["bases_file"], **arrays)  # members dated 1980: same bytes
             staged.write_text(self.to_json() + "\n")
 
@@ -172,7 +174,7 @@ class Plan:
                         parts.setdefault(weight, {})[part] = arrays[key]
             except (OSError, ValueError) as exc:
                 raise OnnxlrfError(f"cannot read the plan's joint bases {bases_path}: {exc}") from None
-            plan.bases = {w: tuple(p[part] for part in BASIS_PARTS if part in p) for w, p in parts.items()}
+            plan.bases = {w: _basis_tuple(p) for w, p in parts.items()}
         return plan
 
     def summary(self) -> dict:
@@ -251,9 +253,15 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                 raise OnnxlrfError(f"plan node {node!r}: {entry.basis} basis does not fit the weight's {g}x{m}x{n} matrices")
         if entry.bias_correction:
             basis = plan.bases.get(entry.weight) if entry.basis != "svd" else None
-            if basis is None or len(basis) < 4:
+            if basis is None or len(basis) < 4 or basis[3] is None:
                 raise OnnxlrfError(f"plan node {node!r} asks for bias correction, but the plan stores no mean input "
                                    f"for {entry.weight!r}")
+        if entry.basis == "refit":
+            basis = plan.bases[entry.weight]
+            g, m, _ = layer.matrix_shape(entry.decomposition)
+            if len(basis) < 5 or basis[4] is None or basis[4].shape != (g * m,):
+                raise OnnxlrfError(f"plan node {node!r} is refit, but the plan stores no bias change of "
+                                   f"{g * m} values for {entry.weight!r}")
         if entry.keep is not None:
             keep = entry.keep
             if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
@@ -272,6 +280,14 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(
                 f"plan nodes {first.node!r} and {entry.node!r} share weight {entry.weight!r} but plan it differently"
             )
+
+
+def _basis_tuple(parts: dict) -> tuple:
+    """A stored basis from its named parts, absent ones None, trailing absent ones left off."""
+    basis = [parts.get(part) for part in BASIS_PARTS]
+    while basis[-1] is None:
+        basis.pop()
+    return tuple(basis)
 
 
 def _factor_choice(entry: LayerPlan) -> tuple:

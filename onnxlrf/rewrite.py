@@ -134,7 +134,12 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
                 gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
             )
         shift = None
-        if entry.bias_correction:
+        if entry.basis == "refit":
+            shift = plan.bases[layer.weight][4]
+            node_bias = nodes[entry.node].inputs[2:3]
+            if node_bias and isinstance(node_bias[0], gs.Constant):
+                maybe_unused.add(node_bias[0].name)  # replaced by the refit bias
+        elif entry.bias_correction:
             first, second = (c.values for c in factors[key])
             shift = bias_shift(weights[layer.weight], layer, first, second, plan.bases[layer.weight][3])
             node_bias = nodes[entry.node].inputs[2:3]
@@ -176,8 +181,8 @@ def truncate_weights(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProt
         if entry.decomposition == "dense" or layer.factorized_params(entry.decomposition, entry.rank) >= layer.params:
             report.kept_dense.append({"node": entry.node, "reason": "planned dense or pair not smaller"})
             continue
-        if entry.bias_correction:
-            raise OnnxlrfError(f"node {entry.node!r}: a bias-corrected truncation changes the bias too; "
+        if entry.bias_correction or entry.basis == "refit":
+            raise OnnxlrfError(f"node {entry.node!r}: a bias-corrected or refit truncation changes the bias too; "
                                "truncate_weights keeps biases as they are")
         weight = weight_array(model, layer)
         u, s, vh = plan.bases[layer.weight][:3] if entry.basis != "svd" else \

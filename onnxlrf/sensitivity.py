@@ -158,6 +158,18 @@ def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def layer_input_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input ``x`` as ``(g, rows, n)``: per group, one row per position its weight is applied at."""
+    g, _, n = layer.matrix_shape("channel")
+    if layer.op_type == "Conv":
+        rows = _unfold_inputs(node, x, layer.weight_shape)
+    elif layer.op_type == "Gemm" and _attrs(node).get("transA", 0):
+        rows = x.t()
+    else:
+        rows = x.reshape(-1, x.shape[-1])
+    return rows.reshape(-1, g, n).transpose(0, 1)
+
+
 class _Statistics:
     """Accumulates A, B and the gradient of one weight over micro-batches."""
 
@@ -172,16 +184,8 @@ class _Statistics:
         self.outputs: list[torch.Tensor] = []
 
     def add_input(self, node: onnx.NodeProto, inputs: list) -> None:
-        layer, x = self.layer, inputs[0].detach()
-        g, _, n = layer.matrix_shape("channel")
-        if layer.op_type == "Conv":
-            rows = _unfold_inputs(node, x, layer.weight_shape)
-        elif layer.op_type == "Gemm" and _attrs(node).get("transA", 0):
-            rows = x.t()
-        else:
-            rows = x.reshape(-1, x.shape[-1])
+        rows = layer_input_rows(node, self.layer, inputs[0].detach())
         # float32 products (fast), float64 accumulation across micro-batches.
-        rows = rows.reshape(-1, g, n).transpose(0, 1)  # (g, rows, n)
         self.a += (rows.transpose(1, 2) @ rows).to(torch.float64)
         self.input_sum += rows.sum(1).to(torch.float64)
         self.rows += rows.shape[1]

@@ -443,6 +443,19 @@ class TorchGraph:
         env = {**traced, **self.constants, **self.parameters}
         return self.outputs(self._run(env, start, None, None, keep=set(self.output_names)))
 
+    def feed(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> dict[str, torch.Tensor]:
+        """The values at node 0 of a run on ``feeds``, to step through with :meth:`advance`."""
+        return self._feed(feeds)
+
+    def advance(self, env: dict[str, torch.Tensor], start: int, stop: int, hook: NodeHook | None = None,
+                hook_nodes: set[str] | None = None) -> dict[str, torch.Tensor]:
+        """Run nodes ``start`` to ``stop - 1`` on ``env`` (the values at ``start``); return the values at ``stop``.
+
+        Weights are read from ``env``: replace one there to change it for the rest of the run.
+        """
+        keep = self._live_at(stop) | set(self.output_names)
+        return self._run(env, start, hook, hook_nodes, keep=keep, stop=stop)
+
     def outputs(self, env: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """The graph outputs among the values of a run (see :meth:`trace`)."""
         return [env[name] for name in self.output_names]
@@ -462,10 +475,10 @@ class TorchGraph:
         return made_before & (read_after | set(self.output_names))
 
     def _run(self, env: dict[str, torch.Tensor], start: int, hook: NodeHook | None,
-             hook_nodes: set[str] | None, keep: set[str]) -> dict[str, torch.Tensor]:
+             hook_nodes: set[str] | None, keep: set[str], stop: int | None = None) -> dict[str, torch.Tensor]:
         # Free each computed value after its last reader unless kept: the fresh
         # allocations of a run that holds every activation cost more than the ops.
-        for index, (node, a) in enumerate(zip(self.nodes[start:], self.attrs[start:]), start):
+        for index, (node, a) in enumerate(zip(self.nodes[start:stop], self.attrs[start:stop]), start):
             args = [env[name] if name else None for name in node.input]
             if node.op_type == "Split":
                 outs = _split(*args, a=a, n_out=len(node.output))

@@ -1,0 +1,174 @@
+"""Sequential refit of a plan's factors: each layer corrects what the layers before it changed.
+
+The planners choose each layer's kept components as if it were the only
+layer truncated (METHOD.md 2 to 4). In the rewritten model every later layer
+sees inputs that earlier truncations have already changed, and the errors
+compound. The refit (asymmetric reconstruction, as in Zhang et al.,
+"Accelerating Very Deep Convolutional Networks for Classification and
+Detection", 2016) goes through the planned layers in graph order and replaces
+each layer's planned rank-r weight ``W_r`` by the rank-r ``W'`` and bias change
+that best reproduce, on the calibration split, what the planned layer computes
+on the original model's inputs:
+
+    min over rank(W') <= r of  E || (W_r x + b) - (W' x' + b') ||^2
+
+``x`` is the layer's input in the original model, ``x'`` its input in the model
+refit so far. The target is the planned layer, not the original one, so the
+components the joint method dropped because the loss wants them gone stay
+dropped; only the compounding is corrected. Closed form (reduced-rank
+regression): with ``C = Cov(x')`` and ``K = Cov(x, x')``, ``W_ls = W_r K C^-1``
+and ``W' = P W_ls``, where ``P`` projects on the top r left singular vectors of
+``W_ls C^(1/2)``; the bias changes by ``W_r E[x] - W' E[x']``. Ranks, and so
+the plan's sizes, do not change. No gradient step is taken: this is not
+fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+import onnx
+import torch
+
+from .analysis import find_layers, matrices_to_weight, svd, weight_array, weight_matrices
+from .errors import OnnxlrfError
+from .planning import Plan
+from .progress import ProgressLike, as_progress
+from .sensitivity import DAMPING, layer_input_rows
+from .torch_graph import TorchGraph, _channels_last
+
+__all__ = ["refit_plan"]
+
+
+def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    for start in range(0, len(dataset), batch_size):
+        yield dataset.subset(np.arange(start, min(start + batch_size, len(dataset)))).inputs
+
+
+def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: Any, layer: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The planned truncation as ``(g, m, n)`` matrices of its decomposition, and the bias change it comes with."""
+    dense = weight_matrices(weight_array(model, layer).astype(np.float64), layer, entry.decomposition)
+    x, s, yt = plan.bases[layer.weight][:3] if entry.basis != "svd" else svd(dense)
+    idx = np.asarray(entry.kept_indices(), dtype=np.int64)
+    planned = (x[:, :, idx] * s[:, None, idx].astype(np.float64)) @ yt[:, idx, :]
+    shift = np.zeros(layer.groups * layer.out_features)
+    if entry.bias_correction:
+        shift = -np.einsum("gmn,gn->gm", planned - dense, plan.bases[layer.weight][3]).reshape(-1)
+    return planned, shift
+
+
+def _stored_weight(matrices: np.ndarray, layer: Any, decomposition: str) -> torch.Tensor:
+    """``(g, m, n)`` matrices as the weight tensor the torch evaluator reads."""
+    weight = torch.from_numpy(np.ascontiguousarray(matrices_to_weight(matrices, layer, decomposition),
+                                                   dtype=np.float32))
+    return _channels_last(weight) if layer.op_type == "Conv" else weight
+
+
+def _add_shift(shifts: dict[str, torch.Tensor]):
+    def hook(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> torch.Tensor:
+        vec = shifts[node.name]
+        return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
+    return hook
+
+
+def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, rank: int) -> np.ndarray:
+    """Rank-``rank`` ``W`` minimizing ``E||target x - W x'||^2`` given ``K = Cov(x, x')`` and ``C = Cov(x')``."""
+    n = cov.shape[0]
+    damped = cov + DAMPING * max(np.trace(cov) / n, 1e-30) * np.eye(n)
+    # target K C^-1, damped towards the target itself: where the inputs have no variance (dead
+    # channels) the planned weight stands, and unchanged inputs (K = C) give the target exactly.
+    least_squares = target + np.linalg.solve(damped, (target @ (cross - cov)).T).T
+    evals, evecs = np.linalg.eigh(cov)
+    root = (evecs * np.sqrt(np.maximum(evals, 0.0))) @ evecs.T
+    u = np.linalg.svd(least_squares @ root, full_matrices=False)[0][:, :rank]
+    return u @ (u.T @ least_squares)
+
+
+def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int = 100,
+               progress: ProgressLike = None) -> tuple[Plan, dict]:
+    """``plan`` with each refittable layer's factors refit on ``dataset`` (the calibration split).
+
+    Refittable: planned layers with channel decomposition whose factorized pair
+    the rewrite would keep, each with its own weight. The others keep their
+    planned factors. Returns the refit plan (``basis="refit"`` entries, their
+    weights and bias changes stored in ``plan.bases``) and a summary: the nodes
+    refit, and the nodes kept as planned with the reason.
+    """
+    progress = as_progress(progress)
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    graph_original, graph_refit = TorchGraph(model), TorchGraph(model)
+    index = {node.name: i for i, node in enumerate(graph_original.nodes)}
+    nodes = {node.name: node for node in graph_original.nodes}
+    users = Counter(entry.weight for entry in plan.layers if entry.decomposition != "dense")
+    entries, skipped = [], []
+    for entry in plan.layers:
+        if entry.decomposition == "dense":
+            continue
+        layer = layers.get(entry.node)
+        if layer is None:
+            raise OnnxlrfError(f"plan node {entry.node!r} is not a factorizable layer of the model")
+        if layer.factorized_params(entry.decomposition, entry.rank) >= layer.params:
+            continue  # the rewrite keeps it dense
+        why = ("spatial decomposition" if entry.decomposition != "channel" else
+               "weight shared with another node" if users[entry.weight] > 1 else None)
+        if why:
+            skipped.append({"node": entry.node, "reason": why})
+        else:
+            entries.append(entry)
+    entries.sort(key=lambda e: index[e.node])
+
+    shifts: dict[str, torch.Tensor] = {}
+    for skip in skipped:  # truncated as planned, so the layers after them see what the rewrite will give them
+        entry = next(e for e in plan.layers if e.node == skip["node"])
+        planned, shift = _planned_matrices(model, plan, entry, layers[entry.node])
+        graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
+        if entry.bias_correction:
+            shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
+    originals = [graph_original.feed(feeds) for feeds in _batches(dataset, batch_size)]
+    refits = [graph_refit.feed(feeds) for feeds in _batches(dataset, batch_size)]
+    refit_entries, bases = {}, dict(plan.bases)
+    position = 0
+    with torch.no_grad():
+        for entry in progress.track(entries, "refit", unit="layer"):
+            layer, node, stop = layers[entry.node], nodes[entry.node], index[entry.node]
+            g, m, n = layer.matrix_shape("channel")
+            rows, sums = 0, torch.zeros(2, g, n, dtype=torch.float64)
+            cov = torch.zeros(g, n, n, dtype=torch.float64)
+            cross = torch.zeros(g, n, n, dtype=torch.float64)
+            for b in range(len(originals)):
+                originals[b] = graph_original.advance(originals[b], position, stop)
+                refits[b] = graph_refit.advance(refits[b], position, stop, _add_shift(shifts), set(shifts))
+                x = layer_input_rows(node, layer, originals[b][node.input[0]])
+                x_refit = layer_input_rows(node, layer, refits[b][node.input[0]])
+                # float32 products (fast), float64 accumulation across batches.
+                cov += (x_refit.transpose(1, 2) @ x_refit).to(torch.float64)
+                cross += (x.transpose(1, 2) @ x_refit).to(torch.float64)
+                sums[0] += x.sum(1).to(torch.float64)
+                sums[1] += x_refit.sum(1).to(torch.float64)
+                rows += x.shape[1]
+            position = stop
+            mean, mean_refit = (sums / rows).numpy()
+            cov = (cov / rows).numpy() - mean_refit[:, :, None] * mean_refit[:, None, :]
+            cross = (cross / rows).numpy() - mean[:, :, None] * mean_refit[:, None, :]
+            planned, planned_shift = _planned_matrices(model, plan, entry, layer)
+            fitted = np.stack([_reduced_rank_fit(planned[j], cross[j], cov[j], entry.rank) for j in range(g)])
+            shift = planned_shift + (np.einsum("gmn,gn->gm", planned, mean)
+                                     - np.einsum("gmn,gn->gm", fitted, mean_refit)).reshape(-1)
+            weight = _stored_weight(fitted, layer, "channel")
+            for env in refits:
+                env[layer.weight] = weight
+            shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
+            u, s, vh = svd(fitted)
+            bases[layer.weight] = (u[:, :, :entry.rank].astype(np.float32), s[:, :entry.rank].astype(np.float32),
+                                   vh[:, :entry.rank].astype(np.float32), None, shift.astype(np.float32))
+            refit_entries[entry.node] = dataclasses.replace(entry, basis="refit", keep=None, bias_correction=False)
+    layers_out = [refit_entries.get(entry.node, entry) for entry in plan.layers]
+    options = {**plan.options, "refit": {"samples": len(dataset), "nodes": len(refit_entries)}}
+    refit = dataclasses.replace(plan, layers=layers_out, options=options, bases=bases)
+    summary = {"refit": list(refit_entries), "skipped": skipped}
+    progress.log(f"refit: {len(refit_entries)} layers refit on {len(dataset)} calibration samples"
+                 + (f"; {len(skipped)} kept as planned" if skipped else ""))
+    return refit, summary
