@@ -139,6 +139,9 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
               help="Joint modes: analyse and back off again around each round's truncated weights "
                    "(compact: until a round adds nothing; lossless: the target in equal steps).")
+@click.option("--refit/--no-refit", default=True, show_default=True,
+              help="Joint modes: also try the back-off's plans with each layer's factors refit on the calibration "
+                   "split to undo what the layers before it changed; kept where validation says it is better.")
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @click.option("--weights", type=click.Path(), help="Checkpoint for a model name.")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
@@ -153,7 +156,7 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @_quiet_option
 def compress(model: str, output: str, mode: str, target_reduction: float | None, target: str,
              rank_multiple: int | None, rank_fraction: float | None, energy: float | None, tolerance: float,
-             calib: int, val: int, seed: int, labels: str, solver: str, rounds: int,
+             calib: int, val: int, seed: int, labels: str, solver: str, rounds: int, refit: bool,
              data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
              batch: int, dynamic_batch: bool, provider: str, report_dir: str | None, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
@@ -168,7 +171,7 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
         energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
         batch=batch, dynamic_batch=dynamic_batch, provider=provider, tolerance=tolerance, calib=calib, val=val,
         seed=seed, labels=labels, solver=solver, progress=_progress(quiet), target=target,
-        rank_multiple=rank_multiple, rounds=rounds))
+        rank_multiple=rank_multiple, rounds=rounds, refit=refit))
     payload = result.to_dict()
     if report_dir is not None:
         _, html_path = write_report(result, report_dir, _command_line(), overwrite=overwrite)

@@ -26,6 +26,7 @@ fine-tuning.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections import Counter
 from typing import Any, Iterator
 
@@ -41,6 +42,11 @@ from .sensitivity import DAMPING, layer_input_rows
 from .torch_graph import TorchGraph, _channels_last
 
 __all__ = ["refit_plan"]
+
+# Rows per input feature a layer's covariances are estimated from. A conv's calibration
+# images give far more (1,000 CIFAR images: 1M positions for 144 features), and the products
+# with all of them were most of the refit's time.
+ROWS_PER_FEATURE = 256
 
 
 def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -74,6 +80,22 @@ def _add_shift(shifts: dict[str, torch.Tensor]):
     return hook
 
 
+def _paired_rows(node: onnx.NodeProto, layer: Any, x: torch.Tensor, x_refit: torch.Tensor, wanted: int | None,
+                 sample: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs; all of them if None or fewer.
+
+    Only enough samples to give 4 times ``wanted`` rows are unfolded: unfolding every
+    position of every image took most of the refit's time.
+    """
+    per_sample = layer_input_rows(node, layer, x[:1]).shape[1]
+    if wanted is None or per_sample * len(x) <= wanted:
+        return layer_input_rows(node, layer, x), layer_input_rows(node, layer, x_refit)
+    samples = min(len(x), math.ceil(4 * wanted / per_sample))
+    x, x_refit = layer_input_rows(node, layer, x[:samples]), layer_input_rows(node, layer, x_refit[:samples])
+    pick = torch.randperm(x.shape[1], generator=sample)[:wanted]
+    return x[:, pick], x_refit[:, pick]
+
+
 def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, rank: int) -> np.ndarray:
     """Rank-``rank`` ``W`` minimizing ``E||target x - W x'||^2`` given ``K = Cov(x, x')`` and ``C = Cov(x')``."""
     n = cov.shape[0]
@@ -88,8 +110,11 @@ def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, ra
 
 
 def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int = 100,
-               progress: ProgressLike = None) -> tuple[Plan, dict]:
+               rows_per_feature: int | None = ROWS_PER_FEATURE, progress: ProgressLike = None) -> tuple[Plan, dict]:
     """``plan`` with each refittable layer's factors refit on ``dataset`` (the calibration split).
+
+    A layer's statistics use at most ``rows_per_feature`` rows (positions) per input feature,
+    sampled at random from every batch (None: all).
 
     Refittable: planned layers with channel decomposition whose factorized pair
     the rewrite would keep, each with its own weight. The others keep their
@@ -138,11 +163,13 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             rows, sums = 0, torch.zeros(2, g, n, dtype=torch.float64)
             cov = torch.zeros(g, n, n, dtype=torch.float64)
             cross = torch.zeros(g, n, n, dtype=torch.float64)
+            sample = torch.Generator().manual_seed(stop)
             for b in range(len(originals)):
                 originals[b] = graph_original.advance(originals[b], position, stop)
                 refits[b] = graph_refit.advance(refits[b], position, stop, _add_shift(shifts), set(shifts))
-                x = layer_input_rows(node, layer, originals[b][node.input[0]])
-                x_refit = layer_input_rows(node, layer, refits[b][node.input[0]])
+                wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(originals))
+                x, x_refit = _paired_rows(node, layer, originals[b][node.input[0]], refits[b][node.input[0]],
+                                          wanted, sample)
                 # float32 products (fast), float64 accumulation across batches.
                 cov += (x_refit.transpose(1, 2) @ x_refit).to(torch.float64)
                 cross += (x.transpose(1, 2) @ x_refit).to(torch.float64)

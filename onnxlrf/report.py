@@ -378,7 +378,8 @@ def _md(text: Any) -> str:
 
 def _backoff_note(attempt: dict) -> str:
     """What became of one back-off attempt, for the report's back-off table."""
-    restored = f"{attempt['restored']} layers restored (worst measured first)" if attempt.get("restored") else ""
+    restored = f"{attempt['restored']} layers restored (worst measured first)" if attempt.get("restored") else \
+        "factors refit on the calibration split" if attempt.get("refit") else ""
     if attempt.get("chosen"):
         return f"chosen: {restored}" if restored else "chosen"
     if restored:
@@ -678,7 +679,7 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
         body.append(f'<circle cx="{px(b["achieved_reduction"]):.1f}" cy="{py(b["val"]):.1f}" r="4" '
                     f'fill="{BLUE if chosen else "white"}" stroke="{BLUE}" stroke-width="1.5">'
                     f'<title>{html.escape(tip)}</title></circle>')
-        label = f"\u03ba{b['kappa']:.3g}" + ("+r" if b.get("restored") else "")
+        label = f"\u03ba{b['kappa']:.3g}" + ("+r" if b.get("restored") else "+refit" if b.get("refit") else "")
         x, y = px(b["achieved_reduction"]), py(b["val"])
         for lx, ly in ((x + 6, y - 5), (x + 6, y + 12), (x - 6 - 5.5 * len(label), y - 5)):
             box = (lx, ly - 9, lx + 5.5 * len(label), ly + 1)

@@ -5,7 +5,8 @@
 For each target reduction (fraction of the model's parameters removed) it
 prints the held-out test metric of: uniform rank fraction, energy threshold,
 Fisher-weighted SVD (FWSVD), activation-whitened SVD (SVD-LLM/ASVD style; both
-at a uniform rank fraction), and joint lossless; then compact mode's reduction and metric. The splits are
+at a uniform rank fraction), and joint lossless (with the back-off's refit step unless --no-refit); then
+compact mode's reduction and metric. The splits are
 disjoint and fixed by --seed; the analysis runs once per model on the
 calibration split and is shared by every target. Run times are measured here.
 """
@@ -63,6 +64,8 @@ def main() -> int:
                         help="Calibration targets of the joint analyses, comma-separated: labels, predictions "
                              "(label-free; its joint rows are named joint-...-label-free).")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="Joint rows without the back-off's refit step (onnxlrf before stop 8).")
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
     parser.add_argument("--update", action="store_true",
                         help="Merge this run's rows into the JSON already in --out (a row replaces the one of the "
@@ -116,10 +119,12 @@ def main() -> int:
             evaluate(kind, target, lambda: rewrite(plan_baseline(reference, sensitivity, kind, target)))
         for labels, analysis in analyses.items():
             evaluate(joint_name("lossless", labels), target,
-                     lambda: backoff_plan(reference, analysis, splits.val, "lossless", target_reduction=target)[:2])
+                     lambda: backoff_plan(reference, analysis, splits.val, "lossless", target_reduction=target,
+                                          calib=splits.calib, refit=args.refit)[:2])
     for labels, analysis in analyses.items():
         evaluate(joint_name("compact", labels), None,
-                 lambda: backoff_plan(reference, analysis, splits.val, "compact", calib=splits.calib)[:2])
+                 lambda: backoff_plan(reference, analysis, splits.val, "compact", calib=splits.calib,
+                                      refit=args.refit)[:2])
 
     print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
           f"joint analysis {', '.join(f'{k} {v:.0f} s' for k, v in analysis_s.items())}, calib {n_calib}, val {n_val}, seed {args.seed}\n")
