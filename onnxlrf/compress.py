@@ -285,6 +285,7 @@ def backoff_plan(
     progress = as_progress(progress)
     best = None
     backoff = []
+    refit_entry = None
     unreachable = None
     # Latency targets are verified as accuracy is: each plan is timed against the original.
     measure_speed = cost.target == "latency" and hasattr(cost, "measured_speedup")
@@ -387,20 +388,18 @@ def backoff_plan(
     if refit and calib is not None:
         failing = [] if mode == "lossless" else \
             [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
-        refitted = _refit_chosen(reference, best, failing, calib, val, reference_val, mode, measure_speed, cost,
-                                 provider, progress)
+        refitted = _refit_chosen(reference, best, failing, calib, val, reference_val, measure_speed, cost,
+                                 provider, progress, backoff)
         if refitted is not None:
-            best = refitted
-            backoff.append({"kappa": best[1].options["kappa"], "refit": True,
-                            "achieved_reduction": best[1].options["achieved_reduction"],
-                            "predicted_dloss": best[1].options["predicted_dloss"], "val": best[0]})
+            *best, refit_entry = refitted
+            best = tuple(best)
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
         progress.log("back-off: no plan held on validation; the model stays dense")
         compressed, report = apply_plan(reference, holding, progress=progress)
         best = (reference_val, holding, compressed, report)
     else:
         set_back = best[1].options.get("restored")
-        chosen = backoff[-1] if set_back or best[1].options.get("refit") else \
+        chosen = refit_entry if best[1].options.get("refit") else backoff[-1] if set_back else \
             next(entry for _, entry, result in verified.values() if result is best)
         chosen["chosen"] = True
         progress.log(f"back-off chose kappa {best[1].options['kappa']:.3g}"
@@ -488,8 +487,8 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
 
 
 def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[Plan], calib: Any, val: Any,
-                  reference_val: float, mode: str, measure_speed: bool, cost: Any, provider: str,
-                  progress: Progress) -> tuple[float, Plan, onnx.ModelProto, RewriteReport] | None:
+                  reference_val: float, measure_speed: bool, cost: Any, provider: str, progress: Progress,
+                  backoff: list) -> tuple[float, Plan, onnx.ModelProto, RewriteReport, dict] | None:
     """The back-off's choice refit (:func:`onnxlrf.refit.refit_plan`), where validation says it is better.
 
     The refit undoes how the earlier layers' truncations change a layer's inputs, the
@@ -500,6 +499,7 @@ def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[
     failed and are larger than the chosen one, smallest first, for as long as each holds once
     refit; then, if none did, the chosen plan refit, if it scores better.
     Under a latency target, a refit plan must also be measured faster than the original.
+    Each attempt is appended to ``backoff``; the one kept comes back as the last element.
     """
     from .refit import refit_plan
 
@@ -507,13 +507,16 @@ def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[
         refit, _ = refit_plan(reference, plan, calib, progress=progress)
         compressed, report = apply_plan(reference, refit, progress=progress)
         value = _metric(compressed, val, provider, progress, f"validate {description} refit")
+        entry = {"kappa": plan.options["kappa"], "refit": True, "achieved_reduction": plan.options["achieved_reduction"],
+                 "predicted_dloss": plan.options["predicted_dloss"], "val": value}
+        backoff.append(entry)
         holds = value > bar if strictly else value >= bar
         if holds and measure_speed:
-            speedup = cost.measured_speedup(compressed)
-            holds = speedup > 1.0
+            entry["speedup"] = cost.measured_speedup(compressed)
+            holds = entry["speedup"] > 1.0
         progress.log(f"  {description} refit: val {value:.4f} (needs {'more than ' if strictly else ''}"
                      f"{bar:.4f}): {'kept' if holds else 'rejected'}")
-        return (value, refit, compressed, report) if holds else None
+        return (value, refit, compressed, report, entry) if holds else None
 
     chosen = None
     size = best[1].options["achieved_reduction"] if best is not None else 0.0
@@ -667,17 +670,17 @@ def compress_joint(
             current = truncate_weights(reference, plan)[0]
     compressed, report = apply_plan(reference, plan, progress=progress)
     if refit and rounds > 1 and plan.summary()["factorized"]:
+        attempts: list = []
         refitted = _refit_chosen(reference, (history[-1]["val"], plan, compressed, report), [], splits.calib,
-                                 splits.val, reference_val, "lossless", cost.target == "latency" and
-                                 hasattr(cost, "measured_speedup"), cost, provider, progress)
+                                 splits.val, reference_val, cost.target == "latency" and
+                                 hasattr(cost, "measured_speedup"), cost, provider, progress, attempts)
+        backoff += [{"round": len(history), **entry} for entry in attempts]
         if refitted is not None:
-            _, plan, compressed, report = refitted
-            backoff.append({"round": len(history), "kappa": plan.options["kappa"], "refit": True, "chosen": True,
-                            "achieved_reduction": plan.options["achieved_reduction"],
-                            "predicted_dloss": plan.options["predicted_dloss"], "val": refitted[0]})
-            for entry in backoff[:-1]:  # the last round's choice is now the refit plan
+            _, plan, compressed, report, _ = refitted
+            for entry in backoff:  # the last round's choice is now the refit plan
                 if entry["round"] == len(history):
                     entry.pop("chosen", None)
+            backoff[-1]["chosen"] = True
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
     if rounds > 1:
         plan.options["rounds"] = history

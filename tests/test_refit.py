@@ -169,3 +169,33 @@ def test_refit_keeps_spatial_layers_as_planned() -> None:
     refit, summary = refit_plan(model, dataclasses.replace(plan, layers=layers), _dataset(model))
     assert summary["skipped"] == [{"node": "conv1", "reason": "spatial decomposition"}]
     assert [e.basis for e in refit.layers] == ["svd", "refit"]
+
+
+def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
+    from onnxlrf.compress import backoff_plan, joint_analysis
+
+    model = mlp()
+    data = _dataset(model, seed=3)
+    session = make_session(model, providers=["CPUExecutionProvider"])
+    data.labels = session.run(None, data.inputs)[0].argmax(axis=1)  # the original scores 1.0
+    calib, val = data.subset(np.arange(0, 256)), data.subset(np.arange(256, 512))
+    sensitivity = joint_analysis(model, calib, "labels")
+    plan, _, _, backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.6, calib=calib,
+                                       refit=True)
+    refit = [entry for entry in backoff if entry.get("refit")]
+    assert len(refit) == 1 and refit[0]["chosen"] and [e for e in backoff if e.get("chosen")] == refit
+    assert refit[0]["val"] > max(entry["val"] for entry in backoff if not entry.get("refit") and "val" in entry)
+    assert {e.basis for e in plan.layers if e.decomposition != "dense"} == {"refit"}
+
+    plain, _, _, plain_backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.6,
+                                              calib=calib)
+    assert not any(entry.get("refit") for entry in plain_backoff)
+    assert plain.summary()["params_after"] == plan.summary()["params_after"]
+
+    # A refit plan that only ties on validation is recorded, and the plan kept.
+    plan, _, _, backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.2, calib=calib,
+                                       refit=True)
+    (refit,) = [entry for entry in backoff if entry.get("refit")]
+    (chosen,) = [entry for entry in backoff if entry.get("chosen")]
+    assert refit is not chosen and refit["val"] == chosen["val"]
+    assert "refit" not in {e.basis for e in plan.layers}
