@@ -34,11 +34,11 @@ import numpy as np
 import onnx
 import torch
 
-from .analysis import find_layers, matrices_to_weight, svd, weight_array, weight_matrices
+from .analysis import Layer, find_layers, matrices_to_weight, svd, weight_array, weight_matrices
 from .errors import OnnxlrfError
-from .planning import Plan
+from .planning import LayerPlan, Plan
 from .progress import ProgressLike, as_progress
-from .sensitivity import DAMPING, layer_input_rows
+from .sensitivity import DAMPING, layer_input_rows, shift_outputs
 from .torch_graph import TorchGraph, _channels_last
 
 __all__ = ["refit_plan"]
@@ -54,7 +54,7 @@ def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         yield dataset.subset(np.arange(start, min(start + batch_size, len(dataset)))).inputs
 
 
-def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: Any, layer: Any) -> tuple[np.ndarray, np.ndarray]:
+def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: LayerPlan, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """The planned truncation as ``(g, m, n)`` matrices of its decomposition, and the bias change it comes with."""
     dense = weight_matrices(weight_array(model, layer).astype(np.float64), layer, entry.decomposition)
     x, s, yt = plan.bases[layer.weight][:3] if entry.basis != "svd" else svd(dense)
@@ -66,21 +66,14 @@ def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: Any, layer: Any
     return planned, shift
 
 
-def _stored_weight(matrices: np.ndarray, layer: Any, decomposition: str) -> torch.Tensor:
+def _stored_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> torch.Tensor:
     """``(g, m, n)`` matrices as the weight tensor the torch evaluator reads."""
     weight = torch.from_numpy(np.ascontiguousarray(matrices_to_weight(matrices, layer, decomposition),
                                                    dtype=np.float32))
     return _channels_last(weight) if layer.op_type == "Conv" else weight
 
 
-def _add_shift(shifts: dict[str, torch.Tensor]):
-    def hook(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> torch.Tensor:
-        vec = shifts[node.name]
-        return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
-    return hook
-
-
-def _paired_rows(node: onnx.NodeProto, layer: Any, x: torch.Tensor, x_refit: torch.Tensor, wanted: int | None,
+def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_refit: torch.Tensor, wanted: int | None,
                  sample: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs; all of them if None or fewer.
 
@@ -166,7 +159,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             sample = torch.Generator().manual_seed(stop)
             for b in range(len(originals)):
                 originals[b] = graph_original.advance(originals[b], position, stop)
-                refits[b] = graph_refit.advance(refits[b], position, stop, _add_shift(shifts), set(shifts))
+                refits[b] = graph_refit.advance(refits[b], position, stop, shift_outputs(shifts), set(shifts))
                 wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(originals))
                 x, x_refit = _paired_rows(node, layer, originals[b][node.input[0]], refits[b][node.input[0]],
                                           wanted, sample)

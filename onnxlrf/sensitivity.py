@@ -355,6 +355,14 @@ def _replaced(graph: TorchGraph, replacements: dict[str, np.ndarray] | None) -> 
             store[name] = value
 
 
+def shift_outputs(shifts: dict[str, torch.Tensor]) -> Callable[[onnx.NodeProto, list, torch.Tensor], torch.Tensor]:
+    """A :class:`TorchGraph` hook adding ``shifts[node]`` (per output channel) to those nodes' outputs."""
+    def hook(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> torch.Tensor:
+        vec = shifts[node.name]
+        return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
+    return hook
+
+
 def measure_loss(
     model: onnx.ModelProto,
     batches: Callable[[], Iterator[Batch]],
@@ -370,14 +378,9 @@ def measure_loss(
     """
     graph = graph or TorchGraph(model)
     shifts = {name: torch.as_tensor(v, dtype=torch.float32) for name, v in (output_shifts or {}).items()}
-
-    def shift(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> torch.Tensor:
-        vec = shifts[node.name]
-        return output + (vec.reshape(-1, *[1] * (output.dim() - 2)) if node.op_type == "Conv" else vec)
-
     with _replaced(graph, replacements), torch.no_grad():
         return _mean_loss(loss_fn(graph({k: torch.as_tensor(v) for k, v in feeds.items()},
-                                        hook=shift if shifts else None, hook_nodes=set(shifts)),
+                                        hook=shift_outputs(shifts) if shifts else None, hook_nodes=set(shifts)),
                                   torch.as_tensor(targets))
                           for feeds, targets in batches())
 

@@ -238,10 +238,11 @@ def test_truncation_probe_with_cached_activations_equals_a_full_run(small_cnn):
 
 
 @pytest.mark.parametrize("mode, target", [("compact", None), ("lossless", 0.3)])
-def test_rounds_expand_around_the_truncated_weights(small_cnn, compact_once, mode, target):
+def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target):
     model, data = small_cnn
-    kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu")
-    one = compact_once if mode == "compact" else compress_joint(model, data, mode, **kwargs)
+    # Without the refit, which one round applies to its back-off's plans and more rounds to the final plan only.
+    kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu", refit=False)
+    one = compress_joint(model, data, mode, **kwargs)
     two = compress_joint(model, data, mode, rounds=2, **kwargs)
     # Held to the original's validation metric in every round; the plan rewrites the original model.
     assert two.splits["val"]["reference_value"] == one.splits["val"]["reference_value"]
@@ -256,6 +257,18 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, compact_once, mod
     assert {e["round"] for e in two.backoff} <= {1, 2}
     rewritten, _ = apply_plan(model, two.plan)
     assert rewritten.SerializeToString() == two.compressed.SerializeToString()
+
+
+def test_rounds_refit_the_final_plan_only(small_cnn):
+    model, data = small_cnn
+    result = compress_joint(model, data, "lossless", target_reduction=0.3, calib=400, val=400, seed=3,
+                            provider="cpu", rounds=2)
+    refit = [e for e in result.backoff if e.get("refit")]
+    assert [e["round"] for e in refit] == [2]
+    (chosen,) = [e for e in result.backoff if e.get("chosen") and e["round"] == 2]
+    assert (chosen is refit[0]) == ("refit" in {e.basis for e in result.plan.layers})
+    rewritten, _ = apply_plan(model, result.plan)
+    assert rewritten.SerializeToString() == result.compressed.SerializeToString()
 
 
 def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small_cnn):
