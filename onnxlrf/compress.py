@@ -372,11 +372,12 @@ def backoff_plan(
                     lo = mid
     if best is None and mode == "lossless":
         raise unreachable
+    failing = [] if mode == "lossless" else \
+        [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
     if mode == "compact":
         holding = best[1] if best is not None else plan_joint(
             reference, sensitivity, mode, tolerance=-math.inf, solver=solver, target=target,
             rank_multiple=rank_multiple, cost=cost)  # no compression: the smallest plan that holds
-        failing = [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
         restored = None if calib is None else _restore_smallest_failing(
             reference, failing, holding, calib, val, reference_val, cost, measure_speed, provider, progress)
         if restored is not None:
@@ -386,8 +387,6 @@ def backoff_plan(
                             "achieved_reduction": restored[1].options["achieved_reduction"],
                             "predicted_dloss": restored[1].options["predicted_dloss"], "val": restored[0]})
     if refit and calib is not None:
-        failing = [] if mode == "lossless" else \
-            [result[1] for _, _, result in verified.values() if result is not None and result[0] < reference_val]
         refitted = _refit_chosen(reference, best, failing, calib, val, reference_val, measure_speed, cost,
                                  provider, progress, backoff)
         if refitted is not None:
@@ -674,13 +673,15 @@ def compress_joint(
         refitted = _refit_chosen(reference, (history[-1]["val"], plan, compressed, report), [], splits.calib,
                                  splits.val, reference_val, cost.target == "latency" and
                                  hasattr(cost, "measured_speedup"), cost, provider, progress, attempts)
-        backoff += [{"round": len(history), **entry} for entry in attempts]
+        for entry in attempts:
+            entry["round"] = len(history)
+        backoff += attempts
         if refitted is not None:
-            _, plan, compressed, report, _ = refitted
+            _, plan, compressed, report, kept = refitted
             for entry in backoff:  # the last round's choice is now the refit plan
                 if entry["round"] == len(history):
                     entry.pop("chosen", None)
-            backoff[-1]["chosen"] = True
+            kept["chosen"] = True
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
     if rounds > 1:
         plan.options["rounds"] = history

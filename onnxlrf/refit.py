@@ -121,7 +121,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
     index = {node.name: i for i, node in enumerate(graph_original.nodes)}
     nodes = {node.name: node for node in graph_original.nodes}
     users = Counter(entry.weight for entry in plan.layers if entry.decomposition != "dense")
-    entries, skipped = [], []
+    entries, skipped, as_planned = [], [], []
     for entry in plan.layers:
         if entry.decomposition == "dense":
             continue
@@ -134,13 +134,13 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
                "weight shared with another node" if users[entry.weight] > 1 else None)
         if why:
             skipped.append({"node": entry.node, "reason": why})
+            as_planned.append(entry)
         else:
             entries.append(entry)
     entries.sort(key=lambda e: index[e.node])
 
     shifts: dict[str, torch.Tensor] = {}
-    for skip in skipped:  # truncated as planned, so the layers after them see what the rewrite will give them
-        entry = next(e for e in plan.layers if e.node == skip["node"])
+    for entry in as_planned:  # truncated as planned, so the layers after them see what the rewrite will give them
         planned, shift = _planned_matrices(model, plan, entry, layers[entry.node])
         graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
         if entry.bias_correction:
@@ -157,10 +157,10 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             cov = torch.zeros(g, n, n, dtype=torch.float64)
             cross = torch.zeros(g, n, n, dtype=torch.float64)
             sample = torch.Generator().manual_seed(stop)
+            wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(originals))
             for b in range(len(originals)):
                 originals[b] = graph_original.advance(originals[b], position, stop)
                 refits[b] = graph_refit.advance(refits[b], position, stop, shift_outputs(shifts), set(shifts))
-                wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(originals))
                 x, x_refit = _paired_rows(node, layer, originals[b][node.input[0]], refits[b][node.input[0]],
                                           wanted, sample)
                 # float32 products (fast), float64 accumulation across batches.

@@ -136,15 +136,13 @@ def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = 
         shift = None
         if entry.basis == "refit":
             shift = plan.bases[layer.weight][4]
-            node_bias = nodes[entry.node].inputs[2:3]
-            if node_bias and isinstance(node_bias[0], gs.Constant):
-                maybe_unused.add(node_bias[0].name)  # replaced by the refit bias
         elif entry.bias_correction:
             first, second = (c.values for c in factors[key])
             shift = bias_shift(weights[layer.weight], layer, first, second, plan.bases[layer.weight][3])
+        if shift is not None:
             node_bias = nodes[entry.node].inputs[2:3]
             if node_bias and isinstance(node_bias[0], gs.Constant):
-                maybe_unused.add(node_bias[0].name)  # replaced by the corrected bias
+                maybe_unused.add(node_bias[0].name)  # replaced by the shifted bias
         touched: dict[str, str] = {}
         new_nodes = _replace(graph, nodes[entry.node], layer, entry, *factors[key], taken, shift, touched)
         for name, old_bias in touched.items():
