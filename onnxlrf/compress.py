@@ -241,7 +241,7 @@ def joint_analysis(
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=f"{calib.task}/{labels}", progress=progress,
-                          curvature_fn=CURVATURES.get(calib.task))
+                          curvature_fn=CURVATURES.get(calib.task), token_mask=calib.token_mask)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range],

@@ -49,6 +49,9 @@ class Dataset:
     task: str
     inputs: dict[str, np.ndarray]
     labels: np.ndarray
+    # The input that marks real tokens (1) and padding (0), for token data: statistics of
+    # the layers' inputs leave padding tokens out, since they cannot reach the output.
+    token_mask: str | None = None
 
     @property
     def rows(self) -> int:
@@ -76,6 +79,7 @@ class Dataset:
             task=self.task,
             inputs={name: array[rows] for name, array in self.inputs.items()},
             labels=self.labels[indices],
+            token_mask=self.token_mask,
         )
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -345,7 +349,8 @@ def _stsb(path: Path, model: onnx.ModelProto | None, tokenizer: str | None) -> D
     )
     wanted = {i.name for i in graph_inputs(model)} if model is not None else {"input_ids", "attention_mask"}
     inputs = {name: np.asarray(encoded[name], dtype=np.int64) for name in encoded if name in wanted}
-    return Dataset(f"stsb:{path}", SENTENCE_SIMILARITY, inputs, gold)
+    mask = "attention_mask" if "attention_mask" in inputs else None
+    return Dataset(f"stsb:{path}", SENTENCE_SIMILARITY, inputs, gold, token_mask=mask)
 
 
 def _npz(path: Path, model: onnx.ModelProto | None) -> Dataset:

@@ -73,18 +73,21 @@ def _stored_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> to
     return _channels_last(weight) if layer.op_type == "Conv" else weight
 
 
-def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_refit: torch.Tensor, wanted: int | None,
+def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_refit: torch.Tensor,
+                 token_mask: torch.Tensor | None, wanted: int | None,
                  sample: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs; all of them if None or fewer.
 
-    Only enough samples to give 4 times ``wanted`` rows are unfolded: unfolding every
-    position of every image took most of the refit's time.
+    Only enough samples to give 4 times ``wanted`` rows (before padding tokens are left
+    out) are unfolded: unfolding every position of every image took most of the refit's time.
     """
     per_sample = layer_input_rows(node, layer, x[:1]).shape[1]
     if wanted is None or per_sample * len(x) <= wanted:
-        return layer_input_rows(node, layer, x), layer_input_rows(node, layer, x_refit)
+        return layer_input_rows(node, layer, x, token_mask), layer_input_rows(node, layer, x_refit, token_mask)
     samples = min(len(x), math.ceil(4 * wanted / per_sample))
-    x, x_refit = layer_input_rows(node, layer, x[:samples]), layer_input_rows(node, layer, x_refit[:samples])
+    mask = None if token_mask is None else token_mask[:samples]
+    x, x_refit = (layer_input_rows(node, layer, x[:samples], mask),
+                  layer_input_rows(node, layer, x_refit[:samples], mask))
     pick = torch.randperm(x.shape[1], generator=sample)[:wanted]
     return x[:, pick], x_refit[:, pick]
 
@@ -107,7 +110,8 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
     """``plan`` with each refittable layer's factors refit on ``dataset`` (the calibration split).
 
     A layer's statistics use at most ``rows_per_feature`` rows (positions) per input feature,
-    sampled at random from every batch (None: all).
+    sampled at random from every batch (None: all), and no padding tokens
+    (``dataset.token_mask``): the refit reproduces the layer where it can reach the output.
 
     Refittable: planned layers with channel decomposition whose factorized pair
     the rewrite would keep, each with its own weight. The others keep their
@@ -147,6 +151,8 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
     originals = [graph_original.feed(feeds) for feeds in _batches(dataset, batch_size)]
     refits = [graph_refit.feed(feeds) for feeds in _batches(dataset, batch_size)]
+    masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None
+             for feeds in _batches(dataset, batch_size)]
     refit_entries, bases = {}, dict(plan.bases)
     position = 0
     with torch.no_grad():
@@ -162,7 +168,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
                 originals[b] = graph_original.advance(originals[b], position, stop)
                 refits[b] = graph_refit.advance(refits[b], position, stop, shift_outputs(shifts), set(shifts))
                 x, x_refit = _paired_rows(node, layer, originals[b][node.input[0]], refits[b][node.input[0]],
-                                          wanted, sample)
+                                          masks[b], wanted, sample)
                 # float32 products (fast), float64 accumulation across batches.
                 cov += (x_refit.transpose(1, 2) @ x_refit).to(torch.float64)
                 cross += (x.transpose(1, 2) @ x_refit).to(torch.float64)

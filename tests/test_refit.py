@@ -199,3 +199,58 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
     (chosen,) = [entry for entry in backoff if entry.get("chosen")]
     assert refit is not chosen and refit["val"] == chosen["val"]
     assert "refit" not in {e.basis for e in plan.layers}
+
+
+def token_encoder() -> onnx.ModelProto:
+    """Embedding -> MatMul -> Relu -> MatMul -> mean over the attention mask: padding tokens cannot reach the output."""
+    rng = np.random.default_rng(0)
+    vocab, hidden = 40, 24
+    floats = {"embedding": rng.standard_normal((vocab, hidden)), "w1": _decaying(rng, hidden, hidden),
+              "w2": _decaying(rng, hidden, hidden)}
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["embedding", "input_ids"], ["tokens"], name="embed"),
+         helper.make_node("MatMul", ["tokens", "w1"], ["h1"], name="fc1"),
+         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT, name="cast"),
+         helper.make_node("Unsqueeze", ["mask", "last_axis"], ["mask3"], name="unsqueeze"),
+         helper.make_node("Mul", ["h2", "mask3"], ["masked"], name="mul"),
+         helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0, name="sum"),
+         helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0, name="count"),
+         helper.make_node("Div", ["summed", "count"], ["y"], name="mean")],
+        "encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 6]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in floats.items()]
+        + [numpy_helper.from_array(np.array([v], dtype=np.int64), k) for k, v in (("last_axis", -1), ("seq_axis", 1))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def token_pairs(padding_ids: int, token_mask: str | None = "attention_mask", pairs: int = 200) -> Dataset:
+    """Sentence pairs of 2 to 6 tokens; padded positions hold ``padding_ids`` (which the model must ignore)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 7, 2 * pairs)
+    mask = (np.arange(6) < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(0, 20, (2 * pairs, 6)), padding_ids).astype(np.int64)
+    return Dataset("pairs", "sentence-similarity", {"input_ids": ids, "attention_mask": mask},
+                   np.zeros(pairs, dtype=np.float32), token_mask=token_mask)
+
+
+def test_refit_leaves_padding_tokens_out() -> None:
+    """The regression fits real tokens only: what padding positions hold cannot change the refit."""
+    model = token_encoder()
+    plan = channel_plan(model, 0.3)
+
+    def refit_weights(data: Dataset) -> dict:
+        return {w: b[:3] for w, b in refit_plan(model, plan, data)[0].bases.items()}
+
+    masked = refit_weights(token_pairs(padding_ids=0))
+    for weight, basis in refit_weights(token_pairs(padding_ids=39)).items():
+        for part, other in zip(basis, masked[weight]):
+            np.testing.assert_allclose(part, other, rtol=1e-4, atol=1e-5)
+    # Without the mask the padding rows enter the fit of the second layer.
+    unmasked = refit_weights(token_pairs(padding_ids=0, token_mask=None))
+    assert not np.allclose(unmasked["w2"][1], masked["w2"][1], rtol=1e-3)

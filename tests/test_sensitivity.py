@@ -27,6 +27,7 @@ from onnxlrf.sensitivity import (
 )
 from onnxlrf.torch_graph import TorchGraph
 from test_data import sentence_encoder_model
+from test_refit import token_encoder, token_pairs
 
 CLASSES = 4
 
@@ -285,3 +286,25 @@ def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small
     assert merged.layers[first + 1:] == later.layers[first + 1:]
     removed = sum(e.params_dense - e.params_planned for e in merged.layers)
     assert merged.options["params_reduction"] == pytest.approx(removed / count_params(model))
+
+
+def test_input_statistics_count_real_tokens_only():
+    """K-FAC's input factor over the tokens that reach the output: padding has zero gradient, so it only diluted A."""
+    model = token_encoder()
+    data = token_pairs(padding_ids=0)
+    sens = analyze(model, _batches(data), similarity_loss, token_mask="attention_mask")
+    mask = data.inputs["attention_mask"] == 1
+    embedding = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "embedding"))
+    real = embedding[data.inputs["input_ids"][mask]].astype(np.float64)
+    np.testing.assert_allclose(sens.layers["fc1"].input_moment[0], real.T @ real / len(real), rtol=1e-5, atol=1e-6)
+
+    repadded = analyze(model, _batches(token_pairs(padding_ids=39)), similarity_loss, token_mask="attention_mask")
+    for node, ls in sens.layers.items():
+        np.testing.assert_allclose(repadded.layers[node].input_moment, ls.input_moment, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(repadded.layers[node].s, ls.s, rtol=1e-4)
+        np.testing.assert_allclose(repadded.layers[node].first_order, ls.first_order, rtol=1e-3, atol=1e-9)
+    unmasked = analyze(model, _batches(data), similarity_loss)
+    assert not np.allclose(unmasked.layers["fc1"].input_moment, sens.layers["fc1"].input_moment, rtol=1e-3)
+    # The joint method reads the mask's name from the dataset.
+    joint = joint_analysis(model, data, range_samples=50)
+    np.testing.assert_allclose(joint.layers["fc2"].input_moment, sens.layers["fc2"].input_moment, rtol=1e-5)
