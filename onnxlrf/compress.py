@@ -31,6 +31,9 @@ MODES = JOINT_MODES + PLANNING_MODES
 # trusts the quadratic model less, so plans get more conservative.
 BACKOFF_KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 BACKOFF_BISECTIONS = 3
+# Compact mode's size search (used when no component is free at the tolerance) starts here
+# and doubles until a plan fails on validation.
+SIZE_SEARCH_START = 0.01
 # Range checks rerun most of the network per layer and level. malloc serves
 # blocks over 32 MiB with fresh mmaps, whose page faults made MiniLM's analysis
 # 416 s instead of 283 s, so batches keep their largest activation below.
@@ -270,7 +273,11 @@ def backoff_plan(
     """Verify plans on the validation split, trusting the curvature model less each time (METHOD.md 5).
 
     compact: the first plan whose validation metric is at least the original's
-    (none: the model stays dense); then, given ``calib``, the smallest plan that failed with
+    (none: the model stays dense). Where that plan removes nothing, because no component is
+    free at ``tolerance`` (label-free targets: every drop raises the loss), sizes are searched
+    instead: lossless plans at ``SIZE_SEARCH_START`` of the target measure, doubled while
+    they hold on validation, then bisected between the largest that held and the first that
+    failed. Then, given ``calib``, the smallest plan that failed with
     its worst layers (measured on ``calib``) set back until it holds on ``val``
     (:func:`restore_layers`), if that is larger. lossless: the best validation metric at
     the target size. ``refit`` (needs ``calib``): then :func:`_refit_chosen`.
@@ -293,14 +300,16 @@ def backoff_plan(
     # similarity targets give) make the same model: it is verified once.
     verified: dict[tuple, tuple[float, dict, tuple | None]] = {}
 
-    def attempt(kappa: float) -> tuple | None:
+    def attempt(kappa: float, size: float | None = None) -> tuple | None:
+        """The plan at ``kappa`` verified; ``size``: the lossless plan of that size instead (compact's size search)."""
         nonlocal unreachable
         try:
-            plan = plan_joint(reference, sensitivity, mode, target_reduction=target_reduction, tolerance=tolerance,
+            plan = plan_joint(reference, sensitivity, mode if size is None else "lossless",
+                              target_reduction=target_reduction if size is None else size, tolerance=tolerance,
                               kappa=kappa, solver=solver, target=target, rank_multiple=rank_multiple, cost=cost)
         except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
             unreachable = exc
-            progress.log(f"  kappa {kappa:.3g}: no plan ({exc})")
+            progress.log(f"  kappa {kappa:.3g}{'' if size is None else f', size {size:.3g}'}: no plan ({exc})")
             return None
         kept = tuple((e.node, e.rank, sensitivity.layers[e.node].keep(e.rank, kappa).tobytes())
                      for e in plan.layers if e.decomposition != "dense")
@@ -309,12 +318,36 @@ def backoff_plan(
             backoff.append({**entry, "kappa": kappa, "same_as_kappa": same})
             progress.log(f"  kappa {kappa:.3g}: the plan of kappa {same:.3g} again")
             attempts.update()
-            return result
-        result = verify(plan, kappa)
-        verified[kept] = (kappa, backoff[-1], result)
+        else:
+            result = verify(plan, kappa, "" if size is None else f", size {size:.3g}")
+            verified[kept] = (kappa, backoff[-1], result)
+        if size is not None:
+            backoff[-1]["target_reduction"] = size
         return result
 
-    def verify(plan: Plan, kappa: float) -> tuple | None:
+    def holds(result: tuple | None) -> bool:
+        return result is not None and result[0] >= reference_val
+
+    def search_sizes(holding: tuple) -> tuple:
+        """Compact's size search (see above); returns the largest plan that held, else ``holding``."""
+        progress.log("back-off: no component is free at this tolerance; searching sizes on validation")
+        held, failed, size = 0.0, None, SIZE_SEARCH_START
+        while failed is None and size < 1.0:
+            result = attempt(1.0, size)
+            if holds(result):
+                held, holding, size = size, result, 2 * size
+            else:
+                failed = size
+        for _ in range(BACKOFF_BISECTIONS if failed is not None else 0):
+            size = (held + failed) / 2
+            result = attempt(1.0, size)
+            if holds(result):
+                held, holding = size, result
+            else:
+                failed = size
+        return holding
+
+    def verify(plan: Plan, kappa: float, label: str = "") -> tuple | None:
         nonlocal unreachable
         compressed, report = apply_plan(reference, plan, progress=progress)
         entry = {"kappa": kappa, "achieved_reduction": plan.options["achieved_reduction"],
@@ -332,14 +365,15 @@ def backoff_plan(
         value = entry["val"] = _metric(compressed, val, provider, progress,
                                        f"validate the plan at kappa {kappa:.3g}")
         attempts.update()
-        summary = (f"  kappa {kappa:.3g}: {_reduction_text(plan)}, "
+        summary = (f"  kappa {kappa:.3g}{label}: {_reduction_text(plan)}, "
                    f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
         if mode == "lossless":
             progress.log(f"{summary} (original {reference_val:.4f})")
         elif value >= reference_val:
             progress.log(f"{summary} >= original {reference_val:.4f}: holds")
         else:
-            progress.log(f"{summary} < original {reference_val:.4f}: rejected, trusting the curvature less")
+            progress.log(f"{summary} < original {reference_val:.4f}: rejected"
+                         + ("" if label else ", trusting the curvature less"))
         return value, plan, compressed, report
 
     with progress.task(f"back-off ({mode})", unit="plan") as attempts:
@@ -370,6 +404,8 @@ def backoff_plan(
                         best = result
                 else:
                     lo = mid
+        if mode == "compact" and best is not None and not best[1].options["achieved_reduction"] > 0:
+            best = search_sizes(best)
     if best is None and mode == "lossless":
         raise unreachable
     failing = [] if mode == "lossless" else \

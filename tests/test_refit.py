@@ -201,12 +201,12 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
     assert "refit" not in {e.basis for e in plan.layers}
 
 
-def token_encoder() -> onnx.ModelProto:
+def token_encoder(decay: float = 0.93) -> onnx.ModelProto:
     """Embedding -> MatMul -> Relu -> MatMul -> mean over the attention mask: padding tokens cannot reach the output."""
     rng = np.random.default_rng(0)
     vocab, hidden = 40, 24
-    floats = {"embedding": rng.standard_normal((vocab, hidden)), "w1": _decaying(rng, hidden, hidden),
-              "w2": _decaying(rng, hidden, hidden)}
+    floats = {"embedding": rng.standard_normal((vocab, hidden)), "w1": _decaying(rng, hidden, hidden, decay),
+              "w2": _decaying(rng, hidden, hidden, decay)}
     graph = helper.make_graph(
         [helper.make_node("Gather", ["embedding", "input_ids"], ["tokens"], name="embed"),
          helper.make_node("MatMul", ["tokens", "w1"], ["h1"], name="fc1"),

@@ -81,11 +81,12 @@ def test_torch_graph_matches_onnxruntime(small_cnn):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def _encoder_pairs(pairs: int = 300, hidden: int = 16) -> tuple[onnx.ModelProto, Dataset]:
+def _encoder_pairs(pairs: int = 300, hidden: int = 16, model: onnx.ModelProto | None = None,
+                   seq: int = 5) -> tuple[onnx.ModelProto, Dataset]:
     """A small sentence encoder and pairs scored by its own cosines plus noise (residuals about 0.03)."""
-    model = sentence_encoder_model(hidden=hidden, seq=5)
+    model = model or sentence_encoder_model(hidden=hidden, seq=seq)
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 40, (2 * pairs, 5)).astype(np.int64)
+    ids = rng.integers(0, 40, (2 * pairs, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     emb = TorchGraph(model)({"input_ids": ids, "attention_mask": mask})[0].detach()
     cos = torch.nn.functional.cosine_similarity(emb[:pairs], emb[pairs:], dim=-1).numpy()
@@ -308,3 +309,24 @@ def test_input_statistics_count_real_tokens_only():
     # The joint method reads the mask's name from the dataset.
     joint = joint_analysis(model, data, range_samples=50)
     np.testing.assert_allclose(joint.layers["fc2"].input_moment, sens.layers["fc2"].input_moment, rtol=1e-5)
+
+
+def test_compact_searches_sizes_where_no_component_is_free():
+    """Label-free similarity targets: every drop raises the loss, so tolerance 0 admits none, and
+    compact mode finds its size on validation instead (the largest tried plan that holds)."""
+    from onnxlrf.compress import backoff_plan
+
+    model, data = _encoder_pairs(pairs=400, model=token_encoder(decay=0.8), seq=6)  # two 24x24 layers, vocabulary 40
+    calib, val = data.subset(np.arange(200)), data.subset(np.arange(200, 400))
+    sens = joint_analysis(model, calib, labels="predictions", range_samples=100)
+    reference_val = val.score(TorchGraph(model)(val.inputs)[0].detach().numpy())
+    plan, _, _, backoff = backoff_plan(model, sens, val, "compact", calib=calib, provider="cpu")
+    searched = [e for e in backoff if "target_reduction" in e]
+    assert backoff[0]["achieved_reduction"] == 0 and searched  # nothing free at tolerance 0: sizes searched
+    assert searched[0]["target_reduction"] == 0.01
+    held = [e for e in searched if e["val"] >= reference_val]
+    assert held and any(e["val"] < reference_val for e in searched)
+    (chosen,) = [e for e in backoff if e.get("chosen")]
+    assert chosen["val"] >= reference_val and chosen["achieved_reduction"] > 0
+    assert chosen["achieved_reduction"] >= max(e["achieved_reduction"] for e in held)
+    assert plan.options["achieved_reduction"] == chosen["achieved_reduction"]
