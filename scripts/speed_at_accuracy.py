@@ -10,7 +10,8 @@ original (interleaved, onnxruntime, no thread spinning):
                  fractions of the model's parameters removed
   joint-latency  joint lossless with ``target="latency"`` at each of --latency
                  fractions of the measured latency removed (back-off on the
-                 validation split), ranks multiples of --rank-multiple
+                 validation split, with the refit unless --no-refit), ranks
+                 multiples of --rank-multiple
 
 For every joint model it prints the fastest uniform model whose held-out
 metric is at least the joint model's (the original itself counts as uniform at
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--labels", choices=("labels", "predictions"), default="labels",
                         help="Calibration targets of the joint analysis (see compress --labels).")
     parser.add_argument("--rank-multiple", type=int, default=8)
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="Joint models without the back-off's refit step (onnxlrf before stop 9's rerun).")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -76,7 +79,7 @@ def main() -> int:
         try:
             _, compressed, _, _ = backoff_plan(reference, sensitivity, splits.val, "lossless", target_reduction=target,
                                                provider="cpu", target="latency", rank_multiple=args.rank_multiple,
-                                               cost=cost)
+                                               cost=cost, calib=splits.calib, refit=args.refit)
         except Exception as exc:  # a target out of reach is a result
             rows.append({"method": "joint-latency", "target": target, "error": str(exc)})
             progress.log(f"joint-latency {target:g}: {exc}")
