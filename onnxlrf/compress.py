@@ -532,7 +532,7 @@ def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[
     lossless: the chosen plan refit, if it scores better (a tie keeps the plan: on ResNet-56's
     compact plan a tie on validation lost 0.8 points held-out). compact: first the plans that
     failed and are larger than the chosen one, smallest first, for as long as each holds once
-    refit; then, if none did, the chosen plan refit, if it scores better.
+    refit; then, if none did, the chosen plan refit (unless it factorizes nothing), if it scores better.
     Under a latency target, a refit plan must also be measured faster than the original.
     Each attempt is appended to ``backoff``; the one kept comes back as the last element.
     """
@@ -562,7 +562,7 @@ def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[
         if result is None:
             break
         chosen = result
-    if chosen is None and best is not None:
+    if chosen is None and best is not None and best[1].options["achieved_reduction"] > 0:
         chosen = attempt(best[1], best[0], f"the chosen plan ({_reduction_text(best[1])})", strictly=True)
     return chosen
 

@@ -378,6 +378,13 @@ def _md(text: Any) -> str:
 
 def _backoff_note(attempt: dict) -> str:
     """What became of one back-off attempt, for the report's back-off table."""
+    outcome = _backoff_outcome(attempt)
+    if "target_reduction" in attempt:  # compact mode's size search
+        return f"size search: lossless at {attempt['target_reduction']:.3g}" + (f"; {outcome}" if outcome else "")
+    return outcome
+
+
+def _backoff_outcome(attempt: dict) -> str:
     restored = f"{attempt['restored']} layers restored (worst measured first)" if attempt.get("restored") else \
         "factors refit on the calibration split" if attempt.get("refit") else ""
     if attempt.get("chosen"):
