@@ -311,6 +311,8 @@ def backoff_plan(
             unreachable = exc
             progress.log(f"  kappa {kappa:.3g}{'' if size is None else f', size {size:.3g}'}: no plan ({exc})")
             return None
+        if size is not None:  # planned as lossless at that size, chosen as compact
+            plan = dataclasses.replace(plan, mode=mode, options={**plan.options, "size_search": True})
         kept = tuple((e.node, e.rank, sensitivity.layers[e.node].keep(e.rank, kappa).tobytes())
                      for e in plan.layers if e.decomposition != "dense")
         if kept in verified:

@@ -330,3 +330,4 @@ def test_compact_searches_sizes_where_no_component_is_free():
     assert chosen["val"] >= reference_val and chosen["achieved_reduction"] > 0
     assert chosen["achieved_reduction"] >= max(e["achieved_reduction"] for e in held)
     assert plan.options["achieved_reduction"] == chosen["achieved_reduction"]
+    assert plan.mode == "compact" and plan.options["size_search"]
