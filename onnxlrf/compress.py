@@ -387,7 +387,7 @@ def backoff_plan(
             result = attempt(kappa)
             if result is None:
                 continue
-            if mode == "compact" and result[0] >= reference_val:
+            if mode == "compact" and holds(result):
                 best = result
                 break
             failed_kappa = kappa
@@ -400,7 +400,7 @@ def backoff_plan(
             for _ in range(BACKOFF_BISECTIONS):
                 mid = math.sqrt(lo * hi)
                 result = attempt(mid)
-                if result is not None and result[0] >= reference_val:
+                if holds(result):
                     hi = mid
                     if result[1].options["achieved_reduction"] > best[1].options["achieved_reduction"]:
                         best = result

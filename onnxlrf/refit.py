@@ -149,10 +149,10 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
         graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
         if entry.bias_correction:
             shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
-    originals = [graph_original.feed(feeds) for feeds in _batches(dataset, batch_size)]
-    refits = [graph_refit.feed(feeds) for feeds in _batches(dataset, batch_size)]
-    masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None
-             for feeds in _batches(dataset, batch_size)]
+    batches = list(_batches(dataset, batch_size))
+    originals = [graph_original.feed(feeds) for feeds in batches]
+    refits = [graph_refit.feed(feeds) for feeds in batches]
+    masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
     refit_entries, bases = {}, dict(plan.bases)
     position = 0
     with torch.no_grad():

@@ -55,25 +55,33 @@ def classifier_model(
     return model
 
 
+def masked_mean(values: str, output: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers for ``output`` = the mean of ``values`` [N, S, H] over the tokens ``attention_mask`` marks."""
+    nodes = [
+        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT, name="cast"),
+        helper.make_node("Unsqueeze", ["mask", "last_axis"], ["mask3"], name="unsqueeze"),
+        helper.make_node("Mul", [values, "mask3"], ["masked"], name="mul"),
+        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0, name="sum"),
+        helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0, name="count"),
+        helper.make_node("Div", ["summed", "count"], [output], name="mean"),
+    ]
+    axes = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis")]
+    return nodes, axes
+
+
 def sentence_encoder_model(hidden: int = 8, seq: int | str = "S", seed: int = 0) -> onnx.ModelProto:
     """Embedding lookup -> MatMul [hidden, hidden] -> mean over the attention mask -> sentence_embedding."""
     rng = np.random.default_rng(seed)
+    pooling, axes = masked_mean("projected", "sentence_embedding")
     inits = [
         numpy_helper.from_array(rng.standard_normal((MINILM_VOCAB, hidden)).astype(np.float32), "embedding"),
         numpy_helper.from_array(rng.standard_normal((hidden, hidden)).astype(np.float32), "proj.w"),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
-        numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
-    ]
+    ] + axes
     nodes = [
         helper.make_node("Gather", ["embedding", "input_ids"], ["tokens"], name="embed"),
         helper.make_node("MatMul", ["tokens", "proj.w"], ["projected"], name="proj"),
-        helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT, name="cast"),
-        helper.make_node("Unsqueeze", ["mask", "last_axis"], ["mask3"], name="unsqueeze"),
-        helper.make_node("Mul", ["projected", "mask3"], ["masked"], name="mul"),
-        helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0, name="sum"),
-        helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0, name="count"),
-        helper.make_node("Div", ["summed", "count"], ["sentence_embedding"], name="mean"),
-    ]
+    ] + pooling
     graph = helper.make_graph(
         nodes,
         "sentence_encoder",

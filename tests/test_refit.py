@@ -17,6 +17,7 @@ from onnxlrf.planning import Plan, count_params, plan_uniform
 from onnxlrf.refit import refit_plan
 from onnxlrf.rewrite import apply_plan
 from onnxlrf.validation import make_session
+from test_data import masked_mean
 
 SAMPLES = 512
 
@@ -207,23 +208,17 @@ def token_encoder(decay: float = 0.93) -> onnx.ModelProto:
     vocab, hidden = 40, 24
     floats = {"embedding": rng.standard_normal((vocab, hidden)), "w1": _decaying(rng, hidden, hidden, decay),
               "w2": _decaying(rng, hidden, hidden, decay)}
+    pooling, axes = masked_mean("h2", "y")
     graph = helper.make_graph(
         [helper.make_node("Gather", ["embedding", "input_ids"], ["tokens"], name="embed"),
          helper.make_node("MatMul", ["tokens", "w1"], ["h1"], name="fc1"),
          helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
-         helper.make_node("Cast", ["attention_mask"], ["mask"], to=TensorProto.FLOAT, name="cast"),
-         helper.make_node("Unsqueeze", ["mask", "last_axis"], ["mask3"], name="unsqueeze"),
-         helper.make_node("Mul", ["h2", "mask3"], ["masked"], name="mul"),
-         helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0, name="sum"),
-         helper.make_node("ReduceSum", ["mask3", "seq_axis"], ["count"], keepdims=0, name="count"),
-         helper.make_node("Div", ["summed", "count"], ["y"], name="mean")],
+         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2")] + pooling,
         "encoder",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 6]),
          helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", hidden])],
-        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in floats.items()]
-        + [numpy_helper.from_array(np.array([v], dtype=np.int64), k) for k, v in (("last_axis", -1), ("seq_axis", 1))])
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in floats.items()] + axes)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     return model
