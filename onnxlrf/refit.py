@@ -39,7 +39,7 @@ from .errors import OnnxlrfError
 from .planning import LayerPlan, Plan
 from .progress import ProgressLike, as_progress
 from .sensitivity import DAMPING, layer_input_rows, shift_outputs
-from .torch_graph import TorchGraph, _channels_last
+from .torch_graph import TorchGraph, _channels_last, heap_reuse
 
 __all__ = ["refit_plan"]
 
@@ -105,6 +105,7 @@ def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, ra
     return u @ (u.T @ least_squares)
 
 
+@heap_reuse()
 def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int = 100,
                rows_per_feature: int | None = ROWS_PER_FEATURE, progress: ProgressLike = None) -> tuple[Plan, dict]:
     """``plan`` with each refittable layer's factors refit on ``dataset`` (the calibration split).

