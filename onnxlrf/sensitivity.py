@@ -359,16 +359,16 @@ def analyze(
         gmat = torch.from_numpy(weight_matrices(grad, layer, "channel"))
         moment = entry.a / max(entry.rows, 1)
         mean = entry.input_sum / max(entry.rows, 1)
+        output_factor, input_factor = entry.b / samples, moment
         if bias_correction:
             gmat = gmat - (entry.grad_sum / samples)[:, :, None] * mean[:, None, :]
-            x, s, y = _joint_basis(w, entry.b / samples, moment - mean[:, :, None] * mean[:, None, :])
-        else:
-            x, s, y = _joint_basis(w, entry.b / samples, moment)
+            input_factor = moment - mean[:, :, None] * mean[:, None, :]
+        x, s, y = _joint_basis(w, output_factor, input_factor)
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
             weight_norm=float(np.linalg.norm(weight)), input_moment=moment.numpy(),
-            output_fisher=(entry.b / samples).diagonal(dim1=-2, dim2=-1).numpy(),
+            output_fisher=output_factor.diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
         )
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)

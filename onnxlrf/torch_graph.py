@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import math
 from contextlib import contextmanager
 from typing import Callable, Iterable, Iterator, Sequence
@@ -374,7 +375,9 @@ _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 _heap_reuse_depth = 0
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """The C library, where it has glibc's mallopt and malloc_trim (loaded once)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
