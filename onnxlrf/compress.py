@@ -220,8 +220,13 @@ def joint_analysis(
     range_samples: int = 256,
     micro_batch: int = 50,
     progress: ProgressLike = None,
+    spatial: bool = False,
 ) -> Any:
-    """Sensitivity of every layer on the calibration split, with measured perturbation ranges."""
+    """Sensitivity of every layer on the calibration split, with measured perturbation ranges.
+
+    ``spatial``: k x k convs are analyzed in spatial decomposition too (see
+    :func:`~onnxlrf.sensitivity.analyze`), and their spatial truncations range-checked.
+    """
     from .sensitivity import CURVATURES, LOSSES, analyze, measure_ranges
 
     progress = as_progress(progress)
@@ -245,7 +250,7 @@ def joint_analysis(
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=f"{calib.task}/{labels}", progress=progress,
-                          curvature_fn=CURVATURES.get(calib.task), token_mask=calib.token_mask)
+                          curvature_fn=CURVATURES.get(calib.task), token_mask=calib.token_mask, spatial=spatial)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range],
@@ -314,7 +319,8 @@ def backoff_plan(
             return None
         if size is not None:  # planned as lossless at that size, chosen as compact
             plan = dataclasses.replace(plan, mode=mode, options={**plan.options, "size_search": True})
-        kept = tuple((e.node, e.rank, sensitivity.layers[e.node].keep(e.rank, kappa).tobytes())
+        kept = tuple((e.node, e.decomposition, e.rank,
+                      sensitivity.get(e.node, e.decomposition).keep(e.rank, kappa).tobytes())
                      for e in plan.layers if e.decomposition != "dense")
         if kept in verified:
             same, entry, result = verified[kept]
@@ -659,6 +665,7 @@ def compress_joint(
     cost: Any = None,
     rounds: int = 1,
     refit: bool = True,
+    spatial: bool | None = None,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
@@ -673,6 +680,8 @@ def compress_joint(
     of ``target_reduction``. The returned plan applies to ``reference`` itself.
     ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
     them from its full validation of that split, so the split is evaluated once).
+    ``spatial``: the planner may also choose spatial decomposition for k x k convs
+    (None: for flops and latency targets, where its fewer FLOPs pay; see :func:`joint_analysis`).
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
@@ -683,11 +692,13 @@ def compress_joint(
     progress.log(f"splits (seed {seed}): {len(splits.calib)} calibration, {len(splits.val)} validation, "
                  f"{len(splits.test)} held-out test samples")
     cost = cost_model(reference, target, cost)
+    if spatial is None:
+        spatial = cost.target != "params"
     current, plan, reference_val, backoff, history = reference, None, None, [], []
     for index in range(rounds):
         if rounds > 1:
             progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
-        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress)
+        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress, spatial)
         round_target = None if target_reduction is None else target_reduction * (index + 1) / rounds
         round_plan, _, _, round_backoff = backoff_plan(current, sensitivity, splits.val, mode, round_target,
                                                        tolerance, solver, provider, progress, target,
@@ -760,6 +771,7 @@ def compress(
     rank_multiple: int | None = None,
     rounds: int = 1,
     refit: bool = True,
+    spatial: bool | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
@@ -772,7 +784,7 @@ def compress(
     ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
     ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.latency`).
     ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.latency.default_rank_multiple`).
-    ``rounds``: joint modes, see :func:`compress_joint`.
+    ``rounds``, ``spatial``: joint modes, see :func:`compress_joint`.
     """
     progress = as_progress(progress)
     if mode not in MODES:
@@ -809,7 +821,8 @@ def compress(
         if mode in JOINT_MODES:
             joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
                                    solver, provider=provider, progress=progress, report_test=False, target=target,
-                                   rank_multiple=rank_multiple, cost=cost, rounds=rounds, refit=refit)
+                                   rank_multiple=rank_multiple, cost=cost, rounds=rounds, refit=refit,
+                                   spatial=spatial)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split

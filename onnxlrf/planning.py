@@ -602,36 +602,45 @@ SOLVERS = ("lagrangian", "dp")
 
 @dataclass
 class _Options:
-    """One layer's candidates: cost removed (integer units of the target) and predicted loss change, dense first."""
+    """One layer's candidates: cost removed (integer units of the target) and predicted loss change, dense first.
+
+    ``sources[c]`` is the analysis (one decomposition of the layer) candidate ``c`` truncates; None: dense.
+    """
 
     layer: Layer
     ranks: np.ndarray  # 0 = dense
     removed: np.ndarray
     dloss: np.ndarray
     relative_error: np.ndarray
+    sources: list
 
 
 def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int = 1) -> list[_Options]:
-    """Per analyzed layer: ranks below break-even, multiples of ``rank_multiple``, inside the trusted
-    range and (for flops/latency) cheaper than dense; channel decomposition only (the joint basis is
-    computed for the channel matrices)."""
+    """Per analyzed layer, in each analyzed decomposition: ranks below break-even, multiples of
+    ``rank_multiple``, inside that decomposition's trusted range and (for flops/latency) cheaper than dense."""
     out = []
-    for ls in sens.layers.values():
-        layer = ls.layer
-        predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
-        ranks = [r for r in range(rank_multiple, layer.break_even_rank("channel") + 1, rank_multiple)
-                 if rel[r] <= ls.perturbation_range]
-        if cost is None:
-            saved = [layer.params - layer.factorized_params("channel", r) for r in ranks]
-        else:
-            dense = cost.dense([layer])
-            saved = [_cost_units(cost, dense - cost.factorized([layer], "channel", r)) for r in ranks]
-            ranks = [r for r, units in zip(ranks, saved) if units > 0]
-            saved = [units for units in saved if units > 0]
-        ranks = np.array([0] + ranks, dtype=np.int64)
-        removed = np.array([0] + saved, dtype=np.int64)
-        dloss = np.array([0.0] + [predicted[r] for r in ranks[1:]])
-        out.append(_Options(layer, ranks, removed, dloss, np.array([0.0] + [rel[r] for r in ranks[1:]])))
+    for node in sens.layers:
+        layer = sens.layers[node].layer
+        ranks, removed, dloss, rel_errors, sources = [0], [0], [0.0], [0.0], [None]
+        for ls in sens.candidates(node):
+            decomposition = ls.decomposition
+            predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
+            allowed = [r for r in range(rank_multiple, layer.break_even_rank(decomposition) + 1, rank_multiple)
+                       if rel[r] <= ls.perturbation_range]
+            if cost is None:
+                saved = [layer.params - layer.factorized_params(decomposition, r) for r in allowed]
+            else:
+                dense = cost.dense([layer])
+                saved = [_cost_units(cost, dense - cost.factorized([layer], decomposition, r)) for r in allowed]
+            for r, units in zip(allowed, saved):
+                if units > 0:
+                    ranks.append(r)
+                    removed.append(units)
+                    dloss.append(predicted[r])
+                    rel_errors.append(rel[r])
+                    sources.append(ls)
+        out.append(_Options(layer, np.array(ranks, dtype=np.int64), np.array(removed, dtype=np.int64),
+                            np.array(dloss), np.array(rel_errors), sources))
     return out
 
 
@@ -756,7 +765,8 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
                                      None, layer.max_rank("channel"), None, layer.params, layer.params, notes))
             continue
         o, c = chosen[layer.node]
-        ls = sensitivity.layers[layer.node]
+        ls = o.sources[c]
+        decomposition = ls.decomposition
         rank = int(o.ranks[c])
         priority = ls.drop_order(kappa)[:, ::-1]  # most important first
         x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
@@ -766,13 +776,13 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
                                np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
         if ls.input_mean is not None:
             bases[layer.weight] += (ls.input_mean.astype(np.float32),)
-        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "channel",
-                                 rank, layer.max_rank("channel"), None, layer.params,
-                                 layer.factorized_params("channel", rank),
+        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition,
+                                 rank, layer.max_rank(decomposition), None, layer.params,
+                                 layer.factorized_params(decomposition, rank),
                                  {"predicted_dloss": float(o.dloss[c]), "relative_error": float(o.relative_error[c]),
                                   "perturbation_range": ls.perturbation_range,
                                   "curvature_scale": ls.curvature_scale, "range_checks": _range_checks(ls),
-                                  **cost.notes(layer, "channel", rank)},
+                                  **cost.notes(layer, decomposition, rank)},
                                  basis="joint", bias_correction=ls.input_mean is not None))
     options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
                    "target": cost.target, "rank_multiple": rank_multiple,

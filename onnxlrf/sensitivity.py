@@ -64,6 +64,7 @@ class LayerSensitivity:
     curvature_scale: float = 1.0  # fitted to measured single-layer loss changes (measure_ranges)
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
     range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
+    decomposition: str = "channel"  # which matrices of the weight x, s, y factor (analysis.weight_matrices)
 
     @property
     def quadratic(self) -> np.ndarray:
@@ -138,6 +139,23 @@ class Sensitivity:
     reference_loss: float
     samples: int
     loss: str
+    # The same layers in spatial decomposition (2-D convs with a kernel larger than 1x1, one group).
+    spatial: dict[str, LayerSensitivity] = field(default_factory=dict)
+
+    def get(self, node: str, decomposition: str = "channel") -> LayerSensitivity:
+        """The analysis of ``node`` in ``decomposition``."""
+        found = (self.layers if decomposition == "channel" else self.spatial).get(node)
+        if found is None:
+            raise OnnxlrfError(f"node {node!r} has no joint analysis in {decomposition} decomposition")
+        return found
+
+    def candidates(self, node: str) -> list[LayerSensitivity]:
+        """``node``'s analyses, one per decomposition analyzed (channel first)."""
+        return [ls for ls in (self.layers.get(node), self.spatial.get(node)) if ls is not None]
+
+    def all(self) -> list[LayerSensitivity]:
+        """Every analysis: each layer in each analyzed decomposition."""
+        return list(self.layers.values()) + list(self.spatial.values())
 
 
 def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:
@@ -244,6 +262,28 @@ def _joint_basis(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[tor
     return x, s, y
 
 
+def _spatial_factors(a: torch.Tensor, b: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K-FAC factors of the spatial matrix ``M[(c, i), (o, j)] = W[o, c, i, j]``: rows, columns.
+
+    The channel factors are ``A`` over the patch index ``(c, i, j)`` and ``B`` over ``o``.
+    ``A`` is replaced by its nearest Kronecker product ``A_ci (x) A_j`` (Van Loan and
+    Pitsianis: the top singular pair of ``A`` rearranged as ``(ci, ci') x (j, j')``), so the
+    metric on ``M`` is ``A_ci`` on its rows and ``B (x) A_j`` on its columns. The range
+    checks fit the scale this approximation misses, as they do for K-FAC's.
+    """
+    cout, cin, kh, kw = layer.weight_shape
+    rows = cin * kh
+    blocks = a[0].reshape(rows, kw, rows, kw).permute(0, 2, 1, 3).reshape(rows * rows, kw * kw)
+    vals, vecs = torch.linalg.eigh(blocks.T @ blocks)  # kw^2 x kw^2: the top right singular vector
+    right = vecs[:, -1]
+    left = blocks @ right  # = sigma * u
+    if float(left.reshape(rows, rows).diagonal().sum()) < 0:  # both factors of a PSD A can be taken PSD
+        left, right = -left, -right
+    a_rows = left.reshape(rows, rows)
+    a_shift = right.reshape(kw, kw)
+    return a_rows[None], torch.kron(b[0], a_shift)[None]
+
+
 def classification_loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy of the first output against class labels."""
     return F.cross_entropy(outputs[0], targets.long(), reduction="none")
@@ -286,8 +326,12 @@ def analyze(
     bias_correction: bool = False,
     curvature_fn: LossFn | None = None,
     token_mask: str | None = None,
+    spatial: bool = False,
 ) -> Sensitivity:
     """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
+
+    ``spatial``: 2-D convs with a kernel larger than 1x1 (one group) are also analyzed in
+    spatial decomposition (:func:`_spatial_factors`), so the planners can choose per layer.
 
     ``curvature_fn``: per-sample outputs whose gradients at each layer's output make up
     ``B`` (a Gauss-Newton factor, see :data:`CURVATURES`); None: the per-sample loss
@@ -351,6 +395,7 @@ def analyze(
         samples += int(losses.numel())
 
     result: dict[str, LayerSensitivity] = {}
+    spatial_result: dict[str, LayerSensitivity] = {}
     for layer in progress.track(layers, "analysis: joint bases (Cholesky, SVD)", unit="layer"):
         entry = stats[layer.node]
         weight = weight_array(model, layer).astype(np.float64)
@@ -371,7 +416,17 @@ def analyze(
             output_fisher=output_factor.diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
         )
-    return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name)
+        # Bias correction pairs each truncation with a channel-space mean shift: channel only.
+        if spatial and not bias_correction and "spatial" in layer.decompositions:
+            w = torch.from_numpy(weight_matrices(weight, layer, "spatial"))
+            gmat = torch.from_numpy(weight_matrices(grad, layer, "spatial"))
+            x, s, y = _joint_basis(w, *_spatial_factors(input_factor, output_factor, layer))
+            first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
+            spatial_result[layer.node] = LayerSensitivity(
+                layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
+                weight_norm=float(np.linalg.norm(weight)), decomposition="spatial")
+    return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name,
+                       spatial=spatial_result)
 
 
 @contextmanager
@@ -441,7 +496,7 @@ class TruncationProbe:
         self.model, self.sensitivity, self.batches, self.loss_fn = model, sensitivity, batches, loss_fn
         self.graph = TorchGraph(model)
         weights = {**self.graph.constants, **self.graph.parameters}
-        starts = {self.graph.first_reader(ls.layer.weight) for ls in sensitivity.layers.values()}
+        starts = {self.graph.first_reader(ls.layer.weight) for ls in sensitivity.all()}
         self.traces: list | None = []  # (values, targets) per batch; None when they would not fit
         total, count, size = 0.0, 0, 0
         with torch.no_grad():
@@ -456,11 +511,13 @@ class TruncationProbe:
                     self.traces = self.traces + [(values, targets)] if size <= cache_bytes else None
         self.base = total / count
 
-    def __call__(self, node: str, rank: int, kappa: float = 1.0) -> float:
-        """Loss change with only ``node`` truncated to ``rank`` components, dropped in joint order at ``kappa``."""
-        ls = self.sensitivity.layers[node]
+    def __call__(self, node: str, rank: int, kappa: float = 1.0, decomposition: str = "channel") -> float:
+        """Loss change with only ``node`` truncated to ``rank`` components of ``decomposition``, dropped in
+        joint order at ``kappa``."""
+        ls = self.sensitivity.get(node, decomposition)
         keep = ls.keep(rank, kappa)
-        replacement = {ls.layer.weight: matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)}
+        replacement = {ls.layer.weight: matrices_to_weight(ls.reconstruct(keep), ls.layer,
+                                                           decomposition).astype(np.float32)}
         shift = ls.output_shift(keep)
         if shift is not None or self.traces is None:
             return measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
@@ -495,16 +552,16 @@ def measure_ranges(
     """
     progress = as_progress(progress)
     probe = TruncationProbe(model, sensitivity, batches, loss_fn)
-    for ls in progress.track(list(sensitivity.layers.values()), "perturbation ranges", unit="layer"):
+    for ls in progress.track(sensitivity.all(), "perturbation ranges", unit="layer"):
         layer = ls.layer
         ls.curvature_scale = 1.0
         rel = ls.relative_error()
-        top = layer.break_even_rank("channel")
+        top = layer.break_even_rank(ls.decomposition)
         ranks = sorted({max(1, int(round(top * f))) for f in levels}, reverse=True)
         checks = []
         for rank in ranks:
             keep = ls.keep(rank)
-            measured = probe(layer.node, rank)
+            measured = probe(layer.node, rank, decomposition=ls.decomposition)
             dropped = np.ones_like(ls.s, dtype=bool)
             np.put_along_axis(dropped, keep, False, axis=1)
             checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
@@ -530,13 +587,16 @@ def measure_ranges(
 
 def _log_ranges(sensitivity: Sensitivity, progress: Progress) -> None:
     """Say which layers the planners may truncate, and why the others stay dense."""
-    layers = list(sensitivity.layers.values())
+    layers = sensitivity.all()
     untrusted = [ls for ls in layers if ls.perturbation_range == 0.0]
     scales = [ls.curvature_scale for ls in layers]
-    progress.log(f"perturbation ranges: {len(layers) - len(untrusted)}/{len(layers)} layers can be truncated; "
+    spatial = sum(ls.decomposition == "spatial" for ls in layers)
+    progress.log(f"perturbation ranges: {len(layers) - len(untrusted)}/{len(layers)} layer decompositions"
+                 f"{f' ({spatial} spatial)' if spatial else ''} can be truncated; "
                  f"fitted curvature scale {min(scales):.3g} to {max(scales):.3g}")
     for ls in untrusted:
         check = ls.range_checks[0]
-        progress.log(f"  {ls.layer.node} stays dense: at its mildest tested truncation (rank {check['rank']}) "
+        verdict = "stays dense" if ls.decomposition == "channel" else f"gets no {ls.decomposition} candidates"
+        progress.log(f"  {ls.layer.node} {verdict}: at its mildest tested truncation (rank {check['rank']}) "
                      f"the measured loss change {check['measured']:+.4f} disagrees with the predicted "
                      f"{check['predicted']:+.4f}")

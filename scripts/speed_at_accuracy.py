@@ -6,14 +6,19 @@ One joint analysis on the calibration split, then two families of compressed
 models, each evaluated on the held-out test split and timed against the
 original (interleaved, onnxruntime, no thread spinning):
 
-  uniform        truncated SVD at a uniform rank fraction, at each of --uniform
-                 fractions of the model's parameters removed
-  joint-latency  joint lossless with ``target="latency"`` at each of --latency
-                 fractions of the measured latency removed (back-off on the
-                 validation split, with the refit unless --no-refit), ranks
-                 multiples of --rank-multiple
+  uniform          truncated SVD at a uniform rank fraction, at each of --uniform
+                   fractions of the model's parameters removed
+  uniform-latency  the same at each of --uniform-latency fractions of the measured
+                   latency removed: ranks multiples of --rank-multiple, channel or
+                   spatial decomposition per layer by measured latency, layers whose
+                   pair is not faster kept dense
+  joint-latency    joint lossless with ``target="latency"`` at each of --latency
+                   fractions of the measured latency removed (back-off on the
+                   validation split, with the refit unless --no-refit), ranks
+                   multiples of --rank-multiple, channel or spatial decomposition
+                   per layer (--no-spatial: channel only, onnxlrf before stop 11)
 
-For every joint model it prints the fastest uniform model whose held-out
+For every joint model it prints the fastest uniform model (either kind) whose held-out
 metric is at least the joint model's (the original itself counts as uniform at
 speedup 1.0), and the ratio of their speedups: the issue's goal is 1.5.
 """
@@ -41,7 +46,10 @@ def main() -> int:
     parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet56")
     parser.add_argument("--batch", type=int, default=32, help="Batch the latency is measured and planned at.")
     parser.add_argument("--uniform", default="0.02,0.05,0.1,0.2,0.3")
+    parser.add_argument("--uniform-latency", default="0.1,0.2,0.3,0.4")
     parser.add_argument("--latency", default="0.1,0.2,0.3,0.4")
+    parser.add_argument("--spatial", action=argparse.BooleanOptionalAction, default=True,
+                        help="Joint analysis in spatial decomposition too, for k x k convs (compress --spatial).")
     parser.add_argument("--labels", choices=("labels", "predictions"), default="labels",
                         help="Calibration targets of the joint analysis (see compress --labels).")
     parser.add_argument("--rank-multiple", type=int, default=8)
@@ -58,7 +66,8 @@ def main() -> int:
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = _metric(reference, splits.test, "cpu")
-    sensitivity = joint_analysis(reference, splits.calib, labels=args.labels, progress=progress)
+    sensitivity = joint_analysis(reference, splits.calib, labels=args.labels, progress=progress,
+                                 spatial=args.spatial)
     cost = make_cost(reference, "latency", batch=args.batch, provider="cpu", rank_multiple=args.rank_multiple,
                      threads=args.threads, progress=progress)
     rows = [{"method": "original", "target": 0.0, "reduction": 0.0, "test": reference_test, "speedup": 1.0}]
@@ -75,6 +84,15 @@ def main() -> int:
 
     for target in [float(t) for t in args.uniform.split(",")]:
         measure("uniform", target, apply_plan(reference, plan_uniform(reference, target_reduction=target))[0])
+    for target in [float(t) for t in args.uniform_latency.split(",") if t]:
+        try:
+            plan = plan_uniform(reference, target_reduction=target, target="latency",
+                                rank_multiple=args.rank_multiple, cost=cost)
+        except Exception as exc:  # a target out of reach is a result
+            rows.append({"method": "uniform-latency", "target": target, "error": str(exc)})
+            progress.log(f"uniform-latency {target:g}: {exc}")
+            continue
+        measure("uniform-latency", target, apply_plan(reference, plan)[0])
     for target in [float(t) for t in args.latency.split(",")]:
         try:
             _, compressed, _, _ = backoff_plan(reference, sensitivity, splits.val, "lossless", target_reduction=target,
@@ -86,7 +104,7 @@ def main() -> int:
             continue
         measure("joint-latency", target, compressed)
 
-    uniform = [row for row in rows if row["method"] in ("original", "uniform")]
+    uniform = [row for row in rows if row["method"] in ("original", "uniform", "uniform-latency") and "error" not in row]
     print(f"\n{args.model}, batch {args.batch}, CPU EP, {args.threads} threads, joint targets: {args.labels}; "
           f"original held-out {reference_test:.4f} on {len(splits.test)} samples\n")
     print("| method | target | params -% | held-out | speedup | fastest uniform at >= this held-out | ratio |")
@@ -105,7 +123,8 @@ def main() -> int:
             line += " | |"
         print(line)
     if args.out:
-        write_results(args.out, f"speed_{args.model}{label_suffix(args.labels)}.json", rows)
+        suffix = label_suffix(args.labels) + ("" if args.spatial else "-channel-only")
+        write_results(args.out, f"speed_{args.model}{suffix}.json", rows)
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from onnxlrf.analysis import matrices_to_weight
+from onnxlrf.analysis import Layer, matrices_to_weight, weight_matrices
 from onnxlrf.compress import calibration_batches, compress_joint, joint_analysis, split_dataset
 from onnxlrf.data import Dataset
 from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
@@ -19,6 +19,7 @@ from onnxlrf.rewrite import apply_plan
 from onnxlrf.sensitivity import (
     TruncationProbe,
     _joint_basis,
+    _spatial_factors,
     _sqrt_and_inverse,
     _unfold_inputs,
     analyze,
@@ -135,17 +136,19 @@ def test_label_free_similarity_targets_are_the_originals_cosines():
 def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, bias_correction):
     model, data = small_cnn
     calib = data.subset(np.arange(500))
-    sens = analyze(model, _batches(calib), classification_loss, bias_correction=bias_correction)
+    sens = analyze(model, _batches(calib), classification_loss, bias_correction=bias_correction, spatial=True)
     assert len(sens.layers) == 5  # three convs, two Linear layers
+    # The three 3x3 convs in spatial decomposition too; bias correction is channel-only.
+    assert len(sens.spatial) == (0 if bias_correction else 3)
     base = measure_loss(model, _batches(calib), classification_loss)
     assert sens.reference_loss == pytest.approx(base, rel=1e-4)
     checked = 0
-    for ls in sens.layers.values():
+    for ls in sens.all():
         k = ls.s.shape[1]
         if ls.layer.groups != 1:
             continue
         full = ls.reconstruct(ls.keep(k))
-        weight = matrices_to_weight(full, ls.layer, "channel")
+        weight = matrices_to_weight(full, ls.layer, ls.decomposition)
         original = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == ls.layer.weight))
         np.testing.assert_allclose(weight, original, rtol=1e-6, atol=1e-6)
         # Near W the Taylor model must hold: drop the two components whose own weight change
@@ -157,15 +160,78 @@ def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, 
         if np.linalg.norm(ls.reconstruct(dropped[None])) > 0.1 * ls.weight_norm:
             dropped = order[:1]
         keep = np.setdiff1d(np.arange(k), dropped)[None]
-        weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)
+        weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, ls.decomposition).astype(np.float32)
         shift = ls.output_shift(keep)
         assert (shift is not None) == bias_correction
         measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight},
                                 output_shifts={ls.layer.node: shift} if bias_correction else None) - base
         predicted = float(ls.scores()[0, dropped].sum())
-        assert abs(measured - predicted) <= 0.005 + 0.5 * abs(measured), ls.layer.node
+        assert abs(measured - predicted) <= 0.005 + 0.5 * abs(measured), (ls.layer.node, ls.decomposition)
         checked += 1
-    assert checked >= 2
+    assert checked >= (2 if bias_correction else 5)
+
+
+def test_spatial_metric_equals_the_channel_metric_for_separable_input_statistics():
+    """Where the patch moment A is a Kronecker product over (channel, row) and column, the spatial
+    factors measure every weight change exactly as the channel K-FAC metric tr(dW^T B dW A) does."""
+    rng = np.random.default_rng(0)
+    cout, cin, kh, kw = 5, 3, 3, 3
+    layer = Layer("conv", "Conv", "w", (cout, cin, kh, kw), 1, cout, cin * kh * kw, (kh, kw),
+                  ("channel", "spatial"), cout * cin * kh * kw)
+
+    def psd(size: int) -> np.ndarray:
+        f = rng.standard_normal((size, size))
+        return f @ f.T + 0.1 * np.eye(size)
+
+    a = torch.from_numpy(np.kron(psd(cin * kh), psd(kw)))[None]  # patch index (c, i, j), j fastest
+    b = torch.from_numpy(psd(cout))[None]
+    rows, cols = _spatial_factors(a, b, layer)
+    for _ in range(3):
+        dw = rng.standard_normal((cout, cin, kh, kw))
+        dc = torch.from_numpy(weight_matrices(dw, layer, "channel"))
+        dm = torch.from_numpy(weight_matrices(dw, layer, "spatial"))
+        channel = torch.einsum("gmn,gmp,gpq,gnq->", dc, b, dc, a)
+        spatial = torch.einsum("gmn,gmp,gpq,gnq->", dm, rows, dm, cols)
+        assert float(spatial) == pytest.approx(float(channel), rel=1e-9)
+
+
+def test_joint_planner_chooses_spatial_candidates_and_the_rewrite_keeps_them(small_cnn):
+    """With only spatial candidates trusted for the convs, the plan factorizes them spatially in the
+    joint basis, and the rewritten model computes the plan's truncated weights."""
+    model, data = small_cnn
+    calib = data.subset(np.arange(400))
+    sens = analyze(model, _batches(calib), classification_loss, spatial=True)
+    assert not analyze(model, _batches(calib), classification_loss).spatial  # opt-in
+    measure_ranges(model, sens, _batches(calib.subset(np.arange(200))), classification_loss)
+    for node in sens.spatial:
+        sens.layers[node].perturbation_range = 0.0  # channel truncations of the convs untrusted
+        sens.spatial[node].perturbation_range = np.inf
+    plan = plan_joint(model, sens, "lossless", target_reduction=0.1, kappa=4.0)
+    factorized = {e.node: e for e in plan.layers if e.decomposition != "dense"}
+    spatial = [e for e in factorized.values() if e.decomposition == "spatial"]
+    assert spatial and all(e.node in sens.spatial for e in spatial)
+    assert all(e.decomposition == "spatial" for e in factorized.values() if e.node in sens.spatial)
+    compressed, report = apply_plan(model, plan)
+    assert report.params_before - report.params_after >= 0.1 * count_params(model)
+    truncated = {}
+    for entry in factorized.values():
+        ls = sens.get(entry.node, entry.decomposition)
+        truncated[ls.layer.weight] = matrices_to_weight(ls.reconstruct(ls.keep(entry.rank, 4.0)), ls.layer,
+                                                        entry.decomposition).astype(np.float32)
+    feeds = {"input": data.inputs["input"][:32]}
+    expected = measure_outputs(model, feeds, truncated)
+    got = ort.InferenceSession(compressed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
+
+
+def measure_outputs(model: onnx.ModelProto, feeds: dict, weights: dict) -> np.ndarray:
+    """The model's first output with some weights replaced, run in onnxruntime."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    for init in changed.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(onnx.numpy_helper.from_array(weights[init.name], init.name))
+    return ort.InferenceSession(changed.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
 def test_cholesky_basis_equals_the_symmetric_square_root_basis():
