@@ -728,6 +728,8 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     in joint-score order. ``kappa`` multiplies the curvature term (back-off).
     ``target``: what ``target_reduction`` and "removed" are counted in (params, flops or
     measured latency; ``cost`` a prepared cost model); ranks are multiples of ``rank_multiple``.
+    A layer analyzed in spatial decomposition too (``sensitivity.spatial``) has the candidates
+    of both, and gets the one the knapsack prefers.
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
@@ -786,6 +788,7 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
                                  basis="joint", bias_correction=ls.input_mean is not None))
     options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
                    "target": cost.target, "rank_multiple": rank_multiple,
+                   "decompositions": ["channel"] + (["spatial"] if sensitivity.spatial else []),
                    "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
     plan = Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)
     plan.options["params_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)

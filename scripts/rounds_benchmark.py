@@ -32,6 +32,8 @@ def main() -> int:
     parser.add_argument("--mode", choices=["lossless", "compact"], default="lossless")
     parser.add_argument("--targets", default="0.2,0.3", help="lossless: fractions of the parameters to remove.")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--spatial", action="store_true",
+                        help="Joint analysis in spatial decomposition too, for k x k convs (compress --spatial).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
@@ -43,15 +45,16 @@ def main() -> int:
     for target in targets:
         start = time.perf_counter()
         result = compress_joint(reference, data, args.mode, target_reduction=target, calib=n_calib, val=n_val,
-                                seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False))
-        rows.append({"mode": args.mode, "target": target, "rounds": args.rounds,
+                                seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False),
+                                spatial=args.spatial)
+        rows.append({"mode": args.mode, "target": target, "rounds": args.rounds, "spatial": args.spatial,
                      "reduction": 1 - count_params(result.compressed) / count_params(reference),
                      "val": result.splits["val"]["value"], "test": result.splits["test"]["value"],
                      "reference_test": result.splits["test"]["reference_value"],
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        write_results(args.out, f"rounds_{args.model}_{args.mode}.json", rows)
+        write_results(args.out, f"rounds_{args.model}_{args.mode}{'-spatial' if args.spatial else ''}.json", rows)
     return 0
 
 

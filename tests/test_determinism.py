@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +72,8 @@ def compress_into(directory: Path, inputs: dict[str, Path], *options: str) -> di
     ("--mode", "uniform", "--target-reduction", "0.3"),
     ("--mode", "energy", "--energy", "0.9"),
     ("--mode", "lossless", "--target-reduction", "0.15", "--calib", "40", "--val", "40", "--seed", "5"),
-], ids=["uniform", "energy", "lossless"])
+    ("--mode", "lossless", "--target-reduction", "0.15", "--calib", "40", "--val", "40", "--seed", "5", "--spatial"),
+], ids=["uniform", "energy", "lossless", "lossless-spatial"])
 def test_same_inputs_same_bytes(tmp_path: Path, inputs: dict[str, Path], options: tuple[str, ...]) -> None:
     first = compress_into(tmp_path / "first", inputs, *options)
     again = compress_into(tmp_path / "again", inputs, *options)
@@ -80,3 +83,6 @@ def test_same_inputs_same_bytes(tmp_path: Path, inputs: dict[str, Path], options
         assert first[name] == again[name], name
     # Not vacuous: some layer was factorized.
     assert b'"decomposition": "channel"' in first["plan.json"] or b'"decomposition": "spatial"' in first["plan.json"]
+    if "lossless" in options:  # --spatial reaches the analysis (default for a params target: channel only)
+        decompositions = json.loads(first["plan.json"])["options"]["decompositions"]
+        assert decompositions == (["channel", "spatial"] if "--spatial" in options else ["channel"])
