@@ -548,7 +548,10 @@ def _refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[
     from .refit import refit_plan
 
     def attempt(plan: Plan, bar: float, description: str, strictly: bool = False) -> tuple | None:
-        refit, _ = refit_plan(reference, plan, calib, progress=progress)
+        refit, summary = refit_plan(reference, plan, calib, progress=progress)
+        if not summary["refit"]:  # the same plan: already judged
+            progress.log(f"  {description}: nothing to refit (its factorized layers are spatial or share weights)")
+            return None
         compressed, report = apply_plan(reference, refit, progress=progress)
         value = _metric(compressed, val, provider, progress, f"validate {description} refit")
         entry = {"kappa": plan.options["kappa"], "refit": True, "achieved_reduction": plan.options["achieved_reduction"],

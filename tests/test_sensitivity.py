@@ -224,6 +224,28 @@ def test_joint_planner_chooses_spatial_candidates_and_the_rewrite_keeps_them(sma
     np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-4)
 
 
+def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypatch):
+    """The refit keeps spatial layers as planned: a plan with nothing else has nothing to refit,
+    and the back-off does not evaluate the same model a second time."""
+    from onnxlrf import compress as compress_module
+    from onnxlrf.planning import ParamsCost
+    from onnxlrf.progress import Progress
+
+    model, data = small_cnn
+    calib = data.subset(np.arange(200))
+    sens = analyze(model, _batches(calib), classification_loss, spatial=True)
+    measure_ranges(model, sens, _batches(calib), classification_loss)
+    for ls in sens.layers.values():
+        ls.perturbation_range = 0.0  # only spatial truncations trusted
+    plan = plan_joint(model, sens, "lossless", target_reduction=0.05, kappa=4.0)
+    assert {e.decomposition for e in plan.layers} == {"spatial", "dense"}
+    monkeypatch.setattr(compress_module, "_metric", lambda *args, **kwargs: pytest.fail("evaluated again"))
+    backoff: list = []
+    assert compress_module._refit_chosen(model, (0.5, plan, None, None), [plan], calib, calib, 0.5, False,
+                                         ParamsCost(model), "cpu", Progress(bars=False), backoff) is None
+    assert backoff == []
+
+
 def measure_outputs(model: onnx.ModelProto, feeds: dict, weights: dict) -> np.ndarray:
     """The model's first output with some weights replaced, run in onnxruntime."""
     changed = onnx.ModelProto()
