@@ -274,7 +274,7 @@ def _spatial_factors(a: torch.Tensor, b: torch.Tensor, layer: Layer) -> tuple[to
     cout, cin, kh, kw = layer.weight_shape
     rows = cin * kh
     blocks = a[0].reshape(rows, kw, rows, kw).permute(0, 2, 1, 3).reshape(rows * rows, kw * kw)
-    vals, vecs = torch.linalg.eigh(blocks.T @ blocks)  # kw^2 x kw^2: the top right singular vector
+    _, vecs = torch.linalg.eigh(blocks.T @ blocks)  # kw^2 x kw^2: the top right singular vector
     right = vecs[:, -1]
     left = blocks @ right  # = sigma * u
     if float(left.reshape(rows, rows).diagonal().sum()) < 0:  # both factors of a PSD A can be taken PSD
@@ -417,7 +417,8 @@ def analyze(
             input_mean=mean.numpy() if bias_correction else None,
         )
         # Bias correction pairs each truncation with a channel-space mean shift: channel only.
-        if spatial and not bias_correction and "spatial" in layer.decompositions:
+        if (spatial and not bias_correction and "spatial" in layer.decompositions
+                and layer.break_even_rank("spatial") >= 1):
             w = torch.from_numpy(weight_matrices(weight, layer, "spatial"))
             gmat = torch.from_numpy(weight_matrices(grad, layer, "spatial"))
             x, s, y = _joint_basis(w, *_spatial_factors(input_factor, output_factor, layer))
