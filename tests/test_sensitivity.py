@@ -462,3 +462,12 @@ def test_compact_searches_sizes_where_no_component_is_free():
     assert chosen["achieved_reduction"] >= max(e["achieved_reduction"] for e in held)
     assert plan.options["achieved_reduction"] == chosen["achieved_reduction"]
     assert plan.mode == "compact" and plan.options["size_search"]
+
+
+def test_spatial_candidates_default_on_for_flops_targets_only(small_cnn):
+    model, data = small_cnn
+    kwargs = dict(calib=200, val=200, seed=1, provider="cpu", refit=False)
+    flops = compress_joint(model, data, "lossless", target_reduction=0.1, target="flops", **kwargs)
+    assert flops.plan.options["decompositions"] == ["channel", "spatial"] and flops.sensitivity.spatial
+    params = compress_joint(model, data, "lossless", target_reduction=0.1, **kwargs)
+    assert params.plan.options["decompositions"] == ["channel"] and not params.sensitivity.spatial
