@@ -621,6 +621,7 @@ def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int
     out = []
     for node in sens.layers:
         layer = sens.layers[node].layer
+        dense = None if cost is None else cost.dense([layer])
         ranks, removed, dloss, rel_errors, sources = [0], [0], [0.0], [0.0], [None]
         for ls in sens.candidates(node):
             decomposition = ls.decomposition
@@ -630,7 +631,6 @@ def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int
             if cost is None:
                 saved = [layer.params - layer.factorized_params(decomposition, r) for r in allowed]
             else:
-                dense = cost.dense([layer])
                 saved = [_cost_units(cost, dense - cost.factorized([layer], decomposition, r)) for r in allowed]
             for r, units in zip(allowed, saved):
                 if units > 0:

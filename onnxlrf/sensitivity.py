@@ -271,7 +271,7 @@ def _spatial_factors(a: torch.Tensor, b: torch.Tensor, layer: Layer) -> tuple[to
     metric on ``M`` is ``A_ci`` on its rows and ``B (x) A_j`` on its columns. The range
     checks fit the scale this approximation misses, as they do for K-FAC's.
     """
-    cout, cin, kh, kw = layer.weight_shape
+    _, cin, kh, kw = layer.weight_shape
     rows = cin * kh
     blocks = a[0].reshape(rows, kw, rows, kw).permute(0, 2, 1, 3).reshape(rows * rows, kw * kw)
     _, vecs = torch.linalg.eigh(blocks.T @ blocks)  # kw^2 x kw^2: the top right singular vector
@@ -399,6 +399,7 @@ def analyze(
     for layer in progress.track(layers, "analysis: joint bases (Cholesky, SVD)", unit="layer"):
         entry = stats[layer.node]
         weight = weight_array(model, layer).astype(np.float64)
+        weight_norm = float(np.linalg.norm(weight))
         w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
         grad = graph.parameters[layer.weight].grad.detach().numpy().astype(np.float64) / samples
         gmat = torch.from_numpy(weight_matrices(grad, layer, "channel"))
@@ -412,7 +413,7 @@ def analyze(
         first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-            weight_norm=float(np.linalg.norm(weight)), input_moment=moment.numpy(),
+            weight_norm=weight_norm, input_moment=moment.numpy(),
             output_fisher=output_factor.diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
         )
@@ -425,7 +426,7 @@ def analyze(
             first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
             spatial_result[layer.node] = LayerSensitivity(
                 layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
-                weight_norm=float(np.linalg.norm(weight)), decomposition="spatial")
+                weight_norm=weight_norm, decomposition="spatial")
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name,
                        spatial=spatial_result)
 

@@ -29,7 +29,9 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
+from typing import Callable
 
+import onnx
 import torch
 
 from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
@@ -74,7 +76,14 @@ def main() -> int:
                      threads=args.threads, progress=progress)
     rows = [{"method": "original", "target": 0.0, "reduction": 0.0, "test": reference_test, "speedup": 1.0}]
 
-    def measure(method: str, target: float, compressed) -> None:
+    def measure(method: str, target: float, make: Callable[[], onnx.ModelProto]) -> None:
+        """Evaluate and time the model ``make()`` builds; a target out of reach is a result too."""
+        try:
+            compressed = make()
+        except Exception as exc:
+            rows.append({"method": method, "target": target, "error": str(exc)})
+            progress.log(f"{method} {target:g}: {exc}")
+            return
         # Single timings on this shared machine are occasionally off by a third (the same model
         # measured 1.54x and 2.21x in two runs): the median of --repeats interleaved timings.
         speeds = [benchmark(compressed, reference, batch=args.batch, runs=args.runs, provider="cpu",
@@ -88,26 +97,15 @@ def main() -> int:
                      f"(original {reference_test:.4f}), speedup {row['speedup']:.2f}x")
 
     for target in [float(t) for t in args.uniform.split(",") if t]:
-        measure("uniform", target, apply_plan(reference, plan_uniform(reference, target_reduction=target))[0])
+        measure("uniform", target,
+                lambda: apply_plan(reference, plan_uniform(reference, target_reduction=target))[0])
     for target in [float(t) for t in args.uniform_latency.split(",") if t]:
-        try:
-            plan = plan_uniform(reference, target_reduction=target, target="latency",
-                                rank_multiple=args.rank_multiple, cost=cost)
-        except Exception as exc:  # a target out of reach is a result
-            rows.append({"method": "uniform-latency", "target": target, "error": str(exc)})
-            progress.log(f"uniform-latency {target:g}: {exc}")
-            continue
-        measure("uniform-latency", target, apply_plan(reference, plan)[0])
+        measure("uniform-latency", target, lambda: apply_plan(reference, plan_uniform(
+            reference, target_reduction=target, target="latency", rank_multiple=args.rank_multiple, cost=cost))[0])
     for target in [float(t) for t in args.latency.split(",") if t]:
-        try:
-            _, compressed, _, _ = backoff_plan(reference, sensitivity, splits.val, "lossless", target_reduction=target,
-                                               provider="cpu", target="latency", rank_multiple=args.rank_multiple,
-                                               cost=cost, calib=splits.calib, refit=args.refit)
-        except Exception as exc:  # a target out of reach is a result
-            rows.append({"method": "joint-latency", "target": target, "error": str(exc)})
-            progress.log(f"joint-latency {target:g}: {exc}")
-            continue
-        measure("joint-latency", target, compressed)
+        measure("joint-latency", target, lambda: backoff_plan(
+            reference, sensitivity, splits.val, "lossless", target_reduction=target, provider="cpu", target="latency",
+            rank_multiple=args.rank_multiple, cost=cost, calib=splits.calib, refit=args.refit)[1])
 
     uniform = [row for row in rows
                if row["method"] in ("original", "uniform", "uniform-latency") and "error" not in row]
