@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from .errors import OnnxlrfError
 from .analysis import check_finite_weights, find_layers
@@ -471,27 +472,29 @@ def restore_layers(
 
     A layer's measured contribution is how much the loss on ``calib`` (the task's loss on its
     gold labels) falls when that layer alone is set back: measured on data the check below does
-    not see, so the validation split only verifies. Layers whose setting back lowers that loss
-    are set back in that order, the validation metric re-checked after each, until it is at
-    least ``reference_val``. Returns (metric, plan, model, report), or None if it never is.
+    not see, so the validation split only verifies. It is measured in torch on the plans' dense
+    truncated weights (:func:`~onnxlrf.sensitivity.replacement_gains`: each set-back run starts
+    at its layer); a weight shared by several layers is set back for all of them. Layers whose
+    setting back lowers that loss are set back in that order, the validation metric re-checked
+    after each, until it is at least ``reference_val``. Returns (metric, plan, model, report),
+    or None if it never is.
     """
+    from .sensitivity import LOSSES, replacement_gains
+
     progress = as_progress(progress)
     before = {entry.node: entry for entry in holding.layers}
     differing = [e.node for e in failing.layers
                  if (e.decomposition, e.rank) != (before[e.node].decomposition, before[e.node].rank)]
     if len(differing) < 2:
         return None
-
-    def calib_loss(nodes: set[str], description: str) -> float:
-        compressed, _ = apply_plan(reference, _set_back(reference, failing, holding, frozenset(nodes), cost))
-        return _loss(compressed, calib, provider, progress, description)
-
-    with progress.task("back-off: measure each layer's contribution", total=len(differing), unit="layer") as task:
-        base_loss = calib_loss(set(), "calibration loss of the failing plan")
-        gains = {}
-        for node in differing:
-            gains[node] = base_loss - calib_loss({node}, f"calibration loss with {node} set back")
-            task.update()
+    weights = {layer.node: layer.weight for layer in find_layers(reference)[0]}
+    set_back = {init.name: init for init in truncate_weights(reference, holding)[0].graph.initializer
+                if init.name in {weights[node] for node in differing}}
+    gains = replacement_gains(
+        truncate_weights(reference, failing)[0],
+        {node: {weights[node]: numpy_helper.to_array(set_back[weights[node]])} for node in differing},
+        calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), LOSSES[calib.task],
+        progress, f"back-off: measure each layer's contribution ({len(differing)} layers)")
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
     progress.log(f"back-off: restoring the layers of the smallest failing plan ({len(differing)} differ from "
                  f"the plan that holds), worst measured first: "
@@ -594,17 +597,6 @@ def _set_back(reference: onnx.ModelProto, failing: Plan, holding: Plan, nodes: f
                                "layers": [e.node for e in failing.layers if e.node in nodes]}
     plan = dataclasses.replace(failing, layers=layers, bases=bases, options=options)
     return _with_sizes(reference, plan, cost)
-
-
-def _loss(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike, description: str) -> float:
-    """Mean task loss of ``model`` on ``dataset``'s gold labels (:data:`sensitivity.LOSSES`), in onnxruntime."""
-    import torch
-
-    from .sensitivity import LOSSES
-
-    outputs = _outputs(model, dataset, provider, progress, description)
-    loss = LOSSES[dataset.task]([torch.as_tensor(outputs)], torch.as_tensor(dataset.labels))
-    return float(loss.double().mean())
 
 
 def _merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan, cost: Any) -> Plan:

@@ -26,6 +26,7 @@ from onnxlrf.sensitivity import (
     classification_loss,
     measure_loss,
     measure_ranges,
+    replacement_gains,
     similarity_curvature,
     similarity_loss,
 )
@@ -368,6 +369,25 @@ def test_truncation_probe_with_cached_activations_equals_a_full_run(small_cnn):
         full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - cached.base
         assert cached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
         assert uncached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
+
+
+def test_replacement_gains_equal_full_runs_with_each_weight_replaced(small_cnn):
+    """Each replacement resumes at its first reader from one run per batch: the same loss falls as full runs."""
+    model, data = small_cnn
+    calib = data.subset(np.arange(300))
+    sens = analyze(model, _batches(calib), classification_loss)
+    replacements = {}
+    for ls in sens.layers.values():
+        rank = max(1, ls.s.shape[1] // 3)
+        replacements[ls.layer.node] = {
+            ls.layer.weight: matrices_to_weight(ls.reconstruct(ls.keep(rank)), ls.layer, "channel").astype(np.float32)}
+    base = measure_loss(model, _batches(calib), classification_loss)
+    gains = replacement_gains(model, replacements, _batches(calib, 64), classification_loss)
+    assert list(gains) == list(replacements)
+    for node, weights in replacements.items():
+        full = base - measure_loss(model, _batches(calib), classification_loss, weights)
+        assert gains[node] == pytest.approx(full, rel=1e-4, abs=1e-6)
+    assert all(gain < 0 for gain in gains.values())  # truncating a trained layer raises its loss
 
 
 @pytest.mark.parametrize("mode, target", [("compact", None), ("lossless", 0.3)])
