@@ -6,7 +6,7 @@ Each run is ``compress.compress_joint`` on the quality benchmark's splits
 (seed 0: calibration / validation / held-out test as in ``quality_benchmark.py``),
 so the one-round figures are that benchmark's joint rows. Prints one JSON line
 per run (reduction, validation and held-out metric, the rounds' history, seconds)
-and, with --out, writes them to rounds_<model>_<mode>.json.
+and, with --out, writes them to rounds_<model>_<mode>[-spatial][-<N>rounds].json (N: other than 3).
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def main() -> int:
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        write_results(args.out, f"rounds_{args.model}_{args.mode}{'-spatial' if args.spatial else ''}.json", rows)
+        suffix = ("-spatial" if args.spatial else "") + (f"-{args.rounds}rounds" if args.rounds != 3 else "")
+        write_results(args.out, f"rounds_{args.model}_{args.mode}{suffix}.json", rows)
     return 0
 
 
