@@ -390,11 +390,12 @@ def test_replacement_gains_equal_full_runs_with_each_weight_replaced(small_cnn):
     assert all(gain < 0 for gain in gains.values())  # truncating a trained layer raises its loss
 
 
-@pytest.mark.parametrize("mode, target", [("compact", None), ("lossless", 0.3)])
-def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target):
+@pytest.mark.parametrize("mode, target, spatial", [("compact", None, False), ("lossless", 0.3, False),
+                                                   ("compact", None, True)])
+def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target, spatial):
     model, data = small_cnn
     # Without the refit, which one round applies to its back-off's plans and more rounds to the final plan only.
-    kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu", refit=False)
+    kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu", refit=False, spatial=spatial)
     one = compress_joint(model, data, mode, **kwargs)
     two = compress_joint(model, data, mode, rounds=2, **kwargs)
     # Held to the original's validation metric in every round; the plan rewrites the original model.
@@ -408,6 +409,9 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target):
         assert [h["round"] for h in history] == [1, 2]
         assert history[0]["achieved_reduction"] >= 0.15 and two.plan.options["achieved_reduction"] >= 0.3
     assert {e["round"] for e in two.backoff} <= {1, 2}
+    # Every round's analysis offered the spatial decompositions too (or not), and the plan says so.
+    assert ("spatial" in two.plan.options["decompositions"]) == spatial
+    assert ("spatial" in {ls.decomposition for ls in two.sensitivity.all()}) == spatial
     rewritten, _ = apply_plan(model, two.plan)
     assert rewritten.SerializeToString() == two.compressed.SerializeToString()
 
