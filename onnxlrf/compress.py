@@ -474,7 +474,8 @@ def restore_layers(
     gold labels) falls when that layer alone is set back: measured on data the check below does
     not see, so the validation split only verifies. It is measured in torch on the plans' dense
     truncated weights (:func:`~onnxlrf.sensitivity.replacement_gains`: each set-back run starts
-    at its layer); a weight shared by several layers is set back for all of them. Layers whose
+    at its layer; bias-corrected entries are refused there); a weight shared by several layers is
+    set back for all of them. Layers whose
     setting back lowers that loss are set back in that order, the validation metric re-checked
     after each, until it is at least ``reference_val``. Returns (metric, plan, model, report),
     or None if it never is.
@@ -490,9 +491,10 @@ def restore_layers(
     weights = {layer.node: layer.weight for layer in find_layers(reference)[0]}
     set_back = {init.name: init for init in truncate_weights(reference, holding)[0].graph.initializer
                 if init.name in {weights[node] for node in differing}}
+    # Copies: onnx's arrays are read-only, which torch warns about.
     gains = replacement_gains(
         truncate_weights(reference, failing)[0],
-        {node: {weights[node]: numpy_helper.to_array(set_back[weights[node]])} for node in differing},
+        {node: {weights[node]: numpy_helper.to_array(set_back[weights[node]]).copy()} for node in differing},
         calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), LOSSES[calib.task],
         progress, f"back-off: measure each layer's contribution ({len(differing)} layers)")
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
