@@ -472,13 +472,13 @@ def restore_layers(
 
     A layer's measured contribution is how much the loss on ``calib`` (the task's loss on its
     gold labels) falls when that layer alone is set back: measured on data the check below does
-    not see, so the validation split only verifies. It is measured in torch on the plans' dense
-    truncated weights (:func:`~onnxlrf.sensitivity.replacement_gains`: each set-back run starts
-    at its layer; bias-corrected entries are refused there); a weight shared by several layers is
-    set back for all of them. Layers whose
-    setting back lowers that loss are set back in that order, the validation metric re-checked
-    after each, until it is at least ``reference_val``. Returns (metric, plan, model, report),
-    or None if it never is.
+    not see, so the validation split only verifies. It is measured in torch
+    (:func:`~onnxlrf.sensitivity.replacement_gains`: each set-back run starts at its layer) on the
+    plans' dense truncated weights (:func:`~onnxlrf.rewrite.truncate_weights`, which refuses
+    bias-corrected entries); a weight shared by several layers is set back for all of them.
+    Layers whose setting back lowers that loss are set back in that order, the validation metric
+    re-checked after each, until it is at least ``reference_val``. Returns (metric, plan, model,
+    report), or None if it never is.
     """
     from .sensitivity import LOSSES, replacement_gains
 
