@@ -177,8 +177,8 @@ def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -
     elif spatial != 2:
         raise OnnxlrfError(f"joint analysis supports 1-D and 2-D convs, not {spatial}-D ({node.name})")
     cols = F.unfold(x, kernel, dilation=dil, stride=strides)  # (N, C*k, L)
-    # Copied as (C*k, N*L) and returned transposed: a faster copy than (N*L, C*k), and the
-    # products A = rows^T rows then multiply contiguous rows.
+    # Copied as (C*k, N*L) and returned transposed: a faster copy than (N*L, C*k), and
+    # rows^T is contiguous for the product A = rows^T rows.
     return cols.transpose(0, 1).reshape(cols.shape[1], -1).t()
 
 
