@@ -16,10 +16,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import OnnxlrfError
-from .analysis import check_finite_weights, find_layers
+from .analysis import check_finite_weights, find_layers, weight_array
 from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
 from .planning import Plan, cost_model, count_params, plan_energy, plan_joint, plan_uniform
 from .progress import Progress, ProgressLike, as_progress
@@ -488,13 +487,11 @@ def restore_layers(
                  if (e.decomposition, e.rank) != (before[e.node].decomposition, before[e.node].rank)]
     if len(differing) < 2:
         return None
-    weights = {layer.node: layer.weight for layer in find_layers(reference)[0]}
-    set_back = {init.name: init for init in truncate_weights(reference, holding)[0].graph.initializer
-                if init.name in {weights[node] for node in differing}}
-    # Copies: onnx's arrays are read-only, which torch warns about.
+    layers = {layer.node: layer for layer in find_layers(reference)[0]}
+    held = truncate_weights(reference, holding)[0]
     gains = replacement_gains(
         truncate_weights(reference, failing)[0],
-        {node: {weights[node]: numpy_helper.to_array(set_back[weights[node]]).copy()} for node in differing},
+        {node: {layers[node].weight: weight_array(held, layers[node])} for node in differing},
         calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), LOSSES[calib.task],
         progress, f"back-off: measure each layer's contribution ({len(differing)} layers)")
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])

@@ -440,7 +440,8 @@ def _replaced(graph: TorchGraph, replacements: dict[str, np.ndarray] | None) -> 
     for name, value in (replacements or {}).items():
         store = graph.parameters if name in graph.parameters else graph.constants
         saved[name] = store[name]
-        store[name] = torch.as_tensor(value, dtype=saved[name].dtype)
+        # A copy: the caller's array may be read-only (onnx's are), which torch warns about sharing.
+        store[name] = torch.tensor(value, dtype=saved[name].dtype)
     try:
         yield
     finally:
