@@ -37,7 +37,7 @@ from onnxlrf.export import export_model
 from onnxlrf.latency import FlopsCost, LatencyCost, device_name
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import ParamsCost, count_params, plan_uniform
+from onnxlrf.planning import ParamsCost, Plan, count_params, plan_uniform
 from onnxlrf.progress import Progress
 from onnxlrf.rewrite import apply_plan
 from onnxlrf.validation import benchmark, count_flops, concrete_input_shapes, select_providers
@@ -67,6 +67,16 @@ def static_copy(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
             for size in shapes[value.name]:
                 dims.dim.add().dim_value = size
     return onnx.shape_inference.infer_shapes(copy)
+
+
+def uniform_plan(reference: onnx.ModelProto, setting: str, reduction: float, costs: dict) -> Plan:
+    """``plan_uniform`` for a setting (``params``, ``params-m8``, ...; ``costs`` by target). A params
+    reduction counts the factorizable layers' parameters, not the embeddings'."""
+    target, _, multiple = setting.partition("-m")
+    if target == "params":
+        reduction *= sum(layer.params for layer in find_layers(reference)[0]) / count_params(reference)
+    return plan_uniform(reference, target_reduction=reduction, target=target, rank_multiple=int(multiple or 1),
+                        cost=costs[target])
 
 
 def exported(name: str, work: Path) -> onnx.ModelProto:
@@ -108,7 +118,6 @@ def main() -> int:
             reference_flops = count_flops(reference, shapes)
             costs = {"params": ParamsCost(reference), "flops": FlopsCost(reference, batch, SEQ_LENGTH)}
             layer_params = sum(layer.params for layer in find_layers(reference)[0])
-            layer_share = layer_params / count_params(reference)
             if "latency-m8" in settings:
                 start = time.perf_counter()
                 latency = LatencyCost(reference, batch, SEQ_LENGTH, args.provider, args.threads, rank_multiple=8,
@@ -119,14 +128,11 @@ def main() -> int:
                                   "seconds": time.perf_counter() - start})
                 progress.log(f"{name} b{batch}: cost model measured in {time.perf_counter() - start:.0f} s")
             for setting in settings:
-                target, _, multiple = setting.partition("-m")
                 for reduction in [float(r) for r in args.reductions.split(",")]:
                     row = {"model": name, "batch": batch, "setting": setting, "reduction": reduction,
                            "device": device}
                     try:
-                        plan = plan_uniform(reference, target_reduction=reduction * (layer_share if target == "params"
-                                                                                     else 1.0),
-                                            target=target, rank_multiple=int(multiple or 1), cost=costs[target])
+                        plan = uniform_plan(reference, setting, reduction, costs)
                     except Exception as exc:  # out of reach is a result
                         row["error"] = str(exc)
                         rows.append(row)

@@ -26,26 +26,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from latency_benchmark import MODELS, SEQ_LENGTH, exported, static_copy
-from onnxlrf.analysis import find_layers
+from latency_benchmark import MODELS, SEQ_LENGTH, exported, static_copy, uniform_plan
 from onnxlrf.latency import FlopsCost
-from onnxlrf.planning import ParamsCost, count_params, plan_uniform
+from onnxlrf.planning import ParamsCost
 from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import concrete_input_shapes, count_flops, flops_by_node, select_providers
-
-def random_feeds(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for value in model.graph.input:
-        if value.name not in shapes:
-            continue
-        if "mask" in value.name:
-            feeds[value.name] = np.ones(shapes[value.name], np.int64)
-        elif value.type.tensor_type.elem_type == onnx.TensorProto.INT64:  # token ids
-            feeds[value.name] = rng.integers(1000, 20000, shapes[value.name])
-        else:
-            feeds[value.name] = rng.standard_normal(shapes[value.name]).astype(np.float32)
-    return feeds
+from onnxlrf.validation import concrete_input_shapes, count_flops, flops_by_node, random_feeds, select_providers
 
 
 def profiles(models: dict[str, onnx.ModelProto], feeds: dict, providers: list[str], runs: int, warmup: int,
@@ -108,16 +93,10 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     reference = static_copy(exported(args.model, args.work), args.batch)
     shapes = concrete_input_shapes(reference, args.batch, SEQ_LENGTH)
-    target, _, multiple = args.setting.partition("-m")
-    if target == "params":  # of the factorizable layers' parameters, as latency_benchmark.py
-        reduction = args.reduction * sum(layer.params for layer in find_layers(reference)[0]) / count_params(reference)
-        cost = ParamsCost(reference)
-    else:
-        reduction, cost = args.reduction, FlopsCost(reference, args.batch, SEQ_LENGTH)
-    plan = plan_uniform(reference, target_reduction=reduction, target=target, rank_multiple=int(multiple or 1),
-                        cost=cost)
+    costs = {"params": ParamsCost(reference), "flops": FlopsCost(reference, args.batch, SEQ_LENGTH)}
+    plan = uniform_plan(reference, args.setting, args.reduction, costs)
     compressed, _ = apply_plan(reference, plan)
-    feeds = random_feeds(reference, shapes)
+    feeds = random_feeds(reference, args.batch, SEQ_LENGTH)
     with tempfile.TemporaryDirectory() as tmp:
         measured = profiles({"original": reference, "compressed": compressed}, feeds, select_providers(args.provider),
                             args.runs, args.warmup, Path(tmp))
