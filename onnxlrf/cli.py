@@ -64,6 +64,9 @@ def _fmt_validation(v: Any) -> str:
     lines = [f"{v.metric}: {v.value:.4f}"]
     if v.reference_value is not None:
         lines[0] += f" (reference {v.reference_value:.4f})"
+    if v.change_interval is not None:
+        lines[0] += (f"; change {v.value - v.reference_value:+.4f}, 95% paired-bootstrap interval "
+                     f"[{v.change_interval[0]:+.4f}, {v.change_interval[1]:+.4f}]")
     lines.append(f"params: {v.params:,}" + (f" (reference {v.reference_params:,})" if v.reference_params else ""))
     if v.max_abs_diff is not None:
         lines.append(f"max abs diff vs reference: {v.max_abs_diff:.3g}")

@@ -672,6 +672,8 @@ def compress_joint(
     did to the other layers. compact: until a round adds nothing that holds on
     validation (against the original's metric); lossless: round k aims at k/rounds
     of ``target_reduction``. The returned plan applies to ``reference`` itself.
+    Each split's metric is reported with the original's; calib and test also with the 95%
+    interval of the change (:func:`onnxlrf.validation.change_interval`).
     ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
     them from its full validation of that split, so the split is evaluated once).
     ``spatial``: the planner may also choose spatial decomposition for k x k convs
@@ -729,13 +731,20 @@ def compress_joint(
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
     if rounds > 1:
         plan.options["rounds"] = history
+    from .validation import change_interval
+
     results = {}
     reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
     for name, split in progress.track(reported, "evaluate the splits", unit="split"):
-        reference_value = plan.options["reference_val"] if name == "val" else \
-            _metric(reference, split, provider, progress, f"{name} split: the original")
-        results[name] = {"value": _metric(compressed, split, provider, progress, f"{name} split: compressed"),
-                         "reference_value": reference_value, "samples": len(split)}
+        predictions = split.predictions(_outputs(compressed, split, provider, progress, f"{name} split: compressed"))
+        results[name] = {"value": split.score_predictions(predictions), "samples": len(split)}
+        if name == "val":  # measured by the back-off already
+            results[name]["reference_value"] = plan.options["reference_val"]
+        else:
+            reference_predictions = split.predictions(_outputs(reference, split, provider, progress,
+                                                               f"{name} split: the original"))
+            results[name]["reference_value"] = split.score_predictions(reference_predictions)
+            results[name]["change_interval"] = change_interval(split, predictions, reference_predictions)
     return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
 
 
@@ -834,7 +843,7 @@ def compress(
             validation = validate(compressed, dataset, reference=reference, provider=provider, progress=progress)
             if mode in JOINT_MODES:
                 extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
-                                 "samples": len(dataset)}
+                                 "samples": len(dataset), "change_interval": validation.change_interval}
         # Model and plan go in place together: a failed write leaves neither, and existing files as they were.
         with staged_outputs(overwrite) as stage:
             save_onnx(compressed, stage.path(output))

@@ -91,13 +91,30 @@ class Dataset:
 
     def score(self, outputs: np.ndarray) -> float:
         """The metric for the model's first output on all rows, in row order."""
+        return self.score_predictions(self.predictions(outputs))
+
+    def predictions(self, outputs: np.ndarray) -> np.ndarray:
+        """One prediction per sample from the model's first output on all rows: the class
+        (classification) or the pair's cosine similarity (sentence similarity)."""
         outputs = np.asarray(outputs)
         if outputs.shape[0] != self.rows:
             raise OnnxlrfError(f"expected outputs for {self.rows} rows of {self.name}, got {outputs.shape[0]}")
         if self.task == SENTENCE_SIMILARITY:
             n = len(self)
-            return spearman(cosine_rows(outputs[:n], outputs[n:]), self.labels)
-        return float(np.mean(outputs.reshape(len(outputs), -1).argmax(axis=1) == self.labels))
+            return cosine_rows(outputs[:n], outputs[n:])
+        return outputs.reshape(len(outputs), -1).argmax(axis=1)
+
+    def score_predictions(self, predictions: np.ndarray, samples: np.ndarray | None = None) -> float:
+        """The metric for per-sample ``predictions`` (:meth:`predictions`); ``samples``: only
+        those samples' (indices, repeats allowed, as a bootstrap draws them)."""
+        predictions, labels = np.asarray(predictions), self.labels
+        if predictions.shape != labels.shape:
+            raise OnnxlrfError(f"expected {len(labels)} predictions for {self.name}, got {predictions.shape[0]}")
+        if samples is not None:
+            predictions, labels = predictions[samples], labels[samples]
+        if self.task == SENTENCE_SIMILARITY:
+            return spearman(predictions, labels)
+        return float(np.mean(predictions == labels))
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -228,7 +228,7 @@ def _splits(result: Any) -> list[dict]:
     if not rows and result.validation is not None:
         v = result.validation
         rows.append({"split": "data (all samples)", "value": v.value, "reference_value": v.reference_value,
-                     "samples": v.samples})
+                     "samples": v.samples, "change_interval": v.change_interval})
     return rows
 
 
@@ -331,6 +331,9 @@ def _table_cells(row: LayerRow) -> list[str]:
             _pair(row.latency_ms_dense, row.latency_ms_planned, _ms), row.reason]
 
 
+CHANGE_NOTE = ("change: compressed minus original; in brackets its 95% paired-bootstrap interval over the "
+               "split's samples (validation.change_interval), where both models ran on them here. An interval "
+               "that contains 0 means this split cannot tell the two models apart.")
 TABLE_NOTE = ("rank: kept components (dense: not factorized). predicted dloss: the planner's predicted change "
               "of the calibration loss from this layer's truncation alone, at the plan's kappa. measured dloss: "
               "the loss change measured with only this layer truncated, where the analysis measured this exact "
@@ -349,6 +352,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
                "| split | samples | original | compressed | change |", "|---|---|---|---|---|"]
         md += [f"| {s['split']} | {s['samples']:,} | {_metric(s['reference_value'])} | {_metric(s['value'])} | "
                f"{_change(s)} |" for s in page["splits"]]
+        md += ["", CHANGE_NOTE]
     md += ["", "## Per layer", "", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     md += ["| " + " | ".join(_md(c) for c in _table_cells(row)) + " |" for row in page["rows"]]
     md += ["", TABLE_NOTE, "", "## Plots", ""]
@@ -405,7 +409,9 @@ def _metric(x: float | None) -> str:
 def _change(split: dict) -> str:
     if split.get("reference_value") is None:
         return "-"
-    return f"{split['value'] - split['reference_value']:+.4f}"
+    interval = split.get("change_interval")
+    return f"{split['value'] - split['reference_value']:+.4f}" + \
+        (f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "")
 
 
 CSS = """
@@ -451,7 +457,7 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
         out += [f"<tr><td>{e(s['split'])}</td><td class=\"num\">{s['samples']:,}</td>"
                 f"<td class=\"num\">{_metric(s['reference_value'])}</td><td class=\"num\">{_metric(s['value'])}</td>"
                 f"<td class=\"num\">{_change(s)}</td></tr>" for s in page["splits"]]
-        out.append("</table>")
+        out += ["</table>", f"<p class=\"note\">{e(CHANGE_NOTE)}</p>"]
     out += ["<h2>Per layer</h2>", '<div class="layers"><table>',
             "<tr>" + "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER) + "</tr>"]
     for row in page["rows"]:

@@ -41,6 +41,10 @@ _ORT_DEFAULT_LOG_SEVERITY = 2
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
+# Bootstrap resamples for change intervals: at 2,000 the interval's ends move by about a
+# tenth of its width from seed to seed.
+BOOTSTRAP_RESAMPLES = 2000
+
 
 @dataclass
 class ValidationResult:
@@ -59,6 +63,8 @@ class ValidationResult:
     file_size: int
     reference_file_size: int | None
     samples: int
+    # With a reference: the 95% paired-bootstrap interval of value - reference_value (:func:`change_interval`).
+    change_interval: list[float] | None = None
 
 
 @dataclass
@@ -341,9 +347,10 @@ def validate(
     check_fits(dataset, proto)
     session = make_session(model, providers)
     outputs = run_dataset(session, dataset, batch_size, progress, f"validate on {len(dataset)} samples")
+    predictions = dataset.predictions(outputs)
     result = ValidationResult(
         metric=dataset.metric_name,
-        value=dataset.score(outputs),
+        value=dataset.score_predictions(predictions),
         reference_value=None,
         params=count_params(proto),
         reference_params=None,
@@ -367,7 +374,9 @@ def validate(
             f"model and reference outputs differ in shape: {list(outputs.shape)} vs {list(reference_outputs.shape)}"
         )
     diff = np.abs(outputs.astype(np.float64) - reference_outputs.astype(np.float64))
-    result.reference_value = dataset.score(reference_outputs)
+    reference_predictions = dataset.predictions(reference_outputs)
+    result.reference_value = dataset.score_predictions(reference_predictions)
+    result.change_interval = change_interval(dataset, predictions, reference_predictions)
     result.reference_params = count_params(reference_proto)
     result.max_abs_diff = float(diff.max())
     result.mean_abs_diff = float(diff.mean())
@@ -377,6 +386,34 @@ def validate(
         result.top1_agreement = float(np.mean(flat.argmax(axis=1) == reference_flat.argmax(axis=1)))
     result.reference_file_size = file_size(reference)
     return result
+
+
+def change_interval(
+    dataset: Dataset,
+    predictions: np.ndarray,
+    reference_predictions: np.ndarray,
+    confidence: float = 0.95,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> list[float]:
+    """[low, high]: the ``confidence`` interval of ``dataset``'s metric of ``predictions`` minus
+    that of ``reference_predictions`` (per sample, :meth:`Dataset.predictions`), by the paired
+    bootstrap: both are scored on the same resampled samples, so the noise that the two models
+    share (which samples are easy) cancels. An interval that contains 0 says ``dataset`` cannot
+    tell the two models apart."""
+    if not 0 < confidence < 1:
+        raise OnnxlrfError(f"confidence must be between 0 and 1, got {confidence}")
+    if resamples < 1 or len(dataset) < 1:
+        raise OnnxlrfError(f"a bootstrap needs samples and resamples, got {len(dataset)} and {resamples}")
+    rng = np.random.default_rng(seed)
+    changes = np.empty(resamples)
+    for i in range(resamples):
+        samples = rng.integers(0, len(dataset), len(dataset))
+        changes[i] = dataset.score_predictions(predictions, samples) - \
+            dataset.score_predictions(reference_predictions, samples)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(changes, [tail, 100 - tail])
+    return [float(low), float(high)]
 
 
 def random_feeds(

@@ -10,8 +10,10 @@ pairs). AIMET's greedy selection scores each layer at each candidate ratio
 with an evaluation callback; it gets the calibration and validation splits
 (what the joint method sees: the callback returns their size-weighted mean
 metric), never the test split. Its compressed torch model is exported to ONNX
-and evaluated on the held-out test split in onnxruntime, and its parameter
-reduction is counted on the ONNX file exactly as for every other method
+and evaluated on the held-out test split in onnxruntime (per-sample
+predictions kept in aimet_<model>_test.npz, as quality_benchmark.py keeps
+its own), and its parameter reduction is counted on the ONNX file exactly
+as for every other method
 (``planning.count_params``). AIMET's own cost counts only the layers it may
 compress, so each target (a fraction of the whole model) is handed to it
 divided by their share of the model's parameters. CIFAR ResNets: the first
@@ -34,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxlrf.compress import _metric, split_dataset
+from onnxlrf.compress import _outputs, split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning import count_params
-from quality_benchmark import SETUPS, print_table, write_results  # scripts/ is on sys.path when a script runs
+from quality_benchmark import SETUPS, print_table, row_key, write_predictions, write_results  # scripts/ is on sys.path when a script runs
 
 
 class TokenIdsEncoder(torch.nn.Module):
@@ -92,7 +94,8 @@ def main() -> int:
     dataset = load_data(data_spec, reference)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    reference_test = _metric(reference, splits.test, "cpu")
+    predictions = {"original": splits.test.predictions(_outputs(reference, splits.test, "cpu"))}
+    reference_test = splits.test.score_predictions(predictions["original"])
     encoder = dataset.task != "classification"
     if encoder and not np.array_equal(dataset.inputs["input_ids"] != 0, dataset.inputs["attention_mask"] != 0):
         raise SystemExit("the attention mask is not the non-padding tokens: TokenIdsEncoder would change the model")
@@ -157,7 +160,9 @@ def main() -> int:
             path = export_model(compressed_spec, work / f"{scheme}-{target}.onnx", dynamic_batch=True,
                                 overwrite=True).path
             compressed = load_onnx(path)
-            value = _metric(compressed, splits.test, "cpu")
+            key = row_key(f"aimet-{scheme}", target)
+            predictions[key] = splits.test.predictions(_outputs(compressed, splits.test, "cpu"))
+            value = splits.test.score_predictions(predictions[key])
             reduction = 1 - count_params(compressed) / total
             rows.append({"method": f"aimet-{scheme}", "target": target, "aimet_ratio": ratio, "reduction": reduction,
                          "test": value, "reference_test": reference_test, "seconds": seconds})
@@ -171,6 +176,7 @@ def main() -> int:
     if args.out:
         write_results(args.out, f"aimet_{args.model}.json",
                       {"model": args.model, "reference_test": reference_test, "rows": rows})
+        write_predictions(args.out, f"aimet_{args.model}_test.npz", predictions)
     return 0
 
 

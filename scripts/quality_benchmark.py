@@ -9,6 +9,9 @@ at a uniform rank fraction), and joint lossless (with the back-off's refit step 
 compact mode's reduction and metric. The splits are
 disjoint and fixed by --seed; the analysis runs once per model on the
 calibration split and is shared by every target. Run times are measured here.
+Each row's per-sample held-out predictions go to quality_<model>_test.npz beside
+the JSON, so scripts/paired_difference.py can say which differences the test
+split resolves.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
+from onnxlrf.compress import _outputs, backoff_plan, joint_analysis, split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
@@ -55,6 +59,22 @@ def write_results(directory: Path, name: str, results: Any) -> None:
     (directory / name).write_text(json.dumps(results, indent=1))
 
 
+def row_key(method: str, target: float | None) -> str:
+    """A row's name among the saved test predictions: ``method@target``, or ``method`` (compact)."""
+    return method if target is None else f"{method}@{target:g}"
+
+
+def write_predictions(directory: Path, name: str, predictions: dict[str, np.ndarray], update: bool = False) -> None:
+    """Per-sample held-out predictions by row (:func:`row_key`) in ``directory/name`` (npz);
+    ``update``: merged into the file's rows, a row replacing the one of the same name."""
+    path = directory / name
+    if update and path.exists():
+        with np.load(path) as earlier:
+            predictions = {**{key: earlier[key] for key in earlier.files}, **predictions}
+    directory.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **predictions)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SETUPS), default="cifar10-resnet20")
@@ -82,7 +102,8 @@ def main() -> int:
     reference, dataset, n_calib, n_val = load_setup(args.model)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    reference_test = _metric(reference, splits.test, "auto")
+    predictions = {"original": splits.test.predictions(_outputs(reference, splits.test, "auto"))}
+    reference_test = splits.test.score_predictions(predictions["original"])
     rows = []
 
     analyses, analysis_s = {}, {}
@@ -102,7 +123,8 @@ def main() -> int:
             log(f"{method} {target}: {exc}")
             return
         seconds = time.perf_counter() - t0
-        value = _metric(model, splits.test, "auto")
+        predictions[row_key(method, target)] = splits.test.predictions(_outputs(model, splits.test, "auto"))
+        value = splits.test.score_predictions(predictions[row_key(method, target)])
         reduction = 1 - count_params(model) / total
         rows.append({"method": method, "target": target, "reduction": reduction, "test": value,
                      "reference_test": reference_test, "seconds": seconds})
@@ -134,6 +156,7 @@ def main() -> int:
         if args.update:
             results = merge_results(json.loads((args.out / f"quality_{args.model}.json").read_text()), results)
         write_results(args.out, f"quality_{args.model}.json", results)
+        write_predictions(args.out, f"quality_{args.model}_test.npz", predictions, args.update)
         log(f"wrote {plot(args.out, args.model)}")
     return 0
 

@@ -27,7 +27,8 @@ from onnxlrf.planning import Plan, count_params, validate_plan
 PER_CLASS = 50
 COMPRESS_KEYS = {"params", "reference_params", "params_reduction", "metric", "value", "reference_value",
                  "max_abs_diff", "providers"}
-VALIDATE_KEYS = {"metric", "value", "reference_value", "params", "reference_params", "max_abs_diff", "providers"}
+VALIDATE_KEYS = {"metric", "value", "reference_value", "params", "reference_params", "max_abs_diff", "providers",
+                 "change_interval"}
 BENCH_KEYS = {"latency_ms", "reference_latency_ms", "speedup", "flops", "reference_flops", "providers"}
 
 
@@ -249,12 +250,13 @@ def test_validate_json(resnet20: Path, compressed: dict, subset: dict[str, Path]
         assert payload[key] == pytest.approx(expected[key], abs=1e-9), key
     assert payload["max_abs_diff"] == pytest.approx(expected["max_abs_diff"], rel=1e-4)
     assert payload["samples"] == 10 * PER_CLASS and "CPUExecutionProvider" in payload["providers"]
+    assert payload["change_interval"] == pytest.approx(expected["change_interval"], abs=1e-9)
 
 
 def test_validate_against_itself(resnet20: Path, subset: dict[str, Path]) -> None:
     payload = invoke_json("validate", resnet20, "--reference", resnet20, "--data", f"npz:{subset['npz']}")
     assert payload["value"] == payload["reference_value"] and payload["max_abs_diff"] == 0
-    assert payload["params"] == payload["reference_params"]
+    assert payload["params"] == payload["reference_params"] and payload["change_interval"] == [0, 0]
 
 
 def test_bench_json(resnet20: Path, compressed: dict) -> None:

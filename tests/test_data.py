@@ -156,6 +156,21 @@ def test_top1_score(cifar):
         part.score(logits[:3])
 
 
+def test_score_of_chosen_samples_is_the_subsets_score(cifar, stsb):
+    rng = np.random.default_rng(0)
+    for dataset, width in ((cifar.subset(range(300)), 10), (stsb.subset(range(300)), 6)):
+        outputs = rng.standard_normal((dataset.rows, width)).astype(np.float32)
+        predictions = dataset.predictions(outputs)
+        assert predictions.shape == (300,)
+        assert dataset.score_predictions(predictions) == dataset.score(outputs)
+        samples = rng.integers(0, 300, 300)  # a bootstrap draw: repeats, and some samples left out
+        pair_rows = samples if dataset.task == "classification" else np.concatenate([samples, samples + 300])
+        assert dataset.score_predictions(predictions, samples) == \
+            pytest.approx(dataset.subset(samples).score(outputs[pair_rows]), abs=1e-12)
+    with pytest.raises(OnnxlrfError, match="expected 300 predictions"):
+        dataset.score_predictions(predictions[:10])
+
+
 def test_read_stsb_fields(stsb_csv):
     first, second, gold = read_stsb(stsb_csv)
     assert len(first) == len(second) == len(gold) == STSB_PAIRS

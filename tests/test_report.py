@@ -180,6 +180,10 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
                  "numpy", "python"):
         assert text in checker.cells, text
     assert "onnxlrf compress mlp.onnx --mode compact" in checker.pre
+    test = result.extra["test"]
+    low, high = test["change_interval"]
+    assert low <= test["value"] - test["reference_value"] <= high
+    assert f"{test['value'] - test['reference_value']:+.4f} [{low:+.4f}, {high:+.4f}]" in checker.cells
     assert json.loads(checker.pre[-1]) == result.plan.to_dict()
     assert checker.tags["details"] == 1
 

@@ -334,6 +334,11 @@ def test_compact_never_below_original_on_validation_and_is_deterministic(small_c
     first = compact_once
     assert first.splits["val"]["value"] >= first.splits["val"]["reference_value"]
     assert first.splits["test"]["samples"] == len(data) - 800
+    for name in ("calib", "test"):  # both models ran on these splits here
+        split = first.splits[name]
+        low, high = split["change_interval"]
+        assert low <= split["value"] - split["reference_value"] <= high
+    assert "change_interval" not in first.splits["val"]
     again = compress_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
     assert again.plan.to_json() == first.plan.to_json()
     assert again.compressed.SerializeToString() == first.compressed.SerializeToString()

@@ -13,6 +13,7 @@ from onnxlrf.onnx_io import save_onnx
 from onnxlrf.validation import (
     BenchResult,
     benchmark,
+    change_interval,
     count_flops,
     count_params,
     file_size,
@@ -94,6 +95,7 @@ def test_validate_model_against_itself(cifar_500):
     assert result.params == result.reference_params == 4 * 27 + 4 + 10 * 4 + 10
     assert result.providers == ["CPUExecutionProvider"]
     assert result.file_size == result.reference_file_size == model.ByteSize()
+    assert result.change_interval == [0.0, 0.0]
 
 
 def test_validate_against_perturbed_copy(cifar_500):
@@ -108,6 +110,28 @@ def test_validate_against_perturbed_copy(cifar_500):
     assert result.max_abs_diff == pytest.approx(np.abs(other_logits - reference_logits).max(), rel=1e-6)
     expected = np.mean(other_logits.argmax(1) == reference_logits.argmax(1))
     assert result.top1_agreement == pytest.approx(expected)
+    low, high = result.change_interval
+    assert low <= result.value - result.reference_value <= high
+
+
+def test_change_interval_covers_a_known_difference(cifar_500):
+    labels = cifar_500.labels
+    reference = labels.copy()
+    reference[:100] = (labels[:100] + 1) % 10  # 80% correct
+    better = labels.copy()
+    better[:50] = reference[:50]  # 90% correct, right wherever the reference is
+    low, high = change_interval(cifar_500, better, reference)
+    # Paired: the change is the share of the 500 samples where only `better` is right (50),
+    # a binomial proportion with standard error sqrt(0.1 * 0.9 / 500) = 0.0134.
+    assert low == pytest.approx(0.1 - 1.96 * 0.0134, abs=0.006) and high == pytest.approx(0.1 + 1.96 * 0.0134, abs=0.006)
+    assert change_interval(cifar_500, better, reference) == [low, high]  # fixed seed
+    assert change_interval(cifar_500, reference, better) == pytest.approx([-high, -low])
+    swapped = labels.copy()
+    swapped[50:150] = (labels[50:150] + 1) % 10  # as accurate as the reference, wrong on other samples
+    low, high = change_interval(cifar_500, swapped, reference)
+    assert -0.06 < low < 0 < high < 0.06  # no change, and the data says so
+    with pytest.raises(OnnxlrfError, match="confidence"):
+        change_interval(cifar_500, better, reference, confidence=1.0)
 
 
 def test_validate_without_reference_and_from_path(cifar_500, tmp_path):
@@ -129,6 +153,8 @@ def test_validate_sentence_encoder(stsb_csv):
     assert result.metric == "spearman" and result.samples == 200
     assert -1 <= result.value <= 1 and result.value == pytest.approx(result.reference_value, abs=0.05)
     assert result.top1_agreement is None and 0.99 < result.cosine < 1
+    low, high = result.change_interval
+    assert low <= result.value - result.reference_value <= high
 
 
 def test_file_size_counts_external_data(tmp_path):
