@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, weight_array, weight_matrices
+from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, svd, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .onnx_io import staged_outputs
 from .progress import ProgressLike, as_progress
@@ -822,11 +822,11 @@ def baseline_basis(ls: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     w = ls.reconstruct(np.tile(np.arange(ls.s.shape[1]), (ls.s.shape[0], 1)))
     if kind == "fwsvd":
         row = np.sqrt(ls.output_fisher) + 1e-6 * np.sqrt(ls.output_fisher).max()  # dead rows: keep finite
-        u, s, vh = np.linalg.svd(row[:, :, None] * w, full_matrices=False)
+        u, s, vh = svd(row[:, :, None] * w)
         return (u / row[:, :, None], s, vh)
     if kind == "whitened":
         root, inv_root = ls.input_whitening()
-        u, s, vh = np.linalg.svd(w @ root, full_matrices=False)
+        u, s, vh = svd(w @ root)
         return (u, s, vh @ inv_root)
     raise OnnxlrfError(f"unknown baseline basis {kind!r}; known: fwsvd, whitened")
 

@@ -101,7 +101,7 @@ def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, ra
     least_squares = target + np.linalg.solve(damped, (target @ (cross - cov)).T).T
     evals, evecs = np.linalg.eigh(cov)
     root = (evecs * np.sqrt(np.maximum(evals, 0.0))) @ evecs.T
-    u = np.linalg.svd(least_squares @ root, full_matrices=False)[0][:, :rank]
+    u = svd(least_squares @ root)[0][:, :rank]
     return u @ (u.T @ least_squares)
 
 

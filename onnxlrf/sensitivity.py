@@ -31,7 +31,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from .analysis import Layer, find_layers, matrices_to_weight, weight_array, weight_matrices
+from .analysis import Layer, find_layers, matrices_to_weight, thin_svd, weight_array, weight_matrices
 from .errors import OnnxlrfError
 from .progress import Progress, ProgressLike, as_progress
 from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads, heap_reuse
@@ -258,7 +258,7 @@ def _joint_basis(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> tuple[tor
     """
     lb = torch.linalg.cholesky(_damped(b))
     la = torch.linalg.cholesky(_damped(a))
-    u, s, vh = torch.linalg.svd(lb.transpose(-1, -2) @ w @ la, full_matrices=False)
+    u, s, vh = thin_svd(lb.transpose(-1, -2) @ w @ la)
     x = torch.linalg.solve_triangular(lb.transpose(-1, -2), u, upper=True)  # (g, m, k)
     y = torch.linalg.solve_triangular(la.transpose(-1, -2), vh.transpose(-1, -2), upper=True)  # (g, n, k)
     return x, s, y

@@ -2,12 +2,14 @@
 
     python scripts/paired_difference.py --model minilm --results scripts/results
     python scripts/paired_difference.py --model minilm --results scripts/results --against aimet-weight_svd@0.05
+    python scripts/paired_difference.py --model minilm --results scripts/results --against joint-lossless-label-free
 
 Reads the per-sample held-out predictions that quality_benchmark.py and
 aimet_benchmark.py keep (quality_<model>_test.npz, aimet_<model>_test.npz in
 --results), rebuilds the same test split (seed 0, the benchmarks' sizes) for its
 labels, and prints each row's metric, its change against the --against row
-(default: the original model) and the 95% interval of that change
+(default: the original model; a method without "@target": that method's row at
+each row's own target) and the 95% interval of that change
 (onnxlrf.validation.change_interval: both rows scored on the same 2,000
 resamples of the test samples). An interval that contains 0 is a difference the
 test split does not resolve.
@@ -45,28 +47,30 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(SETUPS), required=True)
     parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--against", default="original", help="The row every other row is compared with.")
+    parser.add_argument("--against", default="original",
+                        help="The row every other row is compared with; a method without @target: its row at "
+                             "each row's target.")
     parser.add_argument("--seed", type=int, default=0, help="The benchmarks' split seed.")
     args = parser.parse_args()
 
     rows = load_rows(args.results, args.model)
-    if args.against not in rows:
+    per_target = args.against not in rows
+    if per_target and not any(key.startswith(f"{args.against}@") for key in rows):
         raise SystemExit(f"no row {args.against!r}; saved rows: {', '.join(sorted(rows))}")
     _, dataset, n_calib, n_val = load_setup(args.model)
     test = split_dataset(dataset, n_calib, n_val, args.seed).test
-    against = rows[args.against]
-    print(f"{args.model}: held-out {test.metric_name} on {len(test)} samples; change against {args.against} "
-          f"({test.score_predictions(against):.4f}) with its 95% paired-bootstrap interval\n")
-    print("| row | metric | change | 95% interval | resolved |")
-    print("|---|---|---|---|---|")
+    print(f"{args.model}: held-out {test.metric_name} on {len(test)} samples; change against {args.against}"
+          f"{' at the same target' if per_target else ''} with its 95% paired-bootstrap interval\n")
+    print("| row | metric | against | change | 95% interval | resolved |")
+    print("|---|---|---|---|---|---|")
     for key in sorted(rows, key=lambda k: (k.rsplit("@", 1)[-1] if "@" in k else "~", k)):
-        if key == args.against:
+        against = f"{args.against}@{key.rsplit('@', 1)[-1]}" if per_target and "@" in key else args.against
+        if key == against or against not in rows:
             continue
-        value = test.score_predictions(rows[key])
-        low, high = change_interval(test, rows[key], against)
+        value, base = test.score_predictions(rows[key]), test.score_predictions(rows[against])
+        low, high = change_interval(test, rows[key], rows[against])
         resolved = "better" if low > 0 else "worse" if high < 0 else "no"
-        print(f"| {key} | {value:.4f} | {value - test.score_predictions(against):+.4f} | "
-              f"[{low:+.4f}, {high:+.4f}] | {resolved} |")
+        print(f"| {key} | {value:.4f} | {base:.4f} | {value - base:+.4f} | [{low:+.4f}, {high:+.4f}] | {resolved} |")
     return 0
 
 

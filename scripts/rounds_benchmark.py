@@ -54,6 +54,7 @@ def main() -> int:
                      "reduction": 1 - count_params(result.compressed) / count_params(reference),
                      "val": result.splits["val"]["value"], "test": result.splits["test"]["value"],
                      "reference_test": result.splits["test"]["reference_value"],
+                     "test_change_interval": result.splits["test"]["change_interval"],
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
     if args.out:

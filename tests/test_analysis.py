@@ -150,6 +150,29 @@ def test_svd_float64_descending_reconstructs():
     np.testing.assert_allclose(singular_values(mats), s, rtol=1e-10)
 
 
+def test_svd_retries_on_the_transposes_where_lapack_fails(monkeypatch):
+    """LAPACK's gesdd does not converge on some rank-deficient matrices (a MiniLM refit hit it):
+    the SVD then comes from the transposed matrices."""
+    lapack = torch.linalg.svd
+    calls = []
+
+    def failing_when_tall(a, full_matrices=True):
+        calls.append(tuple(a.shape))
+        if a.shape[-2] > a.shape[-1]:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return lapack(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing_when_tall)
+    mats = weights(3, 7, 5)
+    mats[:, :, 4] = mats[:, :, 3]  # rank deficient, as the failing matrix was
+    u, s, vh = svd(mats)
+    assert calls == [(3, 7, 5), (3, 5, 7)]
+    assert (u.shape, s.shape, vh.shape) == ((3, 7, 5), (3, 5), (3, 5, 5))
+    np.testing.assert_allclose(u * s[:, None, :] @ vh, mats, atol=1e-12)
+    np.testing.assert_allclose(np.swapaxes(u, 1, 2) @ u, np.broadcast_to(np.eye(5), (3, 5, 5)), atol=1e-12)
+    np.testing.assert_allclose(s, np.linalg.svd(mats, compute_uv=False), atol=1e-12)
+
+
 def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):
     layers, skipped = find_layers(load_onnx(shufflenet_int8))
     assert layers == []
