@@ -195,6 +195,12 @@ def _outputs(model: onnx.ModelProto, dataset: Any, provider: str, progress: Prog
     return run_dataset(session, dataset, progress=progress, description=description)
 
 
+def _predictions(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
+                 description: str = "evaluate") -> np.ndarray:
+    """``model``'s per-sample predictions on ``dataset`` (:meth:`Dataset.predictions`), in onnxruntime."""
+    return dataset.predictions(_outputs(model, dataset, provider, progress, description))
+
+
 def _metric(model: onnx.ModelProto, dataset: Any, provider: str, progress: ProgressLike = None,
             description: str = "evaluate") -> float:
     return dataset.score(_outputs(model, dataset, provider, progress, description))
@@ -731,20 +737,18 @@ def compress_joint(
     plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
     if rounds > 1:
         plan.options["rounds"] = history
-    from .validation import change_interval
+    from .validation import validate
 
     results = {}
     reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
     for name, split in progress.track(reported, "evaluate the splits", unit="split"):
-        predictions = split.predictions(_outputs(compressed, split, provider, progress, f"{name} split: compressed"))
-        results[name] = {"value": split.score_predictions(predictions), "samples": len(split)}
-        if name == "val":  # measured by the back-off already
-            results[name]["reference_value"] = plan.options["reference_val"]
+        if name == "val":  # the original's metric was measured by the back-off already
+            results[name] = {"value": _metric(compressed, split, provider, progress, "val split: compressed"),
+                             "reference_value": plan.options["reference_val"], "samples": len(split)}
         else:
-            reference_predictions = split.predictions(_outputs(reference, split, provider, progress,
-                                                               f"{name} split: the original"))
-            results[name]["reference_value"] = split.score_predictions(reference_predictions)
-            results[name]["change_interval"] = change_interval(split, predictions, reference_predictions)
+            v = validate(compressed, split, reference=reference, provider=provider, progress=progress)
+            results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(split),
+                             "change_interval": v.change_interval}
     return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
 
 

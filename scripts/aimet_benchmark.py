@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxlrf.compress import _outputs, split_dataset
+from onnxlrf.compress import _predictions, split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
@@ -94,7 +94,7 @@ def main() -> int:
     dataset = load_data(data_spec, reference)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    predictions = {"original": splits.test.predictions(_outputs(reference, splits.test, "cpu"))}
+    predictions = {"original": _predictions(reference, splits.test, "cpu")}
     reference_test = splits.test.score_predictions(predictions["original"])
     encoder = dataset.task != "classification"
     if encoder and not np.array_equal(dataset.inputs["input_ids"] != 0, dataset.inputs["attention_mask"] != 0):
@@ -161,7 +161,7 @@ def main() -> int:
                                 overwrite=True).path
             compressed = load_onnx(path)
             key = row_key(f"aimet-{scheme}", target)
-            predictions[key] = splits.test.predictions(_outputs(compressed, splits.test, "cpu"))
+            predictions[key] = _predictions(compressed, splits.test, "cpu")
             value = splits.test.score_predictions(predictions[key])
             reduction = 1 - count_params(compressed) / total
             rows.append({"method": f"aimet-{scheme}", "target": target, "aimet_ratio": ratio, "reduction": reduction,

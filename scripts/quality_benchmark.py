@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from onnxlrf.compress import _outputs, backoff_plan, joint_analysis, split_dataset
+from onnxlrf.compress import _predictions, backoff_plan, joint_analysis, split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
@@ -102,7 +102,7 @@ def main() -> int:
     reference, dataset, n_calib, n_val = load_setup(args.model)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    predictions = {"original": splits.test.predictions(_outputs(reference, splits.test, "auto"))}
+    predictions = {"original": _predictions(reference, splits.test, "auto")}
     reference_test = splits.test.score_predictions(predictions["original"])
     rows = []
 
@@ -123,7 +123,7 @@ def main() -> int:
             log(f"{method} {target}: {exc}")
             return
         seconds = time.perf_counter() - t0
-        predictions[row_key(method, target)] = splits.test.predictions(_outputs(model, splits.test, "auto"))
+        predictions[row_key(method, target)] = _predictions(model, splits.test, "auto")
         value = splits.test.score_predictions(predictions[row_key(method, target)])
         reduction = 1 - count_params(model) / total
         rows.append({"method": method, "target": target, "reduction": reduction, "test": value,
