@@ -4,9 +4,9 @@
     python scripts/paired_difference.py --model minilm --results scripts/results --against aimet-weight_svd@0.05
     python scripts/paired_difference.py --model minilm --results scripts/results --against joint-lossless-label-free
 
-Reads the per-sample held-out predictions that quality_benchmark.py and
-aimet_benchmark.py keep (quality_<model>_test.npz, aimet_<model>_test.npz in
---results), rebuilds the same test split (seed 0, the benchmarks' sizes) for its
+Reads the per-sample held-out predictions that quality_benchmark.py,
+aimet_benchmark.py and rounds_benchmark.py keep (quality_<model>_test.npz,
+aimet_<model>_test.npz, rounds_<model>_<tag>_test.npz in --results), rebuilds the same test split (seed 0, the benchmarks' sizes) for its
 labels, and prints each row's metric, its change against the --against row
 (default: the original model; a method without "@target": that method's row at
 each row's own target) and the 95% interval of that change
@@ -32,14 +32,14 @@ from quality_benchmark import SETUPS, load_setup  # scripts/ is on sys.path when
 def load_rows(results: Path, model: str) -> dict[str, np.ndarray]:
     """Every saved row of ``model``'s benchmarks in ``results``; the files must agree on the original."""
     rows: dict[str, np.ndarray] = {}
-    for path in sorted(results.glob(f"*_{model}_test.npz")):
+    for path in sorted([*results.glob(f"*_{model}_test.npz"), *results.glob(f"rounds_{model}_*_test.npz")]):
         with np.load(path) as saved:
             for key in saved.files:
                 if key == "original" and key in rows and not np.allclose(rows[key], saved[key], atol=1e-6):
                     raise SystemExit(f"{path}: its original's predictions differ from another file's: not the same split")
                 rows.setdefault(key, saved[key])
     if "original" not in rows:
-        raise SystemExit(f"no *_{model}_test.npz with the original's predictions in {results}")
+        raise SystemExit(f"no saved predictions of {model} with the original's in {results}")
     return rows
 
 

@@ -6,7 +6,9 @@ Each run is ``compress.compress_joint`` on the quality benchmark's splits
 (seed 0: calibration / validation / held-out test as in ``quality_benchmark.py``),
 so the one-round figures are that benchmark's joint rows. Prints one JSON line
 per run (reduction, validation and held-out metric, the rounds' history, seconds)
-and, with --out, writes them to rounds_<model>_<mode>[-label-free][-spatial][-<N>rounds].json (N: other than 3).
+and, with --out, writes them to rounds_<model>_<mode>[-label-free][-spatial][-no-refit][-<N>rounds].json (N: other than 3),
+and each run's per-sample held-out predictions beside it, in rounds_<model>_<same tag>_test.npz (rows
+named joint-<mode>[-label-free][-spatial][-no-refit]-<N>rounds[@target]), for scripts/paired_difference.py.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from onnxlrf.compress import compress_joint
+from onnxlrf.compress import _predictions, compress_joint, split_dataset
 from onnxlrf.planning import count_params
 from onnxlrf.progress import Progress
 
-from quality_benchmark import SETUPS, load_setup, write_results
+from quality_benchmark import SETUPS, load_setup, row_key, write_predictions, write_results
 
 
 def main() -> int:
@@ -36,6 +38,8 @@ def main() -> int:
                         help="Joint analysis in spatial decomposition too, for k x k convs (compress --spatial).")
     parser.add_argument("--labels", choices=["labels", "predictions"], default="labels",
                         help="Calibration targets (compress --labels); predictions: label-free.")
+    parser.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="Without the back-off's refit step (compress --no-refit; onnxlrf before stop 8).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
@@ -43,24 +47,30 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     reference, data, n_calib, n_val = load_setup(args.model)
     targets = [float(t) for t in args.targets.split(",")] if args.mode == "lossless" else [None]
+    test = split_dataset(data, n_calib, n_val, args.seed).test
+    tag = ("-label-free" if args.labels == "predictions" else "") + ("-spatial" if args.spatial else "") \
+        + ("" if args.refit else "-no-refit")
+    method = f"joint-{args.mode}{tag}-{args.rounds}rounds"
+    predictions = {"original": _predictions(reference, test, "cpu")}
     rows = []
     for target in targets:
         start = time.perf_counter()
         result = compress_joint(reference, data, args.mode, target_reduction=target, calib=n_calib, val=n_val,
                                 seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False),
-                                spatial=args.spatial, labels=args.labels)
+                                spatial=args.spatial, labels=args.labels, refit=args.refit)
         rows.append({"mode": args.mode, "target": target, "rounds": args.rounds, "spatial": args.spatial,
-                     "labels": args.labels,
+                     "labels": args.labels, "refit": args.refit,
                      "reduction": 1 - count_params(result.compressed) / count_params(reference),
                      "val": result.splits["val"]["value"], "test": result.splits["test"]["value"],
                      "reference_test": result.splits["test"]["reference_value"],
                      "test_change_interval": result.splits["test"]["change_interval"],
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
+        predictions[row_key(method, target)] = _predictions(result.compressed, test, "cpu")
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        suffix = ("-label-free" if args.labels == "predictions" else "") + ("-spatial" if args.spatial else "") \
-            + (f"-{args.rounds}rounds" if args.rounds != 3 else "")
-        write_results(args.out, f"rounds_{args.model}_{args.mode}{suffix}.json", rows)
+        name = f"rounds_{args.model}_{args.mode}{tag}" + (f"-{args.rounds}rounds" if args.rounds != 3 else "")
+        write_results(args.out, f"{name}.json", rows)
+        write_predictions(args.out, f"{name}_test.npz", predictions)
     return 0
 
 
