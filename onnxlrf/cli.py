@@ -148,6 +148,9 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 @click.option("--spatial/--no-spatial", default=None,
               help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
                    "planner chooses channel or spatial per layer. Default: on for --target flops and latency.")
+@click.option("--analysis-cache", type=click.Path(file_okay=False),
+              help="Joint modes: keep each joint analysis in this directory and reuse it when the model, "
+                   "calibration split and options are the same, so another target or mode skips the analysis.")
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @click.option("--weights", type=click.Path(), help="Checkpoint for a model name.")
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
@@ -163,7 +166,8 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
 def compress(model: str, output: str, mode: str, target_reduction: float | None, target: str,
              rank_multiple: int | None, rank_fraction: float | None, energy: float | None, tolerance: float,
              calib: int, val: int, seed: int, labels: str, solver: str, rounds: int, refit: bool,
-             spatial: bool | None, data: str | None, weights: str | None, plan_out: str | None, dynamo: bool,
+             spatial: bool | None, analysis_cache: str | None, data: str | None, weights: str | None,
+             plan_out: str | None, dynamo: bool,
              batch: int, dynamic_batch: bool, provider: str, report_dir: str | None, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
@@ -177,7 +181,7 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
         energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
         batch=batch, dynamic_batch=dynamic_batch, provider=provider, tolerance=tolerance, calib=calib, val=val,
         seed=seed, labels=labels, solver=solver, progress=_progress(quiet), target=target,
-        rank_multiple=rank_multiple, rounds=rounds, refit=refit, spatial=spatial))
+        rank_multiple=rank_multiple, rounds=rounds, refit=refit, spatial=spatial, analysis_cache=analysis_cache))
     payload = result.to_dict()
     if report_dir is not None:
         _, html_path = write_report(result, report_dir, _command_line(), overwrite=overwrite)

@@ -7,6 +7,7 @@ export (or load) -> plan -> rewrite -> save -> validate.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import tempfile
@@ -19,7 +20,7 @@ import onnx
 
 from .errors import OnnxlrfError
 from .analysis import check_finite_weights, find_layers, weight_array
-from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
+from .onnx_io import atomic_path, check_output_path, load_onnx, save_onnx, staged_outputs
 from .planning import Plan, cost_model, count_params, plan_energy, plan_joint, plan_uniform
 from .progress import Progress, ProgressLike, as_progress
 from .rewrite import RewriteReport, apply_plan, truncate_weights
@@ -219,6 +220,41 @@ class JointResult:
     test_split: Any
 
 
+def analysis_key(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
+                 spatial: bool) -> str:
+    """A hash of everything the joint analysis depends on: the model's graph and weights, the
+    calibration samples and labels, the options, and the versions of the analysis and of torch."""
+    import torch
+
+    from . import __version__
+    from .sensitivity import ANALYSIS_VERSION
+
+    digest = hashlib.sha256()
+    graph = reference.graph
+    # Part by part: a whole model over 2 GB does not serialize at once.
+    for part in [*reference.opset_import, *graph.input, *graph.output, *graph.node, *graph.initializer]:
+        digest.update(part.SerializeToString())
+    for name in sorted(calib.inputs):
+        array = np.ascontiguousarray(calib.inputs[name])
+        digest.update(f"{name} {array.dtype} {array.shape}".encode())
+        digest.update(array.tobytes())
+    labels_array = np.ascontiguousarray(calib.labels)
+    digest.update(f"{labels_array.dtype} {labels_array.shape}".encode())
+    digest.update(labels_array.tobytes())
+    digest.update(repr((calib.task, calib.token_mask, labels, range_samples, micro_batch, bool(spatial),
+                        ANALYSIS_VERSION, __version__, torch.__version__)).encode())
+    return digest.hexdigest()
+
+
+def analysis_cache_dir(cache: str | os.PathLike) -> Path:
+    """``cache`` as a directory, made if needed; checked before the work it would keep."""
+    try:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OnnxlrfError(f"cannot make the analysis cache directory {cache}: {exc.strerror or exc}") from None
+    return Path(cache)
+
+
 def joint_analysis(
     reference: onnx.ModelProto,
     calib: Any,
@@ -227,18 +263,51 @@ def joint_analysis(
     micro_batch: int = 50,
     progress: ProgressLike = None,
     spatial: bool = False,
+    cache: str | os.PathLike | None = None,
 ) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges.
 
     ``spatial``: k x k convs are analyzed in spatial decomposition too (see
     :func:`~onnxlrf.sensitivity.analyze`), and their spatial truncations range-checked.
+    ``cache``: a directory where analyses are kept, one file per :func:`analysis_key`; an
+    analysis already there for this model, calibration split and options is read instead of
+    computed (the same object, so the same plans), and a new one is saved there.
     """
-    from .sensitivity import CURVATURES, LOSSES, analyze, measure_ranges
+    from .sensitivity import Sensitivity
 
     progress = as_progress(progress)
-
     if labels not in ("labels", "predictions"):
         raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
+    if cache is None:
+        return _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial)
+    key = analysis_key(reference, calib, labels, range_samples, micro_batch, spatial)
+    path = analysis_cache_dir(cache) / f"{key[:32]}.npz"
+    if path.is_file():
+        try:
+            sensitivity, saved_key = Sensitivity.load(path)
+        except OnnxlrfError as exc:  # a cache entry is disposable: analyze again
+            progress.log(f"analysis: {exc}; analyzing again")
+        else:
+            if saved_key == key:
+                progress.log(f"analysis: read from the cache, {path} (the same model, calibration split "
+                             f"and options)")
+                return sensitivity
+    sensitivity = _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial)
+    try:
+        with atomic_path(path, ".npz") as tmp:
+            sensitivity.save(tmp, key)
+    except OnnxlrfError as exc:  # the analysis is done; a cache that cannot take it costs only reuse
+        progress.log(f"analysis: not cached: {exc}")
+    else:
+        progress.log(f"analysis: saved to the cache, {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return sensitivity
+
+
+def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
+             progress: Progress, spatial: bool) -> Any:
+    """:func:`joint_analysis` without the cache."""
+    from .sensitivity import CURVATURES, LOSSES, analyze, measure_ranges
+
     loss_fn = LOSSES[calib.task]
     targets = calib.labels
     if labels == "predictions":
@@ -666,6 +735,7 @@ def compress_joint(
     rounds: int = 1,
     refit: bool = True,
     spatial: bool | None = None,
+    analysis_cache: str | os.PathLike | None = None,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
@@ -684,6 +754,8 @@ def compress_joint(
     them from its full validation of that split, so the split is evaluated once).
     ``spatial``: the planner may also choose spatial decomposition for k x k convs
     (None: for flops and latency targets, where its fewer FLOPs pay; see :func:`joint_analysis`).
+    ``analysis_cache``: a directory where each round's analysis is reused or kept (see
+    :func:`joint_analysis`), so another target or mode on the same data skips it.
     """
     if mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
@@ -700,7 +772,8 @@ def compress_joint(
     for index in range(rounds):
         if rounds > 1:
             progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
-        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress, spatial)
+        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress, spatial,
+                                     analysis_cache)
         round_target = None if target_reduction is None else target_reduction * (index + 1) / rounds
         round_plan, _, _, round_backoff = backoff_plan(current, sensitivity, splits.val, mode, round_target,
                                                        tolerance, solver, provider, progress, target,
@@ -779,6 +852,7 @@ def compress(
     rounds: int = 1,
     refit: bool = True,
     spatial: bool | None = None,
+    analysis_cache: str | os.PathLike | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
@@ -791,7 +865,7 @@ def compress(
     ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
     ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.latency`).
     ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.latency.default_rank_multiple`).
-    ``rounds``, ``spatial``: joint modes, see :func:`compress_joint`.
+    ``rounds``, ``spatial``, ``analysis_cache``: joint modes, see :func:`compress_joint`.
     """
     progress = as_progress(progress)
     if mode not in MODES:
@@ -808,6 +882,8 @@ def compress(
             raise OnnxlrfError("--plan-out must differ from the output path")
         if mode in JOINT_MODES:  # joint plans keep their bases beside the JSON
             check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
+    if analysis_cache is not None and mode in JOINT_MODES:
+        analysis_cache_dir(analysis_cache)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
         reference_path, exported = load_or_export(model, workdir, weights, dynamo, batch, dynamic_batch, progress)
         reference = load_onnx(reference_path)
@@ -829,7 +905,7 @@ def compress(
             joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
                                    solver, provider=provider, progress=progress, report_test=False, target=target,
                                    rank_multiple=rank_multiple, cost=cost, rounds=rounds, refit=refit,
-                                   spatial=spatial)
+                                   spatial=spatial, analysis_cache=analysis_cache)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split

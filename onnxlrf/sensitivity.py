@@ -21,7 +21,11 @@ plan that was predicted to be safe measures worse.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -42,6 +46,10 @@ from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads, heap_reuse
 DAMPING = 1e-3
 # Activations the truncation probe may keep to start runs at the truncated layer.
 PROBE_CACHE_BYTES = 2 << 30
+
+# Version of the saved analysis (Sensitivity.save); a file of another version is not read.
+ANALYSIS_VERSION = 1
+_SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher")
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # -> per-sample losses
@@ -156,6 +164,49 @@ class Sensitivity:
     def all(self) -> list[LayerSensitivity]:
         """Every analysis: each layer in each analyzed decomposition."""
         return list(self.layers.values()) + list(self.spatial.values())
+
+    def save(self, path: str | os.PathLike, key: str = "") -> None:
+        """Write the analysis to ``path``: an npz of every layer's arrays, and a JSON header with
+        the rest (layers, fitted curvature scales, ranges and their checks). ``key`` says what
+        the analysis was made from (see :func:`onnxlrf.compress.analysis_key`)."""
+        header = {"format": "onnxlrf.analysis", "version": ANALYSIS_VERSION, "key": key,
+                  "reference_loss": self.reference_loss, "samples": self.samples, "loss": self.loss, "entries": []}
+        arrays = {}
+        for index, ls in enumerate(self.all()):
+            header["entries"].append({
+                "layer": dataclasses.asdict(ls.layer), "decomposition": ls.decomposition,
+                "weight_norm": ls.weight_norm, "curvature_scale": ls.curvature_scale,
+                "perturbation_range": ls.perturbation_range, "range_checks": ls.range_checks})
+            arrays.update({f"{index}.{name}": getattr(ls, name) for name in _SAVED_ARRAYS
+                           if getattr(ls, name) is not None})
+        with open(path, "wb") as stream:  # a stream: np.savez would append ".npz" to a path
+            np.savez(stream, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> tuple[Sensitivity, str]:
+        """The analysis :meth:`save` wrote to ``path``, and its key."""
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                header = json.loads(str(saved["header"]))
+                if header.get("format") != "onnxlrf.analysis" or header.get("version") != ANALYSIS_VERSION:
+                    raise ValueError(f"format {header.get('format')!r} version {header.get('version')!r}, "
+                                     f"expected onnxlrf.analysis version {ANALYSIS_VERSION}")
+                channel, spatial = {}, {}
+                for index, entry in enumerate(header["entries"]):
+                    layer = Layer(**{name: tuple(value) if isinstance(value, list) else value
+                                     for name, value in entry["layer"].items()})
+                    arrays = {name: saved[f"{index}.{name}"] for name in _SAVED_ARRAYS
+                              if f"{index}.{name}" in saved.files}
+                    ls = LayerSensitivity(layer=layer, weight_norm=entry["weight_norm"],
+                                          curvature_scale=entry["curvature_scale"],
+                                          perturbation_range=entry["perturbation_range"],
+                                          range_checks=entry["range_checks"], decomposition=entry["decomposition"],
+                                          **arrays)
+                    (channel if ls.decomposition == "channel" else spatial)[layer.node] = ls
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+            raise OnnxlrfError(f"cannot read the analysis {path}: {exc}") from None
+        return cls(layers=channel, reference_loss=header["reference_loss"], samples=header["samples"],
+                   loss=header["loss"], spatial=spatial), header["key"]
 
 
 def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:

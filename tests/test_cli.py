@@ -189,6 +189,24 @@ def test_compress_model_name(tmp_path: Path, resnet20_weights: Path, subset: dic
 
 # --- rewrite ---------------------------------------------------------------------------------------
 
+def test_compress_reuses_the_cached_analysis_for_another_target(tmp_path: Path, resnet20: Path,
+                                                                 subset: dict[str, Path]) -> None:
+    cache = tmp_path / "analyses"
+    common = ("--mode", "lossless", "--data", f"npz:{subset['npz']}", "--calib", 100, "--val", 100,
+              "--no-refit", "--analysis-cache", cache)
+    first = invoke_ok("compress", resnet20, "-o", tmp_path / "a.onnx", "--target-reduction", 0.05, *common)
+    assert "analysis: saved to the cache" in first.stderr and "perturbation ranges" in first.stderr
+    (saved,) = cache.iterdir()
+    second = invoke_ok("compress", resnet20, "-o", tmp_path / "b.onnx", "--target-reduction", 0.1,
+                       "--plan-out", tmp_path / "b.json", *common)
+    assert f"analysis: read from the cache, {saved}" in second.stderr
+    assert "perturbation ranges" not in second.stderr  # nothing was measured again
+    assert list(cache.iterdir()) == [saved]
+    plan = Plan.load(tmp_path / "b.json")
+    assert plan.mode == "lossless" and plan.options["target_reduction"] == 0.1
+    assert plan.options["achieved_reduction"] >= 0.1
+
+
 def test_rewrite_with_compress_plan(tmp_path: Path, resnet20: Path, compressed: dict) -> None:
     out = tmp_path / "rw.onnx"
     report = invoke_json("rewrite", resnet20, "--plan", compressed["plan"], "-o", out)

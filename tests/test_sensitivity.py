@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import onnx
@@ -500,3 +501,93 @@ def test_spatial_candidates_default_on_for_flops_targets_only(small_cnn):
     assert flops.plan.options["decompositions"] == ["channel", "spatial"] and flops.sensitivity.spatial
     params = compress_joint(model, data, "lossless", target_reduction=0.1, **kwargs)
     assert params.plan.options["decompositions"] == ["channel"] and not params.sensitivity.spatial
+
+
+def _same_analysis(one, two) -> None:
+    assert (one.reference_loss, one.samples, one.loss) == (two.reference_loss, two.samples, two.loss)
+    assert [(ls.layer.node, ls.decomposition) for ls in one.all()] == [(ls.layer.node, ls.decomposition)
+                                                                     for ls in two.all()]
+    for a, b in zip(one.all(), two.all()):
+        assert a.layer == b.layer
+        for name in ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher"):
+            assert (getattr(a, name) is None) == (getattr(b, name) is None), name
+            if getattr(a, name) is not None:
+                np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+        assert (a.weight_norm, a.curvature_scale, a.perturbation_range, a.range_checks) == \
+            (b.weight_norm, b.curvature_scale, b.perturbation_range, b.range_checks)
+
+
+def test_saved_analysis_reads_back_as_it_was(small_cnn, tmp_path):
+    """Every array, fitted scale, range and check, in both decompositions, and so the same plans."""
+    from onnxlrf.sensitivity import Sensitivity
+
+    model, data = small_cnn
+    sens = joint_analysis(model, data.subset(np.arange(200)), range_samples=100, spatial=True)
+    assert sens.spatial and any(ls.perturbation_range > 0 for ls in sens.all())
+    sens.save(tmp_path / "analysis", key="made from this")  # no suffix is added
+    loaded, key = Sensitivity.load(tmp_path / "analysis")
+    assert key == "made from this"
+    _same_analysis(sens, loaded)
+    for kappa in (1.0, 8.0):
+        assert plan_joint(model, loaded, "lossless", target_reduction=0.2, kappa=kappa).to_dict() == \
+            plan_joint(model, sens, "lossless", target_reduction=0.2, kappa=kappa).to_dict()
+
+
+def test_analysis_that_cannot_be_read_is_a_one_line_error(tmp_path):
+    from onnxlrf.errors import OnnxlrfError
+    from onnxlrf.sensitivity import Sensitivity
+
+    (tmp_path / "text.npz").write_text("not an analysis")
+    np.savez(tmp_path / "other.npz", header=np.array('{"format": "something else"}'))
+    for name, message in (("text.npz", "cannot read the analysis"), ("other.npz", "expected onnxlrf.analysis"),
+                          ("missing.npz", "No such file")):
+        with pytest.raises(OnnxlrfError, match=message) as caught:
+            Sensitivity.load(tmp_path / name)
+        assert "\n" not in str(caught.value)
+
+
+def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_options(small_cnn, tmp_path,
+                                                                                      monkeypatch):
+    import onnxlrf.compress as compress_module
+    from onnxlrf.progress import Progress
+
+    model, data = small_cnn
+    kwargs = dict(calib=200, val=200, seed=1, provider="cpu", refit=False)
+    cache = tmp_path / "analyses"
+    first = compress_joint(model, data, "lossless", target_reduction=0.1, analysis_cache=cache, **kwargs)
+    (saved,) = cache.iterdir()
+    fresh = compress_joint(model, data, "lossless", target_reduction=0.2, **kwargs)  # no cache: analyzed
+
+    def no_analysis(*args, **kwargs):
+        raise AssertionError("analyzed again")
+
+    monkeypatch.setattr(compress_module, "_analyze", no_analysis)
+    log = io.StringIO()
+    cached = compress_joint(model, data, "lossless", target_reduction=0.2, analysis_cache=cache,
+                            progress=Progress(stream=log, bars=False), **kwargs)
+    assert f"analysis: read from the cache, {saved}" in log.getvalue()
+    assert cached.plan.to_dict() == fresh.plan.to_dict()
+    assert cached.splits["test"]["value"] == fresh.splits["test"]["value"]
+    _same_analysis(cached.sensitivity, first.sensitivity)
+    assert list(cache.iterdir()) == [saved]
+    # Another calibration split, other targets, another decomposition set or other weights: analyzed anew.
+    changed_weights = onnx.ModelProto()
+    changed_weights.CopyFrom(model)
+    changed_weights.graph.initializer[0].raw_data = bytes(len(changed_weights.graph.initializer[0].raw_data))
+    for call in (dict(model=model, seed=2), dict(model=model, labels="predictions"), dict(model=model, spatial=True),
+                 dict(model=changed_weights)):
+        options = {**kwargs, **call}
+        with pytest.raises(AssertionError, match="analyzed again"):
+            compress_joint(options.pop("model"), data, "lossless", target_reduction=0.1, analysis_cache=cache,
+                           **options)
+
+
+def test_analysis_cache_entry_that_cannot_be_read_is_replaced(small_cnn, tmp_path):
+    model, data = small_cnn
+    calib = data.subset(np.arange(150))
+    sens = joint_analysis(model, calib, range_samples=50, cache=tmp_path)
+    (entry,) = tmp_path.iterdir()
+    entry.write_bytes(b"truncated")
+    again = joint_analysis(model, calib, range_samples=50, cache=tmp_path)
+    _same_analysis(sens, again)
+    assert [p.name for p in tmp_path.iterdir()] == [entry.name] and entry.stat().st_size > 1000
