@@ -47,7 +47,8 @@ DAMPING = 1e-3
 # Activations the truncation probe may keep to start runs at the truncated layer.
 PROBE_CACHE_BYTES = 2 << 30
 
-# Version of the saved analysis (Sensitivity.save); a file of another version is not read.
+# Version of the saved analysis (Sensitivity.save); a file of another version is not read. It is part of
+# the analysis cache's key (compress.analysis_key): raise it whenever the analysis computes differently.
 ANALYSIS_VERSION = 1
 _SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher")
 
