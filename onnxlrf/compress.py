@@ -234,13 +234,10 @@ def analysis_key(reference: onnx.ModelProto, calib: Any, labels: str, range_samp
     # Part by part: a whole model over 2 GB does not serialize at once.
     for part in [*reference.opset_import, *graph.input, *graph.output, *graph.node, *graph.initializer]:
         digest.update(part.SerializeToString())
-    for name in sorted(calib.inputs):
-        array = np.ascontiguousarray(calib.inputs[name])
+    for name, array in [*sorted(calib.inputs.items()), ("labels", calib.labels)]:
+        array = np.ascontiguousarray(array)
         digest.update(f"{name} {array.dtype} {array.shape}".encode())
         digest.update(array.tobytes())
-    labels_array = np.ascontiguousarray(calib.labels)
-    digest.update(f"{labels_array.dtype} {labels_array.shape}".encode())
-    digest.update(labels_array.tobytes())
     digest.update(repr((calib.task, calib.token_mask, labels, range_samples, micro_batch, bool(spatial),
                         ANALYSIS_VERSION, __version__, torch.__version__)).encode())
     return digest.hexdigest()

@@ -24,6 +24,7 @@ import torch
 from onnxlrf.compress import _predictions, compress_joint, split_dataset
 from onnxlrf.planning import count_params
 from onnxlrf.progress import Progress
+from onnxlrf.validation import change_interval
 
 from quality_benchmark import SETUPS, load_setup, row_key, write_predictions, write_results
 
@@ -55,17 +56,19 @@ def main() -> int:
     rows = []
     for target in targets:
         start = time.perf_counter()
+        # The test split is scored here, from the predictions kept for paired_difference.py.
         result = compress_joint(reference, data, args.mode, target_reduction=target, calib=n_calib, val=n_val,
                                 seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False),
-                                spatial=args.spatial, labels=args.labels, refit=args.refit)
+                                spatial=args.spatial, labels=args.labels, refit=args.refit, report_test=False)
+        key = row_key(method, target)
+        predictions[key] = _predictions(result.compressed, test, "cpu")
         rows.append({"mode": args.mode, "target": target, "rounds": args.rounds, "spatial": args.spatial,
                      "labels": args.labels, "refit": args.refit,
                      "reduction": 1 - count_params(result.compressed) / count_params(reference),
-                     "val": result.splits["val"]["value"], "test": result.splits["test"]["value"],
-                     "reference_test": result.splits["test"]["reference_value"],
-                     "test_change_interval": result.splits["test"]["change_interval"],
+                     "val": result.splits["val"]["value"], "test": test.score_predictions(predictions[key]),
+                     "reference_test": test.score_predictions(predictions["original"]),
+                     "test_change_interval": change_interval(test, predictions[key], predictions["original"]),
                      "history": result.plan.options.get("rounds"), "seconds": time.perf_counter() - start})
-        predictions[row_key(method, target)] = _predictions(result.compressed, test, "cpu")
         print(json.dumps(rows[-1]), flush=True)
     if args.out:
         name = f"rounds_{args.model}_{args.mode}{tag}" + (f"-{args.rounds}rounds" if args.rounds != 3 else "")
