@@ -95,7 +95,6 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
     """Export MODEL (a model name, see docs) to ONNX and check it against torch in onnxruntime."""
     from .export import export_model
     from .models import load_model
-
     from .onnx_io import check_output_path
 
     def run() -> Any:
@@ -171,7 +170,7 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
              batch: int, dynamic_batch: bool, provider: str, report_dir: str | None, overwrite: bool,
              as_json: bool, quiet: bool) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
-    from .compress import compress as run_compress
+    from .pipeline import compress as run_compress
     from .report import check_report_dir, write_report
 
     if report_dir is not None:
@@ -205,7 +204,7 @@ def compress(model: str, output: str, mode: str, target_reduction: float | None,
 @_quiet_option
 def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
     """Apply a plan to MODEL (ONNX) and write the low-rank ONNX file."""
-    from .compress import rewrite_file
+    from .pipeline import rewrite_file
 
     report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite,
                                                 progress=_progress(quiet)))
@@ -227,7 +226,7 @@ def validate(model: str, reference: str | None, data: str, provider: str, batch_
     """Evaluate MODEL on DATA in onnxruntime, optionally against a reference model."""
     from .data import load_data
     from .onnx_io import load_onnx
-    from .validation import validate as run_validate
+    from .runtime.evaluate import validate as run_validate
 
     def work() -> Any:
         onnx_model = load_onnx(model)
@@ -257,7 +256,7 @@ def bench(model: str, reference: str, batch: int, runs: int, warmup: int, thread
           io_binding: bool, as_json: bool, quiet: bool) -> None:
     """Time MODEL against REFERENCE, interleaved, in onnxruntime."""
     from .onnx_io import load_onnx
-    from .validation import benchmark
+    from .runtime.evaluate import benchmark
 
     result = _run(as_json, lambda: benchmark(
         load_onnx(model), load_onnx(reference), batch=batch, warmup=warmup, runs=runs, provider=provider,

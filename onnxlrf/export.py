@@ -26,9 +26,9 @@ import onnx
 import torch
 
 from .errors import OnnxlrfError
+from .models import ModelSpec
 from .onnx_io import check_output_path, save_onnx
 from .progress import ProgressLike, as_progress
-from .models import ModelSpec
 
 DEFAULT_OPSET = {False: 17, True: 18}  # keyed by dynamo
 # ORT vs torch, float32: allowed max abs difference relative to the output's scale

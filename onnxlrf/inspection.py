@@ -15,12 +15,17 @@ from dataclasses import asdict, dataclass, field
 
 import onnx
 
-from .analysis import QUANTIZED_OPS, find_layers, nonfinite_weights
 from .data import graph_inputs
 from .errors import OnnxlrfError
+from .graph.layers import (
+    QUANTIZED_OPS,
+    count_params,
+    dense_weight_reasons,
+    find_layers,
+    nonfinite_weights,
+)
 from .onnx_io import load_onnx
-from .planning import count_params, dense_weight_reasons
-from .validation import DEFAULT_SEQ_LENGTH, concrete_input_shapes, flops_by_node
+from .runtime.shapes import concrete_input_shapes, flops_by_node
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 

@@ -167,7 +167,7 @@ def layer_rows(result: Any) -> list[LayerRow]:
 
 def _layer_flops(result: Any) -> dict[str, tuple[int | None, int | None]]:
     """node -> (dense, planned) FLOPs from shape inference on the original and the written model."""
-    from .validation import flops_by_node
+    from .runtime.shapes import flops_by_node
 
     try:
         compressed = flops_by_node(load_onnx(result.output))
@@ -189,7 +189,7 @@ def _layer_flops(result: Any) -> dict[str, tuple[int | None, int | None]]:
 
 def _model_flops(result: Any) -> tuple[int | None, int | None, str]:
     """Whole-model Conv/Gemm/MatMul FLOPs (original, compressed) and the input shapes they are for."""
-    from .validation import concrete_input_shapes, count_flops
+    from .runtime.shapes import concrete_input_shapes, count_flops
 
     try:
         compressed = load_onnx(result.output)

@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxlrf.compress import _predictions, split_dataset
+from onnxlrf.runtime.evaluate import model_predictions
+from onnxlrf.verify.splits import split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import count_params
+from onnxlrf.graph.layers import count_params
 from quality_benchmark import SETUPS, print_table, row_key, write_predictions, write_results  # scripts/ is on sys.path when a script runs
 
 
@@ -94,7 +95,7 @@ def main() -> int:
     dataset = load_data(data_spec, reference)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    predictions = {"original": _predictions(reference, splits.test, "cpu")}
+    predictions = {"original": model_predictions(reference, splits.test, "cpu")}
     reference_test = splits.test.score_predictions(predictions["original"])
     encoder = dataset.task != "classification"
     if encoder and not np.array_equal(dataset.inputs["input_ids"] != 0, dataset.inputs["attention_mask"] != 0):
@@ -161,7 +162,7 @@ def main() -> int:
                                 overwrite=True).path
             compressed = load_onnx(path)
             key = row_key(f"aimet-{scheme}", target)
-            predictions[key] = _predictions(compressed, splits.test, "cpu")
+            predictions[key] = model_predictions(compressed, splits.test, "cpu")
             value = splits.test.score_predictions(predictions[key])
             reduction = 1 - count_params(compressed) / total
             rows.append({"method": f"aimet-{scheme}", "target": target, "aimet_ratio": ratio, "reduction": reduction,

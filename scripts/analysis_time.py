@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from onnxlrf.compress import joint_analysis
+from onnxlrf.measure.analysis import joint_analysis
 from onnxlrf.data import Dataset
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model

@@ -31,13 +31,15 @@ import numpy as np
 import onnx
 import torch
 
-from onnxlrf.analysis import find_layers
+from onnxlrf.graph.layers import find_layers
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
-from onnxlrf.planning import count_params, plan_full_rank
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import make_session, random_feeds, run_dataset, select_providers, validate
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_full_rank
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.runtime.sessions import make_session, random_feeds, run_dataset, select_providers
+from onnxlrf.runtime.evaluate import validate
 
 MODELS = ("resnet56", "resnext50", "minilm")
 RELATIVE_TOLERANCE = 1e-4

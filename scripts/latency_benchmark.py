@@ -32,15 +32,22 @@ from pathlib import Path
 
 import onnx
 
-from onnxlrf.analysis import find_layers
+from onnxlrf.graph.layers import find_layers
 from onnxlrf.export import export_model
-from onnxlrf.latency import FlopsCost, LatencyCost, device_name
+from onnxlrf.costs.flops import FlopsCost
+from onnxlrf.costs.latency import LatencyCost
+from onnxlrf.runtime.timing import device_name
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import ParamsCost, Plan, count_params, plan_uniform
+from onnxlrf.costs.params import ParamsCost
+from onnxlrf.planning.plan import Plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.progress import Progress
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import benchmark, count_flops, concrete_input_shapes, select_providers
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.runtime.evaluate import benchmark
+from onnxlrf.runtime.shapes import count_flops, concrete_input_shapes
+from onnxlrf.runtime.sessions import select_providers
 
 MODELS = {
     "resnet18": "torchvision:resnet18",

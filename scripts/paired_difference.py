@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxlrf.compress import split_dataset
-from onnxlrf.validation import change_interval
+from onnxlrf.verify.splits import split_dataset
+from onnxlrf.runtime.evaluate import change_interval
 
 from quality_benchmark import SETUPS, load_setup  # scripts/ is on sys.path when a script runs
 

@@ -27,13 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from onnxlrf.compress import _predictions, backoff_plan, joint_analysis, split_dataset
+from onnxlrf.runtime.evaluate import model_predictions
+from onnxlrf.verify.backoff import backoff_plan
+from onnxlrf.measure.analysis import joint_analysis
+from onnxlrf.verify.splits import split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import count_params, plan_baseline, plan_energy, plan_uniform
-from onnxlrf.rewrite import apply_plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_baseline, plan_energy, plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETUPS = {
@@ -102,7 +106,7 @@ def main() -> int:
     reference, dataset, n_calib, n_val = load_setup(args.model)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    predictions = {"original": _predictions(reference, splits.test, "auto")}
+    predictions = {"original": model_predictions(reference, splits.test, "auto")}
     reference_test = splits.test.score_predictions(predictions["original"])
     rows = []
 
@@ -123,7 +127,7 @@ def main() -> int:
             log(f"{method} {target}: {exc}")
             return
         seconds = time.perf_counter() - t0
-        predictions[row_key(method, target)] = _predictions(model, splits.test, "auto")
+        predictions[row_key(method, target)] = model_predictions(model, splits.test, "auto")
         value = splits.test.score_predictions(predictions[row_key(method, target)])
         reduction = 1 - count_params(model) / total
         rows.append({"method": method, "target": target, "reduction": reduction, "test": value,

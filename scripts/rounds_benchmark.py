@@ -21,10 +21,12 @@ from pathlib import Path
 
 import torch
 
-from onnxlrf.compress import _predictions, compress_joint, split_dataset
-from onnxlrf.planning import count_params
+from onnxlrf.runtime.evaluate import model_predictions
+from onnxlrf.pipeline import compress_joint
+from onnxlrf.verify.splits import split_dataset
+from onnxlrf.graph.layers import count_params
 from onnxlrf.progress import Progress
-from onnxlrf.validation import change_interval
+from onnxlrf.runtime.evaluate import change_interval
 
 from quality_benchmark import SETUPS, load_setup, row_key, write_predictions, write_results
 
@@ -52,7 +54,7 @@ def main() -> int:
     tag = ("-label-free" if args.labels == "predictions" else "") + ("-spatial" if args.spatial else "") \
         + ("" if args.refit else "-no-refit")
     method = f"joint-{args.mode}{tag}-{args.rounds}rounds"
-    predictions = {"original": _predictions(reference, test, "cpu")}
+    predictions = {"original": model_predictions(reference, test, "cpu")}
     rows = []
     for target in targets:
         start = time.perf_counter()
@@ -61,7 +63,7 @@ def main() -> int:
                                 seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False),
                                 spatial=args.spatial, labels=args.labels, refit=args.refit, report_test=False)
         key = row_key(method, target)
-        predictions[key] = _predictions(result.compressed, test, "cpu")
+        predictions[key] = model_predictions(result.compressed, test, "cpu")
         rows.append({"mode": args.mode, "target": target, "rounds": args.rounds, "spatial": args.spatial,
                      "labels": args.labels, "refit": args.refit,
                      "reduction": 1 - count_params(result.compressed) / count_params(reference),

@@ -34,12 +34,16 @@ from typing import Callable
 import onnx
 import torch
 
-from onnxlrf.compress import _metric, backoff_plan, joint_analysis, split_dataset
-from onnxlrf.latency import make_cost
-from onnxlrf.planning import count_params, plan_uniform
+from onnxlrf.runtime.evaluate import model_metric
+from onnxlrf.verify.backoff import backoff_plan
+from onnxlrf.measure.analysis import joint_analysis
+from onnxlrf.verify.splits import split_dataset
+from onnxlrf.costs.latency import make_cost
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.progress import Progress
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import benchmark
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.runtime.evaluate import benchmark
 
 from quality_benchmark import SETUPS, label_suffix, load_setup, write_results
 
@@ -69,7 +73,7 @@ def main() -> int:
     reference, dataset, n_calib, n_val = load_setup(args.model)
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
-    reference_test = _metric(reference, splits.test, "cpu")
+    reference_test = model_metric(reference, splits.test, "cpu")
     sensitivity = joint_analysis(reference, splits.calib, labels=args.labels, progress=progress,
                                  spatial=args.spatial)
     cost = make_cost(reference, "latency", batch=args.batch, provider="cpu", rank_multiple=args.rank_multiple,
@@ -89,7 +93,7 @@ def main() -> int:
         speeds = [benchmark(compressed, reference, batch=args.batch, runs=args.runs, provider="cpu",
                             threads=args.threads) for _ in range(args.repeats)]
         row = {"method": method, "target": target, "reduction": 1 - count_params(compressed) / total,
-               "test": _metric(compressed, splits.test, "cpu"),
+               "test": model_metric(compressed, splits.test, "cpu"),
                "speedup": statistics.median(speed.speedup for speed in speeds),
                "speedups": [speed.speedup for speed in speeds], "providers": speeds[0].providers}
         rows.append(row)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import Layer, find_layers, singular_values, svd, weight_array, weight_matrices
+from onnxlrf.graph.layers import Layer, find_layers, weight_array, weight_matrices
+from onnxlrf.graph.linalg import singular_values, svd
 from onnxlrf.onnx_io import load_onnx
 
 RNG = np.random.default_rng(1)
@@ -182,7 +183,7 @@ def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):
 
 def test_nonfinite_weights_nan_anywhere_inf_only_in_layer_inputs():
     """-Inf in a mask or fill value is how exported attention looks (MiniLM); in a MatMul/Conv weight it is broken."""
-    from onnxlrf.analysis import check_finite_weights, nonfinite_weights
+    from onnxlrf.graph.layers import check_finite_weights, nonfinite_weights
     from onnxlrf.errors import OnnxlrfError
 
     mask = np.where(np.triu(np.ones((4, 4)), 1) > 0, -np.inf, 0).astype(np.float32)

@@ -18,11 +18,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner, Result
 
-from onnxlrf.analysis import find_layers
 from onnxlrf.cli import cli
 from onnxlrf.data import IMAGE_MEAN, IMAGE_STD
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import Plan, count_params, validate_plan
+from onnxlrf.planning.plan import Plan, validate_plan
+from onnxlrf.graph.layers import count_params
 
 PER_CLASS = 50
 COMPRESS_KEYS = {"params", "reference_params", "params_reduction", "metric", "value", "reference_value",

@@ -12,14 +12,18 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers
-from onnxlrf.compress import CompressResult, compress, restore_layers, rewrite_file
+from onnxlrf.graph.layers import find_layers
+from onnxlrf.pipeline import CompressResult, compress, rewrite_file
+from onnxlrf.verify.backoff import restore_layers
 from onnxlrf.data import Dataset
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import ParamsCost, Plan, count_params, plan_uniform
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import make_session, run_dataset
+from onnxlrf.costs.params import ParamsCost
+from onnxlrf.planning.plan import Plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.runtime.sessions import make_session, run_dataset
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 48, 10, 200
 

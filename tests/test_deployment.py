@@ -3,7 +3,6 @@ factors that survive fp16, and graph optimizers (onnxruntime, onnxslim, onnxsim)
 
 from __future__ import annotations
 
-import collections
 
 import numpy as np
 import onnx
@@ -11,9 +10,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers, svd, weight_array, weight_matrices
-from onnxlrf.planning import LayerPlan, Plan, plan_uniform
-from onnxlrf.rewrite import apply_plan, factor_pair
+from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
+from onnxlrf.graph.linalg import svd
+from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan, factor_pair
 from test_planning import small_net
 from test_rewrite import make_model
 

@@ -14,8 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxlrf.cli import cli
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.inspection import format_inspection, inspect_model
-from onnxlrf.planning import count_params
-from onnxlrf.validation import count_flops
+from onnxlrf.graph.layers import count_params
+from onnxlrf.runtime.shapes import count_flops
 
 RNG = np.random.default_rng(0)
 

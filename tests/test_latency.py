@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from onnxlrf.analysis import find_layers, svd, weight_array, weight_matrices
+from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
+from onnxlrf.graph.linalg import svd
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.latency import (
-    FlopsCost, LatencyCost, LayerTiming, default_rank_multiple, layer_shapes, make_cost, rank_grid,
-    rewrite_with_random_factors,
-)
-from onnxlrf.planning import LayerPlan, Plan, ParamsCost, count_params, plan_energy, plan_joint, plan_uniform
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.sensitivity import LayerSensitivity, Sensitivity
-from onnxlrf.validation import count_flops
+from onnxlrf.costs.flops import FlopsCost, layer_shapes
+from onnxlrf.costs.latency import LatencyCost, LayerTiming, default_rank_multiple, make_cost, rank_grid, rewrite_with_random_factors
+from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.costs.params import ParamsCost
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_energy, plan_joint, plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.measure.sensitivity import LayerSensitivity, Sensitivity
+from onnxlrf.runtime.shapes import count_flops
 from test_planning import small_net
 from test_rewrite import CONV2D_VARIANTS, conv_model, gemm_model, make_model
 
@@ -333,9 +335,9 @@ class TimedStub(StubLatency):
 
 @pytest.mark.parametrize("speedup", [0.93, 1.2])
 def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
-    from onnxlrf.compress import backoff_plan
+    from onnxlrf.verify.backoff import backoff_plan
     from onnxlrf.data import Dataset
-    from onnxlrf.validation import make_session
+    from onnxlrf.runtime.sessions import make_session
 
     model = small_net()
     x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)

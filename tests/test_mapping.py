@@ -10,9 +10,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers, weight_array
+from onnxlrf.graph.layers import find_layers, weight_array
 from onnxlrf.export import export_model
-from onnxlrf.mapping import ParamMatch, map_parameters
+from onnxlrf.measure.mapping import ParamMatch, map_parameters
 from onnxlrf.models import ModelSpec, load_model
 from onnxlrf.onnx_io import load_onnx
 

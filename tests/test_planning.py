@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers, svd, weight_array, weight_matrices
+from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
+from onnxlrf.graph.linalg import svd
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.planning import (
-    PLAN_FORMAT, PLAN_VERSION, LayerPlan, Plan, count_params, plan_energy, plan_full_rank, plan_uniform,
-    validate_plan,
-)
-from onnxlrf.rewrite import apply_plan
+from onnxlrf.planning.plan import PLAN_FORMAT, PLAN_VERSION, LayerPlan, Plan, validate_plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_energy, plan_full_rank, plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 RNG = np.random.default_rng(2)
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxlrf.compress import compress, rewrite_file
+from onnxlrf.pipeline import compress, rewrite_file
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import plan_uniform
+from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.progress import SILENT, Progress, as_progress
-from onnxlrf.validation import benchmark
+from onnxlrf.runtime.evaluate import benchmark
 
 from test_compress import IN, model_path, run  # noqa: F401 (model_path is a fixture)
 

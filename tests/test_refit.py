@@ -10,13 +10,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers
+from onnxlrf.graph.layers import find_layers
 from onnxlrf.data import Dataset
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.planning import Plan, count_params, plan_uniform
-from onnxlrf.refit import refit_plan
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.validation import make_session
+from onnxlrf.planning.plan import Plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.techniques.lowrank.refit import refit_plan
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.runtime.sessions import make_session
 from test_data import masked_mean
 
 SAMPLES = 512
@@ -173,7 +175,8 @@ def test_refit_keeps_spatial_layers_as_planned() -> None:
 
 
 def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
-    from onnxlrf.compress import backoff_plan, joint_analysis
+    from onnxlrf.verify.backoff import backoff_plan
+    from onnxlrf.measure.analysis import joint_analysis
 
     model = mlp()
     data = _dataset(model, seed=3)

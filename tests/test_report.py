@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf import report as report_module
 from onnxlrf.cli import cli
-from onnxlrf.compress import CompressResult, compress
+from onnxlrf.pipeline import CompressResult, compress
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.progress import Progress
 from onnxlrf.report import PLOTS, REPORT_FILES, layer_rows, write_report

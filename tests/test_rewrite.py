@@ -11,11 +11,13 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import find_layers
+from onnxlrf.graph.layers import find_layers
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning import LayerPlan, Plan, count_params, plan_full_rank, plan_uniform
-from onnxlrf.rewrite import apply_plan, truncate_weights
+from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_full_rank, plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan, truncate_weights
 
 RNG = np.random.default_rng(0)
 

@@ -18,9 +18,11 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.analysis import Layer, find_layers
-from onnxlrf.planning import LayerPlan, Plan, count_params, plan_full_rank
-from onnxlrf.rewrite import apply_plan
+from onnxlrf.graph.layers import Layer, find_layers
+from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.planners import plan_full_rank
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 # ONNXLRF_PROPERTY_EXAMPLES=1000 for a deeper search than the default run's.
 PROPERTY = settings(max_examples=int(os.environ.get("ONNXLRF_PROPERTY_EXAMPLES", 40)), deadline=None,

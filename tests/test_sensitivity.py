@@ -12,26 +12,17 @@ import pytest
 import torch
 import torch.nn as nn
 
-from onnxlrf.analysis import Layer, matrices_to_weight, weight_matrices
-from onnxlrf.compress import calibration_batches, compress_joint, joint_analysis, split_dataset
+from onnxlrf.graph.layers import Layer, matrices_to_weight, weight_matrices
+from onnxlrf.measure.analysis import calibration_batches, joint_analysis
+from onnxlrf.pipeline import compress_joint
+from onnxlrf.verify.splits import split_dataset
 from onnxlrf.data import Dataset
-from onnxlrf.planning import Plan, baseline_basis, count_params, plan_baseline, plan_joint
-from onnxlrf.rewrite import apply_plan
-from onnxlrf.sensitivity import (
-    TruncationProbe,
-    _joint_basis,
-    _spatial_factors,
-    _sqrt_and_inverse,
-    _unfold_inputs,
-    analyze,
-    classification_loss,
-    measure_loss,
-    measure_ranges,
-    replacement_gains,
-    similarity_curvature,
-    similarity_loss,
-)
-from onnxlrf.torch_graph import TorchGraph
+from onnxlrf.planning.plan import Plan
+from onnxlrf.techniques.lowrank.planners import baseline_basis, plan_baseline, plan_joint
+from onnxlrf.graph.layers import count_params
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.measure.sensitivity import TruncationProbe, _joint_basis, _spatial_factors, _sqrt_and_inverse, _unfold_inputs, analyze, classification_loss, measure_loss, measure_ranges, replacement_gains, similarity_curvature, similarity_loss
+from onnxlrf.measure.torch_graph import TorchGraph
 from test_data import sentence_encoder_model
 from test_refit import token_encoder, token_pairs
 
@@ -230,7 +221,7 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
     """The refit keeps spatial layers as planned: a plan with nothing else has nothing to refit,
     and the back-off does not evaluate the same model a second time."""
     from onnxlrf import compress as compress_module
-    from onnxlrf.planning import ParamsCost
+    from onnxlrf.costs.params import ParamsCost
     from onnxlrf.progress import Progress
 
     model, data = small_cnn
@@ -435,15 +426,16 @@ def test_rounds_refit_the_final_plan_only(small_cnn):
 
 
 def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small_cnn):
-    from onnxlrf.compress import _merge_rounds
-    from onnxlrf.planning import cost_model, plan_uniform
+    from onnxlrf.verify.backoff import merge_rounds
+    from onnxlrf.costs.params import cost_model
+    from onnxlrf.techniques.lowrank.planners import plan_uniform
 
     model, _ = small_cnn
     earlier = plan_uniform(model, rank_fraction=0.5)
     later = plan_uniform(model, rank_fraction=0.25)
     first = next(i for i, e in enumerate(later.layers) if e.decomposition != "dense")
     later.layers[first] = dataclasses.replace(later.layers[first], decomposition="dense", rank=None)
-    merged = _merge_rounds(model, earlier, later, cost_model(model))
+    merged = merge_rounds(model, earlier, later, cost_model(model))
     assert merged.layers[first] == earlier.layers[first]
     assert merged.layers[first + 1:] == later.layers[first + 1:]
     removed = sum(e.params_dense - e.params_planned for e in merged.layers)
@@ -475,7 +467,7 @@ def test_input_statistics_count_real_tokens_only():
 def test_compact_searches_sizes_where_no_component_is_free():
     """Label-free similarity targets: every drop raises the loss, so tolerance 0 admits none, and
     compact mode finds its size on validation instead (the largest tried plan that holds)."""
-    from onnxlrf.compress import backoff_plan
+    from onnxlrf.verify.backoff import backoff_plan
 
     model, data = _encoder_pairs(pairs=400, model=token_encoder(decay=0.8), seq=6)  # two 24x24 layers, vocabulary 40
     calib, val = data.subset(np.arange(200)), data.subset(np.arange(200, 400))
@@ -519,7 +511,7 @@ def _same_analysis(one, two) -> None:
 
 def test_saved_analysis_reads_back_as_it_was(small_cnn, tmp_path):
     """Every array, fitted scale, range and check, in both decompositions, and so the same plans."""
-    from onnxlrf.sensitivity import Sensitivity
+    from onnxlrf.measure.sensitivity import Sensitivity
 
     model, data = small_cnn
     sens = joint_analysis(model, data.subset(np.arange(200)), range_samples=100, spatial=True)
@@ -535,7 +527,7 @@ def test_saved_analysis_reads_back_as_it_was(small_cnn, tmp_path):
 
 def test_analysis_that_cannot_be_read_is_a_one_line_error(tmp_path):
     from onnxlrf.errors import OnnxlrfError
-    from onnxlrf.sensitivity import Sensitivity
+    from onnxlrf.measure.sensitivity import Sensitivity
 
     (tmp_path / "text.npz").write_text("not an analysis")
     np.savez(tmp_path / "other.npz", header=np.array('{"format": "something else"}'))

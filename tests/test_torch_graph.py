@@ -15,7 +15,7 @@ from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf import torch_graph
-from onnxlrf.torch_graph import TorchGraph, heap_reuse
+from onnxlrf.measure.torch_graph import TorchGraph, heap_reuse
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
@@ -37,7 +37,7 @@ def test_minilm_gradients_reach_every_encoder_weight(tmp_path):
     model = load_onnx(export_model(spec, tmp_path / "minilm.onnx", dynamic_batch=True).path)
     ids = np.array([[101, 7592, 2088, 102, 0], [101, 1037, 2936, 6251, 102]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)}
-    from onnxlrf.analysis import find_layers
+    from onnxlrf.graph.layers import find_layers
 
     layers, _ = find_layers(model)
     graph = TorchGraph(model, weights={layer.weight for layer in layers})

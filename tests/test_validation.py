@@ -10,19 +10,9 @@ from onnx import numpy_helper
 from onnxlrf.data import load_data
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import save_onnx
-from onnxlrf.validation import (
-    BenchResult,
-    benchmark,
-    change_interval,
-    count_flops,
-    count_params,
-    file_size,
-    make_session,
-    random_feeds,
-    run_dataset,
-    select_providers,
-    validate,
-)
+from onnxlrf.runtime.evaluate import BenchResult, benchmark, change_interval, validate
+from onnxlrf.runtime.shapes import count_flops, file_size
+from onnxlrf.runtime.sessions import count_params, make_session, random_feeds, run_dataset, select_providers
 from test_data import classifier_model, sentence_encoder_model
 
 

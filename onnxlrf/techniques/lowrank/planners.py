@@ -1,11 +1,11 @@
-"""The plan: per layer, which decomposition and which singular components to keep.
+"""Low-rank planners: per layer, which decomposition and which singular components to keep.
 
-A plan is plain JSON (``Plan.to_json``) so it can be inspected, edited and
-re-applied (``onnxlrf rewrite --plan``). Planners here are the data-free
-baselines; they never emit a factorization that is not smaller than dense.
+The data-free baselines (uniform rank fraction, energy threshold, full rank), the joint
+planner over an analysis (METHOD.md section 4) and the data-aware baseline bases. None of them
+emits a factorization that is not smaller than dense.
 
-Whole-model targets (``target_reduction``) are fractions of
-:func:`count_params`. Rule used by both planners: among the plans the knob
+Whole-model targets (``target_reduction``) are fractions of the cost model's total
+(parameters by default). Rule used by the data-free planners: among the plans the knob
 (rank fraction or energy) can produce, pick the one that keeps the most
 (largest fraction / energy) while removing at least ``target_reduction``;
 i.e. the achieved reduction is the smallest achievable one that is
@@ -16,320 +16,26 @@ break points, so the search is an exact bisection over them.
 from __future__ import annotations
 
 import bisect
-import json
 import math
-import os
-from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import onnx
 
-from .analysis import Layer, count_float_tensor_params, find_layers, singular_values, svd, weight_array, weight_matrices
-from .errors import OnnxlrfError
-from .onnx_io import staged_outputs
-from .progress import ProgressLike, as_progress
-
-PLAN_FORMAT = "onnxlrf.plan"
-PLAN_VERSION = 1
-PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
-# "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
-# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (onnxlrf.refit).
-BASES = ("svd", "joint", "fwsvd", "whitened", "refit")
-# A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction),
-# and shift, the bias change a refit layer pairs with its factors. Absent parts are None.
-BASIS_PARTS = ("x", "s", "yt", "mu", "shift")
-
-
-@dataclass
-class LayerPlan:
-    """One layer's entry in a plan (see the README's "The plan")."""
-
-    node: str
-    op_type: str
-    weight: str
-    weight_shape: list[int]
-    decomposition: str
-    rank: int | None
-    max_rank: int
-    keep: list[int] | None
-    params_dense: int
-    params_planned: int
-    notes: dict = field(default_factory=dict)
-    basis: str = "svd"  # one of BASES; stored bases list components in priority order
-    # Add -(W_r - W) mu to the bias (mu: the stored basis' mean input), cancelling the mean output error.
-    bias_correction: bool = False
-
-    def kept_indices(self) -> list[int]:
-        """The kept component indices (``keep``, or the top ``rank``)."""
-        if self.rank is None:
-            return []
-        return list(self.keep) if self.keep is not None else list(range(self.rank))
-
-
-_LAYER_KEYS = ("node", "op_type", "weight", "weight_shape", "decomposition", "rank", "max_rank", "keep",
-               "params_dense", "params_planned")
-
-
-@dataclass
-class Plan:
-    """Per layer, which decomposition and components to keep; saved as JSON (plus stored bases)."""
-
-    layers: list[LayerPlan]
-    mode: str
-    options: dict = field(default_factory=dict)
-    source: dict = field(default_factory=dict)
-    format: str = PLAN_FORMAT
-    version: int = PLAN_VERSION
-    # Stored bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)[, shift (g*m,)]]), components in
-    # priority order; an absent part is None.
-    # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
-    bases: dict = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict:
-        """The plan as a JSON-ready dict (without the stored bases)."""
-        return {
-            "format": self.format,
-            "version": self.version,
-            "mode": self.mode,
-            "options": self.options,
-            "source": self.source,
-            "layers": [asdict(layer) for layer in self.layers],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any) -> "Plan":
-        """A plan from :meth:`to_dict`'s form; a malformed one raises OnnxlrfError naming the problem."""
-        if not isinstance(data, dict):
-            raise OnnxlrfError("plan must be a JSON object")
-        if data.get("format") != PLAN_FORMAT:
-            raise OnnxlrfError(f"not an onnxlrf plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise OnnxlrfError(f"unsupported plan version {data.get('version')!r} (this onnxlrf reads {PLAN_VERSION})")
-        for key in ("mode", "layers"):
-            if key not in data:
-                raise OnnxlrfError(f"plan is missing key {key!r}")
-        if not isinstance(data["layers"], list):
-            raise OnnxlrfError("plan key 'layers' must be a list")
-        layers = []
-        for i, entry in enumerate(data["layers"]):
-            if not isinstance(entry, dict):
-                raise OnnxlrfError(f"plan layer {i} must be an object")
-            missing = [k for k in _LAYER_KEYS if k not in entry]
-            if missing:
-                raise OnnxlrfError(f"plan layer {i} ({entry.get('node', '?')!r}) is missing key {missing[0]!r}")
-            unknown = set(entry) - set(_LAYER_KEYS) - {"notes", "basis", "bias_correction"}
-            if unknown:
-                raise OnnxlrfError(f"plan layer {i} ({entry['node']!r}) has unknown key {sorted(unknown)[0]!r}")
-            layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {},
-                                    basis=entry.get("basis", "svd"),
-                                    bias_correction=bool(entry.get("bias_correction", False))))
-        return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
-                   source=data.get("source") or {})
-
-    def to_json(self) -> str:
-        """The plan as JSON text."""
-        return json.dumps(self.to_dict(), indent=1)
-
-    def save(self, path: str | os.PathLike, overwrite: bool = False) -> None:
-        """Write the JSON (and the stored bases beside it as ``<name>.bases.npz``, when the plan has any).
-
-        Both files are written together (see :func:`~onnxlrf.onnx_io.staged_outputs`); an
-        existing file is replaced only with ``overwrite``.
-        """
-        path = Path(path)
-        if self.bases:
-            self.options["bases_file"] = path.name + ".bases.npz"
-        else:
-            self.options.pop("bases_file", None)
-        with staged_outputs(overwrite) as stage:
-            staged = stage.path(path)
-            if self.bases:
-                arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
-                          for part, value in zip(BASIS_PARTS, basis) if value is not None}
-                np.savez(staged.parent / self.options["bases_file"], **arrays)  # members dated 1980: same bytes
-            staged.write_text(self.to_json() + "\n")
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Plan":
-        """Read a plan written by :meth:`save` (its bases file too, when it has one)."""
-        try:
-            text = open(path, encoding="utf-8").read()
-        except OSError as exc:
-            raise OnnxlrfError(f"cannot read plan {path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OnnxlrfError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-        plan = cls.from_dict(data)
-        bases_file = plan.options.get("bases_file")
-        if bases_file:
-            bases_path = Path(path).parent / bases_file
-            try:
-                with np.load(bases_path) as arrays:
-                    parts: dict[str, dict] = {}
-                    for key in arrays.files:
-                        weight, part = key.rsplit("|", 1)
-                        parts.setdefault(weight, {})[part] = arrays[key]
-            except (OSError, ValueError) as exc:
-                raise OnnxlrfError(f"cannot read the plan's joint bases {bases_path}: {exc}") from None
-            plan.bases = {w: _basis_tuple(p) for w, p in parts.items()}
-        return plan
-
-    def summary(self) -> dict:
-        """Parameters of the planned layers before/after (a weight shared by several nodes counted once)."""
-        by_weight = {layer.weight: layer for layer in self.layers}
-        before = sum(layer.params_dense for layer in by_weight.values())
-        after = sum(layer.params_planned for layer in by_weight.values())
-        return {
-            "layers": len(self.layers),
-            "factorized": sum(layer.decomposition != "dense" for layer in self.layers),
-            "params_before": before,
-            "params_after": after,
-            "params_removed": before - after,
-        }
-
-
-def count_params(model: onnx.ModelProto) -> int:
-    """Model parameters: elements of float initializers plus float ``Constant`` tensors."""
-    return count_float_tensor_params(model)
-
-
-def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
-    """Raise OnnxlrfError naming the first plan entry that does not fit ``model``."""
-    if not isinstance(plan, Plan):
-        raise OnnxlrfError("expected a Plan")
-    layers, skipped = find_layers(model)
-    by_node = {layer.node: layer for layer in layers}
-    skipped_by_node = {s.node: s for s in skipped}
-    seen: set[str] = set()
-    for entry in plan.layers:
-        node = entry.node
-        if node in seen:
-            raise OnnxlrfError(f"plan lists node {node!r} twice")
-        seen.add(node)
-        layer = by_node.get(node)
-        if layer is None:
-            if node in skipped_by_node:
-                raise OnnxlrfError(f"plan node {node!r} is not factorizable: {skipped_by_node[node].reason}")
-            raise OnnxlrfError(f"plan node {node!r} does not exist in the model (or is not Conv/Gemm/MatMul)")
-        if entry.op_type != layer.op_type:
-            raise OnnxlrfError(f"plan node {node!r}: op_type {entry.op_type!r}, model has {layer.op_type!r}")
-        if entry.weight != layer.weight:
-            raise OnnxlrfError(f"plan node {node!r}: weight {entry.weight!r}, model has {layer.weight!r}")
-        if list(entry.weight_shape) != list(layer.weight_shape):
-            raise OnnxlrfError(
-                f"plan node {node!r}: weight shape {list(entry.weight_shape)}, model has {list(layer.weight_shape)}"
-            )
-        if entry.decomposition not in PLAN_DECOMPOSITIONS:
-            raise OnnxlrfError(
-                f"plan node {node!r}: unknown decomposition {entry.decomposition!r} "
-                f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
-            )
-        if entry.basis not in BASES:
-            raise OnnxlrfError(f"plan node {node!r}: unknown basis {entry.basis!r} (known: {', '.join(BASES)})")
-        if entry.decomposition == "dense":
-            if entry.rank is not None or entry.keep is not None:
-                raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
-            continue
-        if entry.decomposition not in layer.decompositions:
-            raise OnnxlrfError(
-                f"plan node {node!r}: decomposition {entry.decomposition!r} not available "
-                f"(available: {', '.join(layer.decompositions)})"
-            )
-        max_rank = layer.max_rank(entry.decomposition)
-        if not isinstance(entry.rank, int) or isinstance(entry.rank, bool) or not 1 <= entry.rank <= max_rank:
-            raise OnnxlrfError(f"plan node {node!r}: rank {entry.rank!r} outside 1..{max_rank}")
-        if entry.max_rank != max_rank:
-            raise OnnxlrfError(f"plan node {node!r}: max_rank {entry.max_rank}, model has {max_rank}")
-        if entry.basis != "svd":
-            basis = plan.bases.get(entry.weight)
-            g, m, n = layer.matrix_shape(entry.decomposition)
-            if basis is None:
-                raise OnnxlrfError(f"plan node {node!r} uses a {entry.basis} basis, but the plan has none for "
-                                   f"{entry.weight!r}")
-            if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
-                raise OnnxlrfError(f"plan node {node!r}: {entry.basis} basis does not fit the weight's {g}x{m}x{n} matrices")
-        if entry.bias_correction:
-            basis = plan.bases.get(entry.weight) if entry.basis != "svd" else None
-            if basis is None or len(basis) < 4 or basis[3] is None:
-                raise OnnxlrfError(f"plan node {node!r} asks for bias correction, but the plan stores no mean input "
-                                   f"for {entry.weight!r}")
-        if entry.basis == "refit":
-            basis = plan.bases[entry.weight]
-            g, m, _ = layer.matrix_shape(entry.decomposition)
-            if len(basis) < 5 or basis[4] is None or basis[4].shape != (g * m,):
-                raise OnnxlrfError(f"plan node {node!r} is refit, but the plan stores no bias change of "
-                                   f"{g * m} values for {entry.weight!r}")
-        if entry.keep is not None:
-            keep = entry.keep
-            if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
-            if len(keep) != entry.rank:
-                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {entry.rank}")
-            if len(set(keep)) != len(keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
-            bad = [i for i in keep if not 0 <= i < max_rank]
-            if bad:
-                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
-    by_weight: dict[str, LayerPlan] = {}
-    for entry in plan.layers:
-        first = by_weight.setdefault(entry.weight, entry)
-        if _factor_choice(entry) != _factor_choice(first):
-            raise OnnxlrfError(
-                f"plan nodes {first.node!r} and {entry.node!r} share weight {entry.weight!r} but plan it differently"
-            )
-
-
-def _basis_tuple(parts: dict) -> tuple:
-    """A stored basis from its named parts, absent ones None, trailing absent ones left off."""
-    basis = [parts.get(part) for part in BASIS_PARTS]
-    while basis[-1] is None:
-        basis.pop()
-    return tuple(basis)
-
-
-def _factor_choice(entry: LayerPlan) -> tuple:
-    return entry.decomposition, entry.rank, tuple(sorted(entry.kept_indices())), entry.bias_correction
-
-
-# --- planners -----------------------------------------------------------------------------------
-
-def _weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[list[Layer]], dict[str, str]]:
-    """Layers grouped by weight, and why a group must stay dense (if it must).
-
-    A weight shared by several nodes is factorized once for all of them; that
-    is only possible when they see it as the same matrices, and only saves
-    parameters when no other node still needs the dense weight.
-    """
-    groups: dict[str, list[Layer]] = {}
-    for layer in layers:
-        groups.setdefault(layer.weight, []).append(layer)
-    layer_nodes = {layer.node for layer in layers}
-    other_users: set[str] = set()
-    for node in model.graph.node:
-        if node.name not in layer_nodes:
-            other_users.update(node.input)
-        elif node.op_type in ("Conv", "Gemm"):
-            other_users.update(node.input[2:])  # a weight used as a bias is a dense use
-    for output in model.graph.output:
-        other_users.add(output.name)
-    dense_reason = {}
-    for weight, members in groups.items():
-        first = members[0]
-        if any((m.op_type, m.transposed, m.groups, m.kernel) != (first.op_type, first.transposed, first.groups,
-                                                                    first.kernel) for m in members):
-            dense_reason[weight] = "weight shared by nodes that read it differently"
-        elif weight in other_users:
-            dense_reason[weight] = "weight also used by a node that stays dense"
-    return list(groups.values()), dense_reason
-
-
-def dense_weight_reasons(model: onnx.ModelProto) -> dict[str, str]:
-    """Weights of factorizable layers that every planner keeps dense, with the reason (shared weights)."""
-    layers, _ = find_layers(model)
-    return _weight_groups(model, layers)[1]
+from ...costs.params import cost_model, cost_units
+from ...errors import OnnxlrfError
+from ...graph.layers import (
+    Layer,
+    count_params,
+    find_layers,
+    weight_array,
+    weight_groups,
+    weight_matrices,
+)
+from ...graph.linalg import singular_values, svd
+from ...planning.plan import LayerPlan, Plan
+from ...progress import ProgressLike, as_progress
 
 
 @dataclass
@@ -340,65 +46,6 @@ class _Candidate:
     choose: Callable[[float], tuple[str, int] | None]  # knob -> (decomposition, rank) or None (dense)
     breakpoints: list[float]
     dense_reason: str | None = None
-
-
-# What planners minimize besides the loss: whole-model ``target_reduction`` is a fraction of this.
-TARGETS = ("params", "flops", "latency")
-
-
-class ParamsCost:
-    """Cost in parameters, the default target (a weight shared by several nodes counts once).
-
-    The cost interface, also of :class:`onnxlrf.latency.FlopsCost` and
-    :class:`onnxlrf.latency.LatencyCost`: ``total()`` for the whole model,
-    ``dense(layers)`` and ``factorized(layers, decomposition, rank)`` for the
-    nodes sharing one weight, ``notes(layer, decomposition, rank)`` for the plan,
-    ``describe()`` for the plan's options, and ``resolution``: costs times it are compared as integers.
-    """
-
-    target = "params"
-    resolution = 1.0
-
-    def __init__(self, model: onnx.ModelProto) -> None:
-        self._total = count_params(model)
-
-    def total(self) -> float:
-        return float(self._total)
-
-    def dense(self, layers: list[Layer]) -> float:
-        return float(layers[0].params)
-
-    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return float(layers[0].factorized_params(decomposition, rank))
-
-    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
-        return {}
-
-    def describe(self) -> dict:
-        return {}
-
-
-def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None) -> Any:
-    """``cost`` when given (it must be for ``target``), else the cost model for ``target``.
-
-    FLOPs and latency are for batch 1 on the default provider when not given
-    (:func:`onnxlrf.latency.make_cost` builds them for other settings).
-    """
-    if target not in TARGETS:
-        raise OnnxlrfError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
-    if cost is not None:
-        if cost.target != target:
-            raise OnnxlrfError(f"the cost model is for target {cost.target!r}, not {target!r}")
-        return cost
-    if target == "params":
-        return ParamsCost(model)
-    from .latency import make_cost
-
-    return make_cost(model, target)
-
-
-def _cost_units(cost: Any, value: float) -> int:
-    return int(round(value * cost.resolution))
 
 
 def _check_rank_multiple(rank_multiple: int) -> None:
@@ -465,14 +112,14 @@ def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float,
     """The largest knob value whose plan removes at least ``target`` of the model's cost."""
     if not 0 < target < 1:
         raise OnnxlrfError(f"target_reduction must be in (0, 1), got {target}")
-    total = _cost_units(cost, cost.total())
+    total = cost_units(cost, cost.total())
 
     def removed(knob: float) -> int:
         saved = 0
         for cand in candidates:
             choice = None if cand.dense_reason else cand.choose(knob)
             if choice is not None:
-                saved += _cost_units(cost, cost.dense(cand.layers) - cost.factorized(cand.layers, *choice))
+                saved += cost_units(cost, cost.dense(cand.layers) - cost.factorized(cand.layers, *choice))
         return saved
 
     knobs = sorted({k for cand in candidates if not cand.dense_reason for k in cand.breakpoints})
@@ -505,7 +152,7 @@ def plan_uniform(model: onnx.ModelProto, rank_fraction: float | None = None,
     _check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
-    groups, dense_reason = _weight_groups(model, layers)
+    groups, dense_reason = weight_groups(model, layers)
     candidates = []
     for members in groups:
         layer = members[0]
@@ -547,7 +194,7 @@ def plan_energy(model: onnx.ModelProto, energy: float | None = None,
     _check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
-    groups, dense_reason = _weight_groups(model, layers)
+    groups, dense_reason = weight_groups(model, layers)
     candidates = []
     for members in as_progress(progress).track(groups, "energy plan: singular values", unit="weight"):
         layer = members[0]
@@ -594,9 +241,9 @@ def plan_full_rank(model: onnx.ModelProto, decomposition: str = "channel") -> Pl
     return Plan(layers=entries, mode="full-rank", options={"decomposition": decomposition}, source=_source(model))
 
 
-# --- joint planners (METHOD.md section 4) -----------------------------------------------------------
-
 JOINT_MODES = ("lossless", "compact")
+
+
 SOLVERS = ("lagrangian", "dp")
 
 
@@ -631,7 +278,7 @@ def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int
             if cost is None:
                 saved = [layer.params - layer.factorized_params(decomposition, r) for r in allowed]
             else:
-                saved = [_cost_units(cost, dense - cost.factorized([layer], decomposition, r)) for r in allowed]
+                saved = [cost_units(cost, dense - cost.factorized([layer], decomposition, r)) for r in allowed]
             for r, units in zip(allowed, saved):
                 if units > 0:
                     ranks.append(r)
@@ -738,7 +385,7 @@ def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduc
     _check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     options = _joint_options(sensitivity, kappa, None if cost.target == "params" else cost, rank_multiple)
-    total = _cost_units(cost, cost.total())
+    total = cost_units(cost, cost.total())
     need = None
     if mode == "lossless":
         if target_reduction is None or not 0 < target_reduction < 1:
@@ -810,8 +457,6 @@ def _dense_reason(option: _Options) -> str:
     return "kept dense by the planner: its allowed ranks cost more predicted loss per parameter than the plan affords"
 
 
-# --- data-aware baselines, through the same rewrite ---------------------------------------------------
-
 def baseline_basis(ls: Any, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x, s, y^T) with ``W = x diag(s) y^T``, components by decreasing s, for a baseline basis.
 
@@ -839,7 +484,7 @@ def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_re
     cost = cost_model(model, target, cost)
     analyzed = {ls.layer.node: ls for ls in sensitivity.layers.values()}
     layers, _ = find_layers(model)
-    groups, dense_reason = _weight_groups(model, layers)
+    groups, dense_reason = weight_groups(model, layers)
     candidates = []
     for members in groups:
         layer = members[0]

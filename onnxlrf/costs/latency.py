@@ -29,9 +29,7 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,20 +39,34 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from .analysis import Layer, _constant_producers, find_layers
-from .errors import OnnxlrfError
-from .onnx_io import atomic_path
-from .progress import ProgressLike, as_progress
+from ..errors import OnnxlrfError
+from ..graph.layers import Layer, constant_producers, find_layers
+from ..onnx_io import atomic_path
+from ..progress import ProgressLike, as_progress
+from ..runtime.timing import device_name, time_interleaved
+from .flops import FlopsCost
 
 CACHE_VERSION = 1
+
+
 # Geometric spacing of the measured ranks (ratio between neighbours) and how far below the largest useful rank.
 RANK_GRID_RATIO = math.sqrt(2)
+
+
 RANK_GRID_SPAN = 32
+
+
 # Sessions timed together (interleaved); the dense node is one of them in every chunk. Bounds memory at batch 32.
 SESSIONS_PER_CHUNK = 8
+
+
 # The probe rewrite of the calibration, and the range its scale is trusted in (else 1).
 CALIBRATION_RANK_FRACTION = 0.25
+
+
 CALIBRATION_SCALE_RANGE = (0.25, 4.0)
+
+
 # Ranks on multiples of 8 fit GPU tensor-core tiles and, measured here, onnxruntime's CPU convolutions
 # (8-channel NCHWc blocks: ranks 57..64 run as fast as 64; README, "Ranks that fit the hardware").
 HARDWARE_RANK_MULTIPLE = 8
@@ -73,108 +85,10 @@ def cache_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "onnxlrf") / "latency"
 
 
-# --- shapes and FLOPs ----------------------------------------------------------------------------------
-
-def layer_shapes(model: onnx.ModelProto, batch: int = 1, seq_length: int = 128
-                 ) -> dict[str, tuple[list[int], list[int]]]:
-    """Per layer node: (input shape, output shape) at ``batch`` (symbolic non-batch dims -> ``seq_length``)."""
-    from .validation import concrete_input_shapes, infer_shapes
-
-    shapes = infer_shapes(model, concrete_input_shapes(model, batch, seq_length))
-    nodes = {node.name: node for node in model.graph.node}
-    out = {}
-    for layer in find_layers(model)[0]:
-        node = nodes[layer.node]
-        x, y = shapes.get(node.input[0]), shapes.get(node.output[0])
-        if x is None or y is None or None in x or None in y:
-            raise OnnxlrfError(f"shape inference leaves the input or output shape of node {layer.node!r} unknown")
-        out[layer.node] = (list(x), list(y))
-    return out
-
-
-def layer_flops(layer: Layer, input_shape: list[int], output_shape: list[int],
-                decomposition: str | None = None, rank: int | None = None) -> int:
-    """FLOPs (2 x MACs) of the dense node (``decomposition`` None) or of its factorized pair."""
-    if layer.op_type == "Conv":
-        positions = output_shape[0] * math.prod(output_shape[2:])  # batch x output pixels
-    else:
-        positions = math.prod(input_shape[:-1])  # rows of X in X @ W (Gemm with transA: pass A's shape reversed)
-    g, m, n = layer.groups, layer.out_features, layer.in_features
-    if decomposition is None:
-        return 2 * positions * g * m * n
-    if decomposition == "channel":
-        return 2 * positions * g * rank * (m + n)
-    # spatial: (kh x 1) conv over the full input width, then (1 x kw) conv on the output grid
-    cout, cin, kh, kw = layer.weight_shape
-    first = output_shape[0] * output_shape[2] * input_shape[3] * rank * cin * kh
-    return 2 * (first + positions * cout * rank * kw)
-
-
-class FlopsCost:
-    """Cost in FLOPs of Conv/Gemm/MatMul nodes at ``batch`` (the total is :func:`validation.count_flops`)."""
-
-    target = "flops"
-    resolution = 1.0
-
-    def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128) -> None:
-        from .validation import concrete_input_shapes, count_flops
-
-        self.model, self.batch, self.seq_length = model, batch, seq_length
-        self.shapes = layer_shapes(self.model, self.batch, self.seq_length)
-        self._total = count_flops(self.model, concrete_input_shapes(self.model, self.batch, self.seq_length))
-        self._trans_a = {n.name: any(a.name == "transA" and a.i for a in n.attribute)
-                         for n in self.model.graph.node if n.op_type == "Gemm"}
-
-    def _flops(self, layer: Layer, decomposition: str | None = None, rank: int | None = None) -> int:
-        x, y = self.shapes[layer.node]
-        if self._trans_a.get(layer.node):
-            x = x[::-1]  # Gemm with transA reads A as (K, M): rows are its last dim
-        return layer_flops(layer, x, y, decomposition, rank)
-
-    def total(self) -> float:
-        return float(self._total)
-
-    def dense(self, layers: list[Layer]) -> float:
-        return float(sum(self._flops(layer) for layer in layers))
-
-    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return float(sum(self._flops(layer, decomposition, rank) for layer in layers))
-
-    def describe(self) -> dict:
-        return {"batch": self.batch, "seq_length": self.seq_length}
-
-    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
-        dense = self._flops(layer)
-        return {"flops_dense": dense,
-                "flops_planned": dense if decomposition is None else self._flops(layer, decomposition, rank)}
-
-
-# --- latency measurement -------------------------------------------------------------------------------
-
-def device_name(providers: list[str]) -> str:
-    """The device the provider runs on, for cache keys and reports."""
-    if providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return torch.cuda.get_device_name(0)
-        except Exception:  # a CPU-only torch build or a broken driver: fall back to a generic name
-            pass
-        return "cuda:0"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Constant tensors by name, including outputs of Identity nodes on constants (the TorchScript
     exporter shares equal tensors, e.g. all-zero biases, that way)."""
-    constants = _constant_producers(model)
+    constants = constant_producers(model)
     for node in model.graph.node:  # topological order: chains resolve in one pass
         if node.op_type == "Identity" and node.input[0] in constants:
             constants[node.output[0]] = constants[node.input[0]]
@@ -208,7 +122,7 @@ def _single_node_model(model: onnx.ModelProto, layer: Layer, input_shape: list[i
 
 def _pair_model(single: onnx.ModelProto, layer: Layer, decomposition: str, rank: int) -> onnx.ModelProto:
     """``single`` with its node factorized at ``rank``, through the real rewrite."""
-    from .planning import LayerPlan, Plan
+    from ..planning.plan import LayerPlan, Plan
 
     entry = LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                       layer.max_rank(decomposition), None, layer.params, layer.factorized_params(decomposition, rank))
@@ -218,8 +132,8 @@ def _pair_model(single: onnx.ModelProto, layer: Layer, decomposition: str, rank:
 def rewrite_with_random_factors(model: onnx.ModelProto, plan: Any) -> onnx.ModelProto:
     """``model`` rewritten by ``plan`` with random factors of the planned shapes: the graph a real
     rewrite gives, for timing (values do not change the run time), without an SVD per layer."""
-    from .planning import Plan
-    from .rewrite import apply_plan
+    from ..planning.plan import Plan
+    from ..techniques.lowrank.rewrite import apply_plan
 
     layers = {layer.node: layer for layer in find_layers(model)[0]}
     rng = np.random.default_rng(1)
@@ -259,26 +173,6 @@ def rank_grid(layer: Layer, decomposition: str, rank_multiple: int = 1) -> list[
         ranks.add(max(rank_multiple, int(round(value / rank_multiple)) * rank_multiple))
         value /= RANK_GRID_RATIO
     return sorted(ranks)
-
-
-def time_interleaved(runners: list[Callable[[], None]], warmup: int = 2, budget_s: float = 1.0,
-                     min_rounds: int = 5, max_rounds: int = 200) -> list[list[float]]:
-    """Run times (s) of each runner: warm-up, then rounds running every runner once (order rotating
-    every round), until ``budget_s`` has passed and at least ``min_rounds`` rounds ran."""
-    for run in runners:
-        for _ in range(warmup):
-            run()
-    times: list[list[float]] = [[] for _ in runners]
-    start = time.perf_counter()
-    for round_number in range(max_rounds):
-        shift = round_number % len(runners)
-        for index in list(range(shift, len(runners))) + list(range(shift)):
-            begin = time.perf_counter()
-            runners[index]()
-            times[index].append(time.perf_counter() - begin)
-        if round_number + 1 >= min_rounds and time.perf_counter() - start >= budget_s:
-            break
-    return times
 
 
 @dataclass
@@ -362,7 +256,7 @@ class LatencyCost:
                  threads: int | None = None, rank_multiple: int = 1, io_binding: bool | None = None,
                  cache: str | os.PathLike | None = None, budget_s: float = 0.5,
                  progress: ProgressLike = None) -> None:
-        from .validation import select_providers
+        from ..runtime.sessions import select_providers
 
         self.model = model
         self.batch = batch
@@ -411,7 +305,7 @@ class LatencyCost:
         The per-layer costs are a model of the whole: on small layers (CIFAR
         ResNet-56, batch 32) a plan they predicted 10% faster measured 0.93x.
         """
-        from .validation import benchmark
+        from ..runtime.evaluate import benchmark
 
         provider = "cpu" if self.providers[0] == "CPUExecutionProvider" else "cuda"
         return benchmark(compressed, self.model, batch=self.batch, warmup=2, runs=runs, provider=provider,
@@ -424,12 +318,12 @@ class LatencyCost:
     # -- measurement
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        from .validation import make_session
+        from ..runtime.sessions import make_session
 
         return make_session(model, self.providers, self.threads)
 
     def _runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
-        from .validation import make_runner
+        from ..runtime.sessions import make_runner
 
         return make_runner(self._session(model), feeds, self.io_binding)
 
@@ -485,8 +379,8 @@ class LatencyCost:
         return LayerTiming(dense_ms, pair_ms)
 
     def _calibrate(self) -> None:
-        from .planning import plan_uniform
-        from .validation import random_feeds
+        from ..runtime.sessions import random_feeds
+        from ..techniques.lowrank.planners import plan_uniform
 
         probe_plan = plan_uniform(self.model, rank_fraction=CALIBRATION_RANK_FRACTION, target="latency",
                                   rank_multiple=self.rank_multiple, cost=self)
@@ -512,7 +406,7 @@ def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: i
               progress: ProgressLike = None) -> Any:
     """The cost model for ``target``: :class:`~onnxlrf.planning.ParamsCost`, :class:`FlopsCost`
     or :class:`LatencyCost` (measured now, on ``provider`` at ``batch``)."""
-    from .planning import ParamsCost
+    from .params import ParamsCost
 
     if target == "params":
         return ParamsCost(model)

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from .analysis import Layer, find_layers, weight_array
+from ..graph.layers import Layer, find_layers, weight_array
 
 # Largest residual of a channel-scaled match, relative to the channel's largest
 # ONNX weight: float32 folding errors are ~1e-7, unrelated weights are ~1.

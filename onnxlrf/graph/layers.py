@@ -1,4 +1,4 @@
-"""Which layers of an ONNX graph can be factorized, and the factor math.
+"""Which layers of an ONNX graph can be factorized, their weights as matrices, and weight groups.
 
 A *layer* is a Conv, Gemm or MatMul node whose weight is a constant (an
 initializer or a ``Constant`` node output). Its weight is seen as ``g``
@@ -9,25 +9,30 @@ METHOD.md section 6:
   ``(Cout/g) x (Cin/g * prod(kernel))``; Gemm/MatMul ``out x in``.
 * spatial decomposition (2-D Conv, groups 1, kernel larger than 1x1):
   one ``(Cin*kh) x (Cout*kw)`` matrix.
+
+A weight shared by several nodes is one *group* (:func:`weight_groups`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
-from .errors import OnnxlrfError
+from ..errors import OnnxlrfError
 
 DECOMPOSITIONS = ("channel", "spatial")
+
+
 FLOAT_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
 QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+
+
 FACTORIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -86,7 +91,7 @@ class SkippedNode:
     reason: str
 
 
-def _constant_producers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+def constant_producers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Constant tensors by name: initializers and ``Constant`` nodes with a ``value`` tensor."""
     graph_inputs = {i.name for i in model.graph.input}
     # An initializer that is also a graph input can be overridden at run time: not a constant.
@@ -142,7 +147,7 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
     """Factorizable layers of the main graph, and the Conv/Gemm/MatMul/quantized nodes that are not."""
-    constants = _constant_producers(model)
+    constants = constant_producers(model)
     producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
     name_count: dict[str, int] = {}
     for node in model.graph.node:
@@ -219,7 +224,7 @@ def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer 
 
 def weight_array(model: onnx.ModelProto, layer: Layer) -> np.ndarray:
     """The layer's weight as stored (initializer or Constant node value)."""
-    tensor = _constant_producers(model).get(layer.weight)
+    tensor = constant_producers(model).get(layer.weight)
     if tensor is None:
         raise OnnxlrfError(f"weight {layer.weight!r} of node {layer.node!r} is not a constant of this model")
     return numpy_helper.to_array(tensor)
@@ -251,44 +256,42 @@ def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -
     return matrices.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3)
 
 
-def svd(matrices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD of a stack of matrices, in float64 via torch: ``U (g,m,k)``, ``S (g,k)``, ``Vh (g,k,n)``."""
-    with single_thread():
-        u, s, vh = thin_svd(torch.from_numpy(np.asarray(matrices, dtype=np.float64)))
-    return u.numpy(), s.numpy(), vh.numpy()
+def count_params(model: onnx.ModelProto) -> int:
+    """Model parameters: elements of float initializers plus float ``Constant`` tensors."""
+    return count_float_tensor_params(model)
 
 
-def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.svd(matrices, full_matrices=False)``, retried on the transposes where it fails.
+def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[list[Layer]], dict[str, str]]:
+    """Layers grouped by weight, and why a group must stay dense (if it must).
 
-    LAPACK's divide-and-conquer SVD fails to converge on some rank-deficient matrices (a
-    refit's 1536 x 384 MiniLM matrix, singular values down to 1e-16, failed in numpy's);
-    the transposed problem goes another way through it.
+    A weight shared by several nodes is factorized once for all of them; that
+    is only possible when they see it as the same matrices, and only saves
+    parameters when no other node still needs the dense weight.
     """
-    try:
-        return torch.linalg.svd(matrices, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        v, s, uh = torch.linalg.svd(matrices.transpose(-1, -2), full_matrices=False)
-        return uh.transpose(-1, -2), s, v.transpose(-1, -2)
+    groups: dict[str, list[Layer]] = {}
+    for layer in layers:
+        groups.setdefault(layer.weight, []).append(layer)
+    layer_nodes = {layer.node for layer in layers}
+    other_users: set[str] = set()
+    for node in model.graph.node:
+        if node.name not in layer_nodes:
+            other_users.update(node.input)
+        elif node.op_type in ("Conv", "Gemm"):
+            other_users.update(node.input[2:])  # a weight used as a bias is a dense use
+    for output in model.graph.output:
+        other_users.add(output.name)
+    dense_reason = {}
+    for weight, members in groups.items():
+        first = members[0]
+        if any((m.op_type, m.transposed, m.groups, m.kernel) != (first.op_type, first.transposed, first.groups,
+                                                                    first.kernel) for m in members):
+            dense_reason[weight] = "weight shared by nodes that read it differently"
+        elif weight in other_users:
+            dense_reason[weight] = "weight also used by a node that stays dense"
+    return list(groups.values()), dense_reason
 
 
-def singular_values(matrices: np.ndarray) -> np.ndarray:
-    """Singular values ``(g, k)`` of a stack of matrices, descending, float64 (cheaper than :func:`svd`)."""
-    matrices = torch.from_numpy(np.asarray(matrices, dtype=np.float64))
-    with single_thread():
-        try:
-            return torch.linalg.svdvals(matrices).numpy()
-        except torch.linalg.LinAlgError:  # as in thin_svd
-            return torch.linalg.svdvals(matrices.transpose(-1, -2)).numpy()
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """torch on one thread: multi-threaded LAPACK SVD of these small matrices is up to 100x
-    slower when the cores are busy (threads wait at barriers for descheduled peers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def dense_weight_reasons(model: onnx.ModelProto) -> dict[str, str]:
+    """Weights of factorizable layers that every planner keeps dense, with the reason (shared weights)."""
+    layers, _ = find_layers(model)
+    return weight_groups(model, layers)[1]

@@ -34,12 +34,19 @@ import numpy as np
 import onnx
 import torch
 
-from .analysis import Layer, find_layers, matrices_to_weight, svd, weight_array, weight_matrices
-from .errors import OnnxlrfError
-from .planning import LayerPlan, Plan
-from .progress import ProgressLike, as_progress
-from .sensitivity import DAMPING, layer_input_rows, shift_outputs
-from .torch_graph import TorchGraph, _channels_last, heap_reuse
+from ...errors import OnnxlrfError
+from ...graph.layers import (
+    Layer,
+    find_layers,
+    matrices_to_weight,
+    weight_array,
+    weight_matrices,
+)
+from ...graph.linalg import svd
+from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
+from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
+from ...planning.plan import LayerPlan, Plan
+from ...progress import ProgressLike, as_progress
 
 __all__ = ["refit_plan"]
 
@@ -70,7 +77,7 @@ def _stored_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> to
     """``(g, m, n)`` matrices as the weight tensor the torch evaluator reads."""
     weight = torch.from_numpy(np.ascontiguousarray(matrices_to_weight(matrices, layer, decomposition),
                                                    dtype=np.float32))
-    return _channels_last(weight) if layer.op_type == "Conv" else weight
+    return channels_last(weight) if layer.op_type == "Conv" else weight
 
 
 def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_refit: torch.Tensor,

@@ -24,10 +24,19 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .analysis import Layer, find_layers, matrices_to_weight, svd, weight_array, weight_matrices
-from .errors import OnnxlrfError
-from .planning import LayerPlan, Plan, count_params, plan_full_rank, validate_plan
-from .progress import ProgressLike, as_progress
+from ...errors import OnnxlrfError
+from ...graph.layers import (
+    Layer,
+    count_params,
+    find_layers,
+    matrices_to_weight,
+    weight_array,
+    weight_matrices,
+)
+from ...graph.linalg import svd
+from ...planning.plan import LayerPlan, Plan, validate_plan
+from ...progress import ProgressLike, as_progress
+from .planners import plan_full_rank
 
 __all__ = ["RewriteReport", "apply_plan", "plan_full_rank", "truncate_weights"]
 

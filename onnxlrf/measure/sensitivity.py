@@ -35,10 +35,17 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from .analysis import Layer, find_layers, matrices_to_weight, thin_svd, weight_array, weight_matrices
-from .errors import OnnxlrfError
-from .progress import Progress, ProgressLike, as_progress
-from .torch_graph import TorchGraph, _auto_pad, _attrs, _pads, heap_reuse
+from ..errors import OnnxlrfError
+from ..graph.layers import (
+    Layer,
+    find_layers,
+    matrices_to_weight,
+    weight_array,
+    weight_matrices,
+)
+from ..graph.linalg import thin_svd
+from ..progress import Progress, ProgressLike, as_progress
+from .torch_graph import TorchGraph, auto_pad, conv_pads, heap_reuse, node_attributes
 
 # Relative damping of the Kronecker factors: keeps B^(-1/2), A^(-1/2) finite for
 # dead channels (e.g. zero-padded shortcut channels) without changing the basis
@@ -212,18 +219,18 @@ class Sensitivity:
 
 def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:
     """A conv's input as (rows, Cin*prod(kernel)) patches, in the weight's (c, k...) order."""
-    a = _attrs(node)
+    a = node_attributes(node)
     kernel = list(weight_shape[2:])
     spatial = len(kernel)
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
-    pads = _auto_pad(x, a, kernel, strides, dil)
+    pads = auto_pad(x, a, kernel, strides, dil)
     if all(k == 1 for k in kernel) and not any(pads):
         # A 1x1 conv's patches are its input's pixels: channels-last, the rows are a view.
         x = x[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in strides)]
         return x.movedim(1, -1).reshape(-1, x.shape[1])
     if any(pads):
-        x = F.pad(x, _pads(pads, spatial))
+        x = F.pad(x, conv_pads(pads, spatial))
     if spatial == 1:
         x, kernel, strides, dil = x.unsqueeze(-1), kernel + [1], strides + [1], dil + [1]
     elif spatial != 2:
@@ -244,7 +251,7 @@ def layer_input_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor,
     g, _, n = layer.matrix_shape("channel")
     if layer.op_type == "Conv":
         rows = _unfold_inputs(node, x, layer.weight_shape)
-    elif layer.op_type == "Gemm" and _attrs(node).get("transA", 0):
+    elif layer.op_type == "Gemm" and node_attributes(node).get("transA", 0):
         rows = x.t()
     elif token_mask is not None and tuple(x.shape[:-1]) == tuple(token_mask.shape):
         rows = x[token_mask != 0]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from .errors import OnnxlrfError
+from ..errors import OnnxlrfError
 
 # Called after a hooked node runs; a returned tensor replaces the node's first output.
 NodeHook = Callable[[onnx.NodeProto, list, torch.Tensor], "torch.Tensor | None"]
@@ -41,7 +41,7 @@ _DTYPES = {
 }
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
+def node_attributes(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -49,7 +49,7 @@ def _ints(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(v) for v in t.reshape(-1).tolist()]
 
 
-def _pads(pads: Sequence[int], spatial: int) -> list[int]:
+def conv_pads(pads: Sequence[int], spatial: int) -> list[int]:
     """ONNX [b1, b2, ..., e1, e2, ...] -> F.pad's [e_last-dim first ...]."""
     out: list[int] = []
     for i in reversed(range(spatial)):
@@ -57,7 +57,7 @@ def _pads(pads: Sequence[int], spatial: int) -> list[int]:
     return out
 
 
-def _auto_pad(x: torch.Tensor, a: dict, kernel: Sequence[int], strides: Sequence[int], dil: Sequence[int]) -> list[int]:
+def auto_pad(x: torch.Tensor, a: dict, kernel: Sequence[int], strides: Sequence[int], dil: Sequence[int]) -> list[int]:
     mode = a.get("auto_pad", b"NOTSET")
     mode = mode.decode() if isinstance(mode, bytes) else mode
     spatial = len(kernel)
@@ -81,11 +81,11 @@ def _conv(x, w, b=None, a=None):
     kernel = list(w.shape[2:])
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
-    pads = _auto_pad(x, a, kernel, strides, dil)
+    pads = auto_pad(x, a, kernel, strides, dil)
     padding = pads[:spatial]
     if pads[:spatial] != pads[spatial:]:
         # Only asymmetric pads need a padded copy of the input; conv pads symmetric ones itself.
-        x = F.pad(x, _pads(pads, spatial))
+        x = F.pad(x, conv_pads(pads, spatial))
         padding = [0] * spatial
     fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
     return fn(x, w, b, stride=strides, padding=padding, dilation=dil, groups=a.get("group", 1))
@@ -96,16 +96,16 @@ def _pool(x, a, kind):
     spatial = len(kernel)
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
-    pads = _auto_pad(x, a, kernel, strides, dil)
+    pads = auto_pad(x, a, kernel, strides, dil)
     ceil = bool(a.get("ceil_mode", 0))
     if kind == "max":
         if any(pads):
-            x = F.pad(x, _pads(pads, spatial), value=-math.inf)
+            x = F.pad(x, conv_pads(pads, spatial), value=-math.inf)
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
         return fn(x, kernel, strides, 0, dil, ceil_mode=ceil)
     count_pad = bool(a.get("count_include_pad", 0))
     if any(pads) and count_pad:
-        x = F.pad(x, _pads(pads, spatial))
+        x = F.pad(x, conv_pads(pads, spatial))
         pads = [0] * 2 * spatial
     if any(pads) and pads[:spatial] != pads[spatial:]:
         raise OnnxlrfError("AveragePool with asymmetric pads is not supported by the torch analysis")
@@ -174,7 +174,7 @@ def _pad(x, pads=None, value=None, axes=None, a=None):
     for i, ax in enumerate(axes):
         full[ax % x.dim()] = pads[i]
         full[x.dim() + ax % x.dim()] = pads[n + i]
-    torch_pads = _pads(full, x.dim())
+    torch_pads = conv_pads(full, x.dim())
     fill = 0.0 if value is None or value.numel() == 0 else float(value.reshape(-1)[0])
     if mode == "constant":
         return F.pad(x, torch_pads, value=fill)
@@ -362,7 +362,7 @@ OPS: dict[str, Callable] = {
 }
 
 
-def _channels_last(value: torch.Tensor) -> torch.Tensor:
+def channels_last(value: torch.Tensor) -> torch.Tensor:
     """4-D float tensors in channels-last order: torch's CPU convs run about 1.3x faster on it."""
     if value.dim() == 4 and value.is_floating_point():
         return value.contiguous(memory_format=torch.channels_last)
@@ -433,7 +433,7 @@ class TorchGraph:
             raise OnnxlrfError(f"ops not supported by the torch analysis: {', '.join(unsupported)}")
         self.model = model
         self.nodes = list(model.graph.node)
-        self.attrs = [_attrs(n) for n in self.nodes]
+        self.attrs = [node_attributes(n) for n in self.nodes]
         weights = set(weights)
         conv_weights = {n.input[1] for n in self.nodes if n.op_type == "Conv"}
         self.constants: dict[str, torch.Tensor] = {}
@@ -441,7 +441,7 @@ class TorchGraph:
         for init in model.graph.initializer:
             value = torch.from_numpy(numpy_helper.to_array(init).copy())
             if init.name in conv_weights:
-                value = _channels_last(value)
+                value = channels_last(value)
             if init.name in weights:
                 self.parameters[init.name] = value.to(dtype).requires_grad_(True)
             else:
@@ -519,7 +519,7 @@ class TorchGraph:
         for name in self.input_names:
             if name not in feeds:
                 raise OnnxlrfError(f"missing input {name!r}")
-            env[name] = _channels_last(torch.as_tensor(feeds[name]))
+            env[name] = channels_last(torch.as_tensor(feeds[name]))
         return env
 
     def _live_at(self, start: int) -> set[str]:

@@ -1,0 +1,74 @@
+"""The cost protocol, the parameter cost, and choosing a cost model by target.
+
+What planners minimize besides the loss. Every cost model answers ``total()`` for the whole
+model, ``dense(layers)`` and ``factorized(layers, decomposition, rank)`` for the nodes sharing one
+weight, ``notes(layer, decomposition, rank)`` for the plan, ``describe()`` for the plan's options,
+and has ``target`` and ``resolution`` (costs times it are compared as integers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import onnx
+
+from ..errors import OnnxlrfError
+from ..graph.layers import Layer, count_params
+from .flops import FlopsCost
+
+# What planners minimize besides the loss: whole-model ``target_reduction`` is a fraction of this.
+TARGETS = ("params", "flops", "latency")
+
+
+class ParamsCost:
+    """Cost in parameters, the default target (a weight shared by several nodes counts once).
+
+    See the module's docstring for the protocol it shares with :class:`~onnxlrf.costs.flops.FlopsCost`
+    and :class:`~onnxlrf.costs.latency.LatencyCost`.
+    """
+
+    target = "params"
+    resolution = 1.0
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._total = count_params(model)
+
+    def total(self) -> float:
+        return float(self._total)
+
+    def dense(self, layers: list[Layer]) -> float:
+        return float(layers[0].params)
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return float(layers[0].factorized_params(decomposition, rank))
+
+    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
+        return {}
+
+    def describe(self) -> dict:
+        return {}
+
+
+def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None) -> Any:
+    """``cost`` when given (it must be for ``target``), else the cost model for ``target``.
+
+    FLOPs are for batch 1 when not given. Latency is measured, so it must be given
+    (:func:`onnxlrf.costs.latency.make_cost` measures it).
+    """
+    if target not in TARGETS:
+        raise OnnxlrfError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    if cost is not None:
+        if cost.target != target:
+            raise OnnxlrfError(f"the cost model is for target {cost.target!r}, not {target!r}")
+        return cost
+    if target == "params":
+        return ParamsCost(model)
+    if target == "flops":
+        return FlopsCost(model)
+    raise OnnxlrfError("target 'latency' needs a measured cost model: onnxlrf.costs.latency.make_cost(model, "
+                       "'latency', ...)")
+
+
+def cost_units(cost: Any, value: float) -> int:
+    """``value`` in the integer units the knapsack compares (``cost.resolution`` per unit of the target)."""
+    return int(round(value * cost.resolution))

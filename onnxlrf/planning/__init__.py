@@ -1,0 +1,1 @@
+"""The plan passed from analysis to rewrite (versioned JSON a user can read and edit) and the knapsack."""

@@ -1,0 +1,1 @@
+"""onnxruntime: sessions and providers, shapes and FLOPs, interleaved timing, evaluation on data."""

@@ -1,0 +1,196 @@
+"""onnxruntime sessions: providers (checked, not assumed), sessions, running a dataset, random feeds.
+
+Provider reporting always comes from ``session.get_providers()``: onnxruntime-gpu
+lists CUDA as *available* even where it cannot load it, and then silently runs
+on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from ..data import Dataset, graph_inputs
+from ..errors import OnnxlrfError
+from ..onnx_io import save_onnx
+from ..progress import ProgressLike, as_progress
+from .shapes import (
+    PROTOBUF_LIMIT,
+    DEFAULT_SEQ_LENGTH,
+    ModelLike,
+    concrete_input_shapes,
+)
+
+CPU = "CPUExecutionProvider"
+
+
+CUDA = "CUDAExecutionProvider"
+
+
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+
+
+# Random token ids stay below this, which every vocabulary of interest exceeds.
+RANDOM_TOKEN_LIMIT = 1000
+
+
+# onnxruntime's default logger level (warning), restored after the CUDA probe.
+_ORT_DEFAULT_LOG_SEVERITY = 2
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_works() -> bool:
+    """Whether a session on CUDAExecutionProvider really gets CUDA (not a silent CPU fallback)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])],
+            "cuda_probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", 13)],
+        ir_version=7,
+    )
+    # A failed CUDA load logs a multi-line error through the default logger; the answer is enough.
+    ort.set_default_logger_severity(4)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA, CPU])
+        return CUDA in session.get_providers()
+    except Exception:  # any failure to set CUDA up means "no CUDA"
+        return False
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
+
+
+def select_providers(provider: str = "auto") -> list[str]:
+    """Execution providers for ``provider``: 'auto' (CUDA if it really works, else CPU), 'cuda' or 'cpu'."""
+    if provider == "cpu":
+        return [CPU]
+    if provider == "cuda":
+        if not cuda_works():
+            raise OnnxlrfError("provider cuda requested, but onnxruntime cannot run on CUDA here (use --provider cpu)")
+        return [CUDA, CPU]
+    if provider == "auto":
+        return [CUDA, CPU] if cuda_works() else [CPU]
+    raise OnnxlrfError(f"unknown provider {provider!r}; known: {', '.join(PROVIDER_CHOICES)}")
+
+
+def make_session(
+    model: ModelLike, providers: list[str] | None = None, threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session (default graph optimizations, ``threads`` intra-op threads, no spinning)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+    options.inter_op_num_threads = 1
+    # Spinning threads burn CPU between runs and distort timings on a shared machine.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    providers = providers or select_providers("auto")
+    try:
+        if not isinstance(model, onnx.ModelProto):
+            if not Path(model).is_file():
+                raise OnnxlrfError(f"file not found: {model}")
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="onnxlrf-session-") as tmp:
+            path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
+            return ort.InferenceSession(str(path), options, providers=providers)
+    except OnnxlrfError:
+        raise
+    except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/... with multi-line text
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line}") from None
+
+
+def _static_batch(session: ort.InferenceSession) -> int | None:
+    dims = session.get_inputs()[0].shape
+    return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+
+
+def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128,
+                progress: ProgressLike = None, description: str = "inference") -> np.ndarray:
+    """The session's first output for every row of ``dataset``, in order.
+
+    A model with a static batch size B is run B rows at a time, the last batch
+    padded by repeating its last row (the padding's outputs are dropped).
+    """
+    static_batch = _static_batch(session)
+    batch_size = static_batch or batch_size
+    names = [i.name for i in session.get_inputs()]
+    first_output = session.get_outputs()[0].name
+    outputs = []
+    n_batches = -(-dataset.rows // batch_size)  # rows: two per sentence pair
+    for feed in as_progress(progress).track(dataset.batches(batch_size), description, n_batches, "batch"):
+        feed = {name: feed[name] for name in names}
+        rows = len(next(iter(feed.values())))
+        if static_batch and rows < static_batch:
+            feed = {n: np.concatenate([a, np.repeat(a[-1:], static_batch - rows, axis=0)]) for n, a in feed.items()}
+        outputs.append(session.run([first_output], feed)[0][:rows])
+    return np.concatenate(outputs)
+
+
+def random_feeds(
+    model: onnx.ModelProto, batch: int = 1, seq_length: int = DEFAULT_SEQ_LENGTH, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """Inputs of :func:`concrete_input_shapes`: standard normal floats; for integer inputs token ids
+    in [0, 1000), all-ones attention masks and zero token type ids."""
+    rng = np.random.default_rng(seed)
+    shapes = concrete_input_shapes(model, batch, seq_length)
+    feeds = {}
+    for inp in graph_inputs(model):
+        shape = shapes[inp.name]
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type))
+        if dtype.kind == "f":
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+        elif "mask" in inp.name:
+            feeds[inp.name] = np.ones(shape, dtype=dtype)
+        elif "type" in inp.name:
+            feeds[inp.name] = np.zeros(shape, dtype=dtype)
+        elif dtype.kind in "iu":
+            feeds[inp.name] = rng.integers(0, RANDOM_TOKEN_LIMIT, size=shape).astype(dtype)
+        else:
+            raise OnnxlrfError(f"cannot make random data for input {inp.name!r} of type {dtype}; pass feeds")
+    return feeds
+
+
+def make_runner(session: ort.InferenceSession, feeds: dict[str, np.ndarray],
+                io_binding: bool = False) -> Callable[[], None]:
+    """A function running ``session`` once on ``feeds`` (its inputs), for timing.
+
+    With ``io_binding`` the inputs are copied to the session's device (CUDA or
+    CPU) once and the outputs stay there, so a timed run excludes host<->device
+    copies; each run ends with a synchronization of the outputs.
+    """
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    if not io_binding:
+        return lambda: session.run(None, feeds)
+    return _BoundRunner(session, feeds, "cuda" if session.get_providers()[0] == CUDA else "cpu")
+
+
+class _BoundRunner:
+    """Runs a session on inputs copied to ``device`` once; outputs are allocated there."""
+
+    def __init__(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray], device: str) -> None:
+        self.session = session
+        self.binding = session.io_binding()
+        # The binding does not own its OrtValues: they live as long as this runner.
+        self.inputs = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, 0)
+                       for name, array in feeds.items()}
+        for name, value in self.inputs.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for output in session.get_outputs():
+            self.binding.bind_output(output.name, device)
+
+    def __call__(self) -> None:
+        self.session.run_with_iobinding(self.binding)
+        self.binding.synchronize_outputs()

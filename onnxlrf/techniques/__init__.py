@@ -1,0 +1,1 @@
+"""Compression techniques, one package each, behind the protocol in :mod:`onnxlrf.techniques.base`."""

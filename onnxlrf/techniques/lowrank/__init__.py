@@ -1,0 +1,1 @@
+"""Low-rank factorization: planners, the factor-pair rewrite, and the refit."""

@@ -1,0 +1,1 @@
+"""Verification: disjoint splits, and the back-off that checks plans on validation data."""
