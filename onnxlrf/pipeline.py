@@ -116,7 +116,7 @@ def make_plan(
 ) -> Plan:
     """A data-free plan: ``uniform`` (rank fraction) or ``energy`` (share of squared singular values).
 
-    ``target``/``cost``/``rank_multiple``: see :func:`onnxlrf.planning.plan_uniform`.
+    ``target``/``cost``/``rank_multiple``: see :func:`onnxlrf.techniques.lowrank.planners.plan_uniform`.
     """
     if mode == "uniform":
         if (target_reduction is None) == (rank_fraction is None):
@@ -171,7 +171,7 @@ def compress_joint(
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
     ``refit``: the back-off also tries its plans with their factors refit on calib
-    (:func:`onnxlrf.refit.refit_plan`), and keeps them where validation says they are better
+    (:func:`onnxlrf.techniques.lowrank.refit.refit_plan`), and keeps them where validation says they are better
     (see :func:`backoff_plan`); with ``rounds`` > 1, the final plan only.
 
     ``rounds`` > 1 repeats analysis and back-off around the truncated weights of the
@@ -180,7 +180,7 @@ def compress_joint(
     validation (against the original's metric); lossless: round k aims at k/rounds
     of ``target_reduction``. The returned plan applies to ``reference`` itself.
     Each split's metric is reported with the original's; calib and test also with the 95%
-    interval of the change (:func:`onnxlrf.validation.change_interval`).
+    interval of the change (:func:`onnxlrf.runtime.evaluate.change_interval`).
     ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
     them from its full validation of that split, so the split is evaluated once).
     ``spatial``: the planner may also choose spatial decomposition for k x k convs
@@ -294,8 +294,8 @@ def compress(
     Outputs are only written once everything before succeeded. ``progress``
     (a :class:`~onnxlrf.progress.Progress`) shows bars and the decisions made.
     ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
-    ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.latency`).
-    ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.latency.default_rank_multiple`).
+    ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.costs.latency`).
+    ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.costs.latency.default_rank_multiple`).
     ``rounds``, ``spatial``, ``analysis_cache``: joint modes, see :func:`compress_joint`.
     """
     progress = as_progress(progress)

@@ -86,7 +86,7 @@ def write_report(
     baselines: list[dict] | None = None,
     overwrite: bool = False,
 ) -> tuple[Path, Path]:
-    """Write the report of ``result`` (a :class:`~onnxlrf.compress.CompressResult`) into ``directory``.
+    """Write the report of ``result`` (a :class:`~onnxlrf.pipeline.CompressResult`) into ``directory``.
 
     ``command``: the command line that produced it (shown as it is). ``baselines``:
     other methods' results for the metric-vs-size plot, each ``{"method", "reduction", "value"}``

@@ -10,7 +10,7 @@ aimet_<model>_test.npz, rounds_<model>_<tag>_test.npz in --results), rebuilds
 the same test split (seed 0, the benchmarks' sizes) for its labels, and prints each row's metric, its change against the --against row
 (default: the original model; a method without "@target": that method's row at
 each row's own target) and the 95% interval of that change
-(onnxlrf.validation.change_interval: both rows scored on the same 2,000
+(onnxlrf.runtime.evaluate.change_interval: both rows scored on the same 2,000
 resamples of the test samples). An interval that contains 0 is a difference the
 test split does not resolve.
 """

@@ -274,7 +274,7 @@ def test_nonfinite_weights_are_refused(tmp_path: Path, model_path: Path, value: 
 
 def test_range_check_batches_keep_activations_within_budget(tmp_path: Path, resnet20_weights: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxlrf import compress as compress_module
+    from onnxlrf.measure import analysis as analysis_module
     from onnxlrf.data import Dataset
     from onnxlrf.export import export_model
     from onnxlrf.models import load_model
@@ -283,11 +283,11 @@ def test_range_check_batches_keep_activations_within_budget(tmp_path: Path, resn
     model = load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path)
     images = Dataset("zeros", "classification", {"input": np.zeros((4, 3, 32, 32), np.float32)}, np.zeros(4, int))
     per_image = 16 * 32 * 32 * 4  # ResNet-20's largest activation
-    assert compress_module.range_batch_size(model, images) == 128  # 16 MiB fits 256 images: the cap
-    monkeypatch.setattr(compress_module, "RANGE_BATCH_BYTES", 5 * per_image + 1)
-    assert compress_module.range_batch_size(model, images) == 5
-    monkeypatch.setattr(compress_module, "RANGE_BATCH_BYTES", per_image // 2)
-    assert compress_module.range_batch_size(model, images) == 1
+    assert analysis_module.range_batch_size(model, images) == 128  # 16 MiB fits 256 images: the cap
+    monkeypatch.setattr(analysis_module, "RANGE_BATCH_BYTES", 5 * per_image + 1)
+    assert analysis_module.range_batch_size(model, images) == 5
+    monkeypatch.setattr(analysis_module, "RANGE_BATCH_BYTES", per_image // 2)
+    assert analysis_module.range_batch_size(model, images) == 1
 
 
 def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> None:

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
 from onnxlrf.graph.linalg import svd
-from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan, factor_pair
 from test_planning import small_net
@@ -47,7 +47,7 @@ def spatial_plan(model, rank=3):
     for layer in find_layers(model)[0]:
         d = "spatial" if "spatial" in layer.decompositions else "channel"
         r = min(rank, layer.break_even_rank(d))
-        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, r,
+        entries.append(LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, r,
                                  layer.max_rank(d), None, layer.params, layer.factorized_params(d, r)))
     return Plan(layers=entries, mode="test")
 

@@ -14,7 +14,7 @@ from onnxlrf.graph.linalg import svd
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.costs.flops import FlopsCost, layer_shapes
 from onnxlrf.costs.latency import LatencyCost, LayerTiming, default_rank_multiple, make_cost, rank_grid, rewrite_with_random_factors
-from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.costs.params import ParamsCost
 from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_energy, plan_joint, plan_uniform
@@ -28,7 +28,7 @@ RNG = np.random.default_rng(5)
 
 
 def one_entry_plan(layer, decomposition, rank):
-    return Plan(layers=[LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition,
+    return Plan(layers=[LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition,
                                   rank, layer.max_rank(decomposition), None, layer.params,
                                   layer.factorized_params(decomposition, rank))], mode="test")
 

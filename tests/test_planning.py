@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
 from onnxlrf.graph.linalg import svd
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.planning.plan import PLAN_FORMAT, PLAN_VERSION, LayerPlan, Plan, validate_plan
+from onnxlrf.planning.plan import PLAN_FORMAT, PLAN_VERSION, LowRankEntry, Plan, validate_plan
 from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_energy, plan_full_rank, plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
@@ -97,7 +97,7 @@ def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):
 
 def entry_for(node, decomposition="channel", rank=2, keep=None):
     layer = {layer.node: layer for layer in find_layers(MODEL)[0]}[node]
-    return LayerPlan(node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+    return LowRankEntry(node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                      layer.max_rank(decomposition), keep, layer.params, layer.factorized_params(decomposition, rank))
 
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxlrf.graph.layers import find_layers
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_full_rank, plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan, truncate_weights
@@ -100,7 +100,7 @@ def reconstruct(weight, layer, decomposition, keep):
 
 
 def entry(layer, decomposition, rank, keep=None):
-    return LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+    return LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                      layer.max_rank(decomposition), keep, layer.params, layer.factorized_params(decomposition, rank))
 
 
@@ -363,7 +363,7 @@ def test_dense_entries_and_larger_factorizations_are_reported_dense():
     out, report = apply_plan(model, Plan([full], mode="test"))
     assert report.rewritten == [] and "not smaller" in report.kept_dense[0]["reason"]
     assert out.graph.node == model.graph.node
-    dense = LayerPlan(layer.node, "Conv", "W", list(layer.weight_shape), "dense", None, layer.max_rank("channel"),
+    dense = LowRankEntry(layer.node, "Conv", "W", list(layer.weight_shape), "dense", None, layer.max_rank("channel"),
                       None, layer.params, layer.params)
     _, report = apply_plan(model, Plan([dense], mode="test"))
     assert report.kept_dense == [{"node": "conv", "reason": "planned dense"}]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.graph.layers import Layer, find_layers
-from onnxlrf.planning.plan import LayerPlan, Plan
+from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_full_rank
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
@@ -169,7 +169,7 @@ def test_random_rank_is_valid_with_planned_params(case: str, data: st.DataObject
     max_rank = layer.max_rank(decomposition)
     rank = min(max_rank, 1 + int(rank_share * max_rank))
     planned = layer.factorized_params(decomposition, rank)
-    plan = Plan([LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+    plan = Plan([LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                            max_rank, None, layer.params, planned)], mode="test")
     out, report = apply_plan(model, plan)
     onnx.checker.check_model(out, full_check=True)

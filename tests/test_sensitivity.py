@@ -220,8 +220,8 @@ def test_joint_planner_chooses_spatial_candidates_and_the_rewrite_keeps_them(sma
 def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypatch):
     """The refit keeps spatial layers as planned: a plan with nothing else has nothing to refit,
     and the back-off does not evaluate the same model a second time."""
-    from onnxlrf import compress as compress_module
     from onnxlrf.costs.params import ParamsCost
+    from onnxlrf.verify import backoff as backoff_module
     from onnxlrf.progress import Progress
 
     model, data = small_cnn
@@ -232,10 +232,10 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
         ls.perturbation_range = 0.0  # only spatial truncations trusted
     plan = plan_joint(model, sens, "lossless", target_reduction=0.05, kappa=4.0)
     assert {e.decomposition for e in plan.layers} == {"spatial", "dense"}
-    monkeypatch.setattr(compress_module, "_metric", lambda *args, **kwargs: pytest.fail("evaluated again"))
+    monkeypatch.setattr(backoff_module, "model_metric", lambda *args, **kwargs: pytest.fail("evaluated again"))
     backoff: list = []
-    assert compress_module._refit_chosen(model, (0.5, plan, None, None), [plan], calib, calib, 0.5, False,
-                                         ParamsCost(model), "cpu", Progress(bars=False), backoff) is None
+    assert backoff_module.refit_chosen(model, (0.5, plan, None, None), [plan], calib, calib, 0.5, False,
+                                       ParamsCost(model), "cpu", Progress(bars=False), backoff) is None
     assert backoff == []
 
 
@@ -540,7 +540,7 @@ def test_analysis_that_cannot_be_read_is_a_one_line_error(tmp_path):
 
 def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_options(small_cnn, tmp_path,
                                                                                       monkeypatch):
-    import onnxlrf.compress as compress_module
+    import onnxlrf.measure.analysis as analysis_module
     from onnxlrf.progress import Progress
 
     model, data = small_cnn
@@ -553,7 +553,7 @@ def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_opt
     def no_analysis(*args, **kwargs):
         raise AssertionError("analyzed again")
 
-    monkeypatch.setattr(compress_module, "_analyze", no_analysis)
+    monkeypatch.setattr(analysis_module, "_analyze", no_analysis)
     log = io.StringIO()
     cached = compress_joint(model, data, "lossless", target_reduction=0.2, analysis_cache=cache,
                             progress=Progress(stream=log, bars=False), **kwargs)

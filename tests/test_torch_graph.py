@@ -14,7 +14,7 @@ from onnxlrf.errors import OnnxlrfError
 from onnxlrf.export import export_model
 from onnxlrf.models import load_model
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf import torch_graph
+from onnxlrf.measure import torch_graph
 from onnxlrf.measure.torch_graph import TorchGraph, heap_reuse
 
 

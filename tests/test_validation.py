@@ -6,14 +6,20 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+from test_data import classifier_model, sentence_encoder_model
 
 from onnxlrf.data import load_data
 from onnxlrf.errors import OnnxlrfError
+from onnxlrf.graph.layers import count_params
 from onnxlrf.onnx_io import save_onnx
 from onnxlrf.runtime.evaluate import BenchResult, benchmark, change_interval, validate
+from onnxlrf.runtime.sessions import (
+    make_session,
+    random_feeds,
+    run_dataset,
+    select_providers,
+)
 from onnxlrf.runtime.shapes import count_flops, file_size
-from onnxlrf.runtime.sessions import count_params, make_session, random_feeds, run_dataset, select_providers
-from test_data import classifier_model, sentence_encoder_model
 
 
 @pytest.fixture(scope="module")
@@ -212,8 +218,9 @@ RESNET20_FLOPS = 2 * 40_551_040  # conv1 442,368 + 3 stages of 14,155,776 / 12,9
 
 
 def _exported(name: str, weights, directory) -> str:
-    from onnxlrf.export import export_model
     from onnxlrf.models import load_model
+
+    from onnxlrf.export import export_model
 
     return str(export_model(load_model(name, weights=weights), directory / f"{name}.onnx", dynamic_batch=True).path)
 

@@ -5,7 +5,7 @@ Planners with a ``target`` other than params ask a cost model (:class:`FlopsCost
 (decomposition, rank), in the target's unit, and for the whole model's cost.
 
 Latency is measured, not modelled: for every layer, one-node ONNX graphs (the
-dense node, and the factorized pair built by :func:`onnxlrf.rewrite.apply_plan`
+dense node, and the factorized pair built by :func:`onnxlrf.techniques.lowrank.rewrite.apply_plan`
 at a sparse grid of ranks, per decomposition) are timed in onnxruntime on the
 target provider with the layer's real input shape (shape inference on the model
 at the benchmark batch). Runs are interleaved after a warm-up, the median is
@@ -122,9 +122,9 @@ def _single_node_model(model: onnx.ModelProto, layer: Layer, input_shape: list[i
 
 def _pair_model(single: onnx.ModelProto, layer: Layer, decomposition: str, rank: int) -> onnx.ModelProto:
     """``single`` with its node factorized at ``rank``, through the real rewrite."""
-    from ..planning.plan import LayerPlan, Plan
+    from ..planning.plan import LowRankEntry, Plan
 
-    entry = LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+    entry = LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                       layer.max_rank(decomposition), None, layer.params, layer.factorized_params(decomposition, rank))
     return rewrite_with_random_factors(single, Plan(layers=[entry], mode="latency-probe"))
 
@@ -404,7 +404,7 @@ class LatencyCost:
 def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",
               rank_multiple: int = 1, cache: str | os.PathLike | None = None, threads: int | None = None,
               progress: ProgressLike = None) -> Any:
-    """The cost model for ``target``: :class:`~onnxlrf.planning.ParamsCost`, :class:`FlopsCost`
+    """The cost model for ``target``: :class:`~onnxlrf.costs.params.ParamsCost`, :class:`FlopsCost`
     or :class:`LatencyCost` (measured now, on ``provider`` at ``batch``)."""
     from .params import ParamsCost
 

@@ -99,7 +99,7 @@ def joint_analysis(
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges.
 
     ``spatial``: k x k convs are analyzed in spatial decomposition too (see
-    :func:`~onnxlrf.sensitivity.analyze`), and their spatial truncations range-checked.
+    :func:`~onnxlrf.measure.sensitivity.analyze`), and their spatial truncations range-checked.
     ``cache``: a directory where analyses are kept, one file per :func:`analysis_key`; an
     analysis already there for this model, calibration split and options is read instead of
     computed (the same object, so the same plans), and a new one is saved there.

@@ -1,7 +1,7 @@
 """Joint analysis: how each singular component of each layer moves the task loss.
 
 METHOD.md sections 2, 2b and 3, computed in torch on the ONNX graph itself
-(:mod:`onnxlrf.torch_graph`), so the gradients are those of the exact weights
+(:mod:`onnxlrf.measure.torch_graph`), so the gradients are those of the exact weights
 the rewrite factorizes.
 
 Per layer (channel decomposition, per group) we collect over the calibration
@@ -176,7 +176,7 @@ class Sensitivity:
     def save(self, path: str | os.PathLike, key: str = "") -> None:
         """Write the analysis to ``path``: an npz of every layer's arrays, and a JSON header with
         the rest (layers, fitted curvature scales, ranges and their checks). ``key`` says what
-        the analysis was made from (see :func:`onnxlrf.compress.analysis_key`)."""
+        the analysis was made from (see :func:`onnxlrf.measure.analysis.analysis_key`)."""
         header = {"format": "onnxlrf.analysis", "version": ANALYSIS_VERSION, "key": key,
                   "reference_loss": self.reference_loss, "samples": self.samples, "loss": self.loss, "entries": []}
         arrays = {}

@@ -9,44 +9,81 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 
 from ..errors import OnnxlrfError
-from ..graph.layers import find_layers
+from ..graph.layers import Layer, find_layers
 from ..onnx_io import staged_outputs
 
 PLAN_FORMAT = "onnxlrf.plan"
-
-
-PLAN_VERSION = 1
-
-
+# Version 2: each layer entry names its technique and holds the technique's choice under "choice".
+# Version 1 (low-rank fields at the top of each entry) is still read, and written by nothing.
+PLAN_VERSION = 2
+READ_VERSIONS = (1, 2)
 PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
-
-
 # "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
-# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (onnxlrf.refit).
+# (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (the refit's).
 BASES = ("svd", "joint", "fwsvd", "whitened", "refit")
-
-
 # A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction),
 # and shift, the bias change a refit layer pairs with its factors. Absent parts are None.
 BASIS_PARTS = ("x", "s", "yt", "mu", "shift")
+# Keys every entry has, whatever its technique (version 2 adds "technique" and "choice").
+ENTRY_KEYS = ("node", "op_type", "weight", "weight_shape", "params_dense", "params_planned")
 
 
 @dataclass
-class LayerPlan:
-    """One layer's entry in a plan (see the README's "The plan")."""
+class PlanEntry:
+    """One layer's entry in a plan: the node, its weight, and (in a subclass) a technique's choice for it.
+
+    Every entry has ``params_dense``, ``params_planned`` and ``notes`` (the subclass declares them,
+    so its positional fields read in the order of its choice). A subclass is registered in
+    :data:`ENTRY_TYPES` under its ``technique``.
+    """
 
     node: str
     op_type: str
     weight: str
     weight_shape: list[int]
+
+    technique: ClassVar[str] = ""
+    choice_keys: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def changed(self) -> bool:
+        """Whether the entry changes its layer (False: the layer stays as it is)."""
+        raise NotImplementedError
+
+    def choice(self) -> dict:
+        """The technique's choice as plain JSON data (the ``"choice"`` object of a version-2 entry)."""
+        return {key: getattr(self, key) for key in self.choice_keys}
+
+    def choice_key(self) -> tuple:
+        """Equal for entries that change their weight the same way (nodes sharing a weight must agree)."""
+        raise NotImplementedError
+
+    def check(self, layer: Layer, plan: "Plan") -> None:
+        """Raise OnnxlrfError naming what about the choice does not fit ``layer`` (and the plan's stored arrays)."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        """The entry as a version-2 JSON object."""
+        out = {key: getattr(self, key) for key in ENTRY_KEYS[:4]}
+        out["technique"] = self.technique
+        out["choice"] = self.choice()
+        out.update({key: getattr(self, key) for key in ENTRY_KEYS[4:]})
+        out["notes"] = self.notes
+        return out
+
+
+@dataclass
+class LowRankEntry(PlanEntry):
+    """A low-rank layer entry: decomposition, rank (or the kept components) and basis (see README "The plan")."""
+
     decomposition: str
     rank: int | None
     max_rank: int
@@ -58,22 +95,136 @@ class LayerPlan:
     # Add -(W_r - W) mu to the bias (mu: the stored basis' mean input), cancelling the mean output error.
     bias_correction: bool = False
 
+    technique: ClassVar[str] = "lowrank"
+    choice_keys: ClassVar[tuple[str, ...]] = ("decomposition", "rank", "max_rank", "keep", "basis",
+                                               "bias_correction")
+
+    @property
+    def changed(self) -> bool:
+        return self.decomposition != "dense"
+
     def kept_indices(self) -> list[int]:
         """The kept component indices (``keep``, or the top ``rank``)."""
         if self.rank is None:
             return []
         return list(self.keep) if self.keep is not None else list(range(self.rank))
 
+    def choice_key(self) -> tuple:
+        return self.decomposition, self.rank, tuple(sorted(self.kept_indices())), self.bias_correction
 
-_LAYER_KEYS = ("node", "op_type", "weight", "weight_shape", "decomposition", "rank", "max_rank", "keep",
-               "params_dense", "params_planned")
+    def check(self, layer: Layer, plan: "Plan") -> None:
+        node = self.node
+        if self.decomposition not in PLAN_DECOMPOSITIONS:
+            raise OnnxlrfError(
+                f"plan node {node!r}: unknown decomposition {self.decomposition!r} "
+                f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
+            )
+        if self.basis not in BASES:
+            raise OnnxlrfError(f"plan node {node!r}: unknown basis {self.basis!r} (known: {', '.join(BASES)})")
+        if self.decomposition == "dense":
+            if self.rank is not None or self.keep is not None:
+                raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
+            return
+        if self.decomposition not in layer.decompositions:
+            raise OnnxlrfError(
+                f"plan node {node!r}: decomposition {self.decomposition!r} not available "
+                f"(available: {', '.join(layer.decompositions)})"
+            )
+        max_rank = layer.max_rank(self.decomposition)
+        if not _is_int(self.rank) or not 1 <= self.rank <= max_rank:
+            raise OnnxlrfError(f"plan node {node!r}: rank {self.rank!r} outside 1..{max_rank}")
+        if self.max_rank != max_rank:
+            raise OnnxlrfError(f"plan node {node!r}: max_rank {self.max_rank}, model has {max_rank}")
+        if self.basis != "svd":
+            basis = plan.bases.get(self.weight)
+            g, m, n = layer.matrix_shape(self.decomposition)
+            if basis is None:
+                raise OnnxlrfError(f"plan node {node!r} uses a {self.basis} basis, but the plan has none for "
+                                   f"{self.weight!r}")
+            if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
+                raise OnnxlrfError(f"plan node {node!r}: {self.basis} basis does not fit the weight's {g}x{m}x{n} "
+                                   f"matrices")
+        if self.bias_correction:
+            basis = plan.bases.get(self.weight) if self.basis != "svd" else None
+            if basis is None or len(basis) < 4 or basis[3] is None:
+                raise OnnxlrfError(f"plan node {node!r} asks for bias correction, but the plan stores no mean input "
+                                   f"for {self.weight!r}")
+        if self.basis == "refit":
+            basis = plan.bases[self.weight]
+            g, m, _ = layer.matrix_shape(self.decomposition)
+            if len(basis) < 5 or basis[4] is None or basis[4].shape != (g * m,):
+                raise OnnxlrfError(f"plan node {node!r} is refit, but the plan stores no bias change of "
+                                   f"{g * m} values for {self.weight!r}")
+        if self.keep is not None:
+            keep = self.keep
+            if not isinstance(keep, list) or not all(_is_int(i) for i in keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
+            if len(keep) != self.rank:
+                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {self.rank}")
+            if len(set(keep)) != len(keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
+            bad = [i for i in keep if not 0 <= i < max_rank]
+            if bad:
+                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
+
+
+# Entry classes by technique: a new technique registers its entry class here.
+ENTRY_TYPES: dict[str, type[PlanEntry]] = {LowRankEntry.technique: LowRankEntry}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _entry_from_dict(index: int, data: Any, version: int) -> PlanEntry:
+    """A plan entry from its JSON object (version 1 or 2), every field's type checked."""
+    if not isinstance(data, dict):
+        raise OnnxlrfError(f"plan layer {index} must be an object")
+    name = data.get("node")
+    where = f"plan layer {index} ({name!r})" if isinstance(name, str) else f"plan layer {index}"
+    if version == 1:
+        technique, choice = LowRankEntry.technique, {key: data[key] for key in LowRankEntry.choice_keys if key in data}
+        choice.setdefault("basis", "svd")
+        choice.setdefault("bias_correction", False)
+        extra = set(data) - set(ENTRY_KEYS) - set(LowRankEntry.choice_keys) - {"notes"}
+    else:
+        technique, choice = data.get("technique"), data.get("choice")
+        if technique not in ENTRY_TYPES:
+            raise OnnxlrfError(f"{where}: unknown technique {technique!r} (known: {', '.join(ENTRY_TYPES)})")
+        if not isinstance(choice, dict):
+            raise OnnxlrfError(f"{where}: 'choice' must be an object")
+        extra = set(data) - set(ENTRY_KEYS) - {"technique", "choice", "notes"}
+    missing = [key for key in ENTRY_KEYS if key not in data]
+    if missing:
+        raise OnnxlrfError(f"{where} is missing key {missing[0]!r}")
+    if extra:
+        raise OnnxlrfError(f"{where} has unknown key {sorted(extra)[0]!r}")
+    for key in ("node", "op_type", "weight"):
+        if not isinstance(data[key], str):
+            raise OnnxlrfError(f"{where}: {key!r} must be a string")
+    if not isinstance(data["weight_shape"], list) or not all(_is_int(d) for d in data["weight_shape"]):
+        raise OnnxlrfError(f"{where}: 'weight_shape' must be a list of integers")
+    for key in ("params_dense", "params_planned"):
+        if not _is_int(data[key]):
+            raise OnnxlrfError(f"{where}: {key!r} must be an integer")
+    notes = data.get("notes") or {}
+    if not isinstance(notes, dict):
+        raise OnnxlrfError(f"{where}: 'notes' must be an object")
+    entry_type = ENTRY_TYPES[technique]
+    missing = [key for key in entry_type.choice_keys if key not in choice]
+    if missing:
+        raise OnnxlrfError(f"{where} is missing key {missing[0]!r}")
+    unknown = set(choice) - set(entry_type.choice_keys)
+    if unknown:
+        raise OnnxlrfError(f"{where} has unknown key {sorted(unknown)[0]!r}")
+    return entry_type(**{key: data[key] for key in ENTRY_KEYS}, **choice, notes=notes)
 
 
 @dataclass
 class Plan:
-    """Per layer, which decomposition and components to keep; saved as JSON (plus stored bases)."""
+    """Per layer, a technique's choice (:class:`PlanEntry`); saved as JSON (plus stored arrays)."""
 
-    layers: list[LayerPlan]
+    layers: list[PlanEntry]
     mode: str
     options: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
@@ -85,43 +236,41 @@ class Plan:
     bases: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict:
-        """The plan as a JSON-ready dict (without the stored bases)."""
+        """The plan as a JSON-ready dict (without the stored bases), in the current version."""
         return {
             "format": self.format,
-            "version": self.version,
+            "version": PLAN_VERSION,
             "mode": self.mode,
             "options": self.options,
             "source": self.source,
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> "Plan":
-        """A plan from :meth:`to_dict`'s form; a malformed one raises OnnxlrfError naming the problem."""
+        """A plan from its JSON form (version 1 or 2); a malformed one raises OnnxlrfError naming the problem."""
         if not isinstance(data, dict):
             raise OnnxlrfError("plan must be a JSON object")
         if data.get("format") != PLAN_FORMAT:
             raise OnnxlrfError(f"not an onnxlrf plan: format is {data.get('format')!r}, expected {PLAN_FORMAT!r}")
-        if data.get("version") != PLAN_VERSION:
-            raise OnnxlrfError(f"unsupported plan version {data.get('version')!r} (this onnxlrf reads {PLAN_VERSION})")
+        version = data.get("version")
+        if not _is_int(version) or version not in READ_VERSIONS:
+            raise OnnxlrfError(f"unsupported plan version {version!r} (this onnxlrf reads "
+                               f"{', '.join(map(str, READ_VERSIONS))})")
         for key in ("mode", "layers"):
             if key not in data:
                 raise OnnxlrfError(f"plan is missing key {key!r}")
+        if not isinstance(data["mode"], str):
+            raise OnnxlrfError("plan key 'mode' must be a string")
         if not isinstance(data["layers"], list):
             raise OnnxlrfError("plan key 'layers' must be a list")
-        layers = []
-        for i, entry in enumerate(data["layers"]):
-            if not isinstance(entry, dict):
-                raise OnnxlrfError(f"plan layer {i} must be an object")
-            missing = [k for k in _LAYER_KEYS if k not in entry]
-            if missing:
-                raise OnnxlrfError(f"plan layer {i} ({entry.get('node', '?')!r}) is missing key {missing[0]!r}")
-            unknown = set(entry) - set(_LAYER_KEYS) - {"notes", "basis", "bias_correction"}
-            if unknown:
-                raise OnnxlrfError(f"plan layer {i} ({entry['node']!r}) has unknown key {sorted(unknown)[0]!r}")
-            layers.append(LayerPlan(**{k: entry[k] for k in _LAYER_KEYS}, notes=entry.get("notes") or {},
-                                    basis=entry.get("basis", "svd"),
-                                    bias_correction=bool(entry.get("bias_correction", False))))
+        for key in ("options", "source"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise OnnxlrfError(f"plan key {key!r} must be an object")
+        bases_file = (data.get("options") or {}).get("bases_file")
+        if bases_file is not None and (not isinstance(bases_file, str) or Path(bases_file).name != bases_file):
+            raise OnnxlrfError("plan option 'bases_file' must be a file name beside the plan")
+        layers = [_entry_from_dict(i, entry, version) for i, entry in enumerate(data["layers"])]
         return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
                    source=data.get("source") or {})
 
@@ -181,7 +330,7 @@ class Plan:
         after = sum(layer.params_planned for layer in by_weight.values())
         return {
             "layers": len(self.layers),
-            "factorized": sum(layer.decomposition != "dense" for layer in self.layers),
+            "factorized": sum(layer.changed for layer in self.layers),
             "params_before": before,
             "params_after": after,
             "params_removed": before - after,
@@ -214,61 +363,11 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(
                 f"plan node {node!r}: weight shape {list(entry.weight_shape)}, model has {list(layer.weight_shape)}"
             )
-        if entry.decomposition not in PLAN_DECOMPOSITIONS:
-            raise OnnxlrfError(
-                f"plan node {node!r}: unknown decomposition {entry.decomposition!r} "
-                f"(known: {', '.join(PLAN_DECOMPOSITIONS)})"
-            )
-        if entry.basis not in BASES:
-            raise OnnxlrfError(f"plan node {node!r}: unknown basis {entry.basis!r} (known: {', '.join(BASES)})")
-        if entry.decomposition == "dense":
-            if entry.rank is not None or entry.keep is not None:
-                raise OnnxlrfError(f"plan node {node!r}: a dense entry has rank and keep null")
-            continue
-        if entry.decomposition not in layer.decompositions:
-            raise OnnxlrfError(
-                f"plan node {node!r}: decomposition {entry.decomposition!r} not available "
-                f"(available: {', '.join(layer.decompositions)})"
-            )
-        max_rank = layer.max_rank(entry.decomposition)
-        if not isinstance(entry.rank, int) or isinstance(entry.rank, bool) or not 1 <= entry.rank <= max_rank:
-            raise OnnxlrfError(f"plan node {node!r}: rank {entry.rank!r} outside 1..{max_rank}")
-        if entry.max_rank != max_rank:
-            raise OnnxlrfError(f"plan node {node!r}: max_rank {entry.max_rank}, model has {max_rank}")
-        if entry.basis != "svd":
-            basis = plan.bases.get(entry.weight)
-            g, m, n = layer.matrix_shape(entry.decomposition)
-            if basis is None:
-                raise OnnxlrfError(f"plan node {node!r} uses a {entry.basis} basis, but the plan has none for "
-                                   f"{entry.weight!r}")
-            if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
-                raise OnnxlrfError(f"plan node {node!r}: {entry.basis} basis does not fit the weight's {g}x{m}x{n} matrices")
-        if entry.bias_correction:
-            basis = plan.bases.get(entry.weight) if entry.basis != "svd" else None
-            if basis is None or len(basis) < 4 or basis[3] is None:
-                raise OnnxlrfError(f"plan node {node!r} asks for bias correction, but the plan stores no mean input "
-                                   f"for {entry.weight!r}")
-        if entry.basis == "refit":
-            basis = plan.bases[entry.weight]
-            g, m, _ = layer.matrix_shape(entry.decomposition)
-            if len(basis) < 5 or basis[4] is None or basis[4].shape != (g * m,):
-                raise OnnxlrfError(f"plan node {node!r} is refit, but the plan stores no bias change of "
-                                   f"{g * m} values for {entry.weight!r}")
-        if entry.keep is not None:
-            keep = entry.keep
-            if not isinstance(keep, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
-            if len(keep) != entry.rank:
-                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {entry.rank}")
-            if len(set(keep)) != len(keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
-            bad = [i for i in keep if not 0 <= i < max_rank]
-            if bad:
-                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
-    by_weight: dict[str, LayerPlan] = {}
+        entry.check(layer, plan)
+    by_weight: dict[str, PlanEntry] = {}
     for entry in plan.layers:
         first = by_weight.setdefault(entry.weight, entry)
-        if _factor_choice(entry) != _factor_choice(first):
+        if (entry.technique, entry.choice_key()) != (first.technique, first.choice_key()):
             raise OnnxlrfError(
                 f"plan nodes {first.node!r} and {entry.node!r} share weight {entry.weight!r} but plan it differently"
             )
@@ -280,7 +379,3 @@ def _basis_tuple(parts: dict) -> tuple:
     while basis[-1] is None:
         basis.pop()
     return tuple(basis)
-
-
-def _factor_choice(entry: LayerPlan) -> tuple:
-    return entry.decomposition, entry.rank, tuple(sorted(entry.kept_indices())), entry.bias_correction

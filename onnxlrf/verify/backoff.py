@@ -248,8 +248,8 @@ def restore_layers(
     A layer's measured contribution is how much the loss on ``calib`` (the task's loss on its
     gold labels) falls when that layer alone is set back: measured on data the check below does
     not see, so the validation split only verifies. It is measured in torch
-    (:func:`~onnxlrf.sensitivity.replacement_gains`: each set-back run starts at its layer) on the
-    plans' dense truncated weights (:func:`~onnxlrf.rewrite.truncate_weights`, which refuses
+    (:func:`~onnxlrf.measure.sensitivity.replacement_gains`: each set-back run starts at its layer) on the
+    plans' dense truncated weights (:func:`~onnxlrf.techniques.lowrank.rewrite.truncate_weights`, which refuses
     bias-corrected entries); a weight shared by several layers is set back for all of them.
     Layers whose setting back lowers that loss are set back in that order, the validation metric
     re-checked after each, until it is at least ``reference_val``. Returns (metric, plan, model,
@@ -311,7 +311,7 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
 def refit_chosen(reference: onnx.ModelProto, best: tuple | None, failing: list[Plan], calib: Any, val: Any,
                   reference_val: float, measure_speed: bool, cost: Any, provider: str, progress: Progress,
                   backoff: list) -> tuple[float, Plan, onnx.ModelProto, RewriteReport, dict] | None:
-    """The back-off's choice refit (:func:`onnxlrf.refit.refit_plan`), where validation says it is better.
+    """The back-off's choice refit (:func:`onnxlrf.techniques.lowrank.refit.refit_plan`), where validation says it is better.
 
     The refit undoes how the earlier layers' truncations change a layer's inputs, the
     wanted changes too: it helps where truncation error compounds and can hurt where the

@@ -1,1 +1,1 @@
-"""Low-rank factorization: planners, the factor-pair rewrite, and the refit."""
+"""Low-rank factorization: planners, the factor-pair rewrite, the refit, and the technique object."""

@@ -34,8 +34,11 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import singular_values, svd
-from ...planning.plan import LayerPlan, Plan
+from ...planning.joint import plan_source
+from ...planning.knapsack import CandidateSet
+from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike, as_progress
+from ..base import Candidates
 
 
 @dataclass
@@ -48,7 +51,7 @@ class _Candidate:
     dense_reason: str | None = None
 
 
-def _check_rank_multiple(rank_multiple: int) -> None:
+def check_rank_multiple(rank_multiple: int) -> None:
     if not isinstance(rank_multiple, int) or isinstance(rank_multiple, bool) or rank_multiple < 1:
         raise OnnxlrfError(f"rank_multiple must be an integer >= 1, got {rank_multiple!r}")
 
@@ -85,16 +88,16 @@ def _build_plan(model: onnx.ModelProto, candidates: list[_Candidate], knob: floa
                 reason = cand.dense_reason or (
                     "factorized form would not be smaller than dense" if cost.target == "params" else
                     f"no factorized form at this setting is smaller and has lower {cost.target} than dense")
-                entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
+                entries.append(LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
                                          None, layer.max_rank("channel"), None, layer.params, layer.params,
                                          {note_key: knob, "reason": reason, **cost.notes(layer, None, None)}))
             else:
                 decomposition, rank = choice
-                entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape),
+                entries.append(LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape),
                                          decomposition, rank, layer.max_rank(decomposition), None, layer.params,
                                          layer.factorized_params(decomposition, rank),
                                          {note_key: knob, **cost.notes(layer, decomposition, rank)}))
-    plan = Plan(layers=entries, mode=mode, options=dict(options), source=_source(model))
+    plan = Plan(layers=entries, mode=mode, options=dict(options), source=plan_source(model))
     params_reduction = plan.summary()["params_removed"] / max(count_params(model), 1)
     plan.options["target"] = cost.target
     plan.options["achieved_reduction"] = params_reduction if cost.target == "params" else saved / cost.total()
@@ -102,10 +105,6 @@ def _build_plan(model: onnx.ModelProto, candidates: list[_Candidate], knob: floa
     if cost.describe():
         plan.options["cost_model"] = cost.describe()
     return plan
-
-
-def _source(model: onnx.ModelProto) -> dict:
-    return {"graph": model.graph.name, "params": count_params(model)}
 
 
 def _search(model: onnx.ModelProto, candidates: list[_Candidate], target: float, cost: Any) -> float:
@@ -149,7 +148,7 @@ def plan_uniform(model: onnx.ModelProto, rank_fraction: float | None = None,
         raise OnnxlrfError("plan_uniform needs exactly one of rank_fraction or target_reduction")
     if rank_fraction is not None and not 0 < rank_fraction <= 1:
         raise OnnxlrfError(f"rank_fraction must be in (0, 1], got {rank_fraction}")
-    _check_rank_multiple(rank_multiple)
+    check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
     groups, dense_reason = weight_groups(model, layers)
@@ -191,7 +190,7 @@ def plan_energy(model: onnx.ModelProto, energy: float | None = None,
         raise OnnxlrfError("plan_energy needs exactly one of energy or target_reduction")
     if energy is not None and not 0 < energy <= 1:
         raise OnnxlrfError(f"energy must be in (0, 1], got {energy}")
-    _check_rank_multiple(rank_multiple)
+    check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     layers, _ = find_layers(model)
     groups, dense_reason = weight_groups(model, layers)
@@ -236,212 +235,100 @@ def plan_full_rank(model: onnx.ModelProto, decomposition: str = "channel") -> Pl
     for layer in layers:
         d = decomposition if decomposition in layer.decompositions else "channel"
         rank = layer.max_rank(d)
-        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, rank, rank,
+        entries.append(LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), d, rank, rank,
                                  None, layer.params, layer.factorized_params(d, rank)))
-    return Plan(layers=entries, mode="full-rank", options={"decomposition": decomposition}, source=_source(model))
-
-
-JOINT_MODES = ("lossless", "compact")
-
-
-SOLVERS = ("lagrangian", "dp")
+    return Plan(layers=entries, mode="full-rank", options={"decomposition": decomposition}, source=plan_source(model))
 
 
 @dataclass
-class _Options:
-    """One layer's candidates: cost removed (integer units of the target) and predicted loss change, dense first.
+class JointOption:
+    """What a candidate of the joint planner truncates: one decomposition's analysis of a layer, at a rank."""
 
-    ``sources[c]`` is the analysis (one decomposition of the layer) candidate ``c`` truncates; None: dense.
+    analysis: Any  # a LayerSensitivity
+    rank: int
+    relative_error: float
+
+
+def joint_candidates(model: onnx.ModelProto, sens: Any, kappa: float, cost: Any,
+                     rank_multiple: int = 1) -> list[Candidates]:
+    """Per analyzed weight group, in each analyzed decomposition: ranks below break-even, multiples of
+    ``rank_multiple``, inside that decomposition's trusted range and (for flops/latency) cheaper than dense.
+
+    A weight shared by several nodes, or also read by a node that stays dense, is one group with
+    no option but dense: the analysis measures each node's use of it on its own, so it cannot predict
+    a truncation of all of them (the data-free planners factorize such weights).
     """
-
-    layer: Layer
-    ranks: np.ndarray  # 0 = dense
-    removed: np.ndarray
-    dloss: np.ndarray
-    relative_error: np.ndarray
-    sources: list
-
-
-def _joint_options(sens: Any, kappa: float, cost: Any = None, rank_multiple: int = 1) -> list[_Options]:
-    """Per analyzed layer, in each analyzed decomposition: ranks below break-even, multiples of
-    ``rank_multiple``, inside that decomposition's trusted range and (for flops/latency) cheaper than dense."""
+    check_rank_multiple(rank_multiple)
+    layers = [sens.layers[node].layer for node in sens.layers]
+    groups, shared_reason = weight_groups(model, layers)
+    by_cost = cost.target != "params"
     out = []
-    for node in sens.layers:
-        layer = sens.layers[node].layer
-        dense = None if cost is None else cost.dense([layer])
-        ranks, removed, dloss, rel_errors, sources = [0], [0], [0.0], [0.0], [None]
-        for ls in sens.candidates(node):
+    for members in groups:
+        layer = members[0]
+        dense = cost.dense([layer]) if by_cost else None
+        removed, dloss, sources = [0], [0.0], [None]
+        reason = shared_reason.get(layer.weight) or (
+            "weight shared by several nodes, which the analysis measures one by one" if len(members) > 1 else None)
+        for ls in ([] if reason else sens.candidates(layer.node)):
             decomposition = ls.decomposition
             predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
             allowed = [r for r in range(rank_multiple, layer.break_even_rank(decomposition) + 1, rank_multiple)
                        if rel[r] <= ls.perturbation_range]
-            if cost is None:
+            if not by_cost:
                 saved = [layer.params - layer.factorized_params(decomposition, r) for r in allowed]
             else:
                 saved = [cost_units(cost, dense - cost.factorized([layer], decomposition, r)) for r in allowed]
             for r, units in zip(allowed, saved):
                 if units > 0:
-                    ranks.append(r)
                     removed.append(units)
                     dloss.append(predicted[r])
-                    rel_errors.append(rel[r])
-                    sources.append(ls)
-        out.append(_Options(layer, np.array(ranks, dtype=np.int64), np.array(removed, dtype=np.int64),
-                            np.array(dloss), np.array(rel_errors), sources))
+                    sources.append(JointOption(ls, r, float(rel[r])))
+        out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
+                                                    key=layer.weight), sources, reason))
     return out
 
 
-def _lagrangian(options: list[_Options], lam: float) -> list[int]:
-    return [int(np.argmin(o.dloss - lam * o.removed)) for o in options]
+def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: int, kappa: float,
+                  cost: Any) -> tuple[list[LowRankEntry], dict]:
+    """The entries of ``group``'s members at ``option`` (0: dense), and the joint basis they store."""
+    if option == 0:
+        reason = group.reason or _dense_reason(group)
+        return [_dense_entry(layer, reason, sens, cost) for layer in group.layers], {}
+    chosen = group.sources[option]
+    ls, rank = chosen.analysis, chosen.rank
+    decomposition = ls.decomposition
+    priority = ls.drop_order(kappa)[:, ::-1]  # most important first
+    x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
+    s = np.take_along_axis(ls.s, priority, axis=1)
+    y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)
+    basis = (x.astype(np.float32), s.astype(np.float32), np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
+    if ls.input_mean is not None:
+        basis += (ls.input_mean.astype(np.float32),)
+    entries = [LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
+                            layer.max_rank(decomposition), None, layer.params,
+                            layer.factorized_params(decomposition, rank),
+                            {"predicted_dloss": float(group.options.dloss[option]),
+                             "relative_error": chosen.relative_error,
+                             "perturbation_range": ls.perturbation_range,
+                             "curvature_scale": ls.curvature_scale, "range_checks": _range_checks(ls),
+                             **cost.notes(layer, decomposition, rank)},
+                            basis="joint", bias_correction=ls.input_mean is not None)
+               for layer in group.layers]
+    return entries, {group.layers[0].weight: basis}
 
 
-def _totals(options: list[_Options], choice: list[int]) -> tuple[int, float]:
-    return (sum(int(o.removed[c]) for o, c in zip(options, choice)),
-            sum(float(o.dloss[c]) for o, c in zip(options, choice)))
+def _dense_entry(layer: Layer, reason: str, sens: Any, cost: Any) -> LowRankEntry:
+    notes = {"reason": reason}
+    if layer.node in sens.layers:
+        notes["range_checks"] = _range_checks(sens.layers[layer.node])
+    notes.update(cost.notes(layer, None, None))
+    return LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense", None,
+                        layer.max_rank("channel"), None, layer.params, layer.params, notes)
 
 
-def _solve_lagrangian(options: list[_Options], need: int | None, tolerance: float | None) -> list[int] | None:
-    """Lossless (``need``: params to remove, min dL) or compact (``tolerance``: max dL, max removed)."""
-    scale = max(max((float(np.abs(o.dloss).max()) for o in options), default=1.0), 1e-12)
-    lo, hi = 0.0, scale * 1e6  # lambda in loss per parameter; hi removes all it can
-    feasible = (lambda c: _totals(options, c)[0] >= need) if need is not None else \
-        (lambda c: _totals(options, c)[1] <= tolerance)
-    if need is not None:
-        if not feasible(_lagrangian(options, hi)):
-            return None
-        for _ in range(200):  # smallest lambda that still removes enough
-            mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
-            lo, hi = (lo, mid) if feasible(_lagrangian(options, mid)) else (mid, hi)
-            if hi - lo <= 1e-9 * hi:
-                break
-        return _lagrangian(options, hi)
-    if not feasible(_lagrangian(options, 0.0)):
-        return None
-    for _ in range(200):  # largest lambda whose predicted change stays within tolerance
-        mid = math.sqrt(lo * hi) if lo > 0 else hi * 1e-12
-        lo, hi = (mid, hi) if feasible(_lagrangian(options, mid)) else (lo, mid)
-        if hi - lo <= 1e-9 * hi:
-            break
-    return _lagrangian(options, lo)
-
-
-def _solve_dp(options: list[_Options], need: int | None, tolerance: float | None, bins: int = 4000
-              ) -> list[int] | None:
-    """Exact multiple-choice knapsack over removed parameters counted in units (floor: never overstates)."""
-    total = sum(int(o.removed.max()) for o in options)
-    unit = max(1, math.ceil(total / bins))
-    size = total // unit + 1
-    best = np.full(size, np.inf)
-    best[0] = 0.0
-    picks = []
-    for o in options:
-        units = o.removed // unit
-        new = np.full(size, np.inf)
-        pick = np.zeros(size, dtype=np.int64)
-        for c, (u, d) in enumerate(zip(units, o.dloss)):
-            shifted = np.full(size, np.inf)
-            shifted[u:] = best[: size - u] + d
-            better = shifted < new
-            new[better], pick[better] = shifted[better], c
-        best = new
-        picks.append(pick)
-    if need is not None:
-        reachable = [b for b in range(math.ceil(need / unit), size) if np.isfinite(best[b])]
-        if not reachable:
-            return None
-        target = min(reachable, key=lambda b: best[b])
-    else:
-        ok = [b for b in range(size) if best[b] <= tolerance]
-        if not ok:
-            return None
-        target = max(ok)
-    choice = []
-    for o, pick in zip(reversed(options), reversed(picks)):
-        c = int(pick[target])
-        choice.append(c)
-        target -= int(o.removed[c] // unit)
-    return choice[::-1]
-
-
-def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, target_reduction: float | None = None,
-               tolerance: float = 0.0, kappa: float = 1.0, solver: str = "lagrangian", target: str = "params",
-               rank_multiple: int = 1, cost: Any = None) -> Plan:
-    """Joint plan from a :class:`~onnxlrf.sensitivity.Sensitivity` (METHOD.md section 4).
-
-    ``lossless``: minimum predicted loss change removing at least ``target_reduction``
-    of the model's parameters. ``compact``: the most parameters removed with
-    predicted loss change at most ``tolerance``. Only ranks inside each layer's
-    perturbation range are candidates; within a layer, components are dropped
-    in joint-score order. ``kappa`` multiplies the curvature term (back-off).
-    ``target``: what ``target_reduction`` and "removed" are counted in (params, flops or
-    measured latency; ``cost`` a prepared cost model); ranks are multiples of ``rank_multiple``.
-    A layer analyzed in spatial decomposition too (``sensitivity.spatial``) has the candidates
-    of both, and gets the one the knapsack prefers.
-    """
-    if mode not in JOINT_MODES:
-        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
-    if solver not in SOLVERS:
-        raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
-    _check_rank_multiple(rank_multiple)
-    cost = cost_model(model, target, cost)
-    options = _joint_options(sensitivity, kappa, None if cost.target == "params" else cost, rank_multiple)
-    total = cost_units(cost, cost.total())
-    need = None
-    if mode == "lossless":
-        if target_reduction is None or not 0 < target_reduction < 1:
-            raise OnnxlrfError("mode lossless needs --target-reduction in (0, 1)")
-        need = math.ceil(target_reduction * total - 1e-9)
-    solve = _solve_dp if solver == "dp" else _solve_lagrangian
-    choice = solve(options, need, None if need is not None else tolerance)
-    if choice is None:
-        if need is not None:
-            most = sum(int(o.removed.max()) for o in options) / total
-            raise OnnxlrfError(f"target_reduction {target_reduction:g} is out of reach within the layers' trusted "
-                               f"perturbation ranges: at most {most:.4f}"
-                               + ("" if cost.target == "params" else f" of the model's {cost.target}"))
-        choice = [0] * len(options)  # nothing predicted safe: stay dense
-    removed, dloss = _totals(options, choice)
-    entries, bases = [], {}
-    chosen = {o.layer.node: (o, c) for o, c in zip(options, choice)}
-    all_layers, _ = find_layers(model)
-    for layer in all_layers:
-        if layer.node not in chosen or chosen[layer.node][1] == 0:
-            notes = {"reason": _dense_reason(chosen[layer.node][0]) if layer.node in chosen else "not analyzed"}
-            if layer.node in sensitivity.layers:
-                notes["range_checks"] = _range_checks(sensitivity.layers[layer.node])
-            notes.update(cost.notes(layer, None, None))
-            entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), "dense",
-                                     None, layer.max_rank("channel"), None, layer.params, layer.params, notes))
-            continue
-        o, c = chosen[layer.node]
-        ls = o.sources[c]
-        decomposition = ls.decomposition
-        rank = int(o.ranks[c])
-        priority = ls.drop_order(kappa)[:, ::-1]  # most important first
-        x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
-        s = np.take_along_axis(ls.s, priority, axis=1)
-        y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)
-        bases[layer.weight] = (x.astype(np.float32), s.astype(np.float32),
-                               np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
-        if ls.input_mean is not None:
-            bases[layer.weight] += (ls.input_mean.astype(np.float32),)
-        entries.append(LayerPlan(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition,
-                                 rank, layer.max_rank(decomposition), None, layer.params,
-                                 layer.factorized_params(decomposition, rank),
-                                 {"predicted_dloss": float(o.dloss[c]), "relative_error": float(o.relative_error[c]),
-                                  "perturbation_range": ls.perturbation_range,
-                                  "curvature_scale": ls.curvature_scale, "range_checks": _range_checks(ls),
-                                  **cost.notes(layer, decomposition, rank)},
-                                 basis="joint", bias_correction=ls.input_mean is not None))
-    options_out = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
-                   "target": cost.target, "rank_multiple": rank_multiple,
-                   "decompositions": ["channel"] + (["spatial"] if sensitivity.spatial else []),
-                   "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
-    plan = Plan(layers=entries, mode=mode, options=options_out, source=_source(model), bases=bases)
-    plan.options["params_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)
-    if cost.describe():
-        plan.options["cost_model"] = cost.describe()
-    return plan
+def unplanned_entry(layer: Layer, sens: Any, cost: Any) -> LowRankEntry:
+    """The dense entry of a layer the analysis did not cover."""
+    return _dense_entry(layer, "not analyzed", sens, cost)
 
 
 def _range_checks(ls: Any) -> list[dict]:
@@ -450,9 +337,9 @@ def _range_checks(ls: Any) -> list[dict]:
             for check in ls.range_checks if "predicted" in check]
 
 
-def _dense_reason(option: _Options) -> str:
-    """Why the joint planner left a layer dense."""
-    if len(option.ranks) == 1:
+def _dense_reason(group: Candidates) -> str:
+    """Why the joint planner left a group dense."""
+    if len(group.sources) == 1:
         return "no rank below break-even lies inside the layer's trusted perturbation range"
     return "kept dense by the planner: its allowed ranks cost more predicted loss per parameter than the plan affords"
 
@@ -480,7 +367,7 @@ def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_re
                   target: str = "params", rank_multiple: int = 1, cost: Any = None) -> Plan:
     """Uniform rank fraction (channel decomposition) in a baseline basis, the fraction bisected to the target
     (a fraction of the model's ``target`` cost); ranks rounded up to multiples of ``rank_multiple``."""
-    _check_rank_multiple(rank_multiple)
+    check_rank_multiple(rank_multiple)
     cost = cost_model(model, target, cost)
     analyzed = {ls.layer.node: ls for ls in sensitivity.layers.values()}
     layers, _ = find_layers(model)

@@ -45,7 +45,7 @@ from ...graph.layers import (
 from ...graph.linalg import svd
 from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
 from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
-from ...planning.plan import LayerPlan, Plan
+from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike, as_progress
 
 __all__ = ["refit_plan"]
@@ -61,7 +61,7 @@ def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         yield dataset.subset(np.arange(start, min(start + batch_size, len(dataset)))).inputs
 
 
-def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: LayerPlan, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: LowRankEntry, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """The planned truncation as ``(g, m, n)`` matrices of its decomposition, and the bias change it comes with."""
     dense = weight_matrices(weight_array(model, layer).astype(np.float64), layer, entry.decomposition)
     x, s, yt = plan.bases[layer.weight][:3] if entry.basis != "svd" else svd(dense)

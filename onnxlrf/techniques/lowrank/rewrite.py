@@ -17,8 +17,6 @@ producer, model metadata) is taken from the original model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -34,21 +32,12 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
-from ...planning.plan import LayerPlan, Plan, validate_plan
+from ...planning.plan import LowRankEntry, Plan, validate_plan
 from ...progress import ProgressLike, as_progress
+from ..base import RewritePass, RewriteReport
 from .planners import plan_full_rank
 
 __all__ = ["RewriteReport", "apply_plan", "plan_full_rank", "truncate_weights"]
-
-
-@dataclass
-class RewriteReport:
-    """Per layer what the rewrite did (new nodes, rank, parameters) or why it left the layer dense."""
-
-    rewritten: list[dict] = field(default_factory=list)
-    kept_dense: list[dict] = field(default_factory=list)
-    params_before: int = 0
-    params_after: int = 0
 
 
 def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list[int],
@@ -98,13 +87,53 @@ def bias_shift(weight: np.ndarray, layer: Layer, first: np.ndarray, second: np.n
 
 def apply_plan(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool = True,
                progress: ProgressLike = None) -> tuple[onnx.ModelProto, RewriteReport]:
-    """Rewrite ``model`` by ``plan``; returns a new model and what changed. ``model`` is not modified.
+    """Rewrite ``model`` by ``plan`` (:class:`LowRankRewrite`); returns a new model and what changed.
 
-    ``keep_dense_if_larger`` leaves layers dense whose planned factorization
-    is not smaller than the dense weight; False rewrites them anyway (used to
+    ``model`` is not modified. ``keep_dense_if_larger`` leaves layers dense whose planned
+    factorization is not smaller than the dense weight; False rewrites them anyway (used to
     check that full-rank factorization is exact).
     """
-    validate_plan(plan, model)
+    return LowRankRewrite(keep_dense_if_larger)(model, plan, progress)
+
+
+class LowRankRewrite(RewritePass):
+    """Each planned layer becomes a pair of thinner nodes; everything else stays as it was.
+
+    Requires: the plan fits the model (:func:`~onnxlrf.planning.plan.validate_plan`: nodes, weights,
+    shapes, ranks, stored bases) and every node reads only what is produced before it. Ensures (besides
+    the graph's inputs and outputs, see :class:`~onnxlrf.techniques.base.RewritePass`): every
+    planned layer was rewritten or is reported as kept dense, with the reason.
+    """
+
+    name = "low-rank rewrite"
+
+    def __init__(self, keep_dense_if_larger: bool = True) -> None:
+        self.keep_dense_if_larger = keep_dense_if_larger
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        validate_plan(plan, model)
+        available = {value.name for value in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+        for node in model.graph.node:
+            missing = [name for name in node.input if name not in available]
+            if missing:
+                raise OnnxlrfError(f"node {node.name!r} reads {missing[0]!r}, which no earlier node, initializer "
+                                   f"or graph input produces")
+            available.update(node.output)
+
+    def ensures(self, model: onnx.ModelProto, result: onnx.ModelProto, plan: Plan, report: RewriteReport) -> None:
+        super().ensures(model, result, plan, report)
+        accounted = {item["node"] for item in report.rewritten} | {item["node"] for item in report.kept_dense}
+        missing = [entry.node for entry in plan.layers if entry.node not in accounted]
+        if missing:
+            raise OnnxlrfError(f"{self.name}: planned node {missing[0]!r} was neither rewritten nor kept dense")
+
+    def call(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
+             ) -> tuple[onnx.ModelProto, RewriteReport]:
+        return _rewrite(model, plan, self.keep_dense_if_larger, progress)
+
+
+def _rewrite(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool, progress: ProgressLike
+             ) -> tuple[onnx.ModelProto, RewriteReport]:
     layers = {layer.node: layer for layer in find_layers(model)[0]}
     report = RewriteReport(params_before=count_params(model))
 
@@ -220,7 +249,7 @@ def _unique(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LayerPlan, first: gs.Constant,
+def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, first: gs.Constant,
              second: gs.Constant, taken: set[str], shift: np.ndarray | None = None,
              touched: dict[str, str] | None = None) -> list[gs.Node]:
     """Swap ``node`` for its factorized pair, in place in the node list (keeps topological order).

@@ -1,0 +1,76 @@
+"""The joint planner (METHOD.md section 4), for any technique: candidates per weight group, one knapsack.
+
+``lossless``: the least predicted loss change that removes at least ``target_reduction`` of the
+cost model's total. ``compact``: the most removed with a predicted loss change of at most
+``tolerance``. The technique (:class:`~onnxlrf.techniques.base.Technique`) offers each weight
+group's options inside its trusted ranges and writes the chosen ones as plan entries; this module
+never looks inside a choice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import onnx
+
+from ..costs.params import cost_model, cost_units
+from ..errors import OnnxlrfError
+from ..graph.layers import count_params, find_layers
+from . import knapsack
+from .plan import Plan
+
+JOINT_MODES = ("lossless", "compact")
+
+
+def plan_joint(model: onnx.ModelProto, technique: Any, analysis: Any, mode: str,
+               target_reduction: float | None = None, tolerance: float = 0.0, kappa: float = 1.0,
+               solver: str = "lagrangian", target: str = "params", cost: Any = None, **options: Any) -> Plan:
+    """A plan from ``technique``'s candidates over ``analysis`` at curvature multiplier ``kappa``.
+
+    ``target``: what ``target_reduction`` and "removed" are counted in (``cost``: a prepared cost
+    model for it). ``options`` go to the technique's ``candidates`` (low-rank: ``rank_multiple``).
+    Layers of the model that no group covers stay as they are.
+    """
+    if mode not in JOINT_MODES:
+        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
+    if solver not in knapsack.SOLVERS:
+        raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(knapsack.SOLVERS)}")
+    cost = cost_model(model, target, cost)
+    groups = technique.candidates(model, analysis, kappa, cost, **options)
+    sets = [group.options for group in groups]
+    total = cost_units(cost, cost.total())
+    need = None
+    if mode == "lossless":
+        if target_reduction is None or not 0 < target_reduction < 1:
+            raise OnnxlrfError("mode lossless needs --target-reduction in (0, 1)")
+        need = math.ceil(target_reduction * total - 1e-9)
+    choice = knapsack.solve(sets, need, None if need is not None else tolerance, solver=solver)
+    if choice is None:
+        if need is not None:
+            most = sum(int(s.removed.max()) for s in sets) / total
+            raise OnnxlrfError(f"target_reduction {target_reduction:g} is out of reach within the layers' trusted "
+                               f"perturbation ranges: at most {most:.4f}"
+                               + ("" if cost.target == "params" else f" of the model's {cost.target}"))
+        choice = [0] * len(sets)  # nothing predicted safe: stay as it is
+    removed, dloss = knapsack.totals(sets, choice)
+    by_node, bases = {}, {}
+    for group, option in zip(groups, choice):
+        entries, stored = technique.entries(model, analysis, group, option, kappa, cost)
+        by_node.update((entry.node, entry) for entry in entries)
+        bases.update(stored)
+    layers = [by_node[layer.node] if layer.node in by_node else
+              technique.unplanned_entry(model, layer, analysis, cost) for layer in find_layers(model)[0]]
+    plan_options = {"target_reduction": target_reduction, "tolerance": tolerance, "kappa": kappa, "solver": solver,
+                    "target": cost.target, **technique.plan_options(analysis, **options),
+                    "predicted_dloss": dloss, "achieved_reduction": removed / max(total, 1)}
+    plan = Plan(layers=layers, mode=mode, options=plan_options, source=plan_source(model), bases=bases)
+    plan.options["params_reduction"] = plan.summary()["params_removed"] / max(count_params(model), 1)
+    if cost.describe():
+        plan.options["cost_model"] = cost.describe()
+    return plan
+
+
+def plan_source(model: onnx.ModelProto) -> dict:
+    """What a plan records of the model it was made for."""
+    return {"graph": model.graph.name, "params": count_params(model)}

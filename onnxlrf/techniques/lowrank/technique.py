@@ -1,0 +1,83 @@
+"""Low-rank factorization as a :class:`~onnxlrf.techniques.base.Technique`."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import onnx
+
+from ...graph.layers import Layer, find_layers
+from ...planning import joint
+from ...planning.plan import LowRankEntry, Plan
+from ...progress import ProgressLike
+from ..base import Candidates, RewriteReport
+from .refit import refit_plan
+from .planners import joint_candidates, joint_entries, unplanned_entry
+from .rewrite import apply_plan, truncate_weights
+
+
+class LowRank:
+    """Per layer a decomposition and the singular components to keep (METHOD.md part I).
+
+    Analysis: :func:`onnxlrf.measure.analysis.joint_analysis` (a
+    :class:`~onnxlrf.measure.sensitivity.Sensitivity`); rewrite: a pair of thinner nodes per layer
+    (:func:`~onnxlrf.techniques.lowrank.rewrite.apply_plan`); improvement: the refit of the
+    factors on calibration data (:func:`~onnxlrf.techniques.lowrank.refit.refit_plan`).
+    """
+
+    name = LowRankEntry.technique
+
+    def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
+        return {skipped.node: skipped.reason for skipped in find_layers(model)[1]}
+
+    def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
+                   rank_multiple: int = 1) -> list[Candidates]:
+        return joint_candidates(model, analysis, kappa, cost, rank_multiple)
+
+    def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
+                cost: Any) -> tuple[list[LowRankEntry], dict]:
+        return joint_entries(model, analysis, group, option, kappa, cost)
+
+    def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> LowRankEntry:
+        return unplanned_entry(layer, analysis, cost)
+
+    def plan_options(self, analysis: Any, rank_multiple: int = 1) -> dict:
+        return {"rank_multiple": rank_multiple,
+                "decompositions": ["channel"] + (["spatial"] if analysis.spatial else [])}
+
+    def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
+        """The kept components of every factorized layer: kappas that keep the same ones make the same model."""
+        return tuple((e.node, e.decomposition, e.rank, analysis.get(e.node, e.decomposition).keep(e.rank, kappa)
+                      .tobytes()) for e in plan.layers if e.changed)
+
+    def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
+                ) -> tuple[onnx.ModelProto, RewriteReport]:
+        return apply_plan(model, plan, progress=progress)
+
+    def perturbed_weights(self, model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+        return truncate_weights(model, plan)[0]
+
+    def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None
+                ) -> Plan | None:
+        """The plan with its factors refit on ``calib``; None where no layer could be refit."""
+        refit, summary = refit_plan(model, plan, calib, progress=progress)
+        return refit if summary["refit"] else None
+
+    def report_columns(self, entry: LowRankEntry) -> dict[str, str]:
+        if not entry.changed:
+            return {"decomposition": "dense", "rank": "", "basis": ""}
+        return {"decomposition": entry.decomposition, "rank": f"{entry.rank} of {entry.max_rank}",
+                "basis": entry.basis + (" + bias correction" if entry.bias_correction else "")}
+
+
+LOWRANK = LowRank()
+
+
+def plan_joint(model: onnx.ModelProto, sensitivity: Any, mode: str, **options: Any) -> Plan:
+    """The joint low-rank plan (:func:`onnxlrf.planning.joint.plan_joint` with :data:`LOWRANK`).
+
+    ``options``: ``target_reduction``, ``tolerance``, ``kappa``, ``solver``, ``target``, ``cost`` and
+    ``rank_multiple`` (ranks are multiples of it). A layer analyzed in spatial decomposition too
+    (``sensitivity.spatial``) has the candidates of both, and gets the one the knapsack prefers.
+    """
+    return joint.plan_joint(model, LOWRANK, sensitivity, mode, **options)

@@ -1,0 +1,240 @@
+"""The back-off's search (METHOD.md 5), apart from what runs a plan: typed attempts over an injected evaluator.
+
+:class:`BackoffSearch` asks ``propose(kappa, size)`` for plans, trusting the curvature model less
+each time (larger ``kappa``), and an :class:`Evaluator` for what each plan scores on the
+validation split. It knows nothing of onnxruntime or of any technique, so it is tested with a fake
+evaluator. :mod:`onnxlrf.verify.backoff` gives it the real ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Protocol
+
+from ..errors import OnnxlrfError
+from ..planning.plan import Plan
+from ..progress import Progress
+
+# Curvature multipliers tried in turn by the back-off (METHOD.md section 5): each
+# trusts the quadratic model less, so plans get more conservative.
+BACKOFF_KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+BACKOFF_BISECTIONS = 3
+# Compact mode's size search (used when no component is free at the tolerance) starts here
+# and doubles until a plan fails on validation.
+SIZE_SEARCH_START = 0.01
+
+
+@dataclass
+class Attempt:
+    """One plan the back-off looked at, as the plan's ``options["backoff"]`` records it (:meth:`to_dict`)."""
+
+    kappa: float
+    achieved_reduction: float
+    predicted_dloss: float
+    val: float | None = None  # the validation metric; None: not evaluated (rejected for speed)
+    speedup: float | None = None  # measured against the original, under a latency target
+    target_reduction: float | None = None  # compact's size search: planned as lossless at this size
+    same_as_kappa: float | None = None  # the same model as the plan of that kappa: not evaluated again
+    restored: int | None = None  # layers set back to the plan that holds
+    refit: bool = False  # the plan's factors refit on the calibration split
+    round: int | None = None  # with several rounds: which one
+    chosen: bool = False
+
+    def to_dict(self) -> dict:
+        """The JSON object of the plan's ``options["backoff"]`` (only the fields that apply)."""
+        out: dict[str, Any] = {} if self.round is None else {"round": self.round}
+        out["kappa"] = self.kappa
+        if self.refit:
+            out["refit"] = True
+        if self.restored is not None:
+            out["restored"] = self.restored
+        out["achieved_reduction"] = self.achieved_reduction
+        out["predicted_dloss"] = self.predicted_dloss
+        for key in ("speedup", "val", "target_reduction", "same_as_kappa"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.chosen:
+            out["chosen"] = True
+        return out
+
+    @classmethod
+    def of(cls, plan: Plan, **fields: Any) -> "Attempt":
+        """The attempt of ``plan`` (its kappa, size and predicted loss change), with ``fields`` set."""
+        return cls(kappa=plan.options["kappa"], achieved_reduction=plan.options["achieved_reduction"],
+                   predicted_dloss=plan.options["predicted_dloss"], **fields)
+
+
+@dataclass
+class Verified:
+    """A plan that was rewritten and scored on the validation split, with its attempt."""
+
+    value: float
+    plan: Plan
+    model: Any  # the rewritten model (an onnx.ModelProto)
+    report: Any  # what the rewrite changed
+    attempt: Attempt | None
+
+
+class Evaluator(Protocol):
+    """What the search needs to judge a plan."""
+
+    def reference_value(self) -> float:
+        """The original model's metric on the validation split."""
+
+    def rewrite(self, plan: Plan) -> tuple[Any, Any]:
+        """The model ``plan`` makes, and the rewrite's report."""
+
+    def metric(self, model: Any, description: str) -> float:
+        """``model``'s metric on the validation split."""
+
+    def speedup(self, model: Any) -> float | None:
+        """``model``'s measured speedup over the original, where the target is latency (else None)."""
+
+
+def reduction_text(plan: Plan) -> str:
+    """The plan's size in its target's words, e.g. '12.0% fewer parameters' or '30.1% less latency'."""
+    target = plan.options.get("target", "params")
+    reduction = plan.options["achieved_reduction"]
+    if target == "params":
+        return f"{reduction:.1%} fewer parameters"
+    return f"{reduction:.1%} less {'latency' if target == 'latency' else 'FLOPs'}"
+
+
+class BackoffSearch:
+    """Verify plans on validation, trusting the curvature model less each time.
+
+    lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`; the best validation metric wins.
+    compact: the first plan whose validation metric is at least the original's, then a bisection
+    of kappa (log scale) between the last that failed and the first that held, for a larger plan
+    that holds. Where the plan that holds removes nothing, because no component is free at the
+    tolerance (label-free targets: every drop raises the loss), sizes are searched instead: lossless
+    plans at :data:`SIZE_SEARCH_START` of the target measure, doubled while they hold, then bisected
+    between the largest that held and the first that failed. Plans with the same ``signature`` make
+    the same model and are evaluated once. Under a latency target, a plan not measured faster than
+    the original is rejected. Every plan looked at is an :class:`Attempt` in :attr:`attempts`.
+    """
+
+    def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
+                 signature: Callable[[Plan, float], Hashable], progress: Progress,
+                 kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS) -> None:
+        self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
+        self.progress, self.kappas, self.bisections = progress, kappas, bisections
+        self.attempts: list[Attempt] = []
+        self.reference: float | None = None
+        # The error of the last kappa without a plan (lossless: raised when no kappa has one).
+        self.unreachable: OnnxlrfError | None = None
+        self._verified: dict[Hashable, tuple[float, Attempt, Verified | None]] = {}
+        self._task: Any = None
+
+    def run(self) -> Verified | None:
+        """The plan the search chooses (compact: None where no plan held)."""
+        with self.progress.task(f"back-off ({self.mode})", unit="plan") as self._task:
+            self.reference = self.evaluator.reference_value()
+            best = None
+            failed_kappa = None
+            for kappa in self.kappas:
+                result = self.attempt(kappa)
+                if result is None:
+                    continue
+                if self.mode == "compact" and self.holds(result):
+                    best = result
+                    break
+                failed_kappa = kappa
+                if self.mode == "lossless" and (best is None or result.value > best.value):
+                    best = result
+            if self.mode == "compact" and best is not None and failed_kappa is not None:
+                best = self._bisect(failed_kappa, best)
+            if self.mode == "compact" and best is not None and not best.plan.options["achieved_reduction"] > 0:
+                best = self._search_sizes(best)
+        return best
+
+    def holds(self, result: Verified | None) -> bool:
+        """Whether ``result`` scores at least the original's metric."""
+        return result is not None and result.value >= self.reference
+
+    def failing(self) -> list[Plan]:
+        """The plans evaluated that scored below the original."""
+        return [result.plan for _, _, result in self._verified.values()
+                if result is not None and result.value < self.reference]
+
+    def attempt(self, kappa: float, size: float | None = None) -> Verified | None:
+        """The plan at ``kappa`` verified; ``size``: the lossless plan of that size instead (compact's size search)."""
+        try:
+            plan = self.propose(kappa, size)
+        except OnnxlrfError as exc:  # the target may be out of the trusted ranges in this order
+            self.unreachable = exc
+            self.progress.log(f"  kappa {kappa:.3g}{'' if size is None else f', size {size:.3g}'}: no plan ({exc})")
+            return None
+        key = self.signature(plan, kappa)
+        if key in self._verified:
+            same, attempt, result = self._verified[key]
+            self.attempts.append(dataclasses.replace(attempt, kappa=kappa, same_as_kappa=same, chosen=False))
+            self.progress.log(f"  kappa {kappa:.3g}: the plan of kappa {same:.3g} again")
+            self._task.update()
+        else:
+            result = self._verify(plan, kappa, "" if size is None else f", size {size:.3g}")
+            self._verified[key] = (kappa, self.attempts[-1], result)
+        if size is not None:
+            self.attempts[-1].target_reduction = size
+        return result
+
+    def _verify(self, plan: Plan, kappa: float, label: str) -> Verified | None:
+        model, report = self.evaluator.rewrite(plan)
+        attempt = Attempt(kappa, plan.options["achieved_reduction"], plan.options["predicted_dloss"])
+        self.attempts.append(attempt)
+        attempt.speedup = self.evaluator.speedup(model)
+        if attempt.speedup is not None and attempt.speedup <= 1.0:  # not faster: no plan for a latency target
+            self.unreachable = OnnxlrfError(f"no plan for this latency target measured faster than the original "
+                                            f"(kappa {kappa:.3g}: {attempt.speedup:.2f}x)")
+            self.progress.log(f"  kappa {kappa:.3g}: {reduction_text(plan)} predicted, measured "
+                              f"{attempt.speedup:.2f}x the original's speed: rejected")
+            self._task.update()
+            return None
+        value = attempt.val = self.evaluator.metric(model, f"validate the plan at kappa {kappa:.3g}")
+        self._task.update()
+        summary = (f"  kappa {kappa:.3g}{label}: {reduction_text(plan)}, "
+                   f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
+        if self.mode == "lossless":
+            self.progress.log(f"{summary} (original {self.reference:.4f})")
+        elif value >= self.reference:
+            self.progress.log(f"{summary} >= original {self.reference:.4f}: holds")
+        else:
+            self.progress.log(f"{summary} < original {self.reference:.4f}: rejected"
+                              + ("" if label else ", trusting the curvature less"))
+        return Verified(value, plan, model, report, attempt)
+
+    def _bisect(self, failed_kappa: float, best: Verified) -> Verified:
+        """Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value."""
+        lo, hi = failed_kappa, best.plan.options["kappa"]
+        self.progress.log(f"back-off: bisecting kappa between {lo:g} (fails) and {hi:g} (holds) for a larger plan")
+        for _ in range(self.bisections):
+            mid = math.sqrt(lo * hi)
+            result = self.attempt(mid)
+            if self.holds(result):
+                hi = mid
+                if result.plan.options["achieved_reduction"] > best.plan.options["achieved_reduction"]:
+                    best = result
+            else:
+                lo = mid
+        return best
+
+    def _search_sizes(self, holding: Verified) -> Verified:
+        """Compact's size search (see the class); the largest plan that held, else ``holding``."""
+        self.progress.log("back-off: no component is free at this tolerance; searching sizes on validation")
+        held, failed, size = 0.0, None, SIZE_SEARCH_START
+        while failed is None and size < 1.0:
+            result = self.attempt(1.0, size)
+            if self.holds(result):
+                held, holding, size = size, result, 2 * size
+            else:
+                failed = size
+        for _ in range(self.bisections if failed is not None else 0):
+            size = (held + failed) / 2
+            result = self.attempt(1.0, size)
+            if self.holds(result):
+                held, holding = size, result
+            else:
+                failed = size
+        return holding
