@@ -29,8 +29,9 @@ IN, HIDDEN, CLASSES, SAMPLES = 32, 64, 10, 300
 BASELINES = [{"method": "uniform", "reduction": 0.1, "value": 0.9},
              {"method": "uniform", "reduction": 0.3, "value": 0.7},
              {"method": "energy", "reduction": 0.2, "value": 0.85}]
+SVG = "{http://www.w3.org/2000/svg}"
 VOID = {"meta", "br", "hr", "img", "input", "link", "source", "wbr", "col", "area", "base", "embed", "param", "track"}
-SVG_LEAVES = {"rect", "line", "circle", "polygon", "polyline", "path"}  # self-closed inside SVG
+SVG_LEAVES = {"rect", "path", "use"}  # self-closed inside SVG (matplotlib draws each marker as a <use>)
 
 
 def low_rank_mlp() -> onnx.ModelProto:
@@ -191,7 +192,10 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     for name in PLOTS.values():
         ET.fromstring((work / "api-report" / name).read_text())
     loss = (work / "api-report" / PLOTS["loss"]).read_text()
-    assert loss.count("<circle") == sum(len(row.checks) for row in rows) + 3  # + 3 legend symbols
+    dots = [g for g in ET.fromstring(loss).iter(SVG + "g") if g.get("id", "").startswith("loss-")]
+    assert len(dots) == sum(len(row.checks) for row in rows)
+    assert all(len(dot.findall(f".//{SVG}use")) == 1 and dot.find(SVG + "title") is not None for dot in dots)
+    assert all(f">{label}<" in loss for label in ("agree", "disagree", "rank kept"))  # the legend
     curve = (work / "api-report" / PLOTS["curve"]).read_text()
     assert ">uniform<" in curve and ">energy<" in curve and "back-off attempt" in curve
     evaluated = [b for b in result.plan.options["backoff"] if "val" in b and "same_as_kappa" not in b]
