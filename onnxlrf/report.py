@@ -555,8 +555,8 @@ def _figure(width: float, height: float, margins: tuple[float, float, float, flo
     figure = Figure(figsize=(width / 72, height / 72), dpi=72)  # 72 dpi: matplotlib's units are the SVG's
     FigureCanvasSVG(figure)
     left, right, top, bottom = margins
-    figure.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (top + bottom) / height))
-    return figure, figure.axes[0]
+    axes = figure.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (top + bottom) / height))
+    return figure, axes
 
 
 class _Tooltips:
@@ -660,15 +660,15 @@ def loss_plot(rows: list[LayerRow]) -> str | None:
         axes.plot([low, high], [low, high], color=GREY, linewidth=0.8, dashes=(4, 3))
         for row, c in points:
             kept = c.get("rank") == row.rank
-            dot, = axes.plot(c["predicted"], c["measured"], "o", markersize=6, clip_on=False,
-                             markerfacecolor=to_rgba(BLUE if c.get("agree") else RED, 0.8),
-                             markeredgecolor="black" if kept else "white", markeredgewidth=1.2 if kept else 0.4)
-            tips.add(dot, f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured "
+            point, = axes.plot(c["predicted"], c["measured"], "o", markersize=6, clip_on=False,
+                               markerfacecolor=to_rgba(BLUE if c.get("agree") else RED, 0.8),
+                               markeredgecolor="black" if kept else "white", markeredgewidth=1.2 if kept else 0.4)
+            tips.add(point, f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured "
                           f"{c['measured']:+.4f}{'' if c.get('agree') else ' (disagree)'}")
-        legend = [Line2D([], [], linestyle="", marker="o", markersize=6, color=BLUE, label="agree"),
-                  Line2D([], [], linestyle="", marker="o", markersize=6, color=RED, label="disagree"),
-                  Line2D([], [], linestyle="", marker="o", markersize=6, markerfacecolor="white",
-                         markeredgecolor="black", markeredgewidth=1.2, label="rank kept")]
+        dot = {"linestyle": "", "marker": "o", "markersize": 6}
+        legend = [Line2D([], [], color=BLUE, label="agree", **dot), Line2D([], [], color=RED, label="disagree", **dot),
+                  Line2D([], [], markerfacecolor="white", markeredgecolor="black", markeredgewidth=1.2,
+                         label="rank kept", **dot)]
         axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
         axes.set_xlabel("predicted loss change")
         axes.set_ylabel("measured loss change")
