@@ -12,21 +12,35 @@ change; metric vs size with the back-off attempts and any baselines), the
 back-off steps, the execution providers, package versions, the exact command
 and the plan.
 
-The plots are drawn here as plain SVG, so reports need no plotting library.
+The plots are drawn with matplotlib's SVG backend (no display, the user's
+rcParams left as they are) and put inline into the HTML, with fixed ids and no
+date, so the same run gives the same bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import html
+import io
 import math
 import os
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
+import matplotlib.style
 import onnx
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_svg import FigureCanvasSVG
+from matplotlib.colors import to_rgba
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
+from matplotlib.transforms import Bbox
 
 from .errors import OnnxlrfError
 from .inspection import format_si
@@ -495,7 +509,7 @@ def _cell_html(header: str, text: str) -> str:
     return escaped.replace("; ", "<br>") if header == CHECKS_HEADER else escaped  # one check per line
 
 
-# --- plots (plain SVG) -----------------------------------------------------------------------------------
+# --- plots (matplotlib, as SVG text) --------------------------------------------------------------------
 
 PLOT_TITLES = {"rank": "rank kept per layer", "loss": "predicted vs measured loss change",
                "curve": "metric vs size"}
@@ -511,41 +525,67 @@ PLOT_MISSING = {
     "loss": "no single-layer measurements (only the joint modes measure them)",
     "curve": "no metric (run with data)",
 }
+# Applied over matplotlib's defaults, so a user's matplotlibrc changes neither the look nor the bytes of a report.
+PLOT_STYLE = {
+    "svg.fonttype": "none",  # text stays text: small and selectable, and no glyphs defined again in each plot
+    "font.family": "sans-serif",
+    "font.sans-serif": ["DejaVu Sans"],  # shipped with matplotlib, which measures text with it; CSS falls back
+    "font.size": 9,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "legend.fontsize": 8.5,
+    "legend.frameon": False,
+    "axes.edgecolor": "#bbb",
+    "axes.grid": True,
+    "axes.axisbelow": True,
+    "grid.color": "#eee",
+    "axes.formatter.useoffset": False,  # tick labels say the metric's value, not an offset from it
+}
+NO_METADATA = {"Creator": None, "Date": None, "Format": None, "Type": None}  # no date: same input, same bytes
 
 
-def _svg(width: float, height: float, body: Iterable[str], label: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="Helvetica,Arial,sans-serif" font-size="11" '
-            f'role="img" aria-label="{html.escape(label)}">'
-            f'<rect width="100%" height="100%" fill="white"/>' + "".join(body) + "</svg>")
+def _style(key: str) -> contextlib.AbstractContextManager:
+    """The plots' settings for the duration of one plot (the user's rcParams come back after it)."""
+    # A fixed salt makes the ids of markers and clip paths reproducible; one per plot keeps them unique on a page.
+    return matplotlib.style.context(["default", {**PLOT_STYLE, "svg.hashsalt": f"onnxlrf-{key}"}])
 
 
-def _text(x: float, y: float, text: str, anchor: str = "start", size: int = 11, colour: str = "#222",
-          rotate: float | None = None, weight: str = "normal") -> str:
-    transform = f' transform="rotate({rotate:g} {x:.1f} {y:.1f})"' if rotate is not None else ""
-    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-size="{size}" fill="{colour}" '
-            f'font-weight="{weight}"{transform}>{html.escape(text)}</text>')
+def _figure(width: float, height: float, margins: tuple[float, float, float, float]) -> tuple[Figure, Axes]:
+    """A ``width`` x ``height`` figure (points) with one axes inside ``margins`` (left, right, top, bottom)."""
+    figure = Figure(figsize=(width / 72, height / 72), dpi=72)  # 72 dpi: matplotlib's units are the SVG's
+    FigureCanvasSVG(figure)
+    left, right, top, bottom = margins
+    axes = figure.add_axes((left / width, bottom / height, 1 - (left + right) / width, 1 - (top + bottom) / height))
+    return figure, axes
 
 
-def _line(x1: float, y1: float, x2: float, y2: float, colour: str = "#999", width: float = 1,
-          dash: str | None = None) -> str:
-    dashes = f' stroke-dasharray="{dash}"' if dash else ""
-    return (f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{colour}" '
-            f'stroke-width="{width}"{dashes}/>')
+class _Tooltips:
+    """Tooltips (SVG ``<title>``) of single artists, put into the groups matplotlib draws them in."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.text: dict[str, str] = {}
+
+    def add(self, artist: Artist, text: str) -> None:
+        gid = f"{self.key}-{len(self.text)}"
+        artist.set_gid(gid)
+        self.text[gid] = text
+
+    def insert(self, svg: str) -> str:
+        return re.sub(rf'<g id="({self.key}-\d+)">',
+                      lambda m: f"{m[0]}<title>{html.escape(self.text[m[1]])}</title>", svg)
 
 
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi]."""
-    if hi <= lo:
-        hi = lo + 1.0
-    raw = (hi - lo) / count
-    step = 10 ** math.floor(math.log10(raw))
-    for factor in (1, 2, 2.5, 5, 10):
-        if raw <= step * factor:
-            step *= factor
-            break
-    first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
-    return [round(k * step, 12) for k in range(first, last + 1)]
+def _svg(figure: Figure, key: str, tips: _Tooltips) -> str:
+    """``figure`` as SVG text, both for a file of its own and for inline HTML."""
+    buffer = io.StringIO()
+    figure.canvas.print_svg(buffer, metadata=NO_METADATA)
+    svg = buffer.getvalue()
+    svg = svg[svg.index("<svg"):]  # no XML declaration or DOCTYPE: HTML has no place for them
+    # matplotlib numbers its groups per figure (figure_1, axes_1...): plots on one page would repeat the ids.
+    svg = re.sub(r'<g id="[\w.]+_\d+">', "<g>", svg)
+    svg = svg.replace("<svg ", f'<svg role="img" aria-label="{html.escape(PLOT_TITLES[key])}" ', 1)
+    return tips.insert(svg)
 
 
 def _short(name: str, limit: int = 34) -> str:
@@ -556,34 +596,36 @@ def rank_plot(rows: list[LayerRow]) -> str | None:
     """Horizontal bars per layer: maximum rank (grey) and the rank kept (blue); dense layers light grey."""
     if not rows:
         return None
-    row_h, left, right, top, bottom, plot_w = 15, 230, 70, 34, 22, 420
-    height = top + row_h * len(rows) + bottom
-    scale = plot_w / max(r.max_rank for r in rows)
-    body = [_text(left, 14, "rank", "start", 12, weight="bold")]
-    for tick in _nice_ticks(0, max(r.max_rank for r in rows), 6):
-        x = left + tick * scale
-        if x <= left + plot_w + 1:
-            body += [_line(x, top - 4, x, height - bottom, "#eee"), _text(x, top - 8, f"{tick:g}", "middle", 10)]
-    for i, row in enumerate(rows):
-        y = top + i * row_h
-        full = row.max_rank * scale
-        body.append(_text(left - 6, y + row_h - 4, _short(row.node), "end", 10))
-        tip = f"{row.node}: {'dense' if row.rank is None else f'rank {row.rank}'} of {row.max_rank}"
-        body.append(f'<g><title>{html.escape(tip)}</title>'
-                    f'<rect x="{left}" y="{y + 2}" width="{full:.1f}" height="{row_h - 4}" fill="#ccc"/>')
-        if row.rank is None:
-            body.append(f'<rect x="{left}" y="{y + 2}" width="{full:.1f}" height="{row_h - 4}" fill="#e6e6e6" '
-                        f'stroke="#bbb" stroke-width="0.5"/></g>')
-            body.append(_text(left + full + 4, y + row_h - 4, "dense", "start", 10, "#888"))
-        else:
-            body.append(f'<rect x="{left}" y="{y + 2}" width="{row.rank * scale:.1f}" height="{row_h - 4}" '
-                        f'fill="{BLUE}"/></g>')
-            body.append(_text(left + full + 4, y + row_h - 4, f"{row.rank}/{row.max_rank}", "start", 10))
-    return _svg(left + plot_w + right, height, body, PLOT_TITLES["rank"])
-
-
-def _symlog(v: float, threshold: float) -> float:
-    return math.copysign(math.log10(1 + abs(v) / threshold), v)
+    row_height, top, bottom = 13, 30, 6
+    with _style("rank"):
+        figure, axes = _figure(540, top + row_height * len(rows) + bottom, (170, 56, top, bottom))
+        tips = _Tooltips("rank")
+        tip = [f"{row.node}: {'dense' if row.rank is None else f'rank {row.rank}'} of {row.max_rank}"
+               for row in rows]
+        full = axes.barh(range(len(rows)), [row.max_rank for row in rows], height=0.75,
+                         color=["#e6e6e6" if row.rank is None else "#ccc" for row in rows],
+                         edgecolor=["#bbb" if row.rank is None else "none" for row in rows], linewidth=0.5)
+        factorized = [i for i, row in enumerate(rows) if row.rank is not None]
+        kept = axes.barh(factorized, [rows[i].rank for i in factorized], height=0.75, color=BLUE)
+        for i, bar in [*enumerate(full), *zip(factorized, kept)]:
+            tips.add(bar, tip[i])
+        labels = axes.bar_label(full, ["dense" if row.rank is None else f"{row.rank}/{row.max_rank}" for row in rows],
+                                padding=4, fontsize=8)
+        for label, row in zip(labels, rows):
+            if row.rank is None:
+                label.set_color("#888")
+        axes.set_yticks(range(len(rows)), [_short(row.node) for row in rows])
+        axes.set_ylim(len(rows) - 0.5, -0.5)  # the first layer on top
+        axes.set_xlim(0, max(row.max_rank for row in rows))
+        axes.xaxis.set_major_locator(MaxNLocator(6, steps=[1, 2, 5, 10], integer=True))
+        axes.xaxis.tick_top()
+        axes.xaxis.set_label_position("top")
+        axes.set_xlabel("rank", loc="left", fontweight="bold")
+        axes.grid(axis="y", visible=False)
+        axes.tick_params(left=False, top=False)
+        for spine in axes.spines.values():
+            spine.set_visible(False)
+        return _svg(figure, "rank", tips)
 
 
 def loss_plot(rows: list[LayerRow]) -> str | None:
@@ -592,53 +634,45 @@ def loss_plot(rows: list[LayerRow]) -> str | None:
               if math.isfinite(c.get("predicted", math.nan)) and math.isfinite(c.get("measured", math.nan))]
     if not points:
         return None
-    size, left, top, bottom, right = 380, 70, 20, 50, 150
     values = [abs(c[k]) for _, c in points for k in ("predicted", "measured") if c[k] != 0]
+    # Linear within +-threshold: the smallest change's decade, at most 4 decades below the largest change.
     threshold = 10 ** math.floor(math.log10(max(min(values), 1e-6))) if values else 1e-3
     threshold = max(threshold, max(values, default=1.0) * 1e-4)
-    extent = max(_symlog(max(values, default=1.0), threshold), 1.0) * 1.05
-    lo = -extent if any(c[k] < 0 for _, c in points for k in ("predicted", "measured")) else 0.0
-
-    def px(v: float) -> float:
-        return left + (_symlog(v, threshold) - lo) / (extent - lo) * size
-
-    def py(v: float) -> float:
-        return top + size - (_symlog(v, threshold) - lo) / (extent - lo) * size
-
-    body = [f'<rect x="{left}" y="{top}" width="{size}" height="{size}" fill="none" stroke="#bbb"/>']
-    exponent = math.floor(math.log10(threshold))
-    ticks = [0.0] + [s * 10.0 ** k for k in range(exponent, exponent + 8) for s in (1, -1)]
-    for tick in ticks:
-        position = _symlog(tick, threshold)
-        if not lo <= position <= extent or (tick != 0 and abs(px(tick) - px(0.0)) < 24):  # labels would overlap 0
-            continue
-        label = f"{tick:g}"
-        x, y = px(tick), py(tick)
-        body += [_line(x, top, x, top + size, "#eee"), _line(left, y, left + size, y, "#eee"),
-                 _text(x, top + size + 14, label, "middle", 9), _text(left - 4, y + 3, label, "end", 9)]
-    body.append(_line(px(_inv_symlog(lo, threshold)), py(_inv_symlog(lo, threshold)),
-                      px(_inv_symlog(extent, threshold)), py(_inv_symlog(extent, threshold)), GREY, 1, "4 3"))
-    for row, c in points:
-        colour = BLUE if c.get("agree") else RED
-        kept = c.get("rank") == row.rank
-        ring = ' stroke="#000" stroke-width="1.6"' if kept else ' stroke="white" stroke-width="0.5"'
-        tip = (f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured {c['measured']:+.4f}"
-               f"{'' if c.get('agree') else ' (disagree)'}")
-        body.append(f'<circle cx="{px(c["predicted"]):.1f}" cy="{py(c["measured"]):.1f}" r="3.5" fill="{colour}" '
-                    f'fill-opacity="0.8"{ring}><title>{html.escape(tip)}</title></circle>')
-    body += [_text(left + size / 2, top + size + 34, "predicted loss change", "middle", 11),
-             _text(18, top + size / 2, "measured loss change", "middle", 11, rotate=-90)]
-    legend = [(BLUE, "agree", ""), (RED, "disagree", ""), ("white", "rank kept", "#000")]
-    for i, (colour, label, stroke) in enumerate(legend):
-        y = top + 12 + 18 * i
-        outline = f' stroke="{stroke}" stroke-width="1.6"' if stroke else ""
-        body += [f'<circle cx="{left + size + 18}" cy="{y}" r="4" fill="{colour}"{outline}/>',
-                 _text(left + size + 28, y + 4, label, "start", 11)]
-    return _svg(left + size + right, top + size + bottom, body, PLOT_TITLES["loss"])
-
-
-def _inv_symlog(y: float, threshold: float) -> float:
-    return math.copysign((10 ** abs(y) - 1) * threshold, y)
+    high = max(max(values, default=1.0) * 1.5, 10 * threshold)
+    low = -high if any(c[k] < 0 for _, c in points for k in ("predicted", "measured")) else 0.0
+    # 0 and the decades from twice the threshold up (labels nearer 0 would overlap its label).
+    decades = [10.0 ** k for k in range(math.ceil(math.log10(2 * threshold)), math.ceil(math.log10(high)) + 1)]
+    ticks = sorted([0.0, *decades, *(-d for d in decades if low < 0)])
+    size = 300
+    with _style("loss"):
+        figure, axes = _figure(62 + size + 96, 12 + size + 44, (62, 96, 12, 44))
+        tips = _Tooltips("loss")
+        # Linear within +-threshold, log beyond; 0.3 decades wide up to the threshold, like log10(1 + |v| / t).
+        axes.set_xscale("symlog", linthresh=threshold, linscale=0.3)
+        axes.set_yscale("symlog", linthresh=threshold, linscale=0.3)
+        for axis in (axes.xaxis, axes.yaxis):
+            axis.set_major_locator(FixedLocator(ticks))
+            axis.set_minor_locator(NullLocator())
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axes.set_xlim(low, high)
+        axes.set_ylim(low, high)
+        # y = x: straight, as both axes have the same scale and limits.
+        axes.plot([low, high], [low, high], color=GREY, linewidth=0.8, dashes=(4, 3))
+        for row, c in points:
+            kept = c.get("rank") == row.rank
+            point, = axes.plot(c["predicted"], c["measured"], "o", markersize=6, clip_on=False,
+                               markerfacecolor=to_rgba(BLUE if c.get("agree") else RED, 0.8),
+                               markeredgecolor="black" if kept else "white", markeredgewidth=1.2 if kept else 0.4)
+            tips.add(point, f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured "
+                          f"{c['measured']:+.4f}{'' if c.get('agree') else ' (disagree)'}")
+        dot = {"linestyle": "", "marker": "o", "markersize": 6}
+        legend = [Line2D([], [], color=BLUE, label="agree", **dot), Line2D([], [], color=RED, label="disagree", **dot),
+                  Line2D([], [], markerfacecolor="white", markeredgecolor="black", markeredgewidth=1.2,
+                         label="rank kept", **dot)]
+        axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
+        axes.set_xlabel("predicted loss change")
+        axes.set_ylabel("measured loss change")
+        return _svg(figure, "loss", tips)
 
 
 def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
@@ -653,88 +687,62 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
     for value in (curve.get("val_reference"), final and final.get("value"), final and final.get("reference_value")):
         if value is not None:
             ys.append(value)
-    width, height, left, top, right, bottom = 430, 300, 60, 20, 210, 46
-    x_ticks = _nice_ticks(0.0, max(xs) * 1.05 or 0.1, 5)
-    y_lo, y_hi = min(ys), max(ys)
-    pad = max((y_hi - y_lo) * 0.08, 0.002)
-    y_ticks = _nice_ticks(y_lo - pad, y_hi + pad, 5)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    pad = max((max(ys) - min(ys)) * 0.08, 0.002)
+    with _style("curve"):
+        figure, axes = _figure(560, 300, (56, 190, 12, 44))
+        tips = _Tooltips("curve")
+        axes.set_xlim(0, max(xs) * 1.05 or 0.1)
+        axes.set_ylim(min(ys) - pad, max(ys) + pad)
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v * 100:g}%"))
+        legend: list[Artist] = []
+        if final is not None and final.get("reference_value") is not None:
+            legend.append(axes.axhline(final["reference_value"], color=GREY, linewidth=1, dashes=(5, 3),
+                                       label=f"original, {final['split']}"))
+        if curve.get("val_reference") is not None:
+            legend.append(axes.axhline(curve["val_reference"], color=GREY, linewidth=1, dashes=(1, 3),
+                                       label="original, validation"))
+        attempt = {"linestyle": "", "marker": "o", "markersize": 7, "markeredgecolor": BLUE, "markeredgewidth": 1.2}
+        for b in backoff:  # points unclipped: one at 0% removed is whole, not cut in half by the axes
+            dot, = axes.plot(b["achieved_reduction"], b["val"], markerfacecolor=BLUE if b.get("chosen") else "white",
+                             clip_on=False, **attempt)
+            tips.add(dot, f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}")
+        if backoff:
+            legend.append(Line2D([], [], markerfacecolor="white", label="back-off attempt, validation", **attempt))
+        methods: dict[str, list[dict]] = {}
+        for b in baselines:
+            methods.setdefault(str(b["method"]), []).append(b)
+        for i, (method, points) in enumerate(methods.items()):
+            colour = BASELINE_COLOURS[i % len(BASELINE_COLOURS)]
+            points = sorted(points, key=lambda p: p["reduction"])
+            axes.plot([p["reduction"] for p in points], [p["value"] for p in points], color=colour, linewidth=1.2)
+            for p in points:
+                square, = axes.plot(p["reduction"], p["value"], "s", markersize=5, color=colour, clip_on=False)
+                tips.add(square, f"{method}: {p['reduction']:.1%} fewer, {p['value']:.4f}")
+            legend.append(Line2D([], [], color=colour, linewidth=1.2, marker="s", markersize=5, label=method))
+        if final is not None:
+            result = {"linestyle": "", "marker": "*", "color": RED, "markeredgecolor": "#600",
+                      "markeredgewidth": 0.6}
+            star, = axes.plot(curve["reduction"], final["value"], markersize=13, zorder=3, clip_on=False, **result)
+            tips.add(star, f"result: {curve['reduction']:.1%} fewer, {final['value']:.4f} ({final['split']})")
+            legend.append(Line2D([], [], markersize=11, label=f"result, {final['split']}", **result))
+        _label_attempts(axes, backoff)
+        axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
+        axes.set_xlabel("parameters removed")
+        axes.set_ylabel(metric)
+        return _svg(figure, "curve", tips)
 
-    def px(v: float) -> float:
-        return left + (v - x0) / (x1 - x0) * width
 
-    def py(v: float) -> float:
-        return top + height - (v - y0) / (y1 - y0) * height
-
-    body = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" fill="none" stroke="#bbb"/>']
-    for t in x_ticks:
-        body += [_line(px(t), top, px(t), top + height, "#eee"),
-                 _text(px(t), top + height + 14, f"{t:.0%}", "middle", 9)]
-    for t in y_ticks:
-        body += [_line(left, py(t), left + width, py(t), "#eee"), _text(left - 4, py(t) + 3, f"{t:.4g}", "end", 9)]
-    legend: list[tuple[str, str]] = []
-    if final is not None and final.get("reference_value") is not None:
-        body.append(_line(left, py(final["reference_value"]), left + width, py(final["reference_value"]), GREY, 1.2,
-                          "5 3"))
-        legend.append((f'<line x1="0" y1="0" x2="14" y2="0" stroke="{GREY}" stroke-width="1.2" '
-                       'stroke-dasharray="5 3"/>',
-                       f"original, {final['split']}"))
-    if curve.get("val_reference") is not None:
-        body.append(_line(left, py(curve["val_reference"]), left + width, py(curve["val_reference"]), GREY, 1,
-                          "1 3"))
-        legend.append((f'<line x1="0" y1="0" x2="14" y2="0" stroke="{GREY}" stroke-dasharray="1 3"/>',
-                       "original, validation"))
-    placed: list[tuple[float, float, float, float]] = []  # label boxes, so labels do not overlap
+def _label_attempts(axes: Axes, backoff: list[dict]) -> None:
+    """Label each back-off attempt with its kappa beside its point, where the label overlaps no other label."""
+    placed: list[Bbox] = []
     # The chosen attempt is labelled first, so it keeps its label when attempts crowd together.
     for b in sorted(backoff, key=lambda b: not b.get("chosen")):
-        chosen = b.get("chosen", False)
-        tip = f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}"
-        body.append(f'<circle cx="{px(b["achieved_reduction"]):.1f}" cy="{py(b["val"]):.1f}" r="4" '
-                    f'fill="{BLUE if chosen else "white"}" stroke="{BLUE}" stroke-width="1.5">'
-                    f'<title>{html.escape(tip)}</title></circle>')
         label = f"\u03ba{b['kappa']:.3g}" + ("+r" if b.get("restored") else "+refit" if b.get("refit") else "")
-        x, y = px(b["achieved_reduction"]), py(b["val"])
-        for lx, ly in ((x + 6, y - 5), (x + 6, y + 12), (x - 6 - 5.5 * len(label), y - 5)):
-            box = (lx, ly - 9, lx + 5.5 * len(label), ly + 1)
-            if not any(box[0] < o[2] and o[0] < box[2] and box[1] < o[3] and o[1] < box[3] for o in placed):
+        for offset, ha, va in (((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom")):
+            text = axes.annotate(label, (b["achieved_reduction"], b["val"]), xytext=offset, textcoords="offset points",
+                                 ha=ha, va=va, fontsize=7.5, color=BLUE)
+            box = text.get_window_extent()
+            if not any(box.overlaps(other) for other in placed):
                 placed.append(box)
-                body.append(_text(lx, ly, label, "start", 9, BLUE))
                 break
-    if backoff:
-        legend.append((f'<circle cx="7" cy="0" r="4" fill="white" stroke="{BLUE}" stroke-width="1.5"/>',
-                       "back-off attempt, validation"))
-    methods: dict[str, list[dict]] = {}
-    for b in baselines:
-        methods.setdefault(str(b["method"]), []).append(b)
-    for i, (method, points) in enumerate(methods.items()):
-        colour = BASELINE_COLOURS[i % len(BASELINE_COLOURS)]
-        points = sorted(points, key=lambda p: p["reduction"])
-        path = " ".join(f"{px(p['reduction']):.1f},{py(p['value']):.1f}" for p in points)
-        body.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        for p in points:
-            tip = html.escape(f"{method}: {p['reduction']:.1%} fewer, {p['value']:.4f}")
-            body.append(f'<rect x="{px(p["reduction"]) - 3:.1f}" y="{py(p["value"]) - 3:.1f}" width="6" height="6" '
-                        f'fill="{colour}"><title>{tip}</title></rect>')
-        legend.append((f'<rect x="4" y="-3" width="6" height="6" fill="{colour}"/>', method))
-    if final is not None:
-        x, y = px(curve["reduction"]), py(final["value"])
-        tip = html.escape(f"result: {curve['reduction']:.1%} fewer, {final['value']:.4f} ({final['split']})")
-        body.append(f'<polygon points="{_star(x, y, 7)}" fill="{RED}" stroke="#600" stroke-width="0.6">'
-                    f'<title>{tip}</title></polygon>')
-        legend.append((f'<polygon points="{_star(7, 0, 6)}" fill="{RED}"/>', f"result, {final['split']}"))
-    for i, (symbol, label) in enumerate(legend):
-        y = top + 10 + 18 * i
-        body += [f'<g transform="translate({left + width + 12},{y})">{symbol}</g>',
-                 _text(left + width + 32, y + 4, label, "start", 11)]
-    body += [_text(left + width / 2, top + height + 34, "parameters removed", "middle", 11),
-             _text(16, top + height / 2, metric, "middle", 11, rotate=-90)]
-    return _svg(left + width + right, top + height + bottom, body, PLOT_TITLES["curve"])
-
-
-def _star(x: float, y: float, r: float) -> str:
-    points = []
-    for k in range(10):
-        radius = r if k % 2 == 0 else r * 0.45
-        angle = math.pi / 2 + k * math.pi / 5
-        points.append(f"{x + radius * math.cos(angle):.1f},{y - radius * math.sin(angle):.1f}")
-    return " ".join(points)
+            text.remove()

@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -29,8 +30,9 @@ IN, HIDDEN, CLASSES, SAMPLES = 32, 64, 10, 300
 BASELINES = [{"method": "uniform", "reduction": 0.1, "value": 0.9},
              {"method": "uniform", "reduction": 0.3, "value": 0.7},
              {"method": "energy", "reduction": 0.2, "value": 0.85}]
+SVG = "{http://www.w3.org/2000/svg}"
 VOID = {"meta", "br", "hr", "img", "input", "link", "source", "wbr", "col", "area", "base", "embed", "param", "track"}
-SVG_LEAVES = {"rect", "line", "circle", "polygon", "polyline", "path"}  # self-closed inside SVG
+SVG_LEAVES = {"rect", "path", "use"}  # self-closed inside SVG (matplotlib draws each marker as a <use>)
 
 
 def low_rank_mlp() -> onnx.ModelProto:
@@ -191,7 +193,10 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     for name in PLOTS.values():
         ET.fromstring((work / "api-report" / name).read_text())
     loss = (work / "api-report" / PLOTS["loss"]).read_text()
-    assert loss.count("<circle") == sum(len(row.checks) for row in rows) + 3  # + 3 legend symbols
+    dots = [g for g in ET.fromstring(loss).iter(SVG + "g") if g.get("id", "").startswith("loss-")]
+    assert len(dots) == sum(len(row.checks) for row in rows)
+    assert all(len(dot.findall(f".//{SVG}use")) == 1 and dot.find(SVG + "title") is not None for dot in dots)
+    assert all(f">{label}<" in loss for label in ("agree", "disagree", "rank kept"))  # the legend
     curve = (work / "api-report" / PLOTS["curve"]).read_text()
     assert ">uniform<" in curve and ">energy<" in curve and "back-off attempt" in curve
     evaluated = [b for b in result.plan.options["backoff"] if "val" in b and "same_as_kappa" not in b]
@@ -209,6 +214,29 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     check_rows(uniform, checker)
     assert [row.rank for row in layer_rows(uniform)] == [8, 16, 3]
     assert "validation (onnxruntime)" in checker.cells and "calibration" not in checker.cells
+
+
+def test_plots_are_reproducible_and_the_page_fetches_nothing(work: Path, compact: tuple[CompressResult, str]) -> None:
+    """The same run gives the same plot bytes, whatever the user's matplotlib settings, which stay as they were;
+    the page runs no script and names nothing outside itself."""
+    result, _ = compact
+    first, second = work / "same-1", work / "same-2"
+    write_report(result, first, baselines=BASELINES)
+    with matplotlib.rc_context({"svg.hashsalt": None, "svg.fonttype": "path", "font.size": 20, "lines.linewidth": 5}):
+        keys = [*report_module.PLOT_STYLE, "svg.hashsalt", "lines.linewidth"]
+        settings = {key: matplotlib.rcParams[key] for key in keys}
+        write_report(result, second, baselines=BASELINES)
+        assert {key: matplotlib.rcParams[key] for key in keys} == settings
+    for name in PLOTS.values():
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    page = (first / "report.html").read_text()
+    assert "<script" not in page.lower() and "<?xml" not in page and "<!DOCTYPE svg" not in page
+    # The only web addresses are the SVG namespaces; links (xlink:href, url(...)) point inside the page.
+    namespaces = re.findall(r' xmlns(?::xlink)?="(https?://[^"]*)"', page)
+    assert set(namespaces) == {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}
+    assert page.count("http") == len(namespaces)
+    links = re.findall(r'href="([^"]*)"', page) + re.findall(r"url\(([^)]*)\)", page)
+    assert links and all(link.startswith("#") for link in links), links
 
 
 def test_back_off_table_says_what_became_of_each_attempt(work: Path, compact: tuple[CompressResult, str]) -> None:
