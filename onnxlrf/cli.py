@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import shlex
 import sys
@@ -110,77 +111,120 @@ def export(model: str, output: str, weights: str | None, batch: int, dynamic_bat
           f"on {', '.join(result.providers)}")
 
 
+class _OptionGroup:
+    """CLI options that fill one of the library's option objects (as Polygraphy's argument groups do).
+
+    Decorating a command adds the options; :meth:`build` takes their values out of the command's
+    keyword arguments and makes the object. ``fields`` maps parameter names to the object's fields.
+    """
+
+    def __init__(self, target: str, fields: dict[str, str], *options: Callable) -> None:
+        self.target, self.fields, self.options = target, fields, options
+
+    def __call__(self, command: Callable) -> Callable:
+        for option in reversed(self.options):
+            command = option(command)
+        return command
+
+    def build(self, params: dict[str, Any]) -> Any:
+        module, name = self.target.rsplit(".", 1)
+        options_type = getattr(importlib.import_module(module), name)
+        return options_type(**{field: params.pop(param) for param, field in self.fields.items()})
+
+
+_plan_options = _OptionGroup(
+    "onnxlrf.planning.joint.PlanOptions",
+    {name: name for name in ("mode", "target_reduction", "target", "rank_multiple", "rank_fraction", "energy",
+                             "tolerance", "solver")},
+    click.option("--mode", type=click.Choice(["lossless", "compact", "uniform", "energy"]), required=True,
+                 help="lossless: best accuracy at --target-reduction; compact: smallest model as accurate as the "
+                      "original; uniform/energy: data-free baselines."),
+    click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 help="Fraction of the model's --target (parameters by default) to remove."),
+    click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+                 help="What --target-reduction counts: parameters, Conv/Gemm/MatMul FLOPs at --batch, or latency "
+                      "measured on --provider at --batch (layers whose factorized pair is not faster stay dense)."),
+    click.option("--rank-multiple", type=click.IntRange(min=1),
+                 help="Ranks are multiples of this (default: 8 on CUDA and for --target latency, else 1)."),
+    click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
+                 help="uniform: fraction of each layer's full rank to keep."),
+    click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
+                 help="energy: share of squared singular values to keep in each layer."),
+    click.option("--tolerance", default=0.0, show_default=True, type=float,
+                 help="compact: largest predicted loss increase allowed."),
+    click.option("--solver", type=click.Choice(["lagrangian", "dp", "milp"]), default="lagrangian", show_default=True,
+                 help="The knapsack's solver: Lagrangian sweep, exact DP over a discretized size, or exact MILP."),
+)
+_split_options = _OptionGroup(
+    "onnxlrf.verify.splits.SplitOptions", {"calib": "calib", "val": "val", "seed": "seed"},
+    click.option("--calib", default=1000, show_default=True, type=click.IntRange(min=1),
+                 help="Joint modes: calibration samples."),
+    click.option("--val", default=1000, show_default=True, type=click.IntRange(min=1),
+                 help="Joint modes: validation samples (back-off); the rest is the held-out test split."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Fixes the splits."),
+)
+_analysis_options = _OptionGroup(
+    "onnxlrf.measure.analysis.AnalysisOptions", {"labels": "labels", "spatial": "spatial", "analysis_cache": "cache"},
+    click.option("--labels", type=click.Choice(["labels", "predictions"]), default="labels", show_default=True,
+                 help="Calibration targets: the data's labels, or the original model's predictions (label-free: "
+                      "its classes; for sentence encoders its similarities, the better choice in lossless mode)."),
+    click.option("--spatial/--no-spatial", default=None,
+                 help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
+                      "planner chooses channel or spatial per layer. Default: on for --target flops and latency."),
+    click.option("--analysis-cache", type=click.Path(file_okay=False),
+                 help="Joint modes: keep each joint analysis in this directory and reuse it when the model, "
+                      "calibration split and options are the same, so another target or mode skips the analysis."),
+)
+_verify_options = _OptionGroup(
+    "onnxlrf.verify.backoff.VerifyOptions", {"rounds": "rounds", "refit": "refit"},
+    click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
+                 help="Joint modes: analyse and back off again around each round's truncated weights "
+                      "(compact: until a round adds nothing; lossless: the target in equal steps)."),
+    click.option("--refit/--no-refit", default=True, show_default=True,
+                 help="Joint modes: also try the back-off's plans with each layer's factors refit on the "
+                      "calibration split to undo what the layers before it changed; kept where validation says "
+                      "it is better."),
+)
+_export_options = _OptionGroup(
+    "onnxlrf.pipeline.ExportOptions",
+    {"weights": "weights", "dynamo": "dynamo", "batch": "batch", "dynamic_batch": "dynamic_batch"},
+    click.option("--weights", type=click.Path(), help="Checkpoint for a model name."),
+    click.option("--dynamo", is_flag=True, help="Export with the dynamo exporter."),
+    click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1)),
+    click.option("--dynamic-batch", is_flag=True),
+)
+
+
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="ONNX file to write.")
-@click.option("--mode", type=click.Choice(["lossless", "compact", "uniform", "energy"]), required=True,
-              help="lossless: best accuracy at --target-reduction; compact: smallest model as accurate as the "
-                   "original; uniform/energy: data-free baselines.")
-@click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
-              help="Fraction of the model's --target (parameters by default) to remove.")
-@click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
-              help="What --target-reduction counts: parameters, Conv/Gemm/MatMul FLOPs at --batch, or latency "
-                   "measured on --provider at --batch (layers whose factorized pair is not faster stay dense).")
-@click.option("--rank-multiple", type=click.IntRange(min=1),
-              help="Ranks are multiples of this (default: 8 on CUDA and for --target latency, else 1).")
-@click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
-              help="uniform: fraction of each layer's full rank to keep.")
-@click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
-              help="energy: share of squared singular values to keep in each layer.")
-@click.option("--tolerance", default=0.0, show_default=True, type=float,
-              help="compact: largest predicted loss increase allowed.")
-@click.option("--calib", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Joint modes: calibration samples.")
-@click.option("--val", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Joint modes: validation samples (back-off); the rest is the held-out test split.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Fixes the splits.")
-@click.option("--labels", type=click.Choice(["labels", "predictions"]), default="labels", show_default=True,
-              help="Calibration targets: the data's labels, or the original model's predictions (label-free: "
-                   "its classes; for sentence encoders its similarities, the better choice in lossless mode).")
-@click.option("--solver", type=click.Choice(["lagrangian", "dp"]), default="lagrangian", show_default=True)
-@click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
-              help="Joint modes: analyse and back off again around each round's truncated weights "
-                   "(compact: until a round adds nothing; lossless: the target in equal steps).")
-@click.option("--refit/--no-refit", default=True, show_default=True,
-              help="Joint modes: also try the back-off's plans with each layer's factors refit on the calibration "
-                   "split to undo what the layers before it changed; kept where validation says it is better.")
-@click.option("--spatial/--no-spatial", default=None,
-              help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
-                   "planner chooses channel or spatial per layer. Default: on for --target flops and latency.")
-@click.option("--analysis-cache", type=click.Path(file_okay=False),
-              help="Joint modes: keep each joint analysis in this directory and reuse it when the model, "
-                   "calibration split and options are the same, so another target or mode skips the analysis.")
+@_plan_options
+@_split_options
+@_analysis_options
+@_verify_options
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
-@click.option("--weights", type=click.Path(), help="Checkpoint for a model name.")
+@_export_options
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
-@click.option("--dynamo", is_flag=True, help="Export with the dynamo exporter.")
-@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--dynamic-batch", is_flag=True)
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--report", "report_dir", type=click.Path(file_okay=False),
               help="Also write a Markdown and a self-contained HTML report into this directory.")
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_quiet_option
-def compress(model: str, output: str, mode: str, target_reduction: float | None, target: str,
-             rank_multiple: int | None, rank_fraction: float | None, energy: float | None, tolerance: float,
-             calib: int, val: int, seed: int, labels: str, solver: str, rounds: int, refit: bool,
-             spatial: bool | None, analysis_cache: str | None, data: str | None, weights: str | None,
-             plan_out: str | None, dynamo: bool,
-             batch: int, dynamic_batch: bool, provider: str, report_dir: str | None, overwrite: bool,
-             as_json: bool, quiet: bool) -> None:
+def compress(model: str, output: str, data: str | None, plan_out: str | None, provider: str, report_dir: str | None,
+             overwrite: bool, as_json: bool, quiet: bool, **params: Any) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
     from .pipeline import compress as run_compress
     from .report import check_report_dir, write_report
 
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
+    options, splits = _plan_options.build(params), _split_options.build(params)
+    analysis, verify, export = _analysis_options.build(params), _verify_options.build(params), \
+        _export_options.build(params)
     result = _run(as_json, lambda: run_compress(
-        model, output, mode=mode, target_reduction=target_reduction, rank_fraction=rank_fraction,
-        energy=energy, data=data, weights=weights, plan_out=plan_out, overwrite=overwrite, dynamo=dynamo,
-        batch=batch, dynamic_batch=dynamic_batch, provider=provider, tolerance=tolerance, calib=calib, val=val,
-        seed=seed, labels=labels, solver=solver, progress=_progress(quiet), target=target,
-        rank_multiple=rank_multiple, rounds=rounds, refit=refit, spatial=spatial, analysis_cache=analysis_cache))
+        model, output, options, data, splits, analysis, verify, export, provider=provider, plan_out=plan_out,
+        overwrite=overwrite, progress=_progress(quiet)))
     payload = result.to_dict()
     if report_dir is not None:
         _, html_path = write_report(result, report_dir, _command_line(), overwrite=overwrite)

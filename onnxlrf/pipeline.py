@@ -1,7 +1,11 @@
-"""The main job: model (name or ONNX file) in, low-rank ONNX file out, validated.
+"""The main job: model (name or ONNX file) in, compressed ONNX file out, validated.
 
 ``compress`` chains the stages a Python user can also call one by one:
-export (or load) -> plan -> rewrite -> save -> validate.
+export (or load) -> split -> analyse -> plan -> verify -> rewrite -> validate -> save.
+Its settings come in a few option objects, one per concern, which the CLI's option groups fill:
+:class:`ExportOptions`, :class:`~onnxlrf.planning.joint.PlanOptions`,
+:class:`~onnxlrf.verify.splits.SplitOptions`, :class:`~onnxlrf.measure.analysis.AnalysisOptions`
+and :class:`~onnxlrf.verify.backoff.VerifyOptions`.
 """
 
 from __future__ import annotations
@@ -19,20 +23,38 @@ from .costs.latency import default_rank_multiple, make_cost
 from .costs.params import cost_model
 from .errors import OnnxlrfError
 from .graph.layers import check_finite_weights, count_params
-from .measure.analysis import analysis_cache_dir, joint_analysis
+from .measure.analysis import AnalysisOptions, analysis_cache_dir
 from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
+from .planning.joint import JOINT_MODES, PlanOptions
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
-from .runtime.evaluate import model_metric
-from .techniques.lowrank.planners import JOINT_MODES, plan_energy, plan_uniform
-from .techniques.lowrank.rewrite import RewriteReport, apply_plan, truncate_weights
-from .verify.backoff import backoff_plan, merge_rounds, refit_chosen
-from .verify.splits import split_dataset
+from .runtime.evaluate import model_metric, validate
+from .runtime.sessions import select_providers
+from .techniques.base import RewriteReport
+from .techniques.lowrank.planners import plan_energy, plan_uniform
+from .techniques.lowrank.rewrite import apply_plan
+from .verify.backoff import VerifyOptions
+from .verify.rounds import verify_in_rounds
+from .verify.search import Attempt
+from .verify.splits import SplitOptions, split_dataset
 
 PLANNING_MODES = ("uniform", "energy")
-
-
 MODES = JOINT_MODES + PLANNING_MODES
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How a model name becomes the reference ONNX file (``onnxlrf export``'s flags; ignored for ONNX files).
+
+    ``weights``: a checkpoint; ``dynamo``: torch's dynamo exporter (opset 18, external data) instead
+    of TorchScript (opset 17, one file); ``batch``: the example batch; ``dynamic_batch``: a symbolic
+    batch axis, so data runs in batches.
+    """
+
+    weights: str | None = None
+    dynamo: bool = False
+    batch: int = 1
+    dynamic_batch: bool = False
 
 
 @dataclass
@@ -78,57 +100,41 @@ def is_onnx_path(model: str) -> bool:
     return model.endswith(".onnx") or Path(model).is_file()
 
 
-def load_or_export(
-    model: str,
-    workdir: str | os.PathLike,
-    weights: str | None = None,
-    dynamo: bool = False,
-    batch: int = 1,
-    dynamic_batch: bool = False,
-    progress: ProgressLike = None,
-) -> tuple[Path, Any]:
+def load_or_export(model: str, workdir: str | os.PathLike, export: ExportOptions = ExportOptions(),
+                   progress: ProgressLike = None) -> tuple[Path, Any]:
     """Return the path of an ONNX file for ``model``: the file itself, or a fresh export into ``workdir``."""
     if is_onnx_path(model):
-        if weights:
+        if export.weights:
             raise OnnxlrfError("--weights applies to model names, not to ONNX files")
         load_onnx(model, load_external_data=False)  # fail early with a clear message
         return Path(model), None
     from .export import export_model
     from .models import load_model
 
-    spec = load_model(model, weights=weights)
-    exported = export_model(
-        spec, Path(workdir) / "reference.onnx", dynamo=dynamo, batch=batch, dynamic_batch=dynamic_batch,
-        progress=progress)
+    spec = load_model(model, weights=export.weights)
+    exported = export_model(spec, Path(workdir) / "reference.onnx", dynamo=export.dynamo, batch=export.batch,
+                            dynamic_batch=export.dynamic_batch, progress=progress)
     return Path(exported.path), exported
 
 
-def make_plan(
-    model: onnx.ModelProto,
-    mode: str,
-    target_reduction: float | None = None,
-    rank_fraction: float | None = None,
-    energy: float | None = None,
-    progress: ProgressLike = None,
-    target: str = "params",
-    rank_multiple: int = 1,
-    cost: Any = None,
-) -> Plan:
+def make_plan(model: onnx.ModelProto, options: PlanOptions, cost: Any = None, progress: ProgressLike = None) -> Plan:
     """A data-free plan: ``uniform`` (rank fraction) or ``energy`` (share of squared singular values).
 
-    ``target``/``cost``/``rank_multiple``: see :func:`onnxlrf.techniques.lowrank.planners.plan_uniform`.
+    ``options.target``, ``cost`` and ``options.rank_multiple``: see
+    :func:`onnxlrf.techniques.lowrank.planners.plan_uniform`.
     """
-    if mode == "uniform":
-        if (target_reduction is None) == (rank_fraction is None):
+    rank_multiple = options.rank_multiple or 1
+    if options.mode == "uniform":
+        if (options.target_reduction is None) == (options.rank_fraction is None):
             raise OnnxlrfError("mode uniform needs exactly one of --target-reduction or --rank-fraction")
-        return plan_uniform(model, rank_fraction=rank_fraction, target_reduction=target_reduction, target=target,
-                            rank_multiple=rank_multiple, cost=cost)
-    if mode == "energy":
-        if (target_reduction is None) == (energy is None):
+        return plan_uniform(model, rank_fraction=options.rank_fraction, target_reduction=options.target_reduction,
+                            target=options.target, rank_multiple=rank_multiple, cost=cost)
+    if options.mode == "energy":
+        if (options.target_reduction is None) == (options.energy is None):
             raise OnnxlrfError("mode energy needs exactly one of --target-reduction or --energy")
-        return plan_energy(model, energy=energy, target_reduction=target_reduction, progress=progress,
-                           target=target, rank_multiple=rank_multiple, cost=cost)
-    raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+        return plan_energy(model, energy=options.energy, target_reduction=options.target_reduction,
+                           progress=progress, target=options.target, rank_multiple=rank_multiple, cost=cost)
+    raise OnnxlrfError(f"unknown mode {options.mode!r}; known: {', '.join(MODES)}")
 
 
 @dataclass
@@ -138,174 +144,104 @@ class JointResult:
     plan: Plan
     compressed: onnx.ModelProto
     report: RewriteReport
-    splits: dict  # split name -> {"value", "reference_value"}
-    backoff: list  # per tried kappa: achieved reduction, predicted dL, validation metric
-    sensitivity: Any
+    splits: dict  # split name -> {"value", "reference_value", "samples"[, "change_interval"]}
+    backoff: list[Attempt]  # every plan the back-off looked at
+    sensitivity: Any  # the (last round's) analysis
     test_split: Any
 
 
 def compress_joint(
     reference: onnx.ModelProto,
     dataset: Any,
-    mode: str,
-    target_reduction: float | None = None,
-    tolerance: float = 0.0,
-    calib: int = 1000,
-    val: int = 1000,
-    seed: int = 0,
-    labels: str = "labels",
-    solver: str = "lagrangian",
-    range_samples: int = 256,
-    micro_batch: int = 50,
+    options: PlanOptions,
+    splits: SplitOptions = SplitOptions(),
+    analysis: AnalysisOptions = AnalysisOptions(),
+    verify: VerifyOptions = VerifyOptions(),
     provider: str = "auto",
-    progress: ProgressLike = None,
-    report_test: bool = True,
-    target: str = "params",
-    rank_multiple: int = 1,
     cost: Any = None,
-    rounds: int = 1,
-    refit: bool = True,
-    spatial: bool | None = None,
-    analysis_cache: str | os.PathLike | None = None,
+    report_test: bool = True,
+    progress: ProgressLike = None,
 ) -> JointResult:
     """The joint method: analyze on calib, plan, verify and back off on val, report on the held-out test split.
 
-    ``refit``: the back-off also tries its plans with their factors refit on calib
-    (:func:`onnxlrf.techniques.lowrank.refit.refit_plan`), and keeps them where validation says they are better
-    (see :func:`backoff_plan`); with ``rounds`` > 1, the final plan only.
-
-    ``rounds`` > 1 repeats analysis and back-off around the truncated weights of the
-    previous round, so each round's Taylor model sees what the earlier truncations
-    did to the other layers. compact: until a round adds nothing that holds on
-    validation (against the original's metric); lossless: round k aims at k/rounds
-    of ``target_reduction``. The returned plan applies to ``reference`` itself.
+    ``options``: the joint mode and its target. ``verify.refit``: the back-off also tries its plans
+    with their factors refit on calib (:func:`onnxlrf.techniques.lowrank.refit.refit_plan`), and keeps
+    them where validation says they are better (see :func:`~onnxlrf.verify.backoff.backoff_plan`);
+    ``verify.rounds`` > 1 repeats analysis and back-off around the truncated weights of the previous
+    round (:func:`~onnxlrf.verify.rounds.verify_in_rounds`). The returned plan applies to ``reference``.
     Each split's metric is reported with the original's; calib and test also with the 95%
     interval of the change (:func:`onnxlrf.runtime.evaluate.change_interval`).
     ``report_test=False`` leaves the test split's metrics to the caller (``compress`` gets
     them from its full validation of that split, so the split is evaluated once).
-    ``spatial``: the planner may also choose spatial decomposition for k x k convs
-    (None: for flops and latency targets, where its fewer FLOPs pay; see :func:`joint_analysis`).
-    ``analysis_cache``: a directory where each round's analysis is reused or kept (see
-    :func:`joint_analysis`), so another target or mode on the same data skips it.
+    ``analysis.spatial``: the planner may also choose spatial decomposition for k x k convs
+    (None: for flops and latency targets, where its fewer FLOPs pay). ``analysis.cache``: a
+    directory where each round's analysis is reused or kept, so another target or mode on the same
+    data skips it. ``cost``: a prepared cost model for ``options.target``.
     """
-    if mode not in JOINT_MODES:
-        raise OnnxlrfError(f"unknown joint mode {mode!r}; known: {', '.join(JOINT_MODES)}")
-    if rounds < 1:
-        raise OnnxlrfError(f"--rounds must be at least 1, got {rounds}")
+    if options.mode not in JOINT_MODES:
+        raise OnnxlrfError(f"unknown joint mode {options.mode!r}; known: {', '.join(JOINT_MODES)}")
     progress = as_progress(progress)
-    splits = split_dataset(dataset, calib, val, seed)
-    progress.log(f"splits (seed {seed}): {len(splits.calib)} calibration, {len(splits.val)} validation, "
-                 f"{len(splits.test)} held-out test samples")
-    cost = cost_model(reference, target, cost or make_cost(reference, target))
-    if spatial is None:
-        spatial = cost.target != "params"
-    current, plan, reference_val, backoff, history = reference, None, None, [], []
-    for index in range(rounds):
-        if rounds > 1:
-            progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
-        sensitivity = joint_analysis(current, splits.calib, labels, range_samples, micro_batch, progress, spatial,
-                                     analysis_cache)
-        round_target = None if target_reduction is None else target_reduction * (index + 1) / rounds
-        round_plan, _, _, round_backoff = backoff_plan(current, sensitivity, splits.val, mode, round_target,
-                                                       tolerance, solver, provider, progress, target,
-                                                       rank_multiple, cost, reference_val, splits.calib,
-                                                       refit=refit and rounds == 1)
-        reference_val = round_plan.options["reference_val"]
-        merged = merge_rounds(reference, plan, round_plan, cost)
-        backoff += [{"round": index + 1, **entry} for entry in round_backoff]
-        if plan is not None and mode == "compact" and \
-                merged.options["achieved_reduction"] <= plan.options["achieved_reduction"]:
-            progress.log(f"round {index + 1} added nothing that holds on validation; stopping")
-            break
-        plan = merged
-        history.append({"round": index + 1, "achieved_reduction": plan.options["achieved_reduction"],
-                        "params_reduction": plan.options["params_reduction"], "kappa": round_plan.options["kappa"],
-                        "val": next((e["val"] for e in round_backoff if e.get("chosen")), None)})
-        if index + 1 < rounds:
-            current = truncate_weights(reference, plan)[0]
-    compressed, report = apply_plan(reference, plan, progress=progress)
-    if refit and rounds > 1 and plan.summary()["factorized"]:
-        attempts: list = []
-        refitted = refit_chosen(reference, (history[-1]["val"], plan, compressed, report), [], splits.calib,
-                                 splits.val, reference_val, cost.target == "latency" and
-                                 hasattr(cost, "measured_speedup"), cost, provider, progress, attempts)
-        for entry in attempts:
-            entry["round"] = len(history)
-        backoff += attempts
-        if refitted is not None:
-            _, plan, compressed, report, kept = refitted
-            for entry in backoff:  # the last round's choice is now the refit plan
-                if entry["round"] == len(history):
-                    entry.pop("chosen", None)
-            kept["chosen"] = True
-    plan.options.update({"calib": calib, "val": val, "seed": seed, "labels": labels, "backoff": backoff})
-    if rounds > 1:
-        plan.options["rounds"] = history
-    from .runtime.evaluate import validate
-
+    split = split_dataset(dataset, splits.calib, splits.val, splits.seed)
+    progress.log(f"splits (seed {splits.seed}): {len(split.calib)} calibration, {len(split.val)} validation, "
+                 f"{len(split.test)} held-out test samples")
+    cost = cost_model(reference, options.target, cost or make_cost(reference, options.target))
+    if analysis.spatial is None:
+        analysis = dataclasses.replace(analysis, spatial=cost.target != "params")
+    rounds = verify_in_rounds(reference, split, options, analysis, verify, cost, provider, progress)
+    plan, compressed = rounds.plan, rounds.model
+    plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed, "labels": analysis.labels,
+                         "backoff": [attempt.to_dict() for attempt in rounds.attempts]})
+    if verify.rounds > 1:
+        plan.options["rounds"] = rounds.history
     results = {}
-    reported = (("calib", splits.calib), ("val", splits.val)) + ((("test", splits.test),) if report_test else ())
-    for name, split in progress.track(reported, "evaluate the splits", unit="split"):
+    reported = (("calib", split.calib), ("val", split.val)) + ((("test", split.test),) if report_test else ())
+    for name, data in progress.track(reported, "evaluate the splits", unit="split"):
         if name == "val":  # the original's metric was measured by the back-off already
-            results[name] = {"value": model_metric(compressed, split, provider, progress, "val split: compressed"),
-                             "reference_value": plan.options["reference_val"], "samples": len(split)}
+            results[name] = {"value": model_metric(compressed, data, provider, progress, "val split: compressed"),
+                             "reference_value": rounds.reference_value, "samples": len(data)}
         else:
-            v = validate(compressed, split, reference=reference, provider=provider, progress=progress)
-            results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(split),
+            v = validate(compressed, data, reference=reference, provider=provider, progress=progress)
+            results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(data),
                              "change_interval": v.change_interval}
-    return JointResult(plan, compressed, report, results, backoff, sensitivity, splits.test)
+    return JointResult(plan, compressed, rounds.report, results, rounds.attempts, rounds.analysis, split.test)
 
 
 def compress(
     model: str,
     output: str | os.PathLike,
-    mode: str = "uniform",
-    target_reduction: float | None = None,
-    rank_fraction: float | None = None,
-    energy: float | None = None,
+    options: PlanOptions = PlanOptions(),
     data: str | None = None,
-    weights: str | None = None,
+    splits: SplitOptions = SplitOptions(),
+    analysis: AnalysisOptions = AnalysisOptions(),
+    verify: VerifyOptions = VerifyOptions(),
+    export: ExportOptions = ExportOptions(),
+    provider: str = "auto",
     plan_out: str | os.PathLike | None = None,
     overwrite: bool = False,
-    dynamo: bool = False,
-    batch: int = 1,
-    dynamic_batch: bool = False,
-    provider: str = "auto",
-    tolerance: float = 0.0,
-    calib: int = 1000,
-    val: int = 1000,
-    seed: int = 0,
-    labels: str = "labels",
-    solver: str = "lagrangian",
     progress: ProgressLike = None,
-    target: str = "params",
-    rank_multiple: int | None = None,
-    rounds: int = 1,
-    refit: bool = True,
-    spatial: bool | None = None,
-    analysis_cache: str | os.PathLike | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
-    Modes ``lossless`` and ``compact`` are the joint method (they need ``data``:
-    ``calib`` samples for the analysis, ``val`` for the back-off, the rest
-    held out); ``uniform`` and ``energy`` are data-free baselines. With
-    ``data``, the result is validated against the original in onnxruntime.
-    Outputs are only written once everything before succeeded. ``progress``
-    (a :class:`~onnxlrf.progress.Progress`) shows bars and the decisions made.
-    ``target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
-    ``batch``) or latency (measured on ``provider`` at ``batch``, see :mod:`onnxlrf.costs.latency`).
-    ``rank_multiple``: ranks are multiples of it (None: :func:`~onnxlrf.costs.latency.default_rank_multiple`).
-    ``rounds``, ``spatial``, ``analysis_cache``: joint modes, see :func:`compress_joint`.
+    Modes (``options.mode``) ``lossless`` and ``compact`` are the joint method (they need ``data``:
+    ``splits.calib`` samples for the analysis, ``splits.val`` for the back-off, the rest held out);
+    ``uniform`` and ``energy`` are data-free baselines. With ``data``, the result is validated
+    against the original in onnxruntime. Outputs are only written once everything before
+    succeeded. ``progress`` (a :class:`~onnxlrf.progress.Progress`) shows bars and the decisions made.
+    ``options.target``: ``target_reduction`` is a fraction of the model's parameters, FLOPs (at
+    ``export.batch``) or latency (measured on ``provider`` at ``export.batch``, see
+    :mod:`onnxlrf.costs.latency`). ``options.rank_multiple``: ranks are multiples of it (None:
+    :func:`~onnxlrf.costs.latency.default_rank_multiple`). ``analysis`` and ``verify``: see
+    :func:`compress_joint`.
     """
     progress = as_progress(progress)
+    mode = options.mode
     if mode not in MODES:
         raise OnnxlrfError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
     if mode in JOINT_MODES and data is None:
         raise OnnxlrfError(f"mode {mode} needs --data (calibration, validation and test splits come from it)")
     model = str(model)
     # Outputs may not replace any input: model, checkpoint, data file.
-    inputs = ((model,) if is_onnx_path(model) else ()) + (weights, data.partition(":")[2] if data else None)
+    inputs = ((model,) if is_onnx_path(model) else ()) + (export.weights, data.partition(":")[2] if data else None)
     output = check_output_path(output, inputs, overwrite)
     if plan_out is not None:
         plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
@@ -313,10 +249,10 @@ def compress(
             raise OnnxlrfError("--plan-out must differ from the output path")
         if mode in JOINT_MODES:  # joint plans keep their bases beside the JSON
             check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
-    if analysis_cache is not None and mode in JOINT_MODES:
-        analysis_cache_dir(analysis_cache)
+    if analysis.cache is not None and mode in JOINT_MODES:
+        analysis_cache_dir(analysis.cache)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
-        reference_path, exported = load_or_export(model, workdir, weights, dynamo, batch, dynamic_batch, progress)
+        reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
         check_finite_weights(reference)
         dataset = None
@@ -325,30 +261,24 @@ def compress(
 
             dataset = load_data(data, reference)
         extra: dict = {}
-        from .runtime.sessions import select_providers
-
-        if rank_multiple is None:
-            rank_multiple = default_rank_multiple(select_providers(provider), target)
-        cost = make_cost(reference, target, batch=batch, provider=provider, rank_multiple=rank_multiple,
-                         progress=progress)
+        if options.rank_multiple is None:
+            options = dataclasses.replace(options, rank_multiple=default_rank_multiple(select_providers(provider),
+                                                                                      options.target))
+        cost = make_cost(reference, options.target, batch=export.batch, provider=provider,
+                         rank_multiple=options.rank_multiple, progress=progress)
         if mode in JOINT_MODES:
-            joint = compress_joint(reference, dataset, mode, target_reduction, tolerance, calib, val, seed, labels,
-                                   solver, provider=provider, progress=progress, report_test=False, target=target,
-                                   rank_multiple=rank_multiple, cost=cost, rounds=rounds, refit=refit,
-                                   spatial=spatial, analysis_cache=analysis_cache)
+            joint = compress_joint(reference, dataset, options, splits, analysis, verify, provider, cost,
+                                   report_test=False, progress=progress)
             plan, compressed, report = joint.plan, joint.compressed, joint.report
             extra = dict(joint.splits)
             dataset = joint.test_split
         else:
-            plan = make_plan(reference, mode, target_reduction, rank_fraction, energy, progress, target,
-                             rank_multiple, cost)
+            plan = make_plan(reference, options, cost, progress)
             compressed, report = apply_plan(reference, plan, progress=progress)
         _log_rewrite(plan, report, progress)
         plan.source = {"model": model, **plan.source}
         validation = None
         if dataset is not None:
-            from .runtime.evaluate import validate
-
             # For joint modes this is the held-out test split.
             validation = validate(compressed, dataset, reference=reference, provider=provider, progress=progress)
             if mode in JOINT_MODES:

@@ -35,15 +35,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from onnxlrf.models import load_model
+from quality_benchmark import (  # scripts/ is on sys.path when a script runs
+    SETUPS,
+    print_table,
+    row_key,
+    write_predictions,
+    write_results,
+)
 
-from onnxlrf.runtime.evaluate import model_predictions
-from onnxlrf.verify.splits import split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.graph.layers import count_params
-from quality_benchmark import SETUPS, print_table, row_key, write_predictions, write_results  # scripts/ is on sys.path when a script runs
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.runtime.evaluate import model_predictions
+from onnxlrf.verify.splits import split_dataset
 
 
 class TokenIdsEncoder(torch.nn.Module):
@@ -79,7 +85,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="Directory for the JSON results.")
     args = parser.parse_args()
     try:
-        from aimet_torch.common.defs import CompressionScheme, CostMetric, GreedySelectionParameters
+        from aimet_torch.common.defs import (
+            CompressionScheme,
+            CostMetric,
+            GreedySelectionParameters,
+        )
         from aimet_torch.compress import ModelCompressor
         from aimet_torch.defs import SpatialSvdParameters, WeightSvdParameters
     except ImportError:

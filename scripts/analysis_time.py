@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from onnxlrf.models import load_model
 
-from onnxlrf.measure.analysis import joint_analysis
 from onnxlrf.data import Dataset
 from onnxlrf.export import export_model
-from onnxlrf.models import load_model
+from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.progress import Progress
 
@@ -43,7 +43,7 @@ def main() -> int:
     images = rng.standard_normal((args.images, 3, args.size, args.size)).astype(np.float32)
     calib = Dataset("random", "classification", {name: images}, rng.integers(0, 1000, args.images))
     start = time.perf_counter()
-    joint_analysis(reference, calib, micro_batch=args.micro_batch, progress=Progress(bars=False))
+    joint_analysis(reference, calib, AnalysisOptions(micro_batch=args.micro_batch), Progress(bars=False))
     print(f"{args.model}: joint analysis of {args.images} images at {args.size}x{args.size}, "
           f"{args.threads} threads: {time.perf_counter() - start:.1f} s in total")
     return 0

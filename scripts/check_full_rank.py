@@ -30,16 +30,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnxlrf.models import load_model
 
-from onnxlrf.graph.layers import find_layers
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
-from onnxlrf.models import load_model
-from onnxlrf.graph.layers import count_params
+from onnxlrf.graph.layers import count_params, find_layers
+from onnxlrf.runtime.evaluate import validate
+from onnxlrf.runtime.sessions import (
+    make_session,
+    random_feeds,
+    run_dataset,
+    select_providers,
+)
 from onnxlrf.techniques.lowrank.planners import plan_full_rank
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.runtime.sessions import make_session, random_feeds, run_dataset, select_providers
-from onnxlrf.runtime.evaluate import validate
 
 MODELS = ("resnet56", "resnext50", "minilm")
 RELATIVE_TOLERANCE = 1e-4

@@ -31,23 +31,22 @@ import time
 from pathlib import Path
 
 import onnx
+from onnxlrf.models import load_model
 
-from onnxlrf.graph.layers import find_layers
-from onnxlrf.export import export_model
 from onnxlrf.costs.flops import FlopsCost
 from onnxlrf.costs.latency import LatencyCost
-from onnxlrf.runtime.timing import device_name
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.costs.params import ParamsCost
+from onnxlrf.export import export_model
+from onnxlrf.graph.layers import count_params, find_layers
+from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning.plan import Plan
-from onnxlrf.graph.layers import count_params
-from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.progress import Progress
-from onnxlrf.techniques.lowrank.rewrite import apply_plan
 from onnxlrf.runtime.evaluate import benchmark
-from onnxlrf.runtime.shapes import count_flops, concrete_input_shapes
 from onnxlrf.runtime.sessions import select_providers
+from onnxlrf.runtime.shapes import concrete_input_shapes, count_flops
+from onnxlrf.runtime.timing import device_name
+from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 MODELS = {
     "resnet18": "torchvision:resnet18",

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-
 from latency_benchmark import MODELS, SEQ_LENGTH, exported, static_copy, uniform_plan
+
 from onnxlrf.costs.flops import FlopsCost
 from onnxlrf.costs.params import ParamsCost
-from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.runtime.shapes import concrete_input_shapes, count_flops, flops_by_node
 from onnxlrf.runtime.sessions import random_feeds, select_providers
+from onnxlrf.runtime.shapes import concrete_input_shapes, count_flops, flops_by_node
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 
 def profiles(models: dict[str, onnx.ModelProto], feeds: dict, providers: list[str], runs: int, warmup: int,

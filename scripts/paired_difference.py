@@ -22,11 +22,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from quality_benchmark import (  # scripts/ is on sys.path when a script runs
+    SETUPS,
+    load_setup,
+)
 
-from onnxlrf.verify.splits import split_dataset
 from onnxlrf.runtime.evaluate import change_interval
-
-from quality_benchmark import SETUPS, load_setup  # scripts/ is on sys.path when a script runs
+from onnxlrf.verify.splits import split_dataset
 
 
 def load_rows(results: Path, model: str) -> dict[str, np.ndarray]:

@@ -26,18 +26,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnxlrf.models import load_model
 
-from onnxlrf.runtime.evaluate import model_predictions
-from onnxlrf.verify.backoff import backoff_plan
-from onnxlrf.measure.analysis import joint_analysis
-from onnxlrf.verify.splits import split_dataset
 from onnxlrf.data import load_data
 from onnxlrf.export import export_model
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.graph.layers import count_params
+from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning.joint import PlanOptions
+from onnxlrf.runtime.evaluate import model_predictions
 from onnxlrf.techniques.lowrank.planners import plan_baseline, plan_energy, plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.verify.backoff import backoff_plan
+from onnxlrf.verify.splits import split_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETUPS = {
@@ -45,6 +46,11 @@ SETUPS = {
     "cifar10-resnet56": (SHARED / "cifar10/resnet56-4bfd9763.th", "cifar10-jpeg:" + str(SHARED / "cifar10/cifar10_test_jpeg.npz"), 1000, 1000),
     "minilm": (None, "stsb:" + str(SHARED / "stsb/sts-test.csv"), 300, 300),
 }
+
+
+def _chosen(result: Any) -> tuple[Any, Any]:
+    """The plan and the model a back-off chose."""
+    return result.plan, result.model
 
 
 def load_setup(model: str) -> tuple[Any, Any, int, int]:
@@ -113,7 +119,7 @@ def main() -> int:
     analyses, analysis_s = {}, {}
     for labels in args.labels.split(","):
         start = time.perf_counter()
-        analyses[labels] = joint_analysis(reference, splits.calib, labels=labels, progress=None)
+        analyses[labels] = joint_analysis(reference, splits.calib, AnalysisOptions(labels=labels))
         analysis_s[labels] = time.perf_counter() - start
         log(f"joint analysis ({labels}): {analysis_s[labels]:.1f} s")
     sensitivity = next(iter(analyses.values()))  # the first one's input moments serve the baselines
@@ -145,12 +151,13 @@ def main() -> int:
             evaluate(kind, target, lambda: rewrite(plan_baseline(reference, sensitivity, kind, target)))
         for labels, analysis in analyses.items():
             evaluate(joint_name("lossless", labels), target,
-                     lambda: backoff_plan(reference, analysis, splits.val, "lossless", target_reduction=target,
-                                          calib=splits.calib, refit=args.refit)[:2])
+                     lambda: _chosen(backoff_plan(reference, analysis, splits.val,
+                                                  PlanOptions("lossless", target_reduction=target),
+                                                  calib=splits.calib, refit=args.refit)))
     for labels, analysis in analyses.items():
         evaluate(joint_name("compact", labels), None,
-                 lambda: backoff_plan(reference, analysis, splits.val, "compact", calib=splits.calib,
-                                      refit=args.refit)[:2])
+                 lambda: _chosen(backoff_plan(reference, analysis, splits.val, PlanOptions("compact"),
+                                              calib=splits.calib, refit=args.refit)))
 
     print(f"\n{args.model}: held-out test metric ({len(splits.test)} samples; original {reference_test:.4f}); "
           f"joint analysis {', '.join(f'{k} {v:.0f} s' for k, v in analysis_s.items())}, calib {n_calib}, val {n_val}, seed {args.seed}\n")

@@ -20,15 +20,22 @@ import time
 from pathlib import Path
 
 import torch
+from quality_benchmark import (
+    SETUPS,
+    load_setup,
+    row_key,
+    write_predictions,
+    write_results,
+)
 
-from onnxlrf.runtime.evaluate import model_predictions
-from onnxlrf.pipeline import compress_joint
-from onnxlrf.verify.splits import split_dataset
 from onnxlrf.graph.layers import count_params
+from onnxlrf.measure.analysis import AnalysisOptions
+from onnxlrf.pipeline import compress_joint
+from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import Progress
-from onnxlrf.runtime.evaluate import change_interval
-
-from quality_benchmark import SETUPS, load_setup, row_key, write_predictions, write_results
+from onnxlrf.runtime.evaluate import change_interval, model_predictions
+from onnxlrf.verify.backoff import VerifyOptions
+from onnxlrf.verify.splits import SplitOptions, split_dataset
 
 
 def main() -> int:
@@ -59,9 +66,11 @@ def main() -> int:
     for target in targets:
         start = time.perf_counter()
         # The test split is scored here, from the predictions kept for paired_difference.py.
-        result = compress_joint(reference, data, args.mode, target_reduction=target, calib=n_calib, val=n_val,
-                                seed=args.seed, provider="cpu", rounds=args.rounds, progress=Progress(bars=False),
-                                spatial=args.spatial, labels=args.labels, refit=args.refit, report_test=False)
+        result = compress_joint(reference, data, PlanOptions(args.mode, target_reduction=target),
+                                SplitOptions(n_calib, n_val, args.seed),
+                                AnalysisOptions(labels=args.labels, spatial=args.spatial),
+                                VerifyOptions(rounds=args.rounds, refit=args.refit), provider="cpu",
+                                report_test=False, progress=Progress(bars=False))
         key = row_key(method, target)
         predictions[key] = model_predictions(result.compressed, test, "cpu")
         rows.append({"mode": args.mode, "target": target, "rounds": args.rounds, "spatial": args.spatial,

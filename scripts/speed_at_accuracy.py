@@ -33,19 +33,18 @@ from typing import Callable
 
 import onnx
 import torch
+from quality_benchmark import SETUPS, label_suffix, load_setup, write_results
 
-from onnxlrf.runtime.evaluate import model_metric
-from onnxlrf.verify.backoff import backoff_plan
-from onnxlrf.measure.analysis import joint_analysis
-from onnxlrf.verify.splits import split_dataset
 from onnxlrf.costs.latency import make_cost
 from onnxlrf.graph.layers import count_params
-from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
+from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import Progress
+from onnxlrf.runtime.evaluate import benchmark, model_metric
+from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.runtime.evaluate import benchmark
-
-from quality_benchmark import SETUPS, label_suffix, load_setup, write_results
+from onnxlrf.verify.backoff import backoff_plan
+from onnxlrf.verify.splits import split_dataset
 
 
 def main() -> int:
@@ -74,8 +73,8 @@ def main() -> int:
     splits = split_dataset(dataset, n_calib, n_val, args.seed)
     total = count_params(reference)
     reference_test = model_metric(reference, splits.test, "cpu")
-    sensitivity = joint_analysis(reference, splits.calib, labels=args.labels, progress=progress,
-                                 spatial=args.spatial)
+    sensitivity = joint_analysis(reference, splits.calib, AnalysisOptions(labels=args.labels, spatial=args.spatial),
+                                 progress)
     cost = make_cost(reference, "latency", batch=args.batch, provider="cpu", rank_multiple=args.rank_multiple,
                      threads=args.threads, progress=progress)
     rows = [{"method": "original", "target": 0.0, "reduction": 0.0, "test": reference_test, "speedup": 1.0}]
@@ -108,8 +107,9 @@ def main() -> int:
             reference, target_reduction=target, target="latency", rank_multiple=args.rank_multiple, cost=cost))[0])
     for target in [float(t) for t in args.latency.split(",") if t]:
         measure("joint-latency", target, lambda: backoff_plan(
-            reference, sensitivity, splits.val, "lossless", target_reduction=target, provider="cpu", target="latency",
-            rank_multiple=args.rank_multiple, cost=cost, calib=splits.calib, refit=args.refit)[1])
+            reference, sensitivity, splits.val,
+            PlanOptions("lossless", target_reduction=target, target="latency", rank_multiple=args.rank_multiple),
+            calib=splits.calib, refit=args.refit, cost=cost, provider="cpu").model)
 
     uniform = [row for row in rows
                if row["method"] in ("original", "uniform", "uniform-latency") and "error" not in row]

@@ -183,8 +183,8 @@ def test_real_int8_model_is_reported_not_factorizable(shufflenet_int8):
 
 def test_nonfinite_weights_nan_anywhere_inf_only_in_layer_inputs():
     """-Inf in a mask or fill value is how exported attention looks (MiniLM); in a MatMul/Conv weight it is broken."""
-    from onnxlrf.graph.layers import check_finite_weights, nonfinite_weights
     from onnxlrf.errors import OnnxlrfError
+    from onnxlrf.graph.layers import check_finite_weights, nonfinite_weights
 
     mask = np.where(np.triu(np.ones((4, 4)), 1) > 0, -np.inf, 0).astype(np.float32)
 

@@ -17,10 +17,10 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from test_compress import mlp as compress_mlp
 
 from onnxlrf.cli import cli
 from onnxlrf.onnx_io import save_onnx
-from test_compress import mlp as compress_mlp
 
 IN, HIDDEN, CLASSES = 24, 32, 5
 

@@ -20,9 +20,9 @@ from click.testing import CliRunner, Result
 
 from onnxlrf.cli import cli
 from onnxlrf.data import IMAGE_MEAN, IMAGE_STD
+from onnxlrf.graph.layers import count_params
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning.plan import Plan, validate_plan
-from onnxlrf.graph.layers import count_params
 
 PER_CLASS = 50
 COMPRESS_KEYS = {"params", "reference_params", "params_reduction", "metric", "value", "reference_value",

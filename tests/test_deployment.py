@@ -3,20 +3,19 @@ factors that survive fp16, and graph optimizers (onnxruntime, onnxslim, onnxsim)
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_planning import small_net
+from test_rewrite import make_model
 
 from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
 from onnxlrf.graph.linalg import svd
 from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan, factor_pair
-from test_planning import small_net
-from test_rewrite import make_model
 
 RNG = np.random.default_rng(7)
 # Nodes that do a contraction, in any domain (onnxruntime fuses activations into FusedConv/FusedGemm

@@ -10,10 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnxlrf.models import ModelSpec, load_model
 
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.export import export_model, resize_batch
-from onnxlrf.models import ModelSpec, load_model
 from onnxlrf.onnx_io import load_onnx
 
 

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf.cli import cli
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.inspection import format_inspection, inspect_model
 from onnxlrf.graph.layers import count_params
+from onnxlrf.inspection import format_inspection, inspect_model
 from onnxlrf.runtime.shapes import count_flops
 
 RNG = np.random.default_rng(0)
@@ -161,8 +161,9 @@ def test_shufflenet_int8_reports_quantized_nodes(shufflenet_int8: Path):
 
 @pytest.fixture(scope="module")
 def resnet20(tmp_path_factory: pytest.TempPathFactory, resnet20_weights: Path) -> Path:
-    from onnxlrf.export import export_model
     from onnxlrf.models import load_model
+
+    from onnxlrf.export import export_model
 
     path = tmp_path_factory.mktemp("inspect") / "r20.onnx"
     export_model(load_model("cifar10-resnet20", weights=str(resnet20_weights)), path, dynamic_batch=True)

@@ -8,21 +8,32 @@ import json
 import numpy as np
 import pytest
 from onnx import helper
-
-from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
-from onnxlrf.graph.linalg import svd
-from onnxlrf.errors import OnnxlrfError
-from onnxlrf.costs.flops import FlopsCost, layer_shapes
-from onnxlrf.costs.latency import LatencyCost, LayerTiming, default_rank_multiple, make_cost, rank_grid, rewrite_with_random_factors
-from onnxlrf.planning.plan import LowRankEntry, Plan
-from onnxlrf.costs.params import ParamsCost
-from onnxlrf.graph.layers import count_params
-from onnxlrf.techniques.lowrank.planners import plan_energy, plan_joint, plan_uniform
-from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.measure.sensitivity import LayerSensitivity, Sensitivity
-from onnxlrf.runtime.shapes import count_flops
 from test_planning import small_net
 from test_rewrite import CONV2D_VARIANTS, conv_model, gemm_model, make_model
+
+from onnxlrf.costs.flops import FlopsCost, layer_shapes
+from onnxlrf.costs.latency import (
+    LatencyCost,
+    LayerTiming,
+    default_rank_multiple,
+    make_cost,
+    rank_grid,
+    rewrite_with_random_factors,
+)
+from onnxlrf.costs.params import ParamsCost
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.graph.layers import (
+    count_params,
+    find_layers,
+    weight_array,
+    weight_matrices,
+)
+from onnxlrf.graph.linalg import svd
+from onnxlrf.measure.sensitivity import LayerSensitivity, Sensitivity
+from onnxlrf.planning.plan import LowRankEntry, Plan
+from onnxlrf.runtime.shapes import count_flops
+from onnxlrf.techniques.lowrank.planners import plan_energy, plan_joint, plan_uniform
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 RNG = np.random.default_rng(5)
 
@@ -276,7 +287,7 @@ def test_joint_planner_targets_flops_and_latency_with_rank_multiples():
     assert all({"flops_dense", "flops_planned"} <= set(e.notes) for e in plan.layers)
 
     stub = StubLatency(model, slow={"conv2"})
-    for solver in ("lagrangian", "dp"):
+    for solver in ("lagrangian", "dp", "milp"):
         plan = plan_joint(model, sens, "lossless", target_reduction=0.2, target="latency", cost=stub, solver=solver)
         by_node = {e.node: e for e in plan.layers}
         assert by_node["conv2"].decomposition == "dense"  # its pair is never faster
@@ -335,9 +346,10 @@ class TimedStub(StubLatency):
 
 @pytest.mark.parametrize("speedup", [0.93, 1.2])
 def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
-    from onnxlrf.verify.backoff import backoff_plan
     from onnxlrf.data import Dataset
+    from onnxlrf.planning.joint import PlanOptions
     from onnxlrf.runtime.sessions import make_session
+    from onnxlrf.verify.backoff import backoff_plan
 
     model = small_net()
     x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
@@ -345,19 +357,23 @@ def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
     labels = np.concatenate([session.run(None, {"input": x[i:i + 2]})[0].argmax(1) for i in range(0, 40, 2)])
     val = Dataset("val", "classification", {"input": x}, labels)
     stub = TimedStub(model, speedup)
-    kwargs = dict(target_reduction=0.2, provider="cpu", target="latency", cost=stub)
+    lossless = PlanOptions("lossless", target_reduction=0.2, target="latency")
+    compact = PlanOptions("compact", target_reduction=0.2, target="latency")
+    kwargs = dict(provider="cpu", cost=stub)
     if speedup < 1:
         with pytest.raises(OnnxlrfError, match="no plan for this latency target measured faster"):
-            backoff_plan(model, synthetic_sensitivity(model), val, "lossless", **kwargs)
+            backoff_plan(model, synthetic_sensitivity(model), val, lossless, **kwargs)
         stub.timed = 0
-        plan, _, _, attempts = backoff_plan(model, synthetic_sensitivity(model), val, "compact", **kwargs)
-        assert all(e.decomposition == "dense" for e in plan.layers)  # nothing faster: the model stays dense
+        result = backoff_plan(model, synthetic_sensitivity(model), val, compact, **kwargs)
+        assert all(e.decomposition == "dense" for e in result.plan.layers)  # nothing faster: the model stays dense
     else:
-        plan, _, _, attempts = backoff_plan(model, synthetic_sensitivity(model), val, "lossless", **kwargs)
-        assert plan.options["achieved_reduction"] >= 0.2
+        result = backoff_plan(model, synthetic_sensitivity(model), val, lossless, **kwargs)
+        assert result.plan.options["achieved_reduction"] >= 0.2
+    attempts = result.attempts
     # No first-order term: every kappa keeps the same components, so the model is verified once.
     assert len(attempts) == 7 and stub.timed == 1
-    assert [a.get("same_as_kappa") for a in attempts] == [None] + [attempts[0]["kappa"]] * 6
-    assert all(a["speedup"] == speedup for a in attempts)
-    assert all(("val" in a) == (speedup > 1) for a in attempts)
+    assert [a.same_as_kappa for a in attempts] == [None] + [attempts[0].kappa] * 6
+    assert all(a.speedup == speedup for a in attempts)
+    assert all((a.val is not None) == (speedup > 1) for a in attempts)
+    assert result.plan.options["backoff"] == [a.to_dict() for a in attempts]
     assert len({a.get("val") for a in attempts}) == 1

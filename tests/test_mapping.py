@@ -9,11 +9,11 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-
-from onnxlrf.graph.layers import find_layers, weight_array
-from onnxlrf.export import export_model
-from onnxlrf.measure.mapping import ParamMatch, map_parameters
 from onnxlrf.models import ModelSpec, load_model
+
+from onnxlrf.export import export_model
+from onnxlrf.graph.layers import find_layers, weight_array
+from onnxlrf.measure.mapping import ParamMatch, map_parameters
 from onnxlrf.onnx_io import load_onnx
 
 

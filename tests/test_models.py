@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from onnxlrf.models import ModelSpec, cifar_resnet, list_models, load_model
 
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.models import ModelSpec, list_models, load_model
-from onnxlrf.models import cifar_resnet
 
 MEAN = torch.tensor(cifar_resnet.MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(cifar_resnet.STD).view(1, 3, 1, 1)

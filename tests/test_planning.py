@@ -9,12 +9,26 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
-from onnxlrf.graph.linalg import svd
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.planning.plan import PLAN_FORMAT, PLAN_VERSION, LowRankEntry, Plan, validate_plan
-from onnxlrf.graph.layers import count_params
-from onnxlrf.techniques.lowrank.planners import plan_energy, plan_full_rank, plan_uniform
+from onnxlrf.graph.layers import (
+    count_params,
+    find_layers,
+    weight_array,
+    weight_matrices,
+)
+from onnxlrf.graph.linalg import svd
+from onnxlrf.planning.plan import (
+    PLAN_FORMAT,
+    PLAN_VERSION,
+    LowRankEntry,
+    Plan,
+    validate_plan,
+)
+from onnxlrf.techniques.lowrank.planners import (
+    plan_energy,
+    plan_full_rank,
+    plan_uniform,
+)
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
 
 RNG = np.random.default_rng(2)
@@ -74,8 +88,22 @@ def test_plan_json_round_trip(tmp_path):
     (lambda d: d.update(format="other"), "not an onnxlrf plan"),
     (lambda d: d.update(version=99), "unsupported plan version 99"),
     (lambda d: d.pop("layers"), "missing key 'layers'"),
-    (lambda d: d["layers"][0].pop("rank"), "missing key 'rank'"),
+    (lambda d: d["layers"][0]["choice"].pop("rank"), "missing key 'rank'"),
     (lambda d: d["layers"][0].update(colour="red"), "unknown key 'colour'"),
+    (lambda d: d["layers"][0]["choice"].update(colour="red"), "unknown key 'colour'"),
+    (lambda d: d["layers"][0].update(technique="pruning"), "unknown technique 'pruning'"),
+    (lambda d: d["layers"][0].update(choice=[]), "'choice' must be an object"),
+    (lambda d: d["layers"][0].update(node=["conv1"]), "'node' must be a string"),
+    (lambda d: d["layers"][0].update(weight_shape=16), "'weight_shape' must be a list of integers"),
+    (lambda d: d["layers"][0].update(weight_shape=None), "'weight_shape' must be a list of integers"),
+    (lambda d: d["layers"][0].update(params_dense="many"), "'params_dense' must be an integer"),
+    (lambda d: d["layers"][0].update(notes=[]), "'notes' must be an object"),
+    (lambda d: d.update(options=[1]), "'options' must be an object"),
+    (lambda d: d["options"].update(bases_file=3), "'bases_file' must be a file name"),
+    (lambda d: d["options"].update(bases_file="../other.npz"), "'bases_file' must be a file name"),
+    (lambda d: d.update(mode=None), "'mode' must be a string"),
+    (lambda d: d.update(version="2"), "unsupported plan version '2'"),
+    (lambda d: d.update(layers=[3]), "plan layer 0 must be an object"),
 ])
 def test_plan_load_rejects_bad_documents(tmp_path, mutate, message):
     data = plan_uniform(MODEL, rank_fraction=0.5).to_dict()
@@ -84,6 +112,45 @@ def test_plan_load_rejects_bad_documents(tmp_path, mutate, message):
     path.write_text(json.dumps(data))
     with pytest.raises(OnnxlrfError, match=message):
         Plan.load(path)
+
+
+def version_1(data: dict) -> dict:
+    """A version-2 plan document in the version-1 form: each entry's low-rank choice at its top level."""
+    layers = []
+    for entry in data["layers"]:
+        entry = dict(entry)
+        assert entry.pop("technique") == "lowrank"
+        choice = entry.pop("choice")
+        flat = {key: entry[key] for key in ("node", "op_type", "weight", "weight_shape")}
+        flat.update({key: choice[key] for key in ("decomposition", "rank", "max_rank", "keep")})
+        flat.update({key: entry[key] for key in ("params_dense", "params_planned", "notes")})
+        flat.update(basis=choice["basis"], bias_correction=choice["bias_correction"])
+        layers.append(flat)
+    return {**data, "version": 1, "layers": layers}
+
+
+def test_version_2_entries_name_their_technique_and_version_1_plans_still_load(tmp_path):
+    plan = plan_uniform(MODEL, rank_fraction=0.5)
+    data = plan.to_dict()
+    assert data["version"] == 2
+    entry = data["layers"][0]
+    assert list(entry) == ["node", "op_type", "weight", "weight_shape", "technique", "choice", "params_dense",
+                           "params_planned", "notes"]
+    assert entry["technique"] == "lowrank" and entry["choice"] == {
+        "decomposition": plan.layers[0].decomposition, "rank": plan.layers[0].rank,
+        "max_rank": plan.layers[0].max_rank, "keep": None, "basis": "svd", "bias_correction": False}
+    old = version_1(data)
+    assert Plan.from_dict(old) == plan
+    # A version-1 file without the optional keys (written before bases existed) reads as svd, no correction.
+    for layer in old["layers"]:
+        del layer["basis"], layer["bias_correction"]
+    assert Plan.from_dict(old) == plan
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    assert apply_plan(MODEL, Plan.load(path))[0].SerializeToString() == apply_plan(MODEL, plan)[0].SerializeToString()
+    # Saving writes the current version.
+    Plan.load(path).save(tmp_path / "v2.json")
+    assert json.loads((tmp_path / "v2.json").read_text())["version"] == 2
 
 
 def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_compress import IN, model_path, run  # noqa: F401 (model_path is a fixture)
 
-from onnxlrf.pipeline import compress, rewrite_file
 from onnxlrf.onnx_io import load_onnx
-from onnxlrf.techniques.lowrank.planners import plan_uniform
+from onnxlrf.pipeline import compress, rewrite_file
+from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import SILENT, Progress, as_progress
 from onnxlrf.runtime.evaluate import benchmark
-
-from test_compress import IN, model_path, run  # noqa: F401 (model_path is a fixture)
+from onnxlrf.techniques.lowrank.planners import plan_uniform
 
 
 @pytest.fixture()
@@ -90,7 +90,7 @@ def test_pipeline_reports_its_steps(tmp_path: Path, model_path: Path, data: str,
                                     capsys: pytest.CaptureFixture) -> None:
     """compress/rewrite/benchmark show their steps on a Progress and nothing without one."""
     stream = io.StringIO()
-    compress(str(model_path), tmp_path / "a.onnx", mode="energy", target_reduction=0.3, data=data,
+    compress(str(model_path), tmp_path / "a.onnx", PlanOptions("energy", target_reduction=0.3), data,
              plan_out=tmp_path / "a.json", provider="cpu", progress=Progress(stream))
     text = stream.getvalue()
     for step in ("energy plan: singular values: 2/2 weight", "rewrite: 2/2 layer", "validate on 300 samples: 3/3",
@@ -108,6 +108,6 @@ def test_pipeline_reports_its_steps(tmp_path: Path, model_path: Path, data: str,
     assert "benchmark: interleaved runs: 4/4 round" in stream.getvalue()
 
     capsys.readouterr()
-    compress(str(model_path), tmp_path / "c.onnx", mode="uniform", rank_fraction=0.5, data=data, provider="cpu")
+    compress(str(model_path), tmp_path / "c.onnx", PlanOptions("uniform", rank_fraction=0.5), data, provider="cpu")
     plan_uniform(reference, rank_fraction=0.5)
     assert capsys.readouterr().err == ""

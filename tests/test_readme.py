@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import DATA
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -9,17 +9,16 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_data import masked_mean
 
-from onnxlrf.graph.layers import find_layers
 from onnxlrf.data import Dataset
 from onnxlrf.errors import OnnxlrfError
+from onnxlrf.graph.layers import count_params, find_layers
 from onnxlrf.planning.plan import Plan
-from onnxlrf.graph.layers import count_params
+from onnxlrf.runtime.sessions import make_session
 from onnxlrf.techniques.lowrank.planners import plan_uniform
 from onnxlrf.techniques.lowrank.refit import refit_plan
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.runtime.sessions import make_session
-from test_data import masked_mean
 
 SAMPLES = 512
 
@@ -175,34 +174,35 @@ def test_refit_keeps_spatial_layers_as_planned() -> None:
 
 
 def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
+    from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
+    from onnxlrf.planning.joint import PlanOptions
     from onnxlrf.verify.backoff import backoff_plan
-    from onnxlrf.measure.analysis import joint_analysis
 
     model = mlp()
     data = _dataset(model, seed=3)
     session = make_session(model, providers=["CPUExecutionProvider"])
     data.labels = session.run(None, data.inputs)[0].argmax(axis=1)  # the original scores 1.0
     calib, val = data.subset(np.arange(0, 256)), data.subset(np.arange(256, 512))
-    sensitivity = joint_analysis(model, calib, "labels")
-    plan, _, _, backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.6, calib=calib,
-                                       refit=True)
-    refit = [entry for entry in backoff if entry.get("refit")]
-    assert len(refit) == 1 and refit[0]["chosen"] and [e for e in backoff if e.get("chosen")] == refit
-    assert refit[0]["val"] > max(entry["val"] for entry in backoff if not entry.get("refit") and "val" in entry)
+    sensitivity = joint_analysis(model, calib, AnalysisOptions(labels="labels"))
+    result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.6), calib=calib,
+                          refit=True)
+    plan, backoff = result.plan, result.attempts
+    refit = [entry for entry in backoff if entry.refit]
+    assert len(refit) == 1 and refit[0].chosen and [e for e in backoff if e.chosen] == refit
+    assert refit[0].val > max(entry.val for entry in backoff if not entry.refit and entry.val is not None)
     assert {e.basis for e in plan.layers if e.decomposition != "dense"} == {"refit"}
 
-    plain, _, _, plain_backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.6,
-                                              calib=calib)
-    assert not any(entry.get("refit") for entry in plain_backoff)
-    assert plain.summary()["params_after"] == plan.summary()["params_after"]
+    plain = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.6), calib=calib)
+    assert not any(entry.refit for entry in plain.attempts)
+    assert plain.plan.summary()["params_after"] == plan.summary()["params_after"]
 
     # A refit plan that only ties on validation is recorded, and the plan kept.
-    plan, _, _, backoff = backoff_plan(model, sensitivity, val, "lossless", target_reduction=0.2, calib=calib,
-                                       refit=True)
-    (refit,) = [entry for entry in backoff if entry.get("refit")]
-    (chosen,) = [entry for entry in backoff if entry.get("chosen")]
-    assert refit is not chosen and refit["val"] == chosen["val"]
-    assert "refit" not in {e.basis for e in plan.layers}
+    result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.2), calib=calib,
+                          refit=True)
+    (refit,) = [entry for entry in result.attempts if entry.refit]
+    (chosen,) = [entry for entry in result.attempts if entry.chosen]
+    assert refit is not chosen and refit.val == chosen.val
+    assert "refit" not in {e.basis for e in result.plan.layers}
 
 
 def token_encoder(decay: float = 0.93) -> onnx.ModelProto:

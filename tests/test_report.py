@@ -21,10 +21,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxlrf import report as report_module
 from onnxlrf.cli import cli
-from onnxlrf.pipeline import CompressResult, compress
 from onnxlrf.errors import OnnxlrfError
+from onnxlrf.pipeline import CompressResult, compress
+from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import Progress
 from onnxlrf.report import PLOTS, REPORT_FILES, layer_rows, write_report
+from onnxlrf.verify.splits import SplitOptions
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 64, 10, 300
 BASELINES = [{"method": "uniform", "reduction": 0.1, "value": 0.9},
@@ -80,7 +82,7 @@ def compact(work: Path, model_and_data: tuple[Path, str]) -> tuple[CompressResul
     """One joint compact run (the slow part, ~5 s), with its progress log."""
     model, data = model_and_data
     stream = io.StringIO()
-    result = compress(str(model), work / "compact.onnx", mode="compact", data=data, calib=100, val=100,
+    result = compress(str(model), work / "compact.onnx", PlanOptions("compact"), data, SplitOptions(calib=100, val=100),
                       provider="cpu", progress=Progress(stream))
     return result, stream.getvalue()
 
@@ -89,7 +91,7 @@ def compact(work: Path, model_and_data: tuple[Path, str]) -> tuple[CompressResul
 def uniform(work: Path, model_and_data: tuple[Path, str]) -> CompressResult:
     """Every layer factorized at a known rank (rank fraction 1/4: 8, 16 and 3)."""
     model, data = model_and_data
-    return compress(str(model), work / "uniform.onnx", mode="uniform", rank_fraction=0.25, data=data, provider="cpu")
+    return compress(str(model), work / "uniform.onnx", PlanOptions("uniform", rank_fraction=0.25), data, provider="cpu")
 
 
 class _Checker(HTMLParser):

@@ -11,11 +11,10 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.graph.layers import find_layers
 from onnxlrf.errors import OnnxlrfError
+from onnxlrf.graph.layers import count_params, find_layers
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning.plan import LowRankEntry, Plan
-from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_full_rank, plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan, truncate_weights
 

@@ -18,9 +18,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.graph.layers import Layer, find_layers
+from onnxlrf.graph.layers import Layer, count_params, find_layers
 from onnxlrf.planning.plan import LowRankEntry, Plan
-from onnxlrf.graph.layers import count_params
 from onnxlrf.techniques.lowrank.planners import plan_full_rank
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
 

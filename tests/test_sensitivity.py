@@ -11,22 +11,58 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
-
-from onnxlrf.graph.layers import Layer, matrices_to_weight, weight_matrices
-from onnxlrf.measure.analysis import calibration_batches, joint_analysis
-from onnxlrf.pipeline import compress_joint
-from onnxlrf.verify.splits import split_dataset
-from onnxlrf.data import Dataset
-from onnxlrf.planning.plan import Plan
-from onnxlrf.techniques.lowrank.planners import baseline_basis, plan_baseline, plan_joint
-from onnxlrf.graph.layers import count_params
-from onnxlrf.techniques.lowrank.rewrite import apply_plan
-from onnxlrf.measure.sensitivity import TruncationProbe, _joint_basis, _spatial_factors, _sqrt_and_inverse, _unfold_inputs, analyze, classification_loss, measure_loss, measure_ranges, replacement_gains, similarity_curvature, similarity_loss
-from onnxlrf.measure.torch_graph import TorchGraph
 from test_data import sentence_encoder_model
 from test_refit import token_encoder, token_pairs
 
+from onnxlrf.data import Dataset
+from onnxlrf.graph.layers import (
+    Layer,
+    count_params,
+    matrices_to_weight,
+    weight_matrices,
+)
+from onnxlrf.measure.analysis import (
+    AnalysisOptions,
+    calibration_batches,
+    joint_analysis,
+)
+from onnxlrf.measure.sensitivity import (
+    TruncationProbe,
+    _joint_basis,
+    _spatial_factors,
+    _sqrt_and_inverse,
+    _unfold_inputs,
+    analyze,
+    classification_loss,
+    measure_loss,
+    measure_ranges,
+    replacement_gains,
+    similarity_curvature,
+    similarity_loss,
+)
+from onnxlrf.measure.torch_graph import TorchGraph
+from onnxlrf.pipeline import compress_joint
+from onnxlrf.planning.joint import PlanOptions
+from onnxlrf.planning.plan import Plan
+from onnxlrf.techniques.lowrank.planners import (
+    baseline_basis,
+    plan_baseline,
+    plan_joint,
+)
+from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.verify.backoff import VerifyOptions
+from onnxlrf.verify.splits import SplitOptions, split_dataset
+
 CLASSES = 4
+
+
+def run_joint(model, data, mode, target_reduction=None, target="params", calib=1000, val=1000, seed=0, labels="labels",
+              spatial=None, analysis_cache=None, rounds=1, refit=True, provider="auto", progress=None):
+    """:func:`compress_joint` with its option objects filled from the CLI's flag names."""
+    return compress_joint(model, data, PlanOptions(mode, target_reduction=target_reduction, target=target),
+                          SplitOptions(calib, val, seed), AnalysisOptions(labels=labels, spatial=spatial,
+                                                                          cache=analysis_cache),
+                          VerifyOptions(rounds=rounds, refit=refit), provider=provider, progress=progress)
 
 
 def _data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -117,7 +153,7 @@ def test_similarity_curvature_predicts_a_well_fit_encoder():
 
 def test_label_free_similarity_targets_are_the_originals_cosines():
     model, data = _encoder_pairs()
-    sens = joint_analysis(model, data, labels="predictions", range_samples=100)
+    sens = joint_analysis(model, data, AnalysisOptions(labels="predictions", range_samples=100))
     assert sens.reference_loss < 1e-10
     ls = sens.layers["proj"]
     # Zero gradient at the original: the plan rests on curvature alone, and the range checks see it.
@@ -221,8 +257,8 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
     """The refit keeps spatial layers as planned: a plan with nothing else has nothing to refit,
     and the back-off does not evaluate the same model a second time."""
     from onnxlrf.costs.params import ParamsCost
-    from onnxlrf.verify import backoff as backoff_module
     from onnxlrf.progress import Progress
+    from onnxlrf.verify import backoff as backoff_module
 
     model, data = small_cnn
     calib = data.subset(np.arange(200))
@@ -294,12 +330,16 @@ def test_planners_respect_target_and_dp_is_exact(small_cnn):
     for target in (0.05, 0.1, 0.2):
         lag = plan_joint(model, sens, "lossless", target_reduction=target, kappa=4.0)
         dp = plan_joint(model, sens, "lossless", target_reduction=target, kappa=4.0, solver="dp")
-        for plan in (lag, dp):
+        milp = plan_joint(model, sens, "lossless", target_reduction=target, kappa=4.0, solver="milp")
+        for plan in (lag, dp, milp):
             compressed, report = apply_plan(model, plan)
             assert report.params_before - report.params_after >= target * total
             assert count_params(compressed) == report.params_after
             assert plan.options["achieved_reduction"] == pytest.approx(1 - report.params_after / total)
         assert dp.options["predicted_dloss"] <= lag.options["predicted_dloss"] + 1e-9
+        # the DP counts parameters in units, rounded down; the MILP counts them exactly
+        exact, floored = milp.options["predicted_dloss"], dp.options["predicted_dloss"]
+        assert exact <= floored + 1e-6 * abs(floored)
     for kind in ("fwsvd", "whitened"):
         for ls in sens.layers.values():
             x, s, yt = baseline_basis(ls, kind)
@@ -318,7 +358,7 @@ def test_planners_respect_target_and_dp_is_exact(small_cnn):
 @pytest.fixture(scope="module")
 def compact_once(small_cnn):
     model, data = small_cnn
-    return compress_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
+    return run_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
 
 
 def test_compact_never_below_original_on_validation_and_is_deterministic(small_cnn, compact_once, tmp_path):
@@ -331,7 +371,7 @@ def test_compact_never_below_original_on_validation_and_is_deterministic(small_c
         low, high = split["change_interval"]
         assert low <= split["value"] - split["reference_value"] <= high
     assert "change_interval" not in first.splits["val"]
-    again = compress_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
+    again = run_joint(model, data, "compact", calib=400, val=400, seed=3, provider="cpu")
     assert again.plan.to_json() == first.plan.to_json()
     assert again.compressed.SerializeToString() == first.compressed.SerializeToString()
     # The plan and its bases survive a round trip through disk and rewrite to the same model.
@@ -393,8 +433,8 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target, spa
     model, data = small_cnn
     # Without the refit, which one round applies to its back-off's plans and more rounds to the final plan only.
     kwargs = dict(target_reduction=target, calib=400, val=400, seed=3, provider="cpu", refit=False, spatial=spatial)
-    one = compress_joint(model, data, mode, **kwargs)
-    two = compress_joint(model, data, mode, rounds=2, **kwargs)
+    one = run_joint(model, data, mode, **kwargs)
+    two = run_joint(model, data, mode, rounds=2, **kwargs)
     # Held to the original's validation metric in every round; the plan rewrites the original model.
     assert two.splits["val"]["reference_value"] == one.splits["val"]["reference_value"]
     history = two.plan.options.get("rounds", [])
@@ -405,7 +445,7 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target, spa
     else:
         assert [h["round"] for h in history] == [1, 2]
         assert history[0]["achieved_reduction"] >= 0.15 and two.plan.options["achieved_reduction"] >= 0.3
-    assert {e["round"] for e in two.backoff} <= {1, 2}
+    assert {e.round for e in two.backoff} <= {1, 2}
     # Every round's analysis offered the spatial decompositions too (or not), and the plan says so.
     assert ("spatial" in two.plan.options["decompositions"]) == spatial
     assert ("spatial" in {ls.decomposition for ls in two.sensitivity.all()}) == spatial
@@ -415,20 +455,20 @@ def test_rounds_expand_around_the_truncated_weights(small_cnn, mode, target, spa
 
 def test_rounds_refit_the_final_plan_only(small_cnn):
     model, data = small_cnn
-    result = compress_joint(model, data, "lossless", target_reduction=0.3, calib=400, val=400, seed=3,
+    result = run_joint(model, data, "lossless", target_reduction=0.3, calib=400, val=400, seed=3,
                             provider="cpu", rounds=2)
-    refit = [e for e in result.backoff if e.get("refit")]
-    assert [e["round"] for e in refit] == [2]
-    (chosen,) = [e for e in result.backoff if e.get("chosen") and e["round"] == 2]
+    refit = [e for e in result.backoff if e.refit]
+    assert [e.round for e in refit] == [2]
+    (chosen,) = [e for e in result.backoff if e.chosen and e.round == 2]
     assert (chosen is refit[0]) == ("refit" in {e.basis for e in result.plan.layers})
     rewritten, _ = apply_plan(model, result.plan)
     assert rewritten.SerializeToString() == result.compressed.SerializeToString()
 
 
 def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small_cnn):
-    from onnxlrf.verify.backoff import merge_rounds
     from onnxlrf.costs.params import cost_model
     from onnxlrf.techniques.lowrank.planners import plan_uniform
+    from onnxlrf.verify.backoff import merge_rounds
 
     model, _ = small_cnn
     earlier = plan_uniform(model, rank_fraction=0.5)
@@ -460,7 +500,7 @@ def test_input_statistics_count_real_tokens_only():
     unmasked = analyze(model, _batches(data), similarity_loss)
     assert not np.allclose(unmasked.layers["fc1"].input_moment, sens.layers["fc1"].input_moment, rtol=1e-3)
     # The joint method reads the mask's name from the dataset.
-    joint = joint_analysis(model, data, range_samples=50)
+    joint = joint_analysis(model, data, AnalysisOptions(range_samples=50))
     np.testing.assert_allclose(joint.layers["fc2"].input_moment, sens.layers["fc2"].input_moment, rtol=1e-5)
 
 
@@ -471,9 +511,11 @@ def test_compact_searches_sizes_where_no_component_is_free():
 
     model, data = _encoder_pairs(pairs=400, model=token_encoder(decay=0.8), seq=6)  # two 24x24 layers, vocabulary 40
     calib, val = data.subset(np.arange(200)), data.subset(np.arange(200, 400))
-    sens = joint_analysis(model, calib, labels="predictions", range_samples=100)
+    sens = joint_analysis(model, calib, AnalysisOptions(labels="predictions", range_samples=100))
     reference_val = val.score(TorchGraph(model)(val.inputs)[0].detach().numpy())
-    plan, _, _, backoff = backoff_plan(model, sens, val, "compact", calib=calib, provider="cpu")
+    result = backoff_plan(model, sens, val, PlanOptions("compact"), calib=calib, provider="cpu")
+    plan, backoff = result.plan, [attempt.to_dict() for attempt in result.attempts]
+    assert plan.options["backoff"] == backoff
     searched = [e for e in backoff if "target_reduction" in e]
     assert backoff[0]["achieved_reduction"] == 0 and searched  # nothing free at tolerance 0: sizes searched
     assert searched[0]["target_reduction"] == 0.01
@@ -489,9 +531,9 @@ def test_compact_searches_sizes_where_no_component_is_free():
 def test_spatial_candidates_default_on_for_flops_targets_only(small_cnn):
     model, data = small_cnn
     kwargs = dict(calib=200, val=200, seed=1, provider="cpu", refit=False)
-    flops = compress_joint(model, data, "lossless", target_reduction=0.1, target="flops", **kwargs)
+    flops = run_joint(model, data, "lossless", target_reduction=0.1, target="flops", **kwargs)
     assert flops.plan.options["decompositions"] == ["channel", "spatial"] and flops.sensitivity.spatial
-    params = compress_joint(model, data, "lossless", target_reduction=0.1, **kwargs)
+    params = run_joint(model, data, "lossless", target_reduction=0.1, **kwargs)
     assert params.plan.options["decompositions"] == ["channel"] and not params.sensitivity.spatial
 
 
@@ -514,7 +556,7 @@ def test_saved_analysis_reads_back_as_it_was(small_cnn, tmp_path):
     from onnxlrf.measure.sensitivity import Sensitivity
 
     model, data = small_cnn
-    sens = joint_analysis(model, data.subset(np.arange(200)), range_samples=100, spatial=True)
+    sens = joint_analysis(model, data.subset(np.arange(200)), AnalysisOptions(range_samples=100, spatial=True))
     assert sens.spatial and any(ls.perturbation_range > 0 for ls in sens.all())
     sens.save(tmp_path / "analysis", key="made from this")  # no suffix is added
     loaded, key = Sensitivity.load(tmp_path / "analysis")
@@ -546,16 +588,16 @@ def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_opt
     model, data = small_cnn
     kwargs = dict(calib=200, val=200, seed=1, provider="cpu", refit=False)
     cache = tmp_path / "analyses"
-    first = compress_joint(model, data, "lossless", target_reduction=0.1, analysis_cache=cache, **kwargs)
+    first = run_joint(model, data, "lossless", target_reduction=0.1, analysis_cache=cache, **kwargs)
     (saved,) = cache.iterdir()
-    fresh = compress_joint(model, data, "lossless", target_reduction=0.2, **kwargs)  # no cache: analyzed
+    fresh = run_joint(model, data, "lossless", target_reduction=0.2, **kwargs)  # no cache: analyzed
 
     def no_analysis(*args, **kwargs):
         raise AssertionError("analyzed again")
 
     monkeypatch.setattr(analysis_module, "_analyze", no_analysis)
     log = io.StringIO()
-    cached = compress_joint(model, data, "lossless", target_reduction=0.2, analysis_cache=cache,
+    cached = run_joint(model, data, "lossless", target_reduction=0.2, analysis_cache=cache,
                             progress=Progress(stream=log, bars=False), **kwargs)
     assert f"analysis: read from the cache, {saved}" in log.getvalue()
     assert cached.plan.to_dict() == fresh.plan.to_dict()
@@ -570,16 +612,16 @@ def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_opt
                  dict(model=changed_weights)):
         options = {**kwargs, **call}
         with pytest.raises(AssertionError, match="analyzed again"):
-            compress_joint(options.pop("model"), data, "lossless", target_reduction=0.1, analysis_cache=cache,
+            run_joint(options.pop("model"), data, "lossless", target_reduction=0.1, analysis_cache=cache,
                            **options)
 
 
 def test_analysis_cache_entry_that_cannot_be_read_is_replaced(small_cnn, tmp_path):
     model, data = small_cnn
     calib = data.subset(np.arange(150))
-    sens = joint_analysis(model, calib, range_samples=50, cache=tmp_path)
+    sens = joint_analysis(model, calib, AnalysisOptions(range_samples=50, cache=tmp_path))
     (entry,) = tmp_path.iterdir()
     entry.write_bytes(b"truncated")
-    again = joint_analysis(model, calib, range_samples=50, cache=tmp_path)
+    again = joint_analysis(model, calib, AnalysisOptions(range_samples=50, cache=tmp_path))
     _same_analysis(sens, again)
     assert [p.name for p in tmp_path.iterdir()] == [entry.name] and entry.stat().st_size > 1000

@@ -9,13 +9,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnxlrf.models import load_model
 
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.export import export_model
-from onnxlrf.models import load_model
-from onnxlrf.onnx_io import load_onnx
 from onnxlrf.measure import torch_graph
 from onnxlrf.measure.torch_graph import TorchGraph, heap_reuse
+from onnxlrf.onnx_io import load_onnx
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:

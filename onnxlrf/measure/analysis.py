@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +25,23 @@ from ..progress import Progress, ProgressLike, as_progress
 # (ResNeXt-50, 32 images: 1.9 s in batches of 5, 1.6 s in batches of 16 or 32).
 # This bound gives it batches of 20 (largest activation 3.2 MB per image).
 RANGE_BATCH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How the joint analysis runs (``onnxlrf compress``'s analysis flags).
+
+    ``labels``: the loss's targets, the data's ``labels`` or the original's ``predictions``
+    (label-free); ``range_samples``: calibration samples of the range checks; ``micro_batch``:
+    samples per gradient; ``spatial``: k x k convs analyzed in spatial decomposition too (None:
+    for flops and latency targets); ``cache``: a directory of cached analyses (see :func:`joint_analysis`).
+    """
+
+    labels: str = "labels"
+    range_samples: int = 256
+    micro_batch: int = 50
+    spatial: bool | None = None
+    cache: str | os.PathLike | None = None
 
 
 class CalibrationBatches:
@@ -86,27 +104,21 @@ def analysis_cache_dir(cache: str | os.PathLike) -> Path:
     return Path(cache)
 
 
-def joint_analysis(
-    reference: onnx.ModelProto,
-    calib: Any,
-    labels: str = "labels",
-    range_samples: int = 256,
-    micro_batch: int = 50,
-    progress: ProgressLike = None,
-    spatial: bool = False,
-    cache: str | os.PathLike | None = None,
-) -> Any:
+def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOptions = AnalysisOptions(),
+                   progress: ProgressLike = None) -> Any:
     """Sensitivity of every layer on the calibration split, with measured perturbation ranges.
 
-    ``spatial``: k x k convs are analyzed in spatial decomposition too (see
+    ``options.spatial``: k x k convs are analyzed in spatial decomposition too (see
     :func:`~onnxlrf.measure.sensitivity.analyze`), and their spatial truncations range-checked.
-    ``cache``: a directory where analyses are kept, one file per :func:`analysis_key`; an
+    ``options.cache``: a directory where analyses are kept, one file per :func:`analysis_key`; an
     analysis already there for this model, calibration split and options is read instead of
     computed (the same object, so the same plans), and a new one is saved there.
     """
     from .sensitivity import Sensitivity
 
     progress = as_progress(progress)
+    labels, range_samples, micro_batch = options.labels, options.range_samples, options.micro_batch
+    spatial, cache = bool(options.spatial), options.cache
     if labels not in ("labels", "predictions"):
         raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
     if cache is None:

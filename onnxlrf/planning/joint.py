@@ -10,6 +10,7 @@ never looks inside a choice.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import onnx
@@ -21,6 +22,28 @@ from . import knapsack
 from .plan import Plan
 
 JOINT_MODES = ("lossless", "compact")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What to plan: the mode, the size it aims at, and how (``onnxlrf compress``'s planning flags).
+
+    ``mode``: ``lossless`` or ``compact`` (the joint method), ``uniform`` or ``energy`` (data-free).
+    ``target_reduction``: the fraction of ``target`` (params, flops or latency) to remove;
+    ``tolerance``: compact's allowed predicted loss increase; ``solver``: the knapsack's;
+    ``rank_multiple``: ranks are multiples of it (None: 1, or in :func:`onnxlrf.pipeline.compress`
+    the default for the provider and target); ``rank_fraction`` and ``energy``: the data-free
+    modes' knobs, instead of ``target_reduction``.
+    """
+
+    mode: str = "uniform"
+    target_reduction: float | None = None
+    tolerance: float = 0.0
+    solver: str = "lagrangian"
+    target: str = "params"
+    rank_multiple: int | None = None
+    rank_fraction: float | None = None
+    energy: float | None = None
 
 
 def plan_joint(model: onnx.ModelProto, technique: Any, analysis: Any, mode: str,

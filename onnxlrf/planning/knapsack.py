@@ -27,6 +27,9 @@ import numpy as np
 from ..errors import OnnxlrfError
 
 SOLVERS = ("lagrangian", "dp", "milp")
+# The MILP's loss coefficients span [-1e3, 1e3]: HiGHS's absolute tolerances (1e-6, not settable through
+# scipy) then amount to 1e-9 of the largest |dloss|; at 1, a planner's MILP missed the optimum by 4e-7 of it.
+_LOSS_RESOLUTION = 1e3
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,7 +83,7 @@ def solve(sets: Sequence[CandidateSet], need: int | Sequence[int] | None = None,
 
     ``"lagrangian"`` and ``"dp"`` take one budget and one of ``need``/``tolerance``. ``"milp"`` is exact up
     to HiGHS's tolerances: integer budgets are met exactly, the loss optimum and the loss bound hold to
-    about 1e-6 of the largest |dloss|.
+    about 1e-9 of the largest |dloss|.
     """
     if solver not in SOLVERS:
         raise OnnxlrfError(f"unknown solver {solver!r}; known: {', '.join(SOLVERS)}")
@@ -193,7 +196,7 @@ def _solve_milp(sets: Sequence[CandidateSet], needs: np.ndarray | None, toleranc
     """Binary x[g, c], one option per group, with scipy's HiGHS.
 
     Lossless is solved in two passes: the least loss, then, with the loss bounded by that optimum,
-    the compact objective; so ties in loss go deterministically to the most removed.
+    the compact objective; so exact ties in loss go deterministically to the most removed.
     """
     try:
         from scipy import sparse
@@ -205,7 +208,7 @@ def _solve_milp(sets: Sequence[CandidateSet], needs: np.ndarray | None, toleranc
     n = sum(sizes)
     removed = np.concatenate([s.removed.reshape(len(s.dloss), -1) for s in sets]).astype(np.float64)
     dloss = np.concatenate([s.dloss for s in sets])
-    scale = float(np.abs(dloss).max()) or 1.0  # HiGHS's absolute tolerances then read as relative to |dloss|
+    scale = (float(np.abs(dloss).max()) or 1.0) / _LOSS_RESOLUTION
     scaled = dloss / scale
     one_each = LinearConstraint(sparse.csr_array((np.ones(n), (np.repeat(np.arange(len(sets)), sizes), np.arange(n))),
                                                  shape=(len(sets), n)), 1, 1)
@@ -222,7 +225,7 @@ def _solve_milp(sets: Sequence[CandidateSet], needs: np.ndarray | None, toleranc
         return [int(np.argmax(result.x[start:start + size])) for start, size in zip(starts, sizes)]
 
     # Most removed of the first budget; the loss term's total spread is below 1, one unit removed: it only breaks ties.
-    compact_objective = -removed[:, 0] + scaled / (4 * len(sets))
+    compact_objective = -removed[:, 0] + scaled / (4 * len(sets) * _LOSS_RESOLUTION)
     if tolerance is not None:
         if tolerance == -math.inf:
             return None
@@ -231,8 +234,11 @@ def _solve_milp(sets: Sequence[CandidateSet], needs: np.ndarray | None, toleranc
         least_loss = run(scaled, None)
         if least_loss is None:
             return None
-        # HiGHS may find the bound a hair infeasible even though least_loss meets it: keep least_loss then.
-        choice = run(compact_objective, totals(sets, least_loss)[1] / scale) or least_loss
+        # The tie-break pass may trade a loss within HiGHS's tolerance for more removed: only a true tie counts.
+        least = totals(sets, least_loss)[1]
+        choice = run(compact_objective, least / scale)
+        if choice is None or totals(sets, choice)[1] > least:
+            choice = least_loss
     if choice is not None and needs is not None and not np.all(np.atleast_1d(totals(sets, choice)[0]) >= needs):
         raise OnnxlrfError("solver 'milp' returned a choice that misses a budget (HiGHS tolerance); "
                            "try solver 'dp' or 'lagrangian'")

@@ -66,6 +66,14 @@ class PlanEntry:
         """Equal for entries that change their weight the same way (nodes sharing a weight must agree)."""
         raise NotImplementedError
 
+    def size_key(self) -> tuple:
+        """The part of the choice that sets the layer's size (restoring a layer compares it)."""
+        raise NotImplementedError
+
+    def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
+        """What ``layers`` (the nodes sharing this entry's weight) cost in ``cost``'s units as planned."""
+        raise NotImplementedError
+
     def check(self, layer: Layer, plan: "Plan") -> None:
         """Raise OnnxlrfError naming what about the choice does not fit ``layer`` (and the plan's stored arrays)."""
         raise NotImplementedError
@@ -111,6 +119,12 @@ class LowRankEntry(PlanEntry):
 
     def choice_key(self) -> tuple:
         return self.decomposition, self.rank, tuple(sorted(self.kept_indices())), self.bias_correction
+
+    def size_key(self) -> tuple:
+        return self.decomposition, self.rank
+
+    def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
+        return cost.factorized(layers, self.decomposition, self.rank) if self.changed else cost.dense(layers)
 
     def check(self, layer: Layer, plan: "Plan") -> None:
         node = self.node
@@ -207,7 +221,7 @@ def _entry_from_dict(index: int, data: Any, version: int) -> PlanEntry:
     for key in ("params_dense", "params_planned"):
         if not _is_int(data[key]):
             raise OnnxlrfError(f"{where}: {key!r} must be an integer")
-    notes = data.get("notes") or {}
+    notes = {} if data.get("notes") is None else data["notes"]
     if not isinstance(notes, dict):
         raise OnnxlrfError(f"{where}: 'notes' must be an object")
     entry_type = ENTRY_TYPES[technique]
@@ -265,7 +279,7 @@ class Plan:
         if not isinstance(data["layers"], list):
             raise OnnxlrfError("plan key 'layers' must be a list")
         for key in ("options", "source"):
-            if not isinstance(data.get(key) or {}, dict):
+            if not isinstance({} if data.get(key) is None else data[key], dict):
                 raise OnnxlrfError(f"plan key {key!r} must be an object")
         bases_file = (data.get("options") or {}).get("bases_file")
         if bases_file is not None and (not isinstance(bases_file, str) or Path(bases_file).name != bases_file):

@@ -22,8 +22,8 @@ from ..errors import OnnxlrfError
 from ..onnx_io import save_onnx
 from ..progress import ProgressLike, as_progress
 from .shapes import (
-    PROTOBUF_LIMIT,
     DEFAULT_SEQ_LENGTH,
+    PROTOBUF_LIMIT,
     ModelLike,
     concrete_input_shapes,
 )

@@ -132,6 +132,7 @@ class BackoffSearch:
         """The plan the search chooses (compact: None where no plan held)."""
         with self.progress.task(f"back-off ({self.mode})", unit="plan") as self._task:
             self.reference = self.evaluator.reference_value()
+            self.progress.log(f"back-off: the original scores {self.reference:.4f} on validation")
             best = None
             failed_kappa = None
             for kappa in self.kappas:

@@ -10,6 +10,15 @@ import numpy as np
 from ..errors import OnnxlrfError
 
 
+@dataclass(frozen=True)
+class SplitOptions:
+    """How many samples calibrate (``calib``) and validate (``val``); the rest is held out. ``seed`` draws them."""
+
+    calib: int = 1000
+    val: int = 1000
+    seed: int = 0
+
+
 @dataclass
 class Splits:
     """Disjoint calibration / validation / held-out test splits, fixed by the seed."""

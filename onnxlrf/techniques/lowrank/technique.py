@@ -11,8 +11,8 @@ from ...planning import joint
 from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike
 from ..base import Candidates, RewriteReport
-from .refit import refit_plan
 from .planners import joint_candidates, joint_entries, unplanned_entry
+from .refit import refit_plan
 from .rewrite import apply_plan, truncate_weights
 
 
