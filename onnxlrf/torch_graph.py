@@ -25,6 +25,10 @@ from onnx import numpy_helper
 
 from .errors import OnnxlrfError
 
+class UnsupportedError(OnnxlrfError):
+    """An op, dtype or attribute value the torch evaluator does not cover."""
+
+
 # Called after a hooked node runs; a returned tensor replaces the node's first output.
 NodeHook = Callable[[onnx.NodeProto, list, torch.Tensor], "torch.Tensor | None"]
 
@@ -430,7 +434,7 @@ class TorchGraph:
     def __init__(self, model: onnx.ModelProto, weights: Iterable[str] = (), dtype: torch.dtype = torch.float32):
         unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS or n.domain not in ("", "ai.onnx")})
         if unsupported:
-            raise OnnxlrfError(f"ops not supported by the torch analysis: {', '.join(unsupported)}")
+            raise UnsupportedError(f"ops not supported by the torch analysis: {', '.join(unsupported)}")
         self.model = model
         self.nodes = list(model.graph.node)
         self.attrs = [_attrs(n) for n in self.nodes]
