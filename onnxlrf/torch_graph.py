@@ -1125,6 +1125,277 @@ def _attention(q, k, v, mask=None, past_key=None, past_value=None, nonpad_kv_seq
         y = y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
     return [y, present_key, present_value, qk_output.to(q.dtype)][:n_out] if n_out > 1 else y
 
+def _lp_pool(x, a=None):
+    p = a.get("p", 2)
+    # The window count times the average of |x|**p with pads counted: the sum over the window, to the 1/p.
+    average = _avg_pool(x.abs().pow(p), {**a, "count_include_pad": 1})
+    return (int(np.prod(a["kernel_shape"])) * average).pow(1.0 / p)
+
+
+def _max_unpool(x, indices, output_shape=None, a=None):
+    kernel = a["kernel_shape"]
+    spatial = len(kernel)
+    strides = a.get("strides", [1] * spatial)
+    pads = a.get("pads", [0] * 2 * spatial)
+    inferred = [(x.shape[2 + i] - 1) * strides[i] - pads[i] - pads[i + spatial] + kernel[i] for i in range(spatial)]
+    plane = torch.zeros(x.shape[0] * x.shape[1] * int(np.prod(inferred)), dtype=x.dtype)
+    y = plane.scatter(0, indices.reshape(-1).to(torch.int64), x.reshape(-1)).reshape(*x.shape[:2], *inferred)
+    if output_shape is None:
+        return y
+    wanted = _ints(output_shape)[2:]
+    return F.pad(y, _pads([0] * spatial + [w - n for w, n in zip(wanted, inferred)], spatial))
+
+
+def _rotary_embedding(x, cos_cache, sin_cache, position_ids=None, a=None):
+    shape = x.shape
+    if x.dim() == 4:  # (batch, heads, sequence, head_size) -> (batch, sequence, heads, head_size)
+        x = x.transpose(1, 2)
+    else:
+        x = x.reshape(shape[0], shape[1], a["num_heads"], -1)
+    rotated = a.get("rotary_embedding_dim", 0) or x.shape[3]
+    if position_ids is not None:
+        cos_cache, sin_cache = cos_cache[position_ids.to(torch.int64)], sin_cache[position_ids.to(torch.int64)]
+    cos_cache, sin_cache = cos_cache.unsqueeze(2), sin_cache.unsqueeze(2)
+    part, rest = x[..., :rotated], x[..., rotated:]
+    interleaved = a.get("interleaved", 0)
+    first, second = (part[..., 0::2], part[..., 1::2]) if interleaved else part.chunk(2, dim=-1)
+    real, imag = cos_cache * first - sin_cache * second, sin_cache * first + cos_cache * second
+    part = torch.stack([real, imag], -1).reshape(part.shape) if interleaved else torch.cat([real, imag], -1)
+    y = torch.cat([part, rest], -1)
+    return y.transpose(1, 2) if len(shape) == 4 else y.reshape(shape)
+
+
+def _swiglu(x, gate, a=None):
+    return x * torch.sigmoid(a.get("alpha", 1.0) * x) * gate
+
+
+def _bit_cast(x, a=None):
+    return x.view(_dtype(a["to"]))
+
+
+def _window(kind: str) -> Callable:
+    """HannWindow, HammingWindow, BlackmanWindow as onnx.reference computes them."""
+    def op(size, a=None):
+        n = int(size.reshape(-1)[0])
+        span = n if a.get("periodic", 1) else n - 1
+        phase = torch.arange(n, dtype=torch.float64) * (2 * math.pi / span)
+        if kind == "hann":
+            w = torch.sin(phase / 2).square()
+        elif kind == "hamming":
+            w = 25 / 46 - (1 - 25 / 46) * torch.cos(phase)
+        else:
+            w = 0.42 - 0.5 * torch.cos(phase) + 0.08 * torch.cos(2 * phase)
+        return w.to(_dtype(a.get("output_datatype", onnx.TensorProto.FLOAT)))
+
+    return op
+
+
+def _center_crop_pad(x, shape, a=None):
+    rank = x.dim()
+    axes = [ax % rank for ax in a.get("axes", range(rank))]
+    full = [0] * 2 * rank
+    for ax, size in zip(axes, _ints(shape)):
+        change = size - x.shape[ax]  # negative: crop (F.pad crops with negative pads)
+        full[ax], full[ax + rank] = change // 2 if change >= 0 else -((-change) // 2), \
+            change - change // 2 if change >= 0 else -(-change - (-change) // 2)
+    return F.pad(x, _pads(full, rank))
+
+
+def _tensor_scatter(cache, update, write_indices=None, a=None):
+    axis = a.get("axis", -2) % cache.dim()
+    length, size = update.shape[axis], cache.shape[axis]
+    starts = write_indices.tolist() if write_indices is not None else [0] * cache.shape[0]
+    rows = []
+    for b, start in enumerate(starts):
+        positions = torch.arange(start, start + length)
+        if _str(a, "mode", "linear") == "circular":
+            positions = positions % size
+        rows.append(cache[b].index_copy(axis - 1, positions, update[b]))
+    return torch.stack(rows)
+
+
+def _grid_sample(x, grid, a=None):
+    mode = _str(a, "mode", "linear" if a.get("opset", 20) >= 20 else "bilinear")
+    mode = {"linear": "bilinear", "cubic": "bicubic"}.get(mode, mode)
+    return F.grid_sample(x, grid, mode=mode, padding_mode=_str(a, "padding_mode", "zeros"),
+                         align_corners=bool(a.get("align_corners", 0)))
+
+
+def _affine_grid(theta, size, a=None):
+    return F.affine_grid(theta, _ints(size), align_corners=bool(a.get("align_corners", 0)))
+
+
+def _unique(x, a=None, n_out=1):
+    """Unique values, first indices, inverse indices and counts; sorted or in order of first occurrence."""
+    axis = a.get("axis")
+    values, inverse, counts = torch.unique(x if axis is not None else x.reshape(-1), sorted=True, return_inverse=True,
+                                           return_counts=True, dim=axis)
+    dim = 0 if axis is None else axis % x.dim()
+    positions = torch.arange(inverse.numel())
+    first = torch.full((values.shape[dim],), inverse.numel(), dtype=torch.int64).scatter_reduce(
+        0, inverse, positions, "amin")
+    if not a.get("sorted", 1):  # reorder by first occurrence
+        order = torch.argsort(first)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel()))
+        values, first, counts, inverse = values.index_select(dim, order), first[order], counts[order], rank[inverse]
+    return [values, first, inverse, counts][:n_out] if n_out > 1 else values
+
+
+def _box_corners(boxes: torch.Tensor, center: bool) -> torch.Tensor:
+    if center:  # (x_center, y_center, width, height)
+        x, y, w, h = boxes.unbind(-1)
+        return torch.stack([y - h / 2, x - w / 2, y + h / 2, x + w / 2], -1)
+    y1, x1, y2, x2 = boxes.unbind(-1)
+    return torch.stack([torch.minimum(y1, y2), torch.minimum(x1, x2), torch.maximum(y1, y2), torch.maximum(x1, x2)], -1)
+
+
+def _non_max_suppression(boxes, scores, max_boxes=None, iou_threshold=None, score_threshold=None, a=None):
+    limit = int(max_boxes.reshape(-1)[0]) if max_boxes is not None and max_boxes.numel() else 0
+    iou_limit = float(iou_threshold.reshape(-1)[0]) if iou_threshold is not None and iou_threshold.numel() else 0.0
+    floor = float(score_threshold.reshape(-1)[0]) if score_threshold is not None and score_threshold.numel() else None
+    corners = _box_corners(boxes.to(torch.float64), bool(a.get("center_point_box", 0)))
+    area = (corners[..., 2] - corners[..., 0]) * (corners[..., 3] - corners[..., 1])
+    selected = []
+    for b in range(scores.shape[0]):
+        for c in range(scores.shape[1]):
+            kept: list[int] = []
+            for i in torch.argsort(scores[b, c], descending=True, stable=True).tolist():
+                if len(kept) >= limit or floor is not None and float(scores[b, c, i]) <= floor:
+                    break
+                box = corners[b, i]
+                ok = True
+                for j in kept:
+                    other = corners[b, j]
+                    h = (torch.minimum(box[2], other[2]) - torch.maximum(box[0], other[0])).clamp(min=0)
+                    w = (torch.minimum(box[3], other[3]) - torch.maximum(box[1], other[1])).clamp(min=0)
+                    union = area[b, i] + area[b, j] - h * w
+                    if union > 0 and float(h * w / union) > iou_limit:
+                        ok = False
+                        break
+                if ok:
+                    kept.append(i)
+            selected += [[b, c, i] for i in kept]
+    return torch.tensor(selected, dtype=torch.int64).reshape(-1, 3)
+
+
+def _col2im(x, image_shape, block_shape, a=None):
+    spatial = len(_ints(block_shape))
+    if spatial != 2:
+        raise _unsupported(f"Col2Im over {spatial} dimensions")
+    pads = a.get("pads", [0] * 4)
+    if pads[:2] != pads[2:]:
+        raise _unsupported("Col2Im with asymmetric pads")
+    return F.fold(x, _ints(image_shape), _ints(block_shape), dilation=a.get("dilations", [1, 1]), padding=pads[:2],
+                  stride=a.get("strides", [1, 1]))
+
+_RNN_ACTIVATIONS: dict[str, Callable] = {
+    "Relu": lambda x, alpha, beta: torch.relu(x), "Tanh": lambda x, alpha, beta: torch.tanh(x),
+    "Sigmoid": lambda x, alpha, beta: torch.sigmoid(x), "Affine": lambda x, alpha, beta: alpha * x + beta,
+    "LeakyRelu": lambda x, alpha, beta: F.leaky_relu(x, alpha),
+    "ThresholdedRelu": lambda x, alpha, beta: torch.where(x > alpha, x, torch.zeros_like(x)),
+    "ScaledTanh": lambda x, alpha, beta: alpha * torch.tanh(beta * x),
+    "HardSigmoid": lambda x, alpha, beta: torch.clamp(alpha * x + beta, 0, 1),
+    "Elu": lambda x, alpha, beta: F.elu(x, alpha), "Softsign": lambda x, alpha, beta: F.softsign(x),
+    "Softplus": lambda x, alpha, beta: F.softplus(x),
+}
+# Activations taking alpha (and beta): they consume activation_alpha/activation_beta in order.
+_RNN_DEFAULT_PARAMS = {"Affine": (1.0, 0.0), "LeakyRelu": (0.01, 0.0), "ThresholdedRelu": (1.0, 0.0),
+                       "ScaledTanh": (1.0, 1.0), "HardSigmoid": (0.2, 0.5), "Elu": (1.0, 0.0)}
+
+
+def _rnn_activations(a: dict, defaults: list[str], directions: int) -> list[list[Callable]]:
+    """Per direction, the activation functions with their alpha and beta bound."""
+    names = [n.decode() if isinstance(n, bytes) else n for n in a.get("activations", defaults * directions)]
+    alphas, betas = list(a.get("activation_alpha", [])), list(a.get("activation_beta", []))
+    bound = []
+    for name in names:
+        fn = _RNN_ACTIVATIONS[name]
+        alpha, beta = _RNN_DEFAULT_PARAMS.get(name, (0.0, 0.0))
+        if name in _RNN_DEFAULT_PARAMS:
+            alpha = alphas.pop(0) if alphas else alpha
+            beta = betas.pop(0) if betas else beta
+        bound.append(functools.partial(fn, alpha=alpha, beta=beta))
+    per = len(defaults)
+    return [bound[d * per:(d + 1) * per] for d in range(directions)]
+
+
+def _recurrent(kind: str) -> Callable:
+    """RNN, GRU and LSTM: every direction, sequence_lens, initial states, clip, peepholes, layout."""
+    gates, defaults = {"RNN": (1, ["Tanh"]), "GRU": (3, ["Sigmoid", "Tanh"]),
+                       "LSTM": (4, ["Sigmoid", "Tanh", "Tanh"])}[kind]
+
+    def op(x, w, r, b=None, lengths=None, h0=None, c0=None, peepholes=None, a=None, n_out=1):
+        batch_first = a.get("layout", 0) == 1
+        if batch_first:
+            x = x.transpose(0, 1)
+            h0 = h0.transpose(0, 1) if h0 is not None else None
+            c0 = c0.transpose(0, 1) if c0 is not None else None
+        steps, batch = x.shape[0], x.shape[1]
+        hidden = a.get("hidden_size", r.shape[-1])
+        direction = _str(a, "direction", "forward")
+        directions = 2 if direction == "bidirectional" else 1
+        activations = _rnn_activations(a, defaults, directions)
+        clip = a.get("clip")
+        lengths = lengths.to(torch.int64) if lengths is not None else torch.full((batch,), steps)
+        ys, hs, cs = [], [], []
+        for d in range(directions):
+            reverse = direction == "reverse" or d == 1
+            wd, rd = w[d], r[d]
+            bias = b[d] if b is not None else torch.zeros(2 * gates * hidden, dtype=x.dtype)
+            wb, rb = bias[: gates * hidden], bias[gates * hidden:]
+            h = h0[d] if h0 is not None else torch.zeros(batch, hidden, dtype=x.dtype)
+            c = c0[d] if c0 is not None else torch.zeros(batch, hidden, dtype=x.dtype)
+            p = peepholes[d] if peepholes is not None else torch.zeros(3 * hidden, dtype=x.dtype)
+            f, g, last = (activations[d] + [None, None])[:3]
+            outputs = [None] * steps
+            for t in (reversed(range(steps)) if reverse else range(steps)):
+                valid = (t < lengths).reshape(-1, 1)
+                xw = x[t] @ wd.t() + wb
+                if kind == "GRU":
+                    hr = h @ rd.t() + rb
+                    xz, xr, xh = xw.chunk(3, -1)
+                    hz, hr_, hh = hr.chunk(3, -1)
+                    pre_z, pre_r = xz + hz, xr + hr_
+                    if clip is not None:
+                        pre_z, pre_r = pre_z.clamp(-clip, clip), pre_r.clamp(-clip, clip)
+                    z, reset = f(pre_z), f(pre_r)
+                    if a.get("linear_before_reset", 0):
+                        pre_h = xh + reset * hh
+                    else:
+                        rh = rd[2 * hidden:]
+                        pre_h = xh + (reset * h) @ rh.t() + rb[2 * hidden:]
+                    candidate = g(pre_h.clamp(-clip, clip) if clip is not None else pre_h)
+                    new_h = (1 - z) * candidate + z * h
+                else:
+                    pre = xw + h @ rd.t() + rb
+                    if kind == "RNN":
+                        new_h = f(pre.clamp(-clip, clip) if clip is not None else pre)
+                    else:
+                        i, o, fg, cand = pre.chunk(4, -1)
+                        pi, po, pf = p.chunk(3)
+                        i, fg = i + pi * c, fg + pf * c
+                        if clip is not None:
+                            i, fg, cand = i.clamp(-clip, clip), fg.clamp(-clip, clip), cand.clamp(-clip, clip)
+                        i = f(i)
+                        fg = 1 - i if a.get("input_forget", 0) else f(fg)
+                        new_c = fg * c + i * g(cand)
+                        o = o + po * new_c
+                        o = f(o.clamp(-clip, clip) if clip is not None else o)
+                        new_h = o * last(new_c)
+                        c = torch.where(valid, new_c, c)
+                h = torch.where(valid, new_h, h)
+                outputs[t] = torch.where(valid, new_h, torch.zeros_like(new_h))
+            ys.append(torch.stack(outputs))
+            hs.append(h)
+            cs.append(c)
+        y, y_h, y_c = torch.stack(ys, 1), torch.stack(hs), torch.stack(cs)
+        if batch_first:  # Y (batch, seq, dirs, hidden); states (batch, dirs, hidden)
+            y, y_h, y_c = y.permute(2, 0, 1, 3), y_h.transpose(0, 1), y_c.transpose(0, 1)
+        results = [y, y_h, y_c] if kind == "LSTM" else [y, y_h]
+        return results[:n_out] if n_out > 1 else y
+
+    return op
+
 
 OPS: dict[str, Callable] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _elementwise(torch.matmul),
@@ -1183,13 +1454,20 @@ OPS: dict[str, Callable] = {
     "MatMulInteger": _matmul_integer, "ConvInteger": _conv_integer, "QLinearMatMul": _qlinear_matmul,
     "QLinearConv": _qlinear_conv, "NegativeLogLikelihoodLoss": _nll_loss,
     "SoftmaxCrossEntropyLoss": _softmax_cross_entropy, "Attention": _attention,
+    "LpPool": _lp_pool, "MaxUnpool": _max_unpool, "RotaryEmbedding": _rotary_embedding, "SwiGLU": _swiglu,
+    "BitCast": _bit_cast, "HannWindow": _window("hann"), "HammingWindow": _window("hamming"),
+    "BlackmanWindow": _window("blackman"), "CenterCropPad": _center_crop_pad, "TensorScatter": _tensor_scatter,
+    "GridSample": _grid_sample, "AffineGrid": _affine_grid, "Unique": _unique,
+    "NonMaxSuppression": _non_max_suppression, "Col2Im": _col2im,
+    "RNN": _recurrent("RNN"), "GRU": _recurrent("GRU"), "LSTM": _recurrent("LSTM"),
 }
 
 # Ops told how many outputs the node has: their optional outputs cost work only when asked for.
 _COUNTS_OUTPUTS = {"Split", "LayerNormalization", "BatchNormalization", "Dropout", "MaxPool",
-                   "SoftmaxCrossEntropyLoss", "Attention"}
+                   "SoftmaxCrossEntropyLoss", "Attention", "Unique",
+                   "RNN", "GRU", "LSTM"}
 # Ops whose meaning changed across opsets without a change of inputs: they read the model's a["opset"].
-_OPSET_DEPENDENT = {"Softmax", "LogSoftmax", "Hardmax", "Resize"}
+_OPSET_DEPENDENT = {"Softmax", "LogSoftmax", "Hardmax", "Resize", "GridSample"}
 
 
 def _channels_last(value: torch.Tensor) -> torch.Tensor:
