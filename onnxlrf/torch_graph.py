@@ -4,8 +4,11 @@ The joint analysis needs gradients of the task loss with respect to the very
 weights the rewrite factorizes. Evaluating the ONNX graph itself in torch
 gives them exactly, for a model exported by either exporter (BatchNorm folded
 or not, initializers renamed or not) and for an ONNX file that comes with no
-torch model. Only inference ops are covered: the ones that image classifiers
-and transformer encoders are exported with.
+torch model. The ops follow the ONNX specification per opset, measured by
+ONNX's own node conformance cases (``scripts/onnx_conformance.py``; the op
+types declared in ``tests/test_onnx_conformance.py`` pass them). Control flow
+(If, Loop, Scan), sequences, optionals, strings and sub-byte dtypes are not
+covered: they raise :class:`UnsupportedError`.
 """
 
 from __future__ import annotations
@@ -972,7 +975,7 @@ def _cast_like(x, like, a=None):
 
 def _per_axis(param: torch.Tensor, x: torch.Tensor, a: dict) -> torch.Tensor:
     """A quantization scale or zero point broadcast to ``x``: per tensor, per axis or per block."""
-    if param.dim() == 0 or param.numel() == 1 and "block_size" not in a:
+    if param.dim() == 0 or (param.numel() == 1 and "block_size" not in a):
         return param.reshape(())
     axis = _axis(a, x.dim(), 1)
     block = a.get("block_size", 0)
@@ -1195,9 +1198,9 @@ def _center_crop_pad(x, shape, a=None):
     axes = [ax % rank for ax in a.get("axes", range(rank))]
     full = [0] * 2 * rank
     for ax, size in zip(axes, _ints(shape)):
-        change = size - x.shape[ax]  # negative: crop (F.pad crops with negative pads)
-        full[ax], full[ax + rank] = change // 2 if change >= 0 else -((-change) // 2), \
-            change - change // 2 if change >= 0 else -(-change - (-change) // 2)
+        change = size - x.shape[ax]  # negative: crop (F.pad crops with negative pads); the odd one goes at the end
+        before = change // 2 if change >= 0 else -((-change) // 2)
+        full[ax], full[ax + rank] = before, change - before
     return F.pad(x, _pads(full, rank))
 
 
@@ -1396,6 +1399,41 @@ def _recurrent(kind: str) -> Callable:
 
     return op
 
+def _complex_signal(x: torch.Tensor) -> torch.Tensor:
+    """ONNX's signal layout (a trailing dimension of 1: real, 2: real and imaginary) as a complex tensor."""
+    if x.shape[-1] == 2:
+        return torch.view_as_complex(x.to(torch.float64 if x.dtype == torch.float64 else torch.float32).contiguous())
+    return x[..., 0].to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+
+
+def _dft(x, length=None, axis=None, a=None):
+    if axis is not None:
+        dim = int(axis.reshape(-1)[0])
+    else:  # DFT-17 has an axis attribute (default 1), DFT-20 an input (default -2)
+        dim = a.get("axis", 1 if a.get("opset", 20) < 20 else -2)
+    dim = dim % x.dim()
+    signal = _complex_signal(x)
+    given = int(length.reshape(-1)[0]) if length is not None and length.numel() else None
+    if a.get("inverse", 0) and a.get("onesided", 0):  # a one-sided spectrum back to a real signal
+        n = given or 2 * (signal.shape[dim] - 1)
+        return torch.fft.irfft(signal, n, dim=dim).unsqueeze(-1).to(x.dtype)
+    n = given or signal.shape[dim]
+    y = torch.fft.ifft(signal, n, dim=dim) if a.get("inverse", 0) else torch.fft.fft(signal, n, dim=dim)
+    if a.get("onesided", 0):
+        y = y.narrow(dim, 0, n // 2 + 1)
+    return torch.view_as_real(y).to(x.dtype)
+
+
+def _stft(x, step, window=None, frame_length=None, a=None):
+    length = int(frame_length.reshape(-1)[0]) if frame_length is not None else window.shape[0]
+    frames = _complex_signal(x).unfold(1, length, int(step.reshape(-1)[0]))  # (batch, frames, length)
+    if window is not None:
+        frames = frames * window
+    y = torch.fft.fft(frames, dim=-1)
+    if a.get("onesided", 1):
+        y = y[..., : length // 2 + 1]
+    return torch.view_as_real(y).to(x.dtype)
+
 
 OPS: dict[str, Callable] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _elementwise(torch.matmul),
@@ -1459,7 +1497,7 @@ OPS: dict[str, Callable] = {
     "BlackmanWindow": _window("blackman"), "CenterCropPad": _center_crop_pad, "TensorScatter": _tensor_scatter,
     "GridSample": _grid_sample, "AffineGrid": _affine_grid, "Unique": _unique,
     "NonMaxSuppression": _non_max_suppression, "Col2Im": _col2im,
-    "RNN": _recurrent("RNN"), "GRU": _recurrent("GRU"), "LSTM": _recurrent("LSTM"),
+    "RNN": _recurrent("RNN"), "GRU": _recurrent("GRU"), "LSTM": _recurrent("LSTM"), "DFT": _dft, "STFT": _stft,
 }
 
 # Ops told how many outputs the node has: their optional outputs cost work only when asked for.
@@ -1467,7 +1505,7 @@ _COUNTS_OUTPUTS = {"Split", "LayerNormalization", "BatchNormalization", "Dropout
                    "SoftmaxCrossEntropyLoss", "Attention", "Unique",
                    "RNN", "GRU", "LSTM"}
 # Ops whose meaning changed across opsets without a change of inputs: they read the model's a["opset"].
-_OPSET_DEPENDENT = {"Softmax", "LogSoftmax", "Hardmax", "Resize", "GridSample"}
+_OPSET_DEPENDENT = {"Softmax", "LogSoftmax", "Hardmax", "Resize", "GridSample", "DFT"}
 
 
 def _channels_last(value: torch.Tensor) -> torch.Tensor:

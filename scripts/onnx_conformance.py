@@ -89,7 +89,7 @@ def _to_torch(value) -> torch.Tensor:
     name = str(array.dtype)
     if name in _BIT_VIEWS:
         bits, dtype = _BIT_VIEWS[name]
-        return torch.from_numpy(np.ascontiguousarray(array).view(bits)).view(dtype)
+        return torch.from_numpy(np.array(array, copy=True).view(bits)).view(dtype)
     if array.dtype.kind not in "biufc":
         raise _NotTensor(f"dtype {name}")
     return torch.from_numpy(np.array(array, copy=True))  # a writable copy: torch warns on read-only arrays
