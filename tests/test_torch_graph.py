@@ -49,13 +49,14 @@ def test_minilm_gradients_reach_every_encoder_weight(tmp_path):
 
 
 def test_unsupported_op_is_named():
-    node = onnx.helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["out"])
+    node = onnx.helper.make_node("RoiAlign", ["x", "rois", "batch_indices"], ["out"])
     graph = onnx.helper.make_graph(
         [node], "g",
-        [onnx.helper.make_tensor_value_info("boxes", onnx.TensorProto.FLOAT, [1, 4, 4]),
-         onnx.helper.make_tensor_value_info("scores", onnx.TensorProto.FLOAT, [1, 1, 4])],
-        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.INT64, None)])
-    with pytest.raises(OnnxlrfError, match="NonMaxSuppression"):
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1, 4, 4]),
+         onnx.helper.make_tensor_value_info("rois", onnx.TensorProto.FLOAT, [1, 4]),
+         onnx.helper.make_tensor_value_info("batch_indices", onnx.TensorProto.INT64, [1])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)])
+    with pytest.raises(OnnxlrfError, match="RoiAlign"):
         TorchGraph(onnx.helper.make_model(graph))
 
 
