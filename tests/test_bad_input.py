@@ -74,10 +74,11 @@ def files(tmp_path: Path) -> dict[str, Path]:
     assert result.exit_code == 0, result.output
     (tmp_path / "small.onnx").unlink()
     edited = json.loads(plan.read_text())
-    edited["layers"][0]["rank"] = edited["layers"][0]["max_rank"] + 1
+    choice = edited["layers"][0]["choice"]
+    choice["rank"] = choice["max_rank"] + 1
     too_large = tmp_path / "rank_too_large.json"
     too_large.write_text(json.dumps(edited))
-    edited["layers"][0]["rank"], edited["layers"][0]["node"] = 2, "no_such_node"
+    choice["rank"], edited["layers"][0]["node"] = 2, "no_such_node"
     no_node = tmp_path / "no_node.json"
     no_node.write_text(json.dumps(edited))
     (tmp_path / "existing.onnx").write_bytes(b"precious")

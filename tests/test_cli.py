@@ -218,13 +218,13 @@ def test_rewrite_with_compress_plan(tmp_path: Path, resnet20: Path, compressed: 
 
 def test_rewrite_user_edited_smaller_rank(tmp_path: Path, resnet20: Path, compressed: dict) -> None:
     data = json.loads(compressed["plan"].read_text())
-    entry = next(e for e in data["layers"] if e["decomposition"] == "channel" and e["rank"] > 1)
-    entry["rank"] -= 1
+    entry = next(e for e in data["layers"] if e["choice"]["decomposition"] == "channel" and e["choice"]["rank"] > 1)
+    entry["choice"]["rank"] -= 1
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(data))
     report = invoke_json("rewrite", resnet20, "--plan", edited, "-o", tmp_path / "rw.onnx")
     rewritten = {r["node"]: r for r in report["rewritten"]}
-    assert rewritten[entry["node"]]["rank"] == entry["rank"]
+    assert rewritten[entry["node"]]["rank"] == entry["choice"]["rank"]
     # One rank fewer on one layer: m + n parameters fewer (per group) than the compress output.
     saved = compressed["payload"]["params"] - report["params_after"]
     cout, cin = entry["weight_shape"][:2]
@@ -244,7 +244,7 @@ def _rename_first(layers: list) -> None:
 
 
 def _rank_too_large(layers: list) -> None:
-    layers[1]["rank"] = layers[1]["max_rank"] + 1
+    layers[1]["choice"]["rank"] = layers[1]["choice"]["max_rank"] + 1
 
 
 @pytest.mark.parametrize("edit, expected", [(_rename_first, "/no/such/Conv"), (_rank_too_large, "rank")],

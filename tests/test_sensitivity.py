@@ -44,11 +44,8 @@ from onnxlrf.measure.torch_graph import TorchGraph
 from onnxlrf.pipeline import compress_joint
 from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.planning.plan import Plan
-from onnxlrf.techniques.lowrank.planners import (
-    baseline_basis,
-    plan_baseline,
-    plan_joint,
-)
+from onnxlrf.techniques.lowrank.planners import baseline_basis, plan_baseline
+from onnxlrf.techniques.lowrank.technique import plan_joint
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
 from onnxlrf.verify.backoff import VerifyOptions
 from onnxlrf.verify.splits import SplitOptions, split_dataset
@@ -258,7 +255,9 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
     and the back-off does not evaluate the same model a second time."""
     from onnxlrf.costs.params import ParamsCost
     from onnxlrf.progress import Progress
+    from onnxlrf.techniques.lowrank.technique import LOWRANK
     from onnxlrf.verify import backoff as backoff_module
+    from onnxlrf.verify.search import Verified
 
     model, data = small_cnn
     calib = data.subset(np.arange(200))
@@ -270,8 +269,11 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
     assert {e.decomposition for e in plan.layers} == {"spatial", "dense"}
     monkeypatch.setattr(backoff_module, "model_metric", lambda *args, **kwargs: pytest.fail("evaluated again"))
     backoff: list = []
-    assert backoff_module.refit_chosen(model, (0.5, plan, None, None), [plan], calib, calib, 0.5, False,
-                                       ParamsCost(model), "cpu", Progress(bars=False), backoff) is None
+    evaluator = backoff_module.ValidationEvaluator(model, calib, LOWRANK, ParamsCost(model), "cpu",
+                                                   Progress(bars=False), reference_value=0.5)
+    chosen = Verified(0.5, plan, None, None, None)
+    assert backoff_module.refit_chosen(model, chosen, [plan], calib, evaluator, LOWRANK, Progress(bars=False),
+                                       backoff) is None
     assert backoff == []
 
 
@@ -468,7 +470,7 @@ def test_rounds_refit_the_final_plan_only(small_cnn):
 def test_a_layer_a_later_round_keeps_dense_stays_at_its_earlier_truncation(small_cnn):
     from onnxlrf.costs.params import cost_model
     from onnxlrf.techniques.lowrank.planners import plan_uniform
-    from onnxlrf.verify.backoff import merge_rounds
+    from onnxlrf.verify.rounds import merge_rounds
 
     model, _ = small_cnn
     earlier = plan_uniform(model, rank_fraction=0.5)

@@ -236,6 +236,17 @@ class LatencyCache:
             pass
 
 
+@dataclass
+class ModelRunner:
+    """Runs ``model`` once on fixed feeds when called (what a timer times), and says which model it runs."""
+
+    model: onnx.ModelProto
+    run: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.run()
+
+
 class LatencyCost:
     """Measured latency (ms) of each layer, dense and factorized, on one provider at one batch.
 
@@ -247,6 +258,9 @@ class LatencyCost:
     at a quarter of its rank) are timed interleaved, and ``scale`` = measured
     saving / per-layer predicted saving multiplies every layer latency
     (``rest_ms``: what the scaled dense layers leave of the whole model).
+    ``timer``: what times the :class:`ModelRunner` objects, with
+    :func:`~onnxlrf.runtime.timing.time_interleaved`'s arguments (None: that function; tests give
+    a timer that does not depend on how busy the machine is).
     """
 
     target = "latency"
@@ -255,9 +269,10 @@ class LatencyCost:
     def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128, provider: str = "auto",
                  threads: int | None = None, rank_multiple: int = 1, io_binding: bool | None = None,
                  cache: str | os.PathLike | None = None, budget_s: float = 0.5,
-                 progress: ProgressLike = None) -> None:
+                 progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> None:
         from ..runtime.sessions import select_providers
 
+        self.timer = timer or time_interleaved
         self.model = model
         self.batch = batch
         self.providers = select_providers(provider)
@@ -322,10 +337,10 @@ class LatencyCost:
 
         return make_session(model, self.providers, self.threads)
 
-    def _runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> Callable[[], None]:
+    def _runner(self, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> ModelRunner:
         from ..runtime.sessions import make_runner
 
-        return make_runner(self._session(model), feeds, self.io_binding)
+        return ModelRunner(model, make_runner(self._session(model), feeds, self.io_binding))
 
     def _call_overhead_ms(self) -> float:
         """Median time of one run of a one-element Identity graph: what every timed call carries."""
@@ -334,7 +349,7 @@ class LatencyCost:
                                   [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
         probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
         run = self._runner(probe, {"x": np.zeros(1, np.float32)})
-        return statistics.median(time_interleaved([run], warmup=20, budget_s=0.2, min_rounds=50)[0]) * 1e3
+        return statistics.median(self.timer([run], warmup=20, budget_s=0.2, min_rounds=50)[0]) * 1e3
 
     def _measure_layers(self) -> None:
         shapes = self.flops.shapes
@@ -368,7 +383,7 @@ class LatencyCost:
         for start in range(0, max(len(variants), 1), SESSIONS_PER_CHUNK - 1):
             chunk = variants[start:start + SESSIONS_PER_CHUNK - 1]
             runners = [dense] + [self._runner(_pair_model(single, layer, d, r), feeds) for d, r in chunk]
-            times = time_interleaved(runners, budget_s=self.budget_s)
+            times = self.timer(runners, budget_s=self.budget_s)
             dense_times += times[0]
             for (d, r), t in zip(chunk, times[1:]):
                 pair_ms.setdefault(d, {})[r] = max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0)
@@ -391,7 +406,7 @@ class LatencyCost:
         if predicted_saving > 0:
             runners.append(self._runner(rewrite_with_random_factors(self.model, probe_plan), feeds))
         with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
-            times = time_interleaved(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
+            times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
         medians = [max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times]
         self.model_ms = medians[0]
         if len(medians) == 2 and medians[0] > medians[1]:
@@ -403,7 +418,7 @@ class LatencyCost:
 
 def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",
               rank_multiple: int = 1, cache: str | os.PathLike | None = None, threads: int | None = None,
-              progress: ProgressLike = None) -> Any:
+              progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> Any:
     """The cost model for ``target``: :class:`~onnxlrf.costs.params.ParamsCost`, :class:`FlopsCost`
     or :class:`LatencyCost` (measured now, on ``provider`` at ``batch``)."""
     from .params import ParamsCost
@@ -414,5 +429,5 @@ def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: i
         return FlopsCost(model, batch, seq_length)
     if target == "latency":
         return LatencyCost(model, batch, seq_length, provider, threads=threads, rank_multiple=rank_multiple,
-                           cache=cache, progress=progress)
+                           cache=cache, progress=progress, timer=timer)
     raise OnnxlrfError(f"unknown target {target!r}; known: params, flops, latency")

@@ -1,0 +1,123 @@
+"""The back-off's search over a fake evaluator: no model, no onnxruntime, no torch."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxlrf.errors import OnnxlrfError
+from onnxlrf.planning.plan import Plan
+from onnxlrf.progress import Progress
+from onnxlrf.verify.search import BACKOFF_KAPPAS, SIZE_SEARCH_START, Attempt, BackoffSearch
+
+
+def plan_of(kappa: float, reduction: float, size: float | None = None) -> Plan:
+    """A plan with no layers, known by its options only (the search never looks inside)."""
+    options = {"kappa": kappa, "achieved_reduction": reduction, "predicted_dloss": -reduction, "target": "params"}
+    if size is not None:
+        options["size"] = size
+    return Plan(layers=[], mode="compact", options=options)
+
+
+class FakeEvaluator:
+    """Scores a plan by its size: ``score(reduction)``; the "model" of a plan is the plan itself."""
+
+    def __init__(self, score, reference: float = 0.80, speedup: float | None = None) -> None:
+        self.score, self.reference, self.fixed_speedup = score, reference, speedup
+        self.rewritten: list[Plan] = []
+        self.scored: list[Plan] = []
+
+    def reference_value(self) -> float:
+        return self.reference
+
+    def rewrite(self, plan: Plan) -> tuple[Plan, None]:
+        self.rewritten.append(plan)
+        return plan, None
+
+    def metric(self, model: Plan, description: str) -> float:
+        self.scored.append(model)
+        return self.score(model.options["achieved_reduction"])
+
+    def speedup(self, model: Plan) -> float | None:
+        return self.fixed_speedup
+
+
+def shrinking(kappa: float, size: float | None) -> Plan:
+    """Plans that get smaller as kappa grows (0.4 at kappa 1, halving with each doubling)."""
+    return plan_of(kappa, size if size is not None else 0.4 / kappa, size)
+
+
+def by_kappa(plan: Plan, kappa: float) -> tuple:
+    return (plan.options["achieved_reduction"],)
+
+
+def search(mode: str, evaluator: FakeEvaluator, propose=shrinking, signature=by_kappa) -> BackoffSearch:
+    return BackoffSearch(propose, evaluator, mode, signature, Progress(enabled=False))
+
+
+def test_lossless_keeps_the_best_validation_metric_over_every_kappa() -> None:
+    evaluator = FakeEvaluator(lambda r: 0.80 - abs(r - 0.05))  # best at the plan of 5%: kappa 8
+    run = search("lossless", evaluator)
+    best = run.run()
+    assert [a.kappa for a in run.attempts] == list(BACKOFF_KAPPAS)
+    assert best.plan.options["kappa"] == 8.0 and best.value == pytest.approx(0.80)
+    assert best.attempt is run.attempts[3] and best.attempt.val == best.value
+    assert [p.options["kappa"] for p in run.failing()] == [k for k in BACKOFF_KAPPAS if k != 8.0]
+
+
+def test_compact_stops_at_the_first_plan_that_holds_then_bisects_kappa() -> None:
+    evaluator = FakeEvaluator(lambda r: 0.81 if r <= 0.15 else 0.70)  # holds up to 15% smaller
+    run = search("compact", evaluator)
+    best = run.run()
+    kappas = [a.kappa for a in run.attempts]
+    assert kappas[:3] == [1.0, 2.0, 4.0]  # 40% and 20% fail, 10% holds: stop doubling
+    assert len(kappas) == 3 + 3  # then three bisections between kappa 2 and 4
+    assert all(2.0 < k < 4.0 for k in kappas[3:])
+    assert best.plan.options["achieved_reduction"] <= 0.15
+    assert best.plan.options["achieved_reduction"] == max(a.achieved_reduction for a in run.attempts
+                                                          if a.val is not None and a.val >= 0.80)
+    assert {p.options["kappa"] for p in run.failing()} == {a.kappa for a in run.attempts if a.val < 0.80}
+
+
+def test_a_plan_seen_before_is_not_evaluated_again() -> None:
+    evaluator = FakeEvaluator(lambda r: 0.79)  # nothing holds
+    run = search("compact", evaluator, propose=lambda kappa, size: plan_of(kappa, 0.1),
+                 signature=lambda plan, kappa: "the same components")
+    assert run.run() is None
+    assert len(evaluator.scored) == 1 and len(run.attempts) == len(BACKOFF_KAPPAS)
+    assert [a.same_as_kappa for a in run.attempts] == [None] + [1.0] * (len(BACKOFF_KAPPAS) - 1)
+    assert [a.val for a in run.attempts] == [0.79] * len(BACKOFF_KAPPAS)
+
+
+def test_compact_searches_sizes_where_nothing_is_free() -> None:
+    evaluator = FakeEvaluator(lambda r: 0.80 if r <= 0.05 else 0.75)
+    run = search("compact", evaluator, propose=lambda kappa, size: plan_of(kappa, size or 0.0, size))
+    best = run.run()
+    sizes = [a.target_reduction for a in run.attempts if a.target_reduction is not None]
+    assert sizes[:4] == [SIZE_SEARCH_START, 0.02, 0.04, 0.08]  # doubled until a plan fails
+    assert sizes[4:] == [0.06, 0.05, 0.055]  # then bisected between the largest that held and the first failure
+    assert best.plan.options["achieved_reduction"] == 0.05
+
+
+def test_latency_plans_not_measured_faster_are_rejected_unscored() -> None:
+    evaluator = FakeEvaluator(lambda r: 0.9, speedup=0.95)
+    run = search("lossless", evaluator)
+    assert run.run() is None
+    assert evaluator.scored == [] and all(a.speedup == 0.95 and a.val is None for a in run.attempts)
+    assert "measured faster" in str(run.unreachable)
+
+
+def test_a_target_out_of_reach_is_no_plan() -> None:
+    def unreachable(kappa: float, size: float | None) -> Plan:
+        raise OnnxlrfError("target_reduction 0.9 is out of reach")
+
+    run = search("lossless", FakeEvaluator(lambda r: 0.9), propose=unreachable)
+    assert run.run() is None and run.attempts == [] and "out of reach" in str(run.unreachable)
+
+
+def test_attempts_keep_the_json_keys_of_the_plan_options() -> None:
+    assert Attempt(1.0, 0.1, -0.01, val=0.8).to_dict() == {
+        "kappa": 1.0, "achieved_reduction": 0.1, "predicted_dloss": -0.01, "val": 0.8}
+    record = Attempt(2.0, 0.2, 0.01, val=0.7, speedup=1.3, target_reduction=0.04, same_as_kappa=1.0, restored=3,
+                     refit=True, round=2, chosen=True).to_dict()
+    assert list(record) == ["round", "kappa", "refit", "restored", "achieved_reduction", "predicted_dloss",
+                            "speedup", "val", "target_reduction", "same_as_kappa", "chosen"]
