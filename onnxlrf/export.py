@@ -27,9 +27,9 @@ import torch
 
 from .errors import OnnxlrfError
 from .onnx_io import check_output_path, save_onnx
-from .termination import sigterm_as_interrupt
 from .progress import ProgressLike, as_progress
 from .models import ModelSpec
+from .termination import sigterm_as_interrupt
 
 DEFAULT_OPSET = {False: 17, True: 18}  # keyed by dynamo
 # ORT vs torch, float32: allowed max abs difference relative to the output's scale

@@ -23,8 +23,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxlrf.termination import Terminated
 from onnxlrf.onnx_io import staged_outputs
+from onnxlrf.termination import Terminated
 from test_bad_input import CLASSES, IN, assert_one_line_error, invoke, mlp, snapshot
 from test_data import sentence_encoder_model
 
