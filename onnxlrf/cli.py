@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import math
+import numbers
 import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable
@@ -13,23 +15,48 @@ from typing import TYPE_CHECKING, Any, Callable
 import click
 
 from .errors import OnnxlrfError
+from .termination import sigterm_as_interrupt
 
 if TYPE_CHECKING:
     from .progress import Progress
 
 
+def _one_line_error(message: str) -> click.ClickException:
+    """click's ``Error: <message>`` with exit status 1, the message's lines joined into one."""
+    return click.ClickException(" ".join(line.strip() for line in message.splitlines()))
+
+
+def _usage_error(exc: click.UsageError) -> click.ClickException:
+    """A usage error (bad option value, missing option, unknown command) as one line and exit status 1,
+    like any other bad input, in place of click's usage message and exit status 2."""
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return _one_line_error(exc.format_message() + where)
+
+
 class _Group(click.Group):
-    """Turns library errors into click's one-line ``Error: ...`` and exit status 1."""
+    """Turns library errors and usage errors into one line ``Error: ...`` and exit status 1.
+
+    Running ``onnxlrf`` without arguments still shows the help (click's NoArgsIsHelpError).
+    """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         ctx.meta["onnxlrf.argv"] = list(args)  # the exact command, for reports
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            raise _usage_error(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except OnnxlrfError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise _one_line_error(str(exc)) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:  # the command's own arguments, or an unknown command
+            raise _usage_error(exc) from None
 
 
 def _run(as_json: bool, work: Callable[[], Any]) -> Any:
@@ -54,9 +81,25 @@ def _command_line() -> str:
 _quiet_option = click.option("-q", "--quiet", is_flag=True, help="No progress bars or log on stderr.")
 
 
+def _strict_json_value(value: Any) -> Any:
+    """``value`` with NaN and infinities as null (JSON has no such numbers) and numpy scalars as numbers."""
+    if isinstance(value, dict):
+        return {key: _strict_json_value(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json_value(item) for item in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
 def _emit(as_json: bool, payload: dict, human: str) -> None:
+    """Print the result: with ``as_json``, ``payload`` as strict JSON (non-finite numbers as null)."""
     if as_json:
-        click.echo(json.dumps(payload, default=str))
+        click.echo(json.dumps(_strict_json_value(payload), default=str, allow_nan=False))
     else:
         click.echo(human)
 
@@ -340,8 +383,10 @@ def inspect_command(model: str, input_shapes: dict[str, list[int]], as_json: boo
 
 
 def main() -> None:
-    """The ``onnxlrf`` console script."""
-    cli(prog_name="onnxlrf")
+    """The ``onnxlrf`` console script. SIGTERM stops it like Ctrl-C, so that no staged output or
+    temporary file is left behind."""
+    with sigterm_as_interrupt():
+        cli(prog_name="onnxlrf")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ A DATA spec names the data and where it lives:
   fields 5 and 6), tokenized with the model's tokenizer.
 - ``npz:PATH``: arrays named after the graph inputs plus integer ``labels``.
 
+Data is checked once, on load: at least one sample; class labels are
+non-negative integers and, where the model's first output has a static width,
+below it; STS-B text is UTF-8 and its gold scores finite; input arrays finite.
+
 Row layout of sentence-similarity data: with N pairs, rows ``0..N-1`` hold the
 first sentences and rows ``N..2N-1`` the second ones, so pair ``i`` is rows
 ``i`` and ``N + i``; ``len(dataset)`` counts pairs and ``subset`` keeps pairs
@@ -18,7 +22,9 @@ together.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ import numpy as np
 import onnx
 
 from .errors import OnnxlrfError
+from .onnx_io import check_regular_file, read_regular_file
 
 CLASSIFICATION = "classification"
 SENTENCE_SIMILARITY = "sentence-similarity"
@@ -163,7 +170,8 @@ def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 def load_data(spec: str, model: onnx.ModelProto | None = None, tokenizer: str | None = None) -> Dataset:
     """Load the data named by ``spec`` for ``model`` (feed names, tokenizer, static sequence length).
 
-    With ``model``, the result is also checked to fit it (see :func:`check_fits`).
+    The samples are checked (see :func:`check_samples`); with ``model``, the result is also
+    checked to fit it (see :func:`check_fits`).
     """
     kind, _, path = spec.partition(":")
     if kind == "cifar10" and not path:
@@ -176,13 +184,40 @@ def load_data(spec: str, model: onnx.ModelProto | None = None, tokenizer: str | 
         dataset = _npz(Path(path), model)
     else:
         raise OnnxlrfError(f"unknown data spec {spec!r}; known forms: {', '.join(SPEC_FORMS)}")
+    check_samples(dataset)
     if model is not None:
         check_fits(dataset, model)
     return dataset
 
 
+def check_samples(dataset: Dataset) -> None:
+    """Raise OnnxlrfError unless ``dataset`` has samples and, for classification, non-negative
+    integer labels (an out-of-range label would index past the classes)."""
+    if len(dataset) == 0:
+        raise OnnxlrfError(f"data {dataset.name} has no samples")
+    if dataset.task != CLASSIFICATION:
+        return
+    negative = np.flatnonzero(dataset.labels < 0)
+    if negative.size:
+        raise OnnxlrfError(f"data {dataset.name}: label {dataset.labels[negative[0]]} of sample {negative[0]} "
+                           f"is negative (class ids count from 0)")
+
+
+def class_count(model: onnx.ModelProto) -> int | None:
+    """Classes a classifier predicts: the static width of its first output (all axes after the
+    row axis), or None where the model does not say (symbolic dims, no shape, fewer than 2 axes)."""
+    if not model.graph.output:
+        return None
+    tensor_type = model.graph.output[0].type.tensor_type
+    dims = tensor_type.shape.dim
+    if not tensor_type.HasField("shape") or len(dims) < 2 or not all(d.HasField("dim_value") for d in dims[1:]):
+        return None
+    return math.prod(d.dim_value for d in dims[1:])
+
+
 def check_fits(dataset: Dataset, model: onnx.ModelProto) -> None:
-    """Raise OnnxlrfError unless every graph input is in the data with the right rank, dims and dtype.
+    """Raise OnnxlrfError unless every graph input is in the data with the right rank, dims and dtype,
+    the inputs are finite, and class labels are classes of the model (see :func:`class_count`).
 
     Axis 0 is the row axis and is not compared: a static batch size B is served
     by running B rows at a time.
@@ -213,16 +248,21 @@ def check_fits(dataset: Dataset, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(f"data input {name!r} of {dataset.name} contains NaN or Inf")
         if len(array) != dataset.rows:
             raise OnnxlrfError(f"data input {name!r} has {len(array)} rows, labels need {dataset.rows}")
-
-
-def _require_file(path: Path) -> Path:
-    if not path.is_file():
-        raise OnnxlrfError(f"data file not found: {path}")
-    return path
+    classes = class_count(model) if dataset.task == CLASSIFICATION else None
+    if classes is not None:
+        output = model.graph.output[0].name
+        if classes == 0:
+            raise OnnxlrfError(f"the model's output {output!r} has zero width: it predicts no class")
+        outside = np.flatnonzero(dataset.labels >= classes)
+        if outside.size:
+            raise OnnxlrfError(
+                f"data {dataset.name}: label {dataset.labels[outside[0]]} of sample {outside[0]} is not a class "
+                f"of the model (its output {output!r} has {classes} classes, 0..{classes - 1})"
+            )
 
 
 def _open_npz(path: Path) -> dict[str, np.ndarray]:
-    _require_file(path)
+    check_regular_file(path, "data file")
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
@@ -246,8 +286,8 @@ def _images_dataset(name: str, images: np.ndarray, labels: np.ndarray, model: on
     """Uint8 NHWC RGB -> normalized float32 NCHW, as the models were trained."""
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise OnnxlrfError(f"{name}: expected uint8 images (N, H, W, 3), got {images.dtype}{list(images.shape)}")
-    if labels.shape != (len(images),):
-        raise OnnxlrfError(f"{name}: expected {len(images)} labels, got shape {list(labels.shape)}")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise OnnxlrfError(f"{name}: expected {len(images)} integer labels, got {labels.dtype}{list(labels.shape)}")
     pixels = (images.astype(np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD
     batch = np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
     return Dataset(name, CLASSIFICATION, {_image_input_name(model): batch}, labels.astype(np.int64))
@@ -279,22 +319,33 @@ def _cifar10_torchvision(model: onnx.ModelProto | None) -> Dataset:
 
 
 def read_stsb(path: Path) -> tuple[list[str], list[str], np.ndarray]:
-    """Sentences and gold scores of an STS-B file (fields 4, 5, 6; extra trailing fields ignored)."""
+    """Sentences and gold scores of an STS-B file (fields 4, 5, 6; extra trailing fields ignored).
+
+    The file must be UTF-8 text and every gold score a finite number (a NaN would rank as the
+    highest score and change Spearman's value).
+    """
+    content = read_regular_file(path, "data file")
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = content.count(b"\n", 0, exc.start) + 1
+        raise OnnxlrfError(f"{path}:{line}: not UTF-8 text (byte 0x{content[exc.start]:02x})") from None
     first, second, gold = [], [], []
-    with open(_require_file(path), encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            fields = line.rstrip("\n").split("\t")
-            try:
-                score = float(fields[4])
-                first.append(fields[5])
-                second.append(fields[6])
-            except (IndexError, ValueError):
-                raise OnnxlrfError(
-                    f"{path}:{number}: not an STS-B line (need a score in field 4 and sentences in 5, 6)"
-                ) from None
-            gold.append(score)
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):  # newlines as open() reads them
+        if not line.strip():
+            continue
+        fields = line.rstrip("\n").split("\t")
+        try:
+            score = float(fields[4])
+            first.append(fields[5])
+            second.append(fields[6])
+        except (IndexError, ValueError):
+            raise OnnxlrfError(
+                f"{path}:{number}: not an STS-B line (need a score in field 4 and sentences in 5, 6)"
+            ) from None
+        if not math.isfinite(score):
+            raise OnnxlrfError(f"{path}:{number}: gold score {fields[4]!r} is not a finite number")
+        gold.append(score)
     if not gold:
         raise OnnxlrfError(f"{path}: no sentence pairs")
     return first, second, np.asarray(gold, dtype=np.float64)
@@ -321,11 +372,24 @@ def tokenizer_dir(tokenizer: str | None, model: onnx.ModelProto | None) -> Path:
 
 
 def _max_seq_length(directory: Path, hf_tokenizer) -> int:
-    """sentence-transformers' ``max_seq_length`` if the directory has one (MiniLM: 256), else the tokenizer's."""
+    """sentence-transformers' ``max_seq_length`` if the directory has one (MiniLM: 256), else the tokenizer's.
+
+    A ``sentence_bert_config.json`` that is not a JSON object, or whose ``max_seq_length`` is
+    neither null nor a positive integer, is a one-line error.
+    """
     config = directory / "sentence_bert_config.json"
-    if config.is_file():
-        length = json.loads(config.read_text()).get("max_seq_length")
-        if isinstance(length, int) and length > 0:
+    if os.path.lexists(config):
+        content = read_regular_file(config, "tokenizer configuration")
+        try:
+            settings = json.loads(content)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise OnnxlrfError(f"{config} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        if not isinstance(settings, dict):
+            raise OnnxlrfError(f"{config} must hold a JSON object, got {type(settings).__name__}")
+        length = settings.get("max_seq_length")
+        if length is not None:
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise OnnxlrfError(f"{config}: max_seq_length must be a positive integer, got {length!r}")
             return length
     length = getattr(hf_tokenizer, "model_max_length", None)
     # HF uses a huge sentinel (1e30) for "no limit".

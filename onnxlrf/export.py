@@ -6,9 +6,9 @@ torch.export-based exporter at opset 18, which always saves the weights as
 external data; the file pair is ``<name>`` plus ``<name>.data``. Both
 exporters fold BatchNorm into the preceding Conv.
 
-The export goes to a temporary directory; the result is written beside the
-output atomically (data file first, then the model file), so a failed export
-or a failed check leaves nothing behind.
+The export goes to a hidden temporary directory beside the output; the result
+is written beside the output atomically (data file first, then the model file),
+so a failed export, a failed check or SIGTERM leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .errors import OnnxlrfError
 from .models import ModelSpec
 from .onnx_io import check_output_path, save_onnx
 from .progress import ProgressLike, as_progress
+from .termination import sigterm_as_interrupt
 
 DEFAULT_OPSET = {False: 17, True: 18}  # keyed by dynamo
 # ORT vs torch, float32: allowed max abs difference relative to the output's scale
@@ -68,9 +69,8 @@ def export_model(
     if batch < 1:
         raise OnnxlrfError(f"batch must be at least 1, got {batch}")
     output = check_output_path(output, (), overwrite)
-    data_file = output.with_name(output.name + ".data")
-    if dynamo and data_file.exists() and not overwrite:
-        raise OnnxlrfError(f"output exists: {data_file} (pass --overwrite to replace it)")
+    if dynamo:  # the dynamo export always has a data file beside the model
+        check_output_path(output.with_name(output.name + ".data"), (), overwrite)
     opset = opset or DEFAULT_OPSET[dynamo]
     # torch.export specializes a dimension traced at size 1, so a dynamic batch is traced at 2 or more.
     trace_batch = max(batch, 2) if dynamic_batch else batch
@@ -83,7 +83,8 @@ def export_model(
 
     exporter = "dynamo" if dynamo else "torchscript"
     steps = 3 if check else 2  # export, (check,) save
-    with tempfile.TemporaryDirectory(prefix=".onnxlrf-export-", dir=output.parent) as tmp, \
+    with sigterm_as_interrupt(), \
+            tempfile.TemporaryDirectory(prefix=".onnxlrf-export-", dir=output.parent) as tmp, \
             as_progress(progress).task(f"export {spec.name} ({exporter}, opset {opset})", steps, "step") as task:
         exported = Path(tmp) / output.name
         task.note("tracing")

@@ -2,8 +2,15 @@
 
 Every reader turns a bad file into one :class:`OnnxlrfError` line, and every
 writer goes through a temporary file in the destination directory and an
-atomic rename, so an interrupted run never leaves a half-written output nor
-destroys an existing one.
+atomic rename, so an interrupted run (Ctrl-C or SIGTERM) never leaves a
+half-written output nor destroys an existing one.
+
+Input files must be regular files (a FIFO or a device would block or never
+end). Outputs only ever replace regular files: a directory, FIFO, socket or
+device at an output path is refused. A symbolic link at an output path counts
+as an existing output (``--overwrite`` needed, even when it dangles); with
+``overwrite`` the link itself is replaced by the new file, and the file it
+pointed to is left as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -18,32 +26,85 @@ from typing import Iterator
 import onnx
 
 from .errors import OnnxlrfError
+from .termination import sigterm_as_interrupt
 
 # protobuf cannot serialize a single message of 2 GiB or more.
 _PROTOBUF_LIMIT = 2**31 - 1
+# Longest file name when the file system does not say (Linux and macOS file systems).
+_NAME_MAX = 255
+# Staging names start with this much of the output's name, so they stay short whatever its length.
+_STAGING_NAME_CHARS = 40
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for messages."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` if it is a regular file (after symbolic links), else a one-line error naming ``what``.
+
+    For paths handed to code that opens them itself: a FIFO or a device there would block
+    or read forever. Code that reads the file should use :func:`read_regular_file`, which
+    checks the file it opened.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise OnnxlrfError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise OnnxlrfError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        raise OnnxlrfError(f"{what} must be a regular file, got {_file_kind(mode)}: {path}")
+    return path
+
+
+def read_regular_file(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of ``path``, or a one-line error naming ``what`` if it is missing, unreadable or
+    not a regular file (a FIFO or a device is refused without blocking)."""
+    path = Path(path)
+    try:
+        # O_NONBLOCK: opening a FIFO without a writer would otherwise wait forever.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise OnnxlrfError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise OnnxlrfError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OnnxlrfError(f"{what} must be a regular file, got {_file_kind(mode)}: {path}")
+        with open(fd, "rb", closefd=False) as file:
+            return file.read()
+    except OSError as exc:
+        raise OnnxlrfError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.ModelProto:
     """Load an ONNX model with its external data, or raise a one-line error."""
     path = Path(path)
-    if not path.exists():
-        raise OnnxlrfError(f"file not found: {path}")
-    if path.is_dir():
-        raise OnnxlrfError(f"expected an ONNX file, got a directory: {path}")
+    content = read_regular_file(path, "model file")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        # The format from the file name, as onnx.load(path) chooses it (.onnx: binary protobuf).
+        model_format = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+        model = onnx.load_model_from_string(content, format=model_format)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise OnnxlrfError(f"not a valid ONNX file: {path} ({type(exc).__name__})") from None
+    del content  # the serialized model can be as large as the model itself
     if not model.graph.node and not model.graph.output:
         raise OnnxlrfError(f"not a valid ONNX file (empty graph): {path}")
     if load_external_data:
         base = path.parent
         for tensor in _external_tensors(model):
             location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-            if not (base / location).is_file():
-                raise OnnxlrfError(
-                    f"external data of tensor {tensor.name!r} not found: {base / location}"
-                )
+            check_regular_file(base / location, f"external data of tensor {tensor.name!r}")
         try:
             onnx.load_external_data_for_model(model, str(base))
         except Exception as exc:
@@ -57,46 +118,82 @@ def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
             yield tensor
 
 
+def _name_max(directory: Path) -> int:
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no such directory (reported later), or no pathconf
+        return _NAME_MAX
+
+
+def _output_exists(path: Path) -> bool:
+    """Whether something is at output ``path``: a regular file or a symbolic link (dangling or not).
+
+    Anything else (directory, FIFO, socket, device) is a one-line error: outputs never replace it.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        raise OnnxlrfError(f"output must be a regular file, got {_file_kind(mode)}: {path}")
+    return True
+
+
 def check_output_path(output: str | os.PathLike, inputs: tuple = (), overwrite: bool = False) -> Path:
-    """Refuse an output path that is an input, or that exists without ``overwrite``."""
+    """Refuse an output path that is an input, that exists without ``overwrite``, that is not a regular
+    file (a symbolic link counts as an existing output, see the module doc), or whose name is too long."""
     output = Path(output)
+    name_max = _name_max(output.parent)
+    if len(os.fsencode(output.name)) > name_max:
+        raise OnnxlrfError(f"output file name is longer than {name_max} bytes: {output}")
     for inp in inputs:
         if inp is not None and Path(inp).exists() and output.exists() and os.path.samefile(inp, output):
             raise OnnxlrfError(f"output path is the same as input path: {output}")
         if inp is not None and Path(inp).resolve() == output.resolve():
             raise OnnxlrfError(f"output path is the same as input path: {output}")
-    if output.exists() and not overwrite:
+    if _output_exists(output) and not overwrite:
         raise OnnxlrfError(f"output exists: {output} (pass --overwrite to replace it)")
-    if not output.parent.exists():
+    if not output.parent.is_dir():
         raise OnnxlrfError(f"output directory does not exist: {output.parent}")
     return output
+
+
+def _staging_prefix(name: str) -> str:
+    """Hidden, and short whatever the length of ``name`` (a file name's 255 bytes are soon reached)."""
+    return f".{name[:_STAGING_NAME_CHARS]}."
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
 
-    An OSError while writing (full disk, no permission) becomes a one-line OnnxlrfError.
+    An OSError while writing (full disk, no permission) becomes a one-line OnnxlrfError;
+    SIGTERM meanwhile raises :class:`~onnxlrf.termination.Terminated`, so the temporary
+    file is removed. Only a regular file or a symbolic link at ``path`` is replaced.
     """
     path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600; give the output the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with sigterm_as_interrupt():
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=_staging_prefix(path.name), suffix=suffix or ".tmp", dir=path.parent)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            # mkstemp creates 0600; give the output the permissions a plain open() would.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            _output_exists(path)  # refuses to replace anything but a regular file or a link
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        finally:
+            if tmp_path.exists():
+                tmp_path.unlink()
 
 
 def write_error(path: str | os.PathLike, exc: OSError) -> OnnxlrfError:
@@ -132,7 +229,7 @@ class StagedOutputs:
         if key not in self._staging:
             try:
                 staging = self._stack.enter_context(
-                    tempfile.TemporaryDirectory(prefix=f".{final.name}.", dir=final.parent))
+                    tempfile.TemporaryDirectory(prefix=_staging_prefix(final.name), dir=final.parent))
             except OSError as exc:
                 raise write_error(final, exc) from None
             self._staging[key] = (final.parent, Path(staging))
@@ -152,17 +249,17 @@ class StagedOutputs:
 
     def commit(self) -> None:
         moves = self._moves()
-        if not self.overwrite:
-            for _, final in moves:
-                if final.exists():
-                    raise OnnxlrfError(f"output exists: {final} (pass --overwrite to replace it)")
+        existing = {final for _, final in moves if _output_exists(final)}
+        if existing and not self.overwrite:
+            final = next(final for _, final in moves if final in existing)
+            raise OnnxlrfError(f"output exists: {final} (pass --overwrite to replace it)")
         done: list[tuple[Path, Path | None]] = []
         final = None
         try:
-            for staged, final in moves:
+            for number, (staged, final) in enumerate(moves):
                 backup = None
-                if final.exists():
-                    backup = staged.with_name(f".replaced.{staged.name}")  # same file system as final
+                if final in existing:
+                    backup = staged.with_name(f".replaced.{number}")  # same file system as final
                     _keep_copy(final, backup)
                 os.replace(staged, final)
                 done.append((final, backup))
@@ -184,10 +281,11 @@ class StagedOutputs:
 
 
 def _keep_copy(path: Path, copy: Path) -> None:
+    """A copy of ``path`` to restore; a symbolic link is kept as the link, not its target."""
     try:
-        os.link(path, copy)
+        os.link(path, copy, follow_symlinks=False)
     except OSError:  # file systems without hard links
-        shutil.copy2(path, copy)
+        shutil.copy2(path, copy, follow_symlinks=False)
 
 
 @contextlib.contextmanager
@@ -195,18 +293,21 @@ def staged_outputs(overwrite: bool = True) -> Iterator[StagedOutputs]:
     """A :class:`StagedOutputs` committed when the block succeeds and cleaned up in any case.
 
     ``overwrite=False`` refuses (before moving anything) to replace an existing file,
-    side files included. An OSError while writing becomes a one-line OnnxlrfError.
+    side files included; a final path that is not a regular file or a link is refused in
+    any case. An OSError while writing becomes a one-line OnnxlrfError. SIGTERM
+    meanwhile raises :class:`~onnxlrf.termination.Terminated`, so the staging directory is removed.
     """
-    stage = StagedOutputs(overwrite)
-    try:
+    with sigterm_as_interrupt():
+        stage = StagedOutputs(overwrite)
         try:
-            yield stage
-        except OSError as exc:
-            unknown = ", ".join(map(str, stage.finals)) or "output"
-            raise write_error(exc.filename or unknown, exc) from None
-        stage.commit()
-    finally:
-        stage.close()
+            try:
+                yield stage
+            except OSError as exc:
+                unknown = ", ".join(map(str, stage.finals)) or "output"
+                raise write_error(exc.filename or unknown, exc) from None
+            stage.commit()
+        finally:
+            stage.close()
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bool | None = None) -> Path:
