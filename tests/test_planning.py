@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
+import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -158,7 +160,7 @@ def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(OnnxlrfError, match="not valid JSON"):
         Plan.load(path)
-    with pytest.raises(OnnxlrfError, match="cannot read plan"):
+    with pytest.raises(OnnxlrfError, match="plan not found"):
         Plan.load(tmp_path / "missing.json")
 
 
@@ -336,3 +338,84 @@ def test_plan_save_is_byte_identical(tmp_path, monkeypatch):
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a["options"].pop("bases_file") == "a.json.bases.npz" and b["options"].pop("bases_file") == "b.json.bases.npz"
     assert a == b
+
+
+def joint_like_plan(model: onnx.ModelProto) -> Plan:
+    """A uniform plan whose layers use stored bases (each weight's own SVD), as joint plans do."""
+    plan = plan_uniform(model, rank_fraction=0.5)
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    for entry in plan.layers:
+        if entry.changed:
+            layer = layers[entry.node]
+            plan.bases[entry.weight] = tuple(a.astype(np.float32) for a in svd(
+                weight_matrices(weight_array(model, layer), layer, entry.decomposition)))
+            entry.basis = "joint"
+    return plan
+
+
+def test_a_plan_with_stored_bases_binds_to_the_weights_they_came_from(tmp_path):
+    plan = joint_like_plan(MODEL)
+    assert set(plan.source["weights"]) == {layer.weight for layer in find_layers(MODEL)[0]}
+    validate_plan(plan, MODEL)
+    other = onnx.ModelProto()
+    other.CopyFrom(MODEL)  # another checkpoint of the same graph: same names and shapes, other values
+    for init in other.graph.initializer:
+        if init.name == "conv2.w":
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+    with pytest.raises(OnnxlrfError, match="weight 'conv2.w' is not the one the plan's stored bases were computed"):
+        validate_plan(plan, other)
+    plan.save(tmp_path / "plan.json")
+    with pytest.raises(OnnxlrfError, match="conv2.w"):
+        apply_plan(other, Plan.load(tmp_path / "plan.json"))
+    # Entries without stored bases are computed from the model's own weights: any checkpoint will do.
+    validate_plan(plan_uniform(MODEL, rank_fraction=0.5), other)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda arrays, w: arrays.update({f"{w}|s": np.full_like(arrays[f"{w}|s"], np.nan)}), "not finite"),
+    (lambda arrays, w: arrays.pop(f"{w}|yt"), "lack part 'yt'"),
+    (lambda arrays, w: arrays.update({f"{w}|x": arrays[f"{w}|x"][:, :, :-1]}), "do not fit each other"),
+    (lambda arrays, w: arrays.update({f"{w}|colour": np.zeros(1)}), "unknown part"),
+    (lambda arrays, w: [arrays.update({k: v[..., :1] if k.endswith("|x") or k.endswith("|s") else v[:, :1]})
+                        for k, v in list(arrays.items()) if k.startswith(w)], "beyond the 1 components"),
+])
+def test_bases_files_are_checked_before_use(tmp_path, spoil, message):
+    plan = joint_like_plan(MODEL)
+    plan.save(tmp_path / "plan.json")
+    bases = tmp_path / "plan.json.bases.npz"
+    with np.load(bases) as stored:
+        arrays = dict(stored)
+    spoil(arrays, "conv2.w")
+    np.savez(bases, **arrays)
+    with pytest.raises(OnnxlrfError, match=message) as caught:
+        apply_plan(MODEL, Plan.load(tmp_path / "plan.json"))
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_bytes(b"PK\x03\x04 not a zip"), "cannot read the plan's bases"),
+    (lambda path: path.unlink(), "bases file not found"),
+])
+def test_unreadable_bases_files(tmp_path, write, message):
+    plan = joint_like_plan(MODEL)
+    plan.save(tmp_path / "plan.json")
+    write(tmp_path / "plan.json.bases.npz")
+    with pytest.raises(OnnxlrfError, match=message):
+        Plan.load(tmp_path / "plan.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}".encode("utf-16"), "not UTF-8"),
+    (b"[" * 200_000 + b"]" * 200_000, "nested too deeply|not valid JSON"),
+])
+def test_plan_files_that_are_not_plans(tmp_path, content, message):
+    path = tmp_path / "plan.json"
+    path.write_bytes(content)
+    with pytest.raises(OnnxlrfError, match=message):
+        Plan.load(path)
+
+
+def test_a_fifo_is_no_plan(tmp_path):
+    os.mkfifo(tmp_path / "plan.json")
+    with pytest.raises(OnnxlrfError, match="plan must be a regular file, got a FIFO"):
+        Plan.load(tmp_path / "plan.json")

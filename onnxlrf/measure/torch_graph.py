@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from ..errors import OnnxlrfError
 
+
 class UnsupportedError(OnnxlrfError):
     """An op, dtype or attribute value the torch evaluator does not cover."""
 

@@ -19,7 +19,7 @@ from ..costs.params import cost_model, cost_units
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params, find_layers
 from . import knapsack
-from .plan import Plan
+from .plan import Plan, weight_fingerprints
 
 JOINT_MODES = ("lossless", "compact")
 
@@ -95,5 +95,6 @@ def plan_joint(model: onnx.ModelProto, technique: Any, analysis: Any, mode: str,
 
 
 def plan_source(model: onnx.ModelProto) -> dict:
-    """What a plan records of the model it was made for."""
-    return {"graph": model.graph.name, "params": count_params(model)}
+    """What a plan records of the model it was made for: the graph's name, its parameters and a fingerprint
+    of each compressible weight (:func:`~onnxlrf.planning.plan.weight_fingerprints`)."""
+    return {"graph": model.graph.name, "params": count_params(model), "weights": weight_fingerprints(model)}

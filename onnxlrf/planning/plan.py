@@ -7,8 +7,10 @@ are stored beside it (``<plan>.bases.npz``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,8 +19,8 @@ import numpy as np
 import onnx
 
 from ..errors import OnnxlrfError
-from ..graph.layers import Layer, find_layers
-from ..onnx_io import staged_outputs
+from ..graph.layers import Layer, find_layers, weight_array
+from ..onnx_io import check_regular_file, read_regular_file, staged_outputs
 
 PLAN_FORMAT = "onnxlrf.plan"
 # Version 2: each layer entry names its technique and holds the technique's choice under "choice".
@@ -158,6 +160,10 @@ class LowRankEntry(PlanEntry):
             if tuple(basis[0].shape[:2]) != (g, m) or tuple(basis[2].shape[::2]) != (g, n):
                 raise OnnxlrfError(f"plan node {node!r}: {self.basis} basis does not fit the weight's {g}x{m}x{n} "
                                    f"matrices")
+            components = basis[1].shape[1]
+            if self.rank > components or any(i >= components for i in self.kept_indices()):
+                raise OnnxlrfError(f"plan node {node!r}: rank {self.rank} (or a kept index) beyond the "
+                                   f"{components} components its {self.basis} basis stores")
         if self.bias_correction:
             basis = plan.bases.get(self.weight) if self.basis != "svd" else None
             if basis is None or len(basis) < 4 or basis[3] is None:
@@ -313,28 +319,20 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Plan":
-        """Read a plan written by :meth:`save` (its bases file too, when it has one)."""
+        """Read a plan written by :meth:`save` (its bases file too, when it has one), every part checked."""
+        raw = read_regular_file(path, "plan")
         try:
-            text = open(path, encoding="utf-8").read()
-        except OSError as exc:
-            raise OnnxlrfError(f"cannot read plan {path}: {exc.strerror}") from None
-        try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise OnnxlrfError(f"plan {path} is not UTF-8 text (byte {exc.start})") from None
         except json.JSONDecodeError as exc:
             raise OnnxlrfError(f"plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        except RecursionError:
+            raise OnnxlrfError(f"plan {path} is nested too deeply to be a plan") from None
         plan = cls.from_dict(data)
         bases_file = plan.options.get("bases_file")
         if bases_file:
-            bases_path = Path(path).parent / bases_file
-            try:
-                with np.load(bases_path) as arrays:
-                    parts: dict[str, dict] = {}
-                    for key in arrays.files:
-                        weight, part = key.rsplit("|", 1)
-                        parts.setdefault(weight, {})[part] = arrays[key]
-            except (OSError, ValueError) as exc:
-                raise OnnxlrfError(f"cannot read the plan's joint bases {bases_path}: {exc}") from None
-            plan.bases = {w: _basis_tuple(p) for w, p in parts.items()}
+            plan.bases = _read_bases(Path(path).parent / bases_file)
         return plan
 
     def summary(self) -> dict:
@@ -378,6 +376,7 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                 f"plan node {node!r}: weight shape {list(entry.weight_shape)}, model has {list(layer.weight_shape)}"
             )
         entry.check(layer, plan)
+    _check_fingerprints(plan, model, by_node)
     by_weight: dict[str, PlanEntry] = {}
     for entry in plan.layers:
         first = by_weight.setdefault(entry.weight, entry)
@@ -385,6 +384,65 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
             raise OnnxlrfError(
                 f"plan nodes {first.node!r} and {entry.node!r} share weight {entry.weight!r} but plan it differently"
             )
+
+
+def weight_fingerprints(model: onnx.ModelProto) -> dict[str, str]:
+    """A SHA-256 of each compressible layer's weight (its dtype, shape and bytes), by weight name."""
+    out = {}
+    for layer in find_layers(model)[0]:
+        if layer.weight not in out:
+            weight = np.ascontiguousarray(weight_array(model, layer))
+            digest = hashlib.sha256(f"{weight.dtype} {list(weight.shape)}".encode())
+            digest.update(weight.tobytes())
+            out[layer.weight] = "sha256:" + digest.hexdigest()
+    return out
+
+
+def _check_fingerprints(plan: Plan, model: onnx.ModelProto, layers: dict[str, Layer]) -> None:
+    """Refuse a plan whose stored arrays were computed from other weights than ``model``'s (another checkpoint
+    of the same graph would get a hybrid of both). Entries without stored arrays are computed from the
+    model's own weights; plans without fingerprints (version 1) are taken as they are."""
+    recorded = plan.source.get("weights")
+    if not isinstance(recorded, dict):
+        return
+    stored = [entry for entry in plan.layers if entry.weight in plan.bases and entry.weight in recorded]
+    if not stored:
+        return
+    actual = weight_fingerprints(model)
+    for entry in stored:
+        if actual.get(entry.weight) != recorded[entry.weight]:
+            raise OnnxlrfError(f"plan node {entry.node!r}: weight {entry.weight!r} is not the one the plan's stored "
+                               f"bases were computed from (its fingerprint differs): plan another checkpoint anew")
+
+
+def _read_bases(path: Path) -> dict[str, tuple]:
+    """The stored bases of a plan (see :attr:`Plan.bases`): every weight's x, s and y^T present, finite,
+    and of shapes that fit each other."""
+    check_regular_file(path, "plan's bases file")
+    parts: dict[str, dict] = {}
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            for key in arrays.files:
+                weight, part = key.rsplit("|", 1)
+                if part not in BASIS_PARTS:
+                    raise ValueError(f"unknown part {key!r}")
+                parts.setdefault(weight, {})[part] = arrays[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise OnnxlrfError(f"cannot read the plan's bases {path}: {exc}") from None
+    for weight, basis in parts.items():
+        missing = [part for part in BASIS_PARTS[:3] if part not in basis]
+        if missing:
+            raise OnnxlrfError(f"the plan's bases {path} lack part {missing[0]!r} of weight {weight!r}")
+        bad = [part for part, value in basis.items()
+               if not np.issubdtype(value.dtype, np.floating) or not np.isfinite(value).all()]
+        if bad:
+            raise OnnxlrfError(f"the plan's bases {path}: part {bad[0]!r} of weight {weight!r} is not finite floats")
+        x, singular, yt = basis["x"], basis["s"], basis["yt"]
+        if x.ndim != 3 or singular.ndim != 2 or yt.ndim != 3 or not x.shape[0] == singular.shape[0] == yt.shape[0] \
+                or not x.shape[2] == singular.shape[1] == yt.shape[1]:
+            raise OnnxlrfError(f"the plan's bases {path}: the parts of weight {weight!r} do not fit each other "
+                               f"(x {list(x.shape)}, s {list(singular.shape)}, yt {list(yt.shape)})")
+    return {weight: _basis_tuple(basis) for weight, basis in parts.items()}
 
 
 def _basis_tuple(parts: dict) -> tuple:

@@ -10,6 +10,7 @@ import onnx
 
 from ..errors import OnnxlrfError
 from ..measure.analysis import AnalysisOptions, joint_analysis
+from ..planning.joint import plan_source
 from ..planning.plan import Plan
 from ..progress import Progress
 from ..techniques import TECHNIQUES
@@ -76,6 +77,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
                         "val": next((a.val for a in result.attempts if a.chosen), None)})
         if index + 1 < rounds:
             current = technique.perturbed_weights(reference, plan)
+    plan.source = plan_source(reference)  # a later round's plan was made for truncated weights
     compressed, report = technique.rewrite(reference, plan, progress=progress)
     if verify.refit and rounds > 1 and plan.summary()["factorized"]:
         evaluator = ValidationEvaluator(reference, splits.val, technique, cost, provider, progress, reference_val)
