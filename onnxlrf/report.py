@@ -5,10 +5,11 @@
 the plots as ``*.svg`` for the Markdown file, and ``plan.json``.
 
 Contents: a summary (sizes, FLOPs, metrics on each split), a per-layer table
-(weight shape, maximum and kept rank, decomposition, basis, predicted and
-measured loss change, parameters, FLOPs and latency, dense and planned),
-three plots (rank kept per layer; predicted vs measured single-layer loss
-change; metric vs size with the back-off attempts and any baselines), the
+(weight shape, the technique's columns, e.g. maximum and kept rank,
+decomposition and basis; predicted and measured loss change, parameters,
+FLOPs and latency, dense and planned), three plots (what each layer keeps,
+e.g. the rank; predicted vs measured single-layer loss change; metric vs size
+with the back-off attempts and any baselines), the
 back-off steps, the execution providers, package versions, the exact command
 and the plan.
 
@@ -45,6 +46,8 @@ from matplotlib.transforms import Bbox
 from .errors import OnnxlrfError
 from .inspection import format_si
 from .onnx_io import load_onnx, staged_outputs
+from .techniques import TECHNIQUES
+from .techniques.base import EntryView, KeepPlot
 
 MARKDOWN, HTML, PLAN = "report.md", "report.html", "plan.json"
 PLOTS = {"rank": "rank.svg", "loss": "loss.svg", "curve": "curve.svg"}
@@ -57,25 +60,27 @@ BASELINE_COLOURS = (ORANGE, GREEN, PURPLE, BROWN, PINK, OLIVE, CYAN)
 
 @dataclass
 class LayerRow:
-    """One factorizable layer as the report shows it (None: not known)."""
+    """One layer of the plan as the report shows it (None: not known); ``view``: its technique's columns."""
 
     node: str
     op_type: str
     weight_shape: list[int]
-    max_rank: int
-    rank: int | None  # None: dense
-    decomposition: str
-    basis: str
+    technique: str
+    view: EntryView
     params_dense: int
     params_planned: int
     predicted_dloss: float | None = None
-    measured_dloss: float | None = None  # single-layer measurement at exactly this rank
+    measured_dloss: float | None = None  # single-layer measurement at exactly this choice
     checks: list[dict] = field(default_factory=list)  # single-layer truncations measured by the analysis
     flops_dense: int | None = None
     flops_planned: int | None = None
     latency_ms_dense: float | None = None
     latency_ms_planned: float | None = None
-    reason: str = ""  # why the layer stayed dense
+    reason: str = ""  # why the layer stayed as it was
+
+    @property
+    def changed(self) -> bool:
+        return self.view.kept is not None
 
 
 def check_report_dir(directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -111,7 +116,7 @@ def write_report(
     directory = check_report_dir(directory, overwrite)
     baselines = _check_baselines(baselines or [])
     page = _collect(result, command, baselines)
-    plots = {"rank": rank_plot(page["rows"]), "loss": loss_plot(page["rows"]),
+    plots = {"rank": keep_plot(page["rows"]), "loss": loss_plot(page["rows"]),
              "curve": curve_plot(page["curve"], page["metric"], baselines)}
     created = not directory.exists()
     try:
@@ -159,10 +164,10 @@ def layer_rows(result: Any) -> list[LayerRow]:
     for entry in result.plan.layers:
         notes = entry.notes or {}
         done = rewritten.get(entry.node)
+        technique = TECHNIQUES[entry.technique]
         row = LayerRow(
-            node=entry.node, op_type=entry.op_type, weight_shape=list(entry.weight_shape), max_rank=entry.max_rank,
-            rank=done["rank"] if done else None, decomposition=done["decomposition"] if done else "dense",
-            basis=entry.basis if done else "-", params_dense=entry.params_dense,
+            node=entry.node, op_type=entry.op_type, weight_shape=list(entry.weight_shape), technique=entry.technique,
+            view=technique.view(entry, done), params_dense=entry.params_dense,
             params_planned=done["params_after"] if done else entry.params_dense,
             predicted_dloss=notes.get("predicted_dloss") if done else None,
             checks=list(notes.get("range_checks") or []),
@@ -173,7 +178,8 @@ def layer_rows(result: Any) -> list[LayerRow]:
         )
         if not done:
             row.flops_planned = row.flops_dense
-        measured = [c["measured"] for c in row.checks if c.get("rank") == row.rank]
+        measured = [c["measured"] for c in row.checks
+                    if row.changed and technique.check_key(c) == row.view.check_key]
         row.measured_dloss = measured[0] if measured else None
         rows.append(row)
     return rows
@@ -326,23 +332,33 @@ def _ms(x: float | None) -> str:
 
 
 def _checks(row: LayerRow) -> str:
-    """Single-layer truncations: ``r<rank> <predicted>/<measured>``, ``!`` where they disagreed."""
-    return "; ".join(f"r{c['rank']} {c['predicted']:+.3f}/{c['measured']:+.3f}{'' if c.get('agree') else ' !'}"
+    """Single-layer checks: ``<choice> <predicted>/<measured>`` (low-rank: ``r<rank>``), ``!`` where they disagreed."""
+    label = TECHNIQUES[row.technique].check_label
+    return "; ".join(f"{label(c)} {c['predicted']:+.3f}/{c['measured']:+.3f}{'' if c.get('agree') else ' !'}"
                      for c in row.checks) or "-"
 
 
 CHECKS_HEADER = "single-layer checks (pred/meas)"
-TABLE_HEADER = ("node", "op", "weight shape", "max rank", "rank", "decomposition", "basis", "predicted dloss",
-                "measured dloss", CHECKS_HEADER, "params", "FLOPs", "latency ms", "note")
+TABLE_HEAD = ("node", "op", "weight shape")
+TABLE_TAIL = ("predicted dloss", "measured dloss", CHECKS_HEADER, "params", "FLOPs", "latency ms", "note")
 
 
-def _table_cells(row: LayerRow) -> list[str]:
-    return [row.node, row.op_type, "x".join(map(str, row.weight_shape)), str(row.max_rank),
-            str(row.rank) if row.rank is not None else "dense", row.decomposition, row.basis,
-            _signed(row.predicted_dloss), _signed(row.measured_dloss), _checks(row),
-            _pair(row.params_dense, row.params_planned, lambda n: f"{n:,}"),
-            _pair(row.flops_dense, row.flops_planned, _flops),
-            _pair(row.latency_ms_dense, row.latency_ms_planned, _ms), row.reason]
+def table_header(rows: list[LayerRow]) -> tuple[str, ...]:
+    """The per-layer table's columns: the generic ones around each technique's (in order of appearance)."""
+    middle: dict[str, None] = {}
+    for row in rows:
+        middle.update(dict.fromkeys(row.view.cells))
+    return (*TABLE_HEAD, *middle, *TABLE_TAIL)
+
+
+def _table_cells(row: LayerRow, header: tuple[str, ...]) -> list[str]:
+    generic = dict(zip(TABLE_HEAD, [row.node, row.op_type, "x".join(map(str, row.weight_shape))]))
+    generic.update(zip(TABLE_TAIL, [
+        _signed(row.predicted_dloss), _signed(row.measured_dloss), _checks(row),
+        _pair(row.params_dense, row.params_planned, lambda n: f"{n:,}"),
+        _pair(row.flops_dense, row.flops_planned, _flops),
+        _pair(row.latency_ms_dense, row.latency_ms_planned, _ms), row.reason]))
+    return [generic[h] if h in generic else row.view.cells.get(h, "") for h in header]
 
 
 CHANGE_NOTE = ("change: compressed minus original; in brackets its 95% paired-bootstrap interval over the "
@@ -367,14 +383,15 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
         md += [f"| {s['split']} | {s['samples']:,} | {_metric(s['reference_value'])} | {_metric(s['value'])} | "
                f"{_change(s)} |" for s in page["splits"]]
         md += ["", CHANGE_NOTE]
-    md += ["", "## Per layer", "", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
-    md += ["| " + " | ".join(_md(c) for c in _table_cells(row)) + " |" for row in page["rows"]]
+    header = table_header(page["rows"])
+    md += ["", "## Per layer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(_md(c) for c in _table_cells(row, header)) + " |" for row in page["rows"]]
     md += ["", TABLE_NOTE, "", "## Plots", ""]
-    for key, caption in PLOT_CAPTIONS.items():
+    for key, (title, caption) in plot_words(page["rows"]).items():
         if plots.get(key) is not None:
-            md += [f"![{PLOT_TITLES[key]}]({PLOTS[key]})", "", f"*{caption}*", ""]
+            md += [f"![{title}]({PLOTS[key]})", "", f"*{caption}*", ""]
         else:
-            md += [f"*{PLOT_TITLES[key].capitalize()}: {PLOT_MISSING[key]}.*", ""]
+            md += [f"*{title.capitalize()}: {PLOT_MISSING[key]}.*", ""]
     if page["curve"]["backoff"]:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
@@ -449,8 +466,8 @@ details summary{cursor:pointer;color:#1f77b4}
 .kv td:first-child{color:#555;white-space:nowrap}
 """
 
-CELL_CLASS = {**{h: ' class="num"' for h in ("max rank", "rank", "predicted dloss", "measured dloss", "params",
-                                              "FLOPs", "latency ms")},
+NUMERIC = ' class="num"'
+CELL_CLASS = {**{h: NUMERIC for h in ("predicted dloss", "measured dloss", "params", "FLOPs", "latency ms")},
               CHECKS_HEADER: ' class="checks"', "note": ' class="note"'}
 DENSE = ' class="dense"'
 
@@ -472,18 +489,20 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
                 f"<td class=\"num\">{_metric(s['reference_value'])}</td><td class=\"num\">{_metric(s['value'])}</td>"
                 f"<td class=\"num\">{_change(s)}</td></tr>" for s in page["splits"]]
         out += ["</table>", f"<p class=\"note\">{e(CHANGE_NOTE)}</p>"]
+    header = table_header(page["rows"])
     out += ["<h2>Per layer</h2>", '<div class="layers"><table>',
-            "<tr>" + "".join(f"<th>{e(h)}</th>" for h in TABLE_HEADER) + "</tr>"]
+            "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
     for row in page["rows"]:
-        cells = "".join(f"<td{CELL_CLASS.get(h, '')}>{_cell_html(h, c)}</td>"
-                        for h, c in zip(TABLE_HEADER, _table_cells(row)))
-        out.append(f"<tr{DENSE if row.rank is None else ''}>{cells}</tr>")
+        numeric = set(TECHNIQUES[row.technique].numeric_columns)
+        cells = "".join(f"<td{NUMERIC if h in numeric else CELL_CLASS.get(h, '')}>{_cell_html(h, c)}</td>"
+                        for h, c in zip(header, _table_cells(row, header)))
+        out.append(f"<tr{'' if row.changed else DENSE}>{cells}</tr>")
     out += ["</table></div>", f'<p class="note">{e(TABLE_NOTE)}</p>', "<h2>Plots</h2>"]
-    for key, caption in PLOT_CAPTIONS.items():
+    for key, (title, caption) in plot_words(page["rows"]).items():
         if plots.get(key) is not None:
             out.append(f"<figure>{plots[key]}<figcaption>{e(caption)}</figcaption></figure>")
         else:
-            out.append(f'<p class="note">{e(PLOT_TITLES[key].capitalize())}: {e(PLOT_MISSING[key])}.</p>')
+            out.append(f'<p class="note">{e(title.capitalize())}: {e(PLOT_MISSING[key])}.</p>')
     if page["curve"]["backoff"]:
         out += ["<h2>Back-off on the validation split</h2>", "<table><tr><th>kappa</th><th>reduction</th>"
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
@@ -511,20 +530,35 @@ def _cell_html(header: str, text: str) -> str:
 
 # --- plots (matplotlib, as SVG text) --------------------------------------------------------------------
 
-PLOT_TITLES = {"rank": "rank kept per layer", "loss": "predicted vs measured loss change",
-               "curve": "metric vs size"}
-PLOT_CAPTIONS = {
-    "rank": "Rank kept per layer (grey: maximum rank; blue: kept; dense layers in light grey).",
-    "loss": "Predicted vs measured loss change of single-layer truncations (symmetric log axes; dashed: y = x; "
-            "ringed: the rank the plan kept).",
-    "curve": "Metric vs parameters removed: the back-off attempts on the validation split, the result on the "
-             "held-out split, and baselines where run.",
-}
+# A plan that mixes techniques: the keep plot in words that fit all of them.
+MIXED_KEEP_PLOT = KeepPlot("what each layer keeps", "kept", "choice kept",
+                           "What each layer keeps of what it had (grey: all of it; blue: kept; unchanged layers in "
+                           "light grey).")
+CURVE_TITLE = "metric vs size"
 PLOT_MISSING = {
-    "rank": "no factorizable layers",
+    "rank": "no compressible layers",
     "loss": "no single-layer measurements (only the joint modes measure them)",
     "curve": "no metric (run with data)",
 }
+
+
+def keep_words(rows: list[LayerRow]) -> KeepPlot:
+    """The words of the keep plot: the plan's technique's (:attr:`Technique.keep_plot`)."""
+    techniques = {row.technique for row in rows}
+    return TECHNIQUES[techniques.pop()].keep_plot if len(techniques) == 1 else MIXED_KEEP_PLOT
+
+
+def plot_words(rows: list[LayerRow]) -> dict[str, tuple[str, str]]:
+    """Each plot's title and caption."""
+    keep = keep_words(rows)
+    return {
+        "rank": (keep.title, keep.caption),
+        "loss": ("predicted vs measured loss change",
+                 "Predicted vs measured loss change of single-layer checks (symmetric log axes; dashed: y = x; "
+                 f"ringed: the {keep.axis} the plan kept)."),
+        "curve": (CURVE_TITLE, "Metric vs parameters removed: the back-off attempts on the validation split, "
+                                    "the result on the held-out split, and baselines where run."),
+    }
 # Applied over matplotlib's defaults, so a user's matplotlibrc changes neither the look nor the bytes of a report.
 PLOT_STYLE = {
     "svg.fonttype": "none",  # text stays text: small and selectable, and no glyphs defined again in each plot
@@ -576,7 +610,7 @@ class _Tooltips:
                       lambda m: f"{m[0]}<title>{html.escape(self.text[m[1]])}</title>", svg)
 
 
-def _svg(figure: Figure, key: str, tips: _Tooltips) -> str:
+def _svg(figure: Figure, title: str, tips: _Tooltips) -> str:
     """``figure`` as SVG text, both for a file of its own and for inline HTML."""
     buffer = io.StringIO()
     figure.canvas.print_svg(buffer, metadata=NO_METADATA)
@@ -584,7 +618,7 @@ def _svg(figure: Figure, key: str, tips: _Tooltips) -> str:
     svg = svg[svg.index("<svg"):]  # no XML declaration or DOCTYPE: HTML has no place for them
     # matplotlib numbers its groups per figure (figure_1, axes_1...): plots on one page would repeat the ids.
     svg = re.sub(r'<g id="[\w.]+_\d+">', "<g>", svg)
-    svg = svg.replace("<svg ", f'<svg role="img" aria-label="{html.escape(PLOT_TITLES[key])}" ', 1)
+    svg = svg.replace("<svg ", f'<svg role="img" aria-label="{html.escape(title)}" ', 1)
     return tips.insert(svg)
 
 
@@ -592,40 +626,42 @@ def _short(name: str, limit: int = 34) -> str:
     return name if len(name) <= limit else "\u2026" + name[-(limit - 1):]
 
 
-def rank_plot(rows: list[LayerRow]) -> str | None:
-    """Horizontal bars per layer: maximum rank (grey) and the rank kept (blue); dense layers light grey."""
+def keep_plot(rows: list[LayerRow]) -> str | None:
+    """Horizontal bars per layer: what it had (grey) and what it keeps (blue); unchanged layers light grey.
+
+    Low-rank: the maximum rank and the rank kept. The words come from the plan's technique.
+    """
     if not rows:
         return None
+    words = keep_words(rows)
     row_height, top, bottom = 13, 30, 6
     with _style("rank"):
         figure, axes = _figure(540, top + row_height * len(rows) + bottom, (170, 56, top, bottom))
         tips = _Tooltips("rank")
-        tip = [f"{row.node}: {'dense' if row.rank is None else f'rank {row.rank}'} of {row.max_rank}"
-               for row in rows]
-        full = axes.barh(range(len(rows)), [row.max_rank for row in rows], height=0.75,
-                         color=["#e6e6e6" if row.rank is None else "#ccc" for row in rows],
-                         edgecolor=["#bbb" if row.rank is None else "none" for row in rows], linewidth=0.5)
-        factorized = [i for i, row in enumerate(rows) if row.rank is not None]
-        kept = axes.barh(factorized, [rows[i].rank for i in factorized], height=0.75, color=BLUE)
-        for i, bar in [*enumerate(full), *zip(factorized, kept)]:
+        tip = [f"{row.node}: {row.view.label}" for row in rows]
+        full = axes.barh(range(len(rows)), [row.view.full for row in rows], height=0.75,
+                         color=["#ccc" if row.changed else "#e6e6e6" for row in rows],
+                         edgecolor=["none" if row.changed else "#bbb" for row in rows], linewidth=0.5)
+        changed = [i for i, row in enumerate(rows) if row.changed]
+        kept = axes.barh(changed, [rows[i].view.kept for i in changed], height=0.75, color=BLUE)
+        for i, bar in [*enumerate(full), *zip(changed, kept)]:
             tips.add(bar, tip[i])
-        labels = axes.bar_label(full, ["dense" if row.rank is None else f"{row.rank}/{row.max_rank}" for row in rows],
-                                padding=4, fontsize=8)
+        labels = axes.bar_label(full, [row.view.label for row in rows], padding=4, fontsize=8)
         for label, row in zip(labels, rows):
-            if row.rank is None:
+            if not row.changed:
                 label.set_color("#888")
         axes.set_yticks(range(len(rows)), [_short(row.node) for row in rows])
         axes.set_ylim(len(rows) - 0.5, -0.5)  # the first layer on top
-        axes.set_xlim(0, max(row.max_rank for row in rows))
+        axes.set_xlim(0, max(row.view.full for row in rows))
         axes.xaxis.set_major_locator(MaxNLocator(6, steps=[1, 2, 5, 10], integer=True))
         axes.xaxis.tick_top()
         axes.xaxis.set_label_position("top")
-        axes.set_xlabel("rank", loc="left", fontweight="bold")
+        axes.set_xlabel(words.axis, loc="left", fontweight="bold")
         axes.grid(axis="y", visible=False)
         axes.tick_params(left=False, top=False)
         for spine in axes.spines.values():
             spine.set_visible(False)
-        return _svg(figure, "rank", tips)
+        return _svg(figure, words.title, tips)
 
 
 def loss_plot(rows: list[LayerRow]) -> str | None:
@@ -658,21 +694,23 @@ def loss_plot(rows: list[LayerRow]) -> str | None:
         axes.set_ylim(low, high)
         # y = x: straight, as both axes have the same scale and limits.
         axes.plot([low, high], [low, high], color=GREY, linewidth=0.8, dashes=(4, 3))
+        words = keep_words(rows)
         for row, c in points:
-            kept = c.get("rank") == row.rank
+            technique = TECHNIQUES[row.technique]
+            kept = row.changed and technique.check_key(c) == row.view.check_key
             point, = axes.plot(c["predicted"], c["measured"], "o", markersize=6, clip_on=False,
                                markerfacecolor=to_rgba(BLUE if c.get("agree") else RED, 0.8),
                                markeredgecolor="black" if kept else "white", markeredgewidth=1.2 if kept else 0.4)
-            tips.add(point, f"{row.node} rank {c['rank']}: predicted {c['predicted']:+.4f}, measured "
-                          f"{c['measured']:+.4f}{'' if c.get('agree') else ' (disagree)'}")
+            tips.add(point, f"{row.node} {words.axis} {technique.check_key(c)}: predicted {c['predicted']:+.4f}, "
+                          f"measured {c['measured']:+.4f}{'' if c.get('agree') else ' (disagree)'}")
         dot = {"linestyle": "", "marker": "o", "markersize": 6}
         legend = [Line2D([], [], color=BLUE, label="agree", **dot), Line2D([], [], color=RED, label="disagree", **dot),
                   Line2D([], [], markerfacecolor="white", markeredgecolor="black", markeredgewidth=1.2,
-                         label="rank kept", **dot)]
+                         label=words.kept, **dot)]
         axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
         axes.set_xlabel("predicted loss change")
         axes.set_ylabel("measured loss change")
-        return _svg(figure, "loss", tips)
+        return _svg(figure, plot_words(rows)["loss"][0], tips)
 
 
 def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
@@ -729,7 +767,7 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
         axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
         axes.set_xlabel("parameters removed")
         axes.set_ylabel(metric)
-        return _svg(figure, "curve", tips)
+        return _svg(figure, CURVE_TITLE, tips)
 
 
 def _label_attempts(axes: Axes, backoff: list[dict]) -> None:

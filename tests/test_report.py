@@ -151,15 +151,15 @@ def check_rows(result: CompressResult, checker: _Checker) -> None:
     for row, (m, n) in zip(rows, [(HIDDEN, IN), (HIDDEN, HIDDEN), (CLASSES, HIDDEN)]):
         assert row.node in checker.cells
         assert row.params_dense == m * n and row.flops_dense == 2 * m * n  # batch 1
-        if row.rank is not None:
+        if row.changed:
             # At rank r an m x n weight becomes r*(m+n) weights and, at batch 1, 2*r*(m+n) FLOPs.
-            assert (row.params_planned, row.flops_planned) == (row.rank * (m + n), 2 * row.rank * (m + n))
+            assert (row.params_planned, row.flops_planned) == (row.view.kept * (m + n), 2 * row.view.kept * (m + n))
             assert f"{row.params_dense:,} -> {row.params_planned:,}" in checker.cells
         else:
             assert row.reason and row.reason in checker.cells
             assert (row.params_planned, row.flops_planned) == (row.params_dense, row.flops_dense)
         assert all({"rank", "predicted", "measured", "agree"} <= c.keys() for c in row.checks)
-        if row.rank is not None and row.rank in [c["rank"] for c in row.checks]:
+        if row.changed and row.view.kept in [c["rank"] for c in row.checks]:
             assert row.measured_dloss is not None
 
 
@@ -214,7 +214,7 @@ def test_report_contents(work: Path, compact: tuple[CompressResult, str], unifor
     _, html_path = write_report(uniform, work / "uniform-report")
     checker = parse_html(html_path.read_text())
     check_rows(uniform, checker)
-    assert [row.rank for row in layer_rows(uniform)] == [8, 16, 3]
+    assert [row.view.kept for row in layer_rows(uniform)] == [8, 16, 3]
     assert "validation (onnxruntime)" in checker.cells and "calibration" not in checker.cells
 
 

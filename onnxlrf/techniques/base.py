@@ -84,6 +84,27 @@ class RewritePass:
 
 
 @dataclass
+class EntryView:
+    """How the report shows one plan entry: the technique's table cells and what the layer keeps."""
+
+    cells: dict[str, str]  # the technique's columns of the per-layer table, in order
+    kept: float | None  # what the layer keeps (low-rank: its rank); None: the layer is unchanged
+    full: float  # ... of this much (low-rank: the maximum rank)
+    label: str  # the keep plot's label of the layer, e.g. "12/16" or "dense"
+    check_key: Any = None  # the key of the analysis' single-layer check at exactly this choice, if any
+
+
+@dataclass(frozen=True)
+class KeepPlot:
+    """The words of the report's plot of what each layer keeps."""
+
+    title: str  # e.g. "rank kept per layer"
+    axis: str  # e.g. "rank"
+    kept: str  # the legend of the chosen single-layer check, e.g. "rank kept"
+    caption: str
+
+
+@dataclass
 class Candidates:
     """One weight group's options for the knapsack, and how to turn the chosen one into plan entries."""
 
@@ -129,5 +150,14 @@ class Technique(Protocol):
                 ) -> Plan | None:
         """An improved plan from calibration data without fine-tuning (None: nothing to improve)."""
 
-    def report_columns(self, entry: PlanEntry) -> dict[str, str]:
-        """The technique's columns of the report's per-layer table, for one entry."""
+    keep_plot: KeepPlot
+    numeric_columns: tuple[str, ...]  # which of the view's cells are numbers (right-aligned)
+
+    def view(self, entry: PlanEntry, rewritten: dict | None) -> EntryView:
+        """How the report shows ``entry``; ``rewritten``: what the rewrite reported for it (None: left as it was)."""
+
+    def check_key(self, check: dict) -> Any:
+        """The choice a single-layer check of the analysis measured (compared with :attr:`EntryView.check_key`)."""
+
+    def check_label(self, check: dict) -> str:
+        """A short name of the choice a single-layer check measured, e.g. "r12"."""

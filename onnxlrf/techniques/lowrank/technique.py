@@ -10,7 +10,7 @@ from ...graph.layers import Layer, find_layers
 from ...planning import joint
 from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike
-from ..base import Candidates, RewriteReport
+from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .planners import joint_candidates, joint_entries, unplanned_entry
 from .refit import refit_plan
 from .rewrite import apply_plan, truncate_weights
@@ -63,11 +63,23 @@ class LowRank:
         refit, summary = refit_plan(model, plan, calib, progress=progress)
         return refit if summary["refit"] else None
 
-    def report_columns(self, entry: LowRankEntry) -> dict[str, str]:
-        if not entry.changed:
-            return {"decomposition": "dense", "rank": "", "basis": ""}
-        return {"decomposition": entry.decomposition, "rank": f"{entry.rank} of {entry.max_rank}",
-                "basis": entry.basis + (" + bias correction" if entry.bias_correction else "")}
+    keep_plot = KeepPlot("rank kept per layer", "rank", "rank kept",
+                         "Rank kept per layer (grey: maximum rank; blue: kept; dense layers in light grey).")
+    numeric_columns = ("max rank", "rank")
+
+    def view(self, entry: LowRankEntry, rewritten: dict | None) -> EntryView:
+        """Maximum rank, the rank the rewrite kept (dense where it left the layer), decomposition and basis."""
+        rank = rewritten["rank"] if rewritten else None
+        cells = {"max rank": str(entry.max_rank), "rank": "dense" if rank is None else str(rank),
+                 "decomposition": rewritten["decomposition"] if rewritten else "dense",
+                 "basis": entry.basis if rewritten else "-"}
+        return EntryView(cells, rank, entry.max_rank, "dense" if rank is None else f"{rank}/{entry.max_rank}", rank)
+
+    def check_key(self, check: dict) -> Any:
+        return check.get("rank")
+
+    def check_label(self, check: dict) -> str:
+        return f"r{check['rank']}"
 
 
 LOWRANK = LowRank()
