@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from test_compress import mlp as compress_mlp
+from test_pipeline import mlp as compress_mlp
 
 from onnxlrf.cli import cli
 from onnxlrf.onnx_io import save_onnx

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_compress import IN, model_path, run  # noqa: F401 (model_path is a fixture)
+from test_pipeline import IN, model_path, run  # noqa: F401 (model_path is a fixture)
 
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.pipeline import compress, rewrite_file

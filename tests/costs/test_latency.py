@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from onnx import helper
-from test_planning import small_net
+from test_plan import small_net
 from test_rewrite import CONV2D_VARIANTS, conv_model, gemm_model, make_model
 
 from onnxlrf.costs.flops import FlopsCost, layer_shapes

@@ -15,7 +15,7 @@ import pytest
 
 from onnxlrf.measure.torch_graph import OPS
 
-_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "onnx_conformance.py"
+_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "onnx_conformance.py"
 _spec = importlib.util.spec_from_file_location("onnx_conformance", _SCRIPT)
 conformance = importlib.util.module_from_spec(_spec)
 sys.modules["onnx_conformance"] = conformance  # its dataclass looks its module up there

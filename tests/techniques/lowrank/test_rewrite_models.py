@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_full_rank.py"
+SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "check_full_rank.py"
 
 
 def load_script():

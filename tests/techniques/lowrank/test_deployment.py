@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_planning import small_net
+from test_plan import small_net
 from test_rewrite import make_model
 
 from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
