@@ -696,13 +696,17 @@ def _dropout(x, ratio=None, training_mode=None, a=None, n_out=1):
     return [y, mask] if n_out > 1 else y
 
 
-def _max_pool(x, a=None, n_out=1):
+def _pool_window(x, a):
+    """A pooling node's kernel, number of spatial axes, strides, dilations, begin/end pads and ceil mode."""
     kernel = a["kernel_shape"]
     spatial = len(kernel)
     strides = a.get("strides", [1] * spatial)
     dil = a.get("dilations", [1] * spatial)
-    pads = auto_pad(x, a, kernel, strides, dil)
-    ceil = bool(a.get("ceil_mode", 0))
+    return kernel, spatial, strides, dil, auto_pad(x, a, kernel, strides, dil), bool(a.get("ceil_mode", 0))
+
+
+def _max_pool(x, a=None, n_out=1):
+    kernel, spatial, strides, dil, pads, ceil = _pool_window(x, a)
     dtype = x.dtype
     if not dtype.is_floating_point:  # torch max-pools floats only; integers up to 2**24 are exact in float32
         x = x.to(torch.float32)
@@ -729,12 +733,7 @@ def _max_pool(x, a=None, n_out=1):
 
 
 def _avg_pool(x, a=None):
-    kernel = a["kernel_shape"]
-    spatial = len(kernel)
-    strides = a.get("strides", [1] * spatial)
-    dil = a.get("dilations", [1] * spatial)
-    pads = auto_pad(x, a, kernel, strides, dil)
-    ceil = bool(a.get("ceil_mode", 0))
+    kernel, spatial, strides, dil, pads, ceil = _pool_window(x, a)
     count_pad = bool(a.get("count_include_pad", 0))
     begins, ends = pads[:spatial], pads[spatial:]
     if all(d == 1 for d in dil) and begins == ends and all(2 * p <= k for p, k in zip(begins, kernel)):

@@ -1,8 +1,6 @@
 """Evaluating models in onnxruntime: metric, fidelity and the change interval against a reference; latency.
 
-Provider reporting always comes from ``session.get_providers()``: onnxruntime-gpu
-lists CUDA as *available* even where it cannot load it, and then silently runs
-on CPU.
+Results name the providers the sessions really used (see :mod:`onnxlrf.runtime.sessions`).
 """
 
 from __future__ import annotations
@@ -19,13 +17,7 @@ from ..data import CLASSIFICATION, Dataset, check_fits, cosine_rows
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params
 from ..progress import ProgressLike, as_progress
-from .sessions import (
-    make_runner,
-    make_session,
-    random_feeds,
-    run_dataset,
-    select_providers,
-)
+from .sessions import make_runner, make_session, random_feeds, run_dataset, select_providers
 from .shapes import ModelLike, as_model_proto, count_flops, file_size
 
 # Bootstrap resamples for change intervals: at 2,000 the interval's ends move by 1 to 2% of
