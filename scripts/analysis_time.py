@@ -4,7 +4,7 @@
 
 Random weights and random images (224x224) with random labels: run time does
 not depend on the values. Prints the seconds of each phase and in total, as
-the joint method runs them (``compress.joint_analysis``: micro-batches of
+the joint method runs them (``onnxlrf.measure.analysis.joint_analysis``: micro-batches of
 --micro-batch, range checks on up to 256 samples in batches of 128).
 """
 

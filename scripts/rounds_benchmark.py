@@ -2,7 +2,7 @@
 
     python scripts/rounds_benchmark.py --model cifar10-resnet56 --mode lossless --targets 0.2,0.3 --rounds 3
 
-Each run is ``compress.compress_joint`` on the quality benchmark's splits
+Each run is ``onnxlrf.pipeline.compress_joint`` on the quality benchmark's splits
 (seed 0: calibration / validation / held-out test as in ``quality_benchmark.py``),
 so the one-round figures are that benchmark's joint rows. Prints one JSON line
 per run (reduction, validation and held-out metric, the rounds' history, seconds)
