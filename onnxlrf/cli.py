@@ -8,6 +8,7 @@ import importlib
 import json
 import math
 import numbers
+import os
 import shlex
 import sys
 from typing import TYPE_CHECKING, Any, Callable
@@ -204,7 +205,7 @@ _split_options = _OptionGroup(
                  help="Joint modes: calibration samples."),
     click.option("--val", default=1000, show_default=True, type=click.IntRange(min=1),
                  help="Joint modes: validation samples (back-off); the rest is the held-out test split."),
-    click.option("--seed", default=0, show_default=True, type=int, help="Fixes the splits."),
+    click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Fixes the splits."),
 )
 _analysis_options = _OptionGroup(
     "onnxlrf.measure.analysis.AnalysisOptions", {"labels": "labels", "spatial": "spatial", "analysis_cache": "cache"},
@@ -332,7 +333,8 @@ def validate(model: str, reference: str | None, data: str, provider: str, batch_
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
 @click.option("--runs", default=30, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=5, show_default=True, type=click.IntRange(min=0))
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(1, os.cpu_count() or 1),
+              help="onnxruntime intra-op threads (at most this machine's CPUs).")
 @click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
 @click.option("--io-binding", is_flag=True,
               help="Copy inputs to the provider's device once and keep outputs there (GPU timing without "

@@ -24,7 +24,13 @@ from .costs.params import cost_model
 from .errors import OnnxlrfError
 from .graph.layers import check_finite_weights, count_params
 from .measure.analysis import AnalysisOptions, analysis_cache_dir
-from .onnx_io import check_output_path, load_onnx, save_onnx, staged_outputs
+from .onnx_io import (
+    check_output_path,
+    check_regular_file,
+    load_onnx,
+    save_onnx,
+    staged_outputs,
+)
 from .planning.joint import JOINT_MODES, PlanOptions
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
@@ -125,13 +131,9 @@ def make_plan(model: onnx.ModelProto, options: PlanOptions, cost: Any = None, pr
     """
     rank_multiple = options.rank_multiple or 1
     if options.mode == "uniform":
-        if (options.target_reduction is None) == (options.rank_fraction is None):
-            raise OnnxlrfError("mode uniform needs exactly one of --target-reduction or --rank-fraction")
         return plan_uniform(model, rank_fraction=options.rank_fraction, target_reduction=options.target_reduction,
                             target=options.target, rank_multiple=rank_multiple, cost=cost)
     if options.mode == "energy":
-        if (options.target_reduction is None) == (options.energy is None):
-            raise OnnxlrfError("mode energy needs exactly one of --target-reduction or --energy")
         return plan_energy(model, energy=options.energy, target_reduction=options.target_reduction,
                            progress=progress, target=options.target, rank_multiple=rank_multiple, cost=cost)
     raise OnnxlrfError(f"unknown mode {options.mode!r}; known: {', '.join(MODES)}")
@@ -209,7 +211,7 @@ def compress_joint(
 def compress(
     model: str,
     output: str | os.PathLike,
-    options: PlanOptions = PlanOptions(),
+    options: PlanOptions,
     data: str | None = None,
     splits: SplitOptions = SplitOptions(),
     analysis: AnalysisOptions = AnalysisOptions(),
@@ -251,6 +253,8 @@ def compress(
             check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
     if analysis.cache is not None and mode in JOINT_MODES:
         analysis_cache_dir(analysis.cache)
+    if data is not None and ":" in data:  # a data file: there before the export, not after it
+        check_regular_file(data.partition(":")[2], "data file")
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
         reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
@@ -320,11 +324,15 @@ def rewrite_file(
     progress: ProgressLike = None,
 ) -> RewriteReport:
     """Apply a plan (a JSON file or a Plan) to an ONNX file and write the result."""
-    output = check_output_path(output, (model, plan if not isinstance(plan, Plan) else None), overwrite)
+    inputs: tuple = (model,)
+    if not isinstance(plan, Plan):
+        inputs += (plan,)
+        plan = Plan.load(plan)
+        if plan.options.get("bases_file"):  # its stored bases are an input too
+            inputs += (Path(inputs[1]).parent / plan.options["bases_file"],)
+    output = check_output_path(output, inputs, overwrite)
     reference = load_onnx(model)
     check_finite_weights(reference)
-    if not isinstance(plan, Plan):
-        plan = Plan.load(plan)
     compressed, report = apply_plan(reference, plan, progress=progress)
     with staged_outputs(overwrite) as stage:  # with external data, the .data file obeys --overwrite too
         save_onnx(compressed, stage.path(output))

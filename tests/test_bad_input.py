@@ -88,6 +88,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
 
 
 COMPRESS = ["compress", "{model}", "-o", "{out}", "--mode", "uniform", "--rank-fraction", "0.5"]
+JOINT = ["compress", "{model}", "-o", "{out}", "--mode", "compact", "--data", "npz:{data}"]
 CASES = {
     # id: (argv with {name} from the files fixture, expected text in the message)
     "compress-external-data-missing": (["compress", "{external}", "-o", "{out}", "--mode", "uniform",
@@ -126,6 +127,22 @@ CASES = {
                                      "--overwrite"], "same as input"),
     "rewrite-output-exists": (["rewrite", "{model}", "--plan", "{plan}", "-o", "{existing}"],
                               "output exists: {existing} (pass --overwrite"),
+    # Option values, refused before any work.
+    **{f"compress-tolerance-{name}": (JOINT + ["--tolerance", value], "--tolerance must be a finite number >= 0")
+       for name, value in (("nan", "nan"), ("inf", "inf"), ("negative", "-5"))},
+    "compress-target-reduction-nan": (["compress", "{model}", "-o", "{out}", "--mode", "lossless", "--data",
+                                       "npz:{data}", "--target-reduction", "nan"],
+                                      "--target-reduction must be a number in (0, 1)"),
+    "compress-lossless-without-target": (["compress", "{model}", "-o", "{out}", "--mode", "lossless", "--data",
+                                          "npz:{data}"], "mode lossless needs --target-reduction"),
+    "compress-seed-negative": (JOINT + ["--seed", "-1"], "-1 is not in the range x>=0"),
+    "compress-missing-data-before-export": (["compress", "cifar10-resnet20", "-o", "{out}", "--mode", "uniform",
+                                             "--rank-fraction", "0.5", "--data", "npz:{dir}/missing.npz"],
+                                            "data file not found: {dir}/missing.npz"),
+    "bench-threads-beyond-the-cpus": (["bench", "{model}", "--reference", "{model}", "--threads", "100000"],
+                                      "100000 is not in the range"),
+    "bench-batch-beyond-memory": (["bench", "{model}", "--reference", "{model}", "--batch", "1000000000"],
+                                  "more than half of the"),
 }
 
 
@@ -223,3 +240,45 @@ def test_checkpoint_does_not_fit(tmp_path: Path, resnet20_weights: Path, bad_che
     result = invoke(*[_fill(a, values) for a in argv])
     assert_one_line_error(result, expected)
     assert snapshot(tmp_path) == before
+
+
+def test_rewrite_never_writes_over_its_plans_bases(files: dict[str, Path]) -> None:
+    from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
+    from onnxlrf.graph.linalg import svd
+    from onnxlrf.planning.plan import Plan
+
+    plan = Plan.load(files["plan"])
+    model = onnx.load(str(files["model"]))
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    for entry in plan.layers:
+        if entry.changed:
+            layer = layers[entry.node]
+            plan.bases[entry.weight] = tuple(a.astype(np.float32) for a in svd(
+                weight_matrices(weight_array(model, layer), layer, entry.decomposition)))
+            entry.basis = "joint"
+    plan.save(files["dir"] / "joint.json")
+    bases = files["dir"] / "joint.json.bases.npz"
+    before = snapshot(files["dir"])
+    result = invoke("rewrite", files["model"], "--plan", files["dir"] / "joint.json", "-o", bases, "--overwrite")
+    assert_one_line_error(result, "same as input")
+    assert snapshot(files["dir"]) == before
+
+
+def test_symbolic_shape_inference_leaves_nothing_in_the_current_directory(tmp_path: Path, monkeypatch) -> None:
+    """onnxruntime's symbolic shape inference writes temporary files into the current directory and can leave
+    them there when it fails; onnxlrf runs it in a directory of its own."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from onnxlrf.runtime import shapes
+
+    def leaves_files(model, **kwargs):
+        Path("sym_shape_infer_temp.onnx").write_bytes(b"temporary")
+        raise RuntimeError("cannot finish")
+
+    monkeypatch.setattr(SymbolicShapeInference, "infer_shapes", staticmethod(leaves_files))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sym_shape_infer_temp.onnx").write_bytes(b"the user's own file")
+    with pytest.raises(RuntimeError, match="cannot finish"):
+        shapes._symbolic_inference(mlp())
+    assert [p.name for p in tmp_path.iterdir()] == ["sym_shape_infer_temp.onnx"]
+    assert (tmp_path / "sym_shape_infer_temp.onnx").read_bytes() == b"the user's own file"

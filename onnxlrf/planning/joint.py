@@ -36,7 +36,7 @@ class PlanOptions:
     modes' knobs, instead of ``target_reduction``.
     """
 
-    mode: str = "uniform"
+    mode: str
     target_reduction: float | None = None
     tolerance: float = 0.0
     solver: str = "lagrangian"
@@ -44,6 +44,26 @@ class PlanOptions:
     rank_multiple: int | None = None
     rank_fraction: float | None = None
     energy: float | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse values no planner can take, before any work (the CLI's flag names in the messages)."""
+        for flag, value, low, high in (("--target-reduction", self.target_reduction, 0.0, 1.0),
+                                       ("--rank-fraction", self.rank_fraction, 0.0, 1.0 + 1e-12),
+                                       ("--energy", self.energy, 0.0, 1.0 + 1e-12)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                          and low < value < high):
+                raise OnnxlrfError(f"{flag} must be a number in (0, 1{')' if high == 1.0 else ']'}, got {value!r}")
+        if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise OnnxlrfError(f"--tolerance must be a finite number >= 0 (a predicted loss increase), "
+                               f"got {self.tolerance!r}")
+        if self.rank_multiple is not None and (not isinstance(self.rank_multiple, int) or self.rank_multiple < 1):
+            raise OnnxlrfError(f"--rank-multiple must be an integer >= 1, got {self.rank_multiple!r}")
+        if self.mode == "lossless" and self.target_reduction is None:
+            raise OnnxlrfError("mode lossless needs --target-reduction in (0, 1)")
+        if self.mode == "uniform" and (self.target_reduction is None) == (self.rank_fraction is None):
+            raise OnnxlrfError("mode uniform needs exactly one of --target-reduction or --rank-fraction")
+        if self.mode == "energy" and (self.target_reduction is None) == (self.energy is None):
+            raise OnnxlrfError("mode energy needs exactly one of --target-reduction or --energy")
 
 
 def plan_joint(model: onnx.ModelProto, technique: Any, analysis: Any, mode: str,

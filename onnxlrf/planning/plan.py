@@ -209,7 +209,7 @@ def _entry_from_dict(index: int, data: Any, version: int) -> PlanEntry:
         extra = set(data) - set(ENTRY_KEYS) - set(LowRankEntry.choice_keys) - {"notes"}
     else:
         technique, choice = data.get("technique"), data.get("choice")
-        if technique not in ENTRY_TYPES:
+        if not isinstance(technique, str) or technique not in ENTRY_TYPES:
             raise OnnxlrfError(f"{where}: unknown technique {technique!r} (known: {', '.join(ENTRY_TYPES)})")
         if not isinstance(choice, dict):
             raise OnnxlrfError(f"{where}: 'choice' must be an object")

@@ -17,7 +17,13 @@ from ..data import CLASSIFICATION, Dataset, check_fits, cosine_rows
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params
 from ..progress import ProgressLike, as_progress
-from .sessions import make_runner, make_session, random_feeds, run_dataset, select_providers
+from .sessions import (
+    make_runner,
+    make_session,
+    random_feeds,
+    run_dataset,
+    select_providers,
+)
 from .shapes import ModelLike, as_model_proto, count_flops, file_size
 
 # Bootstrap resamples for change intervals: at 2,000 the interval's ends move by 1 to 2% of

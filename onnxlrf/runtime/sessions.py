@@ -146,6 +146,7 @@ def random_feeds(
     in [0, 1000), all-ones attention masks and zero token type ids."""
     rng = np.random.default_rng(seed)
     shapes = concrete_input_shapes(model, batch, seq_length)
+    _check_memory(model, shapes, batch)
     feeds = {}
     for inp in graph_inputs(model):
         shape = shapes[inp.name]
@@ -161,6 +162,20 @@ def random_feeds(
         else:
             raise OnnxlrfError(f"cannot make random data for input {inp.name!r} of type {dtype}; pass feeds")
     return feeds
+
+
+def _check_memory(model: onnx.ModelProto, shapes: dict[str, list[int]], batch: int) -> None:
+    """Refuse feeds that would take more than half of the memory free now (a batch of a million images)."""
+    needed = sum(int(np.prod(shapes[inp.name], dtype=np.float64)) *
+                 np.dtype(onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)).itemsize
+                 for inp in graph_inputs(model))
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: nothing to compare with
+        return
+    if needed > free / 2:
+        raise OnnxlrfError(f"the inputs at batch {batch} need {needed / 2**30:.1f} GiB, more than half of the "
+                           f"{free / 2**30:.1f} GiB of memory free: use a smaller --batch")
 
 
 def make_runner(session: ort.InferenceSession, feeds: dict[str, np.ndarray],

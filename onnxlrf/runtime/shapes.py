@@ -66,7 +66,15 @@ def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
 def _symbolic_inference(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    # It writes temporary files (sym_shape_infer_temp.onnx, <uuid>.data) into the current directory
+    # and can leave them there: run it in a directory of its own.
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-shapes-") as tmp:
+        previous = os.getcwd()
+        os.chdir(tmp)
+        try:
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        finally:
+            os.chdir(previous)
 
 
 def _tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:

@@ -18,6 +18,11 @@ class SplitOptions:
     val: int = 1000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--calib", self.calib, 1), ("--val", self.val, 1), ("--seed", self.seed, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise OnnxlrfError(f"{flag} must be an integer >= {low}, got {value!r}")
+
 
 @dataclass
 class Splits:
