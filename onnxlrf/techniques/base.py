@@ -122,6 +122,9 @@ class Technique(Protocol):
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         """Nodes of the kinds the technique handles that it cannot take, with the reason (for ``inspect``)."""
 
+    def analyse(self, model: onnx.ModelProto, calib: Any, options: Any, progress: ProgressLike = None) -> Any:
+        """What the technique measures on the calibration split to predict its choices' loss changes."""
+
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    **options: Any) -> list[Candidates]:
         """Per weight group, the options inside the analysis' trusted ranges: choice, predicted loss change, cost."""

@@ -9,7 +9,7 @@ from typing import Any
 import onnx
 
 from ..errors import OnnxlrfError
-from ..measure.analysis import AnalysisOptions, joint_analysis
+from ..measure.analysis import AnalysisOptions
 from ..planning.joint import plan_source
 from ..planning.plan import Plan
 from ..progress import Progress
@@ -57,7 +57,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
     for index in range(rounds):
         if rounds > 1:
             progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
-        analysis = joint_analysis(current, splits.calib, analysis_options, progress)
+        analysis = technique.analyse(current, splits.calib, analysis_options, progress)
         target = None if options.target_reduction is None else options.target_reduction * (index + 1) / rounds
         result = backoff_plan(current, analysis, splits.val, dataclasses.replace(options, target_reduction=target),
                               calib=splits.calib, refit=verify.refit and rounds == 1, reference_val=reference_val,

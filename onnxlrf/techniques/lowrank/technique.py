@@ -7,6 +7,7 @@ from typing import Any, Hashable
 import onnx
 
 from ...graph.layers import Layer, find_layers
+from ...measure.analysis import AnalysisOptions, joint_analysis
 from ...planning import joint
 from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike
@@ -29,6 +30,11 @@ class LowRank:
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_layers(model)[1]}
+
+    def analyse(self, model: onnx.ModelProto, calib: Any, options: AnalysisOptions,
+                progress: ProgressLike = None) -> Any:
+        """:func:`~onnxlrf.measure.analysis.joint_analysis`: gradients, K-FAC statistics, joint bases, ranges."""
+        return joint_analysis(model, calib, options, progress)
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    rank_multiple: int = 1) -> list[Candidates]:
