@@ -273,11 +273,13 @@ def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[lis
         groups.setdefault(layer.weight, []).append(layer)
     layer_nodes = {layer.node for layer in layers}
     other_users: set[str] = set()
+    subgraph_readers: set[str] = set()
     for node in model.graph.node:
         if node.name not in layer_nodes:
             other_users.update(node.input)
         elif node.op_type in ("Conv", "Gemm"):
             other_users.update(node.input[2:])  # a weight used as a bias is a dense use
+        subgraph_readers |= subgraph_reads(node)
     for output in model.graph.output:
         other_users.add(output.name)
     dense_reason = {}
@@ -286,9 +288,23 @@ def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[lis
         if any((m.op_type, m.transposed, m.groups, m.kernel) != (first.op_type, first.transposed, first.groups,
                                                                     first.kernel) for m in members):
             dense_reason[weight] = "weight shared by nodes that read it differently"
+        elif weight in subgraph_readers:
+            dense_reason[weight] = "weight also read inside a subgraph (an If, Loop or Scan body)"
         elif weight in other_users:
             dense_reason[weight] = "weight also used by a node that stays dense"
     return list(groups.values()), dense_reason
+
+
+def subgraph_reads(node: onnx.NodeProto) -> set[str]:
+    """Names the subgraphs of ``node`` (If branches, Loop and Scan bodies, nested) read."""
+    reads: set[str] = set()
+    for attr in node.attribute:
+        for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for inner in graph.node:
+                reads.update(inner.input)
+                reads |= subgraph_reads(inner)
+            reads.update(output.name for output in graph.output)
+    return reads
 
 
 def dense_weight_reasons(model: onnx.ModelProto) -> dict[str, str]:

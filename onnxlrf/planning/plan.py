@@ -151,6 +151,17 @@ class LowRankEntry(PlanEntry):
             raise OnnxlrfError(f"plan node {node!r}: rank {self.rank!r} outside 1..{max_rank}")
         if self.max_rank != max_rank:
             raise OnnxlrfError(f"plan node {node!r}: max_rank {self.max_rank}, model has {max_rank}")
+        if self.keep is not None:
+            keep = self.keep
+            if not isinstance(keep, list) or not all(_is_int(i) for i in keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
+            if len(keep) != self.rank:
+                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {self.rank}")
+            if len(set(keep)) != len(keep):
+                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
+            bad = [i for i in keep if not 0 <= i < max_rank]
+            if bad:
+                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
         if self.basis != "svd":
             basis = plan.bases.get(self.weight)
             g, m, n = layer.matrix_shape(self.decomposition)
@@ -175,17 +186,6 @@ class LowRankEntry(PlanEntry):
             if len(basis) < 5 or basis[4] is None or basis[4].shape != (g * m,):
                 raise OnnxlrfError(f"plan node {node!r} is refit, but the plan stores no bias change of "
                                    f"{g * m} values for {self.weight!r}")
-        if self.keep is not None:
-            keep = self.keep
-            if not isinstance(keep, list) or not all(_is_int(i) for i in keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep must be a list of integers")
-            if len(keep) != self.rank:
-                raise OnnxlrfError(f"plan node {node!r}: keep has {len(keep)} indices, rank is {self.rank}")
-            if len(set(keep)) != len(keep):
-                raise OnnxlrfError(f"plan node {node!r}: keep has duplicate indices")
-            bad = [i for i in keep if not 0 <= i < max_rank]
-            if bad:
-                raise OnnxlrfError(f"plan node {node!r}: keep index {bad[0]} outside 0..{max_rank - 1}")
 
 
 # Entry classes by technique: a new technique registers its entry class here.

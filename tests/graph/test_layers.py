@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxlrf.graph.layers import Layer, find_layers, weight_array, weight_matrices
+from onnxlrf.graph.layers import (
+    Layer,
+    count_params,
+    find_layers,
+    weight_array,
+    weight_matrices,
+)
 from onnxlrf.graph.linalg import singular_values, svd
 from onnxlrf.onnx_io import load_onnx
 
@@ -215,3 +222,33 @@ def test_nonfinite_weights_nan_anywhere_inf_only_in_layer_inputs():
     assert nonfinite_weights(model(weight, bad_scale)) == ["scale"]
     with pytest.raises(OnnxlrfError, match="weight 'w' of the model contains NaN or Inf \\(and 1 more\\)"):
         check_finite_weights(model(bad_weight, bad_scale))
+
+
+def test_a_weight_read_inside_a_subgraph_stays_dense():
+    """A weight an If branch reads too cannot go: factorizing it would add the factors and keep the weight."""
+    from onnxlrf.graph.layers import dense_weight_reasons
+    from onnxlrf.techniques.lowrank.planners import plan_uniform
+    from onnxlrf.techniques.lowrank.rewrite import apply_plan
+
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((32, 32)).astype(np.float32),
+               "v": rng.standard_normal((32, 32)).astype(np.float32), "flag": np.array(True)}
+    branch = lambda name: helper.make_graph(  # noqa: E731
+        [helper.make_node("MatMul", ["h", "w"], [f"{name}_out"], name=f"{name}_mm")], name, [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, [4, 32])])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="fc_w"),
+             helper.make_node("MatMul", ["h", "v"], ["k"], name="fc_v"),
+             helper.make_node("If", ["flag"], ["y"], name="branch", then_branch=branch("then"),
+                              else_branch=branch("else")),
+             helper.make_node("Add", ["y", "k"], ["z"], name="sum")]
+    graph = helper.make_graph(nodes, "sub", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 32])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [4, 32])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    assert dense_weight_reasons(model) == {"w": "weight also read inside a subgraph (an If, Loop or Scan body)"}
+    plan = plan_uniform(model, rank_fraction=0.25)
+    by_node = {entry.node: entry for entry in plan.layers}
+    assert not by_node["fc_w"].changed and by_node["fc_v"].changed
+    compressed, _ = apply_plan(model, plan)
+    assert count_params(compressed) == count_params(model) - plan.summary()["params_removed"] < count_params(model)

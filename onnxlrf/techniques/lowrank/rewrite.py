@@ -112,6 +112,11 @@ class LowRankRewrite(RewritePass):
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         validate_plan(plan, model)
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        gemm = next((e.node for e in plan.layers if e.changed and e.op_type == "Gemm"), None)
+        if gemm is not None and opset < 7:
+            raise OnnxlrfError(f"node {gemm!r}: a Gemm of opset {opset} cannot broadcast the bias the factorized "
+                               f"pair needs; convert the model to opset 7 or newer (onnx.version_converter)")
         available = {value.name for value in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
         for node in model.graph.node:
             missing = [name for name in node.input if name not in available]
@@ -302,7 +307,10 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, 
         # Y = alpha * A' @ B + beta * C with B = P @ Q: (alpha * A' @ P) @ Q + beta * C
         attrs_a = {k: attrs[k] for k in ("alpha", "transA") if k in attrs}
         attrs_b = {"beta": attrs["beta"]} if "beta" in attrs and len(inputs) > 2 and inputs[2].name else {}
-        node_a = gs.Node("Gemm", name_a, attrs_a, [inputs[0], first], [middle])
+        # Before opset 11 C is a required input: the first Gemm adds a zero (broadcast).
+        zero = [gs.Constant(_unique(f"{node.name}.lrf_zero", taken), np.zeros(1, first.values.dtype))] \
+            if graph.opset < 11 else []
+        node_a = gs.Node("Gemm", name_a, attrs_a, [inputs[0], first] + zero, [middle])
         node_b = gs.Node("Gemm", name_b, attrs_b, [middle, second] + inputs[2:], outputs)
     else:
         node_a = gs.Node("MatMul", name_a, {}, [inputs[0], first], [middle])

@@ -504,3 +504,23 @@ def test_truncate_weights_keeps_the_graph_and_matches_the_pair(model, decomposit
     feeds = feeds_for(model)
     assert rel_diff(run(truncated, feeds), run(apply_plan(model, plan)[0], feeds)) <= 1e-4
 
+
+
+@pytest.mark.parametrize("opset", [7, 9, 11])
+def test_gemm_of_an_old_opset_gets_the_c_input_it_requires(opset):
+    """Before opset 11 Gemm's C is required: the first node of the pair adds a broadcast zero."""
+    rng = np.random.default_rng(0)
+    weights = {"w": rng.standard_normal((32, 24)).astype(np.float32), "b": rng.standard_normal(32).astype(np.float32)}
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], "old",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 24])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 32])],
+                              [numpy_helper.from_array(v, k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+    onnx.checker.check_model(model, full_check=True)
+    out, report = apply_plan(model, plan_full_rank(model), keep_dense_if_larger=False)
+    onnx.checker.check_model(out, full_check=True)
+    pair = [n for n in out.graph.node if n.op_type == "Gemm"]
+    assert len(pair) == 2 and (len(pair[0].input) == 3) == (opset < 11)
+    x = rng.standard_normal((4, 24)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run(out), run(model), rtol=1e-4, atol=1e-4)
