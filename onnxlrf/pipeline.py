@@ -324,13 +324,11 @@ def rewrite_file(
     progress: ProgressLike = None,
 ) -> RewriteReport:
     """Apply a plan (a JSON file or a Plan) to an ONNX file and write the result."""
-    inputs: tuple = (model,)
+    output = check_output_path(output, (model, plan if not isinstance(plan, Plan) else None), overwrite)
     if not isinstance(plan, Plan):
-        inputs += (plan,)
-        plan = Plan.load(plan)
+        path, plan = plan, Plan.load(plan)
         if plan.options.get("bases_file"):  # its stored bases are an input too
-            inputs += (Path(inputs[1]).parent / plan.options["bases_file"],)
-    output = check_output_path(output, inputs, overwrite)
+            check_output_path(output, (Path(path).parent / plan.options["bases_file"],), overwrite)
     reference = load_onnx(model)
     check_finite_weights(reference)
     compressed, report = apply_plan(reference, plan, progress=progress)
