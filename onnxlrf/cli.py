@@ -258,6 +258,7 @@ _export_options = _OptionGroup(
 def compress(model: str, output: str, data: str | None, plan_out: str | None, provider: str, report_dir: str | None,
              overwrite: bool, as_json: bool, quiet: bool, **params: Any) -> None:
     """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
+    from .onnx_io import staged_outputs
     from .pipeline import compress as run_compress
     from .report import check_report_dir, write_report
 
@@ -266,12 +267,19 @@ def compress(model: str, output: str, data: str | None, plan_out: str | None, pr
     options, splits = _plan_options.build(params), _split_options.build(params)
     analysis, verify, export = _analysis_options.build(params), _verify_options.build(params), \
         _export_options.build(params)
-    result = _run(as_json, lambda: run_compress(
-        model, output, options, data, splits, analysis, verify, export, provider=provider, plan_out=plan_out,
-        overwrite=overwrite, progress=_progress(quiet)))
+
+    def work() -> tuple[Any, Any]:
+        # Model, plan and report go in place together, or none of them.
+        with staged_outputs(overwrite) as stage:
+            result = run_compress(model, output, options, data, splits, analysis, verify, export, provider=provider,
+                                  plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet), stage=stage)
+            report = None if report_dir is None else \
+                write_report(result, report_dir, _command_line(), overwrite=overwrite, stage=stage)[1]
+        return result, report
+
+    result, html_path = _run(as_json, work)
     payload = result.to_dict()
-    if report_dir is not None:
-        _, html_path = write_report(result, report_dir, _command_line(), overwrite=overwrite)
+    if html_path is not None:
         payload["report"] = str(html_path)
     human = (f"wrote {result.output}: {result.params:,} params "
              f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "

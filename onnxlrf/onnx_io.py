@@ -249,6 +249,10 @@ class StagedOutputs:
 
     def commit(self) -> None:
         moves = self._moves()
+        with _locked({final.parent for _, final in moves}):
+            self._commit(moves)
+
+    def _commit(self, moves: list[tuple[Path, Path]]) -> None:
         existing = {final for _, final in moves if _output_exists(final)}
         if existing and not self.overwrite:
             final = next(final for _, final in moves if final in existing)
@@ -286,6 +290,27 @@ def _keep_copy(path: Path, copy: Path) -> None:
         os.link(path, copy, follow_symlinks=False)
     except OSError:  # file systems without hard links
         shutil.copy2(path, copy, follow_symlinks=False)
+
+
+@contextlib.contextmanager
+def _locked(directories: set[Path]) -> Iterator[None]:
+    """An exclusive lock on each directory (in one order: no deadlock) while outputs move into it, so two runs
+    writing the same outputs never interleave their files. Where the platform has no ``flock``, no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    held = []
+    try:
+        for directory in sorted(directories):
+            fd = os.open(directory, os.O_RDONLY)
+            held.append(fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ and :class:`~onnxlrf.verify.backoff.VerifyOptions`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -25,6 +26,7 @@ from .errors import OnnxlrfError
 from .graph.layers import check_finite_weights, count_params
 from .measure.analysis import AnalysisOptions, analysis_cache_dir
 from .onnx_io import (
+    StagedOutputs,
     check_output_path,
     check_regular_file,
     load_onnx,
@@ -221,6 +223,7 @@ def compress(
     plan_out: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: ProgressLike = None,
+    stage: StagedOutputs | None = None,
 ) -> CompressResult:
     """Compress ``model`` (a model name or an ONNX path) and write ``output``.
 
@@ -233,7 +236,9 @@ def compress(
     ``export.batch``) or latency (measured on ``provider`` at ``export.batch``, see
     :mod:`onnxlrf.costs.latency`). ``options.rank_multiple``: ranks are multiples of it (None:
     :func:`~onnxlrf.costs.latency.default_rank_multiple`). ``analysis`` and ``verify``: see
-    :func:`compress_joint`.
+    :func:`compress_joint`. ``stage``: the caller's :func:`~onnxlrf.onnx_io.staged_outputs`, which
+    the outputs join, to go in place with the caller's own files (the CLI's report); else they go in
+    place here, together.
     """
     progress = as_progress(progress)
     mode = options.mode
@@ -289,10 +294,10 @@ def compress(
                 extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
                                  "samples": len(dataset), "change_interval": validation.change_interval}
         # Model and plan go in place together: a failed write leaves neither, and existing files as they were.
-        with staged_outputs(overwrite) as stage:
-            save_onnx(compressed, stage.path(output))
+        with staged_outputs(overwrite) if stage is None else contextlib.nullcontext(stage) as outputs:
+            save_onnx(compressed, outputs.path(output))
             if plan_out is not None:
-                plan.save(stage.path(plan_out), overwrite=True)
+                plan.save(outputs.path(plan_out), overwrite=True)
         return CompressResult(
             output=output,
             plan=plan,

@@ -45,7 +45,7 @@ from matplotlib.transforms import Bbox
 
 from .errors import OnnxlrfError
 from .inspection import format_si
-from .onnx_io import load_onnx, staged_outputs
+from .onnx_io import StagedOutputs, check_output_path, load_onnx, staged_outputs
 from .techniques import TECHNIQUES
 from .techniques.base import EntryView, KeepPlot
 
@@ -89,12 +89,17 @@ def check_report_dir(directory: str | os.PathLike, overwrite: bool = False) -> P
     Called before the work starts, so a run does not end with nowhere to write.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if existing == directory and not directory.is_dir():
         raise OnnxlrfError(f"report directory is a file: {directory}")
-    if not overwrite:
-        for name in REPORT_FILES:
-            if (directory / name).exists():
-                raise OnnxlrfError(f"report exists: {directory / name} (pass --overwrite to replace it)")
+    if existing is not None and not existing.is_dir():
+        raise OnnxlrfError(f"report directory {directory} lies below {existing}, which is not a directory")
+    for name in REPORT_FILES:
+        path = directory / name
+        if path.exists() or path.is_symlink():
+            if not overwrite:
+                raise OnnxlrfError(f"report exists: {path} (pass --overwrite to replace it)")
+            check_output_path(path, (), overwrite)  # a directory, FIFO or device there is never replaced
     return directory
 
 
@@ -104,6 +109,7 @@ def write_report(
     command: str | None = None,
     baselines: list[dict] | None = None,
     overwrite: bool = False,
+    stage: StagedOutputs | None = None,
 ) -> tuple[Path, Path]:
     """Write the report of ``result`` (a :class:`~onnxlrf.pipeline.CompressResult`) into ``directory``.
 
@@ -111,7 +117,9 @@ def write_report(
     other methods' results for the metric-vs-size plot, each ``{"method", "reduction", "value"}``
     (``value`` on the same split as the result's final metric). The directory is created;
     existing report files are replaced only with ``overwrite``; all files are
-    written together or not at all. Returns the Markdown and HTML paths.
+    written together or not at all (``stage``: the caller's
+    :func:`~onnxlrf.onnx_io.staged_outputs`, with the model and plan of the run). Returns the
+    Markdown and HTML paths.
     """
     directory = check_report_dir(directory, overwrite)
     baselines = _check_baselines(baselines or [])
@@ -124,13 +132,13 @@ def write_report(
     except OSError as exc:
         raise OnnxlrfError(f"cannot create report directory {directory}: {exc.strerror}") from None
     try:
-        with staged_outputs(overwrite) as stage:
+        with staged_outputs(overwrite) if stage is None else contextlib.nullcontext(stage) as outputs:
             for key, svg in plots.items():
                 if svg is not None:
-                    stage.path(directory / PLOTS[key]).write_text(svg, encoding="utf-8")
-            stage.path(directory / PLAN).write_text(result.plan.to_json() + "\n", encoding="utf-8")
-            stage.path(directory / MARKDOWN).write_text(render_markdown(page, plots), encoding="utf-8")
-            stage.path(directory / HTML).write_text(render_html(page, plots), encoding="utf-8")
+                    outputs.path(directory / PLOTS[key]).write_text(svg, encoding="utf-8")
+            outputs.path(directory / PLAN).write_text(result.plan.to_json() + "\n", encoding="utf-8")
+            outputs.path(directory / MARKDOWN).write_text(render_markdown(page, plots), encoding="utf-8")
+            outputs.path(directory / HTML).write_text(render_html(page, plots), encoding="utf-8")
     except BaseException:
         if created:
             _remove_empty(directory)

@@ -282,3 +282,18 @@ def test_symbolic_shape_inference_leaves_nothing_in_the_current_directory(tmp_pa
         shapes._symbolic_inference(mlp())
     assert [p.name for p in tmp_path.iterdir()] == ["sym_shape_infer_temp.onnx"]
     assert (tmp_path / "sym_shape_infer_temp.onnx").read_bytes() == b"the user's own file"
+
+
+@pytest.mark.parametrize("spoil, expected", [
+    (lambda d: (d / "a-file").write_bytes(b"x"), "lies below {dir}/a-file, which is not a directory"),
+    (lambda d: (d / "a-file" / "report.html").mkdir(parents=True), "must be a regular file, got a directory"),
+], ids=["report-below-a-file", "report-html-a-directory"])
+def test_a_report_that_cannot_be_written_stops_the_run_before_anything_is_written(files: dict[str, Path], spoil,
+                                                                                   expected: str) -> None:
+    spoil(files["dir"])
+    before = snapshot(files["dir"])
+    result = invoke(*[_fill(a, files) for a in COMPRESS], "--plan-out", files["dir"] / "p.json", "--report",
+                    files["dir"] / "a-file" / "report" if "below" in expected else files["dir"] / "a-file",
+                    "--overwrite")
+    assert_one_line_error(result, _fill(expected, files))
+    assert snapshot(files["dir"]) == before

@@ -260,3 +260,36 @@ def test_failed_move_undoes_the_group(tmp_path: Path, monkeypatch: pytest.Monkey
             stage.path(tmp_path / "b.txt").write_text("new b")
     assert calls[:2] == ["a.txt", "b.txt"]
     assert names(tmp_path) == ["a.txt"] and (tmp_path / "a.txt").read_text() == "old a"
+
+
+def _write_pair(directory: str, tag: str, barrier, rounds: int) -> None:
+    """One writer: each round, the same two outputs with this writer's tag, released together with the other."""
+    for _ in range(rounds):
+        barrier.wait()
+        with staged_outputs(overwrite=True) as stage:
+            stage.path(Path(directory) / "model.onnx").write_bytes(tag.encode() * 50_000)
+            stage.path(Path(directory) / "plan.json").write_text(tag)
+        barrier.wait()
+
+
+def test_concurrent_overwriting_runs_never_mix_their_outputs(tmp_path: Path) -> None:
+    """Two runs writing the same model and plan paths at once: every round leaves one run's pair."""
+    import multiprocessing
+
+    rounds = 20
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(3)
+    writers = [context.Process(target=_write_pair, args=(str(tmp_path), tag, barrier, rounds)) for tag in "AB"]
+    for writer in writers:
+        writer.start()
+    try:
+        for _ in range(rounds):
+            barrier.wait()  # both start committing
+            barrier.wait()  # both done
+            model, plan = (tmp_path / "model.onnx").read_bytes(), (tmp_path / "plan.json").read_text()
+            assert model == plan.encode() * 50_000
+    finally:
+        for writer in writers:
+            writer.join(timeout=60)
+    assert [writer.exitcode for writer in writers] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "plan.json"]  # no staging left behind
