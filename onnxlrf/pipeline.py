@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .costs.latency import default_rank_multiple, make_cost
 from .costs.params import cost_model
 from .errors import OnnxlrfError
-from .graph.layers import check_finite_weights, count_params
+from .graph.layers import check_finite_weights, count_params, find_layers, weight_array
 from .measure.analysis import AnalysisOptions, analysis_cache_dir
 from .onnx_io import (
     StagedOutputs,
@@ -37,7 +38,7 @@ from .planning.joint import JOINT_MODES, PlanOptions
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
 from .runtime.evaluate import model_metric, validate
-from .runtime.sessions import select_providers
+from .runtime.sessions import make_session, select_providers
 from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
@@ -48,6 +49,8 @@ from .verify.splits import SplitOptions, split_dataset
 
 PLANNING_MODES = ("uniform", "energy")
 MODES = JOINT_MODES + PLANNING_MODES
+# Fewer calibration or validation samples than this get a warning: validation on them decides by chance.
+SMALL_SPLIT = 100
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,14 @@ def compress_joint(
     if options.mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {options.mode!r}; known: {', '.join(JOINT_MODES)}")
     progress = as_progress(progress)
+    _check_float32(reference)
     split = split_dataset(dataset, splits.calib, splits.val, splits.seed)
     progress.log(f"splits (seed {splits.seed}): {len(split.calib)} calibration, {len(split.val)} validation, "
                  f"{len(split.test)} held-out test samples")
+    if min(len(split.calib), len(split.val)) < SMALL_SPLIT:
+        progress.log(f"warning: {min(len(split.calib), len(split.val))} samples cannot tell a compressed model from "
+                     f"the original; the back-off's verdicts on so few are chance (use --calib and --val of "
+                     f"{SMALL_SPLIT} or more)")
     cost = cost_model(reference, options.target, cost or make_cost(reference, options.target))
     if analysis.spatial is None:
         analysis = dataclasses.replace(analysis, spatial=cost.target != "params")
@@ -208,6 +216,25 @@ def compress_joint(
             results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(data),
                              "change_interval": v.change_interval}
     return JointResult(plan, compressed, rounds.report, results, rounds.attempts, rounds.analysis, split.test)
+
+
+def _check_float32(model: onnx.ModelProto) -> None:
+    """The joint analysis runs in float32 torch: refuse other weight types with what to do instead."""
+    for layer in find_layers(model)[0]:
+        dtype = weight_array(model, layer).dtype
+        if dtype != np.float32:
+            raise OnnxlrfError(f"the joint modes analyse float32 models; weight {layer.weight!r} is {dtype}: use "
+                               f"--mode uniform or energy, or compress the float32 model and convert the result")
+
+
+def check_written(path: str | os.PathLike) -> None:
+    """A written model passes the ONNX checker (full check) and loads in onnxruntime, before it goes in place."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OnnxlrfError(f"the written model fails the ONNX checker ({first}); nothing was written") from None
+    make_session(path, ["CPUExecutionProvider"])
 
 
 def compress(
@@ -295,7 +322,7 @@ def compress(
                                  "samples": len(dataset), "change_interval": validation.change_interval}
         # Model and plan go in place together: a failed write leaves neither, and existing files as they were.
         with staged_outputs(overwrite) if stage is None else contextlib.nullcontext(stage) as outputs:
-            save_onnx(compressed, outputs.path(output))
+            check_written(save_onnx(compressed, outputs.path(output)))
             if plan_out is not None:
                 plan.save(outputs.path(plan_out), overwrite=True)
         return CompressResult(
@@ -338,5 +365,5 @@ def rewrite_file(
     check_finite_weights(reference)
     compressed, report = apply_plan(reference, plan, progress=progress)
     with staged_outputs(overwrite) as stage:  # with external data, the .data file obeys --overwrite too
-        save_onnx(compressed, stage.path(output))
+        check_written(save_onnx(compressed, stage.path(output)))
     return report

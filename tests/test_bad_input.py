@@ -297,3 +297,86 @@ def test_a_report_that_cannot_be_written_stops_the_run_before_anything_is_writte
                     "--overwrite")
     assert_one_line_error(result, _fill(expected, files))
     assert snapshot(files["dir"]) == before
+
+
+def _retyped(model: onnx.ModelProto, batch: int | str) -> onnx.ModelProto:
+    """``model`` with its input's batch dimension set to ``batch`` (a number, or a symbolic name)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dim = out.graph.input[0].type.tensor_type.shape.dim[0]
+    if isinstance(batch, int):
+        dim.dim_value = batch
+    else:
+        dim.dim_param = batch
+    return out
+
+
+def test_models_onnxruntime_loads_but_cannot_run(files: dict[str, Path]) -> None:
+    from onnx import helper, numpy_helper
+
+    model = mlp()
+    model.graph.initializer.append(numpy_helper.from_array(np.array([7, -1], dtype=np.int64), "odd_shape"))
+    reshape = helper.make_node("Reshape", [model.graph.input[0].name, "odd_shape"], ["odd"], name="odd_reshape")
+    model.graph.node.insert(0, reshape)
+    model.graph.node[1].input[0] = "odd"  # 40 x 24 values do not fill rows of 7
+    del model.graph.value_info[:]
+    broken = files["dir"] / "broken.onnx"
+    onnx.save(model, str(broken))
+    before = snapshot(files["dir"])
+    for argv in (["validate", broken, "--data", f"npz:{files['data']}"],
+                 ["compress", broken, "-o", files["out"], "--mode", "uniform", "--rank-fraction", "0.5",
+                  "--data", f"npz:{files['data']}"],
+                 ["bench", broken, "--reference", files["model"], "--batch", "4"]):
+        assert_one_line_error(invoke(*argv), "onnxruntime cannot run the model")
+        assert "odd_reshape" in invoke(*argv).stderr
+    assert snapshot(files["dir"]) == before
+
+
+def test_bench_against_a_reference_with_other_inputs(files: dict[str, Path]) -> None:
+    static = files["dir"] / "static.onnx"
+    onnx.save(_retyped(mlp(), 1), str(static))
+    result = invoke("bench", files["model"], "--reference", static, "--batch", "4")
+    assert_one_line_error(result, "of the reference has shape [1, 24], but the inputs are [4, 24]")
+    half = files["dir"] / "half.onnx"
+    model = mlp()
+    model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(model, str(half))
+    assert invoke("bench", files["model"], "--reference", half).exit_code == 1
+
+
+def test_joint_modes_refuse_weights_that_are_not_float32(files: dict[str, Path]) -> None:
+    from onnx import numpy_helper
+
+    model = mlp()
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+    double = files["dir"] / "double.onnx"
+    onnx.save(model, str(double))
+    with np.load(files["data"]) as data:
+        np.savez(files["dir"] / "double.npz", x=data["x"].astype(np.float64), labels=data["labels"])
+    before = snapshot(files["dir"])
+    result = invoke("compress", double, "-o", files["out"], "--mode", "compact", "--data",
+                    f"npz:{files['dir'] / 'double.npz'}", "--calib", "10", "--val", "10")
+    assert_one_line_error(result, "the joint modes analyse float32 models; weight 'w1' is float64")
+    assert snapshot(files["dir"]) == before
+
+
+def test_tiny_splits_are_warned_about(files: dict[str, Path]) -> None:
+    result = invoke("compress", files["model"], "-o", files["out"], "--mode", "compact", "--data",
+                    f"npz:{files['data']}", "--calib", "1", "--val", "1")
+    assert result.exit_code == 0, result.output
+    assert "warning: 1 samples cannot tell a compressed model from the original" in result.stderr
+
+
+def test_an_output_that_fails_the_checker_is_never_written(files: dict[str, Path], monkeypatch) -> None:
+    def failing(*args, **kwargs):
+        raise onnx.checker.ValidationError("Nodes in a graph must be topologically sorted")
+
+    monkeypatch.setattr(onnx.checker, "check_model", failing)
+    before = snapshot(files["dir"])
+    assert_one_line_error(invoke(*[_fill(a, files) for a in COMPRESS]), "fails the ONNX checker (Nodes in a graph")
+    assert_one_line_error(invoke("rewrite", files["model"], "--plan", files["plan"], "-o", files["out"]),
+                          "nothing was written")
+    assert snapshot(files["dir"]) == before

@@ -22,6 +22,7 @@ from .sessions import (
     make_session,
     random_feeds,
     run_dataset,
+    run_session,
     select_providers,
 )
 from .shapes import ModelLike, as_model_proto, count_flops, file_size
@@ -149,6 +150,28 @@ def change_interval(
     return [float(low), float(high)]
 
 
+# onnxruntime's element type names of session inputs.
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+
+
+def _check_feeds(name: str, session: Any, feeds: dict[str, np.ndarray]) -> None:
+    """Refuse feeds of another dtype or shape than the session's inputs declare (one model's random inputs fed to
+    a reference of another input shape, or of a static batch)."""
+    for inp in session.get_inputs():
+        value = feeds[inp.name]
+        expected = _ORT_TYPES.get(inp.type)
+        if expected is not None and value.dtype != expected:
+            raise OnnxlrfError(f"input {inp.name!r} of the {name} is {inp.type}, but the inputs are {value.dtype}: "
+                               f"bench models with the same inputs")
+        declared = list(inp.shape)
+        if len(declared) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(declared, value.shape)):
+            raise OnnxlrfError(f"input {inp.name!r} of the {name} has shape {declared}, but the inputs are "
+                               f"{list(value.shape)}: bench models with the same input shapes (a static batch "
+                               f"needs the same --batch)")
+
+
 def benchmark(
     model: ModelLike,
     reference: ModelLike,
@@ -181,6 +204,8 @@ def benchmark(
         missing = [i.name for i in sess.get_inputs() if i.name not in sess_feeds]
         if missing:
             raise OnnxlrfError(f"feeds lack input(s) {', '.join(missing)} of the {name}")
+        _check_feeds(name, sess, sess_feeds)
+        run_session(sess, None, sess_feeds)  # a model that cannot run these inputs: one line, before any timing
     progress = as_progress(progress)
     run_model = make_runner(session, model_feeds, io_binding)
     run_reference = make_runner(reference_session, reference_feeds, io_binding)

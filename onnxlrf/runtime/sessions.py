@@ -108,8 +108,7 @@ def make_session(
     except OnnxlrfError:
         raise
     except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/... with multi-line text
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line}") from None
+        raise OnnxlrfError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
 def _static_batch(session: ort.InferenceSession) -> int | None:
@@ -135,8 +134,21 @@ def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int
         rows = len(next(iter(feed.values())))
         if static_batch and rows < static_batch:
             feed = {n: np.concatenate([a, np.repeat(a[-1:], static_batch - rows, axis=0)]) for n, a in feed.items()}
-        outputs.append(session.run([first_output], feed)[0][:rows])
+        outputs.append(run_session(session, [first_output], feed)[0][:rows])
     return np.concatenate(outputs)
+
+
+def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
+    """``session.run``, with onnxruntime's failure (a node that cannot run these inputs) as one line naming it."""
+    try:
+        return session.run(outputs, feeds)
+    except Exception as exc:  # onnxruntime raises Fail/InvalidArgument/RuntimeException with multi-line text
+        raise OnnxlrfError(f"onnxruntime cannot run the model: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def random_feeds(
