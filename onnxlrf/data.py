@@ -174,6 +174,8 @@ def load_data(spec: str, model: onnx.ModelProto | None = None, tokenizer: str | 
     checked to fit it (see :func:`check_fits`).
     """
     kind, _, path = spec.partition(":")
+    if model is not None and not graph_inputs(model):
+        raise OnnxlrfError("the model has no inputs: there is nothing to feed data to")
     if kind == "cifar10" and not path:
         dataset = _cifar10_torchvision(model)
     elif kind == "cifar10-jpeg" and path:

@@ -380,3 +380,18 @@ def test_an_output_that_fails_the_checker_is_never_written(files: dict[str, Path
     assert_one_line_error(invoke("rewrite", files["model"], "--plan", files["plan"], "-o", files["out"]),
                           "nothing was written")
     assert snapshot(files["dir"]) == before
+
+
+def test_data_for_a_model_without_inputs(files: dict[str, Path]) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.ones((8, 8), np.float32)
+    graph = helper.make_graph([helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(weight[:1], "v")),
+                               helper.make_node("MatMul", ["c", "w"], ["y"], name="mm")], "no_inputs", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(weight, "w")])
+    path = files["dir"] / "no_inputs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    before = snapshot(files["dir"])
+    assert_one_line_error(invoke("validate", path, "--data", f"npz:{files['data']}"), "the model has no inputs")
+    assert snapshot(files["dir"]) == before
