@@ -3,7 +3,7 @@ model that passes the ONNX checker and runs; never a traceback, never a changed 
 
 Each strategy mutates a valid input: the plan's JSON (a value replaced by another JSON value, a key dropped or
 added), its bases file (an array reshaped, retyped, made non-finite or dropped; the bytes cut), the data file
-(inputs and labels), and option values. ``ONNXLRF_FUZZ_EXAMPLES`` sets the examples per strategy (default 60;
+(inputs and labels), and option values. ``ONNXLRF_FUZZ_EXAMPLES`` sets the examples per strategy (default 200;
 2,000 for the long run: ``ONNXLRF_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py``).
 """
 
@@ -28,7 +28,7 @@ from onnxlrf.graph.linalg import svd
 from onnxlrf.planning.plan import Plan
 from onnxlrf.techniques.lowrank.planners import plan_uniform
 
-EXAMPLES = int(os.environ.get("ONNXLRF_FUZZ_EXAMPLES", "60"))
+EXAMPLES = int(os.environ.get("ONNXLRF_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
