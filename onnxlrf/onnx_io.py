@@ -100,6 +100,7 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
     del content  # the serialized model can be as large as the model itself
     if not model.graph.node and not model.graph.output:
         raise OnnxlrfError(f"not a valid ONNX file (empty graph): {path}")
+    check_graph_reads(model)
     if load_external_data:
         base = path.parent
         for tensor in _external_tensors(model):
@@ -110,6 +111,18 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
         except Exception as exc:
             raise OnnxlrfError(f"cannot read external data of {path}: {exc}") from None
     return model
+
+
+def check_graph_reads(model: onnx.ModelProto) -> None:
+    """Every node of the main graph reads only what a graph input, an initializer or an earlier node produces
+    (ONNX requires that order); else a one-line error naming the node and the value."""
+    available = {value.name for value in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    for node in model.graph.node:
+        missing = next((name for name in node.input if name not in available), None)
+        if missing is not None:
+            raise OnnxlrfError(f"node {node.name!r} ({node.op_type}) reads {missing!r}, which no graph input, "
+                               f"initializer or earlier node produces")
+        available.update(node.output)
 
 
 def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -395,3 +395,15 @@ def test_data_for_a_model_without_inputs(files: dict[str, Path]) -> None:
     before = snapshot(files["dir"])
     assert_one_line_error(invoke("validate", path, "--data", f"npz:{files['data']}"), "the model has no inputs")
     assert snapshot(files["dir"]) == before
+
+
+def test_a_graph_that_reads_a_value_nothing_produces(files: dict[str, Path]) -> None:
+    model = mlp()
+    model.graph.node[-1].input[0] = "nowhere"
+    path = files["dir"] / "dangling.onnx"
+    onnx.save(model, str(path))
+    before = snapshot(files["dir"])
+    for argv in (["rewrite", path, "--plan", files["plan"], "-o", files["out"]], ["inspect", path],
+                 ["compress", path, "-o", files["out"], "--mode", "uniform", "--rank-fraction", "0.5"]):
+        assert_one_line_error(invoke(*argv), "reads 'nowhere', which no graph input, initializer or earlier node")
+    assert snapshot(files["dir"]) == before

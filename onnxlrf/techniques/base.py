@@ -24,6 +24,7 @@ import onnx
 
 from ..errors import OnnxlrfError
 from ..graph.layers import Layer
+from ..onnx_io import check_graph_reads
 from ..planning.knapsack import CandidateSet
 from ..planning.plan import Plan, PlanEntry
 from ..progress import ProgressLike
@@ -48,7 +49,7 @@ class RewritePass:
 
     Calling the pass runs all three. The base :meth:`ensures` checks what every rewrite keeps:
     the graph's inputs and outputs (names, element types and shapes), and that every tensor a
-    node reads is produced by a node, an initializer or a graph input.
+    node reads is produced by a node, an initializer or a graph input (:func:`~onnxlrf.onnx_io.check_graph_reads`).
     """
 
     name = "rewrite"
@@ -68,12 +69,10 @@ class RewritePass:
             raise OnnxlrfError(f"{self.name}: the rewrite changed the graph's inputs")
         if _value_infos(before.output) != _value_infos(after.output):
             raise OnnxlrfError(f"{self.name}: the rewrite changed the graph's outputs")
-        available = {value.name for value in after.input} | {t.name for t in after.initializer} | {""}
-        for node in after.node:
-            missing = [name for name in node.input if name not in available]
-            if missing:
-                raise OnnxlrfError(f"{self.name}: node {node.name!r} reads {missing[0]!r}, which nothing produces")
-            available.update(node.output)
+        try:
+            check_graph_reads(result)
+        except OnnxlrfError as exc:
+            raise OnnxlrfError(f"{self.name} broke the graph: {exc}") from None
 
     def __call__(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                  ) -> tuple[onnx.ModelProto, RewriteReport]:
