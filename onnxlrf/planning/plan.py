@@ -175,6 +175,9 @@ class LowRankEntry(PlanEntry):
             if self.rank > components or any(i >= components for i in self.kept_indices()):
                 raise OnnxlrfError(f"plan node {node!r}: rank {self.rank} (or a kept index) beyond the "
                                    f"{components} components its {self.basis} basis stores")
+        if (self.bias_correction or self.basis == "refit") and layer.op_type == "ConvTranspose":
+            # Its matrices' rows are input channels: a change per matrix row is no bias.
+            raise OnnxlrfError(f"plan node {node!r}: a ConvTranspose takes no bias correction or refit")
         if self.bias_correction:
             basis = plan.bases.get(self.weight) if self.basis != "svd" else None
             if basis is None or len(basis) < 4 or basis[3] is None:
