@@ -3,7 +3,7 @@
 Per factorizable layer: weight, shape, parameters, FLOPs, and for each
 decomposition the matrices it factorizes, the maximum rank and the break-even
 rank (the largest rank whose factorized form is still smaller than dense).
-Per Conv/Gemm/MatMul or quantized node that is not a layer: why. Works on any
+Per Conv/ConvTranspose/Gemm/MatMul or quantized node that is not a layer: why. Works on any
 ONNX file: nothing is run, shapes come from shape inference.
 """
 
@@ -56,7 +56,7 @@ class SkippedInfo:
     node: str
     op_type: str
     reason: str
-    flops: int | None = None  # Conv/Gemm/MatMul only
+    flops: int | None = None  # Conv/ConvTranspose/Gemm/MatMul only
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Inspection:
     skipped: list[SkippedInfo]
     params: int  # float initializers and Constants, as compress counts them
     factorizable_params: int  # of the layers' weights, a shared weight counted once
-    flops: int | None  # Conv/Gemm/MatMul nodes, one run at flops_input_shapes; None if unknown
+    flops: int | None  # Conv/ConvTranspose/Gemm/MatMul nodes, one run at flops_input_shapes; None if unknown
     factorizable_flops: int | None
     nonfinite_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -165,7 +165,7 @@ def _flops_shapes(declared: dict[str, list], given: dict[str, list[int]] | None,
 
 
 def _node_flops(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[dict[str, int | None], str | None]:
-    """FLOPs per Conv/Gemm/MatMul node name, and a note when they cannot be counted."""
+    """FLOPs per Conv/ConvTranspose/Gemm/MatMul node name, and a note when they cannot be counted."""
     try:
         return flops_by_node(model, shapes), None
     except OnnxlrfError as exc:
@@ -201,7 +201,7 @@ def format_inspection(inspection: Inspection) -> str:
     lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
     at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())
     flops_share = f", {i.factorizable_flops / i.flops:.1%}" if i.flops and i.factorizable_flops is not None else ""
-    lines.append(f"FLOPs (Conv/Gemm/MatMul, one run at {at}): {format_si(i.flops)} "
+    lines.append(f"FLOPs (Conv/ConvTranspose/Gemm/MatMul, one run at {at}): {format_si(i.flops)} "
                  f"(in factorizable layers: {format_si(i.factorizable_flops)}{flops_share})")
     if i.nonfinite_weights:
         lines.append(f"weights with NaN or Inf ({len(i.nonfinite_weights)}): {', '.join(i.nonfinite_weights)}")

@@ -129,7 +129,7 @@ _ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
 
 def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
     """Names of the float initializers and ``Constant`` tensors of the main graph that hold NaN, or that hold
-    +-Inf and are read by a Conv/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention masks and
+    +-Inf and are read by a Conv/ConvTranspose/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention masks and
     fill values hold -Inf, as MiniLM's exported graph does)."""
     tensors = [(t.name, t) for t in model.graph.initializer]
     tensors += [(node.output[0], attr.t) for node in model.graph.node if node.op_type == "Constant"

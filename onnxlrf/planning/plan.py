@@ -369,7 +369,8 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
         if layer is None:
             if node in skipped_by_node:
                 raise OnnxlrfError(f"plan node {node!r} is not factorizable: {skipped_by_node[node].reason}")
-            raise OnnxlrfError(f"plan node {node!r} does not exist in the model (or is not Conv/Gemm/MatMul)")
+            raise OnnxlrfError(f"plan node {node!r} does not exist in the model "
+                               f"(or is not Conv/ConvTranspose/Gemm/MatMul)")
         if entry.op_type != layer.op_type:
             raise OnnxlrfError(f"plan node {node!r}: op_type {entry.op_type!r}, model has {layer.op_type!r}")
         if entry.weight != layer.weight:
