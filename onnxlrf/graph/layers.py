@@ -205,7 +205,7 @@ def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer 
 
     if node.op_type in CONV_OPS:
         if len(shape) < 3:
-            return f"{node.op_type.lower()} weight of rank {len(shape)} is not supported"
+            return f"{node.op_type} weight of rank {len(shape)} is not supported"
         groups = int(attrs.get("group", 1))
         kernel = shape[2:]
         if node.op_type == "Conv":
@@ -217,7 +217,7 @@ def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer 
         if cin_per_group == 1 and groups > 1:
             why = "of rank 1, which no factor pair makes smaller" if min(m, n) == 1 else \
                 "too small for a factor pair (one more node) to pay off"
-            return (f"depthwise {node.op_type.lower()} (one input channel per group): stays dense; each of its "
+            return (f"depthwise {node.op_type} (one input channel per group): stays dense; each of its "
                     f"{groups} groups is a {m}x{n} matrix, {why}")
         spatial = node.op_type == "Conv" and len(kernel) == 2 and groups == 1 and max(kernel) > 1
         decompositions = ("channel", "spatial") if spatial else ("channel",)

@@ -283,7 +283,7 @@ def test_conv_transpose_refuses_bias_correction_and_depthwise_stays_dense():
         apply_plan(model, corrected)
     depthwise = conv_transpose_model(cin=8, cout=16, groups=8, strides=[2, 2])
     layers, skipped = find_layers(depthwise)
-    assert layers == [] and skipped[0].reason.startswith("depthwise convtranspose")
+    assert layers == [] and skipped[0].reason.startswith("depthwise ConvTranspose")
     out, report = apply_plan(depthwise, plan_full_rank(depthwise), keep_dense_if_larger=False)
     assert report.rewritten == [] and [n.op_type for n in out.graph.node] == ["ConvTranspose"]
 
