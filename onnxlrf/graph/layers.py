@@ -129,8 +129,8 @@ _ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
 
 def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
     """Names of the float initializers and ``Constant`` tensors of the main graph that hold NaN, or that hold
-    +-Inf and are read by a Conv/ConvTranspose/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention masks and
-    fill values hold -Inf, as MiniLM's exported graph does)."""
+    +-Inf and are read by a Conv/ConvTranspose/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention
+    masks and fill values hold -Inf, as MiniLM's exported graph does)."""
     tensors = [(t.name, t) for t in model.graph.initializer]
     tensors += [(node.output[0], attr.t) for node in model.graph.node if node.op_type == "Constant"
                 for attr in node.attribute if attr.name == "value"]
@@ -155,7 +155,8 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
-    """Factorizable layers of the main graph, and the Conv/ConvTranspose/Gemm/MatMul/quantized nodes that are not."""
+    """Factorizable layers of the main graph, and the Conv/ConvTranspose/Gemm/MatMul/quantized nodes that are
+    not."""
     constants = constant_producers(model)
     producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
     name_count: dict[str, int] = {}
@@ -215,8 +216,9 @@ def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer 
             cin_per_group = shape[0] // groups
             m, n = cin_per_group, shape[1] * math.prod(kernel)
         if cin_per_group == 1 and groups > 1:
+            # With a channel multiplier > 1 a rank-1 pair would save a few weights per group, for one more node.
             why = "of rank 1, which no factor pair makes smaller" if min(m, n) == 1 else \
-                "too small for a factor pair (one more node) to pay off"
+                f"where a factor pair would save at most {m * n - m - n} of {m * n} weights, for one more node"
             return (f"depthwise {node.op_type} (one input channel per group): stays dense; each of its "
                     f"{groups} groups is a {m}x{n} matrix, {why}")
         spatial = node.op_type == "Conv" and len(kernel) == 2 and groups == 1 and max(kernel) > 1

@@ -1,7 +1,8 @@
 """Apply a plan: replace each planned Conv/ConvTranspose/Gemm/MatMul by a pair of thinner nodes.
 
-Factor shapes follow METHOD.md section 6; the kept singular values are split
-``sqrt(s)`` on each side. For node ``N`` with weight ``W`` at rank ``r``:
+Factor shapes follow METHOD.md section 6 (a ConvTranspose, which it does not cover, becomes a 1x1
+Conv then a ConvTranspose with its original attributes: README, "How the rewrite works"); the kept
+singular values are split ``sqrt(s)`` on each side. For node ``N`` with weight ``W`` at rank ``r``:
 
 * nodes ``N/lrf_a`` (reads the original input) and ``N/lrf_b`` (writes the
   original output tensor), joined by tensor ``N/lrf_a/output``;
