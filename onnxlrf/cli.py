@@ -186,8 +186,9 @@ _plan_options = _OptionGroup(
     click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Fraction of the model's --target (parameters by default) to remove."),
     click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
-                 help="What --target-reduction counts: parameters, Conv/Gemm/MatMul FLOPs at --batch, or latency "
-                      "measured on --provider at --batch (layers whose factorized pair is not faster stay dense)."),
+                 help="What --target-reduction counts: parameters, Conv/ConvTranspose/Gemm/MatMul FLOPs at --batch, "
+                      "or latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
+                      "dense)."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
                  help="Ranks are multiples of this (default: 8 on CUDA and for --target latency, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),

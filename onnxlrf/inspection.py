@@ -3,8 +3,9 @@
 Per factorizable layer: weight, shape, parameters, FLOPs, and for each
 decomposition the matrices it factorizes, the maximum rank and the break-even
 rank (the largest rank whose factorized form is still smaller than dense).
-Per Conv/Gemm/MatMul or quantized node that is not a layer: why. Works on any
-ONNX file: nothing is run, shapes come from shape inference.
+Per Conv/ConvTranspose/Gemm/MatMul or quantized node that is not a layer: why; per layer the joint
+analysis leaves out (ConvTranspose, 3-D convs: dense in joint plans only): why. Works on any ONNX file:
+nothing is run, shapes come from shape inference.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .graph.layers import (
     find_layers,
     nonfinite_weights,
 )
+from .measure.coverage import analysis_exclusion
 from .onnx_io import load_onnx
 from .runtime.shapes import concrete_input_shapes, flops_by_node
 
@@ -49,6 +51,7 @@ class LayerInfo:
     flops: int | None  # None: shape inference left the node's shapes unknown
     decompositions: list[DecompositionInfo]
     dense_reason: str | None = None  # why the planners keep it dense anyway (a shared weight)
+    not_analyzed: str | None = None  # why the joint analysis leaves it out (dense in joint plans only)
 
 
 @dataclass
@@ -56,7 +59,7 @@ class SkippedInfo:
     node: str
     op_type: str
     reason: str
-    flops: int | None = None  # Conv/Gemm/MatMul only
+    flops: int | None = None  # Conv/ConvTranspose/Gemm/MatMul only
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Inspection:
     skipped: list[SkippedInfo]
     params: int  # float initializers and Constants, as compress counts them
     factorizable_params: int  # of the layers' weights, a shared weight counted once
-    flops: int | None  # Conv/Gemm/MatMul nodes, one run at flops_input_shapes; None if unknown
+    flops: int | None  # Conv/ConvTranspose/Gemm/MatMul nodes, one run at flops_input_shapes; None if unknown
     factorizable_flops: int | None
     nonfinite_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -109,7 +112,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
                   flops.get(layer.node),
                   [DecompositionInfo(d, list(layer.matrix_shape(d)), layer.max_rank(d), layer.break_even_rank(d))
                    for d in layer.decompositions],
-                  dense_reasons.get(layer.weight))
+                  dense_reasons.get(layer.weight), analysis_exclusion(layer))
         for layer in layers
     ]
     skipped_infos = [SkippedInfo(s.node, s.op_type, s.reason, flops.get(s.node) if s.node else None)
@@ -165,7 +168,7 @@ def _flops_shapes(declared: dict[str, list], given: dict[str, list[int]] | None,
 
 
 def _node_flops(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tuple[dict[str, int | None], str | None]:
-    """FLOPs per Conv/Gemm/MatMul node name, and a note when they cannot be counted."""
+    """FLOPs per Conv/ConvTranspose/Gemm/MatMul node name, and a note when they cannot be counted."""
     try:
         return flops_by_node(model, shapes), None
     except OnnxlrfError as exc:
@@ -187,6 +190,8 @@ def format_inspection(inspection: Inspection) -> str:
                 ranks += f" (per group, {layer.groups} groups)"
             if layer.dense_reason:
                 ranks += f"; stays dense: {layer.dense_reason}"
+            elif layer.not_analyzed:
+                ranks += f"; {layer.not_analyzed}"
             rows.append([layer.node, layer.op_type, "x".join(map(str, layer.weight_shape)), f"{layer.params:,}",
                          format_si(layer.flops), ranks])
         lines += ["", f"factorizable layers ({len(i.layers)}):"] + _table(rows, right={3, 4})
@@ -201,7 +206,7 @@ def format_inspection(inspection: Inspection) -> str:
     lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
     at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())
     flops_share = f", {i.factorizable_flops / i.flops:.1%}" if i.flops and i.factorizable_flops is not None else ""
-    lines.append(f"FLOPs (Conv/Gemm/MatMul, one run at {at}): {format_si(i.flops)} "
+    lines.append(f"FLOPs (Conv/ConvTranspose/Gemm/MatMul, one run at {at}): {format_si(i.flops)} "
                  f"(in factorizable layers: {format_si(i.factorizable_flops)}{flops_share})")
     if i.nonfinite_weights:
         lines.append(f"weights with NaN or Inf ({len(i.nonfinite_weights)}): {', '.join(i.nonfinite_weights)}")

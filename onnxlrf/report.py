@@ -206,7 +206,7 @@ def _layer_flops(result: Any) -> dict[str, tuple[int | None, int | None]]:
     new_nodes = {entry["node"]: entry["new_nodes"] for entry in result.rewrite.rewritten}
     for entry in result.plan.layers:
         if entry.node in new_nodes:
-            # Conv/Gemm/MatMul nodes only, as count_flops counts (not e.g. an Add for a bias correction).
+            # Conv/ConvTranspose/Gemm/MatMul nodes only, as count_flops counts (not e.g. an Add for a bias correction).
             parts = [compressed[name] for name in new_nodes[entry.node] if name in compressed]
             planned = None if None in parts or not parts else sum(parts)
             out[entry.node] = (original.get(entry.node), planned)
@@ -216,7 +216,7 @@ def _layer_flops(result: Any) -> dict[str, tuple[int | None, int | None]]:
 
 
 def _model_flops(result: Any) -> tuple[int | None, int | None, str]:
-    """Whole-model Conv/Gemm/MatMul FLOPs (original, compressed) and the input shapes they are for."""
+    """Whole-model Conv/ConvTranspose/Gemm/MatMul FLOPs (original, compressed) and the input shapes they are for."""
     from .runtime.shapes import concrete_input_shapes, count_flops
 
     try:
@@ -279,7 +279,7 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     if flops_compressed is not None:
         before = _flops(flops_original) if flops_original is not None else "-"
         ratio = f" ({1 - flops_compressed / flops_original:.1%} fewer)" if flops_original else ""
-        summary.append(("FLOPs (Conv/Gemm/MatMul)", f"{before} -> {_flops(flops_compressed)}{ratio}, "
+        summary.append(("FLOPs (Conv/ConvTranspose/Gemm/MatMul)", f"{before} -> {_flops(flops_compressed)}{ratio}, "
                                                      f"inputs {flops_inputs}"))
     options = {k: v for k, v in plan.options.items() if k not in ("backoff", "bases_file")}
     summary.append(("plan options", ", ".join(f"{k} {_value(v)}" for k, v in options.items() if v is not None)))

@@ -98,6 +98,38 @@ def test_layers_ranks_flops_and_skipped_nodes():
     assert json.loads(json.dumps(result.to_dict()))["layers"][0]["decompositions"][1]["name"] == "spatial"
 
 
+def test_conv_kinds_reasons_and_conv_transpose_flops():
+    """Each conv kind: factorized (grouped, 1-D, 3-D, ConvTranspose; the last two not analyzed by the joint
+    analysis) or dense (depthwise), with the reason in the table."""
+    inits = {"g.w": weights(8, 4, 3), "dw.w": weights(8, 1, 3), "c3.w": weights(6, 8, 1, 1, 3),
+             "t.w": weights(8, 6, 4), "tdw.w": weights(8, 2, 4)}
+    nodes = [
+        helper.make_node("Conv", ["x", "g.w"], ["g"], name="grouped1d", group=2, pads=[1, 1]),
+        helper.make_node("Conv", ["g", "dw.w"], ["dw"], name="depthwise1d", group=8, pads=[1, 1]),
+        helper.make_node("ConvTranspose", ["dw", "t.w"], ["t"], name="convt", strides=[2], pads=[1, 1]),
+        helper.make_node("ConvTranspose", ["dw", "tdw.w"], ["tdw"], name="convt_dw", group=8, strides=[2]),
+        helper.make_node("Conv", ["v", "c3.w"], ["c3"], name="conv3d"),
+    ]
+    model = make_model(nodes, {"x": [1, 8, 10], "v": [1, 8, 2, 3, 5]},
+                       {"t": [1, 6, 20], "tdw": [1, 16, 22], "c3": [1, 6, 2, 3, 3]}, inits)
+    result = inspect_model(model)
+    layers = {layer.node: layer for layer in result.layers}
+    assert list(layers) == ["grouped1d", "convt", "conv3d"]
+    assert [layers[n].not_analyzed is None for n in layers] == [True, False, False]
+    assert layers["convt"].decompositions[0].matrices == [1, 8, 24]  # input channels x (output channels x kernel)
+    assert layers["convt"].flops == 2 * (8 * 10) * (6 * 4)  # each input element spread over Cout/g x kernel
+    skipped = {s.node: s.reason for s in result.skipped}
+    assert skipped.keys() == {"depthwise1d", "convt_dw"}
+    assert "8 groups is a 1x3 matrix, of rank 1" in skipped["depthwise1d"]
+    assert "8 groups is a 1x8 matrix, of rank 1" in skipped["convt_dw"]
+    assert result.flops == count_flops(model) == sum(layer.flops for layer in result.layers) + sum(
+        s.flops for s in result.skipped)
+    text = format_inspection(result)
+    assert "not analyzed: the joint analysis has no input statistics for a ConvTranspose" in text
+    assert "not analyzed: the joint analysis unfolds the inputs of 1-D and 2-D convs, not 3-D" in text
+    assert "depthwise ConvTranspose (one input channel per group): stays dense" in text
+
+
 def test_input_shapes_override_and_errors():
     model = cnn_and_mlp()
     result = inspect_model(model, {"t": [4, 7, 20], "tt": [4, 20, 7]})

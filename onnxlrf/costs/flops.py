@@ -32,6 +32,9 @@ def layer_flops(layer: Layer, input_shape: list[int], output_shape: list[int],
     """FLOPs (2 x MACs) of the dense node (``decomposition`` None) or of its factorized pair."""
     if layer.op_type == "Conv":
         positions = output_shape[0] * math.prod(output_shape[2:])  # batch x output pixels
+    elif layer.op_type == "ConvTranspose":
+        # Each input pixel is spread over (output channels x kernel); the pair's 1x1 Conv runs on the input too.
+        positions = input_shape[0] * math.prod(input_shape[2:])
     else:
         positions = math.prod(input_shape[:-1])  # rows of X in X @ W (Gemm with transA: pass A's shape reversed)
     g, m, n = layer.groups, layer.out_features, layer.in_features
@@ -46,7 +49,8 @@ def layer_flops(layer: Layer, input_shape: list[int], output_shape: list[int],
 
 
 class FlopsCost:
-    """Cost in FLOPs of Conv/Gemm/MatMul nodes at ``batch`` (the total is :func:`validation.count_flops`)."""
+    """Cost in FLOPs of Conv/ConvTranspose/Gemm/MatMul nodes at ``batch`` (the total is
+    :func:`validation.count_flops`)."""
 
     target = "flops"
     resolution = 1.0

@@ -1,14 +1,19 @@
 """Which layers of an ONNX graph can be factorized, their weights as matrices, and weight groups.
 
-A *layer* is a Conv, Gemm or MatMul node whose weight is a constant (an
-initializer or a ``Constant`` node output). Its weight is seen as ``g``
-matrices of shape ``(m, n)`` (``m`` outputs, ``n`` inputs per group), see
-METHOD.md section 6:
+A *layer* is a Conv, ConvTranspose, Gemm or MatMul node whose weight is a
+constant (an initializer or a ``Constant`` node output). Its weight is seen
+as ``g`` matrices of shape ``(m, n)``, see METHOD.md section 6:
 
-* channel decomposition (any Conv, Gemm, MatMul): per group
-  ``(Cout/g) x (Cin/g * prod(kernel))``; Gemm/MatMul ``out x in``.
+* channel decomposition (any Conv, ConvTranspose, Gemm, MatMul), per group:
+  Conv ``(Cout/g) x (Cin/g * prod(kernel))``; ConvTranspose, whose weight is
+  stored ``(Cin, Cout/g, kernel...)``, ``(Cin/g) x (Cout/g * prod(kernel))``
+  (rows are *input* channels: the rewrite mixes them with a 1x1 Conv first);
+  Gemm/MatMul ``out x in``. Each is the stored weight reshaped, no transpose
+  (Gemm/MatMul aside).
 * spatial decomposition (2-D Conv, groups 1, kernel larger than 1x1):
   one ``(Cin*kh) x (Cout*kw)`` matrix.
+
+Depthwise convs (one input channel per group, Conv or ConvTranspose) stay dense.
 
 A weight shared by several nodes is one *group* (:func:`weight_groups`).
 """
@@ -33,12 +38,16 @@ FLOAT_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorPro
 QUANTIZED_OPS = ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
 
 
-FACTORIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+FACTORIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+CONV_OPS = ("Conv", "ConvTranspose")
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A factorizable node. ``out_features``/``in_features`` are the channel matrix's ``m``/``n`` per group.
+    """A factorizable node. ``out_features``/``in_features`` are the channel matrix's ``m``/``n`` per group
+    (for a ConvTranspose, ``m`` counts its input channels per group: see the module doc).
 
     ``transposed`` says how the stored weight relates to the ``m x n`` matrix:
     True when the stored 2-D weight is ``(n, m)`` (MatMul, Gemm with transB=0).
@@ -84,7 +93,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class SkippedNode:
-    """A Conv/Gemm/MatMul (or quantized) node that is not factorizable, and why."""
+    """A Conv/ConvTranspose/Gemm/MatMul (or quantized) node that is not factorizable, and why."""
 
     node: str
     op_type: str
@@ -120,8 +129,8 @@ _ALL_FLOATS = FLOAT_DTYPES + (onnx.TensorProto.BFLOAT16,)
 
 def nonfinite_weights(model: onnx.ModelProto) -> list[str]:
     """Names of the float initializers and ``Constant`` tensors of the main graph that hold NaN, or that hold
-    +-Inf and are read by a Conv/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention masks and
-    fill values hold -Inf, as MiniLM's exported graph does)."""
+    +-Inf and are read by a Conv/ConvTranspose/Gemm/MatMul node (elsewhere +-Inf is legitimate: attention
+    masks and fill values hold -Inf, as MiniLM's exported graph does)."""
     tensors = [(t.name, t) for t in model.graph.initializer]
     tensors += [(node.output[0], attr.t) for node in model.graph.node if node.op_type == "Constant"
                 for attr in node.attribute if attr.name == "value"]
@@ -146,7 +155,8 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
 
 
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
-    """Factorizable layers of the main graph, and the Conv/Gemm/MatMul/quantized nodes that are not."""
+    """Factorizable layers of the main graph, and the Conv/ConvTranspose/Gemm/MatMul/quantized nodes that are
+    not."""
     constants = constant_producers(model)
     producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
     name_count: dict[str, int] = {}
@@ -194,17 +204,26 @@ def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer 
     shape = tuple(int(d) for d in tensor.dims)
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
-    if node.op_type == "Conv":
+    if node.op_type in CONV_OPS:
         if len(shape) < 3:
-            return f"conv weight of rank {len(shape)} is not supported"
+            return f"{node.op_type} weight of rank {len(shape)} is not supported"
         groups = int(attrs.get("group", 1))
-        cout, cin_per_group, kernel = shape[0], shape[1], shape[2:]
+        kernel = shape[2:]
+        if node.op_type == "Conv":
+            cout, cin_per_group = shape[0], shape[1]
+            m, n = cout // groups, cin_per_group * math.prod(kernel)
+        else:  # ConvTranspose: (Cin, Cout/g, kernel...), per group (Cin/g) x (Cout/g * kernel)
+            cin_per_group = shape[0] // groups
+            m, n = cin_per_group, shape[1] * math.prod(kernel)
         if cin_per_group == 1 and groups > 1:
-            return "depthwise conv: stays dense"
-        m, n = cout // groups, cin_per_group * math.prod(kernel)
-        spatial = len(kernel) == 2 and groups == 1 and max(kernel) > 1
+            # With a channel multiplier > 1 a rank-1 pair would save a few weights per group, for one more node.
+            why = "of rank 1, which no factor pair makes smaller" if min(m, n) == 1 else \
+                f"where a factor pair would save at most {m * n - m - n} of {m * n} weights, for one more node"
+            return (f"depthwise {node.op_type} (one input channel per group): stays dense; each of its "
+                    f"{groups} groups is a {m}x{n} matrix, {why}")
+        spatial = node.op_type == "Conv" and len(kernel) == 2 and groups == 1 and max(kernel) > 1
         decompositions = ("channel", "spatial") if spatial else ("channel",)
-        layer = Layer(node.name, "Conv", weight_name, shape, groups, m, n, tuple(kernel), decompositions,
+        layer = Layer(node.name, node.op_type, weight_name, shape, groups, m, n, tuple(kernel), decompositions,
                       math.prod(shape))
     else:
         if len(shape) != 2:
@@ -237,7 +256,7 @@ def weight_matrices(weight: np.ndarray, layer: Layer, decomposition: str) -> np.
         raise OnnxlrfError(
             f"weight of node {layer.node!r} has shape {list(weight.shape)}, expected {list(layer.weight_shape)}"
         )
-    if layer.op_type != "Conv":
+    if layer.op_type not in CONV_OPS:
         return (weight.T if layer.transposed else weight)[None]
     if decomposition == "channel":
         return weight.reshape(g, m, n)
@@ -248,7 +267,7 @@ def weight_matrices(weight: np.ndarray, layer: Layer, decomposition: str) -> np.
 
 def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> np.ndarray:
     """Inverse of :func:`weight_matrices`: ``(g, m, n)`` matrices back to the stored weight's layout."""
-    if layer.op_type != "Conv":
+    if layer.op_type not in CONV_OPS:
         return matrices[0].T if layer.transposed else matrices[0]
     if decomposition == "channel":
         return matrices.reshape(layer.weight_shape)
@@ -277,7 +296,7 @@ def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[lis
     for node in model.graph.node:
         if node.name not in layer_nodes:
             other_users.update(node.input)
-        elif node.op_type in ("Conv", "Gemm"):
+        elif node.op_type in ("Conv", "ConvTranspose", "Gemm"):
             other_users.update(node.input[2:])  # a weight used as a bias is a dense use
         subgraph_readers |= subgraph_reads(node)
     for output in model.graph.output:

@@ -45,6 +45,7 @@ from ..graph.layers import (
 )
 from ..graph.linalg import thin_svd
 from ..progress import Progress, ProgressLike, as_progress
+from .coverage import analysis_exclusion
 from .torch_graph import TorchGraph, auto_pad, conv_pads, heap_reuse, node_attributes
 
 # Relative damping of the Kronecker factors: keeps B^(-1/2), A^(-1/2) finite for
@@ -391,6 +392,10 @@ def analyze(
 ) -> Sensitivity:
     """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
 
+    ``layers`` (default: all of the model's) less those the analysis does not cover
+    (:func:`~onnxlrf.measure.coverage.analysis_exclusion`: ConvTranspose, 3-D convs), which the
+    joint plans keep dense.
+
     ``spatial``: 2-D convs with a kernel larger than 1x1 (one group) are also analyzed in
     spatial decomposition (:func:`_spatial_factors`), so the planners can choose per layer.
 
@@ -416,9 +421,11 @@ def analyze(
     progress = as_progress(progress)
     if layers is None:
         layers = find_layers(model)[0]
-    layers = [layer for layer in layers if "channel" in layer.decompositions]
-    if not layers:
-        raise OnnxlrfError("no factorizable layers in the model")
+    covered = [layer for layer in layers if "channel" in layer.decompositions and analysis_exclusion(layer) is None]
+    if not covered:
+        why = f" ({analysis_exclusion(layers[0])})" if layers else ""
+        raise OnnxlrfError(f"no layers of the model the joint analysis covers{why}")
+    layers = covered
     graph = TorchGraph(model, weights={layer.weight for layer in layers})
     stats = {layer.node: _Statistics(layer) for layer in layers}
     nodes = set(stats)

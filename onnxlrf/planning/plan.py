@@ -175,6 +175,9 @@ class LowRankEntry(PlanEntry):
             if self.rank > components or any(i >= components for i in self.kept_indices()):
                 raise OnnxlrfError(f"plan node {node!r}: rank {self.rank} (or a kept index) beyond the "
                                    f"{components} components its {self.basis} basis stores")
+        if (self.bias_correction or self.basis == "refit") and layer.op_type == "ConvTranspose":
+            # Its matrices' rows are input channels: a change per matrix row is no bias.
+            raise OnnxlrfError(f"plan node {node!r}: a ConvTranspose takes no bias correction or refit")
         if self.bias_correction:
             basis = plan.bases.get(self.weight) if self.basis != "svd" else None
             if basis is None or len(basis) < 4 or basis[3] is None:
@@ -366,7 +369,8 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
         if layer is None:
             if node in skipped_by_node:
                 raise OnnxlrfError(f"plan node {node!r} is not factorizable: {skipped_by_node[node].reason}")
-            raise OnnxlrfError(f"plan node {node!r} does not exist in the model (or is not Conv/Gemm/MatMul)")
+            raise OnnxlrfError(f"plan node {node!r} does not exist in the model "
+                               f"(or is not Conv/ConvTranspose/Gemm/MatMul)")
         if entry.op_type != layer.op_type:
             raise OnnxlrfError(f"plan node {node!r}: op_type {entry.op_type!r}, model has {layer.op_type!r}")
         if entry.weight != layer.weight:

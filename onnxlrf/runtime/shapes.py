@@ -1,4 +1,5 @@
-"""Tensor shapes (ONNX and onnxruntime's symbolic inference), FLOPs of Conv/Gemm/MatMul nodes, file sizes."""
+"""Tensor shapes (ONNX and onnxruntime's symbolic inference), FLOPs of Conv/ConvTranspose/Gemm/MatMul nodes,
+file sizes."""
 
 from __future__ import annotations
 
@@ -97,13 +98,20 @@ def _tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
 def _contraction_shapes(
     model: onnx.ModelProto, shapes: dict[str, list[int | None]]
 ) -> list[tuple[onnx.NodeProto, list | None, list | None]]:
-    """Per Conv/Gemm/MatMul node: (node, output shape, contracted dims), None where unknown."""
+    """Per Conv/ConvTranspose/Gemm/MatMul node: (node, positions, contracted dims), None where unknown.
+
+    Each element of ``positions`` costs one multiply-accumulate per element of the contracted dims:
+    the output shape, and for a ConvTranspose the input shape (each input element is spread over
+    ``Cout/g x kernel`` outputs).
+    """
     found = []
     for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             continue
         out, a, w = shapes.get(node.output[0]), shapes.get(node.input[0]), shapes.get(node.input[1])
-        if node.op_type == "Conv":
+        if node.op_type == "ConvTranspose":
+            out, contraction = a, (w[1:] if w else None)
+        elif node.op_type == "Conv":
             contraction = w[1:] if w else None
         elif node.op_type == "Gemm":
             trans_a = any(attr.name == "transA" and attr.i for attr in node.attribute)
@@ -143,7 +151,7 @@ def infer_shapes(
 
 
 def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
-    """FLOPs (2 x multiply-accumulates) of all Conv, Gemm and MatMul nodes for one run.
+    """FLOPs (2 x multiply-accumulates) of all Conv, ConvTranspose, Gemm and MatMul nodes for one run.
 
     Shapes come from ONNX shape inference on a copy with concrete input shapes:
     ``input_shapes`` where given, else :func:`concrete_input_shapes` (batch 1,
@@ -161,7 +169,8 @@ def count_flops(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | Non
 
 
 def flops_by_node(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> dict[str, int | None]:
-    """FLOPs of each Conv/Gemm/MatMul node by node name, as :func:`count_flops` counts them (None: shapes unknown)."""
+    """FLOPs of each Conv/ConvTranspose/Gemm/MatMul node by node name, as :func:`count_flops` counts them
+    (None: shapes unknown)."""
     return {
         node.name: 2 * int(np.prod(out, dtype=np.int64)) * int(np.prod(contraction, dtype=np.int64))
         if _known(out, contraction) else None

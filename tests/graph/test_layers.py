@@ -12,10 +12,12 @@ from onnxlrf.graph.layers import (
     Layer,
     count_params,
     find_layers,
+    matrices_to_weight,
     weight_array,
     weight_matrices,
 )
 from onnxlrf.graph.linalg import singular_values, svd
+from onnxlrf.measure.coverage import analysis_exclusion
 from onnxlrf.onnx_io import load_onnx
 
 RNG = np.random.default_rng(1)
@@ -111,6 +113,61 @@ def test_channel_matrices_per_group():
     mats = weight_matrices(w, layer, "channel")
     assert mats.shape == (3, 2, 18)
     np.testing.assert_array_equal(mats[1], w[2:4].reshape(2, 18))
+
+
+def conv_kinds_model():
+    """One node of each conv kind: grouped, depthwise (multiplier 1 and 2), 1-D, 3-D, ConvTranspose
+    (2-D, 1-D grouped, depthwise)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "grouped"], ["a"], name="grouped", group=2),
+        helper.make_node("Conv", ["x", "dw"], ["b"], name="depthwise", group=8),
+        helper.make_node("Conv", ["x", "dw2"], ["c"], name="depthwise_x2", group=8),
+        helper.make_node("Conv", ["x", "c1d"], ["d"], name="conv1d"),
+        helper.make_node("Conv", ["x", "c3d"], ["e"], name="conv3d"),
+        helper.make_node("ConvTranspose", ["x", "t2d"], ["f"], name="convt2d", strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["x", "t1d"], ["g"], name="convt1d_grouped", group=2),
+        helper.make_node("ConvTranspose", ["x", "tdw"], ["h"], name="convt_depthwise", group=8),
+    ]
+    return graph_model(nodes, {
+        "grouped": weights(12, 4, 3, 3), "dw": weights(8, 1, 3, 3), "dw2": weights(16, 1, 3, 3),
+        "c1d": weights(16, 8, 5), "c3d": weights(16, 8, 3, 3, 3), "t2d": weights(8, 16, 4, 4),
+        "t1d": weights(8, 6, 3), "tdw": weights(8, 2, 4, 4)})
+
+
+def test_conv_kinds_factorized_or_dense_with_reasons():
+    layers, skipped = find_layers(conv_kinds_model())
+    by_node = {layer.node: layer for layer in layers}
+    assert list(by_node) == ["grouped", "conv1d", "conv3d", "convt2d", "convt1d_grouped"]
+    shapes = {node: (layer.matrix_shape("channel"), layer.decompositions) for node, layer in by_node.items()}
+    assert shapes == {
+        "grouped": ((2, 6, 36), ("channel",)),  # spatial: one group only
+        "conv1d": ((1, 16, 40), ("channel",)),  # spatial: 2-D kernels only
+        "conv3d": ((1, 16, 216), ("channel",)),
+        "convt2d": ((1, 8, 256), ("channel",)),  # (Cin/g) x (Cout/g * kernel): rows are input channels
+        "convt1d_grouped": ((2, 4, 18), ("channel",)),
+    }
+    reasons = {s.node: s.reason for s in skipped}
+    assert reasons.keys() == {"depthwise", "depthwise_x2", "convt_depthwise"}
+    assert reasons["depthwise"].startswith("depthwise Conv (one input channel per group): stays dense")
+    assert "8 groups is a 1x9 matrix, of rank 1" in reasons["depthwise"]
+    assert "2x9 matrix, where a factor pair would save at most 7 of 18 weights" in reasons["depthwise_x2"]
+    assert reasons["convt_depthwise"].startswith("depthwise ConvTranspose") and "1x32 matrix" in reasons[
+        "convt_depthwise"]
+    assert {node: analysis_exclusion(layer) is None for node, layer in by_node.items()} == {
+        "grouped": True, "conv1d": True, "conv3d": False, "convt2d": False, "convt1d_grouped": False}
+    assert "not 3-D" in analysis_exclusion(by_node["conv3d"])
+    assert "ConvTranspose" in analysis_exclusion(by_node["convt2d"])
+
+
+def test_conv_transpose_matrices_are_the_weight_reshaped_per_group():
+    w = weights(6, 5, 2, 3)  # (Cin, Cout/g, kh, kw), 2 groups: per group 3 input channels x (5 * 6)
+    model = graph_model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="t", group=2)], {"w": w})
+    (layer,), _ = find_layers(model)
+    mats = weight_matrices(w, layer, "channel")
+    assert mats.shape == (2, 3, 30) and layer.max_rank("channel") == 3
+    np.testing.assert_array_equal(mats[1], w[3:].reshape(3, 30))
+    np.testing.assert_array_equal(matrices_to_weight(mats, layer, "channel"), w)
+    assert layer.factorized_params("channel", 2) == 2 * 2 * (3 + 30) and layer.break_even_rank("channel") == 2
 
 
 @pytest.mark.parametrize("op, attrs, shape, orient", [

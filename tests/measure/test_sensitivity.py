@@ -627,3 +627,38 @@ def test_analysis_cache_entry_that_cannot_be_read_is_replaced(small_cnn, tmp_pat
     again = joint_analysis(model, calib, AnalysisOptions(range_samples=50, cache=tmp_path))
     _same_analysis(sens, again)
     assert [p.name for p in tmp_path.iterdir()] == [entry.name] and entry.stat().st_size > 1000
+
+
+def test_conv_transpose_and_3d_conv_are_left_out_of_the_analysis_and_stay_dense_with_the_reason():
+    """The analysis has no input statistics for a ConvTranspose or a 3-D conv (a 3-D conv used to stop it):
+    they are left out, and joint plans keep them dense saying why."""
+    rng = np.random.default_rng(0)
+    inits = {name: (0.3 * rng.standard_normal(shape)).astype(np.float32) for name, shape in
+             {"t.w": (3, 4, 2, 2), "c.w": (6, 4, 3, 3), "c3.w": (6, 2, 2, 2, 2), "fc.w": (6, CLASSES)}.items()}
+    inits["shape"] = np.array([0, -1], np.int64)
+    nodes = [onnx.helper.make_node("ConvTranspose", ["x", "t.w"], ["t"], name="convt", strides=[2, 2]),
+             onnx.helper.make_node("Conv", ["t", "c.w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             onnx.helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             onnx.helper.make_node("Conv", ["v", "c3.w"], ["c3"], name="conv3d"),
+             onnx.helper.make_node("GlobalAveragePool", ["c3"], ["p3"], name="pool3d"),
+             onnx.helper.make_node("Reshape", ["p", "shape"], ["f"], name="flat"),
+             onnx.helper.make_node("Reshape", ["p3", "shape"], ["f3"], name="flat3d"),
+             onnx.helper.make_node("Add", ["f", "f3"], ["h"], name="add"),
+             onnx.helper.make_node("MatMul", ["h", "fc.w"], ["y"], name="fc")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 3, 4, 4]),
+                     onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, ["n", 2, 3, 3, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", CLASSES])],
+        [onnx.numpy_helper.from_array(value, name) for name, value in inits.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    batches = [({"x": rng.standard_normal((8, 3, 4, 4)).astype(np.float32),
+                 "v": rng.standard_normal((8, 2, 3, 3, 3)).astype(np.float32)}, rng.integers(0, CLASSES, 8))
+               for _ in range(2)]
+    sens = analyze(model, lambda: iter(batches), classification_loss)
+    assert sorted(sens.layers) == ["conv", "fc"]
+    plan = plan_joint(model, sens, "compact", tolerance=1.0)
+    reasons = {entry.node: entry.notes.get("reason") for entry in plan.layers if entry.decomposition == "dense"}
+    assert reasons["convt"].startswith("not analyzed: the joint analysis has no input statistics for a "
+                                       "ConvTranspose")
+    assert reasons["conv3d"].startswith("not analyzed: the joint analysis unfolds the inputs of 1-D and 2-D "
+                                        "convs, not 3-D")

@@ -34,6 +34,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import singular_values, svd
+from ...measure.coverage import analysis_exclusion
 from ...planning.joint import plan_source
 from ...planning.knapsack import CandidateSet
 from ...planning.plan import LowRankEntry, Plan
@@ -328,7 +329,7 @@ def _dense_entry(layer: Layer, reason: str, sens: Any, cost: Any) -> LowRankEntr
 
 def unplanned_entry(layer: Layer, sens: Any, cost: Any) -> LowRankEntry:
     """The dense entry of a layer the analysis did not cover."""
-    return _dense_entry(layer, "not analyzed", sens, cost)
+    return _dense_entry(layer, analysis_exclusion(layer) or "not analyzed", sens, cost)
 
 
 def _range_checks(ls: Any) -> list[dict]:
@@ -375,7 +376,8 @@ def plan_baseline(model: onnx.ModelProto, sensitivity: Any, kind: str, target_re
     candidates = []
     for members in groups:
         layer = members[0]
-        reason = dense_reason.get(layer.weight) or (None if layer.node in analyzed else "not analyzed")
+        reason = dense_reason.get(layer.weight) or (
+            None if layer.node in analyzed else analysis_exclusion(layer) or "not analyzed")
 
         def choose(fraction: float, members: list[Layer] = members) -> tuple[str, int] | None:
             return _best(members, {"channel": _rank_for_fraction(fraction, members[0].max_rank("channel"),

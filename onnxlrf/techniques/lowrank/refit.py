@@ -43,6 +43,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
+from ...measure.coverage import analysis_exclusion
 from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
 from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
 from ...planning.plan import LowRankEntry, Plan
@@ -143,7 +144,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
         if layer.factorized_params(entry.decomposition, entry.rank) >= layer.params:
             continue  # the rewrite keeps it dense
         why = ("spatial decomposition" if entry.decomposition != "channel" else
-               "weight shared with another node" if users[entry.weight] > 1 else None)
+               "weight shared with another node" if users[entry.weight] > 1 else analysis_exclusion(layer))
         if why:
             skipped.append({"node": entry.node, "reason": why})
             as_planned.append(entry)

@@ -1,7 +1,8 @@
-"""Apply a plan: replace each planned Conv/Gemm/MatMul by a pair of thinner nodes.
+"""Apply a plan: replace each planned Conv/ConvTranspose/Gemm/MatMul by a pair of thinner nodes.
 
-Factor shapes follow METHOD.md section 6; the kept singular values are split
-``sqrt(s)`` on each side. For node ``N`` with weight ``W`` at rank ``r``:
+Factor shapes follow METHOD.md section 6 (a ConvTranspose, which it does not cover, becomes a 1x1
+Conv then a ConvTranspose with its original attributes: README, "How the rewrite works"); the kept
+singular values are split ``sqrt(s)`` on each side. For node ``N`` with weight ``W`` at rank ``r``:
 
 * nodes ``N/lrf_a`` (reads the original input) and ``N/lrf_b`` (writes the
   original output tensor), joined by tensor ``N/lrf_a/output``;
@@ -24,6 +25,7 @@ from onnx import numpy_helper
 
 from ...errors import OnnxlrfError
 from ...graph.layers import (
+    CONV_OPS,
     Layer,
     count_params,
     find_layers,
@@ -58,8 +60,14 @@ def factor_pair(weight: np.ndarray, layer: Layer, decomposition: str, keep: list
     scale = np.sqrt(np.where(usable, right_norm, 1.0) / np.where(usable, left_norm, 1.0))
     left, right = left * scale[:, None, :], right / scale[:, :, None]
     g, rank = left.shape[0], len(idx)
-    if layer.op_type != "Conv":
+    if layer.op_type not in CONV_OPS:
         first, second = right[0].T, left[0].T  # X @ (K x r) @ (r x N)
+    elif layer.op_type == "ConvTranspose":
+        # Rows of the matrices are input channels: a 1x1 Conv mixes them down to r per group, and a
+        # ConvTranspose with the original attributes spreads each of those over (output channel, kernel).
+        cin_per_group, cout_per_group, kernel = layer.out_features, layer.weight_shape[1], layer.kernel
+        first = left.transpose(0, 2, 1).reshape(g * rank, cin_per_group, *([1] * len(kernel)))
+        second = right.reshape(g * rank, cout_per_group, *kernel)
     elif decomposition == "channel":
         cout, cin_per_group, kernel = layer.weight_shape[0], layer.weight_shape[1], layer.kernel
         first = right.reshape(g * rank, cin_per_group, *kernel)
@@ -164,7 +172,7 @@ def _rewrite(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool, pro
                 "reason": f"factorized form ({params_after} params) is not smaller than dense ({layer.params})",
             })
             continue
-        key = (layer.weight, entry.decomposition, layer.op_type == "Conv", layer.transposed, layer.groups,
+        key = (layer.weight, entry.decomposition, layer.op_type, layer.transposed, layer.groups,
                tuple(entry.kept_indices()))
         if key not in factors:
             if layer.weight not in weights:
@@ -303,6 +311,14 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, 
         attrs_a, attrs_b = _conv_attrs(attrs, layer, entry.decomposition)
         node_a = gs.Node("Conv", name_a, attrs_a, [inputs[0], first], [middle])
         node_b = gs.Node("Conv", name_b, attrs_b, [middle, second] + inputs[2:], outputs)
+    elif layer.op_type == "ConvTranspose":
+        # x -> 1x1 Conv (Cin -> r*g) -> ConvTranspose (r*g -> Cout, every original attribute, bias). The 1x1
+        # Conv is pointwise, so it commutes with the transposed conv's upsampling, padding and cropping.
+        attrs_a = {"kernel_shape": [1] * len(layer.kernel)}
+        if layer.groups > 1:
+            attrs_a["group"] = layer.groups
+        node_a = gs.Node("Conv", name_a, attrs_a, [inputs[0], first], [middle])
+        node_b = gs.Node("ConvTranspose", name_b, attrs, [middle, second] + inputs[2:], outputs)
     elif layer.op_type == "Gemm":
         # Y = alpha * A' @ B + beta * C with B = P @ Q: (alpha * A' @ P) @ Q + beta * C
         attrs_a = {k: attrs[k] for k in ("alpha", "transA") if k in attrs}

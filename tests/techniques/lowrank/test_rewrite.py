@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,10 +12,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxlrf.costs.flops import FlopsCost
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.graph.layers import count_params, find_layers
 from onnxlrf.onnx_io import load_onnx
 from onnxlrf.planning.plan import LowRankEntry, Plan
+from onnxlrf.runtime.shapes import count_flops
 from onnxlrf.techniques.lowrank.planners import plan_full_rank, plan_uniform
 from onnxlrf.techniques.lowrank.rewrite import apply_plan, truncate_weights
 
@@ -79,10 +82,11 @@ def with_weight(model, name, value):
 
 def reconstruct(weight, layer, decomposition, keep):
     """numpy low-rank reconstruction of ``weight`` keeping SVD components ``keep``, in the stored layout."""
-    if layer.op_type == "Conv" and decomposition == "spatial":
+    conv = layer.op_type in ("Conv", "ConvTranspose")
+    if conv and decomposition == "spatial":
         cout, cin, kh, kw = weight.shape
         mats = weight.transpose(1, 2, 0, 3).reshape(1, cin * kh, cout * kw)
-    elif layer.op_type == "Conv":
+    elif conv:  # per group: Conv (Cout/g) x (Cin/g * k), ConvTranspose (Cin/g) x (Cout/g * k)
         mats = weight.reshape(layer.groups, weight.shape[0] // layer.groups, -1)
     else:
         mats = (weight.T if layer.transposed else weight)[None]
@@ -91,9 +95,9 @@ def reconstruct(weight, layer, decomposition, keep):
         u, s, vh = np.linalg.svd(mat, full_matrices=False)
         out.append((u[:, keep] * s[keep]) @ vh[keep])
     out = np.stack(out)
-    if layer.op_type == "Conv" and decomposition == "spatial":
+    if conv and decomposition == "spatial":
         return out.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3)
-    if layer.op_type == "Conv":
+    if conv:
         return out.reshape(weight.shape)
     return out[0].T if layer.transposed else out[0]
 
@@ -207,6 +211,81 @@ def test_conv1d_conv3d_channel(kernel, size, attrs):
     second = next(n for n in out.graph.node if n.name == "conv/lrf_b")
     kernel_shape = next(a for a in second.attribute if a.name == "kernel_shape")
     assert list(kernel_shape.ints) == [1] * len(kernel)
+
+
+def conv_transpose_model(cin=6, cout=8, kernel=(3, 3), size=(5, 6), groups=1, bias=True, **attrs):
+    weight = RNG.standard_normal((cin, cout // groups, *kernel)).astype(np.float32)
+    inits = {"W": weight}
+    if bias:
+        inits["B"] = RNG.standard_normal(cout).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", *inits], ["y"], name="convt", group=groups, **attrs)
+    return make_model([node], {"x": [2, cin, *size]}, ("y", None), inits)
+
+
+CONV_TRANSPOSE_VARIANTS = {
+    "plain": {},
+    "stride2-output-padding": {"strides": [2, 2], "output_padding": [1, 0]},
+    "stride-pads": {"strides": [2, 1], "pads": [1, 0, 2, 1]},
+    "dilation-no-bias": {"dilations": [2, 1], "pads": [1, 1, 0, 1], "bias": False},
+    "group2": {"groups": 2, "strides": [2, 2], "pads": [1, 1, 1, 1], "output_padding": [1, 1]},
+    "same-upper": {"auto_pad": "SAME_UPPER", "strides": [2, 2]},
+    "output-shape": {"strides": [2, 2], "output_shape": [10, 12]},
+    "1d": {"kernel": (4,), "size": (7,), "strides": [2], "pads": [1, 1], "output_padding": [1]},
+    "1d-group2": {"kernel": (3,), "size": (9,), "groups": 2, "strides": [3], "dilations": [2]},
+    "3d": {"kernel": (2, 3, 2), "size": (3, 4, 3), "strides": [2, 1, 2]},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CONV_TRANSPOSE_VARIANTS))
+def test_conv_transpose_full_rank_is_exact_and_truncation_matches(variant):
+    """1x1 Conv (Cin -> r*g) then ConvTranspose (r*g -> Cout, the original attributes): exact at full rank."""
+    model = conv_transpose_model(**CONV_TRANSPOSE_VARIANTS[variant])
+    (layer,), skipped = find_layers(model)
+    assert layer.op_type == "ConvTranspose" and layer.decompositions == ("channel",) and skipped == []
+    feeds = feeds_for(model)
+    full, report = apply_plan(model, plan_full_rank(model), keep_dense_if_larger=False)
+    check_valid(full)
+    assert [r["node"] for r in report.rewritten] == ["convt"]
+    expected = run(model, feeds)
+    assert float(np.abs(run(full, feeds) - expected).max()) <= 1e-5 * max(float(np.abs(expected).max()), 1.0)
+
+    out = assert_low_rank_matches(model, "channel", 2)
+    first, second = out.graph.node
+    attrs = {a.name: helper.get_attribute_value(a) for a in second.attribute}
+    original = {a.name: helper.get_attribute_value(a) for a in model.graph.node[0].attribute}
+    assert (first.op_type, second.op_type) == ("Conv", "ConvTranspose") and attrs == original
+    assert {a.name: helper.get_attribute_value(a) for a in first.attribute} == {
+        "kernel_shape": [1] * len(layer.kernel), **({"group": layer.groups} if layer.groups > 1 else {})}
+    assert list(second.input[2:]) == list(model.graph.node[0].input[2:])  # the bias goes on the ConvTranspose
+
+
+def test_conv_transpose_uniform_plan_removes_the_parameters_and_flops_it_says():
+    model = conv_transpose_model(cin=16, cout=12, kernel=(4, 4), size=(6, 6), groups=2, strides=[2, 2],
+                                 pads=[1, 1, 1, 1])
+    (layer,), _ = find_layers(model)
+    plan = plan_uniform(model, rank_fraction=0.5)
+    (planned,) = plan.layers
+    assert (planned.decomposition, planned.rank) == ("channel", 4)  # per group 8 x 96, half of rank 8
+    out, report = apply_plan(model, plan)
+    check_valid(out)
+    assert report.params_after == count_params(out) == count_params(model) - plan.summary()["params_removed"]
+    assert count_params(model) - count_params(out) == layer.params - 2 * 4 * (8 + 96)
+    cost = FlopsCost(model)
+    assert count_flops(model) == cost.dense([layer])
+    assert count_flops(out) == cost.factorized([layer], "channel", 4) < cost.dense([layer])
+
+
+def test_conv_transpose_refuses_bias_correction_and_depthwise_stays_dense():
+    model = conv_transpose_model()
+    layer, plan = one_layer_plan(model, "channel", 2)
+    corrected = Plan([dataclasses.replace(plan.layers[0], bias_correction=True)], mode="test")
+    with pytest.raises(OnnxlrfError, match="ConvTranspose takes no bias correction"):
+        apply_plan(model, corrected)
+    depthwise = conv_transpose_model(cin=8, cout=16, groups=8, strides=[2, 2])
+    layers, skipped = find_layers(depthwise)
+    assert layers == [] and skipped[0].reason.startswith("depthwise ConvTranspose")
+    out, report = apply_plan(depthwise, plan_full_rank(depthwise), keep_dense_if_larger=False)
+    assert report.rewritten == [] and [n.op_type for n in out.graph.node] == ["ConvTranspose"]
 
 
 def gemm_model(trans_a, trans_b, bias, alpha, beta, m=3, k=12, n=10):
