@@ -1,4 +1,4 @@
-"""Labelled evaluation data, shaped for a model's graph inputs.
+"""Evaluation data (labelled, or label-free for a model of any task), shaped for a model's graph inputs.
 
 A DATA spec names the data and where it lives:
 
