@@ -196,7 +196,8 @@ _plan_options = _OptionGroup(
     click.option("--energy", type=click.FloatRange(0, 1, min_open=True),
                  help="energy: share of squared singular values to keep in each layer."),
     click.option("--tolerance", default=0.0, show_default=True, type=float,
-                 help="compact: largest predicted loss increase allowed."),
+                 help="compact: largest predicted loss increase allowed (data without labels: also the largest "
+                      "relative squared error to the original's outputs measured on validation; needs > 0)."),
     click.option("--solver", type=click.Choice(["lagrangian", "dp", "milp"]), default="lagrangian", show_default=True,
                  help="The knapsack's solver: Lagrangian sweep, exact DP over a discretized size, or exact MILP."),
 )
@@ -210,9 +211,11 @@ _split_options = _OptionGroup(
 )
 _analysis_options = _OptionGroup(
     "onnxlrf.measure.analysis.AnalysisOptions", {"labels": "labels", "spatial": "spatial", "analysis_cache": "cache"},
-    click.option("--labels", type=click.Choice(["labels", "predictions"]), default="labels", show_default=True,
+    click.option("--labels", type=click.Choice(["labels", "predictions", "outputs"]),
                  help="Calibration targets: the data's labels, or the original model's predictions (label-free: "
-                      "its classes; for sentence encoders its similarities, the better choice in lossless mode)."),
+                      "its classes; for sentence encoders its similarities, the better choice in lossless mode), "
+                      "or its outputs (label-free, any model: the loss is the distance to them). Default: labels; "
+                      "outputs for data without labels."),
     click.option("--spatial/--no-spatial", default=None,
                  help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
                       "planner chooses channel or spatial per layer. Default: on for --target flops and latency."),

@@ -1,4 +1,4 @@
-"""Labelled evaluation data, shaped for a model's graph inputs.
+"""Evaluation data (labelled, or label-free for a model of any task), shaped for a model's graph inputs.
 
 A DATA spec names the data and where it lives:
 
@@ -8,7 +8,16 @@ A DATA spec names the data and where it lives:
   ``$ONNXLRF_CACHE`` or ``~/.cache/onnxlrf``).
 - ``stsb:PATH``: an STS-B tab-separated file (gold score in field 4, sentences in
   fields 5 and 6), tokenized with the model's tokenizer.
-- ``npz:PATH``: arrays named after the graph inputs plus integer ``labels``.
+- ``npz:PATH``: arrays named after the graph inputs plus integer ``labels`` (classification);
+  without ``labels``, label-free data of any task (``outputs``, below).
+
+Label-free data (task ``outputs``) is scored by its fidelity to the original model's outputs:
+its ``labels`` are the original's floating-point outputs, each flattened per row and side by
+side (:meth:`Dataset.with_original_outputs`, which the runtime fills in from the reference model).
+A sample's error is the squared distance of the model's outputs to the original's, per output the
+mean over its elements divided by the original output's mean square over the data (so outputs of
+any scale count alike), averaged over the outputs: a relative squared error, 0.01 for outputs off
+by 10% of their RMS. The metric, ``fidelity``, is 1 minus the mean error; the original's is 1.
 
 Data is checked once, on load: at least one sample; class labels are
 non-negative integers and, where the model's first output has a static width,
@@ -22,6 +31,7 @@ together.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -38,6 +48,8 @@ from .onnx_io import check_regular_file, read_regular_file
 
 CLASSIFICATION = "classification"
 SENTENCE_SIMILARITY = "sentence-similarity"
+# Data without labels, for a model of any task: scored by fidelity to the original's outputs.
+OUTPUTS = "outputs"
 SPEC_FORMS = ("cifar10-jpeg:PATH", "cifar10", "stsb:PATH", "npz:PATH")
 
 # ImageNet statistics: what the CIFAR ResNets (and torchvision models) were trained with.
@@ -50,7 +62,12 @@ DEFAULT_MAX_SEQ_LENGTH = 512
 
 @dataclass
 class Dataset:
-    """Model inputs (one row per sample, see the module doc for pairs) and their labels."""
+    """Model inputs (one row per sample, see the module doc for pairs) and their labels.
+
+    Label-free data (task ``outputs``): ``labels`` are the original's outputs (rows x 0 until
+    :meth:`with_original_outputs`), ``output_widths`` each output's flattened width and
+    ``output_scales`` each output's mean square over the data (see the module doc).
+    """
 
     name: str
     task: str
@@ -59,6 +76,8 @@ class Dataset:
     # The input that marks real tokens (1) and padding (0), for token data: statistics of
     # the layers' inputs leave padding tokens out, since they cannot reach the output.
     token_mask: str | None = None
+    output_widths: tuple[int, ...] = ()
+    output_scales: tuple[float, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -70,8 +89,8 @@ class Dataset:
 
     @property
     def metric_name(self) -> str:
-        """``top1`` for classification, ``spearman`` for sentence similarity."""
-        return "spearman" if self.task == SENTENCE_SIMILARITY else "top1"
+        """``top1`` for classification, ``spearman`` for sentence similarity, ``fidelity`` for label-free data."""
+        return {SENTENCE_SIMILARITY: "spearman", OUTPUTS: "fidelity"}.get(self.task, "top1")
 
     def subset(self, indices: np.ndarray | list[int]) -> Dataset:
         """The samples (pairs) at ``indices``, in that order."""
@@ -87,7 +106,25 @@ class Dataset:
             inputs={name: array[rows] for name, array in self.inputs.items()},
             labels=self.labels[indices],
             token_mask=self.token_mask,
+            output_widths=self.output_widths,
+            output_scales=self.output_scales,
         )
+
+    def label_free(self) -> Dataset:
+        """The same inputs as label-free data, one sample per row (its original's outputs not yet known)."""
+        return Dataset(self.name, OUTPUTS, self.inputs, np.zeros((self.rows, 0), np.float32),
+                       token_mask=self.token_mask)
+
+    def with_original_outputs(self, outputs: list[np.ndarray]) -> Dataset:
+        """Label-free data with the original's float ``outputs`` (one (rows, width) array per output,
+        on all rows) as its labels, and each output's mean square as its scale (1 for an all-zero output)."""
+        if self.task != OUTPUTS:
+            raise OnnxlrfError(f"{self.name} has labels; only label-free data is scored against the original's outputs")
+        arrays = [np.asarray(array, dtype=np.float32).reshape(self.rows, -1) for array in outputs]
+        scales = tuple(float(np.mean(np.square(array, dtype=np.float64))) if array.size else 1.0 for array in arrays)
+        return dataclasses.replace(self, labels=np.concatenate(arrays, axis=1),
+                                   output_widths=tuple(array.shape[1] for array in arrays),
+                                   output_scales=tuple(scale if scale > 0 else 1.0 for scale in scales))
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Feed dicts of up to ``batch_size`` consecutive rows, covering all rows in order."""
@@ -102,10 +139,14 @@ class Dataset:
 
     def predictions(self, outputs: np.ndarray) -> np.ndarray:
         """One prediction per sample from the model's first output on all rows: the class
-        (classification) or the pair's cosine similarity (sentence similarity)."""
+        (classification) or the pair's cosine similarity (sentence similarity); for label-free
+        data, from all its float outputs side by side (the runtime's rows), the sample's error
+        against the original's (see the module doc)."""
         outputs = np.asarray(outputs)
         if outputs.shape[0] != self.rows:
             raise OnnxlrfError(f"expected outputs for {self.rows} rows of {self.name}, got {outputs.shape[0]}")
+        if self.task == OUTPUTS:
+            return self._output_errors(outputs)
         if self.task == SENTENCE_SIMILARITY:
             n = len(self)
             return cosine_rows(outputs[:n], outputs[n:])
@@ -115,13 +156,30 @@ class Dataset:
         """The metric for per-sample ``predictions`` (:meth:`predictions`); ``samples``: only
         those samples' (indices, repeats allowed, as a bootstrap draws them)."""
         predictions, labels = np.asarray(predictions), self.labels
-        if predictions.shape != labels.shape:
+        if predictions.shape != labels.shape[:1 if self.task == OUTPUTS else None]:
             raise OnnxlrfError(f"expected {len(labels)} predictions for {self.name}, got {predictions.shape[0]}")
         if samples is not None:
             predictions, labels = predictions[samples], labels[samples]
+        if self.task == OUTPUTS:
+            return float(1.0 - np.mean(predictions))
         if self.task == SENTENCE_SIMILARITY:
             return spearman(predictions, labels)
         return float(np.mean(predictions == labels))
+
+    def _output_errors(self, outputs: np.ndarray) -> np.ndarray:
+        """Per sample, the relative squared error of ``outputs`` (rows x total width) to the original's."""
+        if not self.output_widths:
+            raise OnnxlrfError(f"label-free data {self.name} is scored against the original model's outputs, "
+                               f"which are not known here (validate needs --reference)")
+        if outputs.shape[1:] != self.labels.shape[1:]:
+            raise OnnxlrfError(f"expected outputs {self.labels.shape[1]} wide (the original's, flattened), "
+                               f"got {list(outputs.shape[1:])}")
+        errors = np.zeros(len(self))
+        bounds = np.cumsum((0, *self.output_widths))
+        for start, stop, scale in zip(bounds[:-1], bounds[1:], self.output_scales):
+            difference = outputs[:, start:stop].astype(np.float64) - self.labels[:, start:stop]
+            errors += np.mean(difference * difference, axis=1) / scale
+        return errors / len(self.output_widths)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -249,7 +307,8 @@ def check_fits(dataset: Dataset, model: onnx.ModelProto) -> None:
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             raise OnnxlrfError(f"data input {name!r} of {dataset.name} contains NaN or Inf")
         if len(array) != dataset.rows:
-            raise OnnxlrfError(f"data input {name!r} has {len(array)} rows, labels need {dataset.rows}")
+            raise OnnxlrfError(f"data input {name!r} has {len(array)} rows, "
+                               f"{'the first input has' if dataset.task == OUTPUTS else 'labels need'} {dataset.rows}")
     classes = class_count(model) if dataset.task == CLASSIFICATION else None
     if classes is not None:
         output = model.graph.output[0].name
@@ -437,16 +496,20 @@ def _stsb(path: Path, model: onnx.ModelProto | None, tokenizer: str | None) -> D
 
 
 def _npz(path: Path, model: onnx.ModelProto | None) -> Dataset:
+    """Graph inputs plus class ``labels``; without ``labels``, label-free data (task ``outputs``)."""
     arrays = _open_npz(path)
+    if model is not None:
+        needed = {i.name for i in graph_inputs(model)} | {"labels"}
+        arrays = {name: array for name, array in arrays.items() if name in needed}
     if "labels" not in arrays:
-        raise OnnxlrfError(f"{path} has no 'labels' array (npz data: graph inputs plus labels)")
+        if not arrays:
+            raise OnnxlrfError(f"{path} has no arrays named after the model's inputs")
+        rows = len(next(iter(arrays.values())))
+        return Dataset(f"npz:{path}", OUTPUTS, arrays, np.zeros((rows, 0), np.float32))
     labels = arrays.pop("labels")
     if labels.ndim != 1 or labels.dtype.kind not in "iu":
         raise OnnxlrfError(
             f"{path}: labels must be integer class ids of shape (N,) for classification, "
             f"got {labels.dtype}{list(labels.shape)}"
         )
-    if model is not None:
-        needed = {i.name for i in graph_inputs(model)}
-        arrays = {name: array for name, array in arrays.items() if name in needed}
     return Dataset(f"npz:{path}", CLASSIFICATION, arrays, labels.astype(np.int64))

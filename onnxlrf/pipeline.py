@@ -25,7 +25,7 @@ from .costs.latency import default_rank_multiple, make_cost
 from .costs.params import cost_model
 from .errors import OnnxlrfError
 from .graph.layers import check_finite_weights, count_params, find_layers, weight_array
-from .measure.analysis import AnalysisOptions, analysis_cache_dir
+from .measure.analysis import AnalysisOptions, analysis_cache_dir, default_labels
 from .onnx_io import (
     StagedOutputs,
     check_output_path,
@@ -37,7 +37,7 @@ from .onnx_io import (
 from .planning.joint import JOINT_MODES, PlanOptions
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
-from .runtime.evaluate import model_metric, validate
+from .runtime.evaluate import model_metric, validate, with_original_outputs
 from .runtime.sessions import make_session, select_providers
 from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
@@ -184,11 +184,27 @@ def compress_joint(
     (None: for flops and latency targets, where its fewer FLOPs pay). ``analysis.cache``: a
     directory where each round's analysis is reused or kept, so another target or mode on the same
     data skips it. ``cost``: a prepared cost model for ``options.target``.
+    Data without labels (task ``outputs``) is scored by fidelity to ``reference``'s outputs, and
+    ``analysis.labels`` None becomes ``outputs`` for it; compact mode then needs a ``tolerance`` > 0
+    (see :func:`~onnxlrf.verify.backoff.metric_allowance`).
     """
+    from .data import OUTPUTS
+
     if options.mode not in JOINT_MODES:
         raise OnnxlrfError(f"unknown joint mode {options.mode!r}; known: {', '.join(JOINT_MODES)}")
     progress = as_progress(progress)
     _check_float32(reference)
+    if dataset.task == OUTPUTS:
+        if options.mode == "compact" and options.tolerance <= 0:
+            raise OnnxlrfError("compact mode on data without labels keeps the outputs within --tolerance of the "
+                               "original's (relative squared error; every truncation moves them): pass "
+                               "--tolerance > 0, e.g. 0.01")
+        dataset = with_original_outputs(dataset, reference, provider, progress)
+    if analysis.labels is None:
+        analysis = dataclasses.replace(analysis, labels=default_labels(dataset))
+        if dataset.task == OUTPUTS:
+            progress.log("data without labels: the calibration loss is the distance to the original's outputs "
+                         "(--labels outputs); the metric is fidelity to them")
     split = split_dataset(dataset, splits.calib, splits.val, splits.seed)
     progress.log(f"splits (seed {splits.seed}): {len(split.calib)} calibration, {len(split.val)} validation, "
                  f"{len(split.test)} held-out test samples")

@@ -255,9 +255,26 @@ def test_npz_needs_integer_labels(tmp_path):
     np.savez(tmp_path / "f.npz", input=np.zeros((2, 3, 32, 32), np.float32), labels=np.zeros(2, np.float32))
     with pytest.raises(OnnxlrfError, match="labels must be integer class ids"):
         load_data(f"npz:{tmp_path / 'f.npz'}")
-    np.savez(tmp_path / "n.npz", input=np.zeros((2, 3, 32, 32), np.float32))
-    with pytest.raises(OnnxlrfError, match="no 'labels' array"):
-        load_data(f"npz:{tmp_path / 'n.npz'}")
+
+
+def test_npz_without_labels_is_label_free_scored_by_fidelity(tmp_path):
+    np.savez(tmp_path / "n.npz", input=np.zeros((4, 3, 32, 32), np.float32))
+    dataset = load_data(f"npz:{tmp_path / 'n.npz'}")
+    assert dataset.task == "outputs" and len(dataset) == 4 and dataset.metric_name == "fidelity"
+    with pytest.raises(OnnxlrfError, match="needs --reference"):
+        dataset.score(np.zeros((4, 3), np.float32))
+    # Two outputs of very different scales count alike: errors are relative to each one's mean square.
+    boxes, scores = np.full((4, 2), 100.0, np.float32), np.full((4, 3), 0.5, np.float32)
+    scored = dataset.with_original_outputs([boxes, scores])
+    assert scored.output_widths == (2, 3) and scored.output_scales == pytest.approx((1e4, 0.25))
+    assert scored.score(np.concatenate([boxes, scores], axis=1)) == 1.0
+    off_by_tenth = np.concatenate([boxes * 1.1, scores], axis=1)
+    assert scored.score(off_by_tenth) == pytest.approx(1.0 - 0.01 / 2)
+    part = scored.subset([3, 1])
+    assert part.score(off_by_tenth[[3, 1]]) == pytest.approx(1.0 - 0.005)
+    errors = part.predictions(off_by_tenth[[3, 1]])
+    assert errors == pytest.approx([0.005, 0.005]) and part.score_predictions(errors, np.array([0, 0])) == \
+        pytest.approx(0.995)
 
 
 def _npz_dataset(**inputs) -> Dataset:

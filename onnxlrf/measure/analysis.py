@@ -31,17 +31,30 @@ RANGE_BATCH_BYTES = 64 << 20
 class AnalysisOptions:
     """How the joint analysis runs (``onnxlrf compress``'s analysis flags).
 
-    ``labels``: the loss's targets, the data's ``labels`` or the original's ``predictions``
-    (label-free); ``range_samples``: calibration samples of the range checks; ``micro_batch``:
+    ``labels``: the loss's targets (:data:`LABEL_CHOICES`): the data's ``labels``, the original's
+    ``predictions`` (label-free), or the original's ``outputs`` (label-free, any task: the loss is the
+    distance to them); None: ``labels``, or ``outputs`` for data without labels (:func:`default_labels`);
+    ``range_samples``: calibration samples of the range checks; ``micro_batch``:
     samples per gradient; ``spatial``: k x k convs analyzed in spatial decomposition too (None:
     for flops and latency targets); ``cache``: a directory of cached analyses (see :func:`joint_analysis`).
     """
 
-    labels: str = "labels"
+    labels: str | None = None
     range_samples: int = 256
     micro_batch: int = 50
     spatial: bool | None = None
     cache: str | os.PathLike | None = None
+
+
+LABEL_CHOICES = ("labels", "predictions", "outputs")
+
+
+def default_labels(dataset: Any) -> str:
+    """``--labels`` where none is given: ``outputs`` for data without labels (a task onnxlrf does not know),
+    else ``labels``."""
+    from ..data import OUTPUTS
+
+    return "outputs" if dataset.task == OUTPUTS else "labels"
 
 
 class CalibrationBatches:
@@ -113,14 +126,22 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
     ``options.cache``: a directory where analyses are kept, one file per :func:`analysis_key`; an
     analysis already there for this model, calibration split and options is read instead of
     computed (the same object, so the same plans), and a new one is saved there.
+    ``options.labels`` ``outputs``: the loss is the distance to the original's outputs: for
+    label-free data, those it carries (``calib.labels``, else ``reference``'s); for labelled data,
+    ``reference``'s.
     """
+    from ..data import OUTPUTS
     from .sensitivity import Sensitivity
 
     progress = as_progress(progress)
-    labels, range_samples, micro_batch = options.labels, options.range_samples, options.micro_batch
+    labels = options.labels or default_labels(calib)
+    range_samples, micro_batch = options.range_samples, options.micro_batch
     spatial, cache = bool(options.spatial), options.cache
-    if labels not in ("labels", "predictions"):
-        raise OnnxlrfError(f"--labels must be 'labels' or 'predictions', got {labels!r}")
+    if labels not in LABEL_CHOICES:
+        raise OnnxlrfError(f"--labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
+    if calib.task == OUTPUTS and labels != "outputs":
+        raise OnnxlrfError(f"--labels {labels} needs labelled data; data without labels has the loss "
+                           f"--labels outputs (the distance to the original's outputs)")
     if cache is None:
         return _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial)
     key = analysis_key(reference, calib, labels, range_samples, micro_batch, spatial)
@@ -149,11 +170,29 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
 def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
              progress: Progress, spatial: bool) -> Any:
     """:func:`joint_analysis` without the cache."""
-    from .sensitivity import CURVATURES, LOSSES, analyze, measure_ranges
+    from .sensitivity import (
+        CURVATURES,
+        LOSSES,
+        analyze,
+        measure_ranges,
+        output_distance_curvature,
+        output_distance_loss,
+    )
 
-    loss_fn = LOSSES[calib.task]
+    loss_name = f"{calib.task}/{labels}"
+    loss_fn, curvature_fn = LOSSES.get(calib.task), CURVATURES.get(calib.task)
     targets = calib.labels
-    if labels == "predictions":
+    if labels == "outputs":
+        from ..data import OUTPUTS
+        from ..runtime.evaluate import with_original_outputs
+
+        # Sentence pairs become one sample per sentence: the outputs of each row are compared.
+        calib = with_original_outputs(calib if calib.task == OUTPUTS else calib.label_free(), reference, "cpu",
+                                      progress)
+        targets = calib.labels
+        loss_fn = output_distance_loss(calib.output_scales)
+        curvature_fn = output_distance_curvature(calib.output_scales)
+    elif labels == "predictions":
         from ..data import cosine_rows
         from ..runtime.sessions import make_session, run_dataset
 
@@ -167,8 +206,8 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
-                          loss_name=f"{calib.task}/{labels}", progress=progress,
-                          curvature_fn=CURVATURES.get(calib.task), token_mask=calib.token_mask, spatial=spatial)
+                          loss_name=loss_name, progress=progress,
+                          curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range],

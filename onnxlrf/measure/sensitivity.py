@@ -28,7 +28,7 @@ import os
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
@@ -369,12 +369,65 @@ def similarity_curvature(outputs: list[torch.Tensor], targets: torch.Tensor) -> 
     return math.sqrt(2.0) * _pair_cosines(outputs)
 
 
+def _float_rows(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The float outputs, each flattened per row: what label-free data compares (as the runtime does)."""
+    return [output.reshape(len(output), -1) for output in outputs if output.is_floating_point()]
+
+
+def _output_weights(outputs: list[torch.Tensor], targets: torch.Tensor,
+                    scales: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, width) outputs side by side, and each column's weight 1 / (outputs * width * scale)."""
+    rows = _float_rows(outputs)
+    widths = [row.shape[1] for row in rows]
+    if len(rows) != len(scales) or sum(widths) != targets.shape[1]:
+        raise OnnxlrfError(f"the model's float outputs ({len(rows)}, {sum(widths)} values per row) differ from "
+                           f"the original's ({len(scales)}, {targets.shape[1]} values)")
+    weights = torch.cat([torch.full((width,), 1.0 / (len(rows) * width * scale), dtype=torch.float64)
+                         for width, scale in zip(widths, scales)])
+    return torch.cat(rows, dim=1), weights
+
+
+def output_distance_loss(scales: tuple[float, ...]) -> LossFn:
+    """Per sample, the relative squared error of all float outputs to the original's (the targets,
+    flattened side by side): per output the mean squared difference over ``scales`` (its mean square),
+    averaged over the outputs. Label-free data's loss for any model: at the original's weights it is
+    zero with zero gradient, so the curvature term alone predicts a truncation's effect."""
+    def loss(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        values, weights = _output_weights(outputs, targets, scales)
+        difference = values - targets.to(values.dtype)
+        return (difference * difference) @ weights.to(values.dtype)
+    return loss
+
+
+def output_distance_curvature(scales: tuple[float, ...], seed: int = 0) -> LossFn:
+    """Per sample, ``v . outputs`` with a random sign vector ``v_e = +-sqrt(2 w_e)`` (``w``: the
+    column weights of :func:`output_distance_loss`): its gradient ``J^T v`` has ``E[J^T v v^T J] =
+    2 J^T diag(w) J``, the loss's Gauss-Newton curvature, with one backward pass for outputs of any
+    width (K-FAC's sampled Fisher). The signs come from a generator seeded by ``seed``, so an analysis
+    is repeatable."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def curvature(outputs: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+        values, weights = _output_weights(outputs, targets, scales)
+        signs = torch.randint(0, 2, values.shape, generator=generator).to(values.dtype) * 2 - 1
+        return (values * signs * torch.sqrt(2 * weights).to(values.dtype)).sum(dim=1)
+    return curvature
+
+
 LOSSES: dict[str, LossFn] = {"classification": classification_loss, "sentence-similarity": similarity_loss}
 # Per-sample outputs whose gradients define B, where the loss's own gradients would mislead.
 # The regression loss's gradient is 2 * residual * dcos: its empirical Fisher weighs curvature
 # by the squared residual, small for a well-fit model, where the Gauss-Newton term 2 dcos dcos^T
 # does not. Cross-entropy keeps its empirical Fisher (measured on the CIFAR ResNets).
 CURVATURES: dict[str, LossFn] = {"sentence-similarity": similarity_curvature}
+
+
+def task_loss(dataset: Any) -> LossFn:
+    """The per-sample loss of ``dataset``'s task on its labels (:data:`LOSSES`); for label-free data
+    (task ``outputs``, its labels the original's outputs) :func:`output_distance_loss`."""
+    if dataset.task == "outputs":
+        return output_distance_loss(dataset.output_scales)
+    return LOSSES[dataset.task]
 
 
 @heap_reuse()

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data import CLASSIFICATION, Dataset, check_fits, cosine_rows
+from ..data import CLASSIFICATION, OUTPUTS, Dataset, check_fits, cosine_rows
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params
 from ..progress import ProgressLike, as_progress
@@ -22,6 +22,7 @@ from .sessions import (
     make_session,
     random_feeds,
     run_dataset,
+    run_float_outputs,
     run_session,
     select_providers,
 )
@@ -76,10 +77,19 @@ def validate(
     provider: str = "auto",
     progress: ProgressLike = None,
 ) -> ValidationResult:
-    """Score ``model`` on ``dataset`` and, with ``reference``, compare the two models' first outputs."""
+    """Score ``model`` on ``dataset`` and, with ``reference``, compare the two models' first outputs
+    (label-free data: all float outputs, scored by fidelity to the reference's, which it then needs)."""
     providers = select_providers(provider)
     proto = as_model_proto(model)
     check_fits(dataset, proto)
+    reference_outputs = None
+    if dataset.task == OUTPUTS and not dataset.output_widths:
+        if reference is None:
+            raise OnnxlrfError(f"data {dataset.name} has no labels: it is scored by fidelity to a reference "
+                               f"model's outputs, so pass --reference")
+        check_fits(dataset, as_model_proto(reference))
+        dataset = with_original_outputs(dataset, reference, provider, progress)
+        reference_outputs = dataset.labels
     session = make_session(model, providers)
     outputs = run_dataset(session, dataset, batch_size, progress, f"validate on {len(dataset)} samples")
     predictions = dataset.predictions(outputs)
@@ -102,8 +112,9 @@ def validate(
         return result
     reference_proto = as_model_proto(reference)
     check_fits(dataset, reference_proto)
-    reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size, progress,
-                                    f"validate the reference on {len(dataset)} samples")
+    if reference_outputs is None:
+        reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size, progress,
+                                        f"validate the reference on {len(dataset)} samples")
     if reference_outputs.shape != outputs.shape:
         raise OnnxlrfError(
             f"model and reference outputs differ in shape: {list(outputs.shape)} vs {list(reference_outputs.shape)}"
@@ -120,6 +131,17 @@ def validate(
         result.top1_agreement = float(np.mean(predictions == reference_predictions))
     result.reference_file_size = file_size(reference)
     return result
+
+
+def with_original_outputs(dataset: Dataset, original: ModelLike, provider: str = "auto",
+                          progress: ProgressLike = None) -> Dataset:
+    """Label-free ``dataset`` with ``original``'s float outputs as its labels (see
+    :meth:`~onnxlrf.data.Dataset.with_original_outputs`); as it is where it has them already."""
+    if dataset.output_widths:
+        return dataset
+    session = make_session(original, select_providers(provider))
+    return dataset.with_original_outputs(run_float_outputs(
+        session, dataset, progress=progress, description=f"the original's outputs on {len(dataset)} samples"))
 
 
 def change_interval(

@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..data import Dataset, graph_inputs
+from ..data import OUTPUTS, Dataset, graph_inputs
 from ..errors import OnnxlrfError
 from ..onnx_io import save_onnx
 from ..progress import ProgressLike, as_progress
@@ -116,26 +116,57 @@ def _static_batch(session: ort.InferenceSession) -> int | None:
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
 
 
+# onnxruntime's names of the floating-point tensor types: the outputs label-free data is scored on.
+FLOAT_TYPES = ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)")
+
+
 def run_dataset(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128,
                 progress: ProgressLike = None, description: str = "inference") -> np.ndarray:
-    """The session's first output for every row of ``dataset``, in order.
+    """The session's first output for every row of ``dataset``, in order; for label-free data
+    (task ``outputs``) all its float outputs, each flattened per row, side by side (float32).
 
     A model with a static batch size B is run B rows at a time, the last batch
     padded by repeating its last row (the padding's outputs are dropped).
     """
+    if dataset.task == OUTPUTS:
+        return np.concatenate(run_float_outputs(session, dataset, batch_size, progress, description), axis=1)
+    return _run_rows(session, dataset, [session.get_outputs()[0].name], batch_size, progress, description)[0]
+
+
+def run_float_outputs(session: ort.InferenceSession, dataset: Dataset, batch_size: int = 128,
+                      progress: ProgressLike = None, description: str = "inference") -> list[np.ndarray]:
+    """Each float output of the session on every row of ``dataset``, flattened per row: (rows, width) float32.
+
+    Every such output must have a row axis first (one row per input row): a per-sample distance needs one.
+    """
+    names = [output.name for output in session.get_outputs() if output.type in FLOAT_TYPES]
+    if not names:
+        raise OnnxlrfError("the model has no floating-point output to compare with the original's")
+    outputs = _run_rows(session, dataset, names, batch_size, progress, description)
+    return [array.reshape(len(array), -1).astype(np.float32, copy=False) for array in outputs]
+
+
+def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str], batch_size: int,
+              progress: ProgressLike, description: str) -> list[np.ndarray]:
+    """The outputs ``names`` for every row of ``dataset`` (see :func:`run_dataset`), each with rows first."""
     static_batch = _static_batch(session)
     batch_size = static_batch or batch_size
-    names = [i.name for i in session.get_inputs()]
-    first_output = session.get_outputs()[0].name
-    outputs = []
+    inputs = [i.name for i in session.get_inputs()]
+    outputs: list[list[np.ndarray]] = [[] for _ in names]
     n_batches = -(-dataset.rows // batch_size)  # rows: two per sentence pair
     for feed in as_progress(progress).track(dataset.batches(batch_size), description, n_batches, "batch"):
-        feed = {name: feed[name] for name in names}
+        feed = {name: feed[name] for name in inputs}
         rows = len(next(iter(feed.values())))
+        fed = rows
         if static_batch and rows < static_batch:
             feed = {n: np.concatenate([a, np.repeat(a[-1:], static_batch - rows, axis=0)]) for n, a in feed.items()}
-        outputs.append(run_session(session, [first_output], feed)[0][:rows])
-    return np.concatenate(outputs)
+            fed = static_batch
+        for name, collected, value in zip(names, outputs, run_session(session, names, feed)):
+            if np.ndim(value) == 0 or len(value) != fed:
+                raise OnnxlrfError(f"output {name!r} has shape {list(np.shape(value))} for {fed} input rows: "
+                                   f"its first axis is not one row per input row")
+            collected.append(value[:rows])
+    return [np.concatenate(collected) for collected in outputs]
 
 
 def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list:

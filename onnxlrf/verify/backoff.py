@@ -19,7 +19,7 @@ from ..costs.params import cost_model
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params, find_layers, weight_array
 from ..measure.analysis import calibration_batches, range_batch_size
-from ..measure.sensitivity import LOSSES, replacement_gains
+from ..measure.sensitivity import replacement_gains, task_loss
 from ..planning.joint import JOINT_MODES, PlanOptions, plan_joint
 from ..planning.plan import Plan
 from ..progress import Progress, ProgressLike, as_progress
@@ -58,18 +58,24 @@ class ValidationEvaluator:
 
     Under a latency target (a cost model that measures speed), each model is also timed against
     the original. ``reference_value``: the original's metric, when the caller measured it already.
+    ``allowance``: how far below the original's a plan may score and hold (:func:`metric_allowance`).
     """
 
     def __init__(self, reference: onnx.ModelProto, val: Any, technique: Technique, cost: Any, provider: str,
-                 progress: Progress, reference_value: float | None = None) -> None:
+                 progress: Progress, reference_value: float | None = None, allowance: float = 0.0) -> None:
         self.reference, self.val, self.technique, self.cost = reference, val, technique, cost
         self.provider, self.progress, self._reference_value = provider, progress, reference_value
+        self.allowance = allowance
         self.measures_speed = cost.target == "latency" and hasattr(cost, "measured_speedup")
 
     def reference_value(self) -> float:
         if self._reference_value is None:
             self._reference_value = self.metric(self.reference, "the original on validation")
         return self._reference_value
+
+    def required_value(self) -> float:
+        """What a plan must score on validation to hold: the original's metric less the allowance."""
+        return self.reference_value() - self.allowance
 
     def rewrite(self, plan: Plan) -> tuple[onnx.ModelProto, RewriteReport]:
         return self.technique.rewrite(self.reference, plan, progress=self.progress)
@@ -79,6 +85,17 @@ class ValidationEvaluator:
 
     def speedup(self, model: onnx.ModelProto) -> float | None:
         return self.cost.measured_speedup(model) if self.measures_speed else None
+
+
+def metric_allowance(val: Any, options: PlanOptions) -> float:
+    """How far below the original's validation metric a plan may score and still hold: 0, except for
+    label-free data, whose metric is fidelity to the original's outputs (the original's is 1, every
+    truncation lowers it): there compact mode's ``tolerance``, so a plan holds when its measured
+    validation error (the calibration loss's measure, 1 - fidelity) is within the tolerance the planner
+    budgeted for its predicted loss increase."""
+    from ..data import OUTPUTS
+
+    return options.tolerance if val.task == OUTPUTS and options.mode == "compact" else 0.0
 
 
 def backoff_plan(
@@ -120,9 +137,10 @@ def backoff_plan(
             plan = dataclasses.replace(plan, mode=mode, options={**plan.options, "size_search": True})
         return plan
 
-    evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_val)
+    allowance = metric_allowance(val, options)
+    evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_val, allowance)
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
-                           progress)
+                           progress, allowance=allowance)
     best = search.run()
     reference_val = search.reference
     if best is None and mode == "lossless":
@@ -171,17 +189,17 @@ def restore_layers(
     """METHOD.md 5: set ``failing``'s layers back to ``holding``'s entries, worst first, until validation holds.
 
     A layer's measured contribution is how much the loss on ``calib`` (the task's loss on its
-    gold labels) falls when that layer alone is set back: measured on data the check below does
+    gold labels; label-free: the distance to the original's outputs) falls when that layer alone is set back: measured on data the check below does
     not see, so the validation split only verifies. It is measured in torch
     (:func:`~onnxlrf.measure.sensitivity.replacement_gains`: each set-back run starts at its layer) on
     the weights the plans produce (the technique's ``perturbed_weights``; low-rank refuses
     bias-corrected entries there); a weight shared by several layers is set back for all of them.
     Layers whose setting back lowers that loss are set back in that order, the validation metric
     (``evaluator``, see :class:`ValidationEvaluator`) re-checked after each, until it is at least
-    the original's. Returns the plan that holds, or None if none does.
+    the original's (less the evaluator's allowance). Returns the plan that holds, or None if none does.
     """
     progress = as_progress(progress)
-    reference_val = evaluator.reference_value()
+    required = evaluator.required_value()
     before = {entry.node: entry for entry in holding.layers}
     differing = [e.node for e in failing.layers if e.size_key() != before[e.node].size_key()]
     if len(differing) < 2:
@@ -191,7 +209,7 @@ def restore_layers(
     gains = replacement_gains(
         technique.perturbed_weights(reference, failing),
         {node: {layers[node].weight: weight_array(held, layers[node])} for node in differing},
-        calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), LOSSES[calib.task],
+        calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), task_loss(calib),
         progress, f"back-off: measure each layer's contribution ({len(differing)} layers)")
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
     progress.log(f"back-off: restoring the layers of the smallest failing plan ({len(differing)} differ from "
@@ -202,9 +220,10 @@ def restore_layers(
         plan = _set_back(reference, failing, holding, frozenset(order[:count]), cost)
         compressed, report = technique.rewrite(reference, plan)
         value = evaluator.metric(compressed, f"validate with {count} layers set back")
-        held = value >= reference_val
+        held = value >= required
         progress.log(f"  {count} set back: {reduction_text(plan)}, val {value:.4f} "
-                     f"{'>=' if held else '<'} original {reference_val:.4f}")
+                     f"{'>=' if held else '<'} {'original' if not evaluator.allowance else 'required'} "
+                     f"{required:.4f}")
         if held:
             return Verified(value, plan, compressed, report, None)
     return None
@@ -245,7 +264,7 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     Under a latency target, a refit plan must also be measured faster than the original.
     Each attempt is appended to ``attempts``; returns the one kept, or None.
     """
-    reference_val = evaluator.reference_value()
+    required = evaluator.required_value()
 
     def attempt(plan: Plan, bar: float, description: str, strictly: bool = False) -> Verified | None:
         improved = technique.improve(reference, plan, calib, progress=progress)
@@ -268,7 +287,7 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     size = best.plan.options["achieved_reduction"] if best is not None else 0.0
     for plan in sorted((p for p in failing if p.options["achieved_reduction"] > size),
                        key=lambda p: p.options["achieved_reduction"]):
-        result = attempt(plan, reference_val, f"the failing plan of kappa {plan.options['kappa']:.3g} "
+        result = attempt(plan, required, f"the failing plan of kappa {plan.options['kappa']:.3g} "
                                               f"({reduction_text(plan)})")
         if result is None:
             break

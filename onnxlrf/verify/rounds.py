@@ -19,6 +19,7 @@ from .backoff import (
     ValidationEvaluator,
     VerifyOptions,
     backoff_plan,
+    metric_allowance,
     refit_chosen,
     with_sizes,
 )
@@ -80,7 +81,8 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
     plan.source = plan_source(reference)  # a later round's plan was made for truncated weights
     compressed, report = technique.rewrite(reference, plan, progress=progress)
     if verify.refit and rounds > 1 and plan.summary()["factorized"]:
-        evaluator = ValidationEvaluator(reference, splits.val, technique, cost, provider, progress, reference_val)
+        evaluator = ValidationEvaluator(reference, splits.val, technique, cost, provider, progress, reference_val,
+                                        metric_allowance(splits.val, options))
         refits: list[Attempt] = []
         refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None), [],
                                 splits.calib, evaluator, technique, progress, refits)

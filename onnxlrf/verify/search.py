@@ -114,13 +114,18 @@ class BackoffSearch:
     between the largest that held and the first that failed. Plans with the same ``signature`` make
     the same model and are evaluated once. Under a latency target, a plan not measured faster than
     the original is rejected. Every plan looked at is an :class:`Attempt` in :attr:`attempts`.
+
+    ``allowance``: how far below the original's metric a plan may score and still hold (0: at least
+    the original's). Fidelity to the original's outputs (label-free data) can only fall, so there it is
+    the tolerance (:func:`~onnxlrf.verify.backoff.metric_allowance`).
     """
 
     def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
                  signature: Callable[[Plan, float], Hashable], progress: Progress,
-                 kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS) -> None:
+                 kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS,
+                 allowance: float = 0.0) -> None:
         self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
-        self.progress, self.kappas, self.bisections = progress, kappas, bisections
+        self.progress, self.kappas, self.bisections, self.allowance = progress, kappas, bisections, allowance
         self.attempts: list[Attempt] = []
         self.reference: float | None = None
         # The error of the last kappa without a plan (lossless: raised when no kappa has one).
@@ -151,14 +156,24 @@ class BackoffSearch:
                 best = self._search_sizes(best)
         return best
 
+    @property
+    def required(self) -> float:
+        """The validation metric a plan needs to hold: the original's, less the allowance."""
+        return self.reference - self.allowance
+
+    def _required_text(self) -> str:
+        if not self.allowance:
+            return f"original {self.reference:.4f}"
+        return f"required {self.required:.4f} (original {self.reference:.4f} less {self.allowance:g})"
+
     def holds(self, result: Verified | None) -> bool:
-        """Whether ``result`` scores at least the original's metric."""
-        return result is not None and result.value >= self.reference
+        """Whether ``result`` scores at least :attr:`required`."""
+        return result is not None and result.value >= self.required
 
     def failing(self) -> list[Plan]:
-        """The plans evaluated that scored below the original."""
+        """The plans evaluated that scored below :attr:`required`."""
         return [result.plan for _, _, result in self._verified.values()
-                if result is not None and result.value < self.reference]
+                if result is not None and result.value < self.required]
 
     def attempt(self, kappa: float, size: float | None = None) -> Verified | None:
         """The plan at ``kappa`` verified; ``size``: the lossless plan of that size instead (compact's size search)."""
@@ -199,10 +214,10 @@ class BackoffSearch:
                    f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
         if self.mode == "lossless":
             self.progress.log(f"{summary} (original {self.reference:.4f})")
-        elif value >= self.reference:
-            self.progress.log(f"{summary} >= original {self.reference:.4f}: holds")
+        elif value >= self.required:
+            self.progress.log(f"{summary} >= {self._required_text()}: holds")
         else:
-            self.progress.log(f"{summary} < original {self.reference:.4f}: rejected"
+            self.progress.log(f"{summary} < {self._required_text()}: rejected"
                               + ("" if label else ", trusting the curvature less"))
         return Verified(value, plan, model, report, attempt)
 
