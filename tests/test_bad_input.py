@@ -243,20 +243,9 @@ def test_checkpoint_does_not_fit(tmp_path: Path, resnet20_weights: Path, bad_che
 
 
 def test_rewrite_never_writes_over_its_plans_bases(files: dict[str, Path]) -> None:
-    from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
-    from onnxlrf.graph.linalg import svd
-    from onnxlrf.planning.plan import Plan
+    from test_plan import joint_like_plan
 
-    plan = Plan.load(files["plan"])
-    model = onnx.load(str(files["model"]))
-    layers = {layer.node: layer for layer in find_layers(model)[0]}
-    for entry in plan.layers:
-        if entry.changed:
-            layer = layers[entry.node]
-            plan.bases[entry.weight] = tuple(a.astype(np.float32) for a in svd(
-                weight_matrices(weight_array(model, layer), layer, entry.decomposition)))
-            entry.basis = "joint"
-    plan.save(files["dir"] / "joint.json")
+    joint_like_plan(onnx.load(str(files["model"]))).save(files["dir"] / "joint.json")
     bases = files["dir"] / "joint.json.bases.npz"
     before = snapshot(files["dir"])
     result = invoke("rewrite", files["model"], "--plan", files["dir"] / "joint.json", "-o", bases, "--overwrite")

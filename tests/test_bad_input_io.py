@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper
+from test_bad_input import CLASSES, IN, assert_one_line_error, invoke, mlp, snapshot
+from test_data import sentence_encoder_model
 
 from onnxlrf.onnx_io import staged_outputs
 from onnxlrf.termination import Terminated
-from test_bad_input import CLASSES, IN, assert_one_line_error, invoke, mlp, snapshot
-from test_data import sentence_encoder_model
 
 SAMPLES = 12
 

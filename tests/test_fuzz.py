@@ -22,11 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_input import CLASSES, IN, invoke, mlp, snapshot
-
-from onnxlrf.graph.layers import find_layers, weight_array, weight_matrices
-from onnxlrf.graph.linalg import svd
-from onnxlrf.planning.plan import Plan
-from onnxlrf.techniques.lowrank.planners import plan_uniform
+from test_plan import joint_like_plan
 
 EXAMPLES = int(os.environ.get("ONNXLRF_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -52,15 +48,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     directory = tmp_path_factory.mktemp("fuzz")
     model = mlp()
     onnx.save(model, str(directory / "mlp.onnx"))
-    plan = plan_uniform(model, rank_fraction=0.5)
-    layers = {layer.node: layer for layer in find_layers(model)[0]}
-    for entry in plan.layers:
-        if entry.changed:
-            layer = layers[entry.node]
-            plan.bases[entry.weight] = tuple(a.astype(np.float32) for a in svd(
-                weight_matrices(weight_array(model, layer), layer, entry.decomposition)))
-            entry.basis = "joint"
-    plan.save(directory / "valid.json")
+    joint_like_plan(model).save(directory / "valid.json")
     with np.load(directory / "valid.json.bases.npz") as arrays:
         bases = dict(arrays)
     x = np.random.default_rng(1).standard_normal((40, IN)).astype(np.float32)

@@ -33,8 +33,8 @@ from onnxlrf.measure.sensitivity import LayerSensitivity, Sensitivity
 from onnxlrf.planning.plan import LowRankEntry, Plan
 from onnxlrf.runtime.shapes import count_flops
 from onnxlrf.techniques.lowrank.planners import plan_energy, plan_uniform
-from onnxlrf.techniques.lowrank.technique import plan_joint
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.techniques.lowrank.technique import plan_joint
 
 RNG = np.random.default_rng(5)
 
@@ -300,9 +300,8 @@ def test_cli_compress_targets_and_bench_with_io_binding(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from onnxlrf.cli import cli
-    from onnxlrf.onnx_io import save_onnx
-
     from onnxlrf.costs import latency as latency_module
+    from onnxlrf.onnx_io import save_onnx
     from onnxlrf.runtime.shapes import count_flops
 
     def flops_timer(runners, **kwargs):

@@ -45,8 +45,8 @@ from onnxlrf.pipeline import compress_joint
 from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.planning.plan import Plan
 from onnxlrf.techniques.lowrank.planners import baseline_basis, plan_baseline
-from onnxlrf.techniques.lowrank.technique import plan_joint
 from onnxlrf.techniques.lowrank.rewrite import apply_plan
+from onnxlrf.techniques.lowrank.technique import plan_joint
 from onnxlrf.verify.backoff import VerifyOptions
 from onnxlrf.verify.splits import SplitOptions, split_dataset
 

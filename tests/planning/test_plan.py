@@ -341,7 +341,7 @@ def test_plan_save_is_byte_identical(tmp_path, monkeypatch):
 
 
 def joint_like_plan(model: onnx.ModelProto) -> Plan:
-    """A uniform plan whose layers use stored bases (each weight's own SVD), as joint plans do."""
+    """A uniform plan at half rank whose layers use stored bases (each weight's own SVD), as joint plans do."""
     plan = plan_uniform(model, rank_fraction=0.5)
     layers = {layer.node: layer for layer in find_layers(model)[0]}
     for entry in plan.layers:

@@ -7,7 +7,12 @@ import pytest
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.planning.plan import Plan
 from onnxlrf.progress import Progress
-from onnxlrf.verify.search import BACKOFF_KAPPAS, SIZE_SEARCH_START, Attempt, BackoffSearch
+from onnxlrf.verify.search import (
+    BACKOFF_KAPPAS,
+    SIZE_SEARCH_START,
+    Attempt,
+    BackoffSearch,
+)
 
 
 def plan_of(kappa: float, reduction: float, size: float | None = None) -> Plan:
