@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import ctypes
+import json
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from onnxlrf.models import load_model
 
+from onnxlrf.cli import cli
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.export import export_model
 from onnxlrf.measure import torch_graph
@@ -123,26 +126,30 @@ def test_an_op_torch_lacks_on_the_weights_path_is_one_line_naming_node_and_op(mo
         TorchGraph(custom, weights={"w1", "w2"})
 
 
-def test_if_off_the_weights_path_reads_outer_values_and_matches_onnxruntime():
-    """If (control flow, not in torch) choosing position ids; its branches read a value of the outer graph."""
+def _if_position_model() -> onnx.ModelProto:
+    """:func:`_embedding_model` with an If (control flow, not in torch) choosing the position ids;
+    its branches read a value of the outer graph."""
     model = _embedding_model()
     make = onnx.helper.make_node
-    untyped = onnx.helper.make_tensor_value_info
+    branch_output = onnx.helper.make_tensor_value_info
     then_branch = onnx.helper.make_graph([make("Identity", ["running"], ["kept"])], "then", [],
-                                         [untyped("kept", onnx.TensorProto.INT64, None)])
+                                         [branch_output("kept", onnx.TensorProto.INT64, None)])
     else_branch = onnx.helper.make_graph([make("Sub", ["running", "axis"], ["shifted"])], "else", [],
-                                         [untyped("shifted", onnx.TensorProto.INT64, None)])
+                                         [branch_output("shifted", onnx.TensorProto.INT64, None)])
     nodes = list(model.graph.node)
     nodes[2] = make("Mul", ["chosen", "mask"], ["position_ids"], name="position_mask")
-    nodes[1:1] = [make("CumSum", ["mask", "axis"], ["running"], name="position_cumsum"),
-                  make("ReduceMax", ["mask"], ["any"], keepdims=0),
-                  make("Cast", ["any"], ["condition"], to=onnx.TensorProto.BOOL),
+    nodes[2:2] = [make("ReduceMax", ["mask"], ["any"], name="any_token", keepdims=0),
+                  make("Cast", ["any"], ["condition"], name="condition", to=onnx.TensorProto.BOOL),
                   make("If", ["condition"], ["chosen"], name="choose", then_branch=then_branch,
                        else_branch=else_branch)]
-    del nodes[5]  # the original CumSum, now made before the If
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    onnx.checker.check_model(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_if_off_the_weights_path_reads_outer_values_and_matches_onnxruntime():
+    model = _if_position_model()
     graph = TorchGraph(model, weights={"w1", "w2"})
     feeds = next(_embedding_batches()())[0]
     logits = graph(feeds)[0]
@@ -153,6 +160,27 @@ def test_if_off_the_weights_path_reads_outer_values_and_matches_onnxruntime():
     with torch.no_grad():
         np.testing.assert_array_equal(graph.resume(graph.trace(feeds, resume_from=[start]), start)[0].numpy(),
                                       logits.detach().numpy())
+
+
+def test_compress_lossless_runs_past_an_op_off_the_weights_path_and_stops_at_one_on_it(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    mask = (np.arange(8) < rng.integers(3, 9, size=(600, 1))).astype(np.int64)
+    ids = rng.integers(1, 20, size=(600, 8)).astype(np.int64) * mask
+    np.savez(tmp_path / "data.npz", ids=ids, mask=mask, labels=rng.integers(0, 4, size=600))
+    args = ["--data", f"npz:{tmp_path / 'data.npz'}", "--mode", "lossless", "--target-reduction", "0.1",
+            "--calib", "200", "--val", "200", "--json", "-q"]
+    onnx.save(_if_position_model(), tmp_path / "if.onnx")
+    result = CliRunner().invoke(cli, ["compress", str(tmp_path / "if.onnx"), *args, "-o", str(tmp_path / "if.out.onnx")])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["params"] < json.loads(result.output)["reference_params"]
+    monkeypatch.delitem(torch_graph.OPS, "CumSum")
+    onnx.save(_embedding_model(cumsum_on_weight_path=True), tmp_path / "blocked.onnx")
+    result = CliRunner().invoke(cli, ["compress", str(tmp_path / "blocked.onnx"), *args,
+                                      "-o", str(tmp_path / "blocked.out.onnx")])
+    assert result.exit_code != 0
+    assert result.output.strip().splitlines() == [
+        "Error: node 'hidden_cumsum' (CumSum) lies on the path from the analysed weights to the loss, and the "
+        "torch analysis has no CumSum: use --mode uniform or energy (no gradients), or export the model without CumSum"]
 
 
 def test_negative_step_slice_matches_numpy():
