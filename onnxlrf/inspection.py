@@ -4,7 +4,9 @@ Per factorizable layer: weight, shape, parameters, FLOPs, and for each
 decomposition the matrices it factorizes, the maximum rank and the break-even
 rank (the largest rank whose factorized form is still smaller than dense).
 Per Conv/ConvTranspose/Gemm/MatMul or quantized node that is not a layer: why; per layer the joint
-analysis leaves out (ConvTranspose, 3-D convs: dense in joint plans only): why. Works on any ONNX file:
+analysis leaves out (ConvTranspose, 3-D convs: dense in joint plans only): why. The nodes whose
+op the torch analysis lacks: those on the path from the layers' weights to the outputs (they block
+the joint modes) and those off it (onnx's reference evaluator runs them). Works on any ONNX file:
 nothing is run, shapes come from shape inference.
 """
 
@@ -26,6 +28,7 @@ from .graph.layers import (
     nonfinite_weights,
 )
 from .measure.coverage import analysis_exclusion
+from .measure.torch_graph import lacking_nodes
 from .onnx_io import load_onnx
 from .runtime.shapes import concrete_input_shapes, flops_by_node
 
@@ -63,6 +66,14 @@ class SkippedInfo:
 
 
 @dataclass
+class LackingInfo:
+    """A node whose op the torch analysis lacks."""
+    node: str
+    op_type: str
+    domain: str = ""
+
+
+@dataclass
 class Inspection:
     model: str
     opset: int
@@ -78,6 +89,9 @@ class Inspection:
     factorizable_flops: int | None
     nonfinite_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Ops the torch analysis lacks: on the weights' path (the joint modes stop) and off it (reference evaluator).
+    blocking: list[LackingInfo] = field(default_factory=list)
+    reference: list[LackingInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,6 +137,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         notes.append(f"{quantized} quantized nodes: not factorizable; their FLOPs and their {int8:,} 8-bit "
                      "weight elements are not counted")
 
+    blocking, reference = lacking_nodes(model, [layer.weight for layer in layers if "channel" in layer.decompositions])
     total_flops = None if None in flops.values() or flops_note else sum(flops.values())
     layer_flops = [info.flops for info in layer_infos]
     return Inspection(
@@ -140,6 +155,8 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         factorizable_flops=None if None in layer_flops else sum(layer_flops),
         nonfinite_weights=nonfinite_weights(model),
         notes=notes,
+        blocking=[LackingInfo(n.name or n.output[0], n.op_type, n.domain) for n in blocking],
+        reference=[LackingInfo(n.name or n.output[0], n.op_type, n.domain) for n in reference],
     )
 
 
@@ -202,6 +219,14 @@ def format_inspection(inspection: Inspection) -> str:
         rows += [[s.node or "(no name)", s.op_type, "-" if s.op_type in QUANTIZED_OPS else format_si(s.flops), s.reason]
                  for s in i.skipped]
         lines += ["", f"skipped nodes ({len(i.skipped)}):"] + _table(rows, right={2})
+    if i.blocking:
+        lines += ["", f"nodes that block the joint modes ({len(i.blocking)}): a gradient from the layers' weights "
+                  "passes through them and the torch analysis lacks their op (--mode uniform or energy still run)"]
+        lines += _table([["node", "op"]] + [[n.node, _op(n)] for n in i.blocking], right=set())
+    if i.reference:
+        lines += ["", f"nodes onnx's reference evaluator runs in the joint modes ({len(i.reference)}): the torch "
+                  "analysis lacks their op, and no gradient from the layers' weights passes through them"]
+        lines += _table([["node", "op"]] + [[n.node, _op(n)] for n in i.reference], right=set())
     share = f", {i.factorizable_params / i.params:.1%}" if i.params else ""
     lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
     at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())
@@ -224,6 +249,10 @@ def format_si(value: int | None, missing: str = "?", space: str = "") -> str:
     return str(value)
 
 
+def _op(node: LackingInfo) -> str:
+    return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     out = []
@@ -233,4 +262,4 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     return out
 
 
-__all__ = ["DecompositionInfo", "Inspection", "LayerInfo", "SkippedInfo", "format_inspection", "inspect_model"]
+__all__ = ["DecompositionInfo", "Inspection", "LackingInfo", "LayerInfo", "SkippedInfo", "format_inspection", "inspect_model"]

@@ -132,7 +132,7 @@ def run_case(case) -> CaseResult:
     inputs, expected = case.data_sets[0]
     try:
         feeds = {info.name: _to_torch(value) for info, value in zip(graph.input, inputs)}
-        evaluator = TorchGraph(case.model)
+        evaluator = TorchGraph(case.model, reference_fallback=False)  # the torch path alone
     except (_NotTensor, UnsupportedError) as error:
         return CaseResult(case.name, op, "unsupported", str(error))
     try:

@@ -15,6 +15,7 @@ from onnxlrf.cli import cli
 from onnxlrf.errors import OnnxlrfError
 from onnxlrf.graph.layers import count_params
 from onnxlrf.inspection import format_inspection, inspect_model
+from onnxlrf.measure import torch_graph
 from onnxlrf.runtime.shapes import count_flops
 
 RNG = np.random.default_rng(0)
@@ -233,3 +234,31 @@ def test_cli_errors_are_one_line(tmp_path: Path, argv: list[str], message: str):
     assert result.exit_code == 1 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and message in lines[0]
+
+
+def test_ops_the_torch_analysis_lacks_on_and_off_the_weights_path(monkeypatch):
+    """Position ids from a CumSum of the mask (no gradient passes) and a CumSum over a layer's output (one does),
+    with CumSum taken out of the torch evaluator."""
+    monkeypatch.delitem(torch_graph.OPS, "CumSum")
+    nodes = [helper.make_node("CumSum", ["mask", "axis"], ["position_ids"], name="position_cumsum"),
+             helper.make_node("Gather", ["positions", "position_ids"], ["position_emb"], name="position_gather"),
+             helper.make_node("Add", ["x", "position_emb"], ["emb"], name="embed"),
+             helper.make_node("MatMul", ["emb", "w1"], ["h"], name="fc1"),
+             helper.make_node("CumSum", ["h", "axis"], ["h_sum"], name="hidden_cumsum"),
+             helper.make_node("MatMul", ["h_sum", "w2"], ["y"], name="fc2")]
+    graph = helper.make_graph(
+        nodes, "lacking", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, 8]),
+                           helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 4])],
+        [numpy_helper.from_array(value, name) for name, value in {
+            "positions": weights(6, 8), "w1": weights(8, 16), "w2": weights(16, 4),
+            "axis": np.array(1, dtype=np.int64)}.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    inspection = inspect_model(model)
+    assert [(n.node, n.op_type) for n in inspection.blocking] == [("hidden_cumsum", "CumSum")]
+    assert [(n.node, n.op_type) for n in inspection.reference] == [("position_cumsum", "CumSum")]
+    text = format_inspection(inspection)
+    assert "nodes that block the joint modes (1)" in text and "hidden_cumsum  CumSum" in text
+    assert "nodes onnx's reference evaluator runs in the joint modes (1)" in text and "position_cumsum  CumSum" in text
+    assert json.loads(json.dumps(inspection.to_dict()))["blocking"] == [
+        {"node": "hidden_cumsum", "op_type": "CumSum", "domain": ""}]

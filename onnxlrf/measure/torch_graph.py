@@ -8,7 +8,10 @@ torch model. The ops follow the ONNX specification per opset, measured by
 ONNX's own node conformance cases (``scripts/onnx_conformance.py``; the op
 types declared in ``tests/test_onnx_conformance.py`` pass them). Control flow
 (If, Loop, Scan), sequences, optionals, strings and sub-byte dtypes are not
-covered: they raise :class:`UnsupportedError`.
+covered in torch. A node torch lacks that no gradient from the analysed weights
+passes through (shapes, position ids, masks, index arithmetic) runs in onnx's
+reference evaluator, without gradient; one on the weights' path raises
+:class:`UnsupportedError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from ..errors import OnnxlrfError
 
@@ -1507,6 +1511,116 @@ _COUNTS_OUTPUTS = {"Split", "LayerNormalization", "BatchNormalization", "Dropout
 # Ops whose meaning changed across opsets without a change of inputs: they read the model's a["opset"].
 _OPSET_DEPENDENT = {"Softmax", "LogSoftmax", "Hardmax", "Resize", "GridSample", "DFT"}
 
+# Ops whose outputs carry no gradient (shapes, indices, booleans, values set by a shape alone):
+# what they compute from the weights' path is off it.
+_NO_GRADIENT_OUTPUTS = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin", "Equal", "Less", "Greater",
+                        "LessOrEqual", "GreaterOrEqual", "IsNaN", "IsInf", "Not", "And", "Or", "Xor",
+                        "EyeLike", "ConstantOfShape"}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
+                onnx.TensorProto.BFLOAT16}
+
+
+def torch_supported(node: onnx.NodeProto) -> bool:
+    """Whether the torch evaluator has ``node``'s op (default domain only)."""
+    return node.op_type in OPS and node.domain in ("", "ai.onnx")
+
+
+def _node_reads(node: onnx.NodeProto) -> list[str]:
+    """``node``'s inputs, then the values of the enclosing graph that its subgraphs (If, Loop, Scan) read."""
+    made, read = set(), []
+
+    def visit(graph: onnx.GraphProto) -> None:
+        made.update(v.name for v in graph.input)
+        made.update(t.name for t in graph.initializer)
+        for inner in graph.node:
+            read.extend(inner.input)
+            for attribute in inner.attribute:
+                for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    visit(subgraph)
+            made.update(inner.output)
+
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+            visit(subgraph)
+    # Names are unique across scopes (SSA), so a name no subgraph makes comes from outside.
+    outer = [name for name in dict.fromkeys(read) if name and name not in made and name not in node.input]
+    return list(node.input) + outer
+
+
+def _gradient_path(nodes: list[onnx.NodeProto], weights: set[str], reads: list[list[str]]) -> list[int]:
+    """Indices of the nodes that read a value computed from ``weights``: a gradient passes through them."""
+    carrying, path = set(weights), []
+    for index, (node, names) in enumerate(zip(nodes, reads)):
+        if not carrying.intersection(names):
+            continue
+        path.append(index)
+        casts_to_float = node.op_type != "Cast" or node_attributes(node).get("to") in _FLOAT_TYPES
+        if node.op_type not in _NO_GRADIENT_OUTPUTS and casts_to_float:
+            carrying.update(node.output)
+    return path
+
+
+def lacking_nodes(model: onnx.ModelProto, weights: Iterable[str]) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """The nodes whose op the torch evaluator lacks: those a gradient from ``weights`` would pass
+    through (they block the joint analysis), and the others (run by onnx's reference evaluator)."""
+    nodes = list(model.graph.node)
+    lacking = [index for index, node in enumerate(nodes) if not torch_supported(node)]
+    if not lacking:
+        return [], []
+    path = set(_gradient_path(nodes, set(weights), [_node_reads(node) for node in nodes]))
+    return [nodes[i] for i in lacking if i in path], [nodes[i] for i in lacking if i not in path]
+
+
+def _op_label(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    return f"node {node.name!r}" if node.name else f"the node computing {node.output[0]!r}"
+
+
+class _ReferenceNode:
+    """A node the torch evaluator lacks, run by onnx's reference evaluator on its inputs as numpy arrays.
+
+    Only for nodes off the weights' path: the outputs are new tensors without gradient.
+    """
+
+    def __init__(self, model: onnx.ModelProto, node: onnx.NodeProto, reads: list[str]):
+        untyped = onnx.TypeProto()  # the reference evaluator takes the types from the values fed
+        graph = onnx.helper.make_graph(
+            [node], node.name or "node", [onnx.helper.make_value_info(name, untyped) for name in dict.fromkeys(reads) if name],
+            [onnx.helper.make_value_info(name, untyped) for name in node.output if name])
+        single = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version,
+                                        functions=model.functions)
+        try:
+            self.evaluator = ReferenceEvaluator(single)
+        except Exception as error:  # the reference evaluator raises several types for an op it lacks
+            raise UnsupportedError(
+                f"{_node_label(node)} ({_op_label(node)}) lies off the weights' path, but neither the torch analysis "
+                f"nor onnx's reference evaluator runs it ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+                "use --mode uniform or energy") from error
+        self.reads, self.outputs = reads, list(node.output)
+
+    def __call__(self, *args, a: dict | None = None, n_out: int = 1) -> list:
+        feeds = {name: value.numpy() if torch.is_tensor(value) else value
+                 for name, value in zip(self.reads, args) if name}
+        results = iter(self.evaluator.run(None, feeds))
+        # Aligned with the node's outputs, an omitted optional output as None.
+        return [_from_reference(next(results)) if name else None for name in self.outputs]
+
+
+def _from_reference(value):
+    """A reference evaluator's array as a tensor; sequences and other values as they are."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return torch.from_numpy(np.array(value))
+    return value
+
+
+def _blocking_message(node: onnx.NodeProto) -> str:
+    op = _op_label(node)
+    return (f"{_node_label(node)} ({op}) lies on the path from the analysed weights to the loss, and the torch "
+            f"analysis has no {op}: use --mode uniform or energy (no gradients), or export the model without {op}")
+
 
 def channels_last(value: torch.Tensor) -> torch.Tensor:
     """4-D float tensors in channels-last order: torch's CPU convs run about 1.3x faster on it."""
@@ -1571,18 +1685,32 @@ class TorchGraph:
     ``weights`` names the initializers to expose as leaf tensors with
     ``requires_grad``; ``parameters[name]`` then holds them (replaceable, e.g.
     by a low-rank reconstruction, to measure a loss change).
+
+    Nodes whose op torch lacks run in onnx's reference evaluator where no gradient from
+    ``weights`` passes through them (:func:`lacking_nodes`); one on that path raises
+    :class:`UnsupportedError`. ``reference_fallback=False``: any op torch lacks raises
+    (the conformance measurement of the torch path).
     """
 
-    def __init__(self, model: onnx.ModelProto, weights: Iterable[str] = (), dtype: torch.dtype = torch.float32):
-        unsupported = sorted({n.op_type for n in model.graph.node if n.op_type not in OPS or n.domain not in ("", "ai.onnx")})
-        if unsupported:
-            raise UnsupportedError(f"ops not supported by the torch analysis: {', '.join(unsupported)}")
+    def __init__(self, model: onnx.ModelProto, weights: Iterable[str] = (), dtype: torch.dtype = torch.float32,
+                 reference_fallback: bool = True):
         self.model = model
         self.nodes = list(model.graph.node)
+        weights = set(weights)
+        lacking = {index for index, node in enumerate(self.nodes) if not torch_supported(node)}
+        if lacking and not reference_fallback:
+            unsupported = sorted({self.nodes[index].op_type for index in lacking})
+            raise UnsupportedError(f"ops not supported by the torch analysis: {', '.join(unsupported)}")
+        # Inputs, and for a node with subgraphs (If, Loop, Scan) the outer values they read.
+        self._reads = [_node_reads(node) for node in self.nodes]
+        blocking = lacking_nodes(model, weights)[0] if lacking else []
+        if blocking:
+            raise UnsupportedError(_blocking_message(blocking[0]))
+        self.ops: list[Callable] = [_ReferenceNode(model, node, self._reads[index]) if index in lacking
+                                    else OPS[node.op_type] for index, node in enumerate(self.nodes)]
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.attrs = [{**node_attributes(n), "opset": opset} if n.op_type in _OPSET_DEPENDENT else node_attributes(n)
                       for n in self.nodes]
-        weights = set(weights)
         conv_weights = {n.input[1] for n in self.nodes if n.op_type == "Conv"}
         self.constants: dict[str, torch.Tensor] = {}
         self.parameters: dict[str, torch.Tensor] = {}
@@ -1601,8 +1729,8 @@ class TorchGraph:
         self.input_names = [i.name for i in model.graph.input if i.name not in init_names]
         self.output_names = [o.name for o in model.graph.output]
         last_reader: dict[str, int] = {}
-        for index, node in enumerate(self.nodes):
-            for name in node.input:
+        for index, reads in enumerate(self._reads):
+            for name in reads:
                 if name and name not in init_names:
                     last_reader[name] = index
         self._freed_after: list[list[str]] = [[] for _ in self.nodes]
@@ -1673,20 +1801,21 @@ class TorchGraph:
     def _live_at(self, start: int) -> set[str]:
         """Computed values (inputs included) made before node ``start`` and read at or after it."""
         made_before = set(self.input_names).union(*(n.output for n in self.nodes[:start]))
-        read_after = {name for n in self.nodes[start:] for name in n.input}
+        read_after = {name for reads in self._reads[start:] for name in reads}
         return made_before & (read_after | set(self.output_names))
 
     def _run(self, env: dict[str, torch.Tensor], start: int, hook: NodeHook | None,
              hook_nodes: set[str] | None, keep: set[str], stop: int | None = None) -> dict[str, torch.Tensor]:
         # Free each computed value after its last reader unless kept: the fresh
         # allocations of a run that holds every activation cost more than the ops.
-        for index, (node, a) in enumerate(zip(self.nodes[start:stop], self.attrs[start:stop]), start):
-            args = [env[name] if name else None for name in node.input]
+        for index, (node, a, op) in enumerate(zip(self.nodes[start:stop], self.attrs[start:stop],
+                                                  self.ops[start:stop]), start):
+            args = [env[name] if name else None for name in self._reads[index]]
             if node.op_type in _COUNTS_OUTPUTS:
-                out = OPS[node.op_type](*args, a=a, n_out=len(node.output))
+                out = op(*args, a=a, n_out=len(node.output))
                 outs = out if isinstance(out, list) else [out]
             else:
-                out = OPS[node.op_type](*args, a=a)
+                out = op(*args, a=a)
                 outs = out if isinstance(out, (list, tuple)) and node.op_type != "Constant" else [out]
             for name, value in zip(node.output, outs):
                 if name:
@@ -1702,7 +1831,7 @@ class TorchGraph:
 
     def first_reader(self, name: str) -> int:
         """Index of the first node that reads value ``name``."""
-        for index, node in enumerate(self.nodes):
-            if name in node.input:
+        for index, reads in enumerate(self._reads):
+            if name in reads:
                 return index
         raise OnnxlrfError(f"no node reads {name!r}")
