@@ -37,14 +37,14 @@ def compress(model: str | Path, data: Path, mode: tuple[str, ...], output: Path,
     return result
 
 
-def check_compressed(result, output: Path, mode: tuple[str, ...], least_reduction: float = 0.1) -> dict:
+def check_compressed(result, output: Path, mode: tuple[str, ...]) -> dict:
     """Exit 0, a valid ONNX file, a finite fidelity and cosine to the original; lossless removes 10%."""
     assert result.exit_code == 0, result.stderr
     onnx.checker.check_model(str(output))
     report = json.loads(result.stdout)
     assert report["metric"] == "fidelity" and math.isfinite(report["value"]) and math.isfinite(report["cosine"])
     if mode == LOSSLESS:
-        assert report["params_reduction"] >= least_reduction
+        assert report["params_reduction"] >= 0.1
     return report
 
 
@@ -135,11 +135,13 @@ def token_ids(path: Path, samples: int = 64, length: int = 24) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", [LOSSLESS, COMPACT], ids=["lossless", "compact"])
+@pytest.mark.parametrize("mode", [
+    pytest.param(LOSSLESS, marks=pytest.mark.xfail(
+        strict=True, reason="open: the plan removes 10.05% of the parameters as the planner counts them, the "
+                            "written file 9.83% (119,755 -> 107,979)")),
+    COMPACT], ids=["lossless", "compact"])
 def test_hf_roberta_with_cumsum_position_ids(mode: tuple[str, ...], tmp_path: Path) -> None:
     model = f"hf:{roberta_dir(tmp_path / 'roberta')}"
     output = tmp_path / "compressed.onnx"
-    # The plan removes 10.05% of the parameters as the planner counts them, the written file 9.83%
-    # (119,755 -> 107,979): the 0.2-point gap is an open finding, not hidden by the target.
-    check_compressed(compress(model, token_ids(tmp_path / "tokens.npz"), mode, output, 24), output, mode, 0.098)
+    check_compressed(compress(model, token_ids(tmp_path / "tokens.npz"), mode, output, 24), output, mode)
     assert "CumSum" in {node.op_type for node in onnx.load(str(output)).graph.node}
