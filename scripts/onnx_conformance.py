@@ -27,6 +27,7 @@ import re
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -43,6 +44,16 @@ _BIT_VIEWS = {"bfloat16": (np.uint16, torch.bfloat16), "float8_e4m3fn": (np.uint
               "float8_e4m3fnuz": (np.uint8, torch.float8_e4m3fnuz), "float8_e5m2": (np.uint8, torch.float8_e5m2),
               "float8_e5m2fnuz": (np.uint8, torch.float8_e5m2fnuz),
               "float8_e8m0fnu": (np.uint8, torch.float8_e8m0fnu)}
+
+
+# An evaluator under test: a case's model and its feeds (by input name) -> the graph's outputs, in order.
+# It raises UnsupportedError for what it does not cover; anything else it raises is a failure.
+Evaluate = Callable[[onnx.ModelProto, dict[str, torch.Tensor]], list]
+
+
+def evaluate_torch_graph(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> list:
+    """The outputs of :class:`TorchGraph` on ``feeds``: the torch path alone, no reference fallback."""
+    return TorchGraph(model, reference_fallback=False)(feeds)
 
 
 @dataclass(frozen=True)
@@ -122,8 +133,8 @@ def _compare(got, expected, rtol: float, atol: float) -> str:
     return ""
 
 
-def run_case(case) -> CaseResult:
-    """Run one conformance case through :class:`TorchGraph`."""
+def run_case(case, evaluate: Evaluate = evaluate_torch_graph) -> CaseResult:
+    """Run one conformance case through ``evaluate`` (by default :class:`TorchGraph`)."""
     op = case_ops()[case.name]
     graph = case.model.graph
     values = [v for v in list(graph.input) + list(graph.output) if v.type.WhichOneof("value") != "tensor_type"]
@@ -132,13 +143,12 @@ def run_case(case) -> CaseResult:
     inputs, expected = case.data_sets[0]
     try:
         feeds = {info.name: _to_torch(value) for info, value in zip(graph.input, inputs)}
-        evaluator = TorchGraph(case.model, reference_fallback=False)  # the torch path alone
-    except (_NotTensor, UnsupportedError) as error:
+    except _NotTensor as error:
         return CaseResult(case.name, op, "unsupported", str(error))
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            outputs = evaluator(feeds)
+            outputs = evaluate(case.model, feeds)
     except UnsupportedError as error:
         return CaseResult(case.name, op, "unsupported", str(error))
     except Exception as error:  # any other exception is a failure of the evaluator, reported by the case
@@ -154,9 +164,9 @@ def run_case(case) -> CaseResult:
     return CaseResult(case.name, op, "passed")
 
 
-def run_cases(ops: set[str] | None = None) -> list[CaseResult]:
-    """The results of every case (or of those testing ``ops``), in the cases' order."""
-    return [run_case(c) for c in node_cases() if ops is None or case_ops()[c.name] in ops]
+def run_cases(ops: set[str] | None = None, evaluate: Evaluate = evaluate_torch_graph) -> list[CaseResult]:
+    """The results of every case (or of those testing ``ops``) through ``evaluate``, in the cases' order."""
+    return [run_case(c, evaluate) for c in node_cases() if ops is None or case_ops()[c.name] in ops]
 
 
 def summary(results: list[CaseResult]) -> dict:
@@ -168,7 +178,8 @@ def summary(results: list[CaseResult]) -> dict:
     return {**counts(results), "by_op": by_op}
 
 
-def _table(report: dict) -> str:
+def table(report: dict) -> str:
+    """``report`` (see :func:`summary`) as a table: a row per op and the totals."""
     rows = [f"{'op':<32}{'cases':>7}{'passed':>8}{'unsup':>7}{'failed':>8}"]
     for op, c in report["by_op"].items():
         rows.append(f"{op:<32}{c['cases']:>7}{c['passed']:>8}{c['unsupported']:>7}{c['failed']:>8}")
@@ -176,17 +187,18 @@ def _table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: run the cases, print the summary (``--json``) or a table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, evaluate: Evaluate = evaluate_torch_graph,
+         description: str = __doc__.splitlines()[0]) -> int:
+    """Command line: run the cases through ``evaluate``, print the summary (``--json``) or a table."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument("--ops", help="comma-separated op types to run (default: all)")
     parser.add_argument("--failures", action="store_true", help="also list each failed case and why")
     args = parser.parse_args(argv)
     ops = set(args.ops.split(",")) if args.ops else None
-    results = run_cases(ops)
+    results = run_cases(ops, evaluate)
     report = summary(results)
-    print(json.dumps(report, indent=1) if args.json else _table(report))
+    print(json.dumps(report, indent=1) if args.json else table(report))
     if args.failures:
         for r in results:
             if r.status == "failed":
