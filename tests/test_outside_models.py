@@ -135,11 +135,7 @@ def token_ids(path: Path, samples: int = 64, length: int = 24) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mode", [
-    pytest.param(LOSSLESS, marks=pytest.mark.xfail(
-        strict=True, reason="open: the plan removes 10.05% of the parameters as the planner counts them, the "
-                            "written file 9.83% (119,755 -> 107,979)")),
-    COMPACT], ids=["lossless", "compact"])
+@pytest.mark.parametrize("mode", [LOSSLESS, COMPACT], ids=["lossless", "compact"])
 def test_hf_roberta_with_cumsum_position_ids(mode: tuple[str, ...], tmp_path: Path) -> None:
     model = f"hf:{roberta_dir(tmp_path / 'roberta')}"
     output = tmp_path / "compressed.onnx"

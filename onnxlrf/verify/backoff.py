@@ -261,7 +261,9 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     compact plan a tie on validation lost 0.8 points held-out). compact: first the plans that
     failed and are larger than the chosen one, smallest first, for as long as each holds once
     refit; then, if none did, the chosen plan refit (unless it factorizes nothing), if it scores better.
-    Under a latency target, a refit plan must also be measured faster than the original.
+    Under a latency target, a refit plan must also be measured faster than the original. An
+    improvement that adds parameters the plan does not count (a refit bias change on a layer whose
+    bias cannot take it becomes a new bias) is rejected before validation: lossless plans keep their size.
     Each attempt is appended to ``attempts``; returns the one kept, or None.
     """
     required = evaluator.required_value()
@@ -272,6 +274,10 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
             progress.log(f"  {description}: nothing to refit (its factorized layers are spatial or share weights)")
             return None
         compressed, report = technique.rewrite(reference, improved, progress=progress)
+        added = count_params(compressed) - (count_params(reference) - plan.summary()["params_removed"])
+        if added > 0:  # e.g. a refit bias change on a layer with no bias to fold it into
+            progress.log(f"  {description} refit: adds {added:,} parameters the plan does not count: rejected")
+            return None
         value = evaluator.metric(compressed, f"validate {description} refit")
         record = Attempt.of(plan, refit=True, val=value)
         attempts.append(record)

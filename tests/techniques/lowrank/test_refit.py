@@ -252,3 +252,36 @@ def test_refit_leaves_padding_tokens_out() -> None:
     # Without the mask the padding rows enter the fit of the second layer.
     unmasked = refit_weights(token_pairs(padding_ids=0, token_mask=None))
     assert not np.allclose(unmasked["w2"][1], masked["w2"][1], rtol=1e-3)
+
+
+def test_a_refit_that_would_add_a_bias_is_not_kept() -> None:
+    """A MatMul with no bias to fold the refit's shift into would get a new bias: parameters the plan does not
+    count, so the back-off rejects the refit before validating it and the plan keeps its size."""
+    import io
+
+    from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
+    from onnxlrf.planning.joint import PlanOptions
+    from onnxlrf.progress import Progress
+    from onnxlrf.verify.backoff import backoff_plan
+
+    rng = np.random.default_rng(0)
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
+         helper.make_node("Relu", ["h2"], ["r2"], name="relu2"),
+         helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 48])], "y", ["batch", 10],
+        {"w1": _decaying(rng, 48, 64), "w2": _decaying(rng, 64, 64), "w3": _decaying(rng, 64, 10)})
+    data = _dataset(model, seed=3)
+    data.labels = make_session(model, providers=["CPUExecutionProvider"]).run(None, data.inputs)[0].argmax(axis=1)
+    calib, val = data.subset(np.arange(0, 256)), data.subset(np.arange(256, 512))
+    log = io.StringIO()
+    result = backoff_plan(model, joint_analysis(model, calib, AnalysisOptions(labels="labels")), val,
+                          PlanOptions("lossless", target_reduction=0.6), calib=calib, refit=True,
+                          progress=Progress(stream=log, bars=False))
+    assert "parameters the plan does not count: rejected" in log.getvalue()
+    assert not any(attempt.refit for attempt in result.attempts)
+    compressed_params = count_params(result.model)
+    assert compressed_params == count_params(model) - result.plan.summary()["params_removed"]
+    assert compressed_params <= 0.4 * count_params(model)
