@@ -317,7 +317,10 @@ def _locked(directories: set[Path]) -> Iterator[None]:
     held = []
     try:
         for directory in sorted(directories):
-            fd = os.open(directory, os.O_RDONLY)
+            try:
+                fd = os.open(directory, os.O_RDONLY)
+            except OSError:  # a directory we may write but not read: the moves go on without its lock
+                continue
             held.append(fd)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
