@@ -29,7 +29,7 @@ from .graph.layers import (
 )
 from .measure.coverage import analysis_exclusion
 from .measure.torch_graph import lacking_nodes
-from .onnx_io import load_onnx
+from .onnx_io import default_opset, load_onnx
 from .runtime.shapes import concrete_input_shapes, flops_by_node
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
@@ -142,7 +142,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
     layer_flops = [info.flops for info in layer_infos]
     return Inspection(
         model=name,
-        opset=next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0),
+        opset=default_opset(model),
         ir_version=model.ir_version,
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
         inputs=declared,

@@ -113,6 +113,11 @@ def load_onnx(path: str | os.PathLike, load_external_data: bool = True) -> onnx.
     return model
 
 
+def default_opset(model: onnx.ModelProto, missing: int = 0) -> int:
+    """The model's opset of the default ONNX domain (``missing`` where it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
+
+
 def check_graph_reads(model: onnx.ModelProto) -> None:
     """Every node of the main graph reads only what a graph input, an initializer or an earlier node produces
     (ONNX requires that order); else a one-line error naming the node and the value."""
@@ -330,14 +335,18 @@ def _locked(directories: set[Path]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staged_outputs(overwrite: bool = True) -> Iterator[StagedOutputs]:
+def staged_outputs(overwrite: bool = True, within: StagedOutputs | None = None) -> Iterator[StagedOutputs]:
     """A :class:`StagedOutputs` committed when the block succeeds and cleaned up in any case.
 
     ``overwrite=False`` refuses (before moving anything) to replace an existing file,
     side files included; a final path that is not a regular file or a link is refused in
     any case. An OSError while writing becomes a one-line OnnxlrfError. SIGTERM
     meanwhile raises :class:`~onnxlrf.termination.Terminated`, so the staging directory is removed.
+    ``within``: a stage the caller opened; the block adds to it, and the caller's commit moves everything.
     """
+    if within is not None:  # the caller's stage: its files go in place with the caller's, when it commits
+        yield within
+        return
     with sigterm_as_interrupt():
         stage = StagedOutputs(overwrite)
         try:

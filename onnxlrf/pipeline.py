@@ -10,7 +10,6 @@ and :class:`~onnxlrf.verify.backoff.VerifyOptions`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import tempfile
@@ -23,7 +22,7 @@ import onnx
 
 from .costs.latency import default_rank_multiple, make_cost
 from .costs.params import cost_model
-from .errors import OnnxlrfError
+from .errors import OnnxlrfError, first_line
 from .graph.layers import check_finite_weights, count_params, find_layers, weight_array
 from .measure.analysis import AnalysisOptions, analysis_cache_dir, default_labels
 from .onnx_io import (
@@ -248,8 +247,8 @@ def check_written(path: str | os.PathLike) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise OnnxlrfError(f"the written model fails the ONNX checker ({first}); nothing was written") from None
+        raise OnnxlrfError(f"the written model fails the ONNX checker ({first_line(exc)}); nothing was written") \
+            from None
     make_session(path, ["CPUExecutionProvider"])
 
 
@@ -337,7 +336,7 @@ def compress(
                 extra["test"] = {"value": validation.value, "reference_value": validation.reference_value,
                                  "samples": len(dataset), "change_interval": validation.change_interval}
         # Model and plan go in place together: a failed write leaves neither, and existing files as they were.
-        with staged_outputs(overwrite) if stage is None else contextlib.nullcontext(stage) as outputs:
+        with staged_outputs(overwrite, within=stage) as outputs:
             check_written(save_onnx(compressed, outputs.path(output)))
             if plan_out is not None:
                 plan.save(outputs.path(plan_out), overwrite=True)

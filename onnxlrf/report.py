@@ -132,7 +132,7 @@ def write_report(
     except OSError as exc:
         raise OnnxlrfError(f"cannot create report directory {directory}: {exc.strerror}") from None
     try:
-        with staged_outputs(overwrite) if stage is None else contextlib.nullcontext(stage) as outputs:
+        with staged_outputs(overwrite, within=stage) as outputs:
             for key, svg in plots.items():
                 if svg is not None:
                     outputs.path(directory / PLOTS[key]).write_text(svg, encoding="utf-8")

@@ -41,7 +41,7 @@ from onnx import helper, numpy_helper
 
 from ..errors import OnnxlrfError
 from ..graph.layers import Layer, constant_producers, find_layers
-from ..onnx_io import atomic_path
+from ..onnx_io import atomic_path, default_opset
 from ..progress import ProgressLike, as_progress
 from ..runtime.timing import device_name, time_interleaved
 from .flops import FlopsCost
@@ -116,7 +116,7 @@ def _single_node_model(model: onnx.ModelProto, layer: Layer, input_shape: list[i
         [helper.make_tensor_value_info("y", dtype, None)],
         [numpy_helper.from_array(v, k) for k, v in constants.items()],
     )
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    opset = default_opset(model, 17)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=min(model.ir_version, 9))
 
 

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ..errors import OnnxlrfError
+from ..errors import OnnxlrfError, first_line
+from ..onnx_io import default_opset
 
 
 class UnsupportedError(OnnxlrfError):
@@ -1597,7 +1598,7 @@ class _ReferenceNode:
         except Exception as error:  # the reference evaluator raises several types for an op it lacks
             raise UnsupportedError(
                 f"{_node_label(node)} ({_op_label(node)}) lies off the weights' path, but neither the torch analysis "
-                f"nor onnx's reference evaluator runs it ({str(error).splitlines()[0] if str(error) else type(error).__name__}): "
+                f"nor onnx's reference evaluator runs it ({first_line(error)}): "
                 "use --mode uniform or energy") from error
         self.reads, self.outputs = reads, list(node.output)
 
@@ -1708,7 +1709,7 @@ class TorchGraph:
             raise UnsupportedError(_blocking_message(blocking[0]))
         self.ops: list[Callable] = [_ReferenceNode(model, node, self._reads[index]) if index in lacking
                                     else OPS[node.op_type] for index, node in enumerate(self.nodes)]
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(model)
         self.attrs = [{**node_attributes(n), "opset": opset} if n.op_type in _OPSET_DEPENDENT else node_attributes(n)
                       for n in self.nodes]
         conv_weights = {n.input[1] for n in self.nodes if n.op_type == "Conv"}

@@ -13,7 +13,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data import CLASSIFICATION, OUTPUTS, Dataset, check_fits, cosine_rows
+from ..data import (
+    CLASSIFICATION,
+    OUTPUTS,
+    Dataset,
+    check_fits,
+    cosine_rows,
+    graph_inputs,
+)
 from ..errors import OnnxlrfError
 from ..graph.layers import count_params
 from ..progress import ProgressLike, as_progress
@@ -172,22 +179,16 @@ def change_interval(
     return [float(low), float(high)]
 
 
-# onnxruntime's element type names of session inputs.
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-              "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-              "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
-
-
-def _check_feeds(name: str, session: Any, feeds: dict[str, np.ndarray]) -> None:
-    """Refuse feeds of another dtype or shape than the session's inputs declare (one model's random inputs fed to
+def _check_feeds(name: str, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> None:
+    """Refuse feeds of another dtype or shape than the model's inputs declare (one model's random inputs fed to
     a reference of another input shape, or of a static batch)."""
-    for inp in session.get_inputs():
-        value = feeds[inp.name]
-        expected = _ORT_TYPES.get(inp.type)
-        if expected is not None and value.dtype != expected:
-            raise OnnxlrfError(f"input {inp.name!r} of the {name} is {inp.type}, but the inputs are {value.dtype}: "
+    for inp in graph_inputs(model):
+        value, tensor_type = feeds[inp.name], inp.type.tensor_type
+        expected = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        if value.dtype != expected:
+            raise OnnxlrfError(f"input {inp.name!r} of the {name} is {expected}, but the inputs are {value.dtype}: "
                                f"bench models with the same inputs")
-        declared = list(inp.shape)
+        declared = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor_type.shape.dim]
         if len(declared) != value.ndim or any(isinstance(d, int) and d != n for d, n in zip(declared, value.shape)):
             raise OnnxlrfError(f"input {inp.name!r} of the {name} has shape {declared}, but the inputs are "
                                f"{list(value.shape)}: bench models with the same input shapes (a static batch "
@@ -222,11 +223,12 @@ def benchmark(
     reference_session = make_session(reference, providers, threads)
     model_feeds = {i.name: feeds[i.name] for i in session.get_inputs() if i.name in feeds}
     reference_feeds = {i.name: feeds[i.name] for i in reference_session.get_inputs() if i.name in feeds}
-    for name, sess, sess_feeds in (("model", session, model_feeds), ("reference", reference_session, reference_feeds)):
+    for name, sess, sess_feeds, graph in (("model", session, model_feeds, proto),
+                                          ("reference", reference_session, reference_feeds, reference_proto)):
         missing = [i.name for i in sess.get_inputs() if i.name not in sess_feeds]
         if missing:
             raise OnnxlrfError(f"feeds lack input(s) {', '.join(missing)} of the {name}")
-        _check_feeds(name, sess, sess_feeds)
+        _check_feeds(name, graph, sess_feeds)
         run_session(sess, None, sess_feeds)  # a model that cannot run these inputs: one line, before any timing
     progress = as_progress(progress)
     run_model = make_runner(session, model_feeds, io_binding)

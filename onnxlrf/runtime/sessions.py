@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from ..data import OUTPUTS, Dataset, graph_inputs
-from ..errors import OnnxlrfError
+from ..errors import OnnxlrfError, first_line
 from ..onnx_io import save_onnx
 from ..progress import ProgressLike, as_progress
 from .shapes import (
@@ -108,7 +108,7 @@ def make_session(
     except OnnxlrfError:
         raise
     except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/... with multi-line text
-        raise OnnxlrfError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+        raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
 def _static_batch(session: ort.InferenceSession) -> int | None:
@@ -174,12 +174,8 @@ def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds:
     try:
         return session.run(outputs, feeds)
     except Exception as exc:  # onnxruntime raises Fail/InvalidArgument/RuntimeException with multi-line text
-        raise OnnxlrfError(f"onnxruntime cannot run the model: {_first_line(exc)}") from None
+        raise OnnxlrfError(f"onnxruntime cannot run the model: {first_line(exc)}") from None
 
-
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def random_feeds(

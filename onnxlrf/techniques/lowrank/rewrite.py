@@ -34,6 +34,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
+from ...onnx_io import check_graph_reads, default_opset
 from ...planning.plan import LowRankEntry, Plan, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
@@ -120,18 +121,12 @@ class LowRankRewrite(RewritePass):
 
     def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
         validate_plan(plan, model)
-        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        opset = default_opset(model)
         gemm = next((e.node for e in plan.layers if e.changed and e.op_type == "Gemm"), None)
         if gemm is not None and opset < 7:
             raise OnnxlrfError(f"node {gemm!r}: a Gemm of opset {opset} cannot broadcast the bias the factorized "
                                f"pair needs; convert the model to opset 7 or newer (onnx.version_converter)")
-        available = {value.name for value in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
-        for node in model.graph.node:
-            missing = [name for name in node.input if name not in available]
-            if missing:
-                raise OnnxlrfError(f"node {node.name!r} reads {missing[0]!r}, which no earlier node, initializer "
-                                   f"or graph input produces")
-            available.update(node.output)
+        check_graph_reads(model)
 
     def ensures(self, model: onnx.ModelProto, result: onnx.ModelProto, plan: Plan, report: RewriteReport) -> None:
         super().ensures(model, result, plan, report)
