@@ -242,7 +242,7 @@ def test_joint_planner_chooses_spatial_candidates_and_the_rewrite_keeps_them(sma
     truncated = {}
     for entry in factorized.values():
         ls = sens.get(entry.node, entry.decomposition)
-        truncated[ls.layer.weight] = matrices_to_weight(ls.reconstruct(ls.keep(entry.rank, 4.0)), ls.layer,
+        truncated[ls.layer.weight] = matrices_to_weight(ls.reconstruct(ls.keep(entry.rank)), ls.layer,
                                                         entry.decomposition).astype(np.float32)
     feeds = {"input": data.inputs["input"][:32]}
     expected = measure_outputs(model, feeds, truncated)
@@ -404,10 +404,10 @@ def test_truncation_probe_with_cached_activations_equals_a_full_run(small_cnn):
     assert cached.traces and uncached.traces is None
     for ls in sens.layers.values():
         rank = max(1, ls.s.shape[1] // 2)
-        weight = matrices_to_weight(ls.reconstruct(ls.keep(rank, 2.0)), ls.layer, "channel").astype(np.float32)
+        weight = matrices_to_weight(ls.reconstruct(ls.keep(rank)), ls.layer, "channel").astype(np.float32)
         full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - cached.base
-        assert cached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
-        assert uncached(ls.layer.node, rank, 2.0) == pytest.approx(full, rel=1e-4, abs=1e-6)
+        assert cached(ls.layer.node, rank) == pytest.approx(full, rel=1e-4, abs=1e-6)
+        assert uncached(ls.layer.node, rank) == pytest.approx(full, rel=1e-4, abs=1e-6)
 
 
 def test_replacement_gains_equal_full_runs_with_each_weight_replaced(small_cnn):

@@ -272,7 +272,7 @@ def joint_candidates(model: onnx.ModelProto, sens: Any, kappa: float, cost: Any,
             "weight shared by several nodes, which the analysis measures one by one" if len(members) > 1 else None)
         for ls in ([] if reason else sens.candidates(layer.node)):
             decomposition = ls.decomposition
-            predicted, rel = ls.predicted_dloss(kappa), ls.relative_error(kappa)
+            predicted, rel = ls.predicted_dloss(kappa), ls.relative_error()
             allowed = [r for r in range(rank_multiple, layer.break_even_rank(decomposition) + 1, rank_multiple)
                        if rel[r] <= ls.perturbation_range]
             if not by_cost:
@@ -289,7 +289,7 @@ def joint_candidates(model: onnx.ModelProto, sens: Any, kappa: float, cost: Any,
     return out
 
 
-def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: int, kappa: float,
+def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: int,
                   cost: Any) -> tuple[list[LowRankEntry], dict]:
     """The entries of ``group``'s members at ``option`` (0: dense), and the joint basis they store."""
     if option == 0:
@@ -298,7 +298,7 @@ def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: 
     chosen = group.sources[option]
     ls, rank = chosen.analysis, chosen.rank
     decomposition = ls.decomposition
-    priority = ls.drop_order(kappa)[:, ::-1]  # most important first
+    priority = ls.drop_order()[:, ::-1]  # most important first
     x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
     s = np.take_along_axis(ls.s, priority, axis=1)
     y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)

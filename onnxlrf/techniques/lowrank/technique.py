@@ -42,7 +42,7 @@ class LowRank:
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[LowRankEntry], dict]:
-        return joint_entries(model, analysis, group, option, kappa, cost)
+        return joint_entries(model, analysis, group, option, cost)
 
     def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> LowRankEntry:
         return unplanned_entry(layer, analysis, cost)
@@ -52,9 +52,9 @@ class LowRank:
                 "decompositions": ["channel"] + (["spatial"] if analysis.spatial else [])}
 
     def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
-        """The kept components of every factorized layer: kappas that keep the same ones make the same model."""
-        return tuple((e.node, e.decomposition, e.rank, analysis.get(e.node, e.decomposition).keep(e.rank, kappa)
-                      .tobytes()) for e in plan.layers if e.changed)
+        """The rank of every factorized layer (its components are dropped in one fixed order, so kappas that
+        choose the same ranks make the same model)."""
+        return tuple((e.node, e.decomposition, e.rank) for e in plan.layers if e.changed)
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:

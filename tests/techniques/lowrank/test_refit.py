@@ -184,7 +184,7 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
     data.labels = session.run(None, data.inputs)[0].argmax(axis=1)  # the original scores 1.0
     calib, val = data.subset(np.arange(0, 256)), data.subset(np.arange(256, 512))
     sensitivity = joint_analysis(model, calib, AnalysisOptions(labels="labels"))
-    result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.6), calib=calib,
+    result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.7), calib=calib,
                           refit=True)
     plan, backoff = result.plan, result.attempts
     refit = [entry for entry in backoff if entry.refit]
@@ -192,16 +192,16 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
     assert refit[0].val > max(entry.val for entry in backoff if not entry.refit and entry.val is not None)
     assert {e.basis for e in plan.layers if e.decomposition != "dense"} == {"refit"}
 
-    plain = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.6), calib=calib)
+    plain = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.7), calib=calib)
     assert not any(entry.refit for entry in plain.attempts)
     assert plain.plan.summary()["params_after"] == plan.summary()["params_after"]
 
-    # A refit plan that only ties on validation is recorded, and the plan kept.
+    # A refit plan that does not beat the plan on validation is recorded, and the plan kept.
     result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.2), calib=calib,
                           refit=True)
     (refit,) = [entry for entry in result.attempts if entry.refit]
     (chosen,) = [entry for entry in result.attempts if entry.chosen]
-    assert refit is not chosen and refit.val == chosen.val
+    assert refit is not chosen and refit.val <= chosen.val
     assert "refit" not in {e.basis for e in result.plan.layers}
 
 
