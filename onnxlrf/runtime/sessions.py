@@ -148,25 +148,96 @@ def run_float_outputs(session: ort.InferenceSession, dataset: Dataset, batch_siz
 
 def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str], batch_size: int,
               progress: ProgressLike, description: str) -> list[np.ndarray]:
-    """The outputs ``names`` for every row of ``dataset`` (see :func:`run_dataset`), each with rows first."""
+    """The outputs ``names`` for every row of ``dataset`` (see :func:`run_dataset`), each with rows first.
+
+    Token data whose rows end in padding (see :func:`_token_lengths`) runs in order of length,
+    each batch cut on axis 1 after its longest row's last real token; the outputs come back in
+    row order. Cutting drops only columns that are padding in every row of the batch, and is kept
+    only if the first (shortest) batch, run both cut and at full width, gives outputs of the same
+    shapes and values (see :func:`_same_outputs`): a token-level output
+    (``last_hidden_state``) or a model that reads the padding runs every batch at full width.
+    """
     static_batch = _static_batch(session)
     batch_size = static_batch or batch_size
     inputs = [i.name for i in session.get_inputs()]
+    lengths = _token_lengths(session, dataset, inputs)
+    order = None if lengths is None else np.argsort(lengths, kind="stable")
+    cut = lengths is not None  # until the first batch that can be cut says otherwise
+    checked = False
     outputs: list[list[np.ndarray]] = [[] for _ in names]
     n_batches = -(-dataset.rows // batch_size)  # rows: two per sentence pair
-    for feed in as_progress(progress).track(dataset.batches(batch_size), description, n_batches, "batch"):
-        feed = {name: feed[name] for name in inputs}
+    starts = range(0, dataset.rows, batch_size)
+    for start in as_progress(progress).track(starts, description, n_batches, "batch"):
+        rows_at = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+        feed = {name: dataset.inputs[name][rows_at] for name in inputs}
         rows = len(next(iter(feed.values())))
         fed = rows
         if static_batch and rows < static_batch:
             feed = {n: np.concatenate([a, np.repeat(a[-1:], static_batch - rows, axis=0)]) for n, a in feed.items()}
             fed = static_batch
-        for name, collected, value in zip(names, outputs, run_session(session, names, feed)):
+        width = int(lengths[rows_at].max()) if cut else 0
+        if cut and width < feed[inputs[0]].shape[1]:
+            short = {n: a[:, :width] for n, a in feed.items()}
+            values = run_session(session, names, short)
+            if not checked:
+                full = run_session(session, names, feed)
+                cut, checked = _same_outputs(values, full), True
+                values = full
+        else:
+            values = run_session(session, names, feed)
+        for name, collected, value in zip(names, outputs, values):
             if np.ndim(value) == 0 or len(value) != fed:
                 raise OnnxlrfError(f"output {name!r} has shape {list(np.shape(value))} for {fed} input rows: "
                                    f"its first axis is not one row per input row")
             collected.append(value[:rows])
-    return [np.concatenate(collected) for collected in outputs]
+    results = [np.concatenate(collected) for collected in outputs]
+    if order is None:
+        return results
+    back = np.argsort(order)
+    return [array[back] for array in results]
+
+
+def _token_lengths(session: ort.InferenceSession, dataset: Dataset, inputs: list[str]) -> np.ndarray | None:
+    """Each row's length up to its last real token (at least 1), where batches of token data may be
+    cut on axis 1; None where they may not.
+
+    They may where the token mask is one of the session's inputs (padding the model does not
+    see could change its outputs), every input is a (rows, sequence) array of the mask's width
+    with a dynamic axis 1 in the session, and some row ends in padding.
+    """
+    mask_name = dataset.token_mask
+    if mask_name is None or mask_name not in inputs:
+        return None
+    mask = dataset.inputs[mask_name]
+    if mask.ndim != 2 or mask.shape[1] < 2:
+        return None
+    for inp in session.get_inputs():
+        array = dataset.inputs.get(inp.name)
+        dims = inp.shape or []
+        if array is None or array.shape != mask.shape or len(dims) != 2 or isinstance(dims[1], int):
+            return None
+    real = mask != 0
+    lengths = np.where(real.any(axis=1), mask.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+    return lengths if lengths.min() < mask.shape[1] else None
+
+
+def _same_outputs(cut: list, full: list) -> bool:
+    """Whether a batch's outputs cut on axis 1 are those at full width: the same shapes and types,
+    float values within the square root of the type's machine epsilon (3e-4 for float32) times the
+    output's largest magnitude, other values equal."""
+    for a, b in zip(cut, full):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind != "f":
+            if not np.array_equal(a, b):
+                return False
+            continue
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        with np.errstate(invalid="ignore"):
+            if not np.all(np.abs(a.astype(np.float64) - b) <= np.sqrt(np.finfo(a.dtype).eps) * scale):
+                return False
+    return True
 
 
 def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list:
