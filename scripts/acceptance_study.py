@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -103,6 +104,150 @@ def record(args: argparse.Namespace) -> None:
               f"{time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
 
 
+MARGINS = {"classification": 0.001, "sentence-similarity": 0.001}  # 0.1 points of top-1; 0.001 Spearman
+
+
+class Records:
+    """One model and seed's recorded plans: per plan, per-sample loss and prediction on the non-calibration pool."""
+
+    def __init__(self, path: Path) -> None:
+        meta = json.loads(path.with_suffix(".json").read_text())
+        arrays = np.load(path)
+        self.model, self.seed, self.task, self.n_val = meta["model"], meta["seed"], meta["task"], meta["val"]
+        self.labels = arrays["labels"]
+        self.plans = meta["plans"]
+        self.loss = {"original": arrays["loss_original"]}
+        self.prediction = {"original": arrays["prediction_original"]}
+        for index, plan in enumerate(self.plans):
+            source = plan.get("same_as", index)
+            self.loss[index], self.prediction[index] = arrays[f"loss_{source}"], arrays[f"prediction_{source}"]
+        self.compact = {round(4 * math.log2(plan["kappa"])): index for index, plan in enumerate(self.plans)
+                        if plan["mode"] == "compact"}
+
+    def metric(self, key, samples: np.ndarray) -> float:
+        prediction, labels = self.prediction[key][samples], self.labels[samples]
+        if self.task == "sentence-similarity":
+            from onnxlrf.data import spearman
+            return spearman(prediction, labels)
+        return float(np.mean(prediction == labels))
+
+
+def paired(records: Records, key, samples: np.ndarray) -> tuple[float, float, float, float]:
+    """On ``samples``: the metric change against the original, its standard error (per-sample for top-1,
+    else nan), the mean loss change and its standard error."""
+    loss = records.loss[key][samples] - records.loss["original"][samples]
+    n = len(samples)
+    change = records.metric(key, samples) - records.metric("original", samples)
+    if records.task == "classification":
+        hits = (records.prediction[key][samples] == records.labels[samples]).astype(float)
+        hits -= records.prediction["original"][samples] == records.labels[samples]
+        metric_se = float(hits.std(ddof=1) / math.sqrt(n))
+    else:
+        metric_se = math.nan
+    return change, metric_se, float(loss.mean()), float(loss.std(ddof=1) / math.sqrt(n))
+
+
+# Acceptance rules: (metric change, its se, loss change, its se) on validation -> holds.
+RULES = {
+    "metric >= original (before)": lambda c, cs, l, ls: c >= 0,
+    "metric >= original, loss <= original": lambda c, cs, l, ls: c >= 0 and l <= 0,
+    "metric >= original, loss + 1.0 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 1.0 * ls <= 0,
+    "metric >= original, loss + 1.645 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 1.645 * ls <= 0,
+    "metric >= original, loss + 2.64 se <= 0 (Bonferroni 12)": lambda c, cs, l, ls: c >= 0 and l + 2.64 * ls <= 0,
+    "loss + 1.645 se <= 0": lambda c, cs, l, ls: l + 1.645 * ls <= 0,
+    "metric - 1.645 se >= -margin": lambda c, cs, l, ls: c - 1.645 * cs >= -0.001,
+}
+
+
+def replay(records: Records, holds, val: np.ndarray) -> int | None:
+    """The plan compact's kappa search chooses with ``holds`` on the validation samples ``val`` (kappa doubling from
+    1, then two bisections on the recorded quarter-octave grid), or None."""
+    cache = {}
+
+    def check(step: int) -> bool:
+        if step not in cache:
+            index = records.compact.get(step)
+            cache[step] = index is not None and holds(*paired(records, index, val))
+        return cache[step]
+
+    failed, held = None, None
+    for step in range(0, 25, 4):
+        if check(step):
+            held = step
+            break
+        failed = step
+    if held is None:
+        return None
+    if failed is not None:
+        lo, hi = failed, held
+        for _ in range(2):
+            mid = (lo + hi) // 2
+            if check(mid):
+                hi = mid
+            else:
+                lo = mid
+        held = min((step for step in cache if cache[step]),
+                   key=lambda step: -records.plans[records.compact[step]]["reduction"])
+    return records.compact[held]
+
+
+def rules(args: argparse.Namespace) -> None:
+    results = {}
+    for path in sorted(args.results.glob("acceptance_*.npz")):
+        records = Records(path)
+        pool = len(records.labels)
+        own_val, own_test = np.arange(records.n_val), np.arange(records.n_val, pool)
+        rng = np.random.default_rng(1000 + records.seed)
+        draws = [rng.permutation(pool) for _ in range(args.resplits)]
+        margin = MARGINS[records.task]
+        for name, holds in RULES.items():
+            if records.task != "classification" and "metric - " in name:
+                continue
+            row = results.setdefault(records.model, {}).setdefault(name, {"seeds": {}, "draws": []})
+            chosen = replay(records, holds, own_val)
+            if chosen is None:
+                row["seeds"][records.seed] = {"reduction": 0.0, "test_change": 0.0}
+            else:
+                change, se, _, _ = paired(records, chosen, own_test)
+                row["seeds"][records.seed] = {"reduction": records.plans[chosen]["reduction"], "test_change": change,
+                                              "test_se": se}
+            for order in draws:
+                val, test = order[:records.n_val], order[records.n_val:]
+                chosen = replay(records, holds, val)
+                if chosen is None:
+                    row["draws"].append((0.0, 0.0))
+                else:
+                    row["draws"].append((records.plans[chosen]["reduction"], paired(records, chosen, test)[0]))
+    summary = {}
+    for model, by_rule in results.items():
+        for name, row in by_rule.items():
+            seeds = row["seeds"]
+            reductions = [seeds[s]["reduction"] for s in sorted(seeds)]
+            changes = [seeds[s]["test_change"] for s in sorted(seeds)]
+            draws = np.array(row["draws"])
+            margin = 0.001
+            summary.setdefault(model, {})[name] = {
+                "seeds": sorted(seeds), "reduction_mean": float(np.mean(reductions)),
+                "reduction_min": float(np.min(reductions)), "test_change_mean": float(np.mean(changes)),
+                "test_change_min": float(np.min(changes)),
+                "runs_below_margin": int(sum(c < -margin for c in changes)),
+                "draws": len(draws), "draw_reduction_mean": float(draws[:, 0].mean()),
+                "false_acceptance": float(np.mean(draws[:, 1] < -margin)),
+                "per_seed": seeds}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    for model, by_rule in summary.items():
+        print(f"\n{model} (seeds {by_rule[next(iter(by_rule))]['seeds']}, {args.resplits} re-draws per seed)")
+        print("| rule | reduction mean (min) | held-out change mean (min) | runs below -margin | "
+              "false acceptance over re-draws | re-draw reduction |")
+        print("|---|---|---|---|---|---|")
+        for name, row in by_rule.items():
+            print(f"| {name} | {row['reduction_mean']:.1%} ({row['reduction_min']:.1%}) | "
+                  f"{row['test_change_mean']:+.4f} ({row['test_change_min']:+.4f}) | {row['runs_below_margin']} | "
+                  f"{row['false_acceptance']:.1%} | {row['draw_reduction_mean']:.1%} |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,9 +255,15 @@ def main() -> int:
     rec.add_argument("--model", required=True)
     rec.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=[1, 2, 3, 4, 5])
     rec.add_argument("--out", type=Path, required=True)
+    rul = commands.add_parser("rules")
+    rul.add_argument("--results", type=Path, required=True)
+    rul.add_argument("--resplits", type=int, default=200)
+    rul.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.command == "record":
         record(args)
+    else:
+        rules(args)
     return 0
 
 

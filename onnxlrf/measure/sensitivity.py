@@ -15,6 +15,9 @@ the loss by
     dL(D) ~ sum_{i in D} a_i + kappa * sum_{i in D} s_i^2 / 2,    a_i = -s_i x_i^T G y_i
 
 with no cross terms (the basis diagonalizes the K-FAC quadratic form).
+The ``a_i`` used are shrunk toward 0 per layer by how much of them replicates between two halves
+of the calibration split (:func:`first_order_replication`): what is the split's noise, a plan
+must not chase.
 ``kappa`` (1 = the K-FAC estimate) is the knob the back-off turns up when a
 plan that was predicted to be safe measures worse.
 """
@@ -57,7 +60,7 @@ PROBE_CACHE_BYTES = 2 << 30
 
 # Version of the saved analysis (Sensitivity.save); a file of another version is not read. It is part of
 # the analysis cache's key (compress.analysis_key): raise it whenever the analysis computes differently.
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 _SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher")
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
@@ -79,6 +82,9 @@ class LayerSensitivity:
     input_mean: np.ndarray | None = None
     output_fisher: np.ndarray = None  # (g, m) diag(B), for the Fisher-weighted baseline
     curvature_scale: float = 1.0  # fitted to measured single-layer loss changes (measure_ranges)
+    # The factor first_order was shrunk by: the share of the raw a_i that replicates across two halves
+    # of the calibration split (first_order_replication); 1 where it could not be measured.
+    replication: float = 1.0
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
     range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
     decomposition: str = "channel"  # which matrices of the weight x, s, y factor (analysis.weight_matrices)
@@ -191,6 +197,7 @@ class Sensitivity:
             header["entries"].append({
                 "layer": dataclasses.asdict(ls.layer), "decomposition": ls.decomposition,
                 "weight_norm": ls.weight_norm, "curvature_scale": ls.curvature_scale,
+                "replication": ls.replication,
                 "perturbation_range": ls.perturbation_range, "range_checks": ls.range_checks})
             arrays.update({f"{index}.{name}": getattr(ls, name) for name in _SAVED_ARRAYS
                            if getattr(ls, name) is not None})
@@ -214,6 +221,7 @@ class Sensitivity:
                               if f"{index}.{name}" in saved.files}
                     ls = LayerSensitivity(layer=layer, weight_norm=entry["weight_norm"],
                                           curvature_scale=entry["curvature_scale"],
+                                          replication=entry["replication"],
                                           perturbation_range=entry["perturbation_range"],
                                           range_checks=entry["range_checks"], decomposition=entry["decomposition"],
                                           **arrays)
@@ -497,9 +505,17 @@ def analyze(
         output.retain_grad()
         entry.outputs.append(output)
 
-    total_loss, samples = 0.0, 0
+    total_loss, samples, half_samples = 0.0, 0, 0
+    # The weights' loss gradients summed over all micro-batches, and over every other one: two
+    # independent halves of the split, whose first-order terms tell signal from noise.
+    parameters = {layer.weight: graph.parameters[layer.weight] for layer in layers}
+    grad_total = {name: torch.zeros_like(p) for name, p in parameters.items()}
+    grad_half = {name: torch.zeros_like(p) for name, p in parameters.items()}
     n_batches = len(batches) if hasattr(batches, "__len__") else None
-    for feeds, targets in progress.track(batches(), "analysis: gradients and K-FAC factors", n_batches, "batch"):
+    tracked = progress.track(batches(), "analysis: gradients and K-FAC factors", n_batches, "batch")
+    for batch_index, (feeds, targets) in enumerate(tracked):
+        for p in parameters.values():
+            p.grad = None
         mask = torch.as_tensor(feeds[token_mask]) if token_mask else None
         outputs = graph({k: torch.as_tensor(v) for k, v in feeds.items()}, hook=hook, hook_nodes=nodes)
         losses = loss_fn(outputs, torch.as_tensor(targets))
@@ -520,6 +536,12 @@ def analyze(
             entry.outputs.clear()
         total_loss += float(losses.detach().sum())
         samples += int(losses.numel())
+        for name, p in parameters.items():
+            if p.grad is not None:
+                grad_total[name] += p.grad
+                if batch_index % 2 == 0:
+                    grad_half[name] += p.grad
+        half_samples += int(losses.numel()) if batch_index % 2 == 0 else 0
 
     result: dict[str, LayerSensitivity] = {}
     spatial_result: dict[str, LayerSensitivity] = {}
@@ -528,7 +550,10 @@ def analyze(
         weight = weight_array(model, layer).astype(np.float64)
         weight_norm = float(np.linalg.norm(weight))
         w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
-        grad = graph.parameters[layer.weight].grad.detach().numpy().astype(np.float64) / samples
+        grad = grad_total[layer.weight].detach().numpy().astype(np.float64)
+        half = grad_half[layer.weight].detach().numpy().astype(np.float64)
+        halves = (half / max(half_samples, 1), (grad - half) / max(samples - half_samples, 1))
+        grad = grad / samples
         gmat = torch.from_numpy(weight_matrices(grad, layer, "channel"))
         moment = entry.a / max(entry.rows, 1)
         mean = entry.input_sum / max(entry.rows, 1)
@@ -537,9 +562,10 @@ def analyze(
             gmat = gmat - (entry.grad_sum / samples)[:, :, None] * mean[:, None, :]
             input_factor = moment - mean[:, :, None] * mean[:, None, :]
         x, s, y = _joint_basis(w, output_factor, input_factor)
-        first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
+        first, replication = _first_order(x, s, y, gmat, [weight_matrices(g, layer, "channel") for g in halves]
+                                          if 0 < half_samples < samples and not bias_correction else None)
         result[layer.node] = LayerSensitivity(
-            layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
+            layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first, replication=replication,
             weight_norm=weight_norm, input_moment=moment.numpy(),
             output_fisher=output_factor.diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
@@ -550,12 +576,45 @@ def analyze(
             w = torch.from_numpy(weight_matrices(weight, layer, "spatial"))
             gmat = torch.from_numpy(weight_matrices(grad, layer, "spatial"))
             x, s, y = _joint_basis(w, *_spatial_factors(input_factor, output_factor, layer))
-            first = -s * torch.einsum("gmk,gmn,gnk->gk", x, gmat, y)
+            first, replication = _first_order(x, s, y, gmat, [weight_matrices(g, layer, "spatial") for g in halves]
+                                              if 0 < half_samples < samples else None)
             spatial_result[layer.node] = LayerSensitivity(
-                layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first.numpy(),
+                layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first, replication=replication,
                 weight_norm=weight_norm, decomposition="spatial")
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name,
                        spatial=spatial_result)
+
+
+def first_order_replication(halves: list[np.ndarray]) -> float:
+    """The share of a layer's first-order terms that is signal: ``sum(a' * a'') / sum(a^2)``, with
+    ``a'`` and ``a''`` the terms measured on two independent halves of the calibration split and
+    ``a`` their mean, clipped to [0, 1].
+
+    The halves' noises are independent, so ``sum(a' * a'')`` estimates the squared signal and
+    ``sum(a^2)`` the squared signal plus the mean's noise: the ratio is the least-squares
+    shrinkage of ``a`` toward 0. Without it the planners chase the split's noise: on a CIFAR
+    ResNet-20 the raw terms predicted calibration-loss drops the validation split did not see.
+    """
+    first, second = halves
+    mean = 0.5 * (first + second)
+    signal = float(np.sum(first * second))
+    total = float(np.sum(mean * mean))
+    return float(np.clip(signal / total, 0.0, 1.0)) if total > 0 else 1.0
+
+
+def _first_order(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, gmat: torch.Tensor,
+                 halves: list[np.ndarray] | None) -> tuple[np.ndarray, float]:
+    """The first-order terms ``a_i = -s_i x_i^T G y_i`` of the basis ``x, s, y``, shrunk by their
+    :func:`first_order_replication` between the gradients of two halves of the split (``halves``;
+    None: not shrunk), and that factor."""
+    def terms(g: torch.Tensor) -> np.ndarray:
+        return (-s * torch.einsum("gmk,gmn,gnk->gk", x, g, y)).numpy()
+
+    first = terms(gmat)
+    if halves is None:
+        return first, 1.0
+    replication = first_order_replication([terms(torch.from_numpy(g)) for g in halves])
+    return replication * first, replication
 
 
 @contextmanager
