@@ -190,7 +190,7 @@ _plan_options = _OptionGroup(
                       "or latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
                       "dense)."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
-                 help="Ranks are multiples of this (default: 8 on CUDA and for --target latency, else 1)."),
+                 help="Ranks are multiples of this (default: 8 on CUDA and for --target latency or flops, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
                  help="uniform: fraction of each layer's full rank to keep."),
     click.option("--energy", type=click.FloatRange(0, 1, min_open=True),

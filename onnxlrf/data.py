@@ -152,6 +152,21 @@ class Dataset:
             return cosine_rows(outputs[:n], outputs[n:])
         return outputs.reshape(len(outputs), -1).argmax(axis=1)
 
+    def sample_losses(self, outputs: np.ndarray) -> np.ndarray:
+        """Per sample, the task's loss on the model's outputs (rows as :meth:`predictions` takes them),
+        as the analysis measures it: cross-entropy on the label (classification), the squared
+        error of the pair's cosine against gold / 5 (sentence similarity), the relative squared
+        error to the original's outputs (label-free data)."""
+        predictions = self.predictions(outputs)
+        if self.task == OUTPUTS:
+            return predictions
+        if self.task == SENTENCE_SIMILARITY:
+            return (predictions - self.labels / 5.0) ** 2
+        logits = np.asarray(outputs, np.float64).reshape(len(outputs), -1)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        log_total = np.log(np.exp(logits).sum(axis=1))
+        return log_total - logits[np.arange(len(logits)), self.labels.astype(np.int64)]
+
     def score_predictions(self, predictions: np.ndarray, samples: np.ndarray | None = None) -> float:
         """The metric for per-sample ``predictions`` (:meth:`predictions`); ``samples``: only
         those samples' (indices, repeats allowed, as a bootstrap draws them)."""

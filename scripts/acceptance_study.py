@@ -151,9 +151,10 @@ def paired(records: Records, key, samples: np.ndarray) -> tuple[float, float, fl
 RULES = {
     "metric >= original (before)": lambda c, cs, l, ls: c >= 0,
     "metric >= original, loss <= original": lambda c, cs, l, ls: c >= 0 and l <= 0,
+    "metric >= original, loss + 0.5 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 0.5 * ls <= 0,
     "metric >= original, loss + 1.0 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 1.0 * ls <= 0,
     "metric >= original, loss + 1.645 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 1.645 * ls <= 0,
-    "metric >= original, loss + 2.64 se <= 0 (Bonferroni 12)": lambda c, cs, l, ls: c >= 0 and l + 2.64 * ls <= 0,
+    "metric >= original, loss + 2.24 se <= 0": lambda c, cs, l, ls: c >= 0 and l + 2.24 * ls <= 0,
     "loss + 1.645 se <= 0": lambda c, cs, l, ls: l + 1.645 * ls <= 0,
     "metric - 1.645 se >= -margin": lambda c, cs, l, ls: c - 1.645 * cs >= -0.001,
 }

@@ -18,6 +18,7 @@ from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import Progress
 from onnxlrf.techniques.lowrank.technique import LOWRANK
 from onnxlrf.verify.backoff import ValidationEvaluator, restore_layers
+from onnxlrf.verify.search import Score
 
 HALF_RANK = PlanOptions("uniform", rank_fraction=0.5)
 from onnxlrf.costs.params import ParamsCost
@@ -320,7 +321,7 @@ def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> 
     calib = Dataset("calib", "classification", {"x": x_calib},
                     make_session(model, providers=["CPUExecutionProvider"]).run(None, {"x": x_calib})[0].argmax(axis=1))
     cost = ParamsCost(model)
-    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), fc1_metric)
+    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), Score(fc1_metric))
     restored = restore_layers(model, failing, holding, calib, evaluator, LOWRANK, cost)
     value, plan, compressed = restored.value, restored.plan, restored.model
     assert plan.options["restored"] == {"to_kappa": None, "layers": ["fc2"]}
@@ -328,5 +329,5 @@ def test_restore_sets_back_the_worst_measured_layer_until_validation_holds() -> 
     assert value == fc1_metric
     assert plan.options["achieved_reduction"] == pytest.approx(1 - count_params(compressed) / count_params(model))
     # A bar that not even the plan with every harmful layer set back reaches: no plan.
-    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), 1.01)
+    evaluator = ValidationEvaluator(model, val, LOWRANK, cost, "cpu", Progress(enabled=False), Score(1.01))
     assert restore_layers(model, failing, holding, calib, evaluator, LOWRANK, cost) is None

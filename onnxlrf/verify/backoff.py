@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 
@@ -23,10 +23,10 @@ from ..measure.sensitivity import replacement_gains, task_loss
 from ..planning.joint import JOINT_MODES, PlanOptions, plan_joint
 from ..planning.plan import Plan
 from ..progress import Progress, ProgressLike, as_progress
-from ..runtime.evaluate import model_metric
+from ..runtime.evaluate import model_outputs
 from ..techniques import TECHNIQUES
 from ..techniques.base import RewriteReport, Technique
-from .search import Attempt, BackoffSearch, Verified, reduction_text
+from .search import AcceptanceRule, Attempt, BackoffSearch, Score, Verified, reduction_text
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,13 @@ class VerifyOptions:
     """How the joint method verifies (``onnxlrf compress``'s ``--rounds`` and ``--refit``).
 
     ``rounds`` > 1 repeats analysis and back-off around the previous round's truncated weights;
-    ``refit``: the back-off also tries its plans improved by the technique (low-rank: refit factors).
+    ``refit``: the back-off also tries its plans improved by the technique (low-rank: refit factors);
+    ``acceptance``: when a plan holds on validation (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     """
 
     rounds: int = 1
     refit: bool = True
+    acceptance: AcceptanceRule = AcceptanceRule()
 
 
 @dataclass
@@ -51,37 +53,39 @@ class BackoffResult:
     attempts: list[Attempt]
     reference_value: float  # the original's validation metric
     value: float  # the chosen plan's validation metric
+    reference_score: Score  # the original's, with its per-sample losses
 
 
 class ValidationEvaluator:
     """Plans rewritten by their technique and scored in onnxruntime on the validation split ``val``.
 
     Under a latency target (a cost model that measures speed), each model is also timed against
-    the original. ``reference_value``: the original's metric, when the caller measured it already.
+    the original. ``reference_score``: the original's score, when the caller measured it already.
     ``allowance``: how far below the original's a plan may score and hold (:func:`metric_allowance`).
     """
 
     def __init__(self, reference: onnx.ModelProto, val: Any, technique: Technique, cost: Any, provider: str,
-                 progress: Progress, reference_value: float | None = None, allowance: float = 0.0) -> None:
+                 progress: Progress, reference_score: Score | None = None, allowance: float = 0.0) -> None:
         self.reference, self.val, self.technique, self.cost = reference, val, technique, cost
-        self.provider, self.progress, self._reference_value = provider, progress, reference_value
+        self.provider, self.progress, self._reference_score = provider, progress, reference_score
         self.allowance = allowance
         self.measures_speed = cost.target == "latency" and hasattr(cost, "measured_speedup")
 
-    def reference_value(self) -> float:
-        if self._reference_value is None:
-            self._reference_value = self.metric(self.reference, "the original on validation")
-        return self._reference_value
+    def reference_score(self) -> Score:
+        if self._reference_score is None:
+            self._reference_score = self.score(self.reference, "the original on validation")
+        return self._reference_score
 
     def required_value(self) -> float:
-        """What a plan must score on validation to hold: the original's metric less the allowance."""
-        return self.reference_value() - self.allowance
+        """What a plan's metric must reach on validation to hold: the original's less the allowance."""
+        return self.reference_score().value - self.allowance
 
     def rewrite(self, plan: Plan) -> tuple[onnx.ModelProto, RewriteReport]:
         return self.technique.rewrite(self.reference, plan, progress=self.progress)
 
-    def metric(self, model: onnx.ModelProto, description: str) -> float:
-        return model_metric(model, self.val, self.provider, self.progress, description)
+    def score(self, model: onnx.ModelProto, description: str) -> Score:
+        outputs = model_outputs(model, self.val, self.provider, self.progress, description)
+        return Score(self.val.score(outputs), self.val.sample_losses(outputs))
 
     def speedup(self, model: onnx.ModelProto) -> float | None:
         return self.cost.measured_speedup(model) if self.measures_speed else None
@@ -105,11 +109,12 @@ def backoff_plan(
     options: PlanOptions,
     calib: Any = None,
     refit: bool = False,
-    reference_val: float | None = None,
+    reference_score: Score | None = None,
     cost: Any = None,
     provider: str = "auto",
     progress: ProgressLike = None,
     technique: Technique = TECHNIQUES["lowrank"],
+    rule: AcceptanceRule = AcceptanceRule(),
 ) -> BackoffResult:
     """Verify plans on the validation split ``val``, trusting the curvature model less each time (METHOD.md 5).
 
@@ -119,6 +124,7 @@ def backoff_plan(
     set back until it holds on ``val`` (:func:`restore_layers`), if that is larger. ``refit``
     (needs ``calib``): then :func:`refit_chosen`. Compact with no plan that holds keeps the model
     as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here).
+    ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
     """
     mode = options.mode
@@ -138,9 +144,9 @@ def backoff_plan(
         return plan
 
     allowance = metric_allowance(val, options)
-    evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_val, allowance)
+    evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_score, allowance)
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
-                           progress, allowance=allowance)
+                           progress, allowance=allowance, rule=rule)
     best = search.run()
     reference_val = search.reference
     if best is None and mode == "lossless":
@@ -152,18 +158,19 @@ def backoff_plan(
             reference, technique, analysis, mode, tolerance=-math.inf, solver=options.solver, target=options.target,
             cost=cost, rank_multiple=rank_multiple)  # no compression: the smallest plan that holds
         restored = None if calib is None else _restore_smallest_failing(
-            reference, failing, holding, calib, evaluator, technique, cost, progress)
+            reference, failing, holding, calib, evaluator, technique, cost, progress, search.accepts)
         if restored is not None:
             restored.attempt = Attempt.of(restored.plan, restored=len(restored.plan.options["restored"]["layers"]),
                                           val=restored.value)
             best = restored
             attempts.append(restored.attempt)
     if refit and calib is not None:
-        best = refit_chosen(reference, best, failing, calib, evaluator, technique, progress, attempts) or best
+        best = refit_chosen(reference, best, failing, calib, evaluator, technique, progress, attempts,
+                            search.accepts if mode == "compact" else None) or best
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
         progress.log("back-off: no plan held on validation; the model stays dense")
         compressed, report = technique.rewrite(reference, holding, progress=progress)
-        best = Verified(reference_val, holding, compressed, report, None)
+        best = Verified(reference_val, holding, compressed, report, None, search.reference_score)
     else:
         best.attempt.chosen = True
         set_back = best.plan.options.get("restored")
@@ -173,7 +180,8 @@ def backoff_plan(
                      + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})")
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
-    return BackoffResult(best.plan, best.model, best.report, attempts, reference_val, best.value)
+    return BackoffResult(best.plan, best.model, best.report, attempts, reference_val, best.value,
+                         search.reference_score)
 
 
 def restore_layers(
@@ -185,6 +193,7 @@ def restore_layers(
     technique: Technique,
     cost: Any,
     progress: ProgressLike = None,
+    accepts: Callable[[Score], bool] | None = None,
 ) -> Verified | None:
     """METHOD.md 5: set ``failing``'s layers back to ``holding``'s entries, worst first, until validation holds.
 
@@ -195,11 +204,13 @@ def restore_layers(
     the weights the plans produce (the technique's ``perturbed_weights``; low-rank refuses
     bias-corrected entries there); a weight shared by several layers is set back for all of them.
     Layers whose setting back lowers that loss are set back in that order, the validation metric
-    (``evaluator``, see :class:`ValidationEvaluator`) re-checked after each, until it is at least
-    the original's (less the evaluator's allowance). Returns the plan that holds, or None if none does.
+    (``evaluator``, see :class:`ValidationEvaluator`) re-checked after each, until the plan holds:
+    ``accepts`` (the back-off's rule), by default a metric at least the original's (less the
+    evaluator's allowance). Returns the plan that holds, or None if none does.
     """
     progress = as_progress(progress)
     required = evaluator.required_value()
+    accepts = accepts or AcceptanceRule().check_against(evaluator.reference_score(), evaluator.allowance)
     before = {entry.node: entry for entry in holding.layers}
     differing = [e.node for e in failing.layers if e.size_key() != before[e.node].size_key()]
     if len(differing) < 2:
@@ -219,19 +230,19 @@ def restore_layers(
     for count in range(1, min(len(order), len(differing) - 1) + 1):  # all of them set back is ``holding``
         plan = _set_back(reference, failing, holding, frozenset(order[:count]), cost)
         compressed, report = technique.rewrite(reference, plan)
-        value = evaluator.metric(compressed, f"validate with {count} layers set back")
-        held = value >= required
-        progress.log(f"  {count} set back: {reduction_text(plan)}, val {value:.4f} "
-                     f"{'>=' if held else '<'} {'original' if not evaluator.allowance else 'required'} "
-                     f"{required:.4f}")
+        score = evaluator.score(compressed, f"validate with {count} layers set back")
+        held = accepts(score)
+        progress.log(f"  {count} set back: {reduction_text(plan)}, val {score.value:.4f} "
+                     f"({'original' if not evaluator.allowance else 'required'} {required:.4f}): "
+                     f"{'holds' if held else 'rejected'}")
         if held:
-            return Verified(value, plan, compressed, report, None)
+            return Verified(score.value, plan, compressed, report, None, score)
     return None
 
 
 def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], holding: Plan, calib: Any,
                               evaluator: ValidationEvaluator, technique: Technique, cost: Any,
-                              progress: Progress) -> Verified | None:
+                              progress: Progress, accepts: Callable[[Score], bool]) -> Verified | None:
     """:func:`restore_layers` on the smallest failing plan larger than ``holding``, if the result is larger
     than ``holding`` too (and, under a latency target, measured faster than the original)."""
     size = holding.options["achieved_reduction"]
@@ -239,7 +250,7 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
     if not larger:
         return None
     smallest = min(larger, key=lambda plan: plan.options["achieved_reduction"])
-    restored = restore_layers(reference, smallest, holding, calib, evaluator, technique, cost, progress)
+    restored = restore_layers(reference, smallest, holding, calib, evaluator, technique, cost, progress, accepts)
     if restored is None or restored.plan.options["achieved_reduction"] <= size:
         return None
     speedup = evaluator.speedup(restored.model)
@@ -250,8 +261,8 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
 
 
 def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: list[Plan], calib: Any,
-                 evaluator: Any, technique: Technique, progress: Progress, attempts: list[Attempt]
-                 ) -> Verified | None:
+                 evaluator: Any, technique: Technique, progress: Progress, attempts: list[Attempt],
+                 accepts: Callable[[Score], bool] | None = None) -> Verified | None:
     """The back-off's choice improved by the technique (low-rank: refit factors), where validation says it is better.
 
     The refit undoes how the earlier layers' truncations change a layer's inputs, the
@@ -264,7 +275,8 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     Under a latency target, a refit plan must also be measured faster than the original. An
     improvement that adds parameters the plan does not count (a refit bias change on a layer whose
     bias cannot take it becomes a new bias) is rejected before validation: lossless plans keep their size.
-    Each attempt is appended to ``attempts``; returns the one kept, or None.
+    ``accepts`` (compact: the back-off's rule): a refit plan must also hold by it. Each attempt is
+    appended to ``attempts``; returns the one kept, or None.
     """
     required = evaluator.required_value()
 
@@ -278,16 +290,20 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
         if added > 0:  # e.g. a refit bias change on a layer with no bias to fold it into
             progress.log(f"  {description} refit: adds {added:,} parameters the plan does not count: rejected")
             return None
-        value = evaluator.metric(compressed, f"validate {description} refit")
+        score = evaluator.score(compressed, f"validate {description} refit")
+        value = score.value
         record = Attempt.of(plan, refit=True, val=value)
+        change = AcceptanceRule().loss_change(score, evaluator.reference_score())
+        if change is not None:
+            record.loss_change, record.loss_se = change
         attempts.append(record)
-        holds = value > bar if strictly else value >= bar
+        holds = (value > bar if strictly else value >= bar) and (accepts is None or accepts(score))
         if holds:
             record.speedup = evaluator.speedup(compressed)
             holds = record.speedup is None or record.speedup > 1.0
         progress.log(f"  {description} refit: val {value:.4f} (needs {'more than ' if strictly else ''}"
                      f"{bar:.4f}): {'kept' if holds else 'rejected'}")
-        return Verified(value, improved, compressed, report, record) if holds else None
+        return Verified(value, improved, compressed, report, record, score) if holds else None
 
     chosen = None
     size = best.plan.options["achieved_reduction"] if best is not None else 0.0

@@ -54,16 +54,17 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
     rounds = verify.rounds
     if rounds < 1:
         raise OnnxlrfError(f"--rounds must be at least 1, got {rounds}")
-    current, plan, reference_val, attempts, history = reference, None, None, [], []
+    current, plan, reference_score, attempts, history = reference, None, None, [], []
     for index in range(rounds):
         if rounds > 1:
             progress.log(f"round {index + 1}/{rounds}" + ("" if index == 0 else ": around the truncated weights"))
         analysis = technique.analyse(current, splits.calib, analysis_options, progress)
         target = None if options.target_reduction is None else options.target_reduction * (index + 1) / rounds
         result = backoff_plan(current, analysis, splits.val, dataclasses.replace(options, target_reduction=target),
-                              calib=splits.calib, refit=verify.refit and rounds == 1, reference_val=reference_val,
-                              cost=cost, provider=provider, progress=progress, technique=technique)
-        reference_val = result.reference_value
+                              calib=splits.calib, refit=verify.refit and rounds == 1, reference_score=reference_score,
+                              cost=cost, provider=provider, progress=progress, technique=technique,
+                              rule=verify.acceptance)
+        reference_score = result.reference_score
         merged = merge_rounds(reference, plan, result.plan, cost)
         for attempt in result.attempts:
             attempt.round = index + 1
@@ -81,11 +82,14 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
     plan.source = plan_source(reference)  # a later round's plan was made for truncated weights
     compressed, report = technique.rewrite(reference, plan, progress=progress)
     if verify.refit and rounds > 1 and plan.summary()["factorized"]:
-        evaluator = ValidationEvaluator(reference, splits.val, technique, cost, provider, progress, reference_val,
-                                        metric_allowance(splits.val, options))
+        allowance = metric_allowance(splits.val, options)
+        evaluator = ValidationEvaluator(reference, splits.val, technique, cost, provider, progress, reference_score,
+                                        allowance)
+        accepts = (verify.acceptance.check_against(reference_score, allowance) if options.mode == "compact"
+                   else None)
         refits: list[Attempt] = []
         refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None), [],
-                                splits.calib, evaluator, technique, progress, refits)
+                                splits.calib, evaluator, technique, progress, refits, accepts)
         for attempt in refits:
             attempt.round = len(history)
         attempts += refits
@@ -96,7 +100,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
                     attempt.chosen = False
             refitted.attempt.chosen = True
     plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
-    return RoundsResult(plan, compressed, report, attempts, history, analysis, reference_val)
+    return RoundsResult(plan, compressed, report, attempts, history, analysis, reference_score.value)
 
 
 def merge_rounds(reference: onnx.ModelProto, earlier: Plan | None, later: Plan, cost: Any) -> Plan:

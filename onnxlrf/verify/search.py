@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Protocol
 
+import numpy as np
+
 from ..errors import OnnxlrfError
 from ..planning.plan import Plan
 from ..progress import Progress
@@ -24,6 +26,53 @@ BACKOFF_BISECTIONS = 3
 # Compact mode's size search (used when no component is free at the tolerance) starts here
 # and doubles until a plan fails on validation.
 SIZE_SEARCH_START = 0.01
+
+
+@dataclass(frozen=True)
+class Score:
+    """A model's validation metric, and its task loss per validation sample (None: not measured)."""
+
+    value: float
+    losses: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """When a plan holds on validation (METHOD.md 5): its metric is at least the original's less the
+    allowance, and, with ``loss_z`` set, its mean per-sample task-loss change against the original
+    (paired) is at most ``-loss_z`` standard errors: the plan lowers the loss by more than chance does.
+
+    The metric alone lets the back-off keep the largest of many plans that tie or beat the original by
+    luck on one split. The loss is measured on every sample, where the metric changes on a few, so the
+    paired test resolves much smaller differences. Where either side has no per-sample losses, only
+    the metric is checked.
+    """
+
+    loss_z: float | None = None
+
+    def loss_change(self, candidate: Score, reference: Score) -> tuple[float, float] | None:
+        """The mean per-sample loss change of ``candidate`` against ``reference`` and its standard error."""
+        if candidate.losses is None or reference.losses is None:
+            return None
+        change = np.asarray(candidate.losses, np.float64) - np.asarray(reference.losses, np.float64)
+        spread = float(change.std(ddof=1)) if change.size > 1 else math.inf
+        return float(change.mean()), spread / math.sqrt(max(change.size, 1))
+
+    def check(self, candidate: Score, reference: Score, allowance: float = 0.0) -> bool:
+        """Whether ``candidate`` holds against the original's ``reference`` score."""
+        if candidate.value < reference.value - allowance:
+            return False
+        change = None if self.loss_z is None else self.loss_change(candidate, reference)
+        return change is None or change[0] + self.loss_z * change[1] <= 0.0
+
+    def check_against(self, reference: Score, allowance: float = 0.0) -> Callable[[Score], bool]:
+        """:meth:`check` against a fixed ``reference``."""
+        return lambda candidate: self.check(candidate, reference, allowance)
+
+    def describe(self) -> str:
+        """The rule in words, for logs and records."""
+        text = "metric >= original's"
+        return text if self.loss_z is None else f"{text} and paired loss change + {self.loss_z:g} s.e. <= 0"
 
 
 @dataclass
@@ -38,6 +87,8 @@ class Attempt:
     target_reduction: float | None = None  # compact's size search: planned as lossless at this size
     same_as_kappa: float | None = None  # the same model as the plan of that kappa: not evaluated again
     restored: int | None = None  # layers set back to the plan that holds
+    loss_change: float | None = None  # mean per-sample validation loss change against the original
+    loss_se: float | None = None  # its standard error
     refit: bool = False  # the plan's factors refit on the calibration split
     round: int | None = None  # with several rounds: which one
     chosen: bool = False
@@ -52,7 +103,7 @@ class Attempt:
             out["restored"] = self.restored
         out["achieved_reduction"] = self.achieved_reduction
         out["predicted_dloss"] = self.predicted_dloss
-        for key in ("speedup", "val", "target_reduction", "same_as_kappa"):
+        for key in ("speedup", "val", "loss_change", "loss_se", "target_reduction", "same_as_kappa"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.chosen:
@@ -75,19 +126,20 @@ class Verified:
     model: Any  # the rewritten model (an onnx.ModelProto)
     report: Any  # what the rewrite changed
     attempt: Attempt | None
+    score: Score | None = None  # the value with its per-sample losses
 
 
 class Evaluator(Protocol):
     """What the search needs to judge a plan."""
 
-    def reference_value(self) -> float:
-        """The original model's metric on the validation split."""
+    def reference_score(self) -> Score:
+        """The original model's score on the validation split."""
 
     def rewrite(self, plan: Plan) -> tuple[Any, Any]:
         """The model ``plan`` makes, and the rewrite's report."""
 
-    def metric(self, model: Any, description: str) -> float:
-        """``model``'s metric on the validation split."""
+    def score(self, model: Any, description: str) -> Score:
+        """``model``'s score on the validation split."""
 
     def speedup(self, model: Any) -> float | None:
         """``model``'s measured speedup over the original, where the target is latency (else None)."""
@@ -115,6 +167,7 @@ class BackoffSearch:
     the same model and are evaluated once. Under a latency target, a plan not measured faster than
     the original is rejected. Every plan looked at is an :class:`Attempt` in :attr:`attempts`.
 
+    Whether a plan holds is the ``rule``'s verdict (:class:`AcceptanceRule`, :meth:`accepts`).
     ``allowance``: how far below the original's metric a plan may score and still hold (0: at least
     the original's). Fidelity to the original's outputs (label-free data) can only fall, so there it is
     the tolerance (:func:`~onnxlrf.verify.backoff.metric_allowance`).
@@ -123,11 +176,13 @@ class BackoffSearch:
     def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
                  signature: Callable[[Plan, float], Hashable], progress: Progress,
                  kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS,
-                 allowance: float = 0.0) -> None:
+                 allowance: float = 0.0, rule: AcceptanceRule = AcceptanceRule()) -> None:
         self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
         self.progress, self.kappas, self.bisections, self.allowance = progress, kappas, bisections, allowance
+        self.rule = rule
         self.attempts: list[Attempt] = []
         self.reference: float | None = None
+        self.reference_score: Score | None = None
         # The error of the last kappa without a plan (lossless: raised when no kappa has one).
         self.unreachable: OnnxlrfError | None = None
         self._verified: dict[Hashable, tuple[float, Attempt, Verified | None]] = {}
@@ -136,7 +191,8 @@ class BackoffSearch:
     def run(self) -> Verified | None:
         """The plan the search chooses (compact: None where no plan held)."""
         with self.progress.task(f"back-off ({self.mode})", unit="plan") as self._task:
-            self.reference = self.evaluator.reference_value()
+            self.reference_score = self.evaluator.reference_score()
+            self.reference = self.reference_score.value
             self.progress.log(f"back-off: the original scores {self.reference:.4f} on validation")
             best = None
             failed_kappa = None
@@ -166,14 +222,18 @@ class BackoffSearch:
             return f"original {self.reference:.4f}"
         return f"required {self.required:.4f} (original {self.reference:.4f} less {self.allowance:g})"
 
+    def accepts(self, score: Score) -> bool:
+        """Whether a model of this ``score`` holds against the original (the :attr:`rule`)."""
+        return self.rule.check(score, self.reference_score, self.allowance)
+
     def holds(self, result: Verified | None) -> bool:
-        """Whether ``result`` scores at least :attr:`required`."""
-        return result is not None and result.value >= self.required
+        """Whether ``result`` holds (:meth:`accepts`)."""
+        return result is not None and self.accepts(result.score)
 
     def failing(self) -> list[Plan]:
-        """The plans evaluated that scored below :attr:`required`."""
+        """The plans evaluated that do not hold."""
         return [result.plan for _, _, result in self._verified.values()
-                if result is not None and result.value < self.required]
+                if result is not None and not self.holds(result)]
 
     def attempt(self, kappa: float, size: float | None = None) -> Verified | None:
         """The plan at ``kappa`` verified; ``size``: the lossless plan of that size instead (compact's size search)."""
@@ -208,18 +268,23 @@ class BackoffSearch:
                               f"{attempt.speedup:.2f}x the original's speed: rejected")
             self._task.update()
             return None
-        value = attempt.val = self.evaluator.metric(model, f"validate the plan at kappa {kappa:.3g}")
+        score = self.evaluator.score(model, f"validate the plan at kappa {kappa:.3g}")
+        value = attempt.val = score.value
+        change = self.rule.loss_change(score, self.reference_score)
+        if change is not None:
+            attempt.loss_change, attempt.loss_se = change
         self._task.update()
         summary = (f"  kappa {kappa:.3g}{label}: {reduction_text(plan)}, "
-                   f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}")
+                   f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}"
+                   + ("" if change is None else f", loss change {change[0]:+.4f} (s.e. {change[1]:.4f})"))
         if self.mode == "lossless":
             self.progress.log(f"{summary} (original {self.reference:.4f})")
-        elif value >= self.required:
-            self.progress.log(f"{summary} >= {self._required_text()}: holds")
+        elif self.accepts(score):
+            self.progress.log(f"{summary}: holds ({self.rule.describe()}, {self._required_text()})")
         else:
-            self.progress.log(f"{summary} < {self._required_text()}: rejected"
+            self.progress.log(f"{summary}: rejected ({self.rule.describe()}, {self._required_text()})"
                               + ("" if label else ", trusting the curvature less"))
-        return Verified(value, plan, model, report, attempt)
+        return Verified(value, plan, model, report, attempt, score)
 
     def _bisect(self, failed_kappa: float, best: Verified) -> Verified:
         """Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value."""

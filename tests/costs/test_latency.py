@@ -111,6 +111,7 @@ def test_default_rank_multiple():
     assert default_rank_multiple(["CUDAExecutionProvider", "CPUExecutionProvider"]) == 8
     assert default_rank_multiple(["TensorrtExecutionProvider", "CUDAExecutionProvider"], "flops") == 8
     assert default_rank_multiple(["CPUExecutionProvider"], "latency") == 8
+    assert default_rank_multiple(["CPUExecutionProvider"], "flops") == 8
     assert default_rank_multiple(["CPUExecutionProvider"], "params") == 1
 
 

@@ -257,7 +257,7 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
     from onnxlrf.progress import Progress
     from onnxlrf.techniques.lowrank.technique import LOWRANK
     from onnxlrf.verify import backoff as backoff_module
-    from onnxlrf.verify.search import Verified
+    from onnxlrf.verify.search import Score, Verified
 
     model, data = small_cnn
     calib = data.subset(np.arange(200))
@@ -267,10 +267,10 @@ def test_refit_of_an_all_spatial_plan_is_not_evaluated_again(small_cnn, monkeypa
         ls.perturbation_range = 0.0  # only spatial truncations trusted
     plan = plan_joint(model, sens, "lossless", target_reduction=0.05, kappa=4.0)
     assert {e.decomposition for e in plan.layers} == {"spatial", "dense"}
-    monkeypatch.setattr(backoff_module, "model_metric", lambda *args, **kwargs: pytest.fail("evaluated again"))
+    monkeypatch.setattr(backoff_module, "model_outputs", lambda *args, **kwargs: pytest.fail("evaluated again"))
     backoff: list = []
     evaluator = backoff_module.ValidationEvaluator(model, calib, LOWRANK, ParamsCost(model), "cpu",
-                                                   Progress(bars=False), reference_value=0.5)
+                                                   Progress(bars=False), reference_score=Score(0.5))
     chosen = Verified(0.5, plan, None, None, None)
     assert backoff_module.refit_chosen(model, chosen, [plan], calib, evaluator, LOWRANK, Progress(bars=False),
                                        backoff) is None

@@ -12,6 +12,7 @@ from onnxlrf.verify.search import (
     SIZE_SEARCH_START,
     Attempt,
     BackoffSearch,
+    Score,
 )
 
 
@@ -27,20 +28,20 @@ class FakeEvaluator:
     """Scores a plan by its size: ``score(reduction)``; the "model" of a plan is the plan itself."""
 
     def __init__(self, score, reference: float = 0.80, speedup: float | None = None) -> None:
-        self.score, self.reference, self.fixed_speedup = score, reference, speedup
+        self.value_of, self.reference, self.fixed_speedup = score, reference, speedup
         self.rewritten: list[Plan] = []
         self.scored: list[Plan] = []
 
-    def reference_value(self) -> float:
-        return self.reference
+    def reference_score(self) -> Score:
+        return Score(self.reference)
 
     def rewrite(self, plan: Plan) -> tuple[Plan, None]:
         self.rewritten.append(plan)
         return plan, None
 
-    def metric(self, model: Plan, description: str) -> float:
+    def score(self, model: Plan, description: str) -> Score:
         self.scored.append(model)
-        return self.score(model.options["achieved_reduction"])
+        return Score(self.value_of(model.options["achieved_reduction"]))
 
     def speedup(self, model: Plan) -> float | None:
         return self.fixed_speedup
