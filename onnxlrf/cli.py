@@ -176,6 +176,24 @@ class _OptionGroup:
         return options_type(**{field: params.pop(param) for param, field in self.fields.items()})
 
 
+# onnxlrf.verify.search.DEFAULT_ACCEPTANCE's z, here so that --help does not import the library
+# (tests/test_cli.py checks that they agree).
+DEFAULT_ACCEPTANCE_Z = "2.2"
+
+
+def _acceptance_z(ctx: click.Context, param: click.Parameter, value: str) -> float | None:
+    """``--acceptance-z``: a number, or ``off`` (None: the metric alone decides)."""
+    if value.strip().lower() == "off":
+        return None
+    try:
+        z = float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'off', got {value!r}") from None
+    if not math.isfinite(z):
+        raise click.BadParameter(f"expected a finite number or 'off', got {value!r}")
+    return z
+
+
 _plan_options = _OptionGroup(
     "onnxlrf.planning.joint.PlanOptions",
     {name: name for name in ("mode", "target_reduction", "target", "rank_multiple", "rank_fraction", "energy",
@@ -224,7 +242,7 @@ _analysis_options = _OptionGroup(
                       "calibration split and options are the same, so another target or mode skips the analysis."),
 )
 _verify_options = _OptionGroup(
-    "onnxlrf.verify.backoff.VerifyOptions", {"rounds": "rounds", "refit": "refit"},
+    "onnxlrf.verify.backoff.VerifyOptions", {"rounds": "rounds", "refit": "refit", "acceptance_z": "acceptance_z"},
     click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
                  help="Joint modes: analyse and back off again around each round's truncated weights "
                       "(compact: until a round adds nothing; lossless: the target in equal steps)."),
@@ -232,6 +250,11 @@ _verify_options = _OptionGroup(
                  help="Joint modes: also try the back-off's plans with each layer's factors refit on the "
                       "calibration split to undo what the layers before it changed; kept where validation says "
                       "it is better."),
+    click.option("--acceptance-z", default=DEFAULT_ACCEPTANCE_Z, show_default=True, callback=_acceptance_z,
+                 metavar="Z|off",
+                 help="compact: a plan holds on validation when its metric is at least the original's and its "
+                      "mean per-sample loss change is Z standard errors below 0 (paired), which keeps plans that "
+                      "are only lucky on the validation split out at a measured rate; off: the metric alone."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",

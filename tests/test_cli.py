@@ -376,3 +376,17 @@ def _fill(arg: str, values: dict) -> str:
     for key, value in values.items():
         arg = arg.replace("{" + key + "}", str(value))
     return arg
+
+
+def test_compress_defaults_are_the_library_defaults() -> None:
+    """The CLI's defaults for the back-off are the library's (what a Python user gets) and the README's."""
+    from onnxlrf.cli import DEFAULT_ACCEPTANCE_Z, _acceptance_z
+    from onnxlrf.verify.backoff import VerifyOptions
+    from onnxlrf.verify.search import DEFAULT_ACCEPTANCE
+
+    assert float(DEFAULT_ACCEPTANCE_Z) == DEFAULT_ACCEPTANCE.loss_z == VerifyOptions().acceptance_z
+    assert _acceptance_z(None, None, "off") is None and _acceptance_z(None, None, "1.5") == 1.5
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"--acceptance-z Z\\|off` | compact: default {DEFAULT_ACCEPTANCE_Z}." in readme
+    result = invoke("compress", "x.onnx", "--mode", "compact", "-o", "y.onnx", "--acceptance-z", "often")
+    assert result.exit_code != 0 and "expected a number or 'off'" in result.output

@@ -26,7 +26,7 @@ from ..progress import Progress, ProgressLike, as_progress
 from ..runtime.evaluate import model_outputs
 from ..techniques import TECHNIQUES
 from ..techniques.base import RewriteReport, Technique
-from .search import AcceptanceRule, Attempt, BackoffSearch, Score, Verified, reduction_text
+from .search import DEFAULT_ACCEPTANCE, AcceptanceRule, Attempt, BackoffSearch, Score, Verified, reduction_text
 
 
 @dataclass(frozen=True)
@@ -35,12 +35,24 @@ class VerifyOptions:
 
     ``rounds`` > 1 repeats analysis and back-off around the previous round's truncated weights;
     ``refit``: the back-off also tries its plans improved by the technique (low-rank: refit factors);
-    ``acceptance``: when a plan holds on validation (:class:`~onnxlrf.verify.search.AcceptanceRule`).
+    ``acceptance_z``: when a plan holds on validation: its metric at least the original's and its
+    paired validation-loss change at least this many standard errors below 0 (None: the metric only;
+    see :class:`~onnxlrf.verify.search.AcceptanceRule` and :data:`~onnxlrf.verify.search.DEFAULT_ACCEPTANCE`).
     """
 
     rounds: int = 1
     refit: bool = True
-    acceptance: AcceptanceRule = AcceptanceRule()
+    acceptance_z: float | None = DEFAULT_ACCEPTANCE.loss_z
+
+    def __post_init__(self) -> None:
+        if self.acceptance_z is not None and not (isinstance(self.acceptance_z, (int, float))
+                                                  and math.isfinite(self.acceptance_z)):
+            raise OnnxlrfError(f"--acceptance-z must be a finite number or 'off', got {self.acceptance_z!r}")
+
+    @property
+    def acceptance(self) -> AcceptanceRule:
+        """The back-off's acceptance rule."""
+        return AcceptanceRule(loss_z=self.acceptance_z)
 
 
 @dataclass
@@ -84,8 +96,14 @@ class ValidationEvaluator:
         return self.technique.rewrite(self.reference, plan, progress=self.progress)
 
     def score(self, model: onnx.ModelProto, description: str) -> Score:
+        """The metric and the per-sample task losses; label-free data has no losses here: its loss is the
+        distance to the original's outputs, 0 for the original on every sample, so only the metric
+        (fidelity, within the allowance) can judge a plan."""
+        from ..data import OUTPUTS
+
         outputs = model_outputs(model, self.val, self.provider, self.progress, description)
-        return Score(self.val.score(outputs), self.val.sample_losses(outputs))
+        losses = None if self.val.task == OUTPUTS else self.val.sample_losses(outputs)
+        return Score(self.val.score(outputs), losses)
 
     def speedup(self, model: onnx.ModelProto) -> float | None:
         return self.cost.measured_speedup(model) if self.measures_speed else None
@@ -114,7 +132,7 @@ def backoff_plan(
     provider: str = "auto",
     progress: ProgressLike = None,
     technique: Technique = TECHNIQUES["lowrank"],
-    rule: AcceptanceRule = AcceptanceRule(),
+    rule: AcceptanceRule = DEFAULT_ACCEPTANCE,
 ) -> BackoffResult:
     """Verify plans on the validation split ``val``, trusting the curvature model less each time (METHOD.md 5).
 

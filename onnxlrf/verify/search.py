@@ -75,6 +75,16 @@ class AcceptanceRule:
         return text if self.loss_z is None else f"{text} and paired loss change + {self.loss_z:g} s.e. <= 0"
 
 
+# The share of compact runs allowed to keep a plan that is no better than the original in truth.
+FALSE_ACCEPTANCE_RATE = 0.05
+# The default rule's one-sided z: the search may look at up to seven distinct plans before one
+# holds (one per kappa), and a plan equal to the original in truth ties or beats its validation
+# metric about half the time, so each plan's loss test runs at 0.05 / 7 / 0.5 (z = 2.2): at most
+# FALSE_ACCEPTANCE_RATE of runs over plans that are each a fresh draw (tests/verify/test_acceptance.py
+# simulates it), less over the real plans, which share most of their components.
+DEFAULT_ACCEPTANCE = AcceptanceRule(loss_z=2.2)
+
+
 @dataclass
 class Attempt:
     """One plan the back-off looked at, as the plan's ``options["backoff"]`` records it (:meth:`to_dict`)."""
@@ -176,10 +186,10 @@ class BackoffSearch:
     def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
                  signature: Callable[[Plan, float], Hashable], progress: Progress,
                  kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS,
-                 allowance: float = 0.0, rule: AcceptanceRule = AcceptanceRule()) -> None:
+                 allowance: float = 0.0, rule: AcceptanceRule | None = None) -> None:
         self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
         self.progress, self.kappas, self.bisections, self.allowance = progress, kappas, bisections, allowance
-        self.rule = rule
+        self.rule = DEFAULT_ACCEPTANCE if rule is None else rule
         self.attempts: list[Attempt] = []
         self.reference: float | None = None
         self.reference_score: Score | None = None
