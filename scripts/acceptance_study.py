@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_benchmark import load_setup  # noqa: E402
+from quality_benchmark import load_setup
 
 KAPPAS = tuple(float(2 ** (i / 4)) for i in range(25))
 SIZES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
@@ -51,9 +51,9 @@ def record(args: argparse.Namespace) -> None:
     from onnxlrf.costs.params import cost_model
     from onnxlrf.errors import OnnxlrfError
     from onnxlrf.measure.analysis import AnalysisOptions, joint_analysis
+    from onnxlrf.planning.joint import plan_joint
     from onnxlrf.runtime.evaluate import model_outputs
     from onnxlrf.techniques import TECHNIQUES
-    from onnxlrf.planning.joint import plan_joint
     from onnxlrf.verify.splits import split_dataset
 
     technique = TECHNIQUES["lowrank"]

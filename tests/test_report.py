@@ -26,6 +26,7 @@ from onnxlrf.pipeline import CompressResult, compress
 from onnxlrf.planning.joint import PlanOptions
 from onnxlrf.progress import Progress
 from onnxlrf.report import PLOTS, REPORT_FILES, layer_rows, write_report
+from onnxlrf.verify.search import DEFAULT_ACCEPTANCE
 from onnxlrf.verify.splits import SplitOptions
 
 IN, HIDDEN, CLASSES, SAMPLES = 32, 64, 10, 300
@@ -273,13 +274,16 @@ def test_progress_log_says_what_was_decided(compact: tuple[CompressResult, str])
     for entry in result.plan.layers:  # a layer whose mildest truncation disagreed is untrusted, and says so
         untrusted = not entry.notes["range_checks"][0]["agree"]
         assert (f"{entry.node} stays dense: at its mildest tested truncation" in log) == untrusted, entry.node
-    held = [b for b in result.plan.options["backoff"] if b["val"] >= result.plan.options["reference_val"]]
+    z = DEFAULT_ACCEPTANCE.loss_z
+    held = [b for b in result.plan.options["backoff"] if b["val"] >= result.plan.options["reference_val"]
+            and b["loss_change"] + z * b["loss_se"] <= 0]
     assert sum(b.get("chosen", False) for b in result.plan.options["backoff"]) == (1 if held else 0)
     if held:
         assert f"back-off chose kappa {result.plan.options['kappa']:.3g}" in log
     else:
         assert "back-off: no plan held on validation; the model stays dense" in log
-    attempt = r"  kappa 1: ([\d.]+% fewer parameters, predicted dloss \S+, val [\d.]+ (>=|<) original|no plan)"
+    attempt = (r"  kappa 1: ([\d.]+% fewer parameters, predicted dloss \S+, val [\d.]+, loss change \S+ "
+               r"\(s\.e\. [\d.]+\): (holds|rejected) \(metric >= original's and paired loss change|no plan)")
     assert re.search(attempt, log), log
     assert f"rewrite: {len(result.rewrite.rewritten)} layers factorized" in log
 

@@ -26,7 +26,15 @@ from ..progress import Progress, ProgressLike, as_progress
 from ..runtime.evaluate import model_outputs
 from ..techniques import TECHNIQUES
 from ..techniques.base import RewriteReport, Technique
-from .search import DEFAULT_ACCEPTANCE, AcceptanceRule, Attempt, BackoffSearch, Score, Verified, reduction_text
+from .search import (
+    DEFAULT_ACCEPTANCE,
+    AcceptanceRule,
+    Attempt,
+    BackoffSearch,
+    Score,
+    Verified,
+    reduction_text,
+)
 
 
 @dataclass(frozen=True)
