@@ -65,14 +65,14 @@ def main() -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         row = run_seed(args.model, args.mode, seed, extra)
         rows.append(row)
-        test = row["result"]["splits"]["test"]
+        test = row["result"]["test"]
         change = test["value"] - test["reference_value"]
         low, high = test["change_interval"]
         print(f"seed {seed}: {row['result']['params_reduction']:.1%} fewer parameters, held-out "
               f"{test['value']:.4f} (original {test['reference_value']:.4f}), change {change:+.4f} "
               f"[{low:+.4f}, {high:+.4f}], {row['seconds']:.0f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
     reductions = np.array([r["result"]["params_reduction"] for r in rows])
-    changes = np.array([r["result"]["splits"]["test"]["value"] - r["result"]["splits"]["test"]["reference_value"]
+    changes = np.array([r["result"]["test"]["value"] - r["result"]["test"]["reference_value"]
                         for r in rows])
     seconds = np.array([r["seconds"] for r in rows])
     summary = {"model": args.model, "mode": args.mode, "extra_flags": extra, "seeds": [r["seed"] for r in rows],
