@@ -426,7 +426,7 @@ def test_replacement_gains_equal_full_runs_with_each_weight_replaced(small_cnn):
     for node, weights in replacements.items():
         full = base - measure_loss(model, _batches(calib), classification_loss, weights)
         assert gains[node] == pytest.approx(full, rel=1e-4, abs=1e-6)
-    assert all(gain < 0 for gain in gains.values())  # truncating a trained layer raises its loss
+    assert min(gains.values()) < -0.01  # truncating two thirds of a trained layer raises its loss
 
 
 @pytest.mark.parametrize("mode, target, spatial", [("compact", None, False), ("lossless", 0.3, False),
@@ -510,12 +510,15 @@ def test_compact_searches_sizes_where_no_component_is_free():
     """Label-free similarity targets: every drop raises the loss, so tolerance 0 admits none, and
     compact mode finds its size on validation instead (the largest tried plan that holds)."""
     from onnxlrf.verify.backoff import backoff_plan
+    from onnxlrf.verify.search import AcceptanceRule
 
     model, data = _encoder_pairs(pairs=400, model=token_encoder(decay=0.8), seq=6)  # two 24x24 layers, vocabulary 40
     calib, val = data.subset(np.arange(200)), data.subset(np.arange(200, 400))
     sens = joint_analysis(model, calib, AnalysisOptions(labels="predictions", range_samples=100))
     reference_val = val.score(TorchGraph(model)(val.inputs)[0].detach().numpy())
-    result = backoff_plan(model, sens, val, PlanOptions("compact"), calib=calib, provider="cpu")
+    # The metric alone judges here (the size search's mechanics; the loss test is tests/verify's).
+    result = backoff_plan(model, sens, val, PlanOptions("compact"), calib=calib, provider="cpu",
+                          rule=AcceptanceRule(loss_z=None))
     plan, backoff = result.plan, [attempt.to_dict() for attempt in result.attempts]
     assert plan.options["backoff"] == backoff
     searched = [e for e in backoff if "target_reduction" in e]
