@@ -37,14 +37,8 @@ SIZES = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5)
 
 
 def per_sample(dataset, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample: the task loss (cross-entropy; similarity: squared cosine error on gold / 5) and the prediction."""
-    predictions = dataset.predictions(outputs)
-    if dataset.task == "sentence-similarity":
-        return (predictions - dataset.labels / 5.0) ** 2, predictions
-    logits = outputs.reshape(len(outputs), -1).astype(np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    return -log_probs[np.arange(len(logits)), dataset.labels.astype(int)], predictions
+    """Per sample: the task loss (:meth:`onnxlrf.data.Dataset.sample_losses`) and the prediction."""
+    return dataset.sample_losses(outputs), dataset.predictions(outputs)
 
 
 def record(args: argparse.Namespace) -> None:

@@ -33,6 +33,7 @@ from .search import (
     BackoffSearch,
     Score,
     Verified,
+    paired_loss_change,
     reduction_text,
 )
 
@@ -71,9 +72,13 @@ class BackoffResult:
     model: onnx.ModelProto
     report: RewriteReport
     attempts: list[Attempt]
-    reference_value: float  # the original's validation metric
     value: float  # the chosen plan's validation metric
     reference_score: Score  # the original's, with its per-sample losses
+
+    @property
+    def reference_value(self) -> float:
+        """The original's validation metric."""
+        return self.reference_score.value
 
 
 class ValidationEvaluator:
@@ -206,8 +211,7 @@ def backoff_plan(
                      + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})")
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
-    return BackoffResult(best.plan, best.model, best.report, attempts, reference_val, best.value,
-                         search.reference_score)
+    return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
 
 
 def restore_layers(
@@ -231,12 +235,12 @@ def restore_layers(
     bias-corrected entries there); a weight shared by several layers is set back for all of them.
     Layers whose setting back lowers that loss are set back in that order, the validation metric
     (``evaluator``, see :class:`ValidationEvaluator`) re-checked after each, until the plan holds:
-    ``accepts`` (the back-off's rule), by default a metric at least the original's (less the
-    evaluator's allowance). Returns the plan that holds, or None if none does.
+    ``accepts`` (the back-off's rule), by default :data:`~onnxlrf.verify.search.DEFAULT_ACCEPTANCE`
+    against the evaluator's original and allowance. Returns the plan that holds, or None if none does.
     """
     progress = as_progress(progress)
     required = evaluator.required_value()
-    accepts = accepts or AcceptanceRule().check_against(evaluator.reference_score(), evaluator.allowance)
+    accepts = accepts or DEFAULT_ACCEPTANCE.check_against(evaluator.reference_score(), evaluator.allowance)
     before = {entry.node: entry for entry in holding.layers}
     differing = [e.node for e in failing.layers if e.size_key() != before[e.node].size_key()]
     if len(differing) < 2:
@@ -319,7 +323,7 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
         score = evaluator.score(compressed, f"validate {description} refit")
         value = score.value
         record = Attempt.of(plan, refit=True, val=value)
-        change = AcceptanceRule().loss_change(score, evaluator.reference_score())
+        change = paired_loss_change(score, evaluator.reference_score())
         if change is not None:
             record.loss_change, record.loss_se = change
         attempts.append(record)

@@ -36,6 +36,16 @@ class Score:
     losses: np.ndarray | None = None
 
 
+def paired_loss_change(candidate: Score, reference: Score) -> tuple[float, float] | None:
+    """The mean per-sample loss change of ``candidate`` against ``reference`` (the same samples) and its
+    standard error; None where either has no per-sample losses."""
+    if candidate.losses is None or reference.losses is None:
+        return None
+    change = np.asarray(candidate.losses, np.float64) - np.asarray(reference.losses, np.float64)
+    spread = float(change.std(ddof=1)) if change.size > 1 else math.inf
+    return float(change.mean()), spread / math.sqrt(max(change.size, 1))
+
+
 @dataclass(frozen=True)
 class AcceptanceRule:
     """When a plan holds on validation (METHOD.md 5): its metric is at least the original's less the
@@ -50,19 +60,11 @@ class AcceptanceRule:
 
     loss_z: float | None = None
 
-    def loss_change(self, candidate: Score, reference: Score) -> tuple[float, float] | None:
-        """The mean per-sample loss change of ``candidate`` against ``reference`` and its standard error."""
-        if candidate.losses is None or reference.losses is None:
-            return None
-        change = np.asarray(candidate.losses, np.float64) - np.asarray(reference.losses, np.float64)
-        spread = float(change.std(ddof=1)) if change.size > 1 else math.inf
-        return float(change.mean()), spread / math.sqrt(max(change.size, 1))
-
     def check(self, candidate: Score, reference: Score, allowance: float = 0.0) -> bool:
         """Whether ``candidate`` holds against the original's ``reference`` score."""
         if candidate.value < reference.value - allowance:
             return False
-        change = None if self.loss_z is None else self.loss_change(candidate, reference)
+        change = None if self.loss_z is None else paired_loss_change(candidate, reference)
         return change is None or change[0] + self.loss_z * change[1] <= 0.0
 
     def check_against(self, reference: Score, allowance: float = 0.0) -> Callable[[Score], bool]:
@@ -280,7 +282,7 @@ class BackoffSearch:
             return None
         score = self.evaluator.score(model, f"validate the plan at kappa {kappa:.3g}")
         value = attempt.val = score.value
-        change = self.rule.loss_change(score, self.reference_score)
+        change = paired_loss_change(score, self.reference_score)
         if change is not None:
             attempt.loss_change, attempt.loss_se = change
         self._task.update()

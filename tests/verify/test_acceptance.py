@@ -15,6 +15,7 @@ from onnxlrf.verify.search import (
     AcceptanceRule,
     BackoffSearch,
     Score,
+    paired_loss_change,
 )
 
 SAMPLES = 1000  # the default validation split
@@ -84,7 +85,7 @@ def test_the_rule_needs_the_metric_and_the_loss() -> None:
     assert rule.check(Score(0.799, better), reference, allowance=0.002)
     assert not rule.check(Score(0.81, -better), reference)  # loss higher
     assert rule.check(Score(0.81), reference)  # no per-sample losses: the metric decides
-    mean, se = rule.loss_change(Score(0.80, better), reference)
+    mean, se = paired_loss_change(Score(0.80, better), reference)
     assert mean == pytest.approx(better.mean()) and se == pytest.approx(better.std(ddof=1) / np.sqrt(SAMPLES))
 
 
