@@ -6,12 +6,13 @@ gives them exactly, for a model exported by either exporter (BatchNorm folded
 or not, initializers renamed or not) and for an ONNX file that comes with no
 torch model. The ops follow the ONNX specification per opset, measured by
 ONNX's own node conformance cases (``scripts/onnx_conformance.py``; the op
-types declared in ``tests/test_onnx_conformance.py`` pass them). Control flow
-(If, Loop, Scan), sequences, optionals and strings are not covered in torch; the
-4-bit and 2-bit types torch lacks are emulated (:class:`SubByteTensor`) for the ops
-that make and read them (Cast, CastLike, QuantizeLinear, DequantizeLinear). A node torch lacks that no gradient from the analysed weights
-passes through (shapes, position ids, masks, index arithmetic) runs in onnx's
-reference evaluator, without gradient; one on the weights' path raises
+types declared in ``tests/measure/test_onnx_conformance.py`` pass them). Control
+flow (If, Loop, Scan), sequences, optionals and strings are not covered in torch.
+The 4-bit and 2-bit types torch lacks are emulated (:class:`SubByteTensor`) in the
+ops that make and read them: Cast, CastLike, QuantizeLinear, DequantizeLinear.
+A node torch lacks that no gradient from the analysed weights passes through
+(shapes, position ids, masks, index arithmetic) runs in onnx's reference
+evaluator, without gradient; one on the weights' path raises
 :class:`UnsupportedError` naming it.
 """
 
@@ -94,7 +95,7 @@ _SUB_BYTE_TYPES = {
 _SUB_BYTE_NUMPY_TYPES = {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)): t for t in _SUB_BYTE_TYPES}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # no field-wise ==: tensors compare element by element
 class SubByteTensor:
     """A value of a 4-bit or 2-bit ONNX type (INT4, UINT4, INT2, UINT2, FLOAT4E2M1), which torch lacks.
 
