@@ -25,6 +25,11 @@ from ..progress import Progress, ProgressLike, as_progress
 # (ResNeXt-50, 32 images: 1.9 s in batches of 5, 1.6 s in batches of 16 or 32).
 # This bound gives it batches of 20 (largest activation 3.2 MB per image).
 RANGE_BATCH_BYTES = 64 << 20
+# The gradient pass keeps a micro-batch's whole forward pass for its backward pass: at 50 STS-B
+# pairs (100 sentences of 46 tokens) a BERT-base-sized encoder's values take 8.6 GiB (177 MiB per
+# pair). This bound keeps them within 3 GiB (17 pairs there); it leaves the shared models at 50
+# samples (CIFAR ResNet-56: 5 MiB of values per image, MiniLM: 47 MiB per pair).
+ANALYSIS_BATCH_BYTES = 3 << 30
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,17 @@ def range_batch_size(reference: onnx.ModelProto, dataset: Any, limit: int = 128)
     """Samples per range-check batch: as many as keep its largest activation within ``RANGE_BATCH_BYTES``."""
     from .torch_graph import TorchGraph
 
-    largest = TorchGraph(reference).largest_value_bytes(dataset.subset(np.arange(1)).inputs)
+    largest, _ = TorchGraph(reference).value_bytes(dataset.subset(np.arange(1)).inputs)
     return int(np.clip(RANGE_BATCH_BYTES // max(largest, 1), 1, limit))
+
+
+def analysis_batch_size(reference: onnx.ModelProto, dataset: Any, limit: int) -> int:
+    """Samples per gradient micro-batch: at most ``limit``, and as many as keep one forward pass's
+    values within ``ANALYSIS_BATCH_BYTES``."""
+    from .torch_graph import TorchGraph
+
+    _, total = TorchGraph(reference).value_bytes(dataset.subset(np.arange(1)).inputs)
+    return int(np.clip(ANALYSIS_BATCH_BYTES // max(total, 1), 1, limit))
 
 
 def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> CalibrationBatches:
@@ -208,6 +222,7 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             # The original's own similarity (on the gold 0-5 scale): zero gradient, so the plan
             # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
+    micro_batch = analysis_batch_size(reference, calib, micro_batch)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=loss_name, progress=progress,
                           curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial,

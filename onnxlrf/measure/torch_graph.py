@@ -1902,17 +1902,16 @@ class TorchGraph:
         env = self._feed(feeds)
         return self.outputs(self._run(env, 0, hook, hook_nodes, keep=set(self.output_names)))
 
-    def largest_value_bytes(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> int:
-        """Bytes of the largest value a run on ``feeds`` computes."""
-        largest = 0
+    def value_bytes(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> tuple[int, int]:
+        """Bytes of the largest value a run on ``feeds`` computes, and of all of them together."""
+        sizes = []
 
         def note(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> None:
-            nonlocal largest
-            largest = max(largest, output.nbytes if torch.is_tensor(output) else 0)
+            sizes.append(output.nbytes if torch.is_tensor(output) else 0)
 
         with torch.no_grad():
             self(feeds, hook=note, hook_nodes={n.name for n in self.nodes})
-        return largest
+        return max(sizes, default=0), sum(sizes)
 
     def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], resume_from: Iterable[int]) -> dict[str, torch.Tensor]:
         """Run the graph; return the outputs and the values a :meth:`resume` at any of ``resume_from`` needs."""

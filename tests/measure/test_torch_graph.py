@@ -224,11 +224,15 @@ def test_conv_with_asymmetric_pads_matches_onnxruntime():
     np.testing.assert_allclose(TorchGraph(model)(feeds)[0].numpy(), _ort(model, feeds), rtol=1e-5, atol=1e-5)
 
 
-def test_largest_value_bytes_is_the_largest_activation(tmp_path, resnet20_weights):
+def test_value_bytes_are_the_largest_activation_and_all_of_them(tmp_path, resnet20_weights):
     spec = load_model("cifar10-resnet20", weights=str(resnet20_weights))
     graph = TorchGraph(load_onnx(export_model(spec, tmp_path / "r20.onnx", dynamic_batch=True).path))
     feeds = {"input": np.zeros((2, 3, 32, 32), dtype=np.float32)}
-    assert graph.largest_value_bytes(feeds) == 2 * 16 * 32 * 32 * 4  # the first stage's 16 channels at 32x32
+    largest, total = graph.value_bytes(feeds)
+    assert largest == 2 * 16 * 32 * 32 * 4  # the first stage's 16 channels at 32x32
+    values = []
+    graph(feeds, hook=lambda node, inputs, output: values.append(output.nbytes), hook_nodes={n.name for n in graph.nodes})
+    assert total == sum(values) > largest
 
 
 class _MallInfo2(ctypes.Structure):
