@@ -23,6 +23,7 @@ from onnxlrf.graph.layers import (
 )
 from onnxlrf.measure.analysis import (
     AnalysisOptions,
+    analysis_batch_size,
     calibration_batches,
     joint_analysis,
 )
@@ -212,6 +213,18 @@ def test_without_first_order_terms_the_curvature_alone_orders_and_predicts(small
         quadratic = np.take_along_axis(ls.quadratic, ls.drop_order(), axis=1)
         assert (np.diff(quadratic, axis=1) >= 0).all()
         assert (ls.predicted_dloss() >= 0).all()
+
+
+def test_analysis_micro_batches_keep_one_forward_pass_within_the_bound(small_cnn, monkeypatch):
+    import onnxlrf.measure.analysis as analysis_module
+
+    model, data = small_cnn
+    _, per_sample = TorchGraph(model).value_bytes(data.subset([0]).inputs)
+    assert analysis_batch_size(model, data, 50) == 50  # far within 3 GiB
+    monkeypatch.setattr(analysis_module, "ANALYSIS_BATCH_BYTES", 7 * per_sample + 1)
+    assert analysis_batch_size(model, data, 50) == 7
+    monkeypatch.setattr(analysis_module, "ANALYSIS_BATCH_BYTES", 1)
+    assert analysis_batch_size(model, data, 50) == 1
 
 
 def test_spatial_metric_equals_the_channel_metric_for_separable_input_statistics():
