@@ -8,6 +8,8 @@ histograms) instead of every intermediate tensor of the whole split.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import tempfile
 from pathlib import Path
 
@@ -63,7 +65,8 @@ def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str],
     rows = _batch_rows(model)
     names = [inp.name for inp in graph_inputs(model)]
     starts = range(0, max(calib.rows - rows + 1, 1), rows)  # a static batch takes only full batches
-    with tempfile.TemporaryDirectory(prefix="onnxlrf-calibrate-") as tmp:
+    # The histogram calibrators print a line per batch on stdout, which belongs to the CLI's result.
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-calibrate-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         path = save_onnx(model, Path(tmp) / "model.onnx")
         try:
             # Ranges as observed (symmetric ranges are made from them where a runtime needs them).
