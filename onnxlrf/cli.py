@@ -369,14 +369,16 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
 @click.option("--json", "as_json", is_flag=True)
 @_quiet_option
 def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
-    """Apply a plan to MODEL (ONNX) and write the low-rank ONNX file."""
+    """Apply a plan (low-rank or quantization) to MODEL (ONNX) and write the compressed ONNX file."""
     from .pipeline import rewrite_file
 
     report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite,
                                                 progress=_progress(quiet)))
+    quantized = any("bits" in done for done in report.rewritten)  # a quantization plan's layers
     _emit(as_json, dataclasses.asdict(report),
           f"wrote {output}: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} dense; "
-          f"params {report.params_before:,} -> {report.params_after:,}")
+          f"params {report.params_before:,} -> {report.params_after:,}" if not quantized else
+          f"wrote {output}: {len(report.rewritten)} layers quantized, {len(report.kept_dense)} float")
 
 
 @cli.command()
