@@ -161,3 +161,17 @@ def test_one_line_errors_for_missing_ranges_and_an_opset_that_cannot_be_raised(m
     with pytest.raises(OnnxlrfError) as raised:
         QUANT.rewrite(model, plan_uniform_quant(model, QuantOptions(bits=4)))
     assert "\n" not in str(raised.value) and "opset 17 cannot be raised to it" in str(raised.value)
+
+
+def test_w8a8_matmul_writing_a_graph_output_becomes_matmulintegertofloat():
+    model = matmul_model()
+    plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8"))
+    feed = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
+    assert [site.tensor for site in quantized_activations(model, plan, "onnxruntime")] == ["x"]  # y stays float
+    plan.activation_ranges = minmax_ranges(model, ["x"], feed)
+    quantized, _ = QDQRewrite("onnxruntime")(model, plan)
+    assert optimized_op_counts(quantized) == {"QuantizeLinear": 1, "MatMulIntegerToFloat": 1}
+    dq = next(node for node in quantized.graph.node if node.op_type == "DequantizeLinear"
+              and node.output[0] == quantized.graph.node[-1].input[1])
+    assert {a.name: a.i for a in dq.attribute} == {"axis": 1}  # per output column of the (in, out) weight
+    assert np.abs(run(quantized, feed) - run(model, feed)).max() < 0.05 * np.abs(run(model, feed)).max()
