@@ -39,7 +39,9 @@ from ..base import RewritePass, RewriteReport
 from .grid import quantize_blocks, quantize_per_channel
 
 RUNTIMES = ("onnxruntime", "tensorrt")
-# int4 tensors and DequantizeLinear's block_size came with opset 21 (and IR version 10).
+# Per-channel QuantizeLinear/DequantizeLinear (their axis) came with opset 13; int4 tensors and
+# DequantizeLinear's block_size with opset 21 (and IR version 10).
+PER_CHANNEL_OPSET = 13
 INT4_OPSET, INT4_IR_VERSION = 21, 10
 UINT8_LEVELS = 255
 INT8_LEVEL = 127
@@ -141,20 +143,17 @@ def int8_scale(low: float, high: float) -> np.float32:
     return np.float32(peak / INT8_LEVEL if peak > 0 else 1.0)
 
 
-def raise_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """``model`` at default-domain opset ``opset`` or more (and IR version 10 or more), or a one-line error."""
+def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto:
+    """A copy of ``model`` at default-domain opset ``opset`` or more, or a one-line error that says ``why`` the
+    rewrite needs it."""
     current = default_opset(model)
     if current >= opset:
-        result = onnx.ModelProto()
-        result.CopyFrom(model)
-    else:
-        try:
-            result = version_converter.convert_version(model, opset)
-        except Exception as exc:  # the converter raises RuntimeError/ConvertError with adapter names
-            raise OnnxlrfError(f"int4 weights need opset {opset}, and the model's opset {current} cannot be raised "
-                               f"to it ({first_line(exc)}): use 5 bits or more (int8 containers)") from None
-    result.ir_version = max(result.ir_version, INT4_IR_VERSION)
-    return result
+        return _copy(model)
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises RuntimeError/ConvertError with adapter names
+        raise OnnxlrfError(f"{why} need opset {opset}, and the model's opset {current} cannot be raised to it "
+                           f"({first_line(exc)})") from None
 
 
 class QDQRewrite(RewritePass):
@@ -180,8 +179,11 @@ class QDQRewrite(RewritePass):
     def call(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
              ) -> tuple[onnx.ModelProto, RewriteReport]:
         changed = [entry for entry in plan.layers if entry.changed]
-        needs_int4 = any(entry.container == "int4" or entry.granularity == "block" for entry in changed)
-        work = raise_opset(model, INT4_OPSET) if needs_int4 else _copy(model)
+        if any(entry.container == "int4" or entry.granularity == "block" for entry in changed):
+            work = raise_opset(model, INT4_OPSET, "int4 weights (use 5 bits or more for int8 containers)")
+            work.ir_version = max(work.ir_version, INT4_IR_VERSION)
+        else:
+            work = raise_opset(model, PER_CHANNEL_OPSET, "per-channel scales")
         layers = {layer.node: layer for layer in find_quantizable(work)[0]}
         sites = quantized_activations(work, plan, self.runtime)
         weights = {name: numpy_helper.to_array(tensor) for name, tensor in constant_producers(work).items()}
@@ -207,7 +209,10 @@ class QDQRewrite(RewritePass):
             layer, node = layers[entry.node], nodes[entry.node]
             new_nodes, weight_scales = self._quantize_weight(graph, node, layer, entry, weights[layer.weight],
                                                              taken, int4)
-            if entry.activations == "int8" and self.runtime == "onnxruntime" and layer.bias is not None:
+            # A computed bias, or one broadcast from another shape (Gemm's C), stays float: no scales line up.
+            bias = weights.get(layer.bias)
+            if entry.activations == "int8" and self.runtime == "onnxruntime" and bias is not None \
+                    and bias.shape == weight_scales.shape:
                 new_nodes.append(self._quantize_bias(graph, node, layer, weights, weight_scales,
                                                      activation_scale[layer.input], taken))
             report.rewritten.append({

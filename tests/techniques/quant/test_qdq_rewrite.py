@@ -175,3 +175,17 @@ def test_w8a8_matmul_writing_a_graph_output_becomes_matmulintegertofloat():
               and node.output[0] == quantized.graph.node[-1].input[1])
     assert {a.name: a.i for a in dq.attribute} == {"axis": 1}  # per output column of the (in, out) weight
     assert np.abs(run(quantized, feed) - run(model, feed)).max() < 0.05 * np.abs(run(model, feed)).max()
+
+
+def test_an_old_opset_is_raised_to_13_for_per_channel_scales_and_a_broadcast_bias_stays_float():
+    model = residual_cnn(opset=11)
+    fc_b = next(init for init in model.graph.initializer if init.name == "fc_b")
+    fc_b.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(fc_b).reshape(1, -1), "fc_b"))
+    plan = w8a8_plan(model, "onnxruntime")
+    quantized, _ = QDQRewrite("onnxruntime")(model, plan)
+    onnx.checker.check_model(quantized, full_check=True)
+    assert [o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")] == [13]
+    fc = next(node for node in quantized.graph.node if node.name == "fc")
+    assert fc.input[2] == "fc_b"
+    feed = {"input": images(8, seed=3)}
+    assert np.abs(run(quantized, feed) - run(model, feed)).max() < 0.05 * np.abs(run(model, feed)).max()
