@@ -50,7 +50,7 @@ WEIGHT_AXES = {"Conv": 0, "MatMul": 1}
 
 
 @dataclass
-class _Site:
+class ActivationSite:
     """One activation tensor that is quantized: ``tensor`` names its range (and its readers), ``source`` is
     the float tensor the QuantizeLinear reads (the producer's output, before a folded Relu)."""
 
@@ -60,7 +60,7 @@ class _Site:
     readers: list[tuple[str, int]] = field(default_factory=list)  # (node, input index) that get a DQ
 
 
-def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> list[_Site]:
+def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> list[ActivationSite]:
     """The activation tensors the rewrite quantizes for ``plan`` in ``runtime``'s form (see the module doc)."""
     if runtime not in RUNTIMES:
         raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
@@ -81,12 +81,12 @@ def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> l
     residual = [node for node in nodes if node.op_type == "Add" and len(node.input) == 2
                 and not any(name in constants for name in node.input)
                 and any(producer.get(name) is not None and producer[name].name in w8a8 for name in node.input)]
-    sites: dict[str, _Site] = {}
+    sites: dict[str, ActivationSite] = {}
 
     def add(tensor: str, reader_filter: set[tuple[str, int]] | None = None) -> None:
         site = sites.get(tensor)
         if site is None:
-            site = sites[tensor] = _Site(tensor, tensor)
+            site = sites[tensor] = ActivationSite(tensor, tensor)
         for reader, index in readers.get(tensor, []):
             key = (reader.name, index)
             if (reader_filter is None or key in reader_filter) and key not in site.readers:
@@ -228,7 +228,7 @@ class QDQRewrite(RewritePass):
         _keep_model_fields(work, result)
         return result, report
 
-    def _quantize_activation(self, graph: gs.Graph, nodes: dict, tensors: dict, site: _Site, low: float,
+    def _quantize_activation(self, graph: gs.Graph, nodes: dict, tensors: dict, site: ActivationSite, low: float,
                              high: float, taken: set[str]) -> np.float32:
         """QuantizeLinear after ``site``'s producer and a DequantizeLinear per reader; the activation's scale."""
         if self.runtime == "onnxruntime":

@@ -1,13 +1,14 @@
 """Quantization as a :class:`~onnxlrf.techniques.base.Technique` (the parts built so far: eligibility,
 the rewrite, the quantized weights, and how the report shows an entry).
 
-The loss-aware parts of the protocol (``analyse``, ``candidates``, ``entries``) come with the loss-aware
-planner; until then plans come from :func:`~onnxlrf.techniques.quant.planners.plan_uniform_quant`.
+The parts the joint planner and the back-off need (``analyse``, ``candidates``, ``entries``,
+``unplanned_entry``, ``plan_options``, ``signature``, ``improve``) come with the loss-aware planner; until
+then plans come from :func:`~onnxlrf.techniques.quant.planners.plan_uniform_quant`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Hashable
+from typing import Any
 
 import onnx
 from onnx import numpy_helper
@@ -30,12 +31,6 @@ class Quant:
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_quantizable(model)[1]}
-
-    def plan_options(self, analysis: Any, **options: Any) -> dict:
-        return dict(options)
-
-    def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
-        return tuple((entry.node, entry.choice_key()) for entry in plan.layers if entry.changed)
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -65,9 +60,6 @@ class Quant:
             if init.name in replaced:
                 init.CopyFrom(numpy_helper.from_array(replaced[init.name], init.name))
         return result
-
-    def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
-        return None
 
     keep_plot = KeepPlot("weight bits per layer", "bits", "bits",
                          "Weight bits per layer (grey: float32; blue: planned bits).")
