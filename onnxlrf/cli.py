@@ -203,10 +203,11 @@ _plan_options = _OptionGroup(
                       "original; uniform/energy: data-free baselines."),
     click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Fraction of the model's --target (parameters by default) to remove."),
-    click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+    click.option("--target", type=click.Choice(["params", "flops", "latency", "bytes"]), default="params",
+                 show_default=True,
                  help="What --target-reduction counts: parameters, Conv/ConvTranspose/Gemm/MatMul FLOPs at --batch, "
-                      "or latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
-                      "dense)."),
+                      "latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
+                      "dense), or bytes of the weights as stored (--technique quant plans bytes)."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
                  help="Ranks are multiples of this (default: 8 on CUDA and for --target latency or flops, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
@@ -313,8 +314,8 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
     from .report import check_report_dir, write_report
 
     if technique == "quant":
-        if params["bits"] is None:
-            raise OnnxlrfError("--technique quant needs --bits")
+        if params["bits"] is not None and params["mode"] != "uniform":
+            raise OnnxlrfError(f"--bits is for --mode uniform; mode {params['mode']} chooses bits per layer")
         if report_dir is not None:
             raise OnnxlrfError("--report is not built for --technique quant yet")
     elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none":
@@ -322,8 +323,8 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
     quant = _quant_options.build(params) if technique == "quant" else None
-    # The low-rank plan options (their checks included) are not the quantization planner's.
-    options = _plan_options.build(params) if quant is None else None
+    # A uniform quantization plan takes none of the plan options (nor their low-rank checks).
+    options = _plan_options.build(params) if quant is None or params["mode"] != "uniform" else None
     splits = _split_options.build(params)
     analysis, verify, export = _analysis_options.build(params), _verify_options.build(params), \
         _export_options.build(params)
@@ -332,7 +333,8 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
         # Model, plan and report go in place together, or none of them.
         with staged_outputs(overwrite) as stage:
             if quant is not None:
-                return compress_quant(model, output, quant, params["mode"], data, splits, export, provider=provider,
+                return compress_quant(model, output, quant, options, data, splits, analysis, verify, export,
+                                      provider=provider,
                                       plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet),
                                       stage=stage), None
             result = run_compress(model, output, options, data, splits, analysis, verify, export, provider=provider,

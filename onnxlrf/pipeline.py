@@ -360,16 +360,15 @@ def compress(
         )
 
 
-QUANT_MODES = ("uniform",)
-
-
 def compress_quant(
     model: str,
     output: str | os.PathLike,
     options: QuantOptions,
-    mode: str = "uniform",
+    joint: PlanOptions | None = None,
     data: str | None = None,
     splits: SplitOptions = SplitOptions(),
+    analysis: AnalysisOptions = AnalysisOptions(),
+    verify: VerifyOptions = VerifyOptions(),
     export: ExportOptions = ExportOptions(),
     provider: str = "auto",
     plan_out: str | os.PathLike | None = None,
@@ -379,18 +378,33 @@ def compress_quant(
 ) -> CompressResult:
     """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
 
-    ``mode`` ``uniform``: every quantizable layer at ``options.bits`` (the loss-aware modes are not built
-    yet). With ``data``, it is split as for the joint modes (``splits``): int8 activations are calibrated
-    on the calibration split, and the result is validated against the original on the held-out test split
-    (W8A8 needs ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all
-    Conv/Gemm/MatMul weights, float32 counting 32), ``model_bytes`` and ``reference_model_bytes`` (files on
-    disk), and the op types onnxruntime's optimized graph has (``optimized_op_counts``). ``stage``: as
-    :func:`compress`.
+    ``joint`` None: every quantizable layer at ``options.bits`` (uniform). ``joint`` a lossless or compact
+    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``: the loss-aware plan (weight-only
+    bits per layer from the joint analysis' predicted loss changes, the knapsack over bytes, the back-off
+    and its acceptance rule on the validation split; one round, no refit). With ``data``, it is split as
+    for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
+    result is validated against the original on the held-out test split (W8A8 and the joint modes need
+    ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all Conv/Gemm/MatMul
+    weights, float32 counting 32), ``model_bytes`` and ``reference_model_bytes`` (files on disk), and the op
+    types onnxruntime's optimized graph has (``optimized_op_counts``). ``stage``: as :func:`compress`.
     """
+    from .data import OUTPUTS
+    from .techniques.quant.technique import QUANT
+
     progress = as_progress(progress)
-    if mode not in QUANT_MODES:
-        raise OnnxlrfError(f"--technique quant has mode {', '.join(QUANT_MODES)} only so far (the loss-aware "
-                           f"modes are not built yet), not {mode!r}")
+    if joint is None and options.bits is None:
+        raise OnnxlrfError("mode uniform needs --bits")
+    if joint is not None:
+        if joint.mode not in JOINT_MODES:
+            raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
+        if joint.target != "bytes":
+            raise OnnxlrfError("--technique quant plans bytes: pass --target bytes")
+        if options.activations != "none" or options.block_size is not None:
+            raise OnnxlrfError("the loss-aware quantization plans are weight-only per channel so far: leave out "
+                               "--activations and --block-size")
+        if data is None:
+            raise OnnxlrfError(f"mode {joint.mode} needs --data (calibration, validation and test splits come "
+                               f"from it)")
     if options.activations == "int8" and data is None:
         raise OnnxlrfError("--activations int8 needs --data: activation ranges are calibrated on its "
                            "calibration split")
@@ -413,10 +427,25 @@ def compress_quant(
 
             split = split_dataset(load_data(data, reference), splits.calib, splits.val, splits.seed)
             progress.log(f"splits (seed {splits.seed}): {len(split.calib)} calibration, {len(split.val)} "
-                         f"validation (unused by uniform plans), {len(split.test)} held-out test samples")
-        plan = plan_uniform_quant(reference, options)
-        if options.activations == "int8":
-            calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
+                         f"validation{' (unused by uniform plans)' if joint is None else ''}, {len(split.test)} "
+                         f"held-out test samples")
+        if joint is None:
+            plan = plan_uniform_quant(reference, options)
+            if options.activations == "int8":
+                calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
+        else:
+            if split.calib.task == OUTPUTS:
+                raise OnnxlrfError("the loss-aware quantization plans need labelled data so far")
+            _check_float32(reference)
+            analysis = dataclasses.replace(analysis, labels=analysis.labels or default_labels(split.calib),
+                                           spatial=False)
+            # One round, and no refit: quantization has no improvement step yet.
+            rounds = verify_in_rounds(reference, split, joint, analysis,
+                                      dataclasses.replace(verify, rounds=1, refit=False),
+                                      cost_model(reference, "bytes"), provider, progress, technique=QUANT)
+            plan = rounds.plan
+            plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]
+            plan.options["runtime"] = options.runtime
         if split is not None:
             plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed})
         compressed, report = QDQRewrite(options.runtime)(reference, plan, progress)

@@ -65,7 +65,7 @@ def test_weight_only_without_data_and_the_tensorrt_form(files):
 
 @pytest.mark.parametrize("extra, message", [
     (("--bits", 4, "--activations", "int8"), "--activations int8 goes with --bits 8"),
-    ((), "--technique quant needs --bits"),
+    ((), "mode uniform needs --bits"),
     (("--bits", 8, "--block-size", 32), "--block-size is for weight-only int4"),
 ])
 def test_bad_quant_flags_are_one_line_errors_and_write_nothing(files, extra, message):
@@ -78,6 +78,23 @@ def test_quant_flags_need_the_quant_technique(files):
     result = invoke("compress", files / "model.onnx", "--mode", "uniform", "--rank-fraction", 0.5, "--bits", 8,
                     "-o", files / "out.onnx")
     assert result.exit_code == 1 and "apply to --technique quant" in result.output
-    result = invoke(*compress_args(files, "--bits", 8)[:6], "--mode", "compact", "--bits", 8, "-o",
-                    files / "out.onnx")
-    assert result.exit_code == 1 and "mode uniform only" in result.output
+    result = invoke(*compress_args(files, "--bits", 8), "--mode", "compact")
+    assert result.exit_code == 1 and "--bits is for --mode uniform" in result.output
+    result = invoke(*compress_args(files), "--mode", "compact")
+    assert result.exit_code == 1 and "pass --target bytes" in result.output
+
+
+def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bytes", "--target-reduction", 0.7,
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["mode"] == "lossless" and plan["options"]["target"] == "bytes"
+    assert plan["options"]["achieved_reduction"] >= 0.7 and plan["options"]["backoff"]
+    bits = [layer["choice"]["bits"] for layer in plan["layers"]]
+    assert all(b in (2, 3, 4, 5, 6, 8) for b in bits) and payload["layers_quantized"] == 3
+    assert all("predicted_dloss" in layer["notes"] for layer in plan["layers"])
+    assert payload["average_weight_bits"] < 8 and payload["model_bytes"] < payload["reference_model_bytes"]
+    result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--activations", "int8"))
+    assert result.exit_code == 1 and "weight-only per channel so far" in result.output

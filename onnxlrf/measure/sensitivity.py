@@ -136,7 +136,7 @@ class LayerSensitivity:
             raise OnnxlrfError(f"the analysis of node {self.layer.node!r} keeps no gradient and Kronecker factors "
                                f"(an analysis cached before version {ANALYSIS_VERSION}): analyse again")
         first = self.replication * float(np.sum(self.gradient * delta))
-        quadratic = 0.5 * float(np.einsum("gij,gjk,gik->", self.output_factor @ delta, self.input_moment, delta))
+        quadratic = 0.5 * float(np.sum((self.output_factor @ delta @ self.input_moment) * delta))
         return first + kappa * self.curvature_scale * quadratic
 
     def relative_error(self) -> np.ndarray:

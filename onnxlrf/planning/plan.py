@@ -240,6 +240,22 @@ class QuantEntry(PlanEntry):
     def size_key(self) -> tuple:
         return self.bits, self.container, self.granularity, self.block_size
 
+    def scale_count(self, transposed: bool) -> int:
+        """How many scales (and zero points) the quantized weight has: one per output channel, or per block.
+        ``transposed``: the stored 2-D weight is (inputs, outputs) (MatMul, Gemm with transB=0)."""
+        shape = self.weight_shape
+        channels = shape[0] if self.op_type == "Conv" else shape[1 if transposed else 0]
+        if self.granularity != "block":
+            return channels
+        inputs = shape[0 if transposed else 1]
+        return channels * -(-inputs // self.block_size)
+
+    def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
+        """Quantized layers cost their container and scales (a ``bytes`` cost's ``quantized``)."""
+        if not self.changed:
+            return cost.dense(layers)
+        return cost.quantized(layers, QUANT_CONTAINERS[self.container], self.scale_count(layers[0].transposed))
+
     def check(self, layer: QuantLayer, plan: "Plan") -> None:
         where = f"plan node {self.node!r}"
         if self.activations not in QUANT_ACTIVATIONS:

@@ -28,26 +28,27 @@ ONNXRUNTIME_W8A8_BITS = 7
 
 @dataclass(frozen=True)
 class QuantOptions:
-    """``bits``: weight bits of every quantized layer; ``activations``: ``int8`` quantizes their inputs too
+    """``bits``: weight bits of every quantized layer (uniform plans; None: the loss-aware planner chooses per
+    layer); ``activations``: ``int8`` quantizes their inputs too
     (W8A8, with 8-bit weights); ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
     ``calibration_method``: onnxruntime's calibrator for activation ranges; ``block_size``: Gemm/MatMul
     weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel."""
 
-    bits: int = 8
+    bits: int | None = None
     activations: str = "none"
     runtime: str = "onnxruntime"
     calibration_method: str = "minmax"
     block_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, int) or self.bits not in QUANT_BITS:
+        if self.bits is not None and (not isinstance(self.bits, int) or self.bits not in QUANT_BITS):
             raise OnnxlrfError(f"--bits must be one of {', '.join(map(str, QUANT_BITS))}, got {self.bits!r}")
         for flag, value, known in (("--activations", self.activations, ACTIVATION_CHOICES),
                                    ("--runtime", self.runtime, RUNTIMES),
                                    ("--calibration-method", self.calibration_method, CALIBRATION_METHODS)):
             if value not in known:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
-        if self.activations == "int8" and self.bits != 8:
+        if self.activations == "int8" and self.bits not in (None, 8):
             raise OnnxlrfError(f"--activations int8 goes with --bits 8 (W8A8), not --bits {self.bits}")
         if self.block_size is not None:
             if self.bits > INT4_BITS or self.activations != "none":
@@ -63,6 +64,8 @@ def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
 
     With int8 activations the plan still needs its activation ranges (:func:`calibration.calibrate_plan`).
     """
+    if options.bits is None:
+        raise OnnxlrfError("mode uniform needs --bits")
     layers = find_quantizable(model)[0]
     weight_bits = ONNXRUNTIME_W8A8_BITS if options.runtime == "onnxruntime" and options.activations == "int8" \
         else options.bits

@@ -1,23 +1,21 @@
-"""Quantization as a :class:`~onnxlrf.techniques.base.Technique` (the parts built so far: eligibility,
-the rewrite, the quantized weights, and how the report shows an entry).
-
-The parts the joint planner and the back-off need (``analyse``, ``candidates``, ``entries``,
-``unplanned_entry``, ``plan_options``, ``signature``, ``improve``) come with the loss-aware planner; until
-then plans come from :func:`~onnxlrf.techniques.quant.planners.plan_uniform_quant`.
-"""
+"""Quantization as a :class:`~onnxlrf.techniques.base.Technique`: the joint planner and the back-off take
+it as they take low-rank (weight-only options per layer, :mod:`~onnxlrf.techniques.quant.candidates`), and
+the rewrite is the QDQ pass in the form the plan names."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable
 
 import onnx
 from onnx import numpy_helper
 
-from ...graph.layers import constant_producers
+from ...graph.layers import Layer, constant_producers
 from ...graph.quantizable import find_quantizable
+from ...measure.analysis import AnalysisOptions, joint_analysis
 from ...planning.plan import Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike
-from ..base import EntryView, KeepPlot, RewriteReport
+from ..base import Candidates, EntryView, KeepPlot, RewriteReport
+from .candidates import PLANNED_BITS, float_entry, quant_candidates, quant_entries
 from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
 from .rewrite import QDQRewrite
 
@@ -31,6 +29,35 @@ class Quant:
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_quantizable(model)[1]}
+
+    def analyse(self, model: onnx.ModelProto, calib: Any, options: AnalysisOptions,
+                progress: ProgressLike = None) -> Any:
+        """The joint analysis low-rank uses (gradients, K-FAC factors, measured ranges): the same statistics
+        predict a quantization error."""
+        return joint_analysis(model, calib, options, progress)
+
+    def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
+                   **options: Any) -> list[Candidates]:
+        """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
+        return quant_candidates(model, analysis, kappa, cost)
+
+    def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
+                cost: Any) -> tuple[list[QuantEntry], dict]:
+        return quant_entries(group, option), {}
+
+    def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> QuantEntry:
+        return float_entry(layer)
+
+    def plan_options(self, analysis: Any, **options: Any) -> dict:
+        return {"technique": self.name, "runtime": "onnxruntime", "bits_offered": list(PLANNED_BITS)}
+
+    def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
+        """The bits of every quantized layer (the grid is fixed, so equal bits make the same model)."""
+        return tuple((entry.node, entry.bits) for entry in plan.layers if entry.changed)
+
+    def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
+        """Nothing to improve without fine-tuning yet (the CET rounding, METHOD.md 9, is not built)."""
+        return None
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
