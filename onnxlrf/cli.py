@@ -229,7 +229,8 @@ _split_options = _OptionGroup(
     click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Fixes the splits."),
 )
 _analysis_options = _OptionGroup(
-    "onnxlrf.measure.analysis.AnalysisOptions", {"labels": "labels", "spatial": "spatial", "analysis_cache": "cache"},
+    "onnxlrf.measure.analysis.AnalysisOptions",
+    {"labels": "labels", "spatial": "spatial", "analysis_cache": "cache", "first_order": "first_order"},
     click.option("--labels", type=click.Choice(["labels", "predictions", "outputs"]),
                  help="Calibration targets: the data's labels, or the original model's predictions (label-free: "
                       "its classes; for sentence encoders its similarities, the better choice in lossless mode), "
@@ -238,6 +239,9 @@ _analysis_options = _OptionGroup(
     click.option("--spatial/--no-spatial", default=None,
                  help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
                       "planner chooses channel or spatial per layer. Default: on for --target flops and latency."),
+    click.option("--first-order/--no-first-order", default=True, show_default=True,
+                 help="Joint modes: the calibration loss gradient's first-order terms enter the predicted loss "
+                      "changes (off: the curvature term alone, as label-free targets have)."),
     click.option("--analysis-cache", type=click.Path(file_okay=False),
                  help="Joint modes: keep each joint analysis in this directory and reuse it when the model, "
                       "calibration split and options are the same, so another target or mode skips the analysis."),

@@ -32,11 +32,13 @@ from onnx2torch import convert
 from onnx2torch.node_converters import registry
 
 from onnx_conformance import main
-from onnxlrf.measure.torch_graph import UnsupportedError
+from onnxlrf.measure.torch_graph import SubByteTensor, UnsupportedError
 
 
 def evaluate_onnx2torch(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> list:
     """The graph's outputs, in order, from onnx2torch's module converted from ``model``."""
+    if any(isinstance(value, SubByteTensor) for value in feeds.values()):
+        raise UnsupportedError("onnx2torch runs torch tensors: no 4-bit or 2-bit inputs")
     try:
         module = convert(model)
         initializers = {init.name for init in model.graph.initializer}

@@ -7,7 +7,8 @@ The cases are those the installed ``onnx`` package generates offline
 to the evaluator and every output is compared with the expected one: same
 dtype, same shape, values within rtol 1e-3 and atol 1e-4 (or the case's own
 tolerance where it is looser; for bfloat16 and float8 outputs, two steps of
-their precision), NaN where NaN is expected. A case is
+their precision), NaN where NaN is expected; 4-bit and 2-bit outputs exactly, by their
+values. A case is
 *unsupported* when the evaluator refuses it (an op, dtype or attribute it
 does not cover, or an input that is no tensor: sequences, optionals, strings),
 *failed* when it runs and disagrees or raises anything else.
@@ -34,20 +35,15 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from onnxlrf.measure.torch_graph import TorchGraph, UnsupportedError
+from onnxlrf.measure.torch_graph import SubByteTensor, TorchGraph, UnsupportedError, value_from_numpy, value_to_numpy
 
 RTOL, ATOL = 1e-3, 1e-4
 STATUSES = ("passed", "unsupported", "failed")
 
-# numpy dtypes (ml_dtypes') that torch has under the same name, stored bit for bit.
-_BIT_VIEWS = {"bfloat16": (np.uint16, torch.bfloat16), "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
-              "float8_e4m3fnuz": (np.uint8, torch.float8_e4m3fnuz), "float8_e5m2": (np.uint8, torch.float8_e5m2),
-              "float8_e5m2fnuz": (np.uint8, torch.float8_e5m2fnuz),
-              "float8_e8m0fnu": (np.uint8, torch.float8_e8m0fnu)}
 
-
-# An evaluator under test: a case's model and its feeds (by input name) -> the graph's outputs, in order.
-# It raises UnsupportedError for what it does not cover; anything else it raises is a failure.
+# An evaluator under test: a case's model and its feeds (by input name; a 4-bit or 2-bit one as a SubByteTensor)
+# -> the graph's outputs, in order. It raises UnsupportedError for what it does not cover; anything else it
+# raises is a failure.
 Evaluate = Callable[[onnx.ModelProto, dict[str, torch.Tensor]], list]
 
 
@@ -95,25 +91,28 @@ def _array(value) -> np.ndarray:
     return np.asarray(value)
 
 
-def _to_torch(value) -> torch.Tensor:
-    array = _array(value)
-    name = str(array.dtype)
-    if name in _BIT_VIEWS:
-        bits, dtype = _BIT_VIEWS[name]
-        return torch.from_numpy(np.array(array, copy=True).view(bits)).view(dtype)
-    if array.dtype.kind not in "biufc":
-        raise _NotTensor(f"dtype {name}")
-    return torch.from_numpy(np.array(array, copy=True))  # a writable copy: torch warns on read-only arrays
+def _to_torch(value) -> torch.Tensor | SubByteTensor:
+    try:
+        return value_from_numpy(np.array(_array(value), copy=True))  # a writable copy: torch warns on read-only arrays
+    except UnsupportedError as error:
+        raise _NotTensor(str(error)) from error
 
 
 def _compare(got, expected, rtol: float, atol: float) -> str:
     """Why ``got`` differs from ``expected``; empty when it matches."""
     expected = _array(expected)
-    if not torch.is_tensor(got):
+    if isinstance(got, SubByteTensor):
+        got_dtype = value_to_numpy(got).dtype
+        if got_dtype != expected.dtype:
+            return f"dtype {got_dtype}, expected {expected.dtype}"
+        # Compared in the wider dtype the values are held in: numpy computes little in ml_dtypes' 4-bit types.
+        got, expected = got.values, expected.astype(got.values.numpy().dtype)
+    elif not torch.is_tensor(got):
         return f"got {type(got).__name__}, expected a tensor"
-    got_dtype, want_dtype = str(got.dtype).removeprefix("torch."), str(expected.dtype)
-    if got_dtype != want_dtype:
-        return f"dtype {got_dtype}, expected {want_dtype}"
+    else:
+        got_dtype, want_dtype = str(got.dtype).removeprefix("torch."), str(expected.dtype)
+        if got_dtype != want_dtype:
+            return f"dtype {got_dtype}, expected {want_dtype}"
     if tuple(got.shape) != expected.shape:
         return f"shape {tuple(got.shape)}, expected {expected.shape}"
     got = got.detach()

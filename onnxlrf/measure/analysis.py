@@ -36,7 +36,9 @@ class AnalysisOptions:
     distance to them); None: ``labels``, or ``outputs`` for data without labels (:func:`default_labels`);
     ``range_samples``: calibration samples of the range checks; ``micro_batch``:
     samples per gradient; ``spatial``: k x k convs analyzed in spatial decomposition too (None:
-    for flops and latency targets); ``cache``: a directory of cached analyses (see :func:`joint_analysis`).
+    for flops and latency targets); ``cache``: a directory of cached analyses (see :func:`joint_analysis`);
+    ``first_order``: the loss gradient's first-order terms enter the predictions (False: the curvature
+    term alone, as for label-free targets, whose gradient is zero).
     """
 
     labels: str | None = None
@@ -44,6 +46,7 @@ class AnalysisOptions:
     micro_batch: int = 50
     spatial: bool | None = None
     cache: str | os.PathLike | None = None
+    first_order: bool = True
 
 
 LABEL_CHOICES = ("labels", "predictions", "outputs")
@@ -86,7 +89,7 @@ def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> C
 
 
 def analysis_key(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
-                 spatial: bool) -> str:
+                 spatial: bool, first_order: bool = True) -> str:
     """A hash of everything the joint analysis depends on: the model's graph and weights, the
     calibration samples and labels, the options, and the versions of the analysis and of torch."""
     import torch
@@ -104,7 +107,7 @@ def analysis_key(reference: onnx.ModelProto, calib: Any, labels: str, range_samp
         digest.update(f"{name} {array.dtype} {array.shape}".encode())
         digest.update(array.tobytes())
     digest.update(repr((calib.task, calib.token_mask, labels, range_samples, micro_batch, bool(spatial),
-                        ANALYSIS_VERSION, __version__, torch.__version__)).encode())
+                        bool(first_order), ANALYSIS_VERSION, __version__, torch.__version__)).encode())
     return digest.hexdigest()
 
 
@@ -136,15 +139,15 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
     progress = as_progress(progress)
     labels = options.labels or default_labels(calib)
     range_samples, micro_batch = options.range_samples, options.micro_batch
-    spatial, cache = bool(options.spatial), options.cache
+    spatial, cache, first_order = bool(options.spatial), options.cache, options.first_order
     if labels not in LABEL_CHOICES:
         raise OnnxlrfError(f"--labels must be one of {', '.join(LABEL_CHOICES)}, got {labels!r}")
     if calib.task == OUTPUTS and labels != "outputs":
         raise OnnxlrfError(f"--labels {labels} needs labelled data; data without labels has the loss "
                            f"--labels outputs (the distance to the original's outputs)")
     if cache is None:
-        return _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial)
-    key = analysis_key(reference, calib, labels, range_samples, micro_batch, spatial)
+        return _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial, first_order)
+    key = analysis_key(reference, calib, labels, range_samples, micro_batch, spatial, first_order)
     path = analysis_cache_dir(cache) / f"{key[:32]}.npz"
     if path.is_file():
         try:
@@ -156,7 +159,7 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
                 progress.log(f"analysis: read from the cache, {path} (the same model, calibration split "
                              f"and options)")
                 return sensitivity
-    sensitivity = _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial)
+    sensitivity = _analyze(reference, calib, labels, range_samples, micro_batch, progress, spatial, first_order)
     try:
         with atomic_path(path, ".npz") as tmp:
             sensitivity.save(tmp, key)
@@ -168,7 +171,7 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
 
 
 def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
-             progress: Progress, spatial: bool) -> Any:
+             progress: Progress, spatial: bool, first_order: bool = True) -> Any:
     """:func:`joint_analysis` without the cache."""
     from .sensitivity import (
         CURVATURES,
@@ -207,7 +210,8 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=loss_name, progress=progress,
-                          curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial)
+                          curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial,
+                          first_order=first_order)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
                    calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range],

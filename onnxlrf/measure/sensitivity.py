@@ -130,7 +130,8 @@ class LayerSensitivity:
 
     def perturbation_dloss(self, delta: np.ndarray, kappa: float = 1.0) -> float:
         """Predicted loss change of adding ``delta`` ((g, m, n) channel matrices) to the weight (METHOD.md
-        section 8): ``<G, delta>`` (shrunk by the replication of the first-order terms, as for truncations)
+        section 8): ``<G, delta>`` (shrunk by the replication of the first-order terms, as for truncations;
+        0 in an analysis without first-order terms)
         plus ``kappa`` times the fitted curvature scale times ``tr(B delta A delta^T) / 2``."""
         if self.gradient is None or self.output_factor is None or self.input_moment is None:
             raise OnnxlrfError(f"the analysis of node {self.layer.node!r} keeps no gradient and Kronecker factors "
@@ -473,6 +474,7 @@ def analyze(
     curvature_fn: LossFn | None = None,
     token_mask: str | None = None,
     spatial: bool = False,
+    first_order: bool = True,
 ) -> Sensitivity:
     """Collect gradients and Kronecker factors over ``batches()`` and build each layer's joint basis.
 
@@ -499,6 +501,11 @@ def analyze(
     ``token_mask``: the feed marking real tokens (:attr:`Dataset.token_mask`); the input
     statistics ``A`` then count real tokens only. Padding tokens cannot reach the output,
     so their gradients are zero and, in ``A``, they only dilute the real tokens' statistics.
+
+    ``first_order``: False sets the first-order terms to 0, so the predictions, the drop order and
+    the range checks' curvature fit rest on the curvature term alone. A trained model's gradient on
+    a thousand calibration samples is mostly that split's noise, and the range checks measure on the
+    same split, where a truncation along its gradient looks free.
 
     ``batches`` may have a ``len()`` (number of micro-batches) for the progress bar.
     """
@@ -580,7 +587,8 @@ def analyze(
             input_factor = moment - mean[:, :, None] * mean[:, None, :]
         x, s, y = _joint_basis(w, output_factor, input_factor)
         first, replication = _first_order(x, s, y, gmat, [weight_matrices(g, layer, "channel") for g in halves]
-                                          if 0 < half_samples < samples and not bias_correction else None)
+                                          if 0 < half_samples < samples and not bias_correction else None,
+                                          first_order)
         result[layer.node] = LayerSensitivity(
             layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first, replication=replication,
             weight_norm=weight_norm, input_moment=moment.numpy(),
@@ -595,7 +603,7 @@ def analyze(
             gmat = torch.from_numpy(weight_matrices(grad, layer, "spatial"))
             x, s, y = _joint_basis(w, *_spatial_factors(input_factor, output_factor, layer))
             first, replication = _first_order(x, s, y, gmat, [weight_matrices(g, layer, "spatial") for g in halves]
-                                              if 0 < half_samples < samples else None)
+                                              if 0 < half_samples < samples else None, first_order)
             spatial_result[layer.node] = LayerSensitivity(
                 layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first, replication=replication,
                 weight_norm=weight_norm, decomposition="spatial")
@@ -621,10 +629,12 @@ def first_order_replication(halves: list[np.ndarray]) -> float:
 
 
 def _first_order(x: torch.Tensor, s: torch.Tensor, y: torch.Tensor, gmat: torch.Tensor,
-                 halves: list[np.ndarray] | None) -> tuple[np.ndarray, float]:
+                 halves: list[np.ndarray] | None, used: bool = True) -> tuple[np.ndarray, float]:
     """The first-order terms ``a_i = -s_i x_i^T G y_i`` of the basis ``x, s, y``, shrunk by their
     :func:`first_order_replication` between the gradients of two halves of the split (``halves``;
-    None: not shrunk), and that factor."""
+    None: not shrunk), and that factor; zeros and factor 0 where not ``used``."""
+    if not used:
+        return np.zeros(tuple(s.shape)), 0.0
     def terms(g: torch.Tensor) -> np.ndarray:
         return (-s * torch.einsum("gmk,gmn,gnk->gk", x, g, y)).numpy()
 

@@ -6,11 +6,13 @@ gives them exactly, for a model exported by either exporter (BatchNorm folded
 or not, initializers renamed or not) and for an ONNX file that comes with no
 torch model. The ops follow the ONNX specification per opset, measured by
 ONNX's own node conformance cases (``scripts/onnx_conformance.py``; the op
-types declared in ``tests/test_onnx_conformance.py`` pass them). Control flow
-(If, Loop, Scan), sequences, optionals, strings and sub-byte dtypes are not
-covered in torch. A node torch lacks that no gradient from the analysed weights
-passes through (shapes, position ids, masks, index arithmetic) runs in onnx's
-reference evaluator, without gradient; one on the weights' path raises
+types declared in ``tests/measure/test_onnx_conformance.py`` pass them). Control
+flow (If, Loop, Scan), sequences, optionals and strings are not covered in torch.
+The 4-bit and 2-bit types torch lacks are emulated (:class:`SubByteTensor`) in the
+ops that make and read them: Cast, CastLike, QuantizeLinear, DequantizeLinear.
+A node torch lacks that no gradient from the analysed weights passes through
+(shapes, position ids, masks, index arithmetic) runs in onnx's reference
+evaluator, without gradient; one on the weights' path raises
 :class:`UnsupportedError` naming it.
 """
 
@@ -19,9 +21,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import itertools
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import onnx
@@ -63,6 +67,80 @@ _DTYPES = {
     onnx.TensorProto.FLOAT8E5M2FNUZ: torch.float8_e5m2fnuz,
     onnx.TensorProto.FLOAT8E8M0: torch.float8_e8m0fnu,
 }
+
+
+# ONNX types torch has whose numpy arrays have ml_dtypes' dtypes: the two are views of the same bits.
+_ML_DTYPES = {_DTYPES[onnx_type]: np.dtype(onnx.helper.tensor_dtype_to_np_dtype(onnx_type)) for onnx_type in (
+    onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E4M3FNUZ,
+    onnx.TensorProto.FLOAT8E5M2, onnx.TensorProto.FLOAT8E5M2FNUZ, onnx.TensorProto.FLOAT8E8M0)}
+_TORCH_OF_ML_DTYPES = {numpy_dtype: dtype for dtype, numpy_dtype in _ML_DTYPES.items()}
+# The unsigned integer dtypes of each item size those bits pass through.
+_BITS = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.uint16)}
+
+
+class _SubByteType(NamedTuple):
+    holder: torch.dtype  # the torch dtype the values are held in, unpacked
+    lowest: float
+    highest: float
+
+
+# The 4-bit and 2-bit ONNX types torch has no dtype for.
+_SUB_BYTE_TYPES = {
+    onnx.TensorProto.INT4: _SubByteType(torch.int8, -8, 7),
+    onnx.TensorProto.UINT4: _SubByteType(torch.uint8, 0, 15),
+    onnx.TensorProto.INT2: _SubByteType(torch.int8, -2, 1),
+    onnx.TensorProto.UINT2: _SubByteType(torch.uint8, 0, 3),
+    onnx.TensorProto.FLOAT4E2M1: _SubByteType(torch.float32, -6.0, 6.0),
+}
+_SUB_BYTE_NUMPY_TYPES = {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)): t for t in _SUB_BYTE_TYPES}
+
+
+@dataclass(frozen=True, eq=False)  # no field-wise ==: tensors compare element by element
+class SubByteTensor:
+    """A value of a 4-bit or 2-bit ONNX type (INT4, UINT4, INT2, UINT2, FLOAT4E2M1), which torch lacks.
+
+    ``values`` holds its elements unpacked in a wider torch dtype (int8, uint8, or float32 on
+    the E2M1 grid), each one a value of ``elem_type``. Only the ops that make or read such
+    values take them: casts, quantization and dequantization.
+    """
+
+    elem_type: int
+    values: torch.Tensor
+
+
+def value_from_numpy(array: np.ndarray) -> torch.Tensor | SubByteTensor:
+    """``array`` as the evaluator holds it: a tensor sharing its memory (bfloat16 and float8 arrays viewed
+    bit for bit), or a :class:`SubByteTensor` for a 4-bit or 2-bit dtype.
+
+    Raises :class:`UnsupportedError` for a dtype torch has no tensor for (strings, objects).
+    """
+    if array.dtype in _TORCH_OF_ML_DTYPES:
+        numpy_bits, torch_bits = _BITS[array.dtype.itemsize]
+        return torch.from_numpy(array.view(numpy_bits)).view(torch_bits).view(_TORCH_OF_ML_DTYPES[array.dtype])
+    if array.dtype in _SUB_BYTE_NUMPY_TYPES:
+        elem_type = _SUB_BYTE_NUMPY_TYPES[array.dtype]
+        # float32 holds every 4-bit and 2-bit value exactly, on the way to the holding dtype.
+        values = torch.from_numpy(array.astype(np.float32)).to(_SUB_BYTE_TYPES[elem_type].holder)
+        return SubByteTensor(elem_type, values)
+    if array.dtype.kind not in "biufc":
+        raise _unsupported(f"dtype {array.dtype}")
+    return torch.from_numpy(array)
+
+
+def value_to_numpy(value: torch.Tensor | SubByteTensor) -> np.ndarray:
+    """A value of the evaluator as an array of its ONNX type's numpy dtype (ml_dtypes' where numpy has none)."""
+    if isinstance(value, SubByteTensor):
+        return value.values.numpy().astype(onnx.helper.tensor_dtype_to_np_dtype(value.elem_type))
+    value = value.detach()
+    if value.dtype in _ML_DTYPES:
+        numpy_bits, torch_bits = _BITS[value.element_size()]
+        return value.view(torch_bits).numpy().view(_ML_DTYPES[value.dtype])
+    return value.numpy()
+
+
+def _as_tensor(value):
+    """``value``, or for a :class:`SubByteTensor` the tensor holding its values (exactly, in a wider dtype)."""
+    return value.values if isinstance(value, SubByteTensor) else value
 
 
 def node_attributes(node: onnx.NodeProto) -> dict:
@@ -218,7 +296,7 @@ def _split(x, split=None, a=None, n_out=1):
 
 def _constant(a=None):
     if "value" in a:
-        return torch.from_numpy(numpy_helper.to_array(a["value"]).copy())
+        return value_from_numpy(numpy_helper.to_array(a["value"]).copy())
     for key in ("value_float", "value_int"):
         if key in a:
             return torch.tensor(a[key])
@@ -958,7 +1036,7 @@ _FLOAT8_OVERFLOW = {torch.float8_e4m3fn: 464.0, torch.float8_e4m3fnuz: 248.0, to
                     torch.float8_e5m2fnuz: 61440.0}
 
 
-def _cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torch.Tensor:
+def _cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True, round_mode: str = "up") -> torch.Tensor:
     if dtype in _FLOAT8_OVERFLOW and x.is_floating_point():
         largest = torch.finfo(dtype).max
         if saturate:
@@ -966,16 +1044,73 @@ def _cast_to(x: torch.Tensor, dtype: torch.dtype, saturate: bool = True) -> torc
         elif dtype != torch.float8_e5m2:
             x = torch.where(x.abs() >= _FLOAT8_OVERFLOW[dtype], torch.full_like(x, math.nan), x)
     if dtype == torch.float8_e8m0fnu:
-        raise _unsupported("Cast to FLOAT8E8M0")
+        return _cast_to_e8m0(x, saturate, round_mode)
     return x.to(dtype)
 
 
+def _cast_to_e8m0(x: torch.Tensor, saturate: bool, round_mode: str) -> torch.Tensor:
+    """FLOAT8E8M0 (a power of two: float32's exponent field) rounded from the float32 bits as onnx's
+    reference does (``onnx.numpy_helper.to_float8e8m0``); with ``saturate``, infinities give the largest
+    value, as the spec's table says (the reference gives NaN). The sign is dropped (negatives: unspecified)."""
+    bits = x.to(torch.float32).view(torch.int32)
+    exponent = (bits >> 23) & 0xFF
+    special = exponent == 0xFF  # infinities and NaN
+    if round_mode == "up":  # any fraction rounds away from zero
+        up = (bits & 0x7FFFFF) != 0
+    elif round_mode == "nearest":  # from half a step up; at zero's exponent only past half
+        up = ((bits & 0x400000) != 0) & (((bits & 0x3FFFFF) != 0) | (exponent > 0))
+    elif round_mode == "down":
+        up = torch.zeros_like(special)
+    else:
+        raise OnnxlrfError(f"Cast round_mode {round_mode!r} is none of up, down, nearest")
+    up = up & ~special
+    if saturate:
+        up = up & (exponent != 0xFE)  # the largest value stays: rounding past it would give NaN
+        nan_or_largest = torch.where(torch.isnan(x), 0xFF, 0xFE)
+        exponent = torch.where(special, nan_or_largest, exponent + up.to(exponent.dtype))
+    else:
+        exponent = torch.where(special, 0xFF, exponent + up.to(exponent.dtype))
+    return exponent.to(torch.uint8).view(torch.float8_e8m0fnu)
+
+
+def _round_to_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """The nearest FLOAT4E2M1 values (ties to even) in float32, saturating at +-6, as ONNX's float4 cast
+    table says. NaN gives 6 there (onnx's reference, through ml_dtypes, gives -0 instead)."""
+    x = x.to(torch.float64)
+    magnitude = x.abs().clamp(max=6.0)
+    # The grid's step is 0.5 below 2, 1 up to 4 and 2 up to 6, each range starting on an even mantissa:
+    # rounding half to even in steps is rounding to the even mantissa.
+    step = torch.where(magnitude < 2, 0.5, torch.where(magnitude < 4, 1.0, 2.0))
+    rounded = torch.copysign(torch.round(magnitude / step) * step, x)
+    return torch.where(torch.isnan(x), 6.0, rounded).to(torch.float32)
+
+
+def _cast_to_sub_byte(x: torch.Tensor, elem_type: int) -> SubByteTensor:
+    kind = _SUB_BYTE_TYPES[elem_type]
+    if elem_type == onnx.TensorProto.FLOAT4E2M1:
+        return SubByteTensor(elem_type, _round_to_e2m1(x))
+    if x.is_floating_point():
+        # Truncated toward zero as any cast to an integer type. Out of range the spec leaves the result
+        # undefined: 0 there, as onnx's reference (ml_dtypes) gives.
+        whole = torch.trunc(x)
+        values = torch.where((whole >= kind.lowest) & (whole <= kind.highest), whole, torch.zeros_like(whole))
+    else:
+        # Integers keep their low bits, read as two's complement, as the spec says for fixed-point types.
+        span = int(kind.highest - kind.lowest) + 1
+        values = (x.to(torch.int64) - int(kind.lowest)) % span + int(kind.lowest)
+    return SubByteTensor(elem_type, values.to(kind.holder))
+
+
 def _cast(x, a=None):
-    return _cast_to(x, _dtype(a["to"]), bool(a.get("saturate", 1)))
+    if a["to"] in _SUB_BYTE_TYPES:
+        return _cast_to_sub_byte(_as_tensor(x), a["to"])
+    return _cast_to(_as_tensor(x), _dtype(a["to"]), bool(a.get("saturate", 1)), _str(a, "round_mode", "up"))
 
 
 def _cast_like(x, like, a=None):
-    return _cast_to(x, like.dtype, bool(a.get("saturate", 1)))
+    if isinstance(like, SubByteTensor):
+        return _cast_to_sub_byte(_as_tensor(x), like.elem_type)
+    return _cast_to(_as_tensor(x), like.dtype, bool(a.get("saturate", 1)))
 
 
 def _per_axis(param: torch.Tensor, x: torch.Tensor, a: dict) -> torch.Tensor:
@@ -990,20 +1125,28 @@ def _per_axis(param: torch.Tensor, x: torch.Tensor, a: dict) -> torch.Tensor:
 
 
 def _quantize(x, scale, zero_point=None, a=None):
+    # The output type: the zero point's, else the output_dtype attribute's (a torch dtype, or a sub-byte ONNX type).
     if zero_point is not None:
-        dtype = zero_point.dtype
+        to = zero_point.elem_type if isinstance(zero_point, SubByteTensor) else zero_point.dtype
     else:
-        dtype = _dtype(a["output_dtype"]) if a.get("output_dtype", 0) else torch.uint8
+        output_dtype = a.get("output_dtype", 0)
+        to = output_dtype if output_dtype in _SUB_BYTE_TYPES else _dtype(output_dtype) if output_dtype else torch.uint8
     scale = _per_axis(scale, x, a)
     scaled = x.to(torch.float32) / scale.to(torch.float32)
-    if dtype in _FLOAT8_OVERFLOW:
-        return _cast_to(scaled, dtype, bool(a.get("saturate", 1)))
-    shift = _per_axis(zero_point, x, a).to(torch.float32) if zero_point is not None else 0.0
-    info = torch.iinfo(dtype)
-    return (torch.round(scaled) + shift).clamp(info.min, info.max).to(dtype)
+    if to in _FLOAT8_OVERFLOW:
+        return _cast_to(scaled, to, bool(a.get("saturate", 1)))
+    shift = _per_axis(_as_tensor(zero_point), x, a).to(torch.float32) if zero_point is not None else 0.0
+    if to == onnx.TensorProto.FLOAT4E2M1:
+        return SubByteTensor(to, _round_to_e2m1(scaled + shift))
+    if to in _SUB_BYTE_TYPES:
+        kind = _SUB_BYTE_TYPES[to]
+        return SubByteTensor(to, (torch.round(scaled) + shift).clamp(kind.lowest, kind.highest).to(kind.holder))
+    info = torch.iinfo(to)
+    return (torch.round(scaled) + shift).clamp(info.min, info.max).to(to)
 
 
 def _dequantize(x, scale, zero_point=None, a=None):
+    x, zero_point = _as_tensor(x), _as_tensor(zero_point)
     dtype = _dtype(a["output_dtype"]) if a.get("output_dtype", 0) else scale.dtype
     shift = _per_axis(zero_point, x, a).to(torch.float32) if zero_point is not None else 0.0
     return ((x.to(torch.float32) - shift) * _per_axis(scale, x, a).to(torch.float32)).to(dtype)
@@ -1287,14 +1430,23 @@ def _non_max_suppression(boxes, scores, max_boxes=None, iou_threshold=None, scor
 
 
 def _col2im(x, image_shape, block_shape, a=None):
-    spatial = len(_ints(block_shape))
-    if spatial != 2:
-        raise _unsupported(f"Col2Im over {spatial} dimensions")
-    pads = a.get("pads", [0] * 4)
-    if pads[:2] != pads[2:]:
-        raise _unsupported("Col2Im with asymmetric pads")
-    return F.fold(x, _ints(image_shape), _ints(block_shape), dilation=a.get("dilations", [1, 1]), padding=pads[:2],
-                  stride=a.get("strides", [1, 1]))
+    """Col2Im over any number of spatial dimensions (torch's fold takes 2-D images, symmetric pads only):
+    each kernel position's column adds into a strided slice of the padded image."""
+    image, block = _ints(image_shape), _ints(block_shape)
+    spatial = len(block)
+    dilations, strides = a.get("dilations", [1] * spatial), a.get("strides", [1] * spatial)
+    pads = a.get("pads", [0] * 2 * spatial)
+    padded = [image[i] + pads[i] + pads[i + spatial] for i in range(spatial)]
+    counts = [(padded[i] - dilations[i] * (block[i] - 1) - 1) // strides[i] + 1 for i in range(spatial)]
+    columns = x.reshape([x.shape[0], -1, *block, *counts])
+    y = x.new_zeros([x.shape[0], columns.shape[1], *padded])
+    everything = (slice(None), slice(None))
+    for position in itertools.product(*(range(size) for size in block)):
+        window = tuple(slice(p * d, p * d + (n - 1) * s + 1, s)
+                       for p, d, n, s in zip(position, dilations, counts, strides))
+        y[everything + window] += columns[everything + position]
+    return y[everything + tuple(slice(pads[i], pads[i] + image[i]) for i in range(spatial))]
+
 
 _RNN_ACTIVATIONS: dict[str, Callable] = {
     "Relu": lambda x, alpha, beta: torch.relu(x), "Tanh": lambda x, alpha, beta: torch.tanh(x),
@@ -1603,7 +1755,7 @@ class _ReferenceNode:
         self.reads, self.outputs = reads, list(node.output)
 
     def __call__(self, *args, a: dict | None = None, n_out: int = 1) -> list:
-        feeds = {name: value.numpy() if torch.is_tensor(value) else value
+        feeds = {name: value_to_numpy(value) if isinstance(value, (torch.Tensor, SubByteTensor)) else value
                  for name, value in zip(self.reads, args) if name}
         results = iter(self.evaluator.run(None, feeds))
         # Aligned with the node's outputs, an omitted optional output as None.
@@ -1613,7 +1765,7 @@ class _ReferenceNode:
 def _from_reference(value):
     """A reference evaluator's array as a tensor; sequences and other values as they are."""
     if isinstance(value, (np.ndarray, np.generic)):
-        return torch.from_numpy(np.array(value))
+        return value_from_numpy(np.array(value))
     return value
 
 
@@ -1621,6 +1773,13 @@ def _blocking_message(node: onnx.NodeProto) -> str:
     op = _op_label(node)
     return (f"{_node_label(node)} ({op}) lies on the path from the analysed weights to the loss, and the torch "
             f"analysis has no {op}: use --mode uniform or energy (no gradients), or export the model without {op}")
+
+
+def _fed_value(value: torch.Tensor | SubByteTensor | np.ndarray) -> torch.Tensor | SubByteTensor:
+    """A graph input as the evaluator holds it (see :func:`value_from_numpy`)."""
+    if isinstance(value, SubByteTensor):
+        return value
+    return channels_last(value_from_numpy(value) if isinstance(value, np.ndarray) else torch.as_tensor(value))
 
 
 def channels_last(value: torch.Tensor) -> torch.Tensor:
@@ -1716,7 +1875,7 @@ class TorchGraph:
         self.constants: dict[str, torch.Tensor] = {}
         self.parameters: dict[str, torch.Tensor] = {}
         for init in model.graph.initializer:
-            value = torch.from_numpy(numpy_helper.to_array(init).copy())
+            value = value_from_numpy(numpy_helper.to_array(init).copy())
             if init.name in conv_weights:
                 value = channels_last(value)
             if init.name in weights:
@@ -1796,7 +1955,7 @@ class TorchGraph:
         for name in self.input_names:
             if name not in feeds:
                 raise OnnxlrfError(f"missing input {name!r}")
-            env[name] = channels_last(torch.as_tensor(feeds[name]))
+            env[name] = _fed_value(feeds[name])
         return env
 
     def _live_at(self, start: int) -> set[str]:

@@ -54,11 +54,13 @@ CLASSES = 4
 
 
 def run_joint(model, data, mode, target_reduction=None, target="params", calib=1000, val=1000, seed=0, labels="labels",
-              spatial=None, analysis_cache=None, rounds=1, refit=True, provider="auto", progress=None):
+              spatial=None, analysis_cache=None, rounds=1, refit=True, provider="auto", progress=None,
+              first_order=True):
     """:func:`compress_joint` with its option objects filled from the CLI's flag names."""
     return compress_joint(model, data, PlanOptions(mode, target_reduction=target_reduction, target=target),
                           SplitOptions(calib, val, seed), AnalysisOptions(labels=labels, spatial=spatial,
-                                                                          cache=analysis_cache),
+                                                                          cache=analysis_cache,
+                                                                          first_order=first_order),
                           VerifyOptions(rounds=rounds, refit=refit), provider=provider, progress=progress)
 
 
@@ -217,6 +219,21 @@ def test_perturbation_dloss_agrees_with_the_basis_and_predicts_a_quantization_er
         quantized = matrices_to_weight(matrices + delta, ls.layer, "channel").astype(np.float32)
         measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: quantized}) - base
         assert abs(measured - ls.perturbation_dloss(delta)) <= 0.005 + 0.5 * abs(measured), ls.layer.node
+
+
+def test_without_first_order_terms_the_curvature_alone_orders_and_predicts(small_cnn):
+    model, data = small_cnn
+    calib = data.subset(np.arange(300))
+    with_first = analyze(model, _batches(calib), classification_loss, spatial=True)
+    curvature_only = analyze(model, _batches(calib), classification_loss, spatial=True, first_order=False)
+    assert any(np.abs(ls.first_order).max() > 0 for ls in with_first.all())
+    for ls, same in zip(curvature_only.all(), with_first.all()):
+        np.testing.assert_array_equal(ls.s, same.s)  # the same basis
+        assert not ls.first_order.any() and ls.replication == 0.0
+        # Cheapest first by the quadratic term alone, and a predicted change that never goes below 0.
+        quadratic = np.take_along_axis(ls.quadratic, ls.drop_order(), axis=1)
+        assert (np.diff(quadratic, axis=1) >= 0).all()
+        assert (ls.predicted_dloss() >= 0).all()
 
 
 def test_spatial_metric_equals_the_channel_metric_for_separable_input_statistics():
@@ -636,7 +653,7 @@ def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_opt
     changed_weights.CopyFrom(model)
     changed_weights.graph.initializer[0].raw_data = bytes(len(changed_weights.graph.initializer[0].raw_data))
     for call in (dict(model=model, seed=2), dict(model=model, labels="predictions"), dict(model=model, spatial=True),
-                 dict(model=changed_weights)):
+                 dict(model=model, first_order=False), dict(model=changed_weights)):
         options = {**kwargs, **call}
         with pytest.raises(AssertionError, match="analyzed again"):
             run_joint(options.pop("model"), data, "lossless", target_reduction=0.1, analysis_cache=cache,
