@@ -203,10 +203,11 @@ _plan_options = _OptionGroup(
                       "original; uniform/energy: data-free baselines."),
     click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Fraction of the model's --target (parameters by default) to remove."),
-    click.option("--target", type=click.Choice(["params", "flops", "latency"]), default="params", show_default=True,
+    click.option("--target", type=click.Choice(["params", "flops", "latency", "bytes"]), default="params",
+                 show_default=True,
                  help="What --target-reduction counts: parameters, Conv/ConvTranspose/Gemm/MatMul FLOPs at --batch, "
-                      "or latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
-                      "dense)."),
+                      "latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
+                      "dense), or bytes of the weights as stored (--technique quant plans bytes)."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
                  help="Ranks are multiples of this (default: 8 on CUDA and for --target latency or flops, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
@@ -260,6 +261,25 @@ _verify_options = _OptionGroup(
                       "mean per-sample loss change is Z standard errors below 0 (paired), which keeps plans that "
                       "are only lucky on the validation split out at a measured rate; off: the metric alone."),
 )
+_quant_options = _OptionGroup(
+    "onnxlrf.techniques.quant.planners.QuantOptions",
+    {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size")},
+    click.option("--bits", type=click.IntRange(2, 8),
+                 help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
+                      "packed int4, 5-8 as int8)."),
+    click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+                 help="--technique quant: int8 also quantizes the layers' input activations (W8A8, --bits 8; "
+                      "ranges calibrated on the calibration split of --data)."),
+    click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+                 show_default=True,
+                 help="--technique quant: the Q/DQ form: what onnxruntime's CPU provider fuses into integer kernels "
+                      "(uint8 activations, 7-bit weights for W8A8), or TensorRT's symmetric int8."),
+    click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
+                 show_default=True, help="--technique quant: onnxruntime's calibrator for activation ranges."),
+    click.option("--block-size", type=click.IntRange(min=2),
+                 help="--technique quant: Gemm/MatMul weights get one scale per block of this many inputs "
+                      "(weight-only, --bits 4 or fewer; opset 21)."),
+)
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",
     {"weights": "weights", "dynamo": "dynamo", "batch": "batch", "dynamic_batch": "dynamic_batch"},
@@ -277,6 +297,9 @@ _export_options = _OptionGroup(
 @_split_options
 @_analysis_options
 @_verify_options
+@click.option("--technique", type=click.Choice(["lowrank", "quant"]), default="lowrank", show_default=True,
+              help="lowrank: low-rank factorization; quant: quantization (--mode uniform so far).")
+@_quant_options
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @_export_options
 @click.option("--plan-out", type=click.Path(dir_okay=False), help="Also write the plan (JSON).")
@@ -286,22 +309,38 @@ _export_options = _OptionGroup(
 @click.option("--overwrite", is_flag=True, help="Replace existing output files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @_quiet_option
-def compress(model: str, output: str, data: str | None, plan_out: str | None, provider: str, report_dir: str | None,
-             overwrite: bool, as_json: bool, quiet: bool, **params: Any) -> None:
-    """Compress MODEL (a model name or an ONNX file) into a low-rank ONNX file."""
+def compress(model: str, output: str, technique: str, data: str | None, plan_out: str | None, provider: str,
+             report_dir: str | None, overwrite: bool, as_json: bool, quiet: bool, **params: Any) -> None:
+    """Compress MODEL (a model name or an ONNX file) into a low-rank or quantized ONNX file."""
     from .onnx_io import staged_outputs
     from .pipeline import compress as run_compress
+    from .pipeline import compress_quant
     from .report import check_report_dir, write_report
 
+    if technique == "quant":
+        if params["bits"] is not None and params["mode"] != "uniform":
+            raise OnnxlrfError(f"--bits is for --mode uniform; mode {params['mode']} chooses bits per layer")
+        if report_dir is not None:
+            raise OnnxlrfError("--report is not built for --technique quant yet")
+    elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none":
+        raise OnnxlrfError("--bits, --activations and --block-size apply to --technique quant")
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
-    options, splits = _plan_options.build(params), _split_options.build(params)
+    quant = _quant_options.build(params) if technique == "quant" else None
+    # A uniform quantization plan takes none of the plan options (nor their low-rank checks).
+    options = _plan_options.build(params) if quant is None or params["mode"] != "uniform" else None
+    splits = _split_options.build(params)
     analysis, verify, export = _analysis_options.build(params), _verify_options.build(params), \
         _export_options.build(params)
 
     def work() -> tuple[Any, Any]:
         # Model, plan and report go in place together, or none of them.
         with staged_outputs(overwrite) as stage:
+            if quant is not None:
+                return compress_quant(model, output, quant, options, data, splits, analysis, verify, export,
+                                      provider=provider,
+                                      plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet),
+                                      stage=stage), None
             result = run_compress(model, output, options, data, splits, analysis, verify, export, provider=provider,
                                   plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet), stage=stage)
             report = None if report_dir is None else \
@@ -312,9 +351,15 @@ def compress(model: str, output: str, data: str | None, plan_out: str | None, pr
     payload = result.to_dict()
     if html_path is not None:
         payload["report"] = str(html_path)
-    human = (f"wrote {result.output}: {result.params:,} params "
-             f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "
-             f"{len(result.rewrite.rewritten)} layers factorized, {len(result.rewrite.kept_dense)} dense")
+    if technique == "quant":
+        human = (f"wrote {result.output}: {result.extra['model_bytes']:,} bytes (reference "
+                 f"{result.extra['reference_model_bytes']:,}), {result.extra['average_weight_bits']:.2f} weight bits "
+                 f"on average; {len(result.rewrite.rewritten)} layers quantized, {len(result.rewrite.kept_dense)} "
+                 f"float")
+    else:
+        human = (f"wrote {result.output}: {result.params:,} params "
+                 f"({result.params_reduction:.1%} fewer than {result.reference_params:,}); "
+                 f"{len(result.rewrite.rewritten)} layers factorized, {len(result.rewrite.kept_dense)} dense")
     if result.validation is not None:
         human += "\n" + _fmt_validation(result.validation)
     if report_dir is not None:
@@ -330,14 +375,16 @@ def compress(model: str, output: str, data: str | None, plan_out: str | None, pr
 @click.option("--json", "as_json", is_flag=True)
 @_quiet_option
 def rewrite(model: str, plan_path: str, output: str, overwrite: bool, as_json: bool, quiet: bool) -> None:
-    """Apply a plan to MODEL (ONNX) and write the low-rank ONNX file."""
+    """Apply a plan (low-rank or quantization) to MODEL (ONNX) and write the compressed ONNX file."""
     from .pipeline import rewrite_file
 
     report = _run(as_json, lambda: rewrite_file(model, plan_path, output, overwrite=overwrite,
                                                 progress=_progress(quiet)))
+    quantized = any("bits" in done for done in report.rewritten)  # a quantization plan's layers
     _emit(as_json, dataclasses.asdict(report),
           f"wrote {output}: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} dense; "
-          f"params {report.params_before:,} -> {report.params_after:,}")
+          f"params {report.params_before:,} -> {report.params_after:,}" if not quantized else
+          f"wrote {output}: {len(report.rewritten)} layers quantized, {len(report.kept_dense)} float")
 
 
 @cli.command()

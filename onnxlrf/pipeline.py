@@ -37,10 +37,15 @@ from .planning.joint import JOINT_MODES, PlanOptions
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
 from .runtime.evaluate import model_metric, validate, with_original_outputs
-from .runtime.sessions import make_session, select_providers
+from .runtime.sessions import make_session, optimized_op_counts, select_providers
+from .techniques import TECHNIQUES
 from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
+from .techniques.quant.calibration import calibrate_plan
+from .techniques.quant.planners import QuantOptions, plan_uniform_quant
+from .techniques.quant.rewrite import QDQRewrite
+from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
 from .verify.rounds import verify_in_rounds
 from .verify.search import Attempt
@@ -80,6 +85,8 @@ class CompressResult:
     export: Any = None  # export.ExportResult when a model name was given
     extra: dict = field(default_factory=dict)
     reference: onnx.ModelProto | None = field(default=None, repr=False)  # the original, for reports
+    # The --json keys of the layers the technique changed and of those it left as they were.
+    layer_keys: tuple[str, str] = ("layers_factorized", "layers_dense")
 
     @property
     def params_reduction(self) -> float:
@@ -94,8 +101,8 @@ class CompressResult:
             "params": self.params,
             "reference_params": self.reference_params,
             "params_reduction": self.params_reduction,
-            "layers_factorized": len(self.rewrite.rewritten),
-            "layers_dense": len(self.rewrite.kept_dense),
+            self.layer_keys[0]: len(self.rewrite.rewritten),
+            self.layer_keys[1]: len(self.rewrite.kept_dense),
         }
         if self.validation is not None:
             out.update(dataclasses.asdict(self.validation))
@@ -353,6 +360,120 @@ def compress(
         )
 
 
+def compress_quant(
+    model: str,
+    output: str | os.PathLike,
+    options: QuantOptions,
+    joint: PlanOptions | None = None,
+    data: str | None = None,
+    splits: SplitOptions = SplitOptions(),
+    analysis: AnalysisOptions = AnalysisOptions(),
+    verify: VerifyOptions = VerifyOptions(),
+    export: ExportOptions = ExportOptions(),
+    provider: str = "auto",
+    plan_out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: ProgressLike = None,
+    stage: StagedOutputs | None = None,
+) -> CompressResult:
+    """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
+
+    ``joint`` None: every quantizable layer at ``options.bits`` (uniform). ``joint`` a lossless or compact
+    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``: the loss-aware plan (weight-only
+    bits per layer from the joint analysis' predicted loss changes, the knapsack over bytes, the back-off
+    and its acceptance rule on the validation split; one round, no refit). With ``data``, it is split as
+    for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
+    result is validated against the original on the held-out test split (W8A8 and the joint modes need
+    ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all Conv/Gemm/MatMul
+    weights, float32 counting 32), ``model_bytes`` and ``reference_model_bytes`` (files on disk), and the op
+    types onnxruntime's optimized graph has (``optimized_op_counts``). ``stage``: as :func:`compress`.
+    """
+    from .data import OUTPUTS
+    from .techniques.quant.technique import QUANT
+
+    progress = as_progress(progress)
+    if joint is None and options.bits is None:
+        raise OnnxlrfError("mode uniform needs --bits")
+    if joint is not None:
+        if joint.mode not in JOINT_MODES:
+            raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
+        if joint.target != "bytes":
+            raise OnnxlrfError("--technique quant plans bytes: pass --target bytes")
+        if options.activations != "none" or options.block_size is not None:
+            raise OnnxlrfError("the loss-aware quantization plans are weight-only per channel so far: leave out "
+                               "--activations and --block-size")
+        if data is None:
+            raise OnnxlrfError(f"mode {joint.mode} needs --data (calibration, validation and test splits come "
+                               f"from it)")
+    if options.activations == "int8" and data is None:
+        raise OnnxlrfError("--activations int8 needs --data: activation ranges are calibrated on its "
+                           "calibration split")
+    model = str(model)
+    inputs = ((model,) if is_onnx_path(model) else ()) + (export.weights, data.partition(":")[2] if data else None)
+    output = check_output_path(output, inputs, overwrite)
+    if plan_out is not None:
+        plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
+        if Path(plan_out).resolve() == output.resolve():
+            raise OnnxlrfError("--plan-out must differ from the output path")
+    if data is not None and ":" in data:
+        check_regular_file(data.partition(":")[2], "data file")
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
+        reference_path, exported = load_or_export(model, workdir, export, progress)
+        reference = load_onnx(reference_path)
+        check_finite_weights(reference)
+        split = None
+        if data is not None:
+            from .data import load_data
+
+            split = split_dataset(load_data(data, reference), splits.calib, splits.val, splits.seed)
+            progress.log(f"splits (seed {splits.seed}): {len(split.calib)} calibration, {len(split.val)} "
+                         f"validation{' (unused by uniform plans)' if joint is None else ''}, {len(split.test)} "
+                         f"held-out test samples")
+        if joint is None:
+            plan = plan_uniform_quant(reference, options)
+            if options.activations == "int8":
+                calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
+        else:
+            if split.calib.task == OUTPUTS:
+                raise OnnxlrfError("the loss-aware quantization plans need labelled data so far")
+            _check_float32(reference)
+            analysis = dataclasses.replace(analysis, labels=analysis.labels or default_labels(split.calib),
+                                           spatial=False)
+            # One round, and no refit: quantization has no improvement step yet.
+            rounds = verify_in_rounds(reference, split, joint, analysis,
+                                      dataclasses.replace(verify, rounds=1, refit=False),
+                                      cost_model(reference, "bytes"), provider, progress, technique=QUANT)
+            plan = rounds.plan
+            plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]
+            plan.options["runtime"] = options.runtime
+        if split is not None:
+            plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed})
+        compressed, report = QDQRewrite(options.runtime)(reference, plan, progress)
+        progress.log(f"rewrite: {len(report.rewritten)} layers quantized ({options.runtime} form), "
+                     f"{len(report.kept_dense)} float")
+        plan.source = {"model": model, **plan.source}
+        validation = None
+        if split is not None:
+            validation = validate(compressed, split.test, reference=reference, provider=provider,
+                                  progress=progress)
+        with staged_outputs(overwrite, within=stage) as outputs:
+            written = save_onnx(compressed, outputs.path(output))
+            check_written(written)
+            model_bytes = file_bytes(written)
+            if plan_out is not None:
+                plan.save(outputs.path(plan_out), overwrite=True)
+        extra = {"technique": "quant", "runtime": options.runtime,
+                 "average_weight_bits": average_weight_bits(reference, plan), "model_bytes": model_bytes,
+                 "reference_model_bytes": file_bytes(reference_path),
+                 "optimized_op_counts": optimized_op_counts(compressed)}
+        if options.activations == "int8":
+            extra["calibration_method"] = options.calibration_method
+        params = count_params(reference)
+        return CompressResult(output=output, plan=plan, rewrite=report, params=params, reference_params=params,
+                              validation=validation, export=exported, extra=extra, reference=reference,
+                              layer_keys=("layers_quantized", "layers_float"))
+
+
 def _log_rewrite(plan: Plan, report: RewriteReport, progress: Progress) -> None:
     """What the rewrite did, and why layers stayed dense (grouped by reason; the planner's where it gave one)."""
     progress.log(f"rewrite: {len(report.rewritten)} layers factorized, {len(report.kept_dense)} kept dense; "
@@ -378,7 +499,11 @@ def rewrite_file(
             check_output_path(output, (Path(path).parent / plan.options["bases_file"],), overwrite)
     reference = load_onnx(model)
     check_finite_weights(reference)
-    compressed, report = apply_plan(reference, plan, progress=progress)
+    techniques = {entry.technique for entry in plan.layers}
+    if len(techniques) > 1:
+        raise OnnxlrfError(f"plan mixes techniques {', '.join(sorted(techniques))}: one technique per plan so far")
+    technique = TECHNIQUES[techniques.pop() if techniques else "lowrank"]
+    compressed, report = technique.rewrite(reference, plan, progress=progress)
     with staged_outputs(overwrite) as stage:  # with external data, the .data file obeys --overwrite too
         check_written(save_onnx(compressed, stage.path(output)))
     return report

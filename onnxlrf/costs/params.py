@@ -1,4 +1,4 @@
-"""The cost protocol, the parameter cost, and choosing a cost model by target.
+"""The cost protocol, the parameter and byte costs, and choosing a cost model by target.
 
 What planners minimize besides the loss. Every cost model answers ``total()`` for the whole
 model, ``dense(layers)`` and ``factorized(layers, decomposition, rank)`` for the nodes sharing one
@@ -17,7 +17,8 @@ from ..graph.layers import Layer, count_params
 from .flops import FlopsCost
 
 # What planners minimize besides the loss: whole-model ``target_reduction`` is a fraction of this.
-TARGETS = ("params", "flops", "latency")
+TARGETS = ("params", "flops", "latency", "bytes")
+FLOAT32_BYTES = 4
 
 
 class ParamsCost:
@@ -49,6 +50,27 @@ class ParamsCost:
         return {}
 
 
+class BytesCost(ParamsCost):
+    """Cost in bytes of the weights as stored: float32 parameters 4 bytes each; a quantized layer its integer
+    container (int4 packs two per byte) plus a float32 scale and a zero point (same container) per scale."""
+
+    target = "bytes"
+
+    def total(self) -> float:
+        return float(FLOAT32_BYTES * self._total)
+
+    def dense(self, layers: list[Layer]) -> float:
+        return float(FLOAT32_BYTES * layers[0].params)
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return float(FLOAT32_BYTES * layers[0].factorized_params(decomposition, rank))
+
+    def quantized(self, layers: list[Layer], container_bits: int, scales: int) -> float:
+        """``layers``' weight in ``container_bits``-bit integers with ``scales`` scales and zero points."""
+        return float(-(-layers[0].params * container_bits // 8) + FLOAT32_BYTES * scales
+                     - (-scales * container_bits // 8))
+
+
 def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None) -> Any:
     """``cost`` when given (it must be for ``target``), else the cost model for ``target``.
 
@@ -65,6 +87,8 @@ def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None)
         return ParamsCost(model)
     if target == "flops":
         return FlopsCost(model)
+    if target == "bytes":
+        return BytesCost(model)
     raise OnnxlrfError("target 'latency' needs a measured cost model: onnxlrf.costs.latency.make_cost(model, "
                        "'latency', ...)")
 

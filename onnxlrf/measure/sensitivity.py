@@ -60,8 +60,10 @@ PROBE_CACHE_BYTES = 2 << 30
 
 # Version of the saved analysis (Sensitivity.save); a file of another version is not read. It is part of
 # the analysis cache's key (compress.analysis_key): raise it whenever the analysis computes differently.
-ANALYSIS_VERSION = 2
-_SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher")
+# Version 3 keeps each layer's mean gradient and output factor B (perturbations other than truncations).
+ANALYSIS_VERSION = 3
+_SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher", "gradient",
+                 "output_factor")
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray]  # feeds, targets
 LossFn = Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor]  # -> per-sample losses
@@ -88,6 +90,10 @@ class LayerSensitivity:
     perturbation_range: float = math.inf  # largest trusted ||dW|| / ||W||
     range_checks: list = field(default_factory=list)  # (rank, rel_error, predicted, measured)
     decomposition: str = "channel"  # which matrices of the weight x, s, y factor (analysis.weight_matrices)
+    # (g, m, n) mean loss gradient and (g, m, m) output factor B, channel decomposition: a perturbation the
+    # joint basis does not describe (a quantization error) is predicted from them (perturbation_dloss).
+    gradient: np.ndarray | None = None
+    output_factor: np.ndarray | None = None
 
     @property
     def quadratic(self) -> np.ndarray:
@@ -121,6 +127,18 @@ class LayerSensitivity:
         k = scores.shape[1]
         cum = np.concatenate([np.zeros((scores.shape[0], 1)), np.cumsum(dropped, axis=1)], axis=1).sum(0)
         return cum[k - np.arange(k + 1)]  # rank r drops k - r components
+
+    def perturbation_dloss(self, delta: np.ndarray, kappa: float = 1.0) -> float:
+        """Predicted loss change of adding ``delta`` ((g, m, n) channel matrices) to the weight (METHOD.md
+        section 8): ``<G, delta>`` (shrunk by the replication of the first-order terms, as for truncations;
+        0 in an analysis without first-order terms)
+        plus ``kappa`` times the fitted curvature scale times ``tr(B delta A delta^T) / 2``."""
+        if self.gradient is None or self.output_factor is None or self.input_moment is None:
+            raise OnnxlrfError(f"the analysis of node {self.layer.node!r} keeps no gradient and Kronecker factors "
+                               f"(an analysis cached before version {ANALYSIS_VERSION}): analyse again")
+        first = self.replication * float(np.sum(self.gradient * delta))
+        quadratic = 0.5 * float(np.sum((self.output_factor @ delta @ self.input_moment) * delta))
+        return first + kappa * self.curvature_scale * quadratic
 
     def relative_error(self) -> np.ndarray:
         """(k+1,) ||W - W_r||_F / ||W||_F when keeping rank r = 0..k in :meth:`drop_order`."""
@@ -576,6 +594,7 @@ def analyze(
             weight_norm=weight_norm, input_moment=moment.numpy(),
             output_fisher=output_factor.diagonal(dim1=-2, dim2=-1).numpy(),
             input_mean=mean.numpy() if bias_correction else None,
+            gradient=gmat.numpy(), output_factor=output_factor.numpy(),
         )
         # Bias correction pairs each truncation with a channel-space mean shift: channel only.
         if (spatial and not bias_correction and "spatial" in layer.decompositions

@@ -1,8 +1,9 @@
-"""The plan: per layer, which decomposition and which components to keep.
+"""The plan: per layer, a technique's choice (low-rank: decomposition and components to keep;
+quantization: bits, granularity, container, activations, where the scales come from, rounding).
 
 A plan is plain JSON (``Plan.to_json``) so it can be inspected, edited and
 re-applied (``onnxlrf rewrite --plan``); bases that are not the weight's own SVD
-are stored beside it (``<plan>.bases.npz``).
+are stored beside it (``<plan>.bases.npz``); calibrated activation ranges are in the JSON.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import onnx
 
 from ..errors import OnnxlrfError
 from ..graph.layers import Layer, find_layers, weight_array
+from ..graph.quantizable import BLOCK_OPS, QuantLayer, find_quantizable
 from ..onnx_io import check_regular_file, read_regular_file, staged_outputs
 
 PLAN_FORMAT = "onnxlrf.plan"
 # Version 2: each layer entry names its technique and holds the technique's choice under "choice".
 # Version 1 (low-rank fields at the top of each entry) is still read, and written by nothing.
-PLAN_VERSION = 2
-READ_VERSIONS = (1, 2)
+# Version 3 adds "activation_ranges" (calibrated [low, high] per tensor, for quantized activations);
+# a version-2 plan is read as one without ranges.
+PLAN_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
 # "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
 # (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (the refit's).
@@ -191,8 +195,115 @@ class LowRankEntry(PlanEntry):
                                    f"{g * m} values for {self.weight!r}")
 
 
+# Weight bits a quantized layer may have; a container holds the values (int4 packs two per byte).
+QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
+QUANT_GRANULARITIES = ("per_channel", "block")
+QUANT_CONTAINERS = {"int8": 8, "int4": 4}  # container -> bits it holds
+QUANT_ACTIVATIONS = ("float", "int8")
+# Where the weight scales come from: "absmax", the channel's (block's) largest |w| maps to the largest level.
+WEIGHT_SCALES = ("absmax",)
+ROUNDINGS = ("nearest",)  # round to the nearest grid point, ties to even
+# Weight bits of a layer with int8 activations: 8, or 7 where onnxruntime's u8 x s8 kernels would overflow
+# (x86 without VNNI sums pairs of products in int16; 7-bit weights keep them in range).
+W8A8_WEIGHT_BITS = (7, 8)
+
+
+@dataclass
+class QuantEntry(PlanEntry):
+    """A quantization entry: weight bits (None: the layer stays float), per output channel or per block of
+    ``block_size`` inputs, the integer container that stores them, whether the layer's input activations are
+    int8 too, how the weight scales were chosen and how weights were rounded. Scales are symmetric (zero
+    point 0)."""
+
+    bits: int | None
+    granularity: str | None
+    block_size: int | None
+    container: str | None
+    activations: str
+    weight_scales: str | None
+    rounding: str | None
+    params_dense: int
+    params_planned: int
+    notes: dict = field(default_factory=dict)
+
+    technique: ClassVar[str] = "quant"
+    choice_keys: ClassVar[tuple[str, ...]] = ("bits", "granularity", "block_size", "container", "activations",
+                                               "weight_scales", "rounding")
+
+    @property
+    def changed(self) -> bool:
+        return self.bits is not None
+
+    def choice_key(self) -> tuple:
+        return tuple(getattr(self, key) for key in self.choice_keys)
+
+    def size_key(self) -> tuple:
+        return self.bits, self.container, self.granularity, self.block_size
+
+    def scale_count(self, transposed: bool) -> int:
+        """How many scales (and zero points) the quantized weight has: one per output channel, or per block.
+        ``transposed``: the stored 2-D weight is (inputs, outputs) (MatMul, Gemm with transB=0)."""
+        shape = self.weight_shape
+        channels = shape[0] if self.op_type == "Conv" else shape[1 if transposed else 0]
+        if self.granularity != "block":
+            return channels
+        inputs = shape[0 if transposed else 1]
+        return channels * -(-inputs // self.block_size)
+
+    def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
+        """Quantized layers cost their container and scales (a ``bytes`` cost's ``quantized``)."""
+        if not self.changed:
+            return cost.dense(layers)
+        return cost.quantized(layers, QUANT_CONTAINERS[self.container], self.scale_count(layers[0].transposed))
+
+    def check(self, layer: QuantLayer, plan: "Plan") -> None:
+        where = f"plan node {self.node!r}"
+        if self.activations not in QUANT_ACTIVATIONS:
+            raise OnnxlrfError(f"{where}: unknown activations {self.activations!r} (known: "
+                               f"{', '.join(QUANT_ACTIVATIONS)})")
+        if self.bits is None:
+            if any(value is not None for value in (self.granularity, self.block_size, self.container,
+                                                   self.weight_scales, self.rounding)) \
+                    or self.activations != "float":
+                raise OnnxlrfError(f"{where}: a float entry (bits null) has granularity, block_size, container, "
+                                   f"weight_scales and rounding null and activations 'float'")
+            return
+        if not _is_int(self.bits) or self.bits not in QUANT_BITS:
+            raise OnnxlrfError(f"{where}: bits {self.bits!r} outside {QUANT_BITS[0]}..{QUANT_BITS[-1]}")
+        if self.granularity not in QUANT_GRANULARITIES:
+            raise OnnxlrfError(f"{where}: unknown granularity {self.granularity!r} (known: "
+                               f"{', '.join(QUANT_GRANULARITIES)})")
+        if self.container not in QUANT_CONTAINERS:
+            raise OnnxlrfError(f"{where}: unknown container {self.container!r} (known: {', '.join(QUANT_CONTAINERS)})")
+        if self.bits > QUANT_CONTAINERS[self.container]:
+            raise OnnxlrfError(f"{where}: {self.bits}-bit values do not fit container {self.container}")
+        if self.weight_scales not in WEIGHT_SCALES:
+            raise OnnxlrfError(f"{where}: unknown weight_scales {self.weight_scales!r} (known: "
+                               f"{', '.join(WEIGHT_SCALES)})")
+        if self.rounding not in ROUNDINGS:
+            raise OnnxlrfError(f"{where}: unknown rounding {self.rounding!r} (known: {', '.join(ROUNDINGS)})")
+        if self.granularity == "block":
+            if layer.op_type not in BLOCK_OPS:
+                raise OnnxlrfError(f"{where}: block scales are for {'/'.join(BLOCK_OPS)}, not {layer.op_type}")
+            if not _is_int(self.block_size) or self.block_size < 2:
+                raise OnnxlrfError(f"{where}: block_size must be an integer >= 2, got {self.block_size!r}")
+            if self.activations != "float":
+                raise OnnxlrfError(f"{where}: block scales are weight-only (activations 'float')")
+        elif self.block_size is not None:
+            raise OnnxlrfError(f"{where}: block_size applies to granularity 'block' only")
+        if self.activations == "int8":
+            if self.bits not in W8A8_WEIGHT_BITS:
+                raise OnnxlrfError(f"{where}: int8 activations go with 8-bit weights (or 7-bit, onnxruntime's reduced "
+                                   f"range), not {self.bits}-bit")
+            if layer.input not in plan.activation_ranges:
+                raise OnnxlrfError(f"{where}: int8 activations, but the plan has no calibrated range for its input "
+                                   f"{layer.input!r}")
+
+
 # Entry classes by technique: a new technique registers its entry class here.
-ENTRY_TYPES: dict[str, type[PlanEntry]] = {LowRankEntry.technique: LowRankEntry}
+ENTRY_TYPES: dict[str, type[PlanEntry]] = {LowRankEntry.technique: LowRankEntry, QuantEntry.technique: QuantEntry}
+# The layers each technique's entries refer to, and the nodes of those kinds it cannot take.
+_LAYER_FINDERS = {LowRankEntry.technique: find_layers, QuantEntry.technique: find_quantizable}
 
 
 def _is_int(value: Any) -> bool:
@@ -257,6 +368,8 @@ class Plan:
     # priority order; an absent part is None.
     # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
     bases: dict = field(default_factory=dict, repr=False)
+    # Calibrated [low, high] of each activation tensor that quantized layers read or write, by tensor name.
+    activation_ranges: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The plan as a JSON-ready dict (without the stored bases), in the current version."""
@@ -267,6 +380,7 @@ class Plan:
             "options": self.options,
             "source": self.source,
             "layers": [layer.to_dict() for layer in self.layers],
+            "activation_ranges": self.activation_ranges,
         }
 
     @classmethod
@@ -295,7 +409,7 @@ class Plan:
             raise OnnxlrfError("plan option 'bases_file' must be a file name beside the plan")
         layers = [_entry_from_dict(i, entry, version) for i, entry in enumerate(data["layers"])]
         return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
-                   source=data.get("source") or {})
+                   source=data.get("source") or {}, activation_ranges=_activation_ranges(data, version))
 
     def to_json(self) -> str:
         """The plan as JSON text."""
@@ -352,23 +466,40 @@ class Plan:
         }
 
 
+def _activation_ranges(data: dict, version: int) -> dict:
+    """The plan's calibrated activation ranges (version 3; none before), each a finite [low, high]."""
+    ranges = data.get("activation_ranges") if version >= 3 else None
+    ranges = {} if ranges is None else ranges
+    if not isinstance(ranges, dict):
+        raise OnnxlrfError("plan key 'activation_ranges' must be an object")
+    for name, value in ranges.items():
+        if not (isinstance(value, list) and len(value) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in value)
+                and value[0] <= value[1]):
+            raise OnnxlrfError(f"plan activation range of {name!r} must be [low, high], finite, low <= high")
+    return ranges
+
+
 def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
     """Raise OnnxlrfError naming the first plan entry that does not fit ``model``."""
     if not isinstance(plan, Plan):
         raise OnnxlrfError("expected a Plan")
-    layers, skipped = find_layers(model)
-    by_node = {layer.node: layer for layer in layers}
-    skipped_by_node = {s.node: s for s in skipped}
+    found = {technique: find(model) for technique, find in _LAYER_FINDERS.items()
+             if any(entry.technique == technique for entry in plan.layers)}
+    by_node = {technique: {layer.node: layer for layer in layers} for technique, (layers, _) in found.items()}
+    skipped_by_node = {technique: {s.node: s for s in skipped} for technique, (_, skipped) in found.items()}
     seen: set[str] = set()
     for entry in plan.layers:
         node = entry.node
         if node in seen:
             raise OnnxlrfError(f"plan lists node {node!r} twice")
         seen.add(node)
-        layer = by_node.get(node)
+        layer = by_node[entry.technique].get(node)
         if layer is None:
-            if node in skipped_by_node:
-                raise OnnxlrfError(f"plan node {node!r} is not factorizable: {skipped_by_node[node].reason}")
+            skipped = skipped_by_node[entry.technique].get(node)
+            if skipped is not None:
+                what = "factorizable" if entry.technique == LowRankEntry.technique else "quantizable"
+                raise OnnxlrfError(f"plan node {node!r} is not {what}: {skipped.reason}")
             raise OnnxlrfError(f"plan node {node!r} does not exist in the model "
                                f"(or is not Conv/ConvTranspose/Gemm/MatMul)")
         if entry.op_type != layer.op_type:
@@ -380,7 +511,7 @@ def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:
                 f"plan node {node!r}: weight shape {list(entry.weight_shape)}, model has {list(layer.weight_shape)}"
             )
         entry.check(layer, plan)
-    _check_fingerprints(plan, model, by_node)
+    _check_fingerprints(plan, model)
     by_weight: dict[str, PlanEntry] = {}
     for entry in plan.layers:
         first = by_weight.setdefault(entry.weight, entry)
@@ -402,7 +533,7 @@ def weight_fingerprints(model: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def _check_fingerprints(plan: Plan, model: onnx.ModelProto, layers: dict[str, Layer]) -> None:
+def _check_fingerprints(plan: Plan, model: onnx.ModelProto) -> None:
     """Refuse a plan whose stored arrays were computed from other weights than ``model``'s (another checkpoint
     of the same graph would get a hybrid of both). Entries without stored arrays are computed from the
     model's own weights; plans without fingerprints (version 1) are taken as they are."""

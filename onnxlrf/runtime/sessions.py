@@ -111,6 +111,28 @@ def make_session(
         raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
 
 
+def optimized_op_counts(model: ModelLike, providers: list[str] | None = None) -> dict[str, int]:
+    """How many nodes of each op type the graph onnxruntime runs has, after its optimizations (the session
+    writes it to ``SessionOptions.optimized_model_filepath``): e.g. whether Q/DQ became integer kernels."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-optimized-") as tmp:
+        source = model
+        if isinstance(model, onnx.ModelProto):
+            source = save_onnx(model, Path(tmp) / "model.onnx")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        try:
+            ort.InferenceSession(str(source), options, providers=providers or [CPU])
+        except Exception as exc:  # onnxruntime raises Fail/InvalidGraph/... with multi-line text
+            raise OnnxlrfError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in optimized.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
 def _static_batch(session: ort.InferenceSession) -> int | None:
     dims = session.get_inputs()[0].shape
     return dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None

@@ -5,5 +5,6 @@ to :data:`onnxlrf.planning.plan.ENTRY_TYPES`, and its object here.
 """
 
 from .lowrank.technique import LOWRANK
+from .quant.technique import QUANT
 
-TECHNIQUES = {LOWRANK.name: LOWRANK}
+TECHNIQUES = {LOWRANK.name: LOWRANK, QUANT.name: QUANT}

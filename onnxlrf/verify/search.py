@@ -158,12 +158,13 @@ class Evaluator(Protocol):
 
 
 def reduction_text(plan: Plan) -> str:
-    """The plan's size in its target's words, e.g. '12.0% fewer parameters' or '30.1% less latency'."""
+    """The plan's size in its target's words, e.g. '12.0% fewer parameters', '30.1% less latency' or
+    '70.2% less bytes'."""
     target = plan.options.get("target", "params")
     reduction = plan.options["achieved_reduction"]
     if target == "params":
         return f"{reduction:.1%} fewer parameters"
-    return f"{reduction:.1%} less {'latency' if target == 'latency' else 'FLOPs'}"
+    return f"{reduction:.1%} less {({'latency': 'latency', 'bytes': 'bytes'}).get(target, 'FLOPs')}"
 
 
 class BackoffSearch:

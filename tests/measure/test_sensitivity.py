@@ -200,6 +200,28 @@ def test_joint_basis_reconstructs_weight_and_small_drop_is_predicted(small_cnn, 
     assert checked >= (2 if bias_correction else 5)
 
 
+def test_perturbation_dloss_agrees_with_the_basis_and_predicts_a_quantization_error(small_cnn):
+    model, data = small_cnn
+    calib = data.subset(np.arange(500))
+    sens = analyze(model, _batches(calib), classification_loss)
+    base = measure_loss(model, _batches(calib), classification_loss)
+    for ls in sens.layers.values():
+        k = ls.s.shape[1]
+        # Removing the whole weight, predicted from G, A and B directly and in the joint basis (whose factors
+        # are damped by 1e-3 of their mean diagonal: close, not equal).
+        delta = -ls.reconstruct(ls.keep(k))
+        assert ls.perturbation_dloss(delta, kappa=2.0) == pytest.approx(ls.predicted_dloss(kappa=2.0)[0],
+                                                                        rel=0.02), ls.layer.node
+        # A 4-bit rounding error of the whole layer, per output channel, measured.
+        weight = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == ls.layer.weight))
+        matrices = weight_matrices(weight, ls.layer, "channel").astype(np.float64)
+        scales = np.abs(matrices).max(axis=2, keepdims=True) / 7
+        delta = np.clip(np.rint(matrices / scales), -7, 7) * scales - matrices
+        quantized = matrices_to_weight(matrices + delta, ls.layer, "channel").astype(np.float32)
+        measured = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: quantized}) - base
+        assert abs(measured - ls.perturbation_dloss(delta)) <= 0.005 + 0.5 * abs(measured), ls.layer.node
+
+
 def test_without_first_order_terms_the_curvature_alone_orders_and_predicts(small_cnn):
     model, data = small_cnn
     calib = data.subset(np.arange(300))

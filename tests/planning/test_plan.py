@@ -131,17 +131,19 @@ def version_1(data: dict) -> dict:
     return {**data, "version": 1, "layers": layers}
 
 
-def test_version_2_entries_name_their_technique_and_version_1_plans_still_load(tmp_path):
+def test_entries_name_their_technique_and_version_1_and_2_plans_still_load(tmp_path):
     plan = plan_uniform(MODEL, rank_fraction=0.5)
     data = plan.to_dict()
-    assert data["version"] == 2
+    assert data["version"] == 3 and data["activation_ranges"] == {}
+    version_2 = {key: value for key, value in data.items() if key != "activation_ranges"}
+    assert Plan.from_dict({**version_2, "version": 2}) == plan
     entry = data["layers"][0]
     assert list(entry) == ["node", "op_type", "weight", "weight_shape", "technique", "choice", "params_dense",
                            "params_planned", "notes"]
     assert entry["technique"] == "lowrank" and entry["choice"] == {
         "decomposition": plan.layers[0].decomposition, "rank": plan.layers[0].rank,
         "max_rank": plan.layers[0].max_rank, "keep": None, "basis": "svd", "bias_correction": False}
-    old = version_1(data)
+    old = version_1(version_2)
     assert Plan.from_dict(old) == plan
     # A version-1 file without the optional keys (written before bases existed) reads as svd, no correction.
     for layer in old["layers"]:
@@ -151,8 +153,8 @@ def test_version_2_entries_name_their_technique_and_version_1_plans_still_load(t
     path.write_text(json.dumps(old))
     assert apply_plan(MODEL, Plan.load(path))[0].SerializeToString() == apply_plan(MODEL, plan)[0].SerializeToString()
     # Saving writes the current version.
-    Plan.load(path).save(tmp_path / "v2.json")
-    assert json.loads((tmp_path / "v2.json").read_text())["version"] == 2
+    Plan.load(path).save(tmp_path / "v3.json")
+    assert json.loads((tmp_path / "v3.json").read_text())["version"] == 3
 
 
 def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):

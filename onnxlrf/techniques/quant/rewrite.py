@@ -1,0 +1,367 @@
+"""The QDQ rewrite: a quantization plan as QuantizeLinear/DequantizeLinear nodes, in one of two forms.
+
+Weights become integer initializers (int8, or int4 packed two per byte) read through a
+DequantizeLinear with per-channel (or per-block) scales and zero point 0. Layers with int8 activations
+get Q/DQ on their activations too, in the form a runtime turns into integer kernels:
+
+* ``onnxruntime`` (what its CPU provider fuses into QLinearConv/QGemm/QLinearMatMul/QLinearAdd):
+  uint8 activations with the calibrated range (zero point as needed), one QuantizeLinear after each
+  quantized tensor's producer and a DequantizeLinear of its own for every consumer (a shared
+  DequantizeLinear keeps the consumers from fusing). Quantized are the inputs and outputs of the W8A8
+  layers and of residual Adds fed by one; a Relu that is the only reader of such an output is folded
+  into the QuantizeLinear (uint8 with zero point 0 clips at 0, exactly what the Relu did), as
+  onnxruntime's quantizer does. Biases become int32 at scale input scale x weight scale.
+* ``tensorrt`` (what TensorRT's explicit quantization takes): symmetric int8 everywhere (zero points
+  0), Q/DQ only on the inputs of the W8A8 layers and on the skip input of residual Adds fed by one;
+  float biases; TensorRT fuses the rest itself.
+
+int4 containers and block scales need opset 21 (the model's opset is raised, or the rewrite says why
+it cannot be). Graph inputs and outputs keep their names, types and shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper, version_converter
+
+from ...errors import OnnxlrfError, first_line
+from ...graph.layers import constant_producers
+from ...graph.quantizable import QuantLayer, find_quantizable
+from ...onnx_io import default_opset
+from ...planning.plan import Plan, QuantEntry, validate_plan
+from ...progress import ProgressLike, as_progress
+from ..base import RewritePass, RewriteReport
+from .grid import quantize_blocks, quantize_per_channel
+
+RUNTIMES = ("onnxruntime", "tensorrt")
+# Per-channel QuantizeLinear/DequantizeLinear (their axis) came with opset 13; int4 tensors and
+# DequantizeLinear's block_size with opset 21 (and IR version 10).
+PER_CHANNEL_OPSET = 13
+INT4_OPSET, INT4_IR_VERSION = 21, 10
+UINT8_LEVELS = 255
+INT8_LEVEL = 127
+# The per-channel axis TensorRT takes for a layer's weight (output channels); Gemm follows its transB.
+WEIGHT_AXES = {"Conv": 0, "MatMul": 1}
+
+
+@dataclass
+class ActivationSite:
+    """One activation tensor that is quantized: ``tensor`` names its range (and its readers), ``source`` is
+    the float tensor the QuantizeLinear reads (the producer's output, before a folded Relu)."""
+
+    tensor: str
+    source: str
+    folded_relu: str | None = None
+    readers: list[tuple[str, int]] = field(default_factory=list)  # (node, input index) that get a DQ
+
+
+def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> list[ActivationSite]:
+    """The activation tensors the rewrite quantizes for ``plan`` in ``runtime``'s form (see the module doc)."""
+    if runtime not in RUNTIMES:
+        raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    w8a8 = {entry.node for entry in plan.layers if isinstance(entry, QuantEntry) and entry.activations == "int8"}
+    if not w8a8:
+        return []
+    nodes = list(model.graph.node)
+    constants = constant_producers(model)
+    producer = {out: node for node in nodes for out in node.output}
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name:
+                readers.setdefault(name, []).append((node, index))
+    outputs = {out.name for out in model.graph.output}
+    by_name = {node.name: node for node in nodes}
+    # Residual Adds: two activations, at least one written by a W8A8 layer.
+    residual = [node for node in nodes if node.op_type == "Add" and len(node.input) == 2
+                and not any(name in constants for name in node.input)
+                and any(producer.get(name) is not None and producer[name].name in w8a8 for name in node.input)]
+    sites: dict[str, ActivationSite] = {}
+
+    def add(tensor: str, reader_filter: set[tuple[str, int]] | None = None) -> None:
+        site = sites.get(tensor)
+        if site is None:
+            site = sites[tensor] = ActivationSite(tensor, tensor)
+        for reader, index in readers.get(tensor, []):
+            key = (reader.name, index)
+            if (reader_filter is None or key in reader_filter) and key not in site.readers:
+                site.readers.append(key)
+
+    if runtime == "tensorrt":
+        for name in sorted(w8a8):
+            add(by_name[name].input[0], {(name, 0)})
+        for node in residual:
+            for index, name in enumerate(node.input):
+                if producer.get(name) is None or producer[name].name not in w8a8:
+                    add(name, {(node.name, index)})
+        return list(sites.values())
+
+    def folded(tensor: str) -> tuple[str, str | None]:
+        """The tensor a quantized producer's output is quantized as: its Relu's output where a Relu is its
+        only reader (and neither is a graph output), else itself."""
+        reading = readers.get(tensor, [])
+        if len(reading) == 1 and reading[0][0].op_type == "Relu" and tensor not in outputs \
+                and reading[0][0].output[0] not in outputs:
+            return reading[0][0].output[0], reading[0][0].name
+        return tensor, None
+
+    quantizing = [by_name[name] for name in sorted(w8a8)] + residual
+    relu_source: dict[str, tuple[str, str]] = {}  # folded Relu output -> (producer output, Relu node)
+    for node in quantizing:
+        tensor, relu = folded(node.output[0])
+        if relu is not None:
+            relu_source[tensor] = (node.output[0], relu)
+    for node in quantizing:
+        inputs = [node.input[0]] if node.name in w8a8 else list(node.input)
+        output = folded(node.output[0])[0]
+        # A graph output stays float: onnxruntime's kernels (QGemm) then write float themselves.
+        for tensor in inputs + ([output] if output not in outputs else []):
+            add(tensor)
+    for site in sites.values():
+        if site.tensor in relu_source:
+            site.source, site.folded_relu = relu_source[site.tensor]
+    return list(sites.values())
+
+
+def uint8_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
+    """Scale and zero point of an asymmetric uint8 grid covering [low, high] and 0 (as onnxruntime's quantizer)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high == low:
+        return np.float32(1.0), np.uint8(0)
+    scale = (high - low) / UINT8_LEVELS
+    return np.float32(scale), np.uint8(np.clip(round(-low / scale), 0, UINT8_LEVELS))
+
+
+def int8_scale(low: float, high: float) -> np.float32:
+    """Scale of a symmetric int8 grid (zero point 0) covering [low, high]."""
+    peak = max(abs(low), abs(high))
+    return np.float32(peak / INT8_LEVEL if peak > 0 else 1.0)
+
+
+def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto:
+    """A copy of ``model`` at default-domain opset ``opset`` or more, or a one-line error that says ``why`` the
+    rewrite needs it."""
+    current = default_opset(model)
+    if current >= opset:
+        return _copy(model)
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:  # the converter raises RuntimeError/ConvertError with adapter names
+        raise OnnxlrfError(f"{why} need opset {opset}, and the model's opset {current} cannot be raised to it "
+                           f"({first_line(exc)})") from None
+
+
+class QDQRewrite(RewritePass):
+    """The quantization plan as Q/DQ nodes in ``runtime``'s form (see the module doc)."""
+
+    name = "QDQ rewrite"
+
+    def __init__(self, runtime: str = "onnxruntime") -> None:
+        if runtime not in RUNTIMES:
+            raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+        self.runtime = runtime
+
+    def requires(self, model: onnx.ModelProto, plan: Plan) -> None:
+        other = [entry.node for entry in plan.layers if not isinstance(entry, QuantEntry)]
+        if other:
+            raise OnnxlrfError(f"{self.name}: plan node {other[0]!r} is not a quantization entry")
+        validate_plan(plan, model)
+        missing = [site.tensor for site in quantized_activations(model, plan, self.runtime)
+                   if site.tensor not in plan.activation_ranges]
+        if missing:
+            raise OnnxlrfError(f"{self.name}: the plan has no calibrated range for activation {missing[0]!r}")
+
+    def call(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
+             ) -> tuple[onnx.ModelProto, RewriteReport]:
+        changed = [entry for entry in plan.layers if entry.changed]
+        if any(entry.container == "int4" or entry.granularity == "block" for entry in changed):
+            work = raise_opset(model, INT4_OPSET, "int4 weights (use 5 bits or more for int8 containers)")
+            work.ir_version = max(work.ir_version, INT4_IR_VERSION)
+        else:
+            work = raise_opset(model, PER_CHANNEL_OPSET, "per-channel scales")
+        layers = {layer.node: layer for layer in find_quantizable(work)[0]}
+        sites = quantized_activations(work, plan, self.runtime)
+        weights = {name: numpy_helper.to_array(tensor) for name, tensor in constant_producers(work).items()}
+        graph = gs.import_onnx(work)
+        nodes = {node.name: node for node in graph.nodes}
+        tensors = graph.tensors()
+        taken = set(tensors) | {node.name for node in graph.nodes}
+        int4: dict[str, np.ndarray] = {}  # graphsurgeon writes no int4: these initializers are set after export
+        report = RewriteReport(params_before=sum(layer.elements for layer in layers.values()))
+        report.params_after = report.params_before  # quantization keeps every weight, in fewer bits
+
+        activation_scale: dict[str, np.float32] = {}
+        for site in sites:
+            low, high = plan.activation_ranges[site.tensor]
+            if site.folded_relu is not None:
+                low = 0.0  # the folded Relu's output: non-negative by definition
+            activation_scale[site.tensor] = self._quantize_activation(graph, nodes, tensors, site, low, high, taken)
+
+        for entry in as_progress(progress).track(plan.layers, "quantize", unit="layer"):
+            if not entry.changed:
+                report.kept_dense.append({"node": entry.node, "reason": "planned float"})
+                continue
+            layer, node = layers[entry.node], nodes[entry.node]
+            new_nodes, weight_scales = self._quantize_weight(graph, node, layer, entry, weights[layer.weight],
+                                                             taken, int4)
+            # A computed bias, or one broadcast from another shape (Gemm's C), stays float: no scales line up.
+            bias = weights.get(layer.bias)
+            if entry.activations == "int8" and self.runtime == "onnxruntime" and bias is not None \
+                    and bias.shape == weight_scales.shape:
+                new_nodes.append(self._quantize_bias(graph, node, layer, weights, weight_scales,
+                                                     activation_scale[layer.input], taken))
+            report.rewritten.append({
+                "node": entry.node, "op_type": layer.op_type, "bits": entry.bits, "container": entry.container,
+                "granularity": entry.granularity, "activations": entry.activations,
+                "params_before": layer.elements, "params_after": layer.elements, "new_nodes": new_nodes,
+            })
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        result = gs.export_onnx(graph, do_type_check=False)
+        for init in result.graph.initializer:
+            if init.name in int4:
+                init.CopyFrom(numpy_helper.from_array(int4[init.name].astype(ml_dtypes.int4), init.name))
+        _keep_model_fields(work, result)
+        return result, report
+
+    def _quantize_activation(self, graph: gs.Graph, nodes: dict, tensors: dict, site: ActivationSite, low: float,
+                             high: float, taken: set[str]) -> np.float32:
+        """QuantizeLinear after ``site``'s producer and a DequantizeLinear per reader; the activation's scale."""
+        if self.runtime == "onnxruntime":
+            scale, zero = uint8_params(low, high)
+        else:
+            scale, zero = int8_scale(low, high), np.int8(0)
+        tensor = site.tensor
+        quantized = gs.Variable(_unique(f"{tensor}/quantized", taken), dtype=zero.dtype)
+        graph.nodes.append(gs.Node("QuantizeLinear", _unique(f"{tensor}/QuantizeLinear", taken),
+                                   inputs=[tensors[site.source], _constant(f"{tensor}/scale", scale, taken),
+                                           _constant(f"{tensor}/zero_point", zero, taken)],
+                                   outputs=[quantized]))
+        if site.folded_relu is not None:
+            relu = nodes[site.folded_relu]
+            relu.inputs.clear()
+            relu.outputs.clear()
+        for reader, index in site.readers:
+            dequantized = gs.Variable(_unique(f"{tensor}/dq/{reader}", taken), dtype=np.float32)
+            graph.nodes.append(gs.Node("DequantizeLinear", _unique(f"{tensor}/DequantizeLinear/{reader}", taken),
+                                       inputs=[quantized, _constant(f"{tensor}/scale", scale, taken),
+                                               _constant(f"{tensor}/zero_point", zero, taken)],
+                                       outputs=[dequantized]))
+            nodes[reader].inputs[index] = dequantized
+        return scale
+
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, entry: QuantEntry,
+                         weight: np.ndarray, taken: set[str], int4: dict) -> tuple[list[str], np.ndarray]:
+        """The node's weight as integer levels read through a DequantizeLinear of its own; its new nodes'
+        names and the weight scales."""
+        if entry.granularity == "block":
+            levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
+            attrs = {"axis": layer.reduction_axis, "block_size": entry.block_size}
+        else:
+            levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
+            attrs = {"axis": layer.channel_axis}
+        stem = f"{layer.weight}/{node.name}"
+        stored = _constant(f"{stem}/int{entry.bits}", levels, taken)
+        zero = _constant(f"{stem}/zero_point", np.zeros(scales.shape, np.int8), taken)
+        if entry.container == "int4":
+            int4[stored.name], int4[zero.name] = levels, zero.values
+        name = _unique(f"{stem}/DequantizeLinear", taken)
+        dequantized = gs.Variable(_unique(f"{stem}/dequantized", taken), dtype=np.float32,
+                                  shape=list(weight.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", name, attrs,
+                                   inputs=[stored, _constant(f"{stem}/scale", scales, taken), zero],
+                                   outputs=[dequantized]))
+        node.inputs[1] = dequantized
+        return [name], scales
+
+    def _quantize_bias(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, weights: dict,
+                       weight_scales: np.ndarray, input_scale: np.float32, taken: set[str]) -> str:
+        """onnxruntime's integer kernels take the bias as int32 at scale input scale x weight scale."""
+        bias = weights[layer.bias].astype(np.float64)
+        scales = (np.float64(input_scale) * weight_scales.astype(np.float64)).astype(np.float32)
+        levels = np.clip(np.rint(bias / scales), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
+        stem = f"{layer.bias}/{node.name}"
+        name = _unique(f"{stem}/DequantizeLinear", taken)
+        dequantized = gs.Variable(_unique(f"{stem}/dequantized", taken), dtype=np.float32, shape=list(bias.shape))
+        graph.nodes.append(gs.Node("DequantizeLinear", name, {"axis": 0},
+                                   inputs=[_constant(f"{stem}/int32", levels, taken),
+                                           _constant(f"{stem}/scale", scales, taken),
+                                           _constant(f"{stem}/zero_point", np.zeros(scales.shape, np.int32), taken)],
+                                   outputs=[dequantized]))
+        node.inputs[2] = dequantized
+        return name
+
+    def ensures(self, model: onnx.ModelProto, result: onnx.ModelProto, plan: Plan, report: RewriteReport) -> None:
+        super().ensures(model, result, plan, report)
+        producer = {out: node.op_type for node in result.graph.node for out in node.output}
+        reads = {node.name: node.input for node in result.graph.node}
+        for done in report.rewritten:
+            weight = reads.get(done["node"], [None, None])[1]
+            if producer.get(weight) != "DequantizeLinear":
+                raise OnnxlrfError(f"{self.name}: node {done['node']!r} does not read a dequantized weight")
+        if self.runtime == "tensorrt":
+            check_tensorrt_form(result)
+
+
+def check_tensorrt_form(model: onnx.ModelProto) -> None:
+    """Raise OnnxlrfError unless every Q/DQ is symmetric with a type and axis TensorRT takes: int8 (or int4 for
+    weights) with zero point 0, float scales, per-tensor or per-channel (Conv weights axis 0, MatMul weights
+    axis 1) or blocked on weights."""
+    constants = constant_producers(model)
+    allowed = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zero = constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = constants.get(node.input[1])
+        if zero is None or zero.data_type not in allowed or numpy_helper.to_array(zero).astype(np.int64).any():
+            raise OnnxlrfError(f"TensorRT form: {node.name!r} has no int8/int4 zero point of 0")
+        if scale is None or scale.data_type != onnx.TensorProto.FLOAT:
+            raise OnnxlrfError(f"TensorRT form: {node.name!r} has no constant float32 scale")
+        if node.op_type == "QuantizeLinear" and (len(scale.dims) or zero.data_type != onnx.TensorProto.INT8):
+            raise OnnxlrfError(f"TensorRT form: activation quantizer {node.name!r} is not per-tensor int8")
+        if node.op_type == "DequantizeLinear" and len(scale.dims) == 1:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            for reader in readers.get(node.output[0], []):
+                if reader.op_type in WEIGHT_AXES and reader.input[1] == node.output[0] \
+                        and axis != WEIGHT_AXES[reader.op_type]:
+                    raise OnnxlrfError(f"TensorRT form: {node.name!r} has per-channel axis {axis} for a "
+                                       f"{reader.op_type} weight (TensorRT takes {WEIGHT_AXES[reader.op_type]})")
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    work = onnx.ModelProto()
+    work.CopyFrom(model)  # graphsurgeon keeps lazy references to the tensors it imports
+    return work
+
+
+def _keep_model_fields(source: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    """What graphsurgeon does not carry: IR version, opsets, producer, metadata and functions of ``source``."""
+    result.ir_version = source.ir_version
+    del result.opset_import[:]
+    result.opset_import.extend(source.opset_import)
+    result.producer_name, result.producer_version = source.producer_name, source.producer_version
+    del result.metadata_props[:]
+    result.metadata_props.extend(source.metadata_props)
+    del result.functions[:]
+    result.functions.extend(source.functions)
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}.{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _constant(name: str, value: np.ndarray | np.generic, taken: set[str]) -> gs.Constant:
+    return gs.Constant(_unique(name, taken), np.asarray(value))

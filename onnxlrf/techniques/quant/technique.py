@@ -1,0 +1,112 @@
+"""Quantization as a :class:`~onnxlrf.techniques.base.Technique`: the joint planner and the back-off take
+it as they take low-rank (weight-only options per layer, :mod:`~onnxlrf.techniques.quant.candidates`), and
+the rewrite is the QDQ pass in the form the plan names."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable
+
+import onnx
+from onnx import numpy_helper
+
+from ...graph.layers import Layer, constant_producers
+from ...graph.quantizable import find_quantizable
+from ...measure.analysis import AnalysisOptions, joint_analysis
+from ...planning.plan import Plan, QuantEntry, validate_plan
+from ...progress import ProgressLike
+from ..base import Candidates, EntryView, KeepPlot, RewriteReport
+from .candidates import PLANNED_BITS, float_entry, quant_candidates, quant_entries
+from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
+from .rewrite import QDQRewrite
+
+FLOAT_BITS = 32
+
+
+class Quant:
+    """Per layer: weight bits, granularity and container, and whether its input activations are int8 too."""
+
+    name = QuantEntry.technique
+
+    def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
+        return {skipped.node: skipped.reason for skipped in find_quantizable(model)[1]}
+
+    def analyse(self, model: onnx.ModelProto, calib: Any, options: AnalysisOptions,
+                progress: ProgressLike = None) -> Any:
+        """The joint analysis low-rank uses (gradients, K-FAC factors, measured ranges): the same statistics
+        predict a quantization error."""
+        return joint_analysis(model, calib, options, progress)
+
+    def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
+                   **options: Any) -> list[Candidates]:
+        """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
+        return quant_candidates(model, analysis, kappa, cost)
+
+    def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
+                cost: Any) -> tuple[list[QuantEntry], dict]:
+        return quant_entries(group, option), {}
+
+    def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> QuantEntry:
+        return float_entry(layer)
+
+    def plan_options(self, analysis: Any, **options: Any) -> dict:
+        return {"technique": self.name, "runtime": "onnxruntime", "bits_offered": list(PLANNED_BITS)}
+
+    def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
+        """The bits of every quantized layer (the grid is fixed, so equal bits make the same model)."""
+        return tuple((entry.node, entry.bits) for entry in plan.layers if entry.changed)
+
+    def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
+        """Nothing to improve without fine-tuning yet (the CET rounding, METHOD.md 9, is not built)."""
+        return None
+
+    def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
+                ) -> tuple[onnx.ModelProto, RewriteReport]:
+        """:class:`~onnxlrf.techniques.quant.rewrite.QDQRewrite` in the form the plan names (``options["runtime"]``)."""
+        return QDQRewrite(plan.options.get("runtime", "onnxruntime"))(model, plan, progress)
+
+    def perturbed_weights(self, model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
+        """The float graph with each planned weight replaced by its dequantized grid values."""
+        validate_plan(plan, model)
+        layers = {layer.node: layer for layer in find_quantizable(model)[0]}
+        constants = constant_producers(model)
+        replaced = {}
+        for entry in plan.layers:
+            if not entry.changed:
+                continue
+            layer = layers[entry.node]
+            weight = numpy_helper.to_array(constants[layer.weight])
+            if entry.granularity == "block":
+                levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
+                replaced[layer.weight] = dequantize_blocks(levels, scales, layer.reduction_axis, entry.block_size)
+            else:
+                levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
+                replaced[layer.weight] = dequantize_per_channel(levels, scales, layer.channel_axis)
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+        for init in result.graph.initializer:
+            if init.name in replaced:
+                init.CopyFrom(numpy_helper.from_array(replaced[init.name], init.name))
+        return result
+
+    keep_plot = KeepPlot("weight bits per layer", "bits", "bits",
+                         "Weight bits per layer (grey: float32; blue: planned bits).")
+    numeric_columns = ("bits",)
+
+    def view(self, entry: QuantEntry, rewritten: dict | None) -> EntryView:
+        """Bits (float where the layer stays as it is), container, granularity and activations."""
+        bits = entry.bits if rewritten else None
+        cells = {"bits": "float" if bits is None else str(bits),
+                 "container": entry.container if rewritten else "-",
+                 "granularity": (f"block {entry.block_size}" if entry.granularity == "block" else "per channel")
+                 if rewritten else "-",
+                 "activations": entry.activations}
+        return EntryView(cells, bits, FLOAT_BITS, "float" if bits is None else f"{bits}b")
+
+    def check_key(self, check: dict) -> Any:
+        return check.get("bits")
+
+    def check_label(self, check: dict) -> str:
+        return f"{check['bits']}b"
+
+
+QUANT = Quant()

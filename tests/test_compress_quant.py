@@ -1,0 +1,100 @@
+"""pipeline.compress_quant through the CLI: compress --technique quant on a small model with npz data, the plan
+re-applied by rewrite, and one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from quant_fixtures import images, residual_cnn
+
+from onnxlrf.cli import cli
+
+SAMPLES = 300
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = residual_cnn()
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    x = images(SAMPLES)
+    logits = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {
+        "input": x})[0]
+    np.savez(tmp_path / "data.npz", input=x, labels=logits.argmax(1).astype(np.int64))
+    return tmp_path
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def compress_args(files, *extra):
+    return ("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--data",
+            f"npz:{files / 'data.npz'}", "--calib", 100, "--val", 50, "-o", files / "out.onnx", *extra)
+
+
+def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_plan(files):
+    result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--plan-out", files / "plan.json",
+                                   "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["layers_quantized"] == 3 and payload["samples"] == SAMPLES - 150
+    assert payload["average_weight_bits"] == 7.0  # onnxruntime's form: 7-bit weights
+    assert payload["model_bytes"] == (files / "out.onnx").stat().st_size
+    assert payload["reference_model_bytes"] == (files / "model.onnx").stat().st_size
+    assert payload["optimized_op_counts"]["QLinearConv"] == 2 and payload["value"] >= 0.9
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["options"]["calibration_method"] == "minmax" and "r1" in plan["activation_ranges"]
+    again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
+    assert again.exit_code == 0, again.output
+    assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+
+
+def test_weight_only_without_data_and_the_tensorrt_form(files):
+    result = invoke("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--bits", 4,
+                    "--runtime", "tensorrt", "-o", files / "out.onnx", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["average_weight_bits"] == 4.0 and "value" not in payload
+    assert payload["model_bytes"] < payload["reference_model_bytes"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--bits", 4, "--activations", "int8"), "--activations int8 goes with --bits 8"),
+    ((), "mode uniform needs --bits"),
+    (("--bits", 8, "--block-size", 32), "--block-size is for weight-only int4"),
+])
+def test_bad_quant_flags_are_one_line_errors_and_write_nothing(files, extra, message):
+    result = invoke(*compress_args(files, *extra))
+    assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (files / "out.onnx").exists()
+
+
+def test_quant_flags_need_the_quant_technique(files):
+    result = invoke("compress", files / "model.onnx", "--mode", "uniform", "--rank-fraction", 0.5, "--bits", 8,
+                    "-o", files / "out.onnx")
+    assert result.exit_code == 1 and "apply to --technique quant" in result.output
+    result = invoke(*compress_args(files, "--bits", 8), "--mode", "compact")
+    assert result.exit_code == 1 and "--bits is for --mode uniform" in result.output
+    result = invoke(*compress_args(files), "--mode", "compact")
+    assert result.exit_code == 1 and "pass --target bytes" in result.output
+
+
+def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bytes", "--target-reduction", 0.7,
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["mode"] == "lossless" and plan["options"]["target"] == "bytes"
+    assert plan["options"]["achieved_reduction"] >= 0.7 and plan["options"]["backoff"]
+    bits = [layer["choice"]["bits"] for layer in plan["layers"]]
+    assert all(b in (2, 3, 4, 5, 6, 8) for b in bits) and payload["layers_quantized"] == 3
+    assert all("predicted_dloss" in layer["notes"] for layer in plan["layers"])
+    assert payload["average_weight_bits"] < 8 and payload["model_bytes"] < payload["reference_model_bytes"]
+    result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--activations", "int8"))
+    assert result.exit_code == 1 and "weight-only per channel so far" in result.output
