@@ -73,11 +73,38 @@ class CalibrationBatches:
 
 
 def range_batch_size(reference: onnx.ModelProto, dataset: Any, limit: int = 128) -> int:
-    """Samples per range-check batch: as many as keep its largest activation within ``RANGE_BATCH_BYTES``."""
+    """Samples per range-check batch: as many as keep its largest activation within ``RANGE_BATCH_BYTES``
+    (and one where the graph runs one sample at a time, see :func:`samples_per_run`)."""
     from .torch_graph import TorchGraph
 
     largest = TorchGraph(reference).largest_value_bytes(dataset.subset(np.arange(1)).inputs)
-    return int(np.clip(RANGE_BATCH_BYTES // max(largest, 1), 1, limit))
+    return int(np.clip(RANGE_BATCH_BYTES // max(largest, 1), 1, samples_per_run(reference, dataset, limit)))
+
+
+def samples_per_run(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
+    """``wanted``, or 1 where ``reference`` cannot run several samples at once in torch.
+
+    A graph declared for a fixed batch may still hold the batch as a constant: a detector exported
+    for one image takes the first image of its input (a Gather at 0) and gives one image's
+    outputs for a batch of any size. Such a graph is tried on two samples; where that fails or
+    does not give two rows per output, it runs one sample at a time.
+    """
+    from ..data import graph_inputs
+    from .torch_graph import TorchGraph
+
+    inputs = graph_inputs(reference)
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    if wanted <= 1 or len(dataset) < 2 or not dims or not dims[0].HasField("dim_value"):
+        return wanted  # a symbolic batch axis: the exporter traced the batch as a variable
+    pair = dataset.subset(np.arange(2))
+    try:
+        import torch
+
+        with torch.no_grad():
+            outputs = TorchGraph(reference)(pair.inputs)
+    except RuntimeError:  # a shape fixed at the traced batch (a Reshape to a constant shape)
+        return 1
+    return wanted if all(output.dim() > 0 and output.shape[0] == pair.rows for output in outputs) else 1
 
 
 def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> CalibrationBatches:
@@ -205,6 +232,7 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             # The original's own similarity (on the gold 0-5 scale): zero gradient, so the plan
             # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
+    micro_batch = samples_per_run(reference, calib, micro_batch)
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=loss_name, progress=progress,
                           curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial)
