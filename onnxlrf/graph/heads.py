@@ -76,12 +76,11 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
             consumers.setdefault(name, []).append(i)
 
     after = _downstream(nodes, selecting, consumers)
-    for i in sorted(after):
+    for i in sorted(after | set(selecting)):
         node = nodes[i]
-        region = _ops_within(node) & set(REGION_OPS)
-        if node.name in layer_nodes or region:
+        if node.name in layer_nodes or _ops_within(node) & set(REGION_OPS):
             first = nodes[min(selecting)]
-            what = f"crops features by boxes ({sorted(region)[0]})" if region else \
+            what = "crops features by boxes" if node.name not in layer_nodes else \
                 f"runs on what {first.op_type} {first.name!r} selected"
             raise OnnxlrfError(f"{node.op_type} {node.name!r} {what}: a two-stage detector (a second stage on the "
                                f"first stage's proposals) has no per-sample outputs before its post-processing to "
