@@ -199,9 +199,8 @@ def compress_joint(
     progress = as_progress(progress)
     _check_float32(reference)
     post = post_processing(reference, options.target)
-    full = reference
+    compared = reference if post is None else cut_at_heads(reference, post.heads)
     if post is not None:
-        reference = cut_at_heads(full, post.heads)
         progress.log(f"post-processing ({', '.join(post.selection_ops)}): the analysis and the metrics compare "
                      f"the heads before it ({', '.join(post.heads)}); the written model keeps it")
     if dataset.task == OUTPUTS:
@@ -209,7 +208,7 @@ def compress_joint(
             raise OnnxlrfError("compact mode on data without labels keeps the outputs within --tolerance of the "
                                "original's (relative squared error; every truncation moves them): pass "
                                "--tolerance > 0, e.g. 0.01")
-        dataset = with_original_outputs(dataset, reference, provider, progress)
+        dataset = with_original_outputs(dataset, compared, provider, progress)
     if analysis.labels is None:
         analysis = dataclasses.replace(analysis, labels=default_labels(dataset))
         if dataset.task == OUTPUTS:
@@ -222,10 +221,10 @@ def compress_joint(
         progress.log(f"warning: {min(len(split.calib), len(split.val))} samples cannot tell a compressed model from "
                      f"the original; the back-off's verdicts on so few are chance (use --calib and --val of "
                      f"{SMALL_SPLIT} or more)")
-    cost = cost_model(full, options.target, cost or make_cost(full, options.target))
+    cost = cost_model(reference, options.target, cost or make_cost(reference, options.target))
     if analysis.spatial is None:
         analysis = dataclasses.replace(analysis, spatial=cost.target != "params")
-    rounds = verify_in_rounds(reference, split, options, analysis, verify, cost, provider, progress)
+    rounds = verify_in_rounds(compared, split, options, analysis, verify, cost, provider, progress)
     plan, compressed = rounds.plan, rounds.model
     plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed, "labels": analysis.labels,
                          "backoff": [attempt.to_dict() for attempt in rounds.attempts]})
@@ -238,13 +237,13 @@ def compress_joint(
             results[name] = {"value": model_metric(compressed, data, provider, progress, "val split: compressed"),
                              "reference_value": rounds.reference_value, "samples": len(data)}
         else:
-            v = validate(compressed, data, reference=reference, provider=provider, progress=progress)
+            v = validate(compressed, data, reference=compared, provider=provider, progress=progress)
             results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(data),
                              "change_interval": v.change_interval}
     report = rounds.report
-    if post is not None:  # the plan's layers are the full model's: the cut only dropped post-processing
-        plan.source = plan_source(full)
-        compressed, report = apply_plan(full, plan, progress=progress)
+    if post is not None:  # the plan's layers are the whole model's: the cut only dropped post-processing
+        plan.source = plan_source(reference)
+        compressed, report = apply_plan(reference, plan, progress=progress)
     return JointResult(plan, compressed, report, results, rounds.attempts, rounds.analysis, split.test)
 
 
@@ -332,7 +331,8 @@ def compress(
         reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
         check_finite_weights(reference)
-        post_processing(reference, options.target)  # a two-stage detector or a latency target: refused now
+        if data is not None or options.target == "latency":  # what cannot be compared or measured: refused now
+            post_processing(reference, options.target)
         dataset = None
         if data is not None:
             from .data import load_data

@@ -7,8 +7,9 @@ selection does have a sample axis: the heads' raw box regressions and class logi
 what the label-free loss and the fidelity compare (:func:`cut_at_heads` makes the model that
 outputs them); the written model keeps its post-processing as it was.
 
-The heads are found from the graph alone: the selection ops; the trunk (every weight layer and
-everything it depends on); the tensors the trunk hands to the rest of the graph on the way to the
+The heads are found from the graph alone: the selection ops that read what a weight layer computed
+(a NonZero on an input mask is no post-processing); the trunk (every weight layer and everything
+it depends on); the tensors the trunk hands to the rest of the graph on the way to the
 selection (where the rest reads more than their shape), each followed through layout-only ops
 (Reshape, Transpose, Concat, ...) as far as those read nothing else but constants and shapes.
 For ssdlite320 that is the Concat of the six levels' box regressions and that of their class
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import onnx
 
 from ..errors import OnnxlrfError
-from .layers import find_layers, subgraph_reads
+from .layers import FACTORIZABLE_OPS, QUANTIZED_OPS, constant_producers, subgraph_reads
 
 # Ops whose outputs are chosen by the values of their inputs: the start of post-processing.
 SELECTION_OPS = ("TopK", "NonZero", "NonMaxSuppression")
@@ -59,50 +60,57 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 
 
 def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
-    """The post-processing of ``model`` (see the module doc), or None where it has no selection op.
+    """The post-processing of ``model`` (see the module doc), or None where it has none: no selection op
+    that reads what a weight layer computed (a NonZero on an input mask is not post-processing).
 
     Raises OnnxlrfError for a two-stage detector (weight layers after a selection, or RoIAlign).
     """
     nodes = list(model.graph.node)
-    selecting = [i for i, node in enumerate(nodes) if _ops_within(node) & {*SELECTION_OPS, *REGION_OPS}]
-    if not selecting:
+    if not any(_ops_within(node) & {*SELECTION_OPS, *REGION_OPS} for node in nodes):
         return None
-    layers, skipped = find_layers(model)
-    layer_nodes = {layer.node for layer in layers} | {node.node for node in skipped}
+    constants = constant_producers(model)
+    weight_layers = [i for i, node in enumerate(nodes) if node.op_type in (*FACTORIZABLE_OPS, *QUANTIZED_OPS)
+                     and any(name in constants for name in node.input)]
     producer = {name: i for i, node in enumerate(nodes) for name in node.output}
     consumers: dict[str, list[int]] = {}
     for i, node in enumerate(nodes):
         for name in _reads(node):
             consumers.setdefault(name, []).append(i)
+    selecting = sorted(i for i in _downstream(nodes, weight_layers, consumers)
+                       if _ops_within(nodes[i]) & {*SELECTION_OPS, *REGION_OPS})
+    if not selecting:
+        return None
 
     after = _downstream(nodes, selecting, consumers)
     for i in sorted(after | set(selecting)):
         node = nodes[i]
-        if node.name in layer_nodes or _ops_within(node) & set(REGION_OPS):
-            first = nodes[min(selecting)]
-            what = "crops features by boxes" if node.name not in layer_nodes else \
-                f"runs on what {first.op_type} {first.name!r} selected"
+        if i in weight_layers or _ops_within(node) & set(REGION_OPS):
+            first = nodes[selecting[0]]
+            what = f"runs on what {first.op_type} {first.name!r} selected" if i in weight_layers else \
+                "crops features by boxes"
             raise OnnxlrfError(f"{node.op_type} {node.name!r} {what}: a two-stage detector (a second stage on the "
                                f"first stage's proposals) has no per-sample outputs before its post-processing to "
                                f"compare; onnxlrf compresses single-stage detectors (SSD, RetinaNet, FCOS)")
 
-    trunk = _upstream(nodes, [i for i, node in enumerate(nodes) if node.name in layer_nodes], producer)
+    trunk = _upstream(nodes, weight_layers, producer)
     before = _upstream(nodes, selecting, producer) - trunk
-    constants = _constant_tensors(model, nodes, producer)
+    computed = _computed_tensors(model, nodes)
     # Tensors the trunk computes from the inputs and hands to post-processing by value (a Shape of a
     # feature map reads no values).
     heads = {name for i in before if nodes[i].op_type not in SHAPE_OPS for name in _reads(nodes[i])
-             if producer.get(name) in trunk and name not in constants}
+             if producer.get(name) in trunk and name in computed}
     for i in sorted(before):  # graph order: a layout op's inputs are settled before it
         node = nodes[i]
         if node.op_type not in LAYOUT_OPS or not node.output:
             continue
-        values = [name for name in node.input[:LAYOUT_OPS[node.op_type]] if name and name not in constants]
+        values = [name for name in node.input[:LAYOUT_OPS[node.op_type]] if name in computed]
         alone = all(name in heads and all(nodes[j].op_type in SHAPE_OPS or j == i for j in consumers[name])
                     for name in values)
         if values and alone:
             heads.difference_update(values)
             heads.add(node.output[0])
+    if not heads:  # the selection reads the layers' outputs only through their shapes
+        return None
     ops = tuple(dict.fromkeys(op for i in selecting for op in sorted(_ops_within(nodes[i]) & set(SELECTION_OPS))))
     return PostProcessing(ops, tuple(sorted(heads, key=lambda name: producer[name])))
 
@@ -133,15 +141,14 @@ def _upstream(nodes: list[onnx.NodeProto], start: list[int], producer: dict[str,
     return seen
 
 
-def _constant_tensors(model: onnx.ModelProto, nodes: list[onnx.NodeProto], producer: dict[str, int]) -> set[str]:
-    """Tensors that depend on no graph input: initializers and what nodes compute from them alone."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    fed = {value.name for value in model.graph.input} - initializers
-    variable: set[str] = set()
+def _computed_tensors(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[str]:
+    """Tensors computed from the graph inputs (not from initializers and constants alone)."""
+    fed = {value.name for value in model.graph.input} - {tensor.name for tensor in model.graph.initializer}
+    computed: set[str] = set()
     for node in nodes:  # graph order
-        if _reads(node) & (fed | variable):
-            variable.update(node.output)
-    return {name for name in producer if name not in variable} | initializers
+        if _reads(node) & (fed | computed):
+            computed.update(node.output)
+    return computed
 
 
 def cut_at_heads(model: onnx.ModelProto, heads: tuple[str, ...] | list[str]) -> onnx.ModelProto:

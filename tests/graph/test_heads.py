@@ -115,6 +115,16 @@ def test_model_without_selection_has_no_post_processing() -> None:
     assert find_post_processing(cut_at_heads(model, ["box_regression", "cls_logits"])) is None
 
 
+def test_selection_on_the_inputs_alone_is_no_post_processing() -> None:
+    """A TopK before any weight layer (on an input) selects no detections."""
+    nodes = [helper.make_node("TopK", ["input", "k"], ["top", "index"], axis=1),
+             helper.make_node("MatMul", ["top", "w"], ["output"], name="linear")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
+                              [const("k", [4]), numpy_helper.from_array(np.ones((4, 4), np.float32), "w")])
+    assert find_post_processing(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])) is None
+
+
 @pytest.mark.parametrize("second_stage, says", [
     ("matmul", "MatMul 'refine' runs on what TopK 'topk' selected: a two-stage detector"),
     ("roialign", "RoiAlign 'roi_align' crops features by boxes: a two-stage detector"),
