@@ -25,6 +25,8 @@ from ..progress import Progress, ProgressLike, as_progress
 # (ResNeXt-50, 32 images: 1.9 s in batches of 5, 1.6 s in batches of 16 or 32).
 # This bound gives it batches of 20 (largest activation 3.2 MB per image).
 RANGE_BATCH_BYTES = 64 << 20
+# Memory the analysis takes per byte of the values a forward pass computes (see samples_in_memory).
+ANALYSIS_MEMORY_PER_VALUE_BYTE = 3
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,22 @@ def samples_per_run(reference: onnx.ModelProto, dataset: Any, wanted: int) -> in
     except RuntimeError:  # a shape fixed at the traced batch (a Reshape to a constant shape)
         return 1
     return wanted if all(output.dim() > 0 and output.shape[0] == pair.rows for output in outputs) else 1
+
+
+def samples_in_memory(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
+    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis within half of the
+    memory free now; at least one.
+
+    The analysis keeps every value for the backward pass, their gradients and the layers' unfolded
+    inputs: FCN-ResNet50 at 224 x 224 computes 0.24 GiB of values per image, and 16 images at once
+    took 12 GB, 3.1 times their values; a micro-batch is given 3 times its values.
+    """
+    from .sensitivity import free_memory
+    from .torch_graph import TorchGraph
+
+    per_sample = ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(reference).total_value_bytes(
+        dataset.subset(np.arange(1)).inputs)
+    return int(np.clip(free_memory() / 2 // max(per_sample, 1), 1, wanted))
 
 
 def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> CalibrationBatches:
@@ -232,7 +250,10 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             # The original's own similarity (on the gold 0-5 scale): zero gradient, so the plan
             # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
-    micro_batch = samples_per_run(reference, calib, micro_batch)
+    batchable = samples_per_run(reference, calib, micro_batch)
+    micro_batch = samples_in_memory(reference, calib, batchable)
+    if micro_batch < min(batchable, len(calib)):
+        progress.log(f"analysis: micro-batches of {micro_batch} samples, to stay within half of the memory free")
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=loss_name, progress=progress,
                           curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial)

@@ -1755,6 +1755,18 @@ class TorchGraph:
             self(feeds, hook=note, hook_nodes={n.name for n in self.nodes})
         return largest
 
+    def total_value_bytes(self, feeds: dict[str, torch.Tensor | np.ndarray]) -> int:
+        """Bytes of all the values a run on ``feeds`` computes (what a backward pass may keep)."""
+        total = 0
+
+        def note(node: onnx.NodeProto, inputs: list, output: torch.Tensor) -> None:
+            nonlocal total
+            total += output.nbytes if torch.is_tensor(output) else 0
+
+        with torch.no_grad():
+            self(feeds, hook=note, hook_nodes={n.name for n in self.nodes})
+        return total
+
     def trace(self, feeds: dict[str, torch.Tensor | np.ndarray], resume_from: Iterable[int]) -> dict[str, torch.Tensor]:
         """Run the graph; return the outputs and the values a :meth:`resume` at any of ``resume_from`` needs."""
         live: set[str] = set(self.output_names)

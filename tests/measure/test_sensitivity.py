@@ -683,3 +683,16 @@ def test_layer_whose_factors_exceed_half_the_free_memory_stays_dense(small_cnn, 
     assert set(sens.layers) == set(layers) - {largest.node}
     reason = unplanned_entry(largest, sens, ParamsCost(model)).notes["reason"]
     assert reason.startswith("not analyzed: its Kronecker factors (") and "half of the memory free" in reason
+
+
+def test_micro_batches_shrink_to_half_the_free_memory(small_cnn, monkeypatch):
+    from onnxlrf.measure import analysis, sensitivity
+
+    model, data = small_cnn
+    per_sample = analysis.ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(model).total_value_bytes(
+        data.subset(np.arange(1)).inputs)
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * 7.5 * per_sample)
+    assert analysis.samples_in_memory(model, data, 50) == 7
+    assert analysis.samples_in_memory(model, data, 5) == 5
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 1.0)
+    assert analysis.samples_in_memory(model, data, 50) == 1
