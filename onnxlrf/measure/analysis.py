@@ -110,19 +110,21 @@ def samples_per_run(reference: onnx.ModelProto, dataset: Any, wanted: int) -> in
 
 
 def samples_in_memory(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
-    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis within half of the
-    memory free now; at least one.
+    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis, with the layers'
+    Kronecker factors, within half of the memory free now; at least one.
 
     The analysis keeps every value for the backward pass, their gradients and the layers' unfolded
-    inputs: FCN-ResNet50 at 224 x 224 computes 0.24 GiB of values per image, and 16 images at once
-    took 12 GB, 3.1 times their values; a micro-batch is given 3 times its values.
+    inputs: a micro-batch is given 3 times the values its forward pass computes (FCN-ResNet50 at
+    224 x 224: 0.24 GiB per image).
     """
-    from .sensitivity import free_memory
+    from ..graph.layers import find_layers
+    from .sensitivity import factor_bytes, free_memory
     from .torch_graph import TorchGraph
 
     per_sample = ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(reference).total_value_bytes(
         dataset.subset(np.arange(1)).inputs)
-    return int(np.clip(free_memory() / 2 // max(per_sample, 1), 1, wanted))
+    budget = free_memory() / 2 - sum(factor_bytes(layer) for layer in find_layers(reference)[0])
+    return int(np.clip(budget // max(per_sample, 1), 1, wanted))
 
 
 def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> CalibrationBatches:

@@ -691,7 +691,8 @@ def test_micro_batches_shrink_to_half_the_free_memory(small_cnn, monkeypatch):
     model, data = small_cnn
     per_sample = analysis.ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(model).total_value_bytes(
         data.subset(np.arange(1)).inputs)
-    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * 7.5 * per_sample)
+    factors = sum(sensitivity.factor_bytes(layer) for layer in find_layers(model)[0])
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * (factors + 7.5 * per_sample))
     assert analysis.samples_in_memory(model, data, 50) == 7
     assert analysis.samples_in_memory(model, data, 5) == 5
     monkeypatch.setattr(sensitivity, "free_memory", lambda: 1.0)
