@@ -13,8 +13,9 @@ it depends on); the tensors the trunk hands to the rest of the graph on the way 
 selection (where the rest reads more than their shape), each followed through layout-only ops
 (Reshape, Transpose, Concat, ...) as far as those read nothing else but constants and shapes.
 For ssdlite320 that is the Concat of the six levels' box regressions and that of their class
-logits. A two-stage detector runs weight layers on what its selection kept (Faster R-CNN's RoI
-heads, after RoIAlign): it has no per-sample tensor before its post-processing, and is refused.
+logits. A two-stage detector crops its features by the boxes its first stage selected (Faster
+R-CNN's RoIAlign) and runs a second stage on the crops: it has no per-sample tensor before its
+post-processing, and is refused.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
     """The post-processing of ``model`` (see the module doc), or None where it has none: no selection op
     that reads what a weight layer computed (a NonZero on an input mask is not post-processing).
 
-    Raises OnnxlrfError for a two-stage detector (weight layers after a selection, or RoIAlign).
+    Weight layers after a selection make it no post-processing (a mixture of experts routes by TopK).
+    Raises OnnxlrfError for a two-stage detector (RoIAlign on what a first stage computed).
     """
     nodes = list(model.graph.node)
     if not any(_ops_within(node) & {*SELECTION_OPS, *REGION_OPS} for node in nodes):
@@ -81,16 +83,13 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
     if not selecting:
         return None
 
-    after = _downstream(nodes, selecting, consumers)
-    for i in sorted(after | set(selecting)):
-        node = nodes[i]
-        if i in weight_layers or _ops_within(node) & set(REGION_OPS):
-            first = nodes[selecting[0]]
-            what = f"runs on what {first.op_type} {first.name!r} selected" if i in weight_layers else \
-                "crops features by boxes"
-            raise OnnxlrfError(f"{node.op_type} {node.name!r} {what}: a two-stage detector (a second stage on the "
-                               f"first stage's proposals) has no per-sample outputs before its post-processing to "
-                               f"compare; onnxlrf compresses single-stage detectors (SSD, RetinaNet, FCOS)")
+    region = next((nodes[i] for i in selecting if _ops_within(nodes[i]) & set(REGION_OPS)), None)
+    if region is not None:
+        raise OnnxlrfError(f"{region.op_type} {region.name!r} crops features by the boxes a first stage selected: a "
+                           f"two-stage detector has no per-sample outputs before its post-processing to compare; "
+                           f"onnxlrf compresses single-stage detectors (SSD, RetinaNet, FCOS)")
+    if set(weight_layers) & _downstream(nodes, selecting, consumers):
+        return None  # the selection routes the computation (a mixture of experts' TopK), not its results
 
     trunk = _upstream(nodes, weight_layers, producer)
     before = _upstream(nodes, selecting, producer) - trunk
