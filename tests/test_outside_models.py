@@ -24,7 +24,7 @@ from click.testing import CliRunner
 
 from onnxlrf.cli import cli
 from onnxlrf.export import export_model
-from onnxlrf.models import ModelSpec
+from onnxlrf.models import ModelSpec, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -75,6 +75,21 @@ def test_torchvision_detection(mode: tuple[str, ...], tmp_path: Path) -> None:
                                   "/model/head/classification_head/Concat_12_output_0"]
     assert {"TopK", "NonZero"} <= {node.op_type for node in onnx.load(str(output)).graph.node}
     assert [value.name for value in onnx.load(str(output)).graph.output] == ["boxes", "scores", "labels"]
+
+
+def test_torchvision_two_stage_detector_is_refused_with_one_line(tmp_path: Path) -> None:
+    """Faster R-CNN crops its features by the first stage's proposals (RoIAlign): nothing before its
+    post-processing has a row per sample. Its export check fails on random weights (torch's and
+    onnxruntime's RoIAlign differ by 0.16 pixels), so the file is exported without it."""
+    exported = tmp_path / "fasterrcnn.onnx"
+    export_model(load_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"), exported, check=False)
+    result = compress(exported, images(tmp_path / "images.npz", 4, 3, 320), LOSSLESS, tmp_path / "out.onnx", 2)
+    assert result.exit_code == 1
+    assert result.stderr == ("Error: RoiAlign '/model/roi_heads/box_roi_pool/RoiAlign' crops features by the boxes a "
+                             "first stage selected: a two-stage detector has no per-sample outputs before its "
+                             "post-processing to compare; onnxlrf compresses single-stage detectors (SSD, RetinaNet, "
+                             "FCOS)\n")
+    assert not (tmp_path / "out.onnx").exists()
 
 
 class Decoder(torch.nn.Module):

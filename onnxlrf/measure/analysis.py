@@ -110,20 +110,21 @@ def samples_per_run(reference: onnx.ModelProto, dataset: Any, wanted: int) -> in
 
 
 def samples_in_memory(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
-    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis, with the layers'
-    Kronecker factors, within half of the memory free now; at least one.
+    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis, with the Kronecker
+    factors of the layers it covers, within half of the memory free now; at least one.
 
     The analysis keeps every value for the backward pass, their gradients and the layers' unfolded
     inputs: a micro-batch is given 3 times the values its forward pass computes (FCN-ResNet50 at
     224 x 224: 0.24 GiB per image).
     """
     from ..graph.layers import find_layers
-    from .sensitivity import factor_bytes, free_memory
+    from .sensitivity import covered_layers, factors_in_memory, free_memory
     from .torch_graph import TorchGraph
 
     per_sample = ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(reference).total_value_bytes(
         dataset.subset(np.arange(1)).inputs)
-    budget = free_memory() / 2 - sum(factor_bytes(layer) for layer in find_layers(reference)[0])
+    budget = free_memory() / 2
+    budget -= factors_in_memory(covered_layers(find_layers(reference)[0]), budget)[1]
     return int(np.clip(budget // max(per_sample, 1), 1, wanted))
 
 

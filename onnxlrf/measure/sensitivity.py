@@ -488,24 +488,16 @@ def analyze(
 
     ``batches`` may have a ``len()`` (number of micro-batches) for the progress bar.
 
-    A layer whose Kronecker factors would not fit in half of the memory free now (less what the
-    layers before it take) is left out, with the reason in :attr:`Sensitivity.left_out`: its
-    factors' eigendecompositions need several times that, and one huge layer (FCN-ResNet50's
-    3 x 3 conv on 2,048 channels: 2.7 GB for ``A`` alone) must not stop the whole model.
+    A layer whose Kronecker factors would not fit in half of the memory free now (see
+    :func:`factors_in_memory`) is left out, with the reason in :attr:`Sensitivity.left_out`: one
+    huge layer (FCN-ResNet50's 3 x 3 conv on 2,048 channels: 2.7 GB for ``A`` alone, five copies
+    while its basis is computed) must not stop the whole model.
     """
     progress = as_progress(progress)
     if layers is None:
         layers = find_layers(model)[0]
-    covered = [layer for layer in layers if "channel" in layer.decompositions and analysis_exclusion(layer) is None]
-    left_out = {}
-    budget = free_memory() / 2
-    for layer in covered:
-        needed = factor_bytes(layer)
-        if needed > budget:
-            left_out[layer.node] = (f"not analyzed: its Kronecker factors ({needed / 2**30:.1f} GiB) would not fit "
-                                    f"in half of the memory free ({budget / 2**30:.1f} GiB left of it)")
-        else:
-            budget -= needed
+    covered = covered_layers(layers)
+    left_out, _ = factors_in_memory(covered, free_memory() / 2)
     for node, reason in left_out.items():
         progress.log(f"  {node} stays dense: {reason}")
     covered = [layer for layer in covered if layer.node not in left_out]
@@ -603,6 +595,35 @@ def analyze(
                 weight_norm=weight_norm, decomposition="spatial")
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name,
                        spatial=spatial_result, left_out=left_out)
+
+
+# Copies of a layer's Kronecker factors the analysis holds (the accumulated sums and the input moment
+# it keeps), and the further copies while its basis is computed (damped, Cholesky factor, transposed).
+HELD_FACTOR_COPIES, BASIS_FACTOR_COPIES = 2, 3
+
+
+def covered_layers(layers: list[Layer]) -> list[Layer]:
+    """The layers the joint analysis covers (see :func:`~onnxlrf.measure.coverage.analysis_exclusion`)."""
+    return [layer for layer in layers if "channel" in layer.decompositions and analysis_exclusion(layer) is None]
+
+
+def factors_in_memory(layers: list[Layer], budget: float) -> tuple[dict[str, str], int]:
+    """The layers whose factors do not fit in ``budget`` bytes (node -> why), and the bytes the others hold.
+
+    In graph order, a layer fits if what the layers before it hold plus its own factors while its
+    basis is computed (:data:`HELD_FACTOR_COPIES` + :data:`BASIS_FACTOR_COPIES` copies) stay within it.
+    """
+    left_out, held = {}, 0
+    for layer in layers:
+        needed = factor_bytes(layer)
+        if held + (HELD_FACTOR_COPIES + BASIS_FACTOR_COPIES) * needed > budget:
+            left_out[layer.node] = (f"not analyzed: its Kronecker factors ({needed / 2**30:.2f} GiB, "
+                                    f"{HELD_FACTOR_COPIES + BASIS_FACTOR_COPIES} copies while its basis is "
+                                    f"computed) would not fit in half of the memory free ({budget / 2**30:.1f} "
+                                    f"GiB, {held / 2**30:.1f} GiB of it held by the layers before)")
+        else:
+            held += HELD_FACTOR_COPIES * needed
+    return left_out, held
 
 
 def factor_bytes(layer: Layer) -> int:

@@ -677,7 +677,8 @@ def test_layer_whose_factors_exceed_half_the_free_memory_stays_dense(small_cnn, 
     layers = {layer.node: layer for layer in find_layers(model)[0]}
     largest = max(layers.values(), key=sensitivity.factor_bytes)
     # Room for every layer's factors but the largest's.
-    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * (sensitivity.factor_bytes(largest) - 1))
+    copies = sensitivity.HELD_FACTOR_COPIES + sensitivity.BASIS_FACTOR_COPIES
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * (copies * sensitivity.factor_bytes(largest) - 1))
     sens = analyze(model, _batches(data.subset(np.arange(200))), classification_loss)
     assert set(sens.left_out) == {largest.node} and largest.node not in sens.layers
     assert set(sens.layers) == set(layers) - {largest.node}
@@ -691,9 +692,11 @@ def test_micro_batches_shrink_to_half_the_free_memory(small_cnn, monkeypatch):
     model, data = small_cnn
     per_sample = analysis.ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(model).total_value_bytes(
         data.subset(np.arange(1)).inputs)
-    factors = sum(sensitivity.factor_bytes(layer) for layer in find_layers(model)[0])
-    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * (factors + 7.5 * per_sample))
-    assert analysis.samples_in_memory(model, data, 50) == 7
-    assert analysis.samples_in_memory(model, data, 5) == 5
+    free = 2.0 * 20 * per_sample
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: free)
+    held = sensitivity.factors_in_memory(sensitivity.covered_layers(find_layers(model)[0]), free / 2)[1]
+    assert 0 < held < free / 2  # the factors take part of the budget, the micro-batch the rest
+    assert analysis.samples_in_memory(model, data, 50) == int((free / 2 - held) // per_sample) < 20
+    assert analysis.samples_in_memory(model, data, 1) == 1
     monkeypatch.setattr(sensitivity, "free_memory", lambda: 1.0)
     assert analysis.samples_in_memory(model, data, 50) == 1
