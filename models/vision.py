@@ -13,6 +13,9 @@ from onnxlrf.errors import OnnxlrfError
 from .cifar_resnet import read_state_dict
 
 CLASSIFICATION, SEGMENTATION, DETECTION = "classification", "segmentation", "detection"
+RANDOM_WEIGHTS_SEED = 0
+# Random images whose statistics random detection models' BatchNorms take (see set_batch_norm_statistics).
+STATISTICS_IMAGES = 8
 
 
 class SegmentationMap(nn.Module):
@@ -57,7 +60,12 @@ def build(name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, tupl
         raise OnnxlrfError(f"unknown model 'torchvision:{name}'; known torchvision models include: "
                            f"{', '.join(known[:8])}, ...")
     # Segmentation and detection builders would download ImageNet weights for their backbone.
-    module = models.get_model(name, weights=None, **({} if task == CLASSIFICATION else {"weights_backbone": None}))
+    # Seeded (in a forked generator, leaving the caller's untouched): the same name is the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        module = models.get_model(name, weights=None, **({} if task == CLASSIFICATION else {"weights_backbone": None}))
+        if weights is None and task == DETECTION:
+            set_batch_norm_statistics(module, input_size(name, module))
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
@@ -66,6 +74,27 @@ def build(name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, tupl
     size = input_size(name, module)
     wrapped = {CLASSIFICATION: module, SEGMENTATION: SegmentationMap(module), DETECTION: FirstImageDetections(module)}
     return wrapped[task].eval(), size, task
+
+
+def set_batch_norm_statistics(module: nn.Module, size: tuple[int, int]) -> None:
+    """Give every BatchNorm of ``module`` the running statistics of its inputs on random images.
+
+    With their initial statistics (mean 0, variance 1) a random detector's features vanish on the
+    way to its heads: every class of every anchor scores the same (1/91 for ssdlite320), its
+    detections tie, and which of them it keeps is up to float rounding. Statistics measured on
+    data make the scores differ, as a trained model's do.
+    """
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    module.eval()  # the detector itself runs in eval mode (in train mode it wants targets)
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over every batch
+        norm.train()
+    with torch.no_grad():  # images in [0, 1], as the detector's own normalization expects
+        for _ in range(STATISTICS_IMAGES // 4):
+            module(list(torch.rand(4, 3, *size)))
+    for norm in norms:
+        norm.eval()
 
 
 def input_size(name: str, module: nn.Module) -> tuple[int, int]:

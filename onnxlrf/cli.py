@@ -115,6 +115,8 @@ def _fmt_validation(v: Any) -> str:
     lines.append(f"params: {v.params:,}" + (f" (reference {v.reference_params:,})" if v.reference_params else ""))
     if v.max_abs_diff is not None:
         lines.append(f"max abs diff vs reference: {v.max_abs_diff:.3g}")
+    if v.metric == "fidelity":  # which outputs: a detector's are the heads before its post-processing
+        lines.append(f"compared: {', '.join(v.compared)}")
     lines.append(f"providers: {', '.join(v.providers)}")
     return "\n".join(lines)
 

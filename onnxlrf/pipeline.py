@@ -23,6 +23,7 @@ import onnx
 from .costs.latency import default_rank_multiple, make_cost
 from .costs.params import cost_model
 from .errors import OnnxlrfError, first_line
+from .graph.heads import PostProcessing, cut_at_heads, find_post_processing
 from .graph.layers import check_finite_weights, count_params, find_layers, weight_array
 from .measure.analysis import AnalysisOptions, analysis_cache_dir, default_labels
 from .onnx_io import (
@@ -33,7 +34,7 @@ from .onnx_io import (
     save_onnx,
     staged_outputs,
 )
-from .planning.joint import JOINT_MODES, PlanOptions
+from .planning.joint import JOINT_MODES, PlanOptions, plan_source
 from .planning.plan import Plan
 from .progress import Progress, ProgressLike, as_progress
 from .runtime.evaluate import model_metric, validate, with_original_outputs
@@ -193,6 +194,10 @@ def compress_joint(
     Data without labels (task ``outputs``) is scored by fidelity to ``reference``'s outputs, and
     ``analysis.labels`` None becomes ``outputs`` for it; compact mode then needs a ``tolerance`` > 0
     (see :func:`~onnxlrf.verify.backoff.metric_allowance`).
+    A detector's post-processing (:mod:`onnxlrf.graph.heads`) selects as many detections as survive,
+    with no row per sample: analysis, back-off and the splits' metrics then see the model cut at
+    the heads before it (their outputs are what the loss and the fidelity compare), and the
+    returned model is ``reference`` rewritten by the plan, post-processing intact.
     """
     from .data import OUTPUTS
 
@@ -200,12 +205,17 @@ def compress_joint(
         raise OnnxlrfError(f"unknown joint mode {options.mode!r}; known: {', '.join(JOINT_MODES)}")
     progress = as_progress(progress)
     _check_float32(reference)
+    post = post_processing(reference, options.target)
+    compared = reference if post is None else cut_at_heads(reference, post.heads)
+    if post is not None:
+        progress.log(f"post-processing ({', '.join(post.selection_ops)}): the analysis and the metrics compare "
+                     f"the heads before it ({', '.join(post.heads)}); the written model keeps it")
     if dataset.task == OUTPUTS:
         if options.mode == "compact" and options.tolerance <= 0:
             raise OnnxlrfError("compact mode on data without labels keeps the outputs within --tolerance of the "
                                "original's (relative squared error; every truncation moves them): pass "
                                "--tolerance > 0, e.g. 0.01")
-        dataset = with_original_outputs(dataset, reference, provider, progress)
+        dataset = with_original_outputs(dataset, compared, provider, progress)
     if analysis.labels is None:
         analysis = dataclasses.replace(analysis, labels=default_labels(dataset))
         if dataset.task == OUTPUTS:
@@ -221,7 +231,7 @@ def compress_joint(
     cost = cost_model(reference, options.target, cost or make_cost(reference, options.target))
     if analysis.spatial is None:
         analysis = dataclasses.replace(analysis, spatial=cost.target != "params")
-    rounds = verify_in_rounds(reference, split, options, analysis, verify, cost, provider, progress)
+    rounds = verify_in_rounds(compared, split, options, analysis, verify, cost, provider, progress)
     plan, compressed = rounds.plan, rounds.model
     plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed, "labels": analysis.labels,
                          "backoff": [attempt.to_dict() for attempt in rounds.attempts]})
@@ -234,10 +244,25 @@ def compress_joint(
             results[name] = {"value": model_metric(compressed, data, provider, progress, "val split: compressed"),
                              "reference_value": rounds.reference_value, "samples": len(data)}
         else:
-            v = validate(compressed, data, reference=reference, provider=provider, progress=progress)
+            v = validate(compressed, data, reference=compared, provider=provider, progress=progress)
             results[name] = {"value": v.value, "reference_value": v.reference_value, "samples": len(data),
                              "change_interval": v.change_interval}
-    return JointResult(plan, compressed, rounds.report, results, rounds.attempts, rounds.analysis, split.test)
+    report = rounds.report
+    if post is not None:  # the plan's layers are the whole model's: the cut only dropped post-processing
+        plan.source = plan_source(reference)
+        compressed, report = apply_plan(reference, plan, progress=progress)
+    return JointResult(plan, compressed, report, results, rounds.attempts, rounds.analysis, split.test)
+
+
+def post_processing(reference: onnx.ModelProto, target: str) -> PostProcessing | None:
+    """``reference``'s post-processing (:func:`~onnxlrf.graph.heads.find_post_processing`), where the
+    ``target`` can be reached with it; None where it has none."""
+    post = find_post_processing(reference)
+    if post is not None and target == "latency":
+        raise OnnxlrfError(f"--target latency cannot be measured on a model with post-processing "
+                           f"({', '.join(post.selection_ops)}): its run time depends on how many detections "
+                           f"survive, which the compression changes; use --target params or flops")
+    return post
 
 
 def _check_float32(model: onnx.ModelProto) -> None:
@@ -313,6 +338,8 @@ def compress(
         reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
         check_finite_weights(reference)
+        if data is not None or options.target == "latency":  # what cannot be compared or measured: refused now
+            post_processing(reference, options.target)
         dataset = None
         if data is not None:
             from .data import load_data

@@ -13,7 +13,7 @@ import torch
 from onnxlrf.models import ModelSpec, load_model
 
 from onnxlrf.errors import OnnxlrfError
-from onnxlrf.export import export_model, resize_batch
+from onnxlrf.export import compare_detections, export_model, resize_batch
 from onnxlrf.onnx_io import load_onnx
 
 
@@ -178,3 +178,19 @@ def test_bad_batch_and_missing_directory(resnet20: ModelSpec, tmp_path: Path) ->
         export_model(resnet20, tmp_path / "x.onnx", batch=0)
     with pytest.raises(OnnxlrfError, match="output directory does not exist"):
         export_model(resnet20, tmp_path / "missing" / "x.onnx")
+
+
+def test_detections_compare_as_a_set() -> None:
+    rng = np.random.default_rng(0)
+    boxes = rng.uniform(0, 300, (6, 4)).astype(np.float32)
+    scores = np.array([0.5, 0.5, 0.5, 0.4, 0.3, 0.3], np.float32)  # ties: their order is up to rounding
+    labels = np.array([1, 2, 1, 3, 3, 1], np.int64)
+    order = np.array([2, 0, 1, 3, 5, 4])
+    moved = boxes[order] + np.float32(0.001)
+    assert compare_detections(boxes, scores, labels, moved, scores[order], labels[order], "m") == pytest.approx(
+        0.001, abs=1e-4)
+    relabelled = labels[order].copy()
+    relabelled[0] = 7  # no box of label 7 on torch's side
+    assert compare_detections(boxes, scores, labels, boxes[order], scores[order], relabelled, "m") == np.inf
+    with pytest.raises(OnnxlrfError, match="^export of m keeps 5 detections, torch keeps 6$"):
+        compare_detections(boxes, scores, labels, boxes[:5], scores[:5], labels[:5], "m")

@@ -139,6 +139,19 @@ def test_torchvision_resnet18_random_and_loaded(tmp_path: Path) -> None:
     assert torch.equal(loaded.module.fc.weight, torch.full((1000, 512), 0.5))
 
 
+def test_torchvision_random_detector_is_seeded_with_batchnorm_statistics() -> None:
+    """The same name is the same model; a detector's BatchNorms hold statistics of data (not 0 and 1),
+    so its scores do not all tie."""
+    first, second = (load_model("torchvision:ssdlite320_mobilenet_v3_large") for _ in range(2))
+    state = first.module.state_dict()
+    assert all(torch.equal(value, second.module.state_dict()[key]) for key, value in state.items())
+    variances = [value for key, value in state.items() if key.endswith("running_var")]
+    assert variances and not any(torch.all(value == 1) for value in variances)
+    with torch.no_grad():
+        scores = first.module(*first.example_inputs.values())[1]
+    assert float(scores.std()) > 1e-3
+
+
 @pytest.fixture(scope="module")
 def minilm() -> ModelSpec:
     return load_model("minilm")

@@ -30,6 +30,8 @@ RANGE_BATCH_BYTES = 64 << 20
 # pair). This bound keeps them within 3 GiB (17 pairs there); it leaves the shared models at 50
 # samples (CIFAR ResNet-56: 5 MiB of values per image, MiniLM: 47 MiB per pair).
 ANALYSIS_BATCH_BYTES = 3 << 30
+# Memory the analysis takes per byte of the values a forward pass computes (see samples_in_memory).
+ANALYSIS_MEMORY_PER_VALUE_BYTE = 3
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,57 @@ class CalibrationBatches:
 
 
 def range_batch_size(reference: onnx.ModelProto, dataset: Any, limit: int = 128) -> int:
-    """Samples per range-check batch: as many as keep its largest activation within ``RANGE_BATCH_BYTES``."""
+    """Samples per range-check batch: as many as keep its largest activation within ``RANGE_BATCH_BYTES``
+    (and one where the graph runs one sample at a time, see :func:`samples_per_run`)."""
     from .torch_graph import TorchGraph
 
     largest, _ = TorchGraph(reference).value_bytes(dataset.subset(np.arange(1)).inputs)
-    return int(np.clip(RANGE_BATCH_BYTES // max(largest, 1), 1, limit))
+    return int(np.clip(RANGE_BATCH_BYTES // max(largest, 1), 1, samples_per_run(reference, dataset, limit)))
+
+
+def samples_per_run(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
+    """``wanted``, or 1 where ``reference`` cannot run several samples at once in torch.
+
+    A graph declared for a fixed batch may still hold the batch as a constant: a detector exported
+    for one image takes the first image of its input (a Gather at 0) and gives one image's
+    outputs for a batch of any size. Such a graph is tried on two samples; where that fails or
+    does not give two rows per output, it runs one sample at a time.
+    """
+    from ..data import graph_inputs
+    from .torch_graph import TorchGraph
+
+    inputs = graph_inputs(reference)
+    dims = inputs[0].type.tensor_type.shape.dim if inputs else []
+    if wanted <= 1 or len(dataset) < 2 or not dims or not dims[0].HasField("dim_value"):
+        return wanted  # a symbolic batch axis: the exporter traced the batch as a variable
+    pair = dataset.subset(np.arange(2))
+    try:
+        import torch
+
+        with torch.no_grad():
+            outputs = TorchGraph(reference)(pair.inputs)
+    except RuntimeError:  # a shape fixed at the traced batch (a Reshape to a constant shape)
+        return 1
+    return wanted if all(output.dim() > 0 and output.shape[0] == pair.rows for output in outputs) else 1
+
+
+def samples_in_memory(reference: onnx.ModelProto, dataset: Any, wanted: int) -> int:
+    """``wanted``, or fewer: as many samples as keep a micro-batch of the analysis, with the Kronecker
+    factors of the layers it covers, within half of the memory free now; at least one.
+
+    The analysis keeps every value for the backward pass, their gradients and the layers' unfolded
+    inputs: a micro-batch is given 3 times the values its forward pass computes (FCN-ResNet50 at
+    224 x 224: 0.24 GiB per image).
+    """
+    from ..graph.layers import find_layers
+    from .sensitivity import covered_layers, factors_in_memory, free_memory
+    from .torch_graph import TorchGraph
+
+    _, total = TorchGraph(reference).value_bytes(dataset.subset(np.arange(1)).inputs)
+    per_sample = ANALYSIS_MEMORY_PER_VALUE_BYTE * total
+    budget = free_memory() / 2
+    budget -= factors_in_memory(covered_layers(find_layers(reference)[0]), budget)[1]
+    return int(np.clip(budget // max(per_sample, 1), 1, wanted))
 
 
 def analysis_batch_size(reference: onnx.ModelProto, dataset: Any, limit: int) -> int:
@@ -222,7 +270,10 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
             # The original's own similarity (on the gold 0-5 scale): zero gradient, so the plan
             # rests on the Gauss-Newton curvature alone, with no calibration noise to fit.
             targets = (5.0 * cosine_rows(outputs[:len(calib)], outputs[len(calib):])).astype(np.float32)
-    micro_batch = analysis_batch_size(reference, calib, micro_batch)
+    batchable = samples_per_run(reference, calib, analysis_batch_size(reference, calib, micro_batch))
+    micro_batch = samples_in_memory(reference, calib, batchable)
+    if micro_batch < min(batchable, len(calib)):
+        progress.log(f"analysis: micro-batches of {micro_batch} samples, to stay within half of the memory free")
     sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch), loss_fn,
                           loss_name=loss_name, progress=progress,
                           curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial,

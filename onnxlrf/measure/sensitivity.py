@@ -188,6 +188,8 @@ class Sensitivity:
     loss: str
     # The same layers in spatial decomposition (2-D convs with a kernel larger than 1x1, one group).
     spatial: dict[str, LayerSensitivity] = field(default_factory=dict)
+    # Layers the analysis could have covered but left out (they stay dense), node -> why.
+    left_out: dict[str, str] = field(default_factory=dict)
 
     def get(self, node: str, decomposition: str = "channel") -> LayerSensitivity:
         """The analysis of ``node`` in ``decomposition``."""
@@ -209,7 +211,8 @@ class Sensitivity:
         the rest (layers, fitted curvature scales, ranges and their checks). ``key`` says what
         the analysis was made from (see :func:`onnxlrf.measure.analysis.analysis_key`)."""
         header = {"format": "onnxlrf.analysis", "version": ANALYSIS_VERSION, "key": key,
-                  "reference_loss": self.reference_loss, "samples": self.samples, "loss": self.loss, "entries": []}
+                  "reference_loss": self.reference_loss, "samples": self.samples, "loss": self.loss,
+                  "left_out": self.left_out, "entries": []}
         arrays = {}
         for index, ls in enumerate(self.all()):
             header["entries"].append({
@@ -247,7 +250,7 @@ class Sensitivity:
         except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
             raise OnnxlrfError(f"cannot read the analysis {path}: {exc}") from None
         return cls(layers=channel, reference_loss=header["reference_loss"], samples=header["samples"],
-                   loss=header["loss"], spatial=spatial), header["key"]
+                   loss=header["loss"], spatial=spatial, left_out=header.get("left_out", {})), header["key"]
 
 
 def _unfold_inputs(node: onnx.NodeProto, x: torch.Tensor, weight_shape: tuple) -> torch.Tensor:
@@ -508,13 +511,22 @@ def analyze(
     same split, where a truncation along its gradient looks free.
 
     ``batches`` may have a ``len()`` (number of micro-batches) for the progress bar.
+
+    A layer whose Kronecker factors would not fit in half of the memory free now (see
+    :func:`factors_in_memory`) is left out, with the reason in :attr:`Sensitivity.left_out`: one
+    huge layer (FCN-ResNet50's 3 x 3 conv on 2,048 channels: 2.7 GB for ``A`` alone, five copies
+    while its basis is computed) must not stop the whole model.
     """
     progress = as_progress(progress)
     if layers is None:
         layers = find_layers(model)[0]
-    covered = [layer for layer in layers if "channel" in layer.decompositions and analysis_exclusion(layer) is None]
+    covered = covered_layers(layers)
+    left_out, _ = factors_in_memory(covered, free_memory() / 2)
+    for node, reason in left_out.items():
+        progress.log(f"  {node} stays dense: {reason}")
+    covered = [layer for layer in covered if layer.node not in left_out]
     if not covered:
-        why = f" ({analysis_exclusion(layers[0])})" if layers else ""
+        why = f" ({analysis_exclusion(layers[0]) or left_out.get(layers[0].node)})" if layers else ""
         raise OnnxlrfError(f"no layers of the model the joint analysis covers{why}")
     layers = covered
     graph = TorchGraph(model, weights={layer.weight for layer in layers})
@@ -608,7 +620,55 @@ def analyze(
                 layer=layer, s=s.numpy(), x=x.numpy(), y=y.numpy(), first_order=first, replication=replication,
                 weight_norm=weight_norm, decomposition="spatial")
     return Sensitivity(layers=result, reference_loss=total_loss / samples, samples=samples, loss=loss_name,
-                       spatial=spatial_result)
+                       spatial=spatial_result, left_out=left_out)
+
+
+# Copies of a layer's Kronecker factors the analysis holds (the accumulated sums and the input moment
+# it keeps), and the further copies while its basis is computed (damped, Cholesky factor, transposed).
+HELD_FACTOR_COPIES, BASIS_FACTOR_COPIES = 2, 3
+
+
+def covered_layers(layers: list[Layer]) -> list[Layer]:
+    """The layers the joint analysis covers (see :func:`~onnxlrf.measure.coverage.analysis_exclusion`)."""
+    return [layer for layer in layers if "channel" in layer.decompositions and analysis_exclusion(layer) is None]
+
+
+def factors_in_memory(layers: list[Layer], budget: float) -> tuple[dict[str, str], int]:
+    """The layers whose factors do not fit in ``budget`` bytes (node -> why), and the bytes the others hold.
+
+    In graph order, a layer fits if what the layers before it hold plus its own factors while its
+    basis is computed (:data:`HELD_FACTOR_COPIES` + :data:`BASIS_FACTOR_COPIES` copies) stay within it.
+    """
+    left_out, held = {}, 0
+    for layer in layers:
+        needed = factor_bytes(layer)
+        if held + (HELD_FACTOR_COPIES + BASIS_FACTOR_COPIES) * needed > budget:
+            left_out[layer.node] = (f"not analyzed: its Kronecker factors ({needed / 2**30:.2f} GiB, "
+                                    f"{HELD_FACTOR_COPIES + BASIS_FACTOR_COPIES} copies while its basis is "
+                                    f"computed) would not fit in half of the memory free ({budget / 2**30:.1f} "
+                                    f"GiB, {held / 2**30:.1f} GiB of it held by the layers before)")
+        else:
+            held += HELD_FACTOR_COPIES * needed
+    return left_out, held
+
+
+def factor_bytes(layer: Layer) -> int:
+    """Bytes of a layer's Kronecker factors as the analysis holds them: ``A`` (n x n) and ``B`` (m x m)
+    per group, float64."""
+    g, m, n = layer.matrix_shape("channel")
+    return 8 * g * (n * n + m * m)
+
+
+def free_memory() -> float:
+    """Bytes of memory available now (MemAvailable: free plus reclaimable caches); inf where unknown."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:  # not Linux: nothing to compare with
+        pass
+    return float("inf")
 
 
 def first_order_replication(halves: list[np.ndarray]) -> float:

@@ -22,9 +22,11 @@ from ..data import (
     graph_inputs,
 )
 from ..errors import OnnxlrfError
+from ..graph.heads import cut_at_heads, find_post_processing
 from ..graph.layers import count_params
 from ..progress import ProgressLike, as_progress
 from .sessions import (
+    FLOAT_TYPES,
     make_runner,
     make_session,
     random_feeds,
@@ -60,6 +62,9 @@ class ValidationResult:
     samples: int
     # With a reference: the 95% paired-bootstrap interval of value - reference_value (:func:`change_interval`).
     change_interval: list[float] | None = None
+    # The tensors scored: the first output; for label-free data every float output, or for a detector
+    # the heads before its post-processing (:mod:`onnxlrf.graph.heads`).
+    compared: list[str] | None = None
 
 
 @dataclass
@@ -85,16 +90,26 @@ def validate(
     progress: ProgressLike = None,
 ) -> ValidationResult:
     """Score ``model`` on ``dataset`` and, with ``reference``, compare the two models' first outputs
-    (label-free data: all float outputs, scored by fidelity to the reference's, which it then needs)."""
+    (label-free data: all float outputs, scored by fidelity to the reference's, which it then needs;
+    a detector's: the heads before its post-processing, where both models are cut, see
+    :mod:`onnxlrf.graph.heads`). Parameters and file sizes are the whole models'."""
     providers = select_providers(provider)
     proto = as_model_proto(model)
     check_fits(dataset, proto)
+    reference_proto = as_model_proto(reference) if reference is not None else None
+    sizes = {"params": count_params(proto), "file_size": file_size(model)}
+    if reference is not None:
+        sizes.update(reference_params=count_params(reference_proto), reference_file_size=file_size(reference))
     reference_outputs = None
+    post = find_post_processing(reference_proto) if dataset.task == OUTPUTS and reference is not None else None
+    if post is not None:
+        proto = model = cut_at_heads(proto, post.heads)
+        reference = reference_proto = cut_at_heads(reference_proto, post.heads)
     if dataset.task == OUTPUTS and not dataset.output_widths:
         if reference is None:
             raise OnnxlrfError(f"data {dataset.name} has no labels: it is scored by fidelity to a reference "
                                f"model's outputs, so pass --reference")
-        check_fits(dataset, as_model_proto(reference))
+        check_fits(dataset, reference_proto)
         dataset = with_original_outputs(dataset, reference, provider, progress)
         reference_outputs = dataset.labels
     session = make_session(model, providers)
@@ -104,20 +119,20 @@ def validate(
         metric=dataset.metric_name,
         value=dataset.score_predictions(predictions),
         reference_value=None,
-        params=count_params(proto),
+        params=sizes["params"],
         reference_params=None,
         max_abs_diff=None,
         mean_abs_diff=None,
         cosine=None,
         top1_agreement=None,
         providers=session.get_providers(),
-        file_size=file_size(model),
+        file_size=sizes["file_size"],
         reference_file_size=None,
         samples=len(dataset),
+        compared=compared_outputs(session, dataset),
     )
     if reference is None:
         return result
-    reference_proto = as_model_proto(reference)
     check_fits(dataset, reference_proto)
     if reference_outputs is None:
         reference_outputs = run_dataset(make_session(reference, providers), dataset, batch_size, progress,
@@ -130,14 +145,21 @@ def validate(
     reference_predictions = dataset.predictions(reference_outputs)
     result.reference_value = dataset.score_predictions(reference_predictions)
     result.change_interval = change_interval(dataset, predictions, reference_predictions)
-    result.reference_params = count_params(reference_proto)
+    result.reference_params = sizes["reference_params"]
     result.max_abs_diff = float(diff.max())
     result.mean_abs_diff = float(diff.mean())
     result.cosine = float(np.mean(cosine_rows(outputs, reference_outputs)))
     if dataset.task == CLASSIFICATION:
         result.top1_agreement = float(np.mean(predictions == reference_predictions))
-    result.reference_file_size = file_size(reference)
+    result.reference_file_size = sizes["reference_file_size"]
     return result
+
+
+def compared_outputs(session: Any, dataset: Dataset) -> list[str]:
+    """The outputs :func:`validate` scores: every float output for label-free data, else the first."""
+    if dataset.task == OUTPUTS:
+        return [output.name for output in session.get_outputs() if output.type in FLOAT_TYPES]
+    return [session.get_outputs()[0].name]
 
 
 def with_original_outputs(dataset: Dataset, original: ModelLike, provider: str = "auto",

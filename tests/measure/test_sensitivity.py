@@ -18,6 +18,7 @@ from onnxlrf.data import Dataset
 from onnxlrf.graph.layers import (
     Layer,
     count_params,
+    find_layers,
     matrices_to_weight,
     weight_matrices,
 )
@@ -717,3 +718,37 @@ def test_conv_transpose_and_3d_conv_are_left_out_of_the_analysis_and_stay_dense_
                                        "ConvTranspose")
     assert reasons["conv3d"].startswith("not analyzed: the joint analysis unfolds the inputs of 1-D and 2-D "
                                         "convs, not 3-D")
+
+
+def test_layer_whose_factors_exceed_half_the_free_memory_stays_dense(small_cnn, monkeypatch):
+    from onnxlrf.costs.params import ParamsCost
+    from onnxlrf.measure import sensitivity
+    from onnxlrf.techniques.lowrank.planners import unplanned_entry
+
+    model, data = small_cnn
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    largest = max(layers.values(), key=sensitivity.factor_bytes)
+    # Room for every layer's factors but the largest's.
+    copies = sensitivity.HELD_FACTOR_COPIES + sensitivity.BASIS_FACTOR_COPIES
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 2.0 * (copies * sensitivity.factor_bytes(largest) - 1))
+    sens = analyze(model, _batches(data.subset(np.arange(200))), classification_loss)
+    assert set(sens.left_out) == {largest.node} and largest.node not in sens.layers
+    assert set(sens.layers) == set(layers) - {largest.node}
+    reason = unplanned_entry(largest, sens, ParamsCost(model)).notes["reason"]
+    assert reason.startswith("not analyzed: its Kronecker factors (") and "half of the memory free" in reason
+
+
+def test_micro_batches_shrink_to_half_the_free_memory(small_cnn, monkeypatch):
+    from onnxlrf.measure import analysis, sensitivity
+
+    model, data = small_cnn
+    per_sample = analysis.ANALYSIS_MEMORY_PER_VALUE_BYTE * TorchGraph(model).value_bytes(
+        data.subset(np.arange(1)).inputs)[1]
+    free = 2.0 * 20 * per_sample
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: free)
+    held = sensitivity.factors_in_memory(sensitivity.covered_layers(find_layers(model)[0]), free / 2)[1]
+    assert 0 < held < free / 2  # the factors take part of the budget, the micro-batch the rest
+    assert analysis.samples_in_memory(model, data, 50) == int((free / 2 - held) // per_sample) < 20
+    assert analysis.samples_in_memory(model, data, 1) == 1
+    monkeypatch.setattr(sensitivity, "free_memory", lambda: 1.0)
+    assert analysis.samples_in_memory(model, data, 50) == 1

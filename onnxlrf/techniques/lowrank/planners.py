@@ -329,7 +329,8 @@ def _dense_entry(layer: Layer, reason: str, sens: Any, cost: Any) -> LowRankEntr
 
 def unplanned_entry(layer: Layer, sens: Any, cost: Any) -> LowRankEntry:
     """The dense entry of a layer the analysis did not cover."""
-    return _dense_entry(layer, analysis_exclusion(layer) or "not analyzed", sens, cost)
+    return _dense_entry(layer, analysis_exclusion(layer) or sens.left_out.get(layer.node) or "not analyzed", sens,
+                        cost)
 
 
 def _range_checks(ls: Any) -> list[dict]:

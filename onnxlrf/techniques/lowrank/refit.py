@@ -43,6 +43,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
+from ...measure.analysis import samples_per_run
 from ...measure.coverage import analysis_exclusion
 from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
 from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
@@ -121,6 +122,8 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
     A layer's statistics use at most ``rows_per_feature`` rows (positions) per input feature,
     sampled at random from every batch (None: all), and no padding tokens
     (``dataset.token_mask``): the refit reproduces the layer where it can reach the output.
+    Batches are of one sample where the graph runs one at a time
+    (:func:`~onnxlrf.measure.analysis.samples_per_run`).
 
     Refittable: planned layers with channel decomposition whose factorized pair
     the rewrite would keep, each with its own weight. The others keep their
@@ -158,7 +161,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
         graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
         if entry.bias_correction:
             shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
-    batches = list(_batches(dataset, batch_size))
+    batches = list(_batches(dataset, samples_per_run(model, dataset, batch_size)))
     originals = [graph_original.feed(feeds) for feeds in batches]
     refits = [graph_refit.feed(feeds) for feeds in batches]
     masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
