@@ -582,7 +582,7 @@ def analyze(
     result: dict[str, LayerSensitivity] = {}
     spatial_result: dict[str, LayerSensitivity] = {}
     for layer in progress.track(layers, "analysis: joint bases (Cholesky, SVD)", unit="layer"):
-        entry = stats[layer.node]
+        entry = stats.pop(layer.node)  # its sums are copied into the layer's result: release them as we go
         weight = weight_array(model, layer).astype(np.float64)
         weight_norm = float(np.linalg.norm(weight))
         w = torch.from_numpy(weight_matrices(weight, layer, "channel"))
