@@ -241,9 +241,10 @@ _analysis_options = _OptionGroup(
     click.option("--spatial/--no-spatial", default=None,
                  help="Joint modes: also analyse k x k convs in spatial decomposition (k x 1 then 1 x k), so the "
                       "planner chooses channel or spatial per layer. Default: on for --target flops and latency."),
-    click.option("--first-order/--no-first-order", default=True, show_default=True,
+    click.option("--first-order/--no-first-order", default=False, show_default=True,
                  help="Joint modes: the calibration loss gradient's first-order terms enter the predicted loss "
-                      "changes (off: the curvature term alone, as label-free targets have)."),
+                      "changes (off: the curvature term alone, as label-free targets have; on, they chase the "
+                      "calibration split's noise)."),
     click.option("--analysis-cache", type=click.Path(file_okay=False),
                  help="Joint modes: keep each joint analysis in this directory and reuse it when the model, "
                       "calibration split and options are the same, so another target or mode skips the analysis."),

@@ -85,13 +85,14 @@ def test_quant_flags_need_the_quant_technique(files):
 
 
 def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
-    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bytes", "--target-reduction", 0.7,
+    # 80% of the bytes: more than 8-bit weights everywhere remove, so some layer must go lower.
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bytes", "--target-reduction", 0.8,
                                    "--plan-out", files / "plan.json", "--json", "-q"))
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     plan = json.loads((files / "plan.json").read_text())
     assert plan["mode"] == "lossless" and plan["options"]["target"] == "bytes"
-    assert plan["options"]["achieved_reduction"] >= 0.7 and plan["options"]["backoff"]
+    assert plan["options"]["achieved_reduction"] >= 0.8 and plan["options"]["backoff"]
     bits = [layer["choice"]["bits"] for layer in plan["layers"]]
     assert all(b in (2, 3, 4, 5, 6, 8) for b in bits) and payload["layers_quantized"] == 3
     assert all("predicted_dloss" in layer["notes"] for layer in plan["layers"])

@@ -44,8 +44,9 @@ class AnalysisOptions:
     ``range_samples``: calibration samples of the range checks; ``micro_batch``:
     samples per gradient; ``spatial``: k x k convs analyzed in spatial decomposition too (None:
     for flops and latency targets); ``cache``: a directory of cached analyses (see :func:`joint_analysis`);
-    ``first_order``: the loss gradient's first-order terms enter the predictions (False: the curvature
-    term alone, as for label-free targets, whose gradient is zero).
+    ``first_order``: the loss gradient's first-order terms enter the predictions (default False: the
+    curvature term alone, as for label-free targets, whose gradient is zero; with them, lossless 20%
+    on the CIFAR ResNets lost 3 to 23 points of held-out top-1 instead of 0.6 to 1.3, split seeds 1-3).
     """
 
     labels: str | None = None
@@ -53,7 +54,7 @@ class AnalysisOptions:
     micro_batch: int = 50
     spatial: bool | None = None
     cache: str | os.PathLike | None = None
-    first_order: bool = True
+    first_order: bool = False
 
 
 LABEL_CHOICES = ("labels", "predictions", "outputs")
@@ -151,7 +152,7 @@ def calibration_batches(dataset: Any, targets: np.ndarray, batch_size: int) -> C
 
 
 def analysis_key(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
-                 spatial: bool, first_order: bool = True) -> str:
+                 spatial: bool, first_order: bool = False) -> str:
     """A hash of everything the joint analysis depends on: the model's graph and weights, the
     calibration samples and labels, the options, and the versions of the analysis and of torch."""
     import torch
@@ -233,7 +234,7 @@ def joint_analysis(reference: onnx.ModelProto, calib: Any, options: AnalysisOpti
 
 
 def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples: int, micro_batch: int,
-             progress: Progress, spatial: bool, first_order: bool = True) -> Any:
+             progress: Progress, spatial: bool, first_order: bool = False) -> Any:
     """:func:`joint_analysis` without the cache."""
     from .sensitivity import (
         CURVATURES,

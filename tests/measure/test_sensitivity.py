@@ -57,7 +57,7 @@ CLASSES = 4
 
 def run_joint(model, data, mode, target_reduction=None, target="params", calib=1000, val=1000, seed=0, labels="labels",
               spatial=None, analysis_cache=None, rounds=1, refit=True, provider="auto", progress=None,
-              first_order=True):
+              first_order=False):
     """:func:`compress_joint` with its option objects filled from the CLI's flag names."""
     return compress_joint(model, data, PlanOptions(mode, target_reduction=target_reduction, target=target),
                           SplitOptions(calib, val, seed), AnalysisOptions(labels=labels, spatial=spatial,
@@ -667,7 +667,7 @@ def test_analysis_cache_reuses_an_analysis_only_for_the_same_model_split_and_opt
     changed_weights.CopyFrom(model)
     changed_weights.graph.initializer[0].raw_data = bytes(len(changed_weights.graph.initializer[0].raw_data))
     for call in (dict(model=model, seed=2), dict(model=model, labels="predictions"), dict(model=model, spatial=True),
-                 dict(model=model, first_order=False), dict(model=changed_weights)):
+                 dict(model=model, first_order=True), dict(model=changed_weights)):
         options = {**kwargs, **call}
         with pytest.raises(AssertionError, match="analyzed again"):
             run_joint(options.pop("model"), data, "lossless", target_reduction=0.1, analysis_cache=cache,
