@@ -118,6 +118,15 @@ def default_opset(model: onnx.ModelProto, missing: int = 0) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
 
 
+def unique_name(name: str, taken: set[str]) -> str:
+    """``name``, or ``name.1``, ``name.2``, ... : the first not in ``taken``, which it is added to."""
+    candidate, i = name, 1
+    while candidate in taken:
+        candidate, i = f"{name}.{i}", i + 1
+    taken.add(candidate)
+    return candidate
+
+
 def check_graph_reads(model: onnx.ModelProto) -> None:
     """Every node of the main graph reads only what a graph input, an initializer or an earlier node produces
     (ONNX requires that order); else a one-line error naming the node and the value."""

@@ -34,7 +34,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
-from ...onnx_io import check_graph_reads, default_opset
+from ...onnx_io import check_graph_reads, default_opset, unique_name
 from ...planning.plan import LowRankEntry, Plan, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
@@ -176,8 +176,8 @@ def _rewrite(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool, pro
             first, second = factor_pair(weights[layer.weight], layer, entry.decomposition, entry.kept_indices(),
                                         basis)
             factors[key] = (
-                gs.Constant(_unique(f"{layer.weight}.lrf_a.r{entry.rank}", taken), first),
-                gs.Constant(_unique(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
+                gs.Constant(unique_name(f"{layer.weight}.lrf_a.r{entry.rank}", taken), first),
+                gs.Constant(unique_name(f"{layer.weight}.lrf_b.r{entry.rank}", taken), second),
             )
         shift = None
         if entry.basis == "refit":
@@ -249,14 +249,6 @@ def truncate_weights(model: onnx.ModelProto, plan: Plan) -> tuple[onnx.ModelProt
     return result, report
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}.{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, first: gs.Constant,
              second: gs.Constant, taken: set[str], shift: np.ndarray | None = None,
              touched: dict[str, str] | None = None) -> list[gs.Node]:
@@ -270,8 +262,8 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, 
     inputs, outputs, attrs = list(node.inputs), list(node.outputs), dict(node.attrs)
     node.inputs.clear()
     node.outputs.clear()
-    middle = gs.Variable(_unique(f"{node.name}/lrf_a/output", taken))
-    name_a, name_b = _unique(f"{node.name}/lrf_a", taken), _unique(f"{node.name}/lrf_b", taken)
+    middle = gs.Variable(unique_name(f"{node.name}/lrf_a/output", taken))
+    name_a, name_b = unique_name(f"{node.name}/lrf_a", taken), unique_name(f"{node.name}/lrf_b", taken)
     added: list[gs.Node] = []
     if shift is not None:
         shift = shift.astype(first.values.dtype)
@@ -287,21 +279,21 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, 
                              and t.values.shape[-1:] == shift.shape), None)
         if add_bias is not None:
             slot = bias_add.inputs.index(add_bias)
-            bias_add.inputs[slot] = gs.Constant(_unique(f"{add_bias.name}.lrf_bias", taken),
+            bias_add.inputs[slot] = gs.Constant(unique_name(f"{add_bias.name}.lrf_bias", taken),
                                                 np.ascontiguousarray(add_bias.values + shift))
             touched[bias_add.name] = add_bias.name
         elif foldable:
             scale = float(attrs.get("beta", 1.0)) if (layer.op_type == "Gemm" and bias is not None) else 1.0
             values = shift / scale if bias is None else bias.values + shift / scale
-            inputs[2:] = [gs.Constant(_unique(f"{bias.name if bias is not None else node.name}.lrf_bias", taken),
+            inputs[2:] = [gs.Constant(unique_name(f"{bias.name if bias is not None else node.name}.lrf_bias", taken),
                                       np.ascontiguousarray(values, dtype=shift.dtype))]
         else:
             # MatMul (no bias input) or a computed bias: add the shift after the pair.
             final = outputs
-            outputs = [gs.Variable(_unique(f"{node.name}/lrf_b/output", taken))]
+            outputs = [gs.Variable(unique_name(f"{node.name}/lrf_b/output", taken))]
             offset = shift.reshape(-1, *[1] * len(layer.kernel)) if layer.op_type == "Conv" else shift
-            added.append(gs.Node("Add", _unique(f"{node.name}/lrf_bias", taken), {},
-                                 [outputs[0], gs.Constant(_unique(f"{node.name}.lrf_bias", taken), offset)], final))
+            added.append(gs.Node("Add", unique_name(f"{node.name}/lrf_bias", taken), {},
+                                 [outputs[0], gs.Constant(unique_name(f"{node.name}.lrf_bias", taken), offset)], final))
     if layer.op_type == "Conv":
         attrs_a, attrs_b = _conv_attrs(attrs, layer, entry.decomposition)
         node_a = gs.Node("Conv", name_a, attrs_a, [inputs[0], first], [middle])
@@ -319,7 +311,7 @@ def _replace(graph: gs.Graph, node: gs.Node, layer: Layer, entry: LowRankEntry, 
         attrs_a = {k: attrs[k] for k in ("alpha", "transA") if k in attrs}
         attrs_b = {"beta": attrs["beta"]} if "beta" in attrs and len(inputs) > 2 and inputs[2].name else {}
         # Before opset 11 C is a required input: the first Gemm adds a zero (broadcast).
-        zero = [gs.Constant(_unique(f"{node.name}.lrf_zero", taken), np.zeros(1, first.values.dtype))] \
+        zero = [gs.Constant(unique_name(f"{node.name}.lrf_zero", taken), np.zeros(1, first.values.dtype))] \
             if graph.opset < 11 else []
         node_a = gs.Node("Gemm", name_a, attrs_a, [inputs[0], first] + zero, [middle])
         node_b = gs.Node("Gemm", name_b, attrs_b, [middle, second] + inputs[2:], outputs)

@@ -32,7 +32,7 @@ from onnx import numpy_helper, version_converter
 from ...errors import OnnxlrfError, first_line
 from ...graph.layers import constant_producers
 from ...graph.quantizable import QuantLayer, find_quantizable
-from ...onnx_io import default_opset
+from ...onnx_io import default_opset, unique_name
 from ...planning.plan import Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
@@ -236,8 +236,8 @@ class QDQRewrite(RewritePass):
         else:
             scale, zero = int8_scale(low, high), np.int8(0)
         tensor = site.tensor
-        quantized = gs.Variable(_unique(f"{tensor}/quantized", taken), dtype=zero.dtype)
-        graph.nodes.append(gs.Node("QuantizeLinear", _unique(f"{tensor}/QuantizeLinear", taken),
+        quantized = gs.Variable(unique_name(f"{tensor}/quantized", taken), dtype=zero.dtype)
+        graph.nodes.append(gs.Node("QuantizeLinear", unique_name(f"{tensor}/QuantizeLinear", taken),
                                    inputs=[tensors[site.source], _constant(f"{tensor}/scale", scale, taken),
                                            _constant(f"{tensor}/zero_point", zero, taken)],
                                    outputs=[quantized]))
@@ -246,8 +246,8 @@ class QDQRewrite(RewritePass):
             relu.inputs.clear()
             relu.outputs.clear()
         for reader, index in site.readers:
-            dequantized = gs.Variable(_unique(f"{tensor}/dq/{reader}", taken), dtype=np.float32)
-            graph.nodes.append(gs.Node("DequantizeLinear", _unique(f"{tensor}/DequantizeLinear/{reader}", taken),
+            dequantized = gs.Variable(unique_name(f"{tensor}/dq/{reader}", taken), dtype=np.float32)
+            graph.nodes.append(gs.Node("DequantizeLinear", unique_name(f"{tensor}/DequantizeLinear/{reader}", taken),
                                        inputs=[quantized, _constant(f"{tensor}/scale", scale, taken),
                                                _constant(f"{tensor}/zero_point", zero, taken)],
                                        outputs=[dequantized]))
@@ -269,8 +269,8 @@ class QDQRewrite(RewritePass):
         zero = _constant(f"{stem}/zero_point", np.zeros(scales.shape, np.int8), taken)
         if entry.container == "int4":
             int4[stored.name], int4[zero.name] = levels, zero.values
-        name = _unique(f"{stem}/DequantizeLinear", taken)
-        dequantized = gs.Variable(_unique(f"{stem}/dequantized", taken), dtype=np.float32,
+        name = unique_name(f"{stem}/DequantizeLinear", taken)
+        dequantized = gs.Variable(unique_name(f"{stem}/dequantized", taken), dtype=np.float32,
                                   shape=list(weight.shape))
         graph.nodes.append(gs.Node("DequantizeLinear", name, attrs,
                                    inputs=[stored, _constant(f"{stem}/scale", scales, taken), zero],
@@ -285,8 +285,8 @@ class QDQRewrite(RewritePass):
         scales = (np.float64(input_scale) * weight_scales.astype(np.float64)).astype(np.float32)
         levels = np.clip(np.rint(bias / scales), np.iinfo(np.int32).min, np.iinfo(np.int32).max).astype(np.int32)
         stem = f"{layer.bias}/{node.name}"
-        name = _unique(f"{stem}/DequantizeLinear", taken)
-        dequantized = gs.Variable(_unique(f"{stem}/dequantized", taken), dtype=np.float32, shape=list(bias.shape))
+        name = unique_name(f"{stem}/DequantizeLinear", taken)
+        dequantized = gs.Variable(unique_name(f"{stem}/dequantized", taken), dtype=np.float32, shape=list(bias.shape))
         graph.nodes.append(gs.Node("DequantizeLinear", name, {"axis": 0},
                                    inputs=[_constant(f"{stem}/int32", levels, taken),
                                            _constant(f"{stem}/scale", scales, taken),
@@ -355,13 +355,5 @@ def _keep_model_fields(source: onnx.ModelProto, result: onnx.ModelProto) -> None
     result.functions.extend(source.functions)
 
 
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, i = name, 1
-    while candidate in taken:
-        candidate, i = f"{name}.{i}", i + 1
-    taken.add(candidate)
-    return candidate
-
-
 def _constant(name: str, value: np.ndarray | np.generic, taken: set[str]) -> gs.Constant:
-    return gs.Constant(_unique(name, taken), np.asarray(value))
+    return gs.Constant(unique_name(name, taken), np.asarray(value))
