@@ -208,6 +208,12 @@ ROUNDINGS = ("nearest",)  # round to the nearest grid point, ties to even
 W8A8_WEIGHT_BITS = (7, 8)
 
 
+def _check_known(where: str, field: str, value: Any, known: Any) -> None:
+    """A one-line error unless ``value`` is one of ``known``."""
+    if value not in known:
+        raise OnnxlrfError(f"{where}: unknown {field} {value!r} (known: {', '.join(known)})")
+
+
 @dataclass
 class QuantEntry(PlanEntry):
     """A quantization entry: weight bits (None: the layer stays float), per output channel or per block of
@@ -258,9 +264,7 @@ class QuantEntry(PlanEntry):
 
     def check(self, layer: QuantLayer, plan: "Plan") -> None:
         where = f"plan node {self.node!r}"
-        if self.activations not in QUANT_ACTIVATIONS:
-            raise OnnxlrfError(f"{where}: unknown activations {self.activations!r} (known: "
-                               f"{', '.join(QUANT_ACTIVATIONS)})")
+        _check_known(where, "activations", self.activations, QUANT_ACTIVATIONS)
         if self.bits is None:
             if any(value is not None for value in (self.granularity, self.block_size, self.container,
                                                    self.weight_scales, self.rounding)) \
@@ -270,18 +274,12 @@ class QuantEntry(PlanEntry):
             return
         if not _is_int(self.bits) or self.bits not in QUANT_BITS:
             raise OnnxlrfError(f"{where}: bits {self.bits!r} outside {QUANT_BITS[0]}..{QUANT_BITS[-1]}")
-        if self.granularity not in QUANT_GRANULARITIES:
-            raise OnnxlrfError(f"{where}: unknown granularity {self.granularity!r} (known: "
-                               f"{', '.join(QUANT_GRANULARITIES)})")
-        if self.container not in QUANT_CONTAINERS:
-            raise OnnxlrfError(f"{where}: unknown container {self.container!r} (known: {', '.join(QUANT_CONTAINERS)})")
+        _check_known(where, "granularity", self.granularity, QUANT_GRANULARITIES)
+        _check_known(where, "container", self.container, QUANT_CONTAINERS)
         if self.bits > QUANT_CONTAINERS[self.container]:
             raise OnnxlrfError(f"{where}: {self.bits}-bit values do not fit container {self.container}")
-        if self.weight_scales not in WEIGHT_SCALES:
-            raise OnnxlrfError(f"{where}: unknown weight_scales {self.weight_scales!r} (known: "
-                               f"{', '.join(WEIGHT_SCALES)})")
-        if self.rounding not in ROUNDINGS:
-            raise OnnxlrfError(f"{where}: unknown rounding {self.rounding!r} (known: {', '.join(ROUNDINGS)})")
+        _check_known(where, "weight_scales", self.weight_scales, WEIGHT_SCALES)
+        _check_known(where, "rounding", self.rounding, ROUNDINGS)
         if self.granularity == "block":
             if layer.op_type not in BLOCK_OPS:
                 raise OnnxlrfError(f"{where}: block scales are for {'/'.join(BLOCK_OPS)}, not {layer.op_type}")
