@@ -205,11 +205,12 @@ _plan_options = _OptionGroup(
                       "original; uniform/energy: data-free baselines."),
     click.option("--target-reduction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                  help="Fraction of the model's --target (parameters by default) to remove."),
-    click.option("--target", type=click.Choice(["params", "flops", "latency", "bytes"]), default="params",
+    click.option("--target", type=click.Choice(["params", "flops", "latency", "bytes", "bits"]), default="params",
                  show_default=True,
                  help="What --target-reduction counts: parameters, Conv/ConvTranspose/Gemm/MatMul FLOPs at --batch, "
                       "latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
-                      "dense), or bytes of the weights as stored (--technique quant plans bytes)."),
+                      "dense), bytes of the weights as stored, or logical bits of the Conv/Gemm/MatMul weights "
+                      "(float32: 32; 0.9 is 3.2 average bits). --technique quant plans bytes or bits."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
                  help="Ranks are multiples of this (default: 8 on CUDA and for --target latency or flops, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),
@@ -266,7 +267,7 @@ _verify_options = _OptionGroup(
 )
 _quant_options = _OptionGroup(
     "onnxlrf.techniques.quant.planners.QuantOptions",
-    {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size")},
+    {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size", "rounding")},
     click.option("--bits", type=click.IntRange(2, 8),
                  help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
                       "packed int4, 5-8 as int8)."),
@@ -282,6 +283,11 @@ _quant_options = _OptionGroup(
     click.option("--block-size", type=click.IntRange(min=2),
                  help="--technique quant: Gemm/MatMul weights get one scale per block of this many inputs "
                       "(weight-only, --bits 4 or fewer; opset 21)."),
+    click.option("--rounding", type=click.Choice(["loss-aware", "nearest"]),
+                 help="--technique quant, loss-aware plans (lossless, compact): loss-aware (the default) rounds "
+                      "each layer's option both ways, with error feedback in the loss's curvature and searched "
+                      "clipping, or to nearest, and keeps the one of smaller predicted loss change; nearest: round "
+                      "to nearest only. Uniform plans run no analysis and round to nearest."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",
@@ -301,7 +307,8 @@ _export_options = _OptionGroup(
 @_analysis_options
 @_verify_options
 @click.option("--technique", type=click.Choice(["lowrank", "quant"]), default="lowrank", show_default=True,
-              help="lowrank: low-rank factorization; quant: quantization (--mode uniform so far).")
+              help="lowrank: low-rank factorization; quant: quantization (--mode uniform, or lossless/compact "
+                   "with --target bytes).")
 @_quant_options
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @_export_options

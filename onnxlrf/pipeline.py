@@ -54,6 +54,8 @@ from .verify.splits import SplitOptions, split_dataset
 
 PLANNING_MODES = ("uniform", "energy")
 MODES = JOINT_MODES + PLANNING_MODES
+# What loss-aware quantization plans count (the quantization technique chooses bits, not ranks).
+QUANT_TARGETS = ("bytes", "bits")
 # Fewer calibration or validation samples than this get a warning: validation on them decides by chance.
 SMALL_SPLIT = 100
 
@@ -406,9 +408,10 @@ def compress_quant(
     """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
 
     ``joint`` None: every quantizable layer at ``options.bits`` (uniform). ``joint`` a lossless or compact
-    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``: the loss-aware plan (weight-only
-    bits per layer from the joint analysis' predicted loss changes, the knapsack over bytes, the back-off
-    and its acceptance rule on the validation split; one round, no refit). With ``data``, it is split as
+    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes`` or ``bits``: the loss-aware plan (weight-only
+    bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
+    (default loss-aware), the knapsack over bytes, the back-off and its acceptance rule on the validation
+    split; one round, no refit). With ``data``, it is split as
     for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
     result is validated against the original on the held-out test split (W8A8 and the joint modes need
     ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all Conv/Gemm/MatMul
@@ -416,16 +419,19 @@ def compress_quant(
     types onnxruntime's optimized graph has (``optimized_op_counts``). ``stage``: as :func:`compress`.
     """
     from .data import OUTPUTS
-    from .techniques.quant.technique import QUANT
+    from .techniques.quant.technique import Quant
 
     progress = as_progress(progress)
     if joint is None and options.bits is None:
         raise OnnxlrfError("mode uniform needs --bits")
+    if joint is None and options.rounding == "loss-aware":
+        raise OnnxlrfError("--rounding loss-aware needs the analysis of a lossless or compact plan; uniform plans "
+                           "round to nearest")
     if joint is not None:
         if joint.mode not in JOINT_MODES:
             raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
-        if joint.target != "bytes":
-            raise OnnxlrfError("--technique quant plans bytes: pass --target bytes")
+        if joint.target not in QUANT_TARGETS:
+            raise OnnxlrfError("--technique quant plans bytes or bits: pass --target bytes or --target bits")
         if options.activations != "none" or options.block_size is not None:
             raise OnnxlrfError("the loss-aware quantization plans are weight-only per channel so far: leave out "
                                "--activations and --block-size")
@@ -442,6 +448,8 @@ def compress_quant(
         plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
         if Path(plan_out).resolve() == output.resolve():
             raise OnnxlrfError("--plan-out must differ from the output path")
+        if joint is not None:  # loss-aware grids are stored beside the JSON
+            check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
     if data is not None and ":" in data:
         check_regular_file(data.partition(":")[2], "data file")
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
@@ -469,7 +477,8 @@ def compress_quant(
             # One round, and no refit: quantization has no improvement step yet.
             rounds = verify_in_rounds(reference, split, joint, analysis,
                                       dataclasses.replace(verify, rounds=1, refit=False),
-                                      cost_model(reference, "bytes"), provider, progress, technique=QUANT)
+                                      cost_model(reference, joint.target), provider, progress,
+                                      technique=Quant(options.rounding or "loss-aware"))
             plan = rounds.plan
             plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]
             plan.options["runtime"] = options.runtime

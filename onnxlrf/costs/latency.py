@@ -423,15 +423,17 @@ def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: i
               progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> Any:
     """The cost model for ``target``: :class:`~onnxlrf.costs.params.ParamsCost`, :class:`FlopsCost`
     or :class:`LatencyCost` (measured now, on ``provider`` at ``batch``)."""
-    from .params import BytesCost, ParamsCost
+    from .params import BitsCost, BytesCost, ParamsCost
 
     if target == "params":
         return ParamsCost(model)
     if target == "bytes":
         return BytesCost(model)
+    if target == "bits":
+        return BitsCost(model)
     if target == "flops":
         return FlopsCost(model, batch, seq_length)
     if target == "latency":
         return LatencyCost(model, batch, seq_length, provider, threads=threads, rank_multiple=rank_multiple,
                            cache=cache, progress=progress, timer=timer)
-    raise OnnxlrfError(f"unknown target {target!r}; known: params, flops, latency, bytes")
+    raise OnnxlrfError(f"unknown target {target!r}; known: params, flops, latency, bytes, bits")

@@ -13,11 +13,12 @@ from typing import Any
 import onnx
 
 from ..errors import OnnxlrfError
-from ..graph.layers import Layer, count_params
+from ..graph.layers import Layer, count_params, find_layers
 from .flops import FlopsCost
 
 # What planners minimize besides the loss: whole-model ``target_reduction`` is a fraction of this.
-TARGETS = ("params", "flops", "latency", "bytes")
+TARGETS = ("params", "flops", "latency", "bytes", "bits")
+FLOAT32_BITS = 32
 FLOAT32_BYTES = 4
 
 
@@ -65,10 +66,34 @@ class BytesCost(ParamsCost):
     def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
         return float(FLOAT32_BYTES * layers[0].factorized_params(decomposition, rank))
 
-    def quantized(self, layers: list[Layer], container_bits: int, scales: int) -> float:
-        """``layers``' weight in ``container_bits``-bit integers with ``scales`` scales and zero points."""
+    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
+        """``layers``' weight in ``container_bits``-bit integers with ``scales`` scales and zero points (``bits``,
+        the logical bits, do not change what the file stores)."""
         return float(-(-layers[0].params * container_bits // 8) + FLOAT32_BYTES * scales
                      - (-scales * container_bits // 8))
+
+
+class BitsCost(ParamsCost):
+    """Cost in logical weight bits of the Conv/ConvTranspose/Gemm/MatMul layers, the sum behind
+    ``average_weight_bits``: float32 counts 32 bits an element, a quantized layer its planned bits (a 3-bit
+    weight counts 3 though its container holds 4 or 8); scales and biases are not counted."""
+
+    target = "bits"
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self._total = sum({layer.weight: layer.params for layer in find_layers(model)[0]}.values())
+
+    def total(self) -> float:
+        return float(FLOAT32_BITS * self._total)
+
+    def dense(self, layers: list[Layer]) -> float:
+        return float(FLOAT32_BITS * layers[0].params)
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return float(FLOAT32_BITS * layers[0].factorized_params(decomposition, rank))
+
+    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
+        return float(bits * layers[0].params)
 
 
 def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None) -> Any:
@@ -89,6 +114,8 @@ def cost_model(model: onnx.ModelProto, target: str = "params", cost: Any = None)
         return FlopsCost(model)
     if target == "bytes":
         return BytesCost(model)
+    if target == "bits":
+        return BitsCost(model)
     raise OnnxlrfError("target 'latency' needs a measured cost model: onnxlrf.costs.latency.make_cost(model, "
                        "'latency', ...)")
 

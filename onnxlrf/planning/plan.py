@@ -38,6 +38,9 @@ BASES = ("svd", "joint", "fwsvd", "whitened", "refit")
 # A stored basis: W = x diag(s) yt per group, optionally with mu, the mean input row (bias correction),
 # and shift, the bias change a refit layer pairs with its factors. Absent parts are None.
 BASIS_PARTS = ("x", "s", "yt", "mu", "shift")
+# A stored grid (a quantization entry rounded loss-aware): integer levels in the weight's layout and one
+# scale per output channel.
+GRID_PARTS = ("levels", "scales")
 # Keys every entry has, whatever its technique (version 2 adds "technique" and "choice").
 ENTRY_KEYS = ("node", "op_type", "weight", "weight_shape", "params_dense", "params_planned")
 
@@ -200,9 +203,12 @@ QUANT_BITS = (2, 3, 4, 5, 6, 7, 8)
 QUANT_GRANULARITIES = ("per_channel", "block")
 QUANT_CONTAINERS = {"int8": 8, "int4": 4}  # container -> bits it holds
 QUANT_ACTIVATIONS = ("float", "int8")
-# Where the weight scales come from: "absmax", the channel's (block's) largest |w| maps to the largest level.
-WEIGHT_SCALES = ("absmax",)
-ROUNDINGS = ("nearest",)  # round to the nearest grid point, ties to even
+# Where the weight scales come from: "absmax", the channel's (block's) largest |w| maps to the largest level;
+# "searched", a clipping ratio per channel chosen under the loss's metric (stored with the plan).
+WEIGHT_SCALES = ("absmax", "searched")
+# "nearest": the nearest grid point, ties to even (computed by the rewrite); "loss-aware": rounded with error
+# feedback in the loss's metric (METHOD.md 9; the levels are stored with the plan).
+ROUNDINGS = ("nearest", "loss-aware")
 # Weight bits of a layer with int8 activations: 8, or 7 where onnxruntime's u8 x s8 kernels would overflow
 # (x86 without VNNI sums pairs of products in int16; 7-bit weights keep them in range).
 W8A8_WEIGHT_BITS = (7, 8)
@@ -243,6 +249,28 @@ class QuantEntry(PlanEntry):
     def choice_key(self) -> tuple:
         return tuple(getattr(self, key) for key in self.choice_keys)
 
+    @property
+    def stores_grid(self) -> bool:
+        """Its levels and scales are stored with the plan (``Plan.bases``), not computed by the rewrite."""
+        return self.changed and (self.rounding == "loss-aware" or self.weight_scales == "searched")
+
+    def _check_grid(self, layer: QuantLayer, plan: "Plan", where: str) -> None:
+        if self.granularity != "per_channel":
+            raise OnnxlrfError(f"{where}: a stored grid (rounding {self.rounding!r}, weight_scales "
+                               f"{self.weight_scales!r}) is per channel")
+        grid = plan.bases.get(self.weight)
+        if grid is None or len(grid) != len(GRID_PARTS):
+            raise OnnxlrfError(f"{where}: rounding {self.rounding!r} with weight_scales {self.weight_scales!r}, but the "
+                               f"plan stores no levels and scales for {self.weight!r}")
+        levels, scales = grid
+        channels = self.weight_shape[layer.channel_axis]
+        if list(levels.shape) != list(self.weight_shape) or scales.shape != (channels,):
+            raise OnnxlrfError(f"{where}: stored levels {list(levels.shape)} and scales {list(scales.shape)} do not fit "
+                               f"the weight {list(self.weight_shape)} with {channels} channels")
+        bound = 2 ** (self.bits - 1) - 1
+        if np.abs(levels.astype(np.int64)).max(initial=0) > bound:
+            raise OnnxlrfError(f"{where}: stored levels exceed the {self.bits}-bit grid (+-{bound})")
+
     def size_key(self) -> tuple:
         return self.bits, self.container, self.granularity, self.block_size
 
@@ -257,10 +285,12 @@ class QuantEntry(PlanEntry):
         return channels * -(-inputs // self.block_size)
 
     def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
-        """Quantized layers cost their container and scales (a ``bytes`` cost's ``quantized``)."""
+        """Quantized layers cost what a ``bytes`` or ``bits`` cost's ``quantized`` says (container and scales, or
+        logical bits)."""
         if not self.changed:
             return cost.dense(layers)
-        return cost.quantized(layers, QUANT_CONTAINERS[self.container], self.scale_count(layers[0].transposed))
+        return cost.quantized(layers, self.bits, QUANT_CONTAINERS[self.container],
+                              self.scale_count(layers[0].transposed))
 
     def check(self, layer: QuantLayer, plan: "Plan") -> None:
         where = f"plan node {self.node!r}"
@@ -280,6 +310,8 @@ class QuantEntry(PlanEntry):
             raise OnnxlrfError(f"{where}: {self.bits}-bit values do not fit container {self.container}")
         _check_known(where, "weight_scales", self.weight_scales, WEIGHT_SCALES)
         _check_known(where, "rounding", self.rounding, ROUNDINGS)
+        if self.stores_grid:
+            self._check_grid(layer, plan, where)
         if self.granularity == "block":
             if layer.op_type not in BLOCK_OPS:
                 raise OnnxlrfError(f"{where}: block scales are for {'/'.join(BLOCK_OPS)}, not {layer.op_type}")
@@ -362,8 +394,9 @@ class Plan:
     source: dict = field(default_factory=dict)
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
-    # Stored bases by weight name: (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)[, shift (g*m,)]]), components in
-    # priority order; an absent part is None.
+    # Arrays stored by weight name: a low-rank entry's basis (x (g,m,k), s (g,k), y^T (g,k,n)[, mu (g,n)[, shift
+    # (g*m,)]]), components in priority order, an absent part None; a quantization entry's grid (levels in the
+    # weight's shape, int8; scales (channels,), float32).
     # Saved beside the plan as <plan>.bases.npz (options["bases_file"]), not in the JSON.
     bases: dict = field(default_factory=dict, repr=False)
     # Calibrated [low, high] of each activation tensor that quantized layers read or write, by tensor name.
@@ -427,8 +460,10 @@ class Plan:
         with staged_outputs(overwrite) as stage:
             staged = stage.path(path)
             if self.bases:
+                grids = {entry.weight for entry in self.layers if isinstance(entry, QuantEntry)}
                 arrays = {f"{weight}|{part}": value for weight, basis in self.bases.items()
-                          for part, value in zip(BASIS_PARTS, basis) if value is not None}
+                          for part, value in zip(GRID_PARTS if weight in grids else BASIS_PARTS, basis)
+                          if value is not None}
                 np.savez(staged.parent / self.options["bases_file"], **arrays)  # members dated 1980: same bytes
             staged.write_text(self.to_json() + "\n")
 
@@ -557,12 +592,16 @@ def _read_bases(path: Path) -> dict[str, tuple]:
         with np.load(path, allow_pickle=False) as arrays:
             for key in arrays.files:
                 weight, part = key.rsplit("|", 1)
-                if part not in BASIS_PARTS:
+                if part not in BASIS_PARTS + GRID_PARTS:
                     raise ValueError(f"unknown part {key!r}")
                 parts.setdefault(weight, {})[part] = arrays[key]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise OnnxlrfError(f"cannot read the plan's bases {path}: {exc}") from None
+    grids = {weight: _grid_tuple(path, weight, basis) for weight, basis in parts.items()
+             if set(basis) & set(GRID_PARTS)}
     for weight, basis in parts.items():
+        if weight in grids:
+            continue
         missing = [part for part in BASIS_PARTS[:3] if part not in basis]
         if missing:
             raise OnnxlrfError(f"the plan's bases {path} lack part {missing[0]!r} of weight {weight!r}")
@@ -575,7 +614,20 @@ def _read_bases(path: Path) -> dict[str, tuple]:
                 or not x.shape[2] == singular.shape[1] == yt.shape[1]:
             raise OnnxlrfError(f"the plan's bases {path}: the parts of weight {weight!r} do not fit each other "
                                f"(x {list(x.shape)}, s {list(singular.shape)}, yt {list(yt.shape)})")
-    return {weight: _basis_tuple(basis) for weight, basis in parts.items()}
+    return {weight: grids.get(weight) or _basis_tuple(basis) for weight, basis in parts.items()}
+
+
+def _grid_tuple(path: Path, weight: str, parts: dict) -> tuple:
+    """A stored grid (levels, scales): integer levels, finite positive float scales, nothing else."""
+    if set(parts) != set(GRID_PARTS):
+        raise OnnxlrfError(f"the plan's bases {path}: weight {weight!r} has parts {sorted(parts)}, a grid has "
+                           f"exactly {', '.join(GRID_PARTS)}")
+    levels, scales = parts["levels"], parts["scales"]
+    if levels.dtype != np.int8 or scales.dtype != np.float32 or scales.ndim != 1 \
+            or not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise OnnxlrfError(f"the plan's bases {path}: the grid of {weight!r} needs int8 levels and finite positive "
+                           f"float32 scales, one per channel")
+    return levels, scales
 
 
 def _basis_tuple(parts: dict) -> tuple:

@@ -164,6 +164,8 @@ def reduction_text(plan: Plan) -> str:
     reduction = plan.options["achieved_reduction"]
     if target == "params":
         return f"{reduction:.1%} fewer parameters"
+    if target == "bits":
+        return f"{reduction:.1%} fewer weight bits ({32 * (1 - reduction):.2f} a weight)"
     return f"{reduction:.1%} less {({'latency': 'latency', 'bytes': 'bytes'}).get(target, 'FLOPs')}"
 
 

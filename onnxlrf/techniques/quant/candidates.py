@@ -15,17 +15,21 @@ import numpy as np
 import onnx
 
 from ...costs.params import cost_units
-from ...graph.layers import Layer, find_layers, weight_array, weight_groups, weight_matrices
+from ...graph.layers import Layer, find_layers, matrices_to_weight, weight_array, weight_groups, weight_matrices
 from ...graph.quantizable import find_quantizable
 from ...planning.knapsack import CandidateSet
 from ...planning.plan import QuantEntry
 from ..base import Candidates
 from .grid import dequantize_per_channel, quantize_per_channel
 from .planners import INT4_BITS
+from .rounding import loss_aware_levels
 
 # The weight-only options the planner offers each layer, besides float.
 PLANNED_BITS = (8, 6, 5, 4, 3, 2)
 CONTAINER_BITS = {"int8": 8, "int4": 4}
+# Whose channel matrices' rows are output channels (a ConvTranspose's are input channels): loss-aware
+# rounding works per row with one scale each.
+LOSS_AWARE_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def channel_axis(layer: Layer) -> int:
@@ -45,13 +49,29 @@ def quantization_error(weight: np.ndarray, layer: Layer, bits: int) -> np.ndarra
     return weight_matrices(delta, layer, "channel")
 
 
-def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any) -> list[Candidates]:
+def loss_aware_error(weight: np.ndarray, layer: Layer, bits: int, ls: Any, kappa: float
+                     ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``Q(W) - W`` as channel matrices for the loss-aware rounding (:mod:`.rounding`) and its grid (levels in the
+    weight's layout, scales per output channel)."""
+    matrices = weight_matrices(weight, layer, "channel")
+    gradient = ls.replication * ls.gradient if ls.replication else None
+    curvature = kappa * ls.curvature_scale * np.diagonal(ls.output_factor, axis1=-2, axis2=-1)
+    levels, scales = loss_aware_levels(matrices, ls.input_moment, bits, gradient, curvature)
+    delta = levels.astype(np.float64) * scales[..., None].astype(np.float64) - matrices.astype(np.float64)
+    return delta, (matrices_to_weight(levels, layer, "channel"), scales.reshape(-1))
+
+
+def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
+                     rounding: str = "loss-aware", cache: dict | None = None) -> list[Candidates]:
     """Per weight group of layers the analysis covers and that take quantized weights: float, then each of
-    :data:`PLANNED_BITS` within the trusted range, with predicted loss change and bytes saved (``cost``: a
-    ``bytes`` cost)."""
+    :data:`PLANNED_BITS` within the trusted range, with predicted loss change and cost saved (``cost``: a
+    ``bytes`` or ``bits`` cost). ``rounding`` ``loss-aware``: each option is rounded to nearest and loss-aware
+    (METHOD.md 9), and the one of smaller predicted loss change is offered; ``nearest``: round to nearest only.
+    ``cache``: loss-aware grids by (weight, bits, kappa), reused across calls on the same analysis."""
     quantizable = {layer.node for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
+    cache = {} if cache is None else cache
     out = []
     for members in groups:
         layer = members[0]
@@ -63,33 +83,46 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
             weight = weight_array(model, layer)
             norm = max(float(np.linalg.norm(weight)), 1e-30)
             for bits in PLANNED_BITS:
-                delta = quantization_error(weight, layer, bits)
-                relative = float(np.linalg.norm(delta)) / norm
-                if relative > ls.perturbation_range:
+                variants = [(quantization_error(weight, layer, bits), None)]
+                if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
+                    # The shifted target moves with kappa only through first-order terms.
+                    key = (layer.weight, bits, kappa if ls.replication else None)
+                    if key not in cache:
+                        cache[key] = loss_aware_error(weight, layer, bits, ls, kappa)
+                    variants.append(cache[key])
+                offered = []
+                for delta, grid in variants:
+                    relative = float(np.linalg.norm(delta)) / norm
+                    if relative <= ls.perturbation_range:
+                        offered.append((ls.perturbation_dloss(delta, kappa), relative, grid))
+                if not offered:
                     continue
-                predicted = ls.perturbation_dloss(delta, kappa)
+                predicted, relative, grid = min(offered, key=lambda option: option[0])
                 scales = weight.shape[channel_axis(layer)]
-                removed.append(cost_units(cost, dense - cost.quantized(members, CONTAINER_BITS[container(bits)],
+                removed.append(cost_units(cost, dense - cost.quantized(members, bits, CONTAINER_BITS[container(bits)],
                                                                        scales)))
                 dloss.append(predicted)
-                sources.append((bits, predicted, relative))
+                sources.append((bits, predicted, relative, grid))
         out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
                                                     key=layer.weight), sources, reason))
     return out
 
 
-def quant_entries(group: Candidates, option: int) -> list[QuantEntry]:
-    """The plan entries of ``group`` at ``option`` (0: float)."""
+def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dict]:
+    """The plan entries of ``group`` at ``option`` (0: float), and the grid they store (loss-aware rounding)."""
     source = group.sources[option]
     if source is None:
-        return [float_entry(layer, group.reason) for layer in group.layers]
-    bits, predicted, relative = source
-    return [QuantEntry(node=layer.node, op_type=layer.op_type, weight=layer.weight,
-                       weight_shape=list(layer.weight_shape), bits=bits, granularity="per_channel", block_size=None,
-                       container=container(bits), activations="float", weight_scales="absmax", rounding="nearest",
-                       params_dense=layer.params, params_planned=layer.params,
-                       notes={"predicted_dloss": predicted, "relative_error": relative})
-            for layer in group.layers]
+        return [float_entry(layer, group.reason) for layer in group.layers], {}
+    bits, predicted, relative, grid = source
+    entries = [QuantEntry(node=layer.node, op_type=layer.op_type, weight=layer.weight,
+                          weight_shape=list(layer.weight_shape), bits=bits, granularity="per_channel",
+                          block_size=None, container=container(bits), activations="float",
+                          weight_scales="absmax" if grid is None else "searched",
+                          rounding="nearest" if grid is None else "loss-aware",
+                          params_dense=layer.params, params_planned=layer.params,
+                          notes={"predicted_dloss": predicted, "relative_error": relative})
+               for layer in group.layers]
+    return entries, {} if grid is None else {group.layers[0].weight: grid}
 
 
 def float_entry(layer: Layer, reason: str | None = None) -> QuantEntry:

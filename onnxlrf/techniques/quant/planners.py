@@ -13,7 +13,7 @@ import onnx
 
 from ...errors import OnnxlrfError
 from ...graph.quantizable import BLOCK_OPS, find_quantizable
-from ...planning.plan import QUANT_BITS, Plan, QuantEntry
+from ...planning.plan import QUANT_BITS, ROUNDINGS, Plan, QuantEntry
 from .calibration import CALIBRATION_METHODS
 from .rewrite import RUNTIMES
 
@@ -32,13 +32,15 @@ class QuantOptions:
     layer); ``activations``: ``int8`` quantizes their inputs too
     (W8A8, with 8-bit weights); ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
     ``calibration_method``: onnxruntime's calibrator for activation ranges; ``block_size``: Gemm/MatMul
-    weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel."""
+    weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel;
+    ``rounding``: the loss-aware planner's (None: ``loss-aware``; uniform plans round to nearest)."""
 
     bits: int | None = None
     activations: str = "none"
     runtime: str = "onnxruntime"
     calibration_method: str = "minmax"
     block_size: int | None = None
+    rounding: str | None = None
 
     def __post_init__(self) -> None:
         if self.bits is not None and (not isinstance(self.bits, int) or self.bits not in QUANT_BITS):
@@ -48,6 +50,8 @@ class QuantOptions:
                                    ("--calibration-method", self.calibration_method, CALIBRATION_METHODS)):
             if value not in known:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
+        if self.rounding not in (None,) + ROUNDINGS:
+            raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if self.activations == "int8" and self.bits not in (None, 8):
             raise OnnxlrfError(f"--activations int8 goes with --bits 8 (W8A8), not --bits {self.bits}")
         if self.block_size is not None:

@@ -156,6 +156,20 @@ def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto
                            f"({first_line(exc)})") from None
 
 
+def weight_levels(entry: QuantEntry, layer: QuantLayer, weight: np.ndarray, plan: Plan
+                  ) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The integer levels and scales of ``entry``'s weight, and DequantizeLinear's attributes: the plan's stored
+    grid where the entry was rounded loss-aware, else round to nearest on absmax scales (per channel or block)."""
+    if entry.stores_grid:
+        levels, scales = plan.bases[entry.weight]
+        return levels, scales, {"axis": layer.channel_axis}
+    if entry.granularity == "block":
+        levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
+        return levels, scales, {"axis": layer.reduction_axis, "block_size": entry.block_size}
+    levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
+    return levels, scales, {"axis": layer.channel_axis}
+
+
 class QDQRewrite(RewritePass):
     """The quantization plan as Q/DQ nodes in ``runtime``'s form (see the module doc)."""
 
@@ -207,7 +221,7 @@ class QDQRewrite(RewritePass):
                 report.kept_dense.append({"node": entry.node, "reason": "planned float"})
                 continue
             layer, node = layers[entry.node], nodes[entry.node]
-            new_nodes, weight_scales = self._quantize_weight(graph, node, layer, entry, weights[layer.weight],
+            new_nodes, weight_scales = self._quantize_weight(graph, node, layer, entry, plan, weights[layer.weight],
                                                              taken, int4)
             # A computed bias, or one broadcast from another shape (Gemm's C), stays float: no scales line up.
             bias = weights.get(layer.bias)
@@ -254,16 +268,11 @@ class QDQRewrite(RewritePass):
             nodes[reader].inputs[index] = dequantized
         return scale
 
-    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, entry: QuantEntry,
+    def _quantize_weight(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, entry: QuantEntry, plan: Plan,
                          weight: np.ndarray, taken: set[str], int4: dict) -> tuple[list[str], np.ndarray]:
         """The node's weight as integer levels read through a DequantizeLinear of its own; its new nodes'
         names and the weight scales."""
-        if entry.granularity == "block":
-            levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
-            attrs = {"axis": layer.reduction_axis, "block_size": entry.block_size}
-        else:
-            levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
-            attrs = {"axis": layer.channel_axis}
+        levels, scales, attrs = weight_levels(entry, layer, weight, plan)
         stem = f"{layer.weight}/{node.name}"
         stored = _constant(f"{stem}/int{entry.bits}", levels, taken)
         zero = _constant(f"{stem}/zero_point", np.zeros(scales.shape, np.int8), taken)

@@ -4,6 +4,7 @@ the rewrite is the QDQ pass in the form the plan names."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Hashable
 
 import onnx
@@ -12,12 +13,13 @@ from onnx import numpy_helper
 from ...graph.layers import Layer, constant_producers
 from ...graph.quantizable import find_quantizable
 from ...measure.analysis import AnalysisOptions, joint_analysis
-from ...planning.plan import Plan, QuantEntry, validate_plan
+from ...errors import OnnxlrfError
+from ...planning.plan import ROUNDINGS, Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, quant_candidates, quant_entries
-from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
-from .rewrite import QDQRewrite
+from .grid import dequantize_blocks, dequantize_per_channel
+from .rewrite import QDQRewrite, weight_levels
 
 FLOAT_BITS = 32
 
@@ -26,6 +28,13 @@ class Quant:
     """Per layer: weight bits, granularity and container, and whether its input activations are int8 too."""
 
     name = QuantEntry.technique
+
+    def __init__(self, rounding: str = "loss-aware") -> None:
+        if rounding not in ROUNDINGS:
+            raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+        self.rounding = rounding
+        self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
+        self._grids_of: int | None = None
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_quantizable(model)[1]}
@@ -39,24 +48,32 @@ class Quant:
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    **options: Any) -> list[Candidates]:
         """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
-        return quant_candidates(model, analysis, kappa, cost)
+        if self._grids_of != id(analysis):
+            self._grids, self._grids_of = {}, id(analysis)
+        return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
-        return quant_entries(group, option), {}
+        return quant_entries(group, option)
 
     def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> QuantEntry:
         return float_entry(layer)
 
     def plan_options(self, analysis: Any, **options: Any) -> dict:
-        return {"technique": self.name, "runtime": "onnxruntime", "bits_offered": list(PLANNED_BITS)}
+        return {"technique": self.name, "runtime": "onnxruntime", "bits_offered": list(PLANNED_BITS),
+                "rounding": self.rounding}
 
     def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
-        """The bits of every quantized layer (the grid is fixed, so equal bits make the same model)."""
-        return tuple((entry.node, entry.bits) for entry in plan.layers if entry.changed)
+        """The bits and rounding of every quantized layer, and the bytes of its stored levels and scales (a loss-aware
+        grid moves with kappa where first-order terms shift its target)."""
+        def stored(entry: QuantEntry) -> str:
+            if not entry.stores_grid:
+                return ""
+            return hashlib.sha256(b"".join(array.tobytes() for array in plan.bases[entry.weight])).hexdigest()
+        return tuple((entry.node, entry.bits, entry.rounding, stored(entry)) for entry in plan.layers if entry.changed)
 
     def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
-        """Nothing to improve without fine-tuning yet (the CET rounding, METHOD.md 9, is not built)."""
+        """Nothing to improve: the loss-aware rounding is chosen with each option (:mod:`.candidates`)."""
         return None
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
@@ -74,13 +91,9 @@ class Quant:
             if not entry.changed:
                 continue
             layer = layers[entry.node]
-            weight = numpy_helper.to_array(constants[layer.weight])
-            if entry.granularity == "block":
-                levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
-                replaced[layer.weight] = dequantize_blocks(levels, scales, layer.reduction_axis, entry.block_size)
-            else:
-                levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
-                replaced[layer.weight] = dequantize_per_channel(levels, scales, layer.channel_axis)
+            levels, scales, attrs = weight_levels(entry, layer, numpy_helper.to_array(constants[layer.weight]), plan)
+            replaced[layer.weight] = dequantize_blocks(levels, scales, attrs["axis"], attrs["block_size"]) \
+                if "block_size" in attrs else dequantize_per_channel(levels, scales, attrs["axis"])
         result = onnx.ModelProto()
         result.CopyFrom(model)
         for init in result.graph.initializer:
