@@ -81,7 +81,7 @@ def test_quant_flags_need_the_quant_technique(files):
     result = invoke(*compress_args(files, "--bits", 8), "--mode", "compact")
     assert result.exit_code == 1 and "--bits is for --mode uniform" in result.output
     result = invoke(*compress_args(files), "--mode", "compact")
-    assert result.exit_code == 1 and "pass --target bytes" in result.output
+    assert result.exit_code == 1 and "pass --target bytes or --target bits" in result.output
 
 
 def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
@@ -99,3 +99,27 @@ def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
     assert payload["average_weight_bits"] < 8 and payload["model_bytes"] < payload["reference_model_bytes"]
     result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--activations", "int8"))
     assert result.exit_code == 1 and "weight-only per channel so far" in result.output
+
+
+def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it(files):
+    # 3.2 average weight bits: the logical-bits target lets 3- and 2-bit options count for what they are.
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.9,
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["average_weight_bits"] <= 3.2 + 1e-9
+    plan = json.loads((files / "plan.json").read_text())
+    roundings = {layer["choice"]["rounding"] for layer in plan["layers"]}
+    # Loss-aware rounding predicts less than round to nearest on these layers' correlated inputs.
+    assert "loss-aware" in roundings and plan["options"]["rounding"] == "loss-aware"
+    assert (files / "plan.json.bases.npz").exists()
+    again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
+    assert again.exit_code == 0, again.output
+    assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+    nearest = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.9,
+                                    "--rounding", "nearest", "--plan-out", files / "plan.json", "--overwrite", "-q"))
+    assert nearest.exit_code == 0, nearest.output
+    plan = json.loads((files / "plan.json").read_text())
+    assert {layer["choice"]["rounding"] for layer in plan["layers"]} <= {"nearest", None}
+    uniform = invoke(*compress_args(files, "--bits", 4, "--rounding", "loss-aware", "--overwrite"))
+    assert uniform.exit_code == 1 and "uniform plans round to nearest" in uniform.output

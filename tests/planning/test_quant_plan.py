@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from quant_fixtures import residual_cnn
 
@@ -56,3 +57,46 @@ def test_int8_activations_need_the_input_range_and_ranges_must_be_finite():
     data["activation_ranges"] = {"input": [1.0, -1.0]}
     with pytest.raises(OnnxlrfError, match="activation range of 'input' must be"):
         Plan.from_dict(data)
+
+
+def loss_aware_plan() -> Plan:
+    """conv2 rounded loss-aware: its levels and scales stored with the plan."""
+    plan = plan_uniform_quant(residual_cnn(), QuantOptions(bits=3))
+    entry = next(e for e in plan.layers if e.node == "conv2")
+    entry.rounding, entry.weight_scales = "loss-aware", "searched"
+    levels = np.random.default_rng(0).integers(-3, 4, size=entry.weight_shape).astype(np.int8)
+    plan.bases[entry.weight] = (levels, np.full(entry.weight_shape[0], 0.05, np.float32))
+    return plan
+
+
+def test_a_loss_aware_entry_round_trips_with_its_grid(tmp_path):
+    plan = loss_aware_plan()
+    plan.save(tmp_path / "plan.json")
+    assert (tmp_path / "plan.json.bases.npz").exists()
+    loaded = Plan.load(tmp_path / "plan.json")
+    levels, scales = loaded.bases["w2"]
+    assert levels.dtype == np.int8 and np.array_equal(levels, plan.bases["w2"][0]) and scales.shape == (8,)
+    validate_plan(loaded, residual_cnn())
+
+
+@pytest.mark.parametrize("grid, message", [
+    (None, "the plan stores no levels and scales for 'w2'"),
+    ((np.zeros((8, 8, 3, 3), np.int8), np.ones(4, np.float32)), "do not fit the weight"),
+    ((np.full((8, 8, 3, 3), 4, np.int8), np.ones(8, np.float32)), "exceed the 3-bit grid"),
+])
+def test_a_loss_aware_entry_needs_a_grid_that_fits(grid, message):
+    plan = loss_aware_plan()
+    if grid is None:
+        del plan.bases["w2"]
+    else:
+        plan.bases["w2"] = grid
+    with pytest.raises(OnnxlrfError, match=message):
+        validate_plan(plan, residual_cnn())
+
+
+def test_a_stored_grid_of_the_wrong_types_is_refused_on_load(tmp_path):
+    plan = loss_aware_plan()
+    plan.bases["w2"] = (plan.bases["w2"][0].astype(np.float32), plan.bases["w2"][1])
+    plan.save(tmp_path / "plan.json")
+    with pytest.raises(OnnxlrfError, match="the grid of 'w2' needs int8 levels"):
+        Plan.load(tmp_path / "plan.json")
