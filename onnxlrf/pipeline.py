@@ -432,9 +432,8 @@ def compress_quant(
             raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
         if joint.target not in QUANT_TARGETS:
             raise OnnxlrfError("--technique quant plans bytes or bits: pass --target bytes or --target bits")
-        if options.activations != "none" or options.block_size is not None:
-            raise OnnxlrfError("the loss-aware quantization plans are weight-only per channel so far: leave out "
-                               "--activations and --block-size")
+        if options.block_size is not None:
+            raise OnnxlrfError("the loss-aware quantization plans are per channel so far: leave out --block-size")
         if data is None:
             raise OnnxlrfError(f"mode {joint.mode} needs --data (calibration, validation and test splits come "
                                f"from it)")
@@ -474,14 +473,22 @@ def compress_quant(
             _check_float32(reference)
             analysis = dataclasses.replace(analysis, labels=analysis.labels or default_labels(split.calib),
                                            spatial=False)
+            ranges = None
+            if options.activations == "int8":  # every activation a plan may quantize, calibrated once
+                every = calibrate_plan(reference, plan_uniform_quant(reference, dataclasses.replace(options, bits=8)),
+                                       split.calib, options.runtime, options.calibration_method, progress)
+                ranges = every.activation_ranges
+            technique = Quant(options.rounding or "loss-aware", options.runtime, ranges)
             # One round, and no refit: quantization has no improvement step yet.
             rounds = verify_in_rounds(reference, split, joint, analysis,
                                       dataclasses.replace(verify, rounds=1, refit=False),
-                                      cost_model(reference, joint.target), provider, progress,
-                                      technique=Quant(options.rounding or "loss-aware"))
-            plan = rounds.plan
+                                      cost_model(reference, joint.target), provider, progress, technique=technique)
+            plan = technique.with_ranges(reference, rounds.plan)
             plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]
             plan.options["runtime"] = options.runtime
+            if ranges is not None:
+                plan.options.update({"calibration_method": options.calibration_method,
+                                     "calibration_samples": len(split.calib)})
         if split is not None:
             plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed})
         compressed, report = QDQRewrite(options.runtime)(reference, plan, progress)

@@ -97,8 +97,25 @@ def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
     assert all(b in (2, 3, 4, 5, 6, 8) for b in bits) and payload["layers_quantized"] == 3
     assert all("predicted_dloss" in layer["notes"] for layer in plan["layers"])
     assert payload["average_weight_bits"] < 8 and payload["model_bytes"] < payload["reference_model_bytes"]
-    result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--activations", "int8"))
-    assert result.exit_code == 1 and "weight-only per channel so far" in result.output
+
+
+def test_loss_aware_plans_with_int8_activations_run_as_integer_kernels(files):
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
+                                   "--activations", "int8", "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    plan = json.loads((files / "plan.json").read_text())
+    quantized = [layer for layer in plan["layers"] if layer["choice"]["bits"] is not None]
+    assert quantized and all(layer["choice"]["activations"] == "int8" and layer["choice"]["container"] == "int8"
+                             for layer in quantized)
+    assert all(layer["choice"]["bits"] <= 7 for layer in quantized)  # onnxruntime's form: 7-bit weights at most
+    assert plan["options"]["activations"] == "int8" and plan["options"]["calibration_method"] == "minmax"
+    # Each quantized Conv runs as QLinearConv; ranges are kept for the activations the plan quantizes only.
+    convs = sum(layer["op_type"] == "Conv" for layer in quantized)
+    assert payload["optimized_op_counts"].get("QLinearConv", 0) == convs
+    assert "input" in plan["activation_ranges"] and payload["average_weight_bits"] <= 32 * 0.15 + 1e-9
+    result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--block-size", 16))
+    assert result.exit_code == 1 and "per channel so far" in result.output
 
 
 def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it(files):

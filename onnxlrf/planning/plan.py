@@ -209,9 +209,6 @@ WEIGHT_SCALES = ("absmax", "searched")
 # "nearest": the nearest grid point, ties to even (computed by the rewrite); "loss-aware": rounded with error
 # feedback in the loss's metric (METHOD.md 9; the levels are stored with the plan).
 ROUNDINGS = ("nearest", "loss-aware")
-# Weight bits of a layer with int8 activations: 8, or 7 where onnxruntime's u8 x s8 kernels would overflow
-# (x86 without VNNI sums pairs of products in int16; 7-bit weights keep them in range).
-W8A8_WEIGHT_BITS = (7, 8)
 
 
 def _check_known(where: str, field: str, value: Any, known: Any) -> None:
@@ -322,9 +319,9 @@ class QuantEntry(PlanEntry):
         elif self.block_size is not None:
             raise OnnxlrfError(f"{where}: block_size applies to granularity 'block' only")
         if self.activations == "int8":
-            if self.bits not in W8A8_WEIGHT_BITS:
-                raise OnnxlrfError(f"{where}: int8 activations go with 8-bit weights (or 7-bit, onnxruntime's reduced "
-                                   f"range), not {self.bits}-bit")
+            if self.container != "int8":
+                raise OnnxlrfError(f"{where}: int8 activations need the weights in an int8 container (the integer "
+                                   f"kernels read int8), not {self.container}")
             if layer.input not in plan.activation_ranges:
                 raise OnnxlrfError(f"{where}: int8 activations, but the plan has no calibrated range for its input "
                                    f"{layer.input!r}")

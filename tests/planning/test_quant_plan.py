@@ -38,7 +38,7 @@ def test_quant_plan_round_trips_with_its_ranges(tmp_path):
     ({"container": "int4", "bits": 5}, "5-bit values do not fit container int4"),
     ({"granularity": "block", "block_size": 16}, "block scales are for Gemm/MatMul, not Conv"),
     ({"block_size": 16}, "block_size applies to granularity 'block' only"),
-    ({"activations": "int8", "bits": 4, "container": "int4"}, "int8 activations go with 8-bit weights"),
+    ({"activations": "int8", "bits": 4, "container": "int4"}, "int8 activations need the weights in an int8 container"),
     ({"activations": "int4"}, "unknown activations 'int4'"),
     ({"rounding": "up"}, "unknown rounding 'up'"),
     ({"bits": None}, "a float entry (bits null)"),

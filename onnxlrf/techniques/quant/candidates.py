@@ -61,14 +61,27 @@ def loss_aware_error(weight: np.ndarray, layer: Layer, bits: int, ls: Any, kappa
     return delta, (matrices_to_weight(levels, layer, "channel"), scales.reshape(-1))
 
 
+def activation_noise_dloss(ls: Any, weight: np.ndarray, step: float, kappa: float) -> float:
+    """Predicted loss change of rounding the layer's input to a grid of ``step`` (METHOD.md 8): noise of variance
+    ``step^2 / 12`` per element, uncorrelated, acts as the weight perturbation ``W e``:
+    ``kappa`` times the fitted curvature scale times ``step^2 / 12 * tr(B W W^T) / 2`` (``weight``: the
+    layer's (quantized) channel matrices)."""
+    trace = float(np.einsum("gmk,gmn,gkn->", ls.output_factor, weight, weight))
+    return kappa * ls.curvature_scale * 0.5 * step**2 / 12.0 * trace
+
+
 def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
-                     rounding: str = "loss-aware", cache: dict | None = None) -> list[Candidates]:
+                     rounding: str = "loss-aware", cache: dict | None = None,
+                     input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8) -> list[Candidates]:
     """Per weight group of layers the analysis covers and that take quantized weights: float, then each of
     :data:`PLANNED_BITS` within the trusted range, with predicted loss change and cost saved (``cost``: a
     ``bytes`` or ``bits`` cost). ``rounding`` ``loss-aware``: each option is rounded to nearest and loss-aware
     (METHOD.md 9), and the one of smaller predicted loss change is offered; ``nearest``: round to nearest only.
-    ``cache``: loss-aware grids by (weight, bits, kappa), reused across calls on the same analysis."""
-    quantizable = {layer.node for layer in find_quantizable(model)[0]}
+    ``cache``: loss-aware grids by (weight, bits, kappa), reused across calls on the same analysis.
+    ``input_steps``: with int8 activations, every option also quantizes the layer's input (grid step by input
+    tensor, from the calibrated ranges), its noise added to the prediction, and the weights stay in int8
+    containers (the integer kernels read int8); 8-bit weights become ``int8_weight_bits``."""
+    quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
     cache = {} if cache is None else cache
@@ -82,7 +95,10 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
         if reason is None:
             weight = weight_array(model, layer)
             norm = max(float(np.linalg.norm(weight)), 1e-30)
+            step = None if input_steps is None else input_steps[quantizable[layer.node].input]
             for bits in PLANNED_BITS:
+                if step is not None and bits == 8:
+                    bits = int8_weight_bits
                 variants = [(quantization_error(weight, layer, bits), None)]
                 if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
                     # The shifted target moves with kappa only through first-order terms.
@@ -94,15 +110,19 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
                 for delta, grid in variants:
                     relative = float(np.linalg.norm(delta)) / norm
                     if relative <= ls.perturbation_range:
-                        offered.append((ls.perturbation_dloss(delta, kappa), relative, grid))
+                        predicted = ls.perturbation_dloss(delta, kappa)
+                        if step is not None:
+                            quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
+                            predicted += activation_noise_dloss(ls, quantized, step, kappa)
+                        offered.append((predicted, relative, grid))
                 if not offered:
                     continue
                 predicted, relative, grid = min(offered, key=lambda option: option[0])
                 scales = weight.shape[channel_axis(layer)]
-                removed.append(cost_units(cost, dense - cost.quantized(members, bits, CONTAINER_BITS[container(bits)],
-                                                                       scales)))
+                holder = "int8" if step is not None else container(bits)
+                removed.append(cost_units(cost, dense - cost.quantized(members, bits, CONTAINER_BITS[holder], scales)))
                 dloss.append(predicted)
-                sources.append((bits, predicted, relative, grid))
+                sources.append((bits, predicted, relative, grid, step is not None))
         out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
                                                     key=layer.weight), sources, reason))
     return out
@@ -113,10 +133,11 @@ def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dic
     source = group.sources[option]
     if source is None:
         return [float_entry(layer, group.reason) for layer in group.layers], {}
-    bits, predicted, relative, grid = source
+    bits, predicted, relative, grid, int8_inputs = source
     entries = [QuantEntry(node=layer.node, op_type=layer.op_type, weight=layer.weight,
                           weight_shape=list(layer.weight_shape), bits=bits, granularity="per_channel",
-                          block_size=None, container=container(bits), activations="float",
+                          block_size=None, container="int8" if int8_inputs else container(bits),
+                          activations="int8" if int8_inputs else "float",
                           weight_scales="absmax" if grid is None else "searched",
                           rounding="nearest" if grid is None else "loss-aware",
                           params_dense=layer.params, params_planned=layer.params,

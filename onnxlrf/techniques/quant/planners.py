@@ -55,7 +55,7 @@ class QuantOptions:
         if self.activations == "int8" and self.bits not in (None, 8):
             raise OnnxlrfError(f"--activations int8 goes with --bits 8 (W8A8), not --bits {self.bits}")
         if self.block_size is not None:
-            if self.bits > INT4_BITS or self.activations != "none":
+            if (self.bits is not None and self.bits > INT4_BITS) or self.activations != "none":
                 raise OnnxlrfError("--block-size is for weight-only int4 (--bits 4 or fewer, --activations none)")
             if not isinstance(self.block_size, int) or self.block_size < 2:
                 raise OnnxlrfError(f"--block-size must be an integer >= 2, got {self.block_size!r}")

@@ -4,6 +4,7 @@ the rewrite is the QDQ pass in the form the plan names."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from typing import Any, Hashable
 
@@ -19,7 +20,8 @@ from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, quant_candidates, quant_entries
 from .grid import dequantize_blocks, dequantize_per_channel
-from .rewrite import QDQRewrite, weight_levels
+from .planners import ONNXRUNTIME_W8A8_BITS
+from .rewrite import RUNTIMES, QDQRewrite, int8_scale, quantized_activations, uint8_params, weight_levels
 
 FLOAT_BITS = 32
 
@@ -29,12 +31,33 @@ class Quant:
 
     name = QuantEntry.technique
 
-    def __init__(self, rounding: str = "loss-aware") -> None:
+    def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
+                 activation_ranges: dict[str, list[float]] | None = None) -> None:
+        """``activation_ranges``: calibrated ranges of every activation a plan may quantize (None: weight-only
+        options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form."""
         if rounding not in ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-        self.rounding = rounding
+        if runtime not in RUNTIMES:
+            raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+        self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
+
+    def input_steps(self) -> dict[str, float] | None:
+        """The int8 grid step of each calibrated activation in the runtime's form (None: weight-only)."""
+        if self.activation_ranges is None:
+            return None
+        if self.runtime == "onnxruntime":
+            return {name: float(uint8_params(*bounds)[0]) for name, bounds in self.activation_ranges.items()}
+        return {name: float(int8_scale(*bounds)) for name, bounds in self.activation_ranges.items()}
+
+    def with_ranges(self, model: onnx.ModelProto, plan: Plan) -> Plan:
+        """``plan`` with the calibrated ranges of the activations its int8 layers quantize."""
+        if self.activation_ranges is None:
+            return plan
+        sites = quantized_activations(model, plan, self.runtime)
+        return dataclasses.replace(plan, activation_ranges={site.tensor: self.activation_ranges[site.tensor]
+                                                            for site in sites})
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_quantizable(model)[1]}
@@ -50,7 +73,8 @@ class Quant:
         """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
-        return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids)
+        int8_bits = ONNXRUNTIME_W8A8_BITS if self.runtime == "onnxruntime" else 8
+        return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(), int8_bits)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
@@ -60,8 +84,8 @@ class Quant:
         return float_entry(layer)
 
     def plan_options(self, analysis: Any, **options: Any) -> dict:
-        return {"technique": self.name, "runtime": "onnxruntime", "bits_offered": list(PLANNED_BITS),
-                "rounding": self.rounding}
+        return {"technique": self.name, "runtime": self.runtime, "bits_offered": list(PLANNED_BITS),
+                "rounding": self.rounding, "activations": "none" if self.activation_ranges is None else "int8"}
 
     def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
         """The bits and rounding of every quantized layer, and the bytes of its stored levels and scales (a loss-aware
@@ -79,6 +103,8 @@ class Quant:
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
         """:class:`~onnxlrf.techniques.quant.rewrite.QDQRewrite` in the form the plan names (``options["runtime"]``)."""
+        if not plan.activation_ranges:
+            plan = self.with_ranges(model, plan)
         return QDQRewrite(plan.options.get("runtime", "onnxruntime"))(model, plan, progress)
 
     def perturbed_weights(self, model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
