@@ -330,10 +330,9 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
     if technique == "quant":
         if params["bits"] is not None and params["mode"] != "uniform":
             raise OnnxlrfError(f"--bits is for --mode uniform; mode {params['mode']} chooses bits per layer")
-        if report_dir is not None:
-            raise OnnxlrfError("--report is not built for --technique quant yet")
-    elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none":
-        raise OnnxlrfError("--bits, --activations and --block-size apply to --technique quant")
+    elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none" \
+            or params["rounding"] is not None:
+        raise OnnxlrfError("--bits, --activations, --block-size and --rounding apply to --technique quant")
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
     quant = _quant_options.build(params) if technique == "quant" else None
@@ -347,12 +346,13 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
         # Model, plan and report go in place together, or none of them.
         with staged_outputs(overwrite) as stage:
             if quant is not None:
-                return compress_quant(model, output, quant, options, data, splits, analysis, verify, export,
-                                      provider=provider,
-                                      plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet),
-                                      stage=stage), None
-            result = run_compress(model, output, options, data, splits, analysis, verify, export, provider=provider,
-                                  plan_out=plan_out, overwrite=overwrite, progress=_progress(quiet), stage=stage)
+                result = compress_quant(model, output, quant, options, data, splits, analysis, verify, export,
+                                        provider=provider, plan_out=plan_out, overwrite=overwrite,
+                                        progress=_progress(quiet), stage=stage)
+            else:
+                result = run_compress(model, output, options, data, splits, analysis, verify, export,
+                                      provider=provider, plan_out=plan_out, overwrite=overwrite,
+                                      progress=_progress(quiet), stage=stage)
             report = None if report_dir is None else \
                 write_report(result, report_dir, _command_line(), overwrite=overwrite, stage=stage)[1]
         return result, report

@@ -51,6 +51,9 @@ from .techniques.base import EntryView, KeepPlot
 
 MARKDOWN, HTML, PLAN = "report.md", "report.html", "plan.json"
 PLOTS = {"rank": "rank.svg", "loss": "loss.svg", "curve": "curve.svg"}
+# The metric-vs-size plot's x axis by the plan's target.
+TARGET_AXES = {"params": "parameters removed", "flops": "FLOPs removed", "latency": "latency removed",
+               "bytes": "weight bytes removed", "bits": "weight bits removed"}
 REPORT_FILES = (MARKDOWN, HTML, PLAN, *PLOTS.values())
 # Colours (tab10) shared by the plots and the page.
 BLUE, ORANGE, GREEN, RED, PURPLE, BROWN, PINK, GREY, OLIVE, CYAN = (
@@ -266,7 +269,9 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     flops_original, flops_compressed, flops_inputs = _model_flops(result)
     splits = _splits(result)
     final = next((s for s in splits if s["split"] == "held-out test"), splits[0] if splits else None)
-    curve = {"reduction": result.params_reduction, "final": final,
+    target = plan.options.get("target", "params")
+    curve = {"reduction": plan.options.get("achieved_reduction", result.params_reduction), "final": final,
+             "axis": TARGET_AXES.get(target, f"{target} removed"),
              "val_reference": plan.options.get("reference_val"),
              "backoff": list(plan.options.get("backoff") or [])}
     summary = [
@@ -274,8 +279,12 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
         ("mode", plan.mode),
         ("output", str(result.output)),
         ("parameters", f"{result.reference_params:,} -> {result.params:,} ({result.params_reduction:.1%} fewer)"),
-        ("layers", f"{len(result.rewrite.rewritten)} factorized, {len(result.rewrite.kept_dense)} dense"),
+        ("layers", f"{len(result.rewrite.rewritten)} {result.layer_keys[0].removeprefix('layers_')}, "
+                   f"{len(result.rewrite.kept_dense)} {result.layer_keys[1].removeprefix('layers_')}"),
     ]
+    if "average_weight_bits" in result.extra:
+        summary.append(("weight bits (Conv/Gemm/MatMul, logical)",
+                        f"32 -> {result.extra['average_weight_bits']:.2f} on average"))
     if flops_compressed is not None:
         before = _flops(flops_original) if flops_original is not None else "-"
         ratio = f" ({1 - flops_compressed / flops_original:.1%} fewer)" if flops_original else ""
@@ -372,13 +381,14 @@ def _table_cells(row: LayerRow, header: tuple[str, ...]) -> list[str]:
 CHANGE_NOTE = ("change: compressed minus original; in brackets its 95% paired-bootstrap interval over the "
                "split's samples (validation.change_interval), where both models ran on them here. An interval "
                "that contains 0 means this split cannot tell the two models apart.")
-TABLE_NOTE = ("rank: kept components (dense: not factorized). predicted dloss: the planner's predicted change "
-              "of the calibration loss from this layer's truncation alone, at the plan's kappa. measured dloss: "
-              "the loss change measured with only this layer truncated, where the analysis measured this exact "
-              "rank. single-layer checks: the analysis's truncations of this layer alone, predicted (kappa 1, "
-              "fitted curvature scale) / measured loss change; ! where they disagree (beyond that the layer is "
-              "not truncated). params, FLOPs, latency: dense -> planned; FLOPs per run at the input shapes in "
-              "the summary; latency only where the plan carries per-layer measurements.")
+COLUMNS_NOTE = ("params, FLOPs, latency: dense -> planned; FLOPs per run at the input shapes in the summary; "
+                "latency only where the plan carries per-layer measurements.")
+
+
+def table_note(rows: list[LayerRow]) -> str:
+    """The per-layer table's note: each technique's words for its columns, then the shared columns'."""
+    techniques = sorted({row.technique for row in rows})
+    return " ".join([TECHNIQUES[name].table_note for name in techniques] + [COLUMNS_NOTE])
 
 
 def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
@@ -394,7 +404,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
     header = table_header(page["rows"])
     md += ["", "## Per layer", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(_md(c) for c in _table_cells(row, header)) + " |" for row in page["rows"]]
-    md += ["", TABLE_NOTE, "", "## Plots", ""]
+    md += ["", table_note(page["rows"]), "", "## Plots", ""]
     for key, (title, caption) in plot_words(page["rows"]).items():
         if plots.get(key) is not None:
             md += [f"![{title}]({PLOTS[key]})", "", f"*{caption}*", ""]
@@ -505,7 +515,7 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
         cells = "".join(f"<td{NUMERIC if h in numeric else CELL_CLASS.get(h, '')}>{_cell_html(h, c)}</td>"
                         for h, c in zip(header, _table_cells(row, header)))
         out.append(f"<tr{'' if row.changed else DENSE}>{cells}</tr>")
-    out += ["</table></div>", f'<p class="note">{e(TABLE_NOTE)}</p>', "<h2>Plots</h2>"]
+    out += ["</table></div>", f'<p class="note">{e(table_note(page["rows"]))}</p>', "<h2>Plots</h2>"]
     for key, (title, caption) in plot_words(page["rows"]).items():
         if plots.get(key) is not None:
             out.append(f"<figure>{plots[key]}<figcaption>{e(caption)}</figcaption></figure>")
@@ -564,8 +574,9 @@ def plot_words(rows: list[LayerRow]) -> dict[str, tuple[str, str]]:
         "loss": ("predicted vs measured loss change",
                  "Predicted vs measured loss change of single-layer checks (symmetric log axes; dashed: y = x; "
                  f"ringed: the {keep.axis} the plan kept)."),
-        "curve": (CURVE_TITLE, "Metric vs parameters removed: the back-off attempts on the validation split, "
-                                    "the result on the held-out split, and baselines where run."),
+        "curve": (CURVE_TITLE, "Metric vs the plan's target removed (parameters unless the plan names another): "
+                                    "the back-off attempts on the validation split, the result on the held-out "
+                                    "split, and baselines where run."),
     }
 # Applied over matplotlib's defaults, so a user's matplotlibrc changes neither the look nor the bytes of a report.
 PLOT_STYLE = {
@@ -773,7 +784,7 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
             legend.append(Line2D([], [], markersize=11, label=f"result, {final['split']}", **result))
         _label_attempts(axes, backoff)
         axes.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.03, 1), borderaxespad=0)
-        axes.set_xlabel("parameters removed")
+        axes.set_xlabel(curve.get("axis", "parameters removed"))
         axes.set_ylabel(metric)
         return _svg(figure, CURVE_TITLE, tips)
 

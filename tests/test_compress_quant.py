@@ -114,6 +114,17 @@ def test_loss_aware_plans_with_int8_activations_run_as_integer_kernels(files):
     convs = sum(layer["op_type"] == "Conv" for layer in quantized)
     assert payload["optimized_op_counts"].get("QLinearConv", 0) == convs
     assert "input" in plan["activation_ranges"] and payload["average_weight_bits"] <= 32 * 0.15 + 1e-9
+
+
+def test_quant_report_says_bits_layers_and_the_target_axis(files):
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
+                                   "--report", files / "report", "-q"))
+    assert result.exit_code == 0, result.output
+    markdown = (files / "report" / "report.md").read_text()
+    assert "| layers | 3 quantized, 0 float |" in markdown
+    assert "| weight bits (Conv/Gemm/MatMul, logical) | 32 -> " in markdown and "bits: logical weight bits" in markdown
+    assert "weight bits removed" in (files / "report" / "curve.svg").read_text()
+
     result = invoke(*compress_args(files, "--mode", "compact", "--target", "bytes", "--block-size", 16))
     assert result.exit_code == 1 and "per channel so far" in result.output
 

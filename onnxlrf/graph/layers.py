@@ -276,8 +276,13 @@ def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Model parameters: elements of float initializers plus float ``Constant`` tensors."""
-    return count_float_tensor_params(model)
+    """Model parameters: elements of float initializers plus float ``Constant`` tensors, and of the integer
+    initializers a DequantizeLinear reads as its data (quantized weights are parameters in fewer bits)."""
+    floats = {t.name for t in model.graph.initializer if t.data_type in _ALL_FLOATS}
+    initializers = {t.name: t for t in model.graph.initializer}
+    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"
+                 and node.input and node.input[0] in initializers and node.input[0] not in floats}
+    return count_float_tensor_params(model) + sum(math.prod(initializers[name].dims) for name in quantized)
 
 
 def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[list[Layer]], dict[str, str]]:

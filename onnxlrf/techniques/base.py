@@ -154,6 +154,7 @@ class Technique(Protocol):
 
     keep_plot: KeepPlot
     numeric_columns: tuple[str, ...]  # which of the view's cells are numbers (right-aligned)
+    table_note: str  # what the report's per-layer table says of the technique's columns
 
     def view(self, entry: PlanEntry, rewritten: dict | None) -> EntryView:
         """How the report shows ``entry``; ``rewritten``: what the rewrite reported for it (None: left as it was)."""

@@ -309,3 +309,14 @@ def test_a_weight_read_inside_a_subgraph_stays_dense():
     assert not by_node["fc_w"].changed and by_node["fc_v"].changed
     compressed, _ = apply_plan(model, plan)
     assert count_params(compressed) == count_params(model) - plan.summary()["params_removed"] < count_params(model)
+
+
+def test_quantized_weights_count_as_parameters():
+    levels = numpy_helper.from_array(np.ones((4, 3), np.int8), "w_q")
+    scale = numpy_helper.from_array(np.ones(4, np.float32), "w_scale")
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], axis=0),
+         helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [levels, scale])
+    assert count_params(helper.make_model(graph)) == 12 + 4

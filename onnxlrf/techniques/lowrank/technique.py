@@ -72,6 +72,12 @@ class LowRank:
     keep_plot = KeepPlot("rank kept per layer", "rank", "rank kept",
                          "Rank kept per layer (grey: maximum rank; blue: kept; dense layers in light grey).")
     numeric_columns = ("max rank", "rank")
+    table_note = ("rank: kept components (dense: not factorized). predicted dloss: the planner's predicted change "
+                  "of the calibration loss from this layer's truncation alone, at the plan's kappa. measured dloss: "
+                  "the loss change measured with only this layer truncated, where the analysis measured this exact "
+                  "rank. single-layer checks: the analysis's truncations of this layer alone, predicted (kappa 1, "
+                  "fitted curvature scale) / measured loss change; ! where they disagree (beyond that the layer is "
+                  "not truncated).")
 
     def view(self, entry: LowRankEntry, rewritten: dict | None) -> EntryView:
         """Maximum rank, the rank the rewrite kept (dense where it left the layer), decomposition and basis."""

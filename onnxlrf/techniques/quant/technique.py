@@ -130,6 +130,12 @@ class Quant:
     keep_plot = KeepPlot("weight bits per layer", "bits", "bits",
                          "Weight bits per layer (grey: float32; blue: planned bits).")
     numeric_columns = ("bits",)
+    table_note = ("bits: logical weight bits (float: not quantized); container: the integer type that stores them "
+                  "(int4 packs two a byte); activations int8: the layer's input is quantized too. predicted dloss: "
+                  "the planner's predicted change of the calibration loss from this layer's quantization alone "
+                  "(weights as rounded, plus its input's rounding noise), at the plan's kappa. Single-layer "
+                  "checks are the analysis's truncations, which set the range of weight error a layer's options "
+                  "may have; quantization options are not measured one by one.")
 
     def view(self, entry: QuantEntry, rewritten: dict | None) -> EntryView:
         """Bits (float where the layer stays as it is), container, granularity and activations."""
