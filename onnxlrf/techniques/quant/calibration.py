@@ -1,7 +1,7 @@
 """Activation ranges from the calibration split, measured by onnxruntime's calibrators.
 
-onnxruntime's ``create_calibrator`` (MinMax, Percentile, Entropy) runs an augmented copy of the model that
-outputs the tensors to calibrate; onnxlrf only feeds it the calibration split in batches and reads the
+onnxruntime's calibrators (MinMax, Percentile, Entropy) run an augmented copy of the model that outputs the
+tensors to calibrate (here only those the rewrite quantizes); onnxlrf only feeds it the calibration split in batches and reads the
 ranges back. Each batch is one ``collect_data`` call, so the calibrators keep running statistics (min/max,
 histograms) instead of every intermediate tensor of the whole split.
 """
@@ -12,11 +12,12 @@ import contextlib
 import io
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-from onnxruntime.quantization.calibrate import create_calibrator
+from onnxruntime.quantization import CalibrationDataReader
+from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
 from ...data import Dataset, graph_inputs
 from ...errors import OnnxlrfError, first_line
@@ -25,8 +26,7 @@ from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .rewrite import quantized_activations
 
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                       "entropy": CalibrationMethod.Entropy}
+CALIBRATION_METHODS = {"minmax": MinMaxCalibrater, "percentile": PercentileCalibrater, "entropy": EntropyCalibrater}
 # Rows per collect_data call: enough for the histograms' statistics, little memory for intermediate tensors.
 CALIBRATION_BATCH = 32
 
@@ -49,6 +49,24 @@ def _batch_rows(model: onnx.ModelProto) -> int:
     return static or CALIBRATION_BATCH
 
 
+def _calibrator(method: str, path: Path, op_types: list[str], augmented: str, wanted: set[str]) -> Any:
+    """onnxruntime's ``method`` calibrator over ``wanted`` only, ready for ``collect_data``.
+
+    Left to itself it calibrates every float input and output of the given op types: in a transformer that
+    includes the attention mask's Add, whose -3.4e38 the histogram calibrators cannot bin. Ranges are kept as
+    observed (symmetric ones are made from them where a runtime needs them)."""
+    class Wanted(CALIBRATION_METHODS[method]):
+        def select_tensors_to_calibrate(self, model: onnx.ModelProto) -> tuple[set, dict]:
+            tensors, value_infos = super().select_tensors_to_calibrate(model)
+            return tensors & wanted, value_infos
+
+    calibrator = Wanted(path, op_types, augmented, symmetric=False)
+    calibrator.augment_graph()
+    calibrator.execution_providers = ["CPUExecutionProvider"]
+    calibrator.create_inference_session()
+    return calibrator
+
+
 def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str], method: str = "minmax",
                      progress: ProgressLike = None) -> dict[str, list[float]]:
     """``[low, high]`` of each of ``tensors`` (activations of ``model``) over the rows of ``calib``.
@@ -69,10 +87,7 @@ def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str],
     with tempfile.TemporaryDirectory(prefix="onnxlrf-calibrate-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         path = save_onnx(model, Path(tmp) / "model.onnx")
         try:
-            # Ranges as observed (symmetric ranges are made from them where a runtime needs them).
-            calibrator = create_calibrator(path, op_types, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                           calibrate_method=CALIBRATION_METHODS[method],
-                                           providers=["CPUExecutionProvider"], extra_options={"symmetric": False})
+            calibrator = _calibrator(method, path, op_types, str(Path(tmp) / "augmented.onnx"), wanted)
             for start in as_progress(progress).track(starts, f"calibrate ({method})", unit="batch"):
                 calibrator.collect_data(_Batches({name: calib.inputs[name][start:start + rows] for name in names}))
             computed = calibrator.compute_data()

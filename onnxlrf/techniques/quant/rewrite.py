@@ -116,15 +116,23 @@ def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> l
         tensor, relu = folded(node.output[0])
         if relu is not None:
             relu_source[tensor] = (node.output[0], relu)
+    quantized_readers = w8a8 | {node.name for node in residual}
     for node in quantizing:
         inputs = [node.input[0]] if node.name in w8a8 else list(node.input)
         output = folded(node.output[0])[0]
-        # A graph output stays float: onnxruntime's kernels (QGemm) then write float themselves.
-        for tensor in inputs + ([output] if output not in outputs else []):
+        # A graph output stays float: onnxruntime's kernels (QGemm) then write float themselves. So does a
+        # MatMul/Gemm output no quantized node reads (a transformer's projection, read by its bias Add):
+        # MatMulIntegerToFloat/QGemm write float, and a uint8 grid over the whole output range (up to ~200
+        # in MiniLM's feed-forward outputs) would round away what the residual stream carries.
+        float_output = output in outputs or (node.op_type in ("MatMul", "Gemm") and not any(
+            reader.name in quantized_readers for reader, _ in readers.get(output, [])))
+        for tensor in inputs + ([] if float_output else [output]):
             add(tensor)
     for site in sites.values():
         if site.tensor in relu_source:
             site.source, site.folded_relu = relu_source[site.tensor]
+        else:  # float readers keep the float tensor (a folded Relu's output exists only as its quantized form)
+            site.readers = [(reader, index) for reader, index in site.readers if reader in quantized_readers]
     return list(sites.values())
 
 
