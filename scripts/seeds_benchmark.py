@@ -52,6 +52,17 @@ def run_seed(model: str, mode: str, seed: int, extra: list[str]) -> dict:
             "peak_rss_gib": max(peak, before) / 2**20, "result": result}
 
 
+def held_out(result: dict) -> dict:
+    """The held-out test figures of a CLI result: under ``test`` for the joint modes, at the top for the others."""
+    return result.get("test") or result
+
+
+def size_text(result: dict) -> str:
+    if result.get("technique") == "quant":
+        return f"{result['average_weight_bits']:.2f} average weight bits, {result['model_bytes']:,} bytes"
+    return f"{result['params_reduction']:.1%} fewer parameters"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(COMMANDS), required=True)
@@ -65,15 +76,14 @@ def main() -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         row = run_seed(args.model, args.mode, seed, extra)
         rows.append(row)
-        test = row["result"]["test"]
+        test = held_out(row["result"])
         change = test["value"] - test["reference_value"]
         low, high = test["change_interval"]
-        print(f"seed {seed}: {row['result']['params_reduction']:.1%} fewer parameters, held-out "
+        print(f"seed {seed}: {size_text(row['result'])}, held-out "
               f"{test['value']:.4f} (original {test['reference_value']:.4f}), change {change:+.4f} "
               f"[{low:+.4f}, {high:+.4f}], {row['seconds']:.0f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
     reductions = np.array([r["result"]["params_reduction"] for r in rows])
-    changes = np.array([r["result"]["test"]["value"] - r["result"]["test"]["reference_value"]
-                        for r in rows])
+    changes = np.array([held_out(r["result"])["value"] - held_out(r["result"])["reference_value"] for r in rows])
     seconds = np.array([r["seconds"] for r in rows])
     summary = {"model": args.model, "mode": args.mode, "extra_flags": extra, "seeds": [r["seed"] for r in rows],
                "reduction_mean": float(reductions.mean()), "reduction_min": float(reductions.min()),

@@ -838,6 +838,17 @@ def replacement_gains(
     return {key: (base - total) / count for key, total in totals.items()}
 
 
+# A single-layer check agrees when |measured - predicted| <= AGREEMENT_ABS + AGREEMENT_REL * max(|measured|,
+# |predicted|) (loss units; METHOD.md 3).
+AGREEMENT_ABS, AGREEMENT_REL = 0.025, 0.5
+
+
+def agrees(predicted: float, measured: float, tolerance_abs: float = AGREEMENT_ABS,
+           tolerance_rel: float = AGREEMENT_REL) -> bool:
+    """Whether a predicted and a measured single-layer loss change agree (see :data:`AGREEMENT_ABS`)."""
+    return bool(abs(measured - predicted) <= tolerance_abs + tolerance_rel * max(abs(measured), abs(predicted)))
+
+
 @heap_reuse()
 def measure_ranges(
     model: onnx.ModelProto,
@@ -845,8 +856,8 @@ def measure_ranges(
     batches: Callable[[], Iterator[Batch]],
     loss_fn: LossFn,
     levels: tuple[float, ...] = (0.75, 0.5, 0.25),
-    tolerance_abs: float = 0.025,
-    tolerance_rel: float = 0.5,
+    tolerance_abs: float = AGREEMENT_ABS,
+    tolerance_rel: float = AGREEMENT_REL,
     progress: ProgressLike = None,
 ) -> None:
     """Per layer: fit the curvature scale and find the trusted range (METHOD.md 3).
@@ -885,8 +896,7 @@ def measure_ranges(
         ls.perturbation_range = 0.0
         for c in checks:
             c["predicted"] = c["first_order"] + ls.curvature_scale * c["quadratic"]
-            c["agree"] = bool(abs(c["measured"] - c["predicted"])
-                              <= tolerance_abs + tolerance_rel * max(abs(c["measured"]), abs(c["predicted"])))
+            c["agree"] = agrees(c["predicted"], c["measured"], tolerance_abs, tolerance_rel)
         for c in checks:
             if not c["agree"]:
                 break

@@ -3,12 +3,14 @@ of fewer bits, each with its predicted loss change and the bytes it saves, for t
 
 A quantization is a weight perturbation ``Q(W) - W``; its predicted loss change comes from the joint
 analysis' mean gradient and Kronecker factors
-(:meth:`~onnxlrf.measure.sensitivity.LayerSensitivity.perturbation_dloss`). An option whose weight error
-(relative, Frobenius) lies beyond the layer's measured trusted range is not offered, as for truncations.
+(:meth:`~onnxlrf.measure.sensitivity.LayerSensitivity.perturbation_dloss`). Each option is also measured
+with only its layer quantized (:func:`measure_options`); options are offered from the most bits down while
+prediction and measurement agree, as truncations are within their measured range (METHOD.md 3 and 8).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,11 @@ import onnx
 from ...costs.params import cost_units
 from ...graph.layers import Layer, find_layers, matrices_to_weight, weight_array, weight_groups, weight_matrices
 from ...graph.quantizable import find_quantizable
+from ...measure.analysis import calibration_batches, range_batch_size
+from ...measure.sensitivity import agrees, replacement_gains, task_loss
 from ...planning.knapsack import CandidateSet
 from ...planning.plan import QuantEntry
+from ...progress import ProgressLike
 from ..base import Candidates
 from .grid import dequantize_per_channel, quantize_per_channel
 from .planners import INT4_BITS
@@ -70,17 +75,27 @@ def activation_noise_dloss(ls: Any, weight: np.ndarray, step: float, kappa: floa
     return kappa * ls.curvature_scale * 0.5 * step**2 / 12.0 * trace
 
 
-def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
-                     rounding: str = "loss-aware", cache: dict | None = None,
-                     input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8) -> list[Candidates]:
-    """Per weight group of layers the analysis covers and that take quantized weights: float, then each of
-    :data:`PLANNED_BITS` within the trusted range, with predicted loss change and cost saved (``cost``: a
-    ``bytes`` or ``bits`` cost). ``rounding`` ``loss-aware``: each option is rounded to nearest and loss-aware
-    (METHOD.md 9), and the one of smaller predicted loss change is offered; ``nearest``: round to nearest only.
-    ``cache``: loss-aware grids by (weight, bits, kappa), reused across calls on the same analysis.
-    ``input_steps``: with int8 activations, every option also quantizes the layer's input (grid step by input
-    tensor, from the calibrated ranges), its noise added to the prediction, and the weights stay in int8
-    containers (the integer kernels read int8); 8-bit weights become ``int8_weight_bits``."""
+@dataclass(frozen=True)
+class QuantOption:
+    """One weight-only (or, with ``int8_inputs``, also input-quantizing) option of a weight group."""
+
+    bits: int
+    predicted: float  # loss change, weights as rounded (plus the input's rounding noise)
+    relative: float  # ||Q(W) - W|| / ||W||
+    grid: tuple | None  # (levels, scales) where rounded loss-aware; None: round to nearest
+    int8_inputs: bool
+
+
+def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding: str = "loss-aware",
+                  cache: dict | None = None, input_steps: dict[str, float] | None = None,
+                  int8_weight_bits: int = 8) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
+    """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
+    options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
+    each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
+    change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), reused
+    across calls on the same analysis. ``input_steps``: with int8 activations, every option also quantizes
+    the layer's input (grid step by input tensor, from the calibrated ranges), its noise added to the
+    prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form)."""
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
@@ -89,40 +104,108 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
     for members in groups:
         layer = members[0]
         reason = shared_reason.get(layer.weight)
+        options: list[QuantOption] = []
+        out.append((members, reason, options))
+        if reason is not None:
+            continue
         ls = analysis.get(layer.node)
+        weight = weight_array(model, layer)
+        norm = max(float(np.linalg.norm(weight)), 1e-30)
+        step = None if input_steps is None else input_steps[quantizable[layer.node].input]
+        for bits in PLANNED_BITS:
+            if bits == 8:
+                bits = int8_weight_bits
+            variants = [(quantization_error(weight, layer, bits), None)]
+            if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
+                # The shifted target moves with kappa only through first-order terms.
+                key = (layer.weight, bits, kappa if ls.replication else None)
+                if key not in cache:
+                    cache[key] = loss_aware_error(weight, layer, bits, ls, kappa)
+                variants.append(cache[key])
+            scored = []
+            for delta, grid in variants:
+                predicted = ls.perturbation_dloss(delta, kappa)
+                if step is not None:
+                    quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
+                    predicted += activation_noise_dloss(ls, quantized, step, kappa)
+                scored.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
+            options.append(min(scored, key=lambda option: option.predicted))
+    return out
+
+
+def trusted_options(options: list[QuantOption], checks: list[dict] | None, perturbation_range: float
+                    ) -> list[QuantOption]:
+    """The options a layer's measurements trust (METHOD.md 8, as section 3 for ranks): with ``checks`` (each
+    option measured alone, :func:`measure_options`), the options from the most bits down to the last whose
+    measured loss change agrees with the prediction; without, those within the truncations' trusted range."""
+    if checks is None:
+        return [option for option in options if option.relative <= perturbation_range]
+    agreed = {check["bits"]: check["agree"] for check in checks}
+    kept = []
+    for option in sorted(options, key=lambda option: -option.bits):
+        if not agreed.get(option.bits, False):
+            break
+        kept.append(option)
+    return kept
+
+
+def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption) -> np.ndarray:
+    """The float32 weight ``option`` stands for, in the stored layout (what DequantizeLinear computes)."""
+    if option.grid is not None:
+        levels, scales = option.grid
+        return dequantize_per_channel(levels, scales, channel_axis(layer))
+    weight = weight_array(model, layer)
+    levels, scales = quantize_per_channel(weight, channel_axis(layer), option.bits)
+    return dequantize_per_channel(levels, scales, channel_axis(layer))
+
+
+def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: int, rounding: str = "loss-aware",
+                    cache: dict | None = None, int8_weight_bits: int = 8,
+                    progress: ProgressLike = None) -> dict[str, list[dict]]:
+    """Per weight: each option's weights alone, measured on the first ``samples`` calibration samples (the task
+    loss on their labels) against its prediction at kappa 1: ``bits``, ``relative_error``, ``predicted``,
+    ``measured`` and whether they ``agree`` (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is
+    not part of the measurement."""
+    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits)
+    replacements = {(members[0].weight, option.bits): {members[0].weight: option_weight(model, members[0], option)}
+                    for members, reason, options in groups for option in options}
+    subset = calib.subset(np.arange(min(samples, len(calib))))
+    gains = replacement_gains(model, replacements,
+                              calibration_batches(subset, subset.labels, range_batch_size(model, subset)),
+                              task_loss(subset), progress,
+                              f"quantization: {len(replacements)} options measured one layer at a time")
+    checks = {}
+    for members, _, options in groups:
+        weight = members[0].weight
+        checks[weight] = [{"bits": option.bits, "relative_error": option.relative, "predicted": option.predicted,
+                           "measured": -gains[(weight, option.bits)],
+                           "agree": agrees(option.predicted, -gains[(weight, option.bits)])} for option in options]
+    return checks
+
+
+def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
+                     rounding: str = "loss-aware", cache: dict | None = None,
+                     input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8,
+                     checks: dict[str, list[dict]] | None = None) -> list[Candidates]:
+    """Per weight group: float, then the options of :func:`layer_options` its checks trust
+    (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
+    with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). With int8 inputs the
+    weights stay in int8 containers (the integer kernels read int8)."""
+    out = []
+    for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
+                                                  int8_weight_bits):
+        layer = members[0]
         dense = cost.dense(members)
         removed, dloss, sources = [0], [0.0], [None]
-        if reason is None:
-            weight = weight_array(model, layer)
-            norm = max(float(np.linalg.norm(weight)), 1e-30)
-            step = None if input_steps is None else input_steps[quantizable[layer.node].input]
-            for bits in PLANNED_BITS:
-                if step is not None and bits == 8:
-                    bits = int8_weight_bits
-                variants = [(quantization_error(weight, layer, bits), None)]
-                if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
-                    # The shifted target moves with kappa only through first-order terms.
-                    key = (layer.weight, bits, kappa if ls.replication else None)
-                    if key not in cache:
-                        cache[key] = loss_aware_error(weight, layer, bits, ls, kappa)
-                    variants.append(cache[key])
-                offered = []
-                for delta, grid in variants:
-                    relative = float(np.linalg.norm(delta)) / norm
-                    if relative <= ls.perturbation_range:
-                        predicted = ls.perturbation_dloss(delta, kappa)
-                        if step is not None:
-                            quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
-                            predicted += activation_noise_dloss(ls, quantized, step, kappa)
-                        offered.append((predicted, relative, grid))
-                if not offered:
-                    continue
-                predicted, relative, grid = min(offered, key=lambda option: option[0])
-                scales = weight.shape[channel_axis(layer)]
-                holder = "int8" if step is not None else container(bits)
-                removed.append(cost_units(cost, dense - cost.quantized(members, bits, CONTAINER_BITS[holder], scales)))
-                dloss.append(predicted)
-                sources.append((bits, predicted, relative, grid, step is not None))
+        measured = None if checks is None else checks.get(layer.weight, [])
+        scales = layer.weight_shape[channel_axis(layer)]
+        for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range) \
+                if reason is None else []:
+            holder = "int8" if option.int8_inputs else container(option.bits)
+            removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
+                                                                   scales)))
+            dloss.append(option.predicted)
+            sources.append((option, measured))
         out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
                                                     key=layer.weight), sources, reason))
     return out
@@ -133,17 +216,19 @@ def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dic
     source = group.sources[option]
     if source is None:
         return [float_entry(layer, group.reason) for layer in group.layers], {}
-    bits, predicted, relative, grid, int8_inputs = source
+    chosen, checks = source
+    notes = {"predicted_dloss": chosen.predicted, "relative_error": chosen.relative}
+    if checks:
+        notes["range_checks"] = checks
     entries = [QuantEntry(node=layer.node, op_type=layer.op_type, weight=layer.weight,
-                          weight_shape=list(layer.weight_shape), bits=bits, granularity="per_channel",
-                          block_size=None, container="int8" if int8_inputs else container(bits),
-                          activations="int8" if int8_inputs else "float",
-                          weight_scales="absmax" if grid is None else "searched",
-                          rounding="nearest" if grid is None else "loss-aware",
-                          params_dense=layer.params, params_planned=layer.params,
-                          notes={"predicted_dloss": predicted, "relative_error": relative})
+                          weight_shape=list(layer.weight_shape), bits=chosen.bits, granularity="per_channel",
+                          block_size=None, container="int8" if chosen.int8_inputs else container(chosen.bits),
+                          activations="int8" if chosen.int8_inputs else "float",
+                          weight_scales="absmax" if chosen.grid is None else "searched",
+                          rounding="nearest" if chosen.grid is None else "loss-aware",
+                          params_dense=layer.params, params_planned=layer.params, notes=dict(notes))
                for layer in group.layers]
-    return entries, {} if grid is None else {group.layers[0].weight: grid}
+    return entries, {} if chosen.grid is None else {group.layers[0].weight: chosen.grid}
 
 
 def float_entry(layer: Layer, reason: str | None = None) -> QuantEntry:

@@ -18,7 +18,7 @@ from ...errors import OnnxlrfError
 from ...planning.plan import ROUNDINGS, Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
-from .candidates import PLANNED_BITS, float_entry, quant_candidates, quant_entries
+from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
 from .grid import dequantize_blocks, dequantize_per_channel
 from .planners import ONNXRUNTIME_W8A8_BITS
 from .rewrite import RUNTIMES, QDQRewrite, int8_scale, quantized_activations, uint8_params, weight_levels
@@ -42,6 +42,7 @@ class Quant:
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
+        self.checks: dict[str, list[dict]] | None = None  # each option measured alone (set by analyse)
 
     def input_steps(self) -> dict[str, float] | None:
         """The int8 grid step of each calibrated activation in the runtime's form (None: weight-only)."""
@@ -64,17 +65,27 @@ class Quant:
 
     def analyse(self, model: onnx.ModelProto, calib: Any, options: AnalysisOptions,
                 progress: ProgressLike = None) -> Any:
-        """The joint analysis low-rank uses (gradients, K-FAC factors, measured ranges): the same statistics
-        predict a quantization error."""
-        return joint_analysis(model, calib, options, progress)
+        """The joint analysis low-rank uses (gradients, K-FAC factors, measured ranges; the same statistics
+        predict a quantization error), then each layer's options measured alone on the range checks'
+        calibration samples (:func:`~.candidates.measure_options`), which decide the options offered."""
+        analysis = joint_analysis(model, calib, options, progress)
+        self._grids, self._grids_of = {}, id(analysis)
+        self.checks = measure_options(model, analysis, calib, options.range_samples, self.rounding, self._grids,
+                                      self.int8_weight_bits, progress)
+        return analysis
+
+    @property
+    def int8_weight_bits(self) -> int:
+        """Weight bits of the 8-bit option: 7 where it quantizes its input too in onnxruntime's form (see planners)."""
+        return ONNXRUNTIME_W8A8_BITS if self.runtime == "onnxruntime" and self.activation_ranges is not None else 8
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    **options: Any) -> list[Candidates]:
         """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
-        int8_bits = ONNXRUNTIME_W8A8_BITS if self.runtime == "onnxruntime" else 8
-        return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(), int8_bits)
+        return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
+                                self.int8_weight_bits, self.checks)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
