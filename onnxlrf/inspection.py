@@ -7,7 +7,8 @@ Per Conv/ConvTranspose/Gemm/MatMul or quantized node that is not a layer: why; p
 analysis leaves out (ConvTranspose, 3-D convs: dense in joint plans only): why. The nodes whose
 op the torch analysis lacks: those on the path from the layers' weights to the outputs (they block
 the joint modes) and those off it (onnx's reference evaluator runs them). Works on any ONNX file:
-nothing is run, shapes come from shape inference.
+nothing is run, shapes come from shape inference. For quantization: the layers ``--technique quant`` takes
+and the Conv/Gemm/MatMul nodes it does not, with why.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .graph.layers import (
     find_layers,
     nonfinite_weights,
 )
+from .graph.quantizable import BLOCK_OPS, find_quantizable
 from .measure.coverage import analysis_exclusion
 from .measure.torch_graph import lacking_nodes
 from .onnx_io import default_opset, load_onnx
@@ -66,6 +68,18 @@ class SkippedInfo:
 
 
 @dataclass
+class QuantizableInfo:
+    """A node ``--technique quant`` can quantize: its weight, the axis of its per-channel scales, and whether
+    its weight may take block scales (Gemm/MatMul, INT4 weight-only)."""
+    node: str
+    op_type: str
+    weight: str
+    weight_shape: list[int]
+    channel_axis: int
+    block_scales: bool
+
+
+@dataclass
 class LackingInfo:
     """A node whose op the torch analysis lacks."""
     node: str
@@ -92,6 +106,9 @@ class Inspection:
     # Ops the torch analysis lacks: on the weights' path (the joint modes stop) and off it (reference evaluator).
     blocking: list[LackingInfo] = field(default_factory=list)
     reference: list[LackingInfo] = field(default_factory=list)
+    # What --technique quant takes (Conv/Gemm/MatMul with a constant float weight) and the others, with why.
+    quantizable: list[QuantizableInfo] = field(default_factory=list)
+    not_quantizable: list[SkippedInfo] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +155,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
                      "weight elements are not counted")
 
     blocking, reference = lacking_nodes(model, [layer.weight for layer in layers if "channel" in layer.decompositions])
+    quant_layers, quant_skipped = find_quantizable(model)
     total_flops = None if None in flops.values() or flops_note else sum(flops.values())
     layer_flops = [info.flops for info in layer_infos]
     return Inspection(
@@ -157,6 +175,10 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         notes=notes,
         blocking=[LackingInfo(n.name or n.output[0], n.op_type, n.domain) for n in blocking],
         reference=[LackingInfo(n.name or n.output[0], n.op_type, n.domain) for n in reference],
+        quantizable=[QuantizableInfo(q.node, q.op_type, q.weight, list(q.weight_shape), q.channel_axis,
+                                     q.op_type in BLOCK_OPS) for q in quant_layers],
+        not_quantizable=[SkippedInfo(q.node, q.op_type, q.reason, flops.get(q.node) if q.node else None)
+                         for q in quant_skipped],
     )
 
 
@@ -227,6 +249,17 @@ def format_inspection(inspection: Inspection) -> str:
         lines += ["", f"nodes onnx's reference evaluator runs in the joint modes ({len(i.reference)}): the torch "
                   "analysis lacks their op, and no gradient from the layers' weights passes through them"]
         lines += _table([["node", "op"]] + [[n.node, _op(n)] for n in i.reference], right=set())
+    if i.quantizable:
+        rows = [["node", "op", "weight shape", "channel axis (scales)", "block scales"]]
+        rows += [[q.node, q.op_type, "x".join(map(str, q.weight_shape)), str(q.channel_axis),
+                  "yes" if q.block_scales else "no"] for q in i.quantizable]
+        lines += ["", f"quantizable layers (--technique quant, {len(i.quantizable)}):"] + _table(rows, right=set())
+    else:
+        lines += ["", "quantizable layers (--technique quant): none"]
+    if i.not_quantizable:
+        rows = [["node", "op", "why not quantizable"]]
+        rows += [[s.node or "(no name)", s.op_type, s.reason] for s in i.not_quantizable]
+        lines += ["", f"not quantizable ({len(i.not_quantizable)}):"] + _table(rows, right=set())
     share = f", {i.factorizable_params / i.params:.1%}" if i.params else ""
     lines += ["", f"params: {i.params:,} (in factorizable layers: {i.factorizable_params:,}{share})"]
     at = "; ".join(f"{name} [{','.join(map(str, dims))}]" for name, dims in i.flops_input_shapes.items())

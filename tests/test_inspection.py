@@ -262,3 +262,18 @@ def test_ops_the_torch_analysis_lacks_on_and_off_the_weights_path(monkeypatch):
     assert "nodes onnx's reference evaluator runs in the joint modes (1)" in text and "position_cumsum  CumSum" in text
     assert json.loads(json.dumps(inspection.to_dict()))["blocking"] == [
         {"node": "hidden_cumsum", "op_type": "CumSum", "domain": ""}]
+
+
+def test_quantizable_layers_and_why_others_are_not():
+    """What --technique quant takes (the depthwise conv too: quantization needs no rank) and what not (a MatMul
+    of two activations, with the reason), in the JSON and the text."""
+    result = inspect_model(cnn_and_mlp())
+    quantizable = {q.node: q for q in result.quantizable}
+    assert set(quantizable) == {"conv", "grouped", "depthwise", "fc", "mm"}
+    assert quantizable["mm"].channel_axis == 1 and quantizable["mm"].block_scales  # (in, out) MatMul weight
+    assert quantizable["conv"].channel_axis == 0 and not quantizable["conv"].block_scales
+    assert [(s.node, s.op_type) for s in result.not_quantizable] == [("attention", "MatMul")]
+    assert result.not_quantizable[0].reason
+    text = format_inspection(result)
+    assert "quantizable layers (--technique quant, 5):" in text and "not quantizable (1):" in text
+    assert json.loads(json.dumps(result.to_dict()))["quantizable"][0]["node"] == "conv"
