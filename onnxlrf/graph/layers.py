@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -157,21 +158,29 @@ def check_finite_weights(model: onnx.ModelProto) -> None:
 def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]:
     """Factorizable layers of the main graph, and the Conv/ConvTranspose/Gemm/MatMul/quantized nodes that are
     not."""
+    return scan_nodes(model, FACTORIZABLE_OPS, "quantized op: not factorizable", _inspect)
+
+
+def scan_nodes(model: onnx.ModelProto, op_types: tuple[str, ...], quantized_reason: str,
+               inspect: Callable[[onnx.NodeProto, dict, dict], Any]) -> tuple[list, list[SkippedNode]]:
+    """The default-domain nodes of ``op_types`` in the main graph as ``inspect(node, constants, producer_op)``
+    makes them (a string: why the node is not one), and the skipped nodes with why: quantized ops
+    (``quantized_reason``) and nodes without a unique name (plans refer to nodes by name)."""
     constants = constant_producers(model)
     producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
     name_count: dict[str, int] = {}
     for node in model.graph.node:
         name_count[node.name] = name_count.get(node.name, 0) + 1
 
-    layers: list[Layer] = []
+    found: list = []
     skipped: list[SkippedNode] = []
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in QUANTIZED_OPS:
-            skipped.append(SkippedNode(node.name, node.op_type, "quantized op: not factorizable"))
+            skipped.append(SkippedNode(node.name, node.op_type, quantized_reason))
             continue
-        if node.op_type not in FACTORIZABLE_OPS:
+        if node.op_type not in op_types:
             continue
         if not node.name:
             skipped.append(SkippedNode(node.name, node.op_type, "node has no name (plans refer to nodes by name)"))
@@ -179,12 +188,12 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]
         if name_count[node.name] > 1:
             skipped.append(SkippedNode(node.name, node.op_type, "node name is not unique"))
             continue
-        result = _inspect(node, constants, producer_op)
+        result = inspect(node, constants, producer_op)
         if isinstance(result, str):
             skipped.append(SkippedNode(node.name, node.op_type, result))
         else:
-            layers.append(result)
-    return layers, skipped
+            found.append(result)
+    return found, skipped
 
 
 def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer | str:

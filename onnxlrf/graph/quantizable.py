@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from .layers import QUANTIZED_OPS, SkippedNode, constant_producers
+from .layers import SkippedNode, scan_nodes
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 # Block-wise scales (DequantizeLinear's block_size) are what the runtimes execute for matrix products only.
@@ -42,32 +42,7 @@ class QuantLayer:
 def find_quantizable(model: onnx.ModelProto) -> tuple[list[QuantLayer], list[SkippedNode]]:
     """Quantizable layers of the main graph, and the Conv/Gemm/MatMul (or already quantized) nodes that
     are not, with the reason."""
-    constants = constant_producers(model)
-    producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
-    name_count: dict[str, int] = {}
-    for node in model.graph.node:
-        name_count[node.name] = name_count.get(node.name, 0) + 1
-    layers: list[QuantLayer] = []
-    skipped: list[SkippedNode] = []
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            continue
-        if node.op_type in QUANTIZED_OPS:
-            skipped.append(SkippedNode(node.name, node.op_type, "already a quantized op"))
-            continue
-        if node.op_type not in QUANTIZABLE_OPS:
-            continue
-        reason = None
-        if not node.name:
-            reason = "node has no name (plans refer to nodes by name)"
-        elif name_count[node.name] > 1:
-            reason = "node name is not unique"
-        result = reason or _inspect(node, constants, producer_op)
-        if isinstance(result, str):
-            skipped.append(SkippedNode(node.name, node.op_type, result))
-        else:
-            layers.append(result)
-    return layers, skipped
+    return scan_nodes(model, QUANTIZABLE_OPS, "already a quantized op", _inspect)
 
 
 def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> QuantLayer | str:
