@@ -267,7 +267,8 @@ _verify_options = _OptionGroup(
 )
 _quant_options = _OptionGroup(
     "onnxlrf.techniques.quant.planners.QuantOptions",
-    {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size", "rounding")},
+    {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size", "rounding",
+                             "reduce_range")},
     click.option("--bits", type=click.IntRange(2, 8),
                  help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
                       "packed int4, 5-8 as int8)."),
@@ -277,7 +278,7 @@ _quant_options = _OptionGroup(
     click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                  show_default=True,
                  help="--technique quant: the Q/DQ form: what onnxruntime's CPU provider fuses into integer kernels "
-                      "(uint8 activations, 7-bit weights for W8A8), or TensorRT's symmetric int8."),
+                      "(uint8 activations; see --reduce-range), or TensorRT's symmetric int8."),
     click.option("--calibration-method", type=click.Choice(["minmax", "percentile", "entropy"]), default="minmax",
                  show_default=True, help="--technique quant: onnxruntime's calibrator for activation ranges."),
     click.option("--block-size", type=click.IntRange(min=2),
@@ -288,6 +289,10 @@ _quant_options = _OptionGroup(
                       "each layer's option both ways, with error feedback in the loss's curvature and searched "
                       "clipping, or to nearest, and keeps the one of smaller predicted loss change; nearest: round "
                       "to nearest only. Uniform plans run no analysis and round to nearest."),
+    click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                 help="--technique quant, onnxruntime form: W8A8 weights on 7 bits (on), which x86 CPUs without "
+                      "VNNI need (their u8 x s8 kernels overflow 8-bit weights), or 8 (off); auto: as this "
+                      "machine needs, since the held-out figures are measured here."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",

@@ -44,7 +44,7 @@ from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
 from .techniques.quant.calibration import calibrate_plan
-from .techniques.quant.planners import QuantOptions, plan_uniform_quant
+from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
 from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
@@ -478,7 +478,7 @@ def compress_quant(
                 every = calibrate_plan(reference, plan_uniform_quant(reference, dataclasses.replace(options, bits=8)),
                                        split.calib, options.runtime, options.calibration_method, progress)
                 ranges = every.activation_ranges
-            technique = Quant(options.rounding or "loss-aware", options.runtime, ranges)
+            technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options))
             # One round, and no refit: quantization has no improvement step yet.
             rounds = verify_in_rounds(reference, split, joint, analysis,
                                       dataclasses.replace(verify, rounds=1, refit=False),
@@ -488,7 +488,8 @@ def compress_quant(
             plan.options["runtime"] = options.runtime
             if ranges is not None:
                 plan.options.update({"calibration_method": options.calibration_method,
-                                     "calibration_samples": len(split.calib)})
+                                     "calibration_samples": len(split.calib),
+                                     "reduce_range": reduces_range(options)})
         if split is not None:
             plan.options.update({"calib": splits.calib, "val": splits.val, "seed": splits.seed})
         compressed, report = QDQRewrite(options.runtime)(reference, plan, progress)
@@ -511,6 +512,7 @@ def compress_quant(
                  "optimized_op_counts": optimized_op_counts(compressed)}
         if options.activations == "int8":
             extra["calibration_method"] = options.calibration_method
+            extra["reduce_range"] = reduces_range(options)
         params = count_params(reference)
         return CompressResult(output=output, plan=plan, rewrite=report, params=params, reference_params=params,
                               validation=validation, export=exported, extra=extra, reference=reference,

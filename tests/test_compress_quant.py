@@ -38,12 +38,12 @@ def compress_args(files, *extra):
 
 
 def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_plan(files):
-    result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--plan-out", files / "plan.json",
-                                   "--json", "-q"))
+    result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--reduce-range", "on",
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["layers_quantized"] == 3 and payload["samples"] == SAMPLES - 150
-    assert payload["average_weight_bits"] == 7.0  # onnxruntime's form: 7-bit weights
+    assert payload["average_weight_bits"] == 7.0 and payload["reduce_range"]  # 7-bit weights, any x86 CPU
     assert payload["model_bytes"] == (files / "out.onnx").stat().st_size
     assert payload["reference_model_bytes"] == (files / "model.onnx").stat().st_size
     assert payload["optimized_op_counts"]["QLinearConv"] == 2 and payload["value"] >= 0.9
@@ -101,15 +101,17 @@ def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):
 
 def test_loss_aware_plans_with_int8_activations_run_as_integer_kernels(files):
     result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
-                                   "--activations", "int8", "--plan-out", files / "plan.json", "--json", "-q"))
+                                   "--activations", "int8", "--reduce-range", "on", "--plan-out", files / "plan.json",
+                                   "--json", "-q"))
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     plan = json.loads((files / "plan.json").read_text())
     quantized = [layer for layer in plan["layers"] if layer["choice"]["bits"] is not None]
     assert quantized and all(layer["choice"]["activations"] == "int8" and layer["choice"]["container"] == "int8"
                              for layer in quantized)
-    assert all(layer["choice"]["bits"] <= 7 for layer in quantized)  # onnxruntime's form: 7-bit weights at most
+    assert all(layer["choice"]["bits"] <= 7 for layer in quantized)  # the reduced range: 7-bit weights at most
     assert plan["options"]["activations"] == "int8" and plan["options"]["calibration_method"] == "minmax"
+    assert plan["options"]["reduce_range"] is True
     # Each quantized Conv runs as QLinearConv; ranges are kept for the activations the plan quantizes only.
     convs = sum(layer["op_type"] == "Conv" for layer in quantized)
     assert payload["optimized_op_counts"].get("QLinearConv", 0) == convs

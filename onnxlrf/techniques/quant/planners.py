@@ -7,7 +7,9 @@ built yet.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 
@@ -20,10 +22,40 @@ from .rewrite import RUNTIMES
 ACTIVATION_CHOICES = ("none", "int8")
 # The largest value an int4 container holds; fewer bits than this are packed into int4 too.
 INT4_BITS = 4
-# W8A8 in onnxruntime's form keeps weights on 7 bits (its quantizer's reduce_range): on x86 CPUs without VNNI
-# its u8 x s8 kernels add pairs of products in int16, which 8-bit weights overflow (measured on ResNet-56:
-# 1.3 points of top-1 lost to it, none with 7-bit weights).
+# W8A8 in onnxruntime's form with a reduced range keeps weights on 7 bits (its quantizer's reduce_range): on x86
+# CPUs without VNNI its u8 x s8 kernels add pairs of products in int16, which 8-bit weights overflow (measured on
+# ResNet-56: 1.3 points of top-1 lost to it, none with 7-bit weights). With VNNI (or on ARM) products add in
+# int32, and 7-bit weights only cost accuracy (ResNet-20 W8A8, split seeds 1-2: -0.0009/-0.0015 with 7 bits,
+# +0.0023/+0.0003 with 8).
 ONNXRUNTIME_W8A8_BITS = 7
+REDUCE_RANGE_CHOICES = ("auto", "on", "off")
+
+
+def cpu_sums_in_int32() -> bool:
+    """Whether this machine's onnxruntime u8 x s8 kernels add products in int32: an x86 CPU with VNNI
+    (AVX512-VNNI or AVX-VNNI, read from /proc/cpuinfo), or an ARM CPU. Unknown (another OS): False."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_vnni", "avx_vnni"))
+
+
+def reduces_range(options: "QuantOptions") -> bool:
+    """Whether W8A8 weights keep 7 bits: onnxruntime's form only; ``auto``: where this machine's kernels would
+    overflow 8-bit weights (:func:`cpu_sums_in_int32`), since the held-out figures are measured here."""
+    if options.runtime != "onnxruntime":
+        return False
+    if options.reduce_range == "auto":
+        return not cpu_sums_in_int32()
+    return options.reduce_range == "on"
+
+
+def w8a8_weight_bits(options: "QuantOptions") -> int:
+    """Weight bits of a layer whose inputs are int8 too, at 8 bits: 7 where the range is reduced."""
+    return ONNXRUNTIME_W8A8_BITS if reduces_range(options) else 8
 
 
 @dataclass(frozen=True)
@@ -33,7 +65,9 @@ class QuantOptions:
     (W8A8, with 8-bit weights); ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
     ``calibration_method``: onnxruntime's calibrator for activation ranges; ``block_size``: Gemm/MatMul
     weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel;
-    ``rounding``: the loss-aware planner's (None: ``loss-aware``; uniform plans round to nearest)."""
+    ``rounding``: the loss-aware planner's (None: ``loss-aware``; uniform plans round to nearest);
+    ``reduce_range``: W8A8 weights on 7 bits in onnxruntime's form (``on``, ``off``, or ``auto``: where this
+    machine's kernels need it, :func:`reduces_range`)."""
 
     bits: int | None = None
     activations: str = "none"
@@ -41,11 +75,13 @@ class QuantOptions:
     calibration_method: str = "minmax"
     block_size: int | None = None
     rounding: str | None = None
+    reduce_range: str = "auto"
 
     def __post_init__(self) -> None:
         if self.bits is not None and (not isinstance(self.bits, int) or self.bits not in QUANT_BITS):
             raise OnnxlrfError(f"--bits must be one of {', '.join(map(str, QUANT_BITS))}, got {self.bits!r}")
         for flag, value, known in (("--activations", self.activations, ACTIVATION_CHOICES),
+                                   ("--reduce-range", self.reduce_range, REDUCE_RANGE_CHOICES),
                                    ("--runtime", self.runtime, RUNTIMES),
                                    ("--calibration-method", self.calibration_method, CALIBRATION_METHODS)):
             if value not in known:
@@ -64,15 +100,14 @@ class QuantOptions:
 def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
     """Every quantizable layer at ``options.bits`` (int4 container up to 4 bits, else int8), per output channel
     or, for Gemm/MatMul with ``options.block_size``, per block; absmax scales, round to nearest. W8A8 in
-    onnxruntime's form has 7-bit weights (:data:`ONNXRUNTIME_W8A8_BITS`).
+    onnxruntime's form has 7-bit weights where the range is reduced (:func:`reduces_range`).
 
     With int8 activations the plan still needs its activation ranges (:func:`calibration.calibrate_plan`).
     """
     if options.bits is None:
         raise OnnxlrfError("mode uniform needs --bits")
     layers = find_quantizable(model)[0]
-    weight_bits = ONNXRUNTIME_W8A8_BITS if options.runtime == "onnxruntime" and options.activations == "int8" \
-        else options.bits
+    weight_bits = w8a8_weight_bits(options) if options.activations == "int8" else options.bits
     if not layers:
         raise OnnxlrfError("the model has no quantizable Conv/Gemm/MatMul layer (constant float32 weight)")
     entries = []
@@ -87,4 +122,6 @@ def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
     return Plan(entries, "uniform", {"technique": QuantEntry.technique, "bits": options.bits,
                                      "activations": options.activations, "runtime": options.runtime,
                                      "calibration_method": options.calibration_method,
-                                     "block_size": options.block_size})
+                                     "block_size": options.block_size,
+                                     "reduce_range": reduces_range(options) if options.activations == "int8"
+                                     else None})

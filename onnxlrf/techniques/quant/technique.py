@@ -20,7 +20,6 @@ from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
 from .grid import dequantize_blocks, dequantize_per_channel
-from .planners import ONNXRUNTIME_W8A8_BITS
 from .rewrite import RUNTIMES, QDQRewrite, int8_scale, quantized_activations, uint8_params, weight_levels
 
 FLOAT_BITS = 32
@@ -32,14 +31,16 @@ class Quant:
     name = QuantEntry.technique
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
-                 activation_ranges: dict[str, list[float]] | None = None) -> None:
+                 activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8) -> None:
         """``activation_ranges``: calibrated ranges of every activation a plan may quantize (None: weight-only
-        options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form."""
+        options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form,
+        and the 8-bit option has ``int8_weight_bits`` (7: onnxruntime's reduced range)."""
         if rounding not in ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         if runtime not in RUNTIMES:
             raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
+        self.int8_weight_bits = int8_weight_bits if activation_ranges is not None else 8
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
         self.checks: dict[str, list[dict]] | None = None  # each option measured alone (set by analyse)
@@ -74,10 +75,6 @@ class Quant:
                                       self.int8_weight_bits, progress)
         return analysis
 
-    @property
-    def int8_weight_bits(self) -> int:
-        """Weight bits of the 8-bit option: 7 where it quantizes its input too in onnxruntime's form (see planners)."""
-        return ONNXRUNTIME_W8A8_BITS if self.runtime == "onnxruntime" and self.activation_ranges is not None else 8
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    **options: Any) -> list[Candidates]:

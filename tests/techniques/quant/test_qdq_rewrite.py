@@ -41,7 +41,7 @@ def minmax_ranges(model: onnx.ModelProto, tensors: list[str], feed: dict) -> dic
 
 
 def w8a8_plan(model: onnx.ModelProto, runtime: str) -> Plan:
-    plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8", runtime=runtime))
+    plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8", runtime=runtime, reduce_range="on"))
     tensors = [site.tensor for site in quantized_activations(model, plan, runtime)]
     plan.activation_ranges = minmax_ranges(model, tensors, {"input": images(64)})
     return plan
@@ -220,3 +220,25 @@ def test_w8a8_projection_keeps_its_output_and_the_skip_path_float():
     assert optimized_op_counts(quantized).get("MatMulIntegerToFloat") == 1
     residual = next(node for node in quantized.graph.node if node.name == "residual")
     assert "x" in residual.input  # the skip path reads the float input, not its dequantized copy
+
+
+@pytest.mark.parametrize("machine, cpuinfo, expected", [
+    ("x86_64", "flags : fpu avx2 avx512f", 7),  # no VNNI: u8 x s8 pairs add in int16
+    ("x86_64", "flags : fpu avx2 avx512_vnni", 8),
+    ("x86_64", "flags : fpu avx2 avx_vnni", 8),
+    ("aarch64", "", 8),
+])
+def test_reduce_range_auto_follows_this_machines_kernels(monkeypatch, tmp_path, machine, cpuinfo, expected):
+    from onnxlrf.techniques.quant import planners
+
+    monkeypatch.setattr(planners.platform, "machine", lambda: machine)
+    (tmp_path / "cpuinfo").write_text(cpuinfo)
+    real_path = planners.Path
+    monkeypatch.setattr(planners, "Path", lambda p: real_path(tmp_path / "cpuinfo") if p == "/proc/cpuinfo"
+                        else real_path(p))
+    options = QuantOptions(bits=8, activations="int8")
+    assert planners.w8a8_weight_bits(options) == expected
+    assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", reduce_range="on")) == 7
+    assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", reduce_range="off")) == 8
+    assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", runtime="tensorrt",
+                                                  reduce_range="on")) == 8  # TensorRT's form keeps 8 bits
