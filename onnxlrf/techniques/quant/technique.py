@@ -13,8 +13,8 @@ from onnx import numpy_helper
 
 from ...graph.layers import Layer, constant_producers
 from ...graph.quantizable import find_quantizable
-from ...measure.analysis import AnalysisOptions, joint_analysis
 from ...errors import OnnxlrfError
+from ...measure.analysis import AnalysisOptions, joint_analysis
 from ...planning.plan import ROUNDINGS, Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
@@ -75,10 +75,10 @@ class Quant:
                                       self.int8_weight_bits, progress)
         return analysis
 
-
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    **options: Any) -> list[Candidates]:
-        """Weight-only options per weight group (``options``: the low-rank planner's, which do not apply)."""
+        """Each weight group's options the checks trust, weight-only or with int8 inputs (``options``: the low-rank
+        planner's, which do not apply)."""
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
         return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
