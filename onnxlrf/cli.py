@@ -289,10 +289,10 @@ _quant_options = _OptionGroup(
                       "each layer's option both ways, with error feedback in the loss's curvature and searched "
                       "clipping, or to nearest, and keeps the one of smaller predicted loss change; nearest: round "
                       "to nearest only. Uniform plans run no analysis and round to nearest."),
-    click.option("--reduce-range", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+    click.option("--reduce-range", type=click.Choice(["on", "off", "auto"]), default="on", show_default=True,
                  help="--technique quant, onnxruntime form: W8A8 weights on 7 bits (on), which x86 CPUs without "
-                      "VNNI need (their u8 x s8 kernels overflow 8-bit weights), or 8 (off); auto: as this "
-                      "machine needs, since the held-out figures are measured here."),
+                      "VNNI need (their u8 x s8 kernels overflow 8-bit weights), or 8 (off: for CPUs with VNNI "
+                      "or ARM); auto: as the machine running onnxlrf needs."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",

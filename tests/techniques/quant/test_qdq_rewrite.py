@@ -236,8 +236,8 @@ def test_reduce_range_auto_follows_this_machines_kernels(monkeypatch, tmp_path, 
     real_path = planners.Path
     monkeypatch.setattr(planners, "Path", lambda p: real_path(tmp_path / "cpuinfo") if p == "/proc/cpuinfo"
                         else real_path(p))
-    options = QuantOptions(bits=8, activations="int8")
-    assert planners.w8a8_weight_bits(options) == expected
+    assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", reduce_range="auto")) == expected
+    assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8")) == 7  # the default: any x86 CPU
     assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", reduce_range="on")) == 7
     assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", reduce_range="off")) == 8
     assert planners.w8a8_weight_bits(QuantOptions(bits=8, activations="int8", runtime="tensorrt",
