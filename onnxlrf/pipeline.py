@@ -286,6 +286,27 @@ def check_written(path: str | os.PathLike) -> None:
     make_session(path, ["CPUExecutionProvider"])
 
 
+def _check_paths(model: str, output: str | os.PathLike, data: str | None, export: ExportOptions,
+                 plan_out: str | os.PathLike | None, overwrite: bool, cache: str | os.PathLike | None,
+                 stores_arrays: bool) -> tuple[Path, Path | None]:
+    """Before any work: the output and plan paths (checked: they may not replace an input, the model,
+    checkpoint or data file; ``stores_arrays``: the plan's arrays go beside it too), the analysis cache
+    directory, and the data file."""
+    inputs = ((model,) if is_onnx_path(model) else ()) + (export.weights, data.partition(":")[2] if data else None)
+    output = check_output_path(output, inputs, overwrite)
+    if plan_out is not None:
+        plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
+        if Path(plan_out).resolve() == output.resolve():
+            raise OnnxlrfError("--plan-out must differ from the output path")
+        if stores_arrays:
+            check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
+    if cache is not None:
+        analysis_cache_dir(cache)
+    if data is not None and ":" in data:  # a data file: there before the export, not after it
+        check_regular_file(data.partition(":")[2], "data file")
+    return output, plan_out
+
+
 def compress(
     model: str,
     output: str | os.PathLike,
@@ -323,19 +344,8 @@ def compress(
     if mode in JOINT_MODES and data is None:
         raise OnnxlrfError(f"mode {mode} needs --data (calibration, validation and test splits come from it)")
     model = str(model)
-    # Outputs may not replace any input: model, checkpoint, data file.
-    inputs = ((model,) if is_onnx_path(model) else ()) + (export.weights, data.partition(":")[2] if data else None)
-    output = check_output_path(output, inputs, overwrite)
-    if plan_out is not None:
-        plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
-        if Path(plan_out).resolve() == output.resolve():
-            raise OnnxlrfError("--plan-out must differ from the output path")
-        if mode in JOINT_MODES:  # joint plans keep their bases beside the JSON
-            check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
-    if analysis.cache is not None and mode in JOINT_MODES:
-        analysis_cache_dir(analysis.cache)
-    if data is not None and ":" in data:  # a data file: there before the export, not after it
-        check_regular_file(data.partition(":")[2], "data file")
+    output, plan_out = _check_paths(model, output, data, export, plan_out, overwrite,
+                                    analysis.cache if mode in JOINT_MODES else None, mode in JOINT_MODES)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
         reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
@@ -441,16 +451,8 @@ def compress_quant(
         raise OnnxlrfError("--activations int8 needs --data: activation ranges are calibrated on its "
                            "calibration split")
     model = str(model)
-    inputs = ((model,) if is_onnx_path(model) else ()) + (export.weights, data.partition(":")[2] if data else None)
-    output = check_output_path(output, inputs, overwrite)
-    if plan_out is not None:
-        plan_out = check_output_path(plan_out, inputs + (output,), overwrite)
-        if Path(plan_out).resolve() == output.resolve():
-            raise OnnxlrfError("--plan-out must differ from the output path")
-        if joint is not None:  # loss-aware grids are stored beside the JSON
-            check_output_path(plan_out.with_name(plan_out.name + ".bases.npz"), inputs, overwrite)
-    if data is not None and ":" in data:
-        check_regular_file(data.partition(":")[2], "data file")
+    output, plan_out = _check_paths(model, output, data, export, plan_out, overwrite,
+                                    analysis.cache if joint is not None else None, joint is not None)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-") as workdir:
         reference_path, exported = load_or_export(model, workdir, export, progress)
         reference = load_onnx(reference_path)
