@@ -118,6 +118,17 @@ def test_loss_aware_plans_with_int8_activations_run_as_integer_kernels(files):
     assert "input" in plan["activation_ranges"] and payload["average_weight_bits"] <= 32 * 0.15 + 1e-9
 
 
+def test_a_loss_aware_int8_plan_in_the_tensorrt_form_is_symmetric_int8(files):
+    from onnxlrf.techniques.quant.rewrite import check_tensorrt_form
+
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
+                                   "--activations", "int8", "--runtime", "tensorrt", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["runtime"] == "tensorrt" and payload["average_weight_bits"] <= 32 * 0.2 + 1e-9
+    check_tensorrt_form(onnx.load(str(files / "out.onnx")))  # fewer bits still live in int8, zero points 0
+
+
 def test_quant_report_says_bits_layers_and_the_target_axis(files):
     result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
                                    "--report", files / "report", "-q"))
