@@ -31,18 +31,19 @@ class ParamsCost:
 
     target = "params"
     resolution = 1.0
+    per_param = 1  # what one float32 parameter costs (subclasses: bytes, bits)
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self._total = count_params(model)
 
     def total(self) -> float:
-        return float(self._total)
+        return float(self.per_param * self._total)
 
     def dense(self, layers: list[Layer]) -> float:
-        return float(layers[0].params)
+        return float(self.per_param * layers[0].params)
 
     def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return float(layers[0].factorized_params(decomposition, rank))
+        return float(self.per_param * layers[0].factorized_params(decomposition, rank))
 
     def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
         return {}
@@ -56,15 +57,7 @@ class BytesCost(ParamsCost):
     container (int4 packs two per byte) plus a float32 scale and a zero point (same container) per scale."""
 
     target = "bytes"
-
-    def total(self) -> float:
-        return float(FLOAT32_BYTES * self._total)
-
-    def dense(self, layers: list[Layer]) -> float:
-        return float(FLOAT32_BYTES * layers[0].params)
-
-    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return float(FLOAT32_BYTES * layers[0].factorized_params(decomposition, rank))
+    per_param = FLOAT32_BYTES
 
     def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
         """``layers``' weight in ``container_bits``-bit integers with ``scales`` scales and zero points (``bits``,
@@ -79,18 +72,10 @@ class BitsCost(ParamsCost):
     weight counts 3 though its container holds 4 or 8); scales and biases are not counted."""
 
     target = "bits"
+    per_param = FLOAT32_BITS
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self._total = sum({layer.weight: layer.params for layer in find_layers(model)[0]}.values())
-
-    def total(self) -> float:
-        return float(FLOAT32_BITS * self._total)
-
-    def dense(self, layers: list[Layer]) -> float:
-        return float(FLOAT32_BITS * layers[0].params)
-
-    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return float(FLOAT32_BITS * layers[0].factorized_params(decomposition, rank))
 
     def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
         return float(bits * layers[0].params)

@@ -199,8 +199,7 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
         removed, dloss, sources = [0], [0.0], [None]
         measured = None if checks is None else checks.get(layer.weight, [])
         scales = layer.weight_shape[channel_axis(layer)]
-        for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range) \
-                if reason is None else []:
+        for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range):
             holder = "int8" if option.int8_inputs else container(option.bits)
             removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
                                                                    scales)))
