@@ -6,7 +6,8 @@ rank (the largest rank whose factorized form is still smaller than dense).
 Per Conv/ConvTranspose/Gemm/MatMul or quantized node that is not a layer: why; per layer the joint
 analysis leaves out (ConvTranspose, 3-D convs: dense in joint plans only): why. The nodes whose
 op the torch analysis lacks: those on the path from the layers' weights to the outputs (they block
-the joint modes) and those off it (onnx's reference evaluator runs them). Works on any ONNX file:
+the joint modes) and those off it (onnx's reference evaluator runs them); for a detector, in the
+model cut at its heads, as the joint modes run it. Works on any ONNX file:
 nothing is run, shapes come from shape inference. For quantization: the layers ``--technique quant`` takes
 and the Conv/Gemm/MatMul nodes it does not, with why.
 """
@@ -21,6 +22,7 @@ import onnx
 
 from .data import graph_inputs
 from .errors import OnnxlrfError
+from .graph.heads import cut_at_heads, find_post_processing
 from .graph.layers import (
     QUANTIZED_OPS,
     count_params,
@@ -35,6 +37,9 @@ from .onnx_io import default_opset, load_onnx
 from .runtime.shapes import concrete_input_shapes, flops_by_node
 
 _INT8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+
+SECOND_STAGE = ("second stage of a two-stage detector: runs on the crops of the boxes the first stage selected; "
+                "the joint analysis compares the features it crops instead")
 
 
 @dataclass
@@ -138,12 +143,22 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
     if flops_note:
         notes.append(flops_note)
     dense_reasons = dense_weight_reasons(model)
+    post = find_post_processing(model)
+    analysed = model
+    if post is not None:
+        analysed = cut_at_heads(model, post.heads)
+        notes.append(f"post-processing ({', '.join(post.selection_ops)}): the joint modes analyse the model cut at "
+                     f"its heads ({', '.join(post.heads)})")
+    # A two-stage detector's second stage: the layers the cut leaves out (unnamed nodes too).
+    second_stage = {layer.node for layer in layers} - {layer.node for layer in find_layers(analysed)[0]} \
+        if post else set()
     layer_infos = [
         LayerInfo(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, layer.params,
                   flops.get(layer.node),
                   [DecompositionInfo(d, list(layer.matrix_shape(d)), layer.max_rank(d), layer.break_even_rank(d))
                    for d in layer.decompositions],
-                  dense_reasons.get(layer.weight), analysis_exclusion(layer))
+                  dense_reasons.get(layer.weight),
+                  SECOND_STAGE if layer.node in second_stage else analysis_exclusion(layer))
         for layer in layers
     ]
     skipped_infos = [SkippedInfo(s.node, s.op_type, s.reason, flops.get(s.node) if s.node else None)
@@ -154,7 +169,8 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         notes.append(f"{quantized} quantized nodes: not factorizable; their FLOPs and their {int8:,} 8-bit "
                      "weight elements are not counted")
 
-    blocking, reference = lacking_nodes(model, [layer.weight for layer in layers if "channel" in layer.decompositions])
+    blocking, reference = lacking_nodes(analysed, [layer.weight for layer in layers if "channel" in layer.decompositions
+                                                   and layer.node not in second_stage])
     quant_layers, quant_skipped = find_quantizable(model)
     total_flops = None if None in flops.values() or flops_note else sum(flops.values())
     layer_flops = [info.flops for info in layer_infos]

@@ -211,7 +211,9 @@ def compress_joint(
     compared = reference if post is None else cut_at_heads(reference, post.heads)
     if post is not None:
         progress.log(f"post-processing ({', '.join(post.selection_ops)}): the analysis and the metrics compare "
-                     f"the heads before it ({', '.join(post.heads)}); the written model keeps it")
+                     f"the heads before it ({', '.join(post.heads)}); the written model keeps it"
+                     + (f"; the second stage's {len(post.second_stage)} weight layers run on the crops and stay "
+                        f"dense" if post.second_stage else ""))
     if dataset.task == OUTPUTS:
         if options.mode == "compact" and options.tolerance <= 0:
             raise OnnxlrfError("compact mode on data without labels keeps the outputs within --tolerance of the "

@@ -264,6 +264,20 @@ def test_ops_the_torch_analysis_lacks_on_and_off_the_weights_path(monkeypatch):
         {"node": "hidden_cumsum", "op_type": "CumSum", "domain": ""}]
 
 
+def test_two_stage_detector_second_stage_is_listed_as_not_analysed():
+    """RoiAlign (which the torch evaluator lacks) lies after the heads the joint modes compare: it blocks
+    nothing; the layer on its crops is listed with why the joint analysis leaves it out."""
+    from test_heads import detector
+
+    inspection = inspect_model(detector("roialign"))
+    reasons = {layer.node: layer.not_analyzed for layer in inspection.layers}
+    assert reasons["crop_head"].startswith("second stage of a two-stage detector")
+    assert reasons["trunk"] is None and reasons["box_head"] is None
+    assert inspection.blocking == [] and inspection.reference == []
+    assert any(note.startswith("post-processing (TopK, NonMaxSuppression, RoiAlign): the joint modes analyse")
+               for note in inspection.notes)
+
+
 def test_quantizable_layers_and_why_others_are_not():
     """What --technique quant takes (the depthwise conv too: quantization needs no rank) and what not (a MatMul
     of two activations, with the reason), in the JSON and the text."""

@@ -21,10 +21,11 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from onnx import numpy_helper
+from onnxlrf.models import ModelSpec, load_model
 
 from onnxlrf.cli import cli
 from onnxlrf.export import export_model
-from onnxlrf.models import ModelSpec, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -77,19 +78,26 @@ def test_torchvision_detection(mode: tuple[str, ...], tmp_path: Path) -> None:
     assert [value.name for value in onnx.load(str(output)).graph.output] == ["boxes", "scores", "labels"]
 
 
-def test_torchvision_two_stage_detector_is_refused_with_one_line(tmp_path: Path) -> None:
-    """Faster R-CNN crops its features by the first stage's proposals (RoIAlign): nothing before its
-    post-processing has a row per sample. Its export check fails on random weights (torch's and
-    onnxruntime's RoIAlign differ by 0.16 pixels), so the file is exported without it."""
-    exported = tmp_path / "fasterrcnn.onnx"
-    export_model(load_model("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"), exported, check=False)
-    result = compress(exported, images(tmp_path / "images.npz", 4, 3, 320), LOSSLESS, tmp_path / "out.onnx", 2)
-    assert result.exit_code == 1
-    assert result.stderr == ("Error: RoiAlign '/model/roi_heads/box_roi_pool/RoiAlign' crops features by the boxes a "
-                             "first stage selected: a two-stage detector has no per-sample outputs before its "
-                             "post-processing to compare; onnxlrf compresses single-stage detectors (SSD, RetinaNet, "
-                             "FCOS)\n")
-    assert not (tmp_path / "out.onnx").exists()
+@pytest.mark.parametrize("mode", [LOSSLESS, COMPACT], ids=["lossless", "compact"])
+def test_torchvision_two_stage_detector(mode: tuple[str, ...], tmp_path: Path) -> None:
+    """Faster R-CNN crops its features by the first stage's proposals (RoIAlign): the loss and the fidelity
+    compare the first stage's heads (the feature maps the crops read, the proposal heads' outputs), and
+    the second stage (the box head on the crops) is written as it was."""
+    data = images(tmp_path / "images.npz", 40, 3, 320)
+    output = tmp_path / "compressed.onnx"
+    name = "torchvision:fasterrcnn_mobilenet_v3_large_320_fpn"
+    report = check_compressed(compress(name, data, mode, output, 16), output, mode)
+    assert len(report["compared"]) > 2
+    written = {t.name: t for t in onnx.load(str(output)).graph.initializer}
+    module = load_model(name).module
+    for key in ("model.roi_heads.box_head.fc6.weight", "model.roi_heads.box_predictor.cls_score.weight"):
+        original = module.state_dict()[key].numpy()
+        # Second-stage weights keep their values (Gemm weights may be stored transposed by the exporter).
+        assert any(array.shape in (original.shape, original.T.shape) and
+                   np.array_equal(array, original if array.shape == original.shape else original.T)
+                   for array in (numpy_helper.to_array(t) for t in written.values()
+                                 if math.prod(t.dims) == original.size))
+    assert "RoiAlign" in {node.op_type for node in onnx.load(str(output)).graph.node}
 
 
 class Decoder(torch.nn.Module):

@@ -13,9 +13,12 @@ it depends on); the tensors the trunk hands to the rest of the graph on the way 
 selection (where the rest reads more than their shape), each followed through layout-only ops
 (Reshape, Transpose, Concat, ...) as far as those read nothing else but constants and shapes.
 For ssdlite320 that is the Concat of the six levels' box regressions and that of their class
-logits. A two-stage detector crops its features by the boxes its first stage selected (Faster
-R-CNN's RoIAlign) and runs a second stage on the crops: it has no per-sample tensor before its
-post-processing, and is refused.
+logits. A two-stage detector (Faster, Mask and Keypoint R-CNN) crops its features by the boxes its
+first stage selected (RoIAlign) and runs a second stage on the crops: as many rows as proposals
+survived, so nothing after the crop has a row per sample. Its heads are those of the first stage:
+the feature maps the crops read and the proposal heads' outputs (objectness and box regressions)
+that feed the selection. If those are kept, the second stage sees what it saw; its own weight
+layers run on the crops, are not analysed, and stay dense (:attr:`PostProcessing.second_stage`).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ SHAPE_OPS = ("Shape", "Size")
 class PostProcessing:
     """Where a model's post-processing starts: the selection ops it has, and the head tensors it reads."""
 
-    selection_ops: tuple[str, ...]  # op types found, in graph order
+    selection_ops: tuple[str, ...]  # op types found (selection, then region ops), in graph order
     heads: tuple[str, ...]  # tensors, in graph order
+    # A two-stage detector's weight nodes that run on the crops (names, or first outputs where unnamed).
+    second_stage: tuple[str, ...] = ()
 
 
 def _ops_within(node: onnx.NodeProto) -> set[str]:
@@ -64,8 +69,9 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
     """The post-processing of ``model`` (see the module doc), or None where it has none: no selection op
     that reads what a weight layer computed (a NonZero on an input mask is not post-processing).
 
-    Weight layers after a selection make it no post-processing (a mixture of experts routes by TopK).
-    Raises OnnxlrfError for a two-stage detector (RoIAlign on what a first stage computed).
+    Weight layers after a selection make it no post-processing (a mixture of experts routes by TopK),
+    unless they run on crops a region op (RoIAlign) cut by the selected boxes: a two-stage detector's
+    second stage.
     """
     nodes = list(model.graph.node)
     if not any(_ops_within(node) & {*SELECTION_OPS, *REGION_OPS} for node in nodes):
@@ -83,15 +89,13 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
     if not selecting:
         return None
 
-    region = next((nodes[i] for i in selecting if _ops_within(nodes[i]) & set(REGION_OPS)), None)
-    if region is not None:
-        raise OnnxlrfError(f"{region.op_type} {region.name!r} crops features by the boxes a first stage selected: a "
-                           f"two-stage detector has no per-sample outputs before its post-processing to compare; "
-                           f"onnxlrf compresses single-stage detectors (SSD, RetinaNet, FCOS)")
-    if set(weight_layers) & _downstream(nodes, selecting, consumers):
+    after = set(weight_layers) & _downstream(nodes, selecting, consumers)
+    regions = [i for i in selecting if _ops_within(nodes[i]) & set(REGION_OPS)]
+    second_stage = after & _downstream(nodes, regions, consumers)
+    if after - second_stage:
         return None  # the selection routes the computation (a mixture of experts' TopK), not its results
 
-    trunk = _upstream(nodes, weight_layers, producer)
+    trunk = _upstream(nodes, [i for i in weight_layers if i not in after], producer)
     before = _upstream(nodes, selecting, producer) - trunk
     computed = _computed_tensors(model, nodes)
     # Tensors the trunk computes from the inputs and hands to post-processing by value (a Shape of a
@@ -110,8 +114,10 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
             heads.add(node.output[0])
     if not heads:  # the selection reads the layers' outputs only through their shapes
         return None
-    ops = tuple(dict.fromkeys(op for i in selecting for op in sorted(_ops_within(nodes[i]) & set(SELECTION_OPS))))
-    return PostProcessing(ops, tuple(sorted(heads, key=lambda name: producer[name])))
+    ops = tuple(dict.fromkeys(op for ops in (SELECTION_OPS, REGION_OPS) for i in selecting
+                              for op in sorted(_ops_within(nodes[i]) & set(ops))))
+    return PostProcessing(ops, tuple(sorted(heads, key=lambda name: producer[name])),
+                          tuple(nodes[i].name or nodes[i].output[0] for i in sorted(second_stage)))
 
 
 def _downstream(nodes: list[onnx.NodeProto], start: list[int], consumers: dict[str, list[int]]) -> set[int]:

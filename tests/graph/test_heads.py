@@ -32,7 +32,7 @@ def detector(second_stage: str | None = None) -> onnx.ModelProto:
     shape), NMS -> boxes and scores of the kept ones.
 
     ``second_stage``: ``matmul`` adds a MatMul on the kept boxes (weights after the selection),
-    ``roialign`` a RoiAlign crop of the feature map by them.
+    ``roialign`` a RoiAlign crop of the feature map by them and a MatMul on the crops (a second stage).
     """
     def weight(name: str, *shape: int, scale: float) -> onnx.TensorProto:
         return numpy_helper.from_array((RNG.standard_normal(shape) * scale).astype(np.float32), name)
@@ -78,10 +78,15 @@ def detector(second_stage: str | None = None) -> onnx.ModelProto:
         nodes.append(helper.make_node("MatMul", ["boxes", "refine.w"], ["refined"], name="refine"))
         outputs.append(helper.make_tensor_value_info("refined", TensorProto.FLOAT, ["detections", 4]))
     elif second_stage == "roialign":
+        inits += [weight("crop_head.w", 64, 4, scale=0.2), const("map_side", np.float32(7.0))]
         nodes += [helper.make_node("Mul", ["kept", "zero"], ["roi_batch"]),
-                  helper.make_node("RoiAlign", ["features", "boxes", "roi_batch"], ["crops"], name="roi_align",
-                                   output_height=2, output_width=2)]
-        outputs.append(helper.make_tensor_value_info("crops", TensorProto.FLOAT, ["detections", 16, 2, 2]))
+                  helper.make_node("Sigmoid", ["boxes"], ["box_fractions"]),  # boxes within the 8 x 8 map
+                  helper.make_node("Mul", ["box_fractions", "map_side"], ["roi_boxes"]),
+                  helper.make_node("RoiAlign", ["features", "roi_boxes", "roi_batch"], ["crops"], name="roi_align",
+                                   output_height=2, output_width=2),
+                  helper.make_node("Flatten", ["crops"], ["crop_rows"]),
+                  helper.make_node("MatMul", ["crop_rows", "crop_head.w"], ["crop_scores"], name="crop_head")]
+        outputs.append(helper.make_tensor_value_info("crop_scores", TensorProto.FLOAT, ["detections", 4]))
     graph = helper.make_graph(nodes, "detector",
                               [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
                               outputs, inits)
@@ -125,12 +130,17 @@ def test_selection_on_the_inputs_alone_is_no_post_processing() -> None:
     assert find_post_processing(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])) is None
 
 
-def test_two_stage_detector_is_refused_with_one_line() -> None:
-    with pytest.raises(OnnxlrfError) as error:
-        find_post_processing(detector("roialign"))
-    assert str(error.value).startswith("RoiAlign 'roi_align' crops features by the boxes a first stage selected: "
-                                       "a two-stage detector has no per-sample outputs")
-    assert "\n" not in str(error.value)
+def test_two_stage_detector_compares_the_first_stage() -> None:
+    """The heads are the feature map the crops read and the first stage's heads; the layer on the crops
+    is the second stage, left out of the cut."""
+    model = detector("roialign")
+    post = find_post_processing(model)
+    assert post.selection_ops == ("TopK", "NonMaxSuppression", "RoiAlign")
+    assert post.heads == ("features", "box_regression", "cls_logits")
+    assert post.second_stage == ("crop_head",)
+    cut = cut_at_heads(model, post.heads)
+    assert "crop_head.w" not in {tensor.name for tensor in cut.graph.initializer}
+    assert find_post_processing(detector()).second_stage == ()
 
 
 def test_weight_layers_after_the_selection_make_it_no_post_processing() -> None:
@@ -161,4 +171,26 @@ def test_compress_keeps_post_processing_and_compares_heads(mode: tuple[str, ...]
     written = onnx.load(str(output))
     assert {"TopK", "NonMaxSuppression"} <= {node.op_type for node in written.graph.node}
     assert [value.name for value in written.graph.output] == ["boxes", "scores"]
+    ort.InferenceSession(str(output)).run(None, {"input": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})
+
+
+def test_compress_two_stage_detector_keeps_its_second_stage_dense(tmp_path: Path) -> None:
+    model_path = tmp_path / "detector.onnx"
+    model = detector("roialign")
+    onnx.save(model, model_path)
+    data = tmp_path / "images.npz"
+    np.savez(data, input=RNG.standard_normal((24, 3, 8, 8)).astype(np.float32))
+    output = tmp_path / "compressed.onnx"
+    result = CliRunner().invoke(cli, ["compress", str(model_path), "--data", f"npz:{data}", "--mode", "lossless",
+                                      "--target-reduction", "0.1", "--calib", "8", "--val", "8", "-o", str(output),
+                                      "-q", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["compared"] == ["features", "box_regression", "cls_logits"]
+    written = onnx.load(str(output))
+    weights = {tensor.name: tensor for tensor in written.graph.initializer}
+    assert numpy_helper.to_array(weights["crop_head.w"]).tobytes() == \
+        numpy_helper.to_array({t.name: t for t in model.graph.initializer}["crop_head.w"]).tobytes()
+    assert "crop_head" in {node.name for node in written.graph.node}
+    assert [value.name for value in written.graph.output] == ["boxes", "scores", "crop_scores"]
     ort.InferenceSession(str(output)).run(None, {"input": RNG.standard_normal((1, 3, 8, 8)).astype(np.float32)})
