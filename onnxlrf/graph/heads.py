@@ -11,7 +11,8 @@ The heads are found from the graph alone: the selection ops that read what a wei
 (a NonZero on an input mask is no post-processing); the trunk (every weight layer and everything
 it depends on); the tensors the trunk hands to the rest of the graph on the way to the
 selection (where the rest reads more than their shape), each followed through layout-only ops
-(Reshape, Transpose, Concat, ...) as far as those read nothing else but constants and shapes.
+(Reshape, Transpose, Concat, ...) as far as those read nothing else but constants and shapes and
+keep the sample axis first (as far as their attributes, constant shapes and shape inference tell).
 For ssdlite320 that is the Concat of the six levels' box regressions and that of their class
 logits. A two-stage detector (Faster, Mask and Keypoint R-CNN) crops its features by the boxes its
 first stage selected (RoIAlign) and runs a second stage on the crops: as many rows as proposals
@@ -102,9 +103,14 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
     # feature map reads no values).
     heads = {name for i in before if nodes[i].op_type not in SHAPE_OPS for name in _reads(nodes[i])
              if producer.get(name) in trunk and name in computed}
+    first_dims = _first_dims(model)
     for i in sorted(before):  # graph order: a layout op's inputs are settled before it
         node = nodes[i]
         if node.op_type not in LAYOUT_OPS or not node.output:
+            continue
+        # Not followed where the op moves the sample axis (Faster R-CNN's proposal heads end in a Reshape
+        # to (images x anchors, 4)).
+        if not _keeps_sample_axis(node, constants, first_dims):
             continue
         values = [name for name in node.input[:LAYOUT_OPS[node.op_type]] if name in computed]
         alone = all(name in heads and all(nodes[j].op_type in SHAPE_OPS or j == i for j in consumers[name])
@@ -118,6 +124,43 @@ def find_post_processing(model: onnx.ModelProto) -> PostProcessing | None:
                               for op in sorted(_ops_within(nodes[i]) & set(ops))))
     return PostProcessing(ops, tuple(sorted(heads, key=lambda name: producer[name])),
                           tuple(nodes[i].name or nodes[i].output[0] for i in sorted(second_stage)))
+
+
+def _keeps_sample_axis(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+                       first_dims: dict[str, int]) -> bool:
+    """Whether layout op ``node`` keeps its input's first axis first: false where its attributes or a
+    constant target shape move or fold axis 0, or shape inference knows the two first dims differ."""
+    known = [first_dims.get(name) for name in (node.input[0], node.output[0])]
+    if None not in known and known[0] != known[1]:
+        return False
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    if node.op_type == "Transpose":
+        return list(attrs.get("perm", [1]))[:1] == [0]
+    if node.op_type in ("Concat", "Flatten"):
+        return attrs.get("axis", 1) != 0
+    axes = list(attrs.get("axes", []))
+    if len(node.input) > 1 and node.input[1] in constants:
+        values = onnx.numpy_helper.to_array(constants[node.input[1]]).reshape(-1).tolist()
+        if node.op_type == "Reshape":
+            return not values or values[0] != -1  # 0 copies the first dim; -1 there folds axis 0 in
+        axes = values
+    return 0 not in axes if node.op_type in ("Squeeze", "Unsqueeze") else True
+
+
+def _first_dims(model: onnx.ModelProto) -> dict[str, int]:
+    """The first dimension of each tensor whose shape inference knows it as a number (two symbols that
+    differ may still be the same size)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - a model shape inference cannot take: no layout op is followed
+        return {}
+    dims = {}
+    for value in [*inferred.input, *inferred.value_info, *inferred.output]:
+        shape = value.type.tensor_type.shape
+        if value.type.tensor_type.HasField("shape") and shape.dim:
+            if shape.dim[0].HasField("dim_value"):
+                dims[value.name] = shape.dim[0].dim_value
+    return dims
 
 
 def _downstream(nodes: list[onnx.NodeProto], start: list[int], consumers: dict[str, list[int]]) -> set[int]:
@@ -147,11 +190,12 @@ def _upstream(nodes: list[onnx.NodeProto], start: list[int], producer: dict[str,
 
 
 def _computed_tensors(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> set[str]:
-    """Tensors computed from the graph inputs (not from initializers and constants alone)."""
+    """Tensors computed from the graph inputs' values (not from initializers and constants alone, nor from
+    the inputs' shapes alone: Faster R-CNN's transform reads the image size as scalars)."""
     fed = {value.name for value in model.graph.input} - {tensor.name for tensor in model.graph.initializer}
     computed: set[str] = set()
     for node in nodes:  # graph order
-        if _reads(node) & (fed | computed):
+        if node.op_type not in SHAPE_OPS and _reads(node) & (fed | computed):
             computed.update(node.output)
     return computed
 

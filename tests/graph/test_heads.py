@@ -115,6 +115,22 @@ def test_cut_at_heads_runs_to_one_row_per_sample() -> None:
     assert full[0].ndim == 2 and full[0].shape[1] == 4  # the detections: no sample axis
 
 
+def test_heads_keep_the_sample_axis_first() -> None:
+    """A Reshape that folds the sample axis into the anchors (Faster R-CNN's proposal heads: (images x
+    anchors, 4)) is not followed: the head is the tensor before it."""
+    nodes = [helper.make_node("Conv", ["input", "w"], ["map"], name="head"),
+             helper.make_node("Transpose", ["map"], ["map_t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["map_t", "flat_shape"], ["flat"]),
+             helper.make_node("ReduceMax", ["flat"], ["anchor_scores"], axes=[1], keepdims=0),
+             helper.make_node("TopK", ["anchor_scores", "k"], ["top", "index"], name="topk")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("top", TensorProto.FLOAT, [5])],
+                              [numpy_helper.from_array(np.ones((4, 3, 1, 1), np.float32), "w"),
+                               const("flat_shape", [-1, 4]), const("k", [5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert find_post_processing(model).heads == ("map_t",)
+
+
 def test_model_without_selection_has_no_post_processing() -> None:
     model = detector()
     assert find_post_processing(cut_at_heads(model, ["box_regression", "cls_logits"])) is None
