@@ -283,7 +283,8 @@ _quant_options = _OptionGroup(
                  show_default=True, help="--technique quant: onnxruntime's calibrator for activation ranges."),
     click.option("--block-size", type=click.IntRange(min=2),
                  help="--technique quant: Gemm/MatMul weights get one scale per block of this many inputs "
-                      "(weight-only, --bits 4 or fewer; opset 21)."),
+                      "(weight-only, --bits 4 or fewer; opset 21); lossless/compact plans offer them such "
+                      "options at 4, 3 and 2 bits beside the per-channel ones."),
     click.option("--rounding", type=click.Choice(["loss-aware", "nearest"]),
                  help="--technique quant, loss-aware plans (lossless, compact): loss-aware (the default) rounds "
                       "each layer's option both ways, with error feedback in the loss's curvature and searched "

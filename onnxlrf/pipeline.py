@@ -444,8 +444,6 @@ def compress_quant(
             raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
         if joint.target not in QUANT_TARGETS:
             raise OnnxlrfError("--technique quant plans bytes or bits: pass --target bytes or --target bits")
-        if options.block_size is not None:
-            raise OnnxlrfError("the loss-aware quantization plans are per channel so far: leave out --block-size")
         if data is None:
             raise OnnxlrfError(f"mode {joint.mode} needs --data (calibration, validation and test splits come "
                                f"from it)")
@@ -482,7 +480,8 @@ def compress_quant(
                 every = calibrate_plan(reference, plan_uniform_quant(reference, dataclasses.replace(options, bits=8)),
                                        split.calib, options.runtime, options.calibration_method, progress)
                 ranges = every.activation_ranges
-            technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options))
+            technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
+                              options.block_size)
             # One round, and no refit: quantization has no improvement step yet.
             rounds = verify_in_rounds(reference, split, joint, analysis,
                                       dataclasses.replace(verify, rounds=1, refit=False),

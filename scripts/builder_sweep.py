@@ -60,7 +60,7 @@ HF_TYPES = {
     "longformer": {"attention_window": 16}, "big_bird": {}, "nystromformer": {}, "mra": {}, "yoso": {},
     "fnet": {}, "canine": {}, "splinter": {}, "tapas": {}, "markuplm": {}, "layoutlm": {}, "flaubert": {},
     "xlm": {}, "luke": {}, "modernbert": SPECIAL_IDS, "eurobert": SPECIAL_IDS, "esm": SPECIAL_IDS,
-    "funnel": {"block_sizes": [1, 1], "num_hidden_layers": None}, "squeezebert": {"embedding_size": 64},
+    "funnel": {"block_sizes": [1, 1], "num_hidden_layers": None, "architectures": ["FunnelModel"]}, "squeezebert": {"embedding_size": 64},
 }
 
 

@@ -10,6 +10,7 @@ prediction and measurement agree, as truncations are within their measured range
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +19,14 @@ import onnx
 
 from ...costs.params import cost_units
 from ...graph.layers import Layer, find_layers, matrices_to_weight, weight_array, weight_groups, weight_matrices
-from ...graph.quantizable import find_quantizable
+from ...graph.quantizable import BLOCK_OPS, QuantLayer, find_quantizable
 from ...measure.analysis import calibration_batches, range_batch_size
 from ...measure.sensitivity import agrees, replacement_gains, task_loss
 from ...planning.knapsack import CandidateSet
 from ...planning.plan import QuantEntry
 from ...progress import ProgressLike
 from ..base import Candidates
-from .grid import dequantize_per_channel, quantize_per_channel
+from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
 from .planners import INT4_BITS
 from .rounding import loss_aware_levels
 
@@ -52,6 +53,15 @@ def quantization_error(weight: np.ndarray, layer: Layer, bits: int) -> np.ndarra
     levels, scales = quantize_per_channel(weight, axis, bits)
     delta = dequantize_per_channel(levels, scales, axis).astype(np.float64) - weight.astype(np.float64)
     return weight_matrices(delta, layer, "channel")
+
+
+def block_quantization_error(weight: np.ndarray, layer: Layer, quantizable: QuantLayer, bits: int,
+                             block_size: int) -> np.ndarray:
+    """``Q(W) - W`` as channel matrices, one scale per ``block_size`` inputs of each output channel (Gemm/MatMul),
+    symmetric, round to nearest."""
+    levels, scales = quantize_blocks(weight, quantizable.reduction_axis, block_size, bits)
+    dequantized = dequantize_blocks(levels, scales, quantizable.reduction_axis, block_size)
+    return weight_matrices(dequantized.astype(np.float64) - weight.astype(np.float64), layer, "channel")
 
 
 def loss_aware_error(weight: np.ndarray, layer: Layer, bits: int, ls: Any, kappa: float
@@ -84,18 +94,26 @@ class QuantOption:
     relative: float  # ||Q(W) - W|| / ||W||
     grid: tuple | None  # (levels, scales) where rounded loss-aware; None: round to nearest
     int8_inputs: bool
+    block_size: int | None = None  # one scale per this many inputs (Gemm/MatMul); None: per output channel
+
+    @property
+    def key(self) -> tuple[int, int | None]:
+        return self.bits, self.block_size
 
 
 def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding: str = "loss-aware",
                   cache: dict | None = None, input_steps: dict[str, float] | None = None,
-                  int8_weight_bits: int = 8) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
+                  int8_weight_bits: int = 8, block_size: int | None = None
+                  ) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
     """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
     options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
     each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
     change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), reused
     across calls on the same analysis. ``input_steps``: with int8 activations, every option also quantizes
     the layer's input (grid step by input tensor, from the calibrated ranges), its noise added to the
-    prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form)."""
+    prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form).
+    ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
+    int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones."""
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
@@ -130,6 +148,11 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                     predicted += activation_noise_dloss(ls, quantized, step, kappa)
                 scored.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
             options.append(min(scored, key=lambda option: option.predicted))
+        if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
+            for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
+                delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
+                options.append(QuantOption(bits, ls.perturbation_dloss(delta, kappa),
+                                           float(np.linalg.norm(delta)) / norm, None, False, block_size))
     return out
 
 
@@ -137,15 +160,17 @@ def trusted_options(options: list[QuantOption], checks: list[dict] | None, pertu
                     ) -> list[QuantOption]:
     """The options a layer's measurements trust (METHOD.md 8, as section 3 for ranks): with ``checks`` (each
     option measured alone, :func:`measure_options`), the options from the most bits down to the last whose
-    measured loss change agrees with the prediction; without, those within the truncations' trusted range."""
+    measured loss change agrees with the prediction (per channel and per block separately); without, those within
+    the truncations' trusted range."""
     if checks is None:
         return [option for option in options if option.relative <= perturbation_range]
-    agreed = {check["bits"]: check["agree"] for check in checks}
+    agreed = {(check["bits"], check.get("block_size")): check["agree"] for check in checks}
     kept = []
-    for option in sorted(options, key=lambda option: -option.bits):
-        if not agreed.get(option.bits, False):
-            break
-        kept.append(option)
+    for block_size in dict.fromkeys(option.block_size for option in options):
+        for option in sorted((o for o in options if o.block_size == block_size), key=lambda o: -o.bits):
+            if not agreed.get(option.key, False):
+                break
+            kept.append(option)
     return kept
 
 
@@ -155,19 +180,23 @@ def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption) -> 
         levels, scales = option.grid
         return dequantize_per_channel(levels, scales, channel_axis(layer))
     weight = weight_array(model, layer)
+    if option.block_size is not None:
+        axis = {q.node: q for q in find_quantizable(model)[0]}[layer.node].reduction_axis
+        levels, scales = quantize_blocks(weight, axis, option.block_size, option.bits)
+        return dequantize_blocks(levels, scales, axis, option.block_size)
     levels, scales = quantize_per_channel(weight, channel_axis(layer), option.bits)
     return dequantize_per_channel(levels, scales, channel_axis(layer))
 
 
 def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: int, rounding: str = "loss-aware",
-                    cache: dict | None = None, int8_weight_bits: int = 8,
+                    cache: dict | None = None, int8_weight_bits: int = 8, block_size: int | None = None,
                     progress: ProgressLike = None) -> dict[str, list[dict]]:
     """Per weight: each option's weights alone, measured on the first ``samples`` calibration samples (the task
-    loss on their labels) against its prediction at kappa 1: ``bits``, ``relative_error``, ``predicted``,
-    ``measured`` and whether they ``agree`` (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is
-    not part of the measurement."""
-    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits)
-    replacements = {(members[0].weight, option.bits): {members[0].weight: option_weight(model, members[0], option)}
+    loss on their labels) against its prediction at kappa 1: ``bits`` (and ``block_size`` for a block option),
+    ``relative_error``, ``predicted``, ``measured`` and whether they ``agree``
+    (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is not part of the measurement."""
+    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size)
+    replacements = {(members[0].weight, *option.key): {members[0].weight: option_weight(model, members[0], option)}
                     for members, reason, options in groups for option in options}
     subset = calib.subset(np.arange(min(samples, len(calib))))
     gains = replacement_gains(model, replacements,
@@ -177,30 +206,34 @@ def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: 
     checks = {}
     for members, _, options in groups:
         weight = members[0].weight
-        checks[weight] = [{"bits": option.bits, "relative_error": option.relative, "predicted": option.predicted,
-                           "measured": -gains[(weight, option.bits)],
-                           "agree": agrees(option.predicted, -gains[(weight, option.bits)])} for option in options]
+        checks[weight] = [{"bits": option.bits, **({"block_size": option.block_size} if option.block_size else {}),
+                           "relative_error": option.relative, "predicted": option.predicted,
+                           "measured": -gains[(weight, *option.key)],
+                           "agree": agrees(option.predicted, -gains[(weight, *option.key)])} for option in options]
     return checks
 
 
 def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                      rounding: str = "loss-aware", cache: dict | None = None,
                      input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8,
-                     checks: dict[str, list[dict]] | None = None) -> list[Candidates]:
+                     checks: dict[str, list[dict]] | None = None, block_size: int | None = None
+                     ) -> list[Candidates]:
     """Per weight group: float, then the options of :func:`layer_options` its checks trust
     (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
     with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). With int8 inputs the
     weights stay in int8 containers (the integer kernels read int8)."""
     out = []
     for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
-                                                  int8_weight_bits):
+                                                  int8_weight_bits, block_size):
         layer = members[0]
         dense = cost.dense(members)
         removed, dloss, sources = [0], [0.0], [None]
         measured = None if checks is None else checks.get(layer.weight, [])
-        scales = layer.weight_shape[channel_axis(layer)]
+        channels = layer.weight_shape[channel_axis(layer)]
         for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range):
             holder = "int8" if option.int8_inputs else container(option.bits)
+            scales = channels if option.block_size is None else \
+                channels * math.ceil(layer.weight_shape[1 - channel_axis(layer)] / option.block_size)
             removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
                                                                    scales)))
             dloss.append(option.predicted)
@@ -220,8 +253,10 @@ def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dic
     if checks:
         notes["range_checks"] = checks
     entries = [QuantEntry(node=layer.node, op_type=layer.op_type, weight=layer.weight,
-                          weight_shape=list(layer.weight_shape), bits=chosen.bits, granularity="per_channel",
-                          block_size=None, container="int8" if chosen.int8_inputs else container(chosen.bits),
+                          weight_shape=list(layer.weight_shape), bits=chosen.bits,
+                          granularity="per_channel" if chosen.block_size is None else "block",
+                          block_size=chosen.block_size,
+                          container="int8" if chosen.int8_inputs else container(chosen.bits),
                           activations="int8" if chosen.int8_inputs else "float",
                           weight_scales="absmax" if chosen.grid is None else "searched",
                           rounding="nearest" if chosen.grid is None else "loss-aware",

@@ -31,15 +31,21 @@ class Quant:
     name = QuantEntry.technique
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
-                 activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8) -> None:
+                 activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8,
+                 block_size: int | None = None) -> None:
         """``activation_ranges``: calibrated ranges of every activation a plan may quantize (None: weight-only
         options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form,
-        and the 8-bit option has ``int8_weight_bits`` (7: onnxruntime's reduced range)."""
+        and the 8-bit option has ``int8_weight_bits`` (7: onnxruntime's reduced range). ``block_size``
+        (weight-only): Gemm/MatMul layers are also offered int4-and-fewer options with one scale per this
+        many inputs."""
         if rounding not in ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         if runtime not in RUNTIMES:
             raise OnnxlrfError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+        if block_size is not None and activation_ranges is not None:
+            raise OnnxlrfError("block scales are weight-only: --block-size goes without --activations int8")
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
+        self.block_size = block_size
         self.int8_weight_bits = int8_weight_bits if activation_ranges is not None else 8
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
@@ -72,7 +78,7 @@ class Quant:
         analysis = joint_analysis(model, calib, options, progress)
         self._grids, self._grids_of = {}, id(analysis)
         self.checks = measure_options(model, analysis, calib, options.range_samples, self.rounding, self._grids,
-                                      self.int8_weight_bits, progress)
+                                      self.int8_weight_bits, self.block_size, progress)
         return analysis
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
@@ -82,7 +88,7 @@ class Quant:
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
         return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
-                                self.int8_weight_bits, self.checks)
+                                self.int8_weight_bits, self.checks, self.block_size)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
@@ -93,7 +99,8 @@ class Quant:
 
     def plan_options(self, analysis: Any, **options: Any) -> dict:
         return {"technique": self.name, "runtime": self.runtime, "bits_offered": list(PLANNED_BITS),
-                "rounding": self.rounding, "activations": "none" if self.activation_ranges is None else "int8"}
+                "rounding": self.rounding, "activations": "none" if self.activation_ranges is None else "int8",
+                **({"block_size": self.block_size} if self.block_size is not None else {})}
 
     def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
         """The bits and rounding of every quantized layer, and the bytes of its stored levels and scales (a loss-aware
