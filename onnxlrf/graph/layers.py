@@ -163,11 +163,12 @@ def find_layers(model: onnx.ModelProto) -> tuple[list[Layer], list[SkippedNode]]
 
 def scan_nodes(model: onnx.ModelProto, op_types: tuple[str, ...], quantized_reason: str,
                inspect: Callable[[onnx.NodeProto, dict, dict], Any]) -> tuple[list, list[SkippedNode]]:
-    """The default-domain nodes of ``op_types`` in the main graph as ``inspect(node, constants, producer_op)``
-    makes them (a string: why the node is not one), and the skipped nodes with why: quantized ops
-    (``quantized_reason``) and nodes without a unique name (plans refer to nodes by name)."""
+    """The default-domain nodes of ``op_types`` in the main graph as ``inspect(node, constants, dequantized)``
+    makes them (a string: why the node is not one; ``dequantized``: :func:`dequantized_weights`), and the
+    skipped nodes with why: quantized ops (``quantized_reason``) and nodes without a unique name (plans
+    refer to nodes by name)."""
     constants = constant_producers(model)
-    producer_op = {out: node.op_type for node in model.graph.node for out in node.output}
+    dequantized = dequantized_weights(model)
     name_count: dict[str, int] = {}
     for node in model.graph.node:
         name_count[node.name] = name_count.get(node.name, 0) + 1
@@ -188,7 +189,7 @@ def scan_nodes(model: onnx.ModelProto, op_types: tuple[str, ...], quantized_reas
         if name_count[node.name] > 1:
             skipped.append(SkippedNode(node.name, node.op_type, "node name is not unique"))
             continue
-        result = inspect(node, constants, producer_op)
+        result = inspect(node, constants, dequantized)
         if isinstance(result, str):
             skipped.append(SkippedNode(node.name, node.op_type, result))
         else:
@@ -196,15 +197,15 @@ def scan_nodes(model: onnx.ModelProto, op_types: tuple[str, ...], quantized_reas
     return found, skipped
 
 
-def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> Layer | str:
+def _inspect(node: onnx.NodeProto, constants: dict, dequantized: dict) -> Layer | str:
     """The node as a Layer, or the reason it is not one."""
     weight_index = 1
     if node.op_type == "MatMul" and node.input[0] in constants and node.input[1] not in constants:
         return "constant weight is the first MatMul input (only X @ W is supported)"
     if len(node.input) < 2 or node.input[weight_index] not in constants:
         name = node.input[weight_index] if len(node.input) > 1 else ""
-        if producer_op.get(name) == "DequantizeLinear":
-            return "weight comes from DequantizeLinear (quantized model): not factorizable"
+        if name in dequantized:
+            return "weight is dequantized from integers (quantized model): not factorizable"
         return "weight is not a constant"
     weight_name = node.input[weight_index]
     tensor = constants[weight_name]
@@ -284,13 +285,28 @@ def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -
     return matrices.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3)
 
 
+def dequantized_weights(model: onnx.ModelProto) -> dict[str, str]:
+    """Float tensors made from integers, each with the integer tensor: a DequantizeLinear's output, or a Mul by
+    float scales of a Cast to float of an integer initializer (the onnxruntime form of weight-only layers,
+    which the session folds to float weights when it loads)."""
+    integers = {t.name for t in model.graph.initializer if t.data_type not in _ALL_FLOATS}
+    scales = {t.name for t in model.graph.initializer if t.data_type in _ALL_FLOATS}
+    cast = {node.output[0]: node.input[0] for node in model.graph.node
+            if node.op_type == "Cast" and node.input and node.input[0] in integers}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input:
+            found[node.output[0]] = node.input[0]
+        elif node.op_type == "Mul" and len(node.input) == 2 and node.input[0] in cast and node.input[1] in scales:
+            found[node.output[0]] = cast[node.input[0]]
+    return found
+
+
 def count_params(model: onnx.ModelProto) -> int:
     """Model parameters: elements of float initializers plus float ``Constant`` tensors, and of the integer
-    initializers a DequantizeLinear reads as its data (quantized weights are parameters in fewer bits)."""
-    floats = {t.name for t in model.graph.initializer if t.data_type in _ALL_FLOATS}
-    initializers = {t.name: t for t in model.graph.initializer}
-    quantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"
-                 and node.input and node.input[0] in initializers and node.input[0] not in floats}
+    initializers quantized weights are made from (:func:`dequantized_weights`: parameters in fewer bits)."""
+    initializers = {t.name: t for t in model.graph.initializer if t.data_type not in _ALL_FLOATS}
+    quantized = set(dequantized_weights(model).values()) & set(initializers)
     return count_float_tensor_params(model) + sum(math.prod(initializers[name].dims) for name in quantized)
 
 

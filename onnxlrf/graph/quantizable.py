@@ -45,14 +45,14 @@ def find_quantizable(model: onnx.ModelProto) -> tuple[list[QuantLayer], list[Ski
     return scan_nodes(model, QUANTIZABLE_OPS, "already a quantized op", _inspect)
 
 
-def _inspect(node: onnx.NodeProto, constants: dict, producer_op: dict) -> QuantLayer | str:
+def _inspect(node: onnx.NodeProto, constants: dict, dequantized: dict) -> QuantLayer | str:
     """The node as a QuantLayer, or why it is not one."""
     if node.op_type == "MatMul" and node.input[0] in constants and node.input[1] not in constants:
         return "constant weight is the first MatMul input (only X @ W is supported)"
     weight = node.input[1] if len(node.input) > 1 else ""
     if weight not in constants:
-        if producer_op.get(weight) == "DequantizeLinear":
-            return "weight comes from DequantizeLinear: already quantized"
+        if weight in dequantized:
+            return "weight is dequantized from integers: already quantized"
         return "weight is not a constant"
     tensor = constants[weight]
     if tensor.data_type != onnx.TensorProto.FLOAT:

@@ -103,13 +103,29 @@ def test_four_bits_weight_only_are_packed_int4_at_opset_21_and_equal_the_grid_va
     assert [o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")] == [21]
     stored = {init.name: init for init in quantized.graph.initializer}
     int4 = [init for init in stored.values() if init.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 6  # weights and their zero points
+    assert len(int4) == 3  # the weights; onnxruntime's form reads them through Cast and Mul, no zero points
     weight = next(init for init in int4 if list(init.dims) == [8, 8, 3, 3])
     assert len(weight.raw_data) == 8 * 8 * 9 // 2
     assert {"w1", "w2", "fc_w"}.isdisjoint(stored)  # the float weights are gone
     feed = {"input": images(16, seed=2)}
     np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-5)
     assert len(report.rewritten) == 3 and not report.kept_dense
+    assert all(len(done["new_nodes"]) == 2 for done in report.rewritten)  # Cast, Mul
+    # onnxruntime folds them into float weights when the session loads: the layers run as the original's.
+    counts = optimized_op_counts(quantized)
+    assert not {"Cast", "Mul", "DequantizeLinear"} & set(counts) and counts == optimized_op_counts(model)
+
+
+def test_weight_only_tensorrt_form_keeps_dequantize_linear():
+    model = residual_cnn()
+    plan = plan_uniform_quant(model, QuantOptions(bits=4, runtime="tensorrt"))
+    quantized, _ = QDQRewrite("tensorrt")(model, plan)
+    check_tensorrt_form(quantized)
+    int4 = [init for init in quantized.graph.initializer if init.data_type == onnx.TensorProto.INT4]
+    assert len(int4) == 6  # weights and their zero points
+    assert sum(node.op_type == "DequantizeLinear" for node in quantized.graph.node) == 3
+    feed = {"input": images(16, seed=2)}
+    np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-5)
 
 
 def test_sub_8_bit_values_above_4_bits_stay_in_int8():
