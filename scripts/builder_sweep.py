@@ -225,10 +225,10 @@ def main() -> None:
     names = args.names.split(",") if args.names else [
         n for t in args.task.split(",")
         for n in ([f"hf:{t}" for t in HF_TYPES] if t == "hf" else [f"torchvision:{b}" for b in builders(t)])]
-    rows = []
     done = {}
     if args.out and args.out.is_file():  # resume: builders already recorded are not run again
         done = {row["name"]: row for row in json.loads(args.out.read_text())["rows"]}
+    rows = [row for name, row in done.items() if name not in names]  # kept from other runs
     for name in names:
         row = done.get(name) or run(name, args.samples, args.max_params, args.timeout)
         rows.append(row)
