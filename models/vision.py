@@ -64,6 +64,8 @@ def build(name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, tupl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_WEIGHTS_SEED)
         module = models.get_model(name, weights=None, **({} if task == CLASSIFICATION else {"weights_backbone": None}))
+        if weights is None:
+            initialize_zero_weights(module)
         if weights is None and task == DETECTION:
             set_batch_norm_statistics(module, input_size(name, module))
     if weights is not None:
@@ -74,6 +76,18 @@ def build(name: str, weights: str | os.PathLike | None) -> tuple[nn.Module, tupl
     size = input_size(name, module)
     wrapped = {CLASSIFICATION: module, SEGMENTATION: SegmentationMap(module), DETECTION: FirstImageDetections(module)}
     return wrapped[task].eval(), size, task
+
+
+def initialize_zero_weights(module: nn.Module) -> None:
+    """Give every Conv/Linear weight that its builder set to zeros small random values (std 0.01).
+
+    torchvision zero-initializes some layers for training (a ViT's classifier head): with random weights
+    elsewhere the model's output is then a constant, the export check compares zeros and the
+    label-free analysis sees no curvature anywhere before that layer.
+    """
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)) and not layer.weight.detach().any():
+            nn.init.normal_(layer.weight, std=0.01)
 
 
 def set_batch_norm_statistics(module: nn.Module, size: tuple[int, int]) -> None:

@@ -150,10 +150,17 @@ def _run_exporter(
                     dynamic_shapes=shapes if any(shapes) else None, verbose=False, **names,
                 )
             else:
-                torch.onnx.export(
-                    spec.module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
-                    dynamic_axes=dynamic_axes or None, **names,
-                )
+                # nn.MultiheadAttention's inference fast path (torchvision's ViTs) is one fused op the
+                # TorchScript exporter has no symbolic for; its composite path exports.
+                fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                try:
+                    torch.onnx.export(
+                        spec.module, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+                        dynamic_axes=dynamic_axes or None, **names,
+                    )
+                finally:
+                    torch.backends.mha.set_fastpath_enabled(fastpath)
         except OnnxlrfError:
             raise
         except Exception as exc:

@@ -194,3 +194,35 @@ def test_detections_compare_as_a_set() -> None:
     assert compare_detections(boxes, scores, labels, boxes[order], scores[order], relabelled, "m") == np.inf
     with pytest.raises(OnnxlrfError, match="^export of m keeps 5 detections, torch keeps 6$"):
         compare_detections(boxes, scores, labels, boxes[:5], scores[:5], labels[:5], "m")
+
+
+class _SelfAttention(torch.nn.Module):
+    """A ViT block's attention: in eval mode without gradients nn.MultiheadAttention takes its fused fast path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_multi_head_attention_fast_path_exports(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec(name="attention", module=_SelfAttention().eval(), example_inputs={"input": torch.randn(2, 5, 8)},
+                     output_names=["out"], dynamic_axes={"input": {0: "batch"}, "out": {0: "batch"}},
+                     task="classification")
+    result = export_model(spec, tmp_path / "attention.onnx")
+    assert result.max_abs_diff <= result.tolerance
+    assert torch.backends.mha.get_fastpath_enabled()  # restored after the export
+
+
+def test_torchvision_random_weights_have_no_zero_layers() -> None:
+    """torchvision zero-initializes a ViT's head; random weights give it values, so the output is not constant."""
+    from onnxlrf.models.vision import initialize_zero_weights
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    torch.nn.init.zeros_(module[1].weight)
+    before = module[0].weight.detach().clone()
+    initialize_zero_weights(module)
+    assert module[1].weight.detach().any() and torch.equal(module[0].weight.detach(), before)
