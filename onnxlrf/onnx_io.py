@@ -36,6 +36,15 @@ _NAME_MAX = 255
 _STAGING_NAME_CHARS = 40
 
 
+def fits_one_message(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` serializes as one protobuf message (under 2 GiB). protobuf's C implementation
+    computes the size by serializing, which raises for a larger model, so that says no too."""
+    try:
+        return model.ByteSize() < _PROTOBUF_LIMIT
+    except Exception:  # noqa: BLE001 - google.protobuf.message.EncodeError, or ValueError in other backends
+        return False
+
+
 def _file_kind(mode: int) -> str:
     """What a non-regular file is, for messages."""
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -380,7 +389,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, external_data: bo
     """
     path = Path(path)
     if external_data is None:
-        external_data = model.ByteSize() >= _PROTOBUF_LIMIT
+        external_data = not fits_one_message(model)
     if not external_data:
         with atomic_path(path) as tmp:
             tmp.write_bytes(model.SerializeToString())

@@ -293,3 +293,18 @@ def test_concurrent_overwriting_runs_never_mix_their_outputs(tmp_path: Path) -> 
             writer.join(timeout=60)
     assert [writer.exitcode for writer in writers] == [0, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "plan.json"]  # no staging left behind
+
+
+def test_a_model_protobuf_cannot_size_goes_to_external_data():
+    """protobuf's C implementation sizes a message by serializing it, which raises at 2 GiB or more: such a
+    model does not fit one message (and is written with external data) instead of failing."""
+    from google.protobuf.message import EncodeError
+
+    from onnxlrf.onnx_io import fits_one_message
+
+    class Huge:
+        def ByteSize(self) -> int:
+            raise EncodeError("Failed to serialize proto")
+
+    assert not fits_one_message(Huge())
+    assert fits_one_message(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])))

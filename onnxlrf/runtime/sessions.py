@@ -19,11 +19,10 @@ import onnxruntime as ort
 
 from ..data import OUTPUTS, Dataset, graph_inputs
 from ..errors import OnnxlrfError, first_line
-from ..onnx_io import save_onnx
+from ..onnx_io import fits_one_message, save_onnx
 from ..progress import ProgressLike, as_progress
 from .shapes import (
     DEFAULT_SEQ_LENGTH,
-    PROTOBUF_LIMIT,
     ModelLike,
     concrete_input_shapes,
 )
@@ -100,7 +99,7 @@ def make_session(
             if not Path(model).is_file():
                 raise OnnxlrfError(f"file not found: {model}")
             return ort.InferenceSession(str(model), options, providers=providers)
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if fits_one_message(model):
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         with tempfile.TemporaryDirectory(prefix="onnxlrf-session-") as tmp:
             path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)

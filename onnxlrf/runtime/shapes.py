@@ -12,10 +12,7 @@ import onnx
 
 from ..data import graph_inputs
 from ..errors import OnnxlrfError
-from ..onnx_io import load_onnx, save_onnx
-
-# protobuf cannot serialize 2 GiB or more in one message; bigger models go through a file.
-PROTOBUF_LIMIT = 2**31 - 1
+from ..onnx_io import fits_one_message, load_onnx, save_onnx
 
 
 # Symbolic dims other than the batch axis (sequence length) become this in random feeds and FLOP counts.
@@ -56,7 +53,7 @@ def _with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]
 
 
 def _onnx_inference(model: onnx.ModelProto) -> onnx.ModelProto:
-    if model.ByteSize() < PROTOBUF_LIMIT:
+    if fits_one_message(model):
         return onnx.shape_inference.infer_shapes(model, data_prop=True)
     with tempfile.TemporaryDirectory(prefix="onnxlrf-shapes-") as tmp:
         path = save_onnx(model, Path(tmp) / "model.onnx", external_data=True)
