@@ -174,16 +174,17 @@ def trusted_options(options: list[QuantOption], checks: list[dict] | None, pertu
     return kept
 
 
-def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption) -> np.ndarray:
-    """The float32 weight ``option`` stands for, in the stored layout (what DequantizeLinear computes)."""
+def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption, reduction_axis: int | None = None
+                  ) -> np.ndarray:
+    """The float32 weight ``option`` stands for, in the stored layout (what DequantizeLinear computes);
+    ``reduction_axis``: the axis a block option's blocks run along (Gemm/MatMul)."""
     if option.grid is not None:
         levels, scales = option.grid
         return dequantize_per_channel(levels, scales, channel_axis(layer))
     weight = weight_array(model, layer)
     if option.block_size is not None:
-        axis = {q.node: q for q in find_quantizable(model)[0]}[layer.node].reduction_axis
-        levels, scales = quantize_blocks(weight, axis, option.block_size, option.bits)
-        return dequantize_blocks(levels, scales, axis, option.block_size)
+        levels, scales = quantize_blocks(weight, reduction_axis, option.block_size, option.bits)
+        return dequantize_blocks(levels, scales, reduction_axis, option.block_size)
     levels, scales = quantize_per_channel(weight, channel_axis(layer), option.bits)
     return dequantize_per_channel(levels, scales, channel_axis(layer))
 
@@ -196,7 +197,9 @@ def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: 
     ``relative_error``, ``predicted``, ``measured`` and whether they ``agree``
     (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is not part of the measurement."""
     groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size)
-    replacements = {(members[0].weight, *option.key): {members[0].weight: option_weight(model, members[0], option)}
+    axes = {layer.node: layer.reduction_axis for layer in find_quantizable(model)[0]}
+    replacements = {(members[0].weight, *option.key):
+                    {members[0].weight: option_weight(model, members[0], option, axes[members[0].node])}
                     for members, reason, options in groups for option in options}
     subset = calib.subset(np.arange(min(samples, len(calib))))
     gains = replacement_gains(model, replacements,
