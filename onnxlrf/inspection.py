@@ -149,9 +149,7 @@ def inspect_model(model: onnx.ModelProto | str | os.PathLike,
         analysed = cut_at_heads(model, post.heads)
         notes.append(f"post-processing ({', '.join(post.selection_ops)}): the joint modes analyse the model cut at "
                      f"its heads ({', '.join(post.heads)})")
-    # A two-stage detector's second stage: the layers the cut leaves out (unnamed nodes too).
-    second_stage = {layer.node for layer in layers} - {layer.node for layer in find_layers(analysed)[0]} \
-        if post else set()
+    second_stage = set(post.second_stage) if post else set()  # layers have unique names: they match
     layer_infos = [
         LayerInfo(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), layer.groups, layer.params,
                   flops.get(layer.node),

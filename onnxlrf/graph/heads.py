@@ -152,14 +152,13 @@ def _first_dims(model: onnx.ModelProto) -> dict[str, int]:
     differ may still be the same size)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - a model shape inference cannot take: no layout op is followed
+    except Exception:  # noqa: BLE001 - a model shape inference cannot take: attributes and constants decide alone
         return {}
     dims = {}
     for value in [*inferred.input, *inferred.value_info, *inferred.output]:
         shape = value.type.tensor_type.shape
-        if value.type.tensor_type.HasField("shape") and shape.dim:
-            if shape.dim[0].HasField("dim_value"):
-                dims[value.name] = shape.dim[0].dim_value
+        if value.type.tensor_type.HasField("shape") and shape.dim and shape.dim[0].HasField("dim_value"):
+            dims[value.name] = shape.dim[0].dim_value
     return dims
 
 
