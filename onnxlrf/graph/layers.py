@@ -285,29 +285,61 @@ def matrices_to_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -
     return matrices.reshape(cin, kh, cout, kw).transpose(2, 0, 1, 3)
 
 
+def _integer_sources(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """Integer tensors with the integer initializer they are computed from by constant ops and the elements they
+    hold: the initializers themselves, and what Cast, Gather (from a constant table), Reshape and Slice make
+    of them (how onnxruntime's form unpacks int4 levels stored two per byte)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    sources = {name: (name, math.prod(t.dims)) for name, t in initializers.items() if t.data_type not in _ALL_FLOATS}
+    for node in model.graph.node:
+        if not node.input or not node.output or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Cast" and node.input[0] in sources and \
+                next((a.i for a in node.attribute if a.name == "to"), None) not in _ALL_FLOATS:
+            sources[node.output[0]] = sources[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) == 2 and node.input[1] in sources \
+                and node.input[0] in initializers:
+            name, elements = sources[node.input[1]]
+            sources[node.output[0]] = name, elements * math.prod(initializers[node.input[0]].dims[1:])
+        elif node.op_type in ("Reshape", "Slice") and node.input[0] in sources \
+                and all(name in initializers for name in node.input[1:] if name):
+            name, elements = sources[node.input[0]]
+            if node.op_type == "Reshape":
+                shape = numpy_helper.to_array(initializers[node.input[1]])
+                elements = math.prod(shape.tolist()) if (shape > 0).all() else elements
+            sources[node.output[0]] = name, elements
+    return sources
+
+
 def dequantized_weights(model: onnx.ModelProto) -> dict[str, str]:
-    """Float tensors made from integers, each with the integer tensor: a DequantizeLinear's output, or a Mul by
-    float scales of a Cast to float of an integer initializer (the onnxruntime form of weight-only layers,
-    which the session folds to float weights when it loads)."""
-    integers = {t.name for t in model.graph.initializer if t.data_type not in _ALL_FLOATS}
+    """Float tensors made from integers, each with the integer initializer: a DequantizeLinear's output, or a Mul
+    by float scales of a Cast to float of integer levels (the onnxruntime form of weight-only layers, which the
+    session folds to float weights when it loads; int4 levels are unpacked from bytes first)."""
+    return {output: name for output, (name, _) in _dequantized(model).items()}
+
+
+def _dequantized(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
+    """:func:`dequantized_weights` with the number of levels each float tensor is made of."""
+    sources = _integer_sources(model)
     scales = {t.name for t in model.graph.initializer if t.data_type in _ALL_FLOATS}
-    cast = {node.output[0]: node.input[0] for node in model.graph.node
-            if node.op_type == "Cast" and node.input and node.input[0] in integers}
+    cast = {node.output[0]: sources[node.input[0]] for node in model.graph.node
+            if node.op_type == "Cast" and node.input and node.input[0] in sources}
     found = {}
     for node in model.graph.node:
         if node.op_type == "DequantizeLinear" and node.input:
-            found[node.output[0]] = node.input[0]
+            found[node.output[0]] = sources.get(node.input[0], (node.input[0], 0))
         elif node.op_type == "Mul" and len(node.input) == 2 and node.input[0] in cast and node.input[1] in scales:
             found[node.output[0]] = cast[node.input[0]]
     return found
 
 
 def count_params(model: onnx.ModelProto) -> int:
-    """Model parameters: elements of float initializers plus float ``Constant`` tensors, and of the integer
-    initializers quantized weights are made from (:func:`dequantized_weights`: parameters in fewer bits)."""
-    initializers = {t.name: t for t in model.graph.initializer if t.data_type not in _ALL_FLOATS}
-    quantized = set(dequantized_weights(model).values()) & set(initializers)
-    return count_float_tensor_params(model) + sum(math.prod(initializers[name].dims) for name in quantized)
+    """Model parameters: elements of float initializers plus float ``Constant`` tensors, and the integer levels
+    quantized weights are made from (:func:`dequantized_weights`: parameters in fewer bits; levels unpacked from
+    bytes count once each)."""
+    levels = {name: count for name, count in _dequantized(model).values()}
+    integers = {t.name for t in model.graph.initializer if t.data_type not in _ALL_FLOATS}
+    return count_float_tensor_params(model) + sum(count for name, count in levels.items() if name in integers)
 
 
 def weight_groups(model: onnx.ModelProto, layers: list[Layer]) -> tuple[list[list[Layer]], dict[str, str]]:

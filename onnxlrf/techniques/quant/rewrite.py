@@ -15,13 +15,16 @@ get Q/DQ on their activations too, in the form a runtime turns into integer kern
   instead, the same float values: onnxruntime leaves a DequantizeLinear in the graph for its QDQ
   fusions, and its CPU provider has no weight-only Conv or per-channel MatMul kernel, so a Conv behind
   one ran every call on a weight computed anew (ResNet-56 at 4 bits: 0.58x the fp32 speed); a constant
-  Cast and Mul it folds to the float weight when the session loads (0.98x). Block scales keep their
-  DequantizeLinear (MatMulNBits runs them with the weight in 4 bits).
+  Cast and Mul it folds to the float weight when the session loads (0.98x). Its int4 levels are stored
+  two per byte (low nibble first) and unpacked by a Gather from the table of each byte's two levels, also
+  folded at load, so such a model keeps its opset: raised to 21 for int4 tensors, MiniLM ran 0.94x,
+  because at opset 21 onnxruntime fuses Add+LayerNormalization into its slower SkipLayerNormalization.
+  Block scales keep their DequantizeLinear (MatMulNBits runs them with the weight in 4 bits).
 * ``tensorrt`` (what TensorRT's explicit quantization takes): symmetric int8 everywhere (zero points
   0), Q/DQ only on the inputs of the W8A8 layers and on the skip input of residual Adds fed by one;
   float biases; TensorRT fuses the rest itself. Weight-only layers keep their DequantizeLinear.
 
-int4 containers and block scales need opset 21 (the model's opset is raised, or the rewrite says why
+int4 DequantizeLinear and block scales need opset 21 (the model's opset is raised, or the rewrite says why
 it cannot be). Graph inputs and outputs keep their names, types and shapes.
 """
 
@@ -53,6 +56,18 @@ UINT8_LEVELS = 255
 INT8_LEVEL = 127
 # The per-channel axis TensorRT takes for a layer's weight (output channels); Gemm follows its transB.
 WEIGHT_AXES = {"Conv": 0, "MatMul": 1}
+# Each byte's two int4 levels (low nibble first, two's complement): the table onnxruntime's form unpacks
+# packed levels with.
+INT4_PAIRS = np.array([[((byte & 15) ^ 8) - 8, ((byte >> 4) ^ 8) - 8] for byte in range(256)], dtype=np.int8)
+
+
+def pack_int4_pairs(levels: np.ndarray) -> np.ndarray:
+    """int4 ``levels`` (-8..7) in C order, two per uint8, the first in the low nibble (how ONNX packs int4); an
+    odd count ends with a zero level."""
+    flat = levels.reshape(-1).astype(np.int64) & 15
+    if flat.size % 2:
+        flat = np.append(flat, 0)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8)
 
 
 @dataclass
@@ -207,7 +222,8 @@ class QDQRewrite(RewritePass):
     def call(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
              ) -> tuple[onnx.ModelProto, RewriteReport]:
         changed = [entry for entry in plan.layers if entry.changed]
-        if any(entry.container == "int4" or entry.granularity == "block" for entry in changed):
+        if any(entry.container == "int4" and not self._reads_through_mul(entry) or entry.granularity == "block"
+               for entry in changed):
             work = raise_opset(model, INT4_OPSET, "int4 weights (use 5 bits or more for int8 containers)")
             work.ir_version = max(work.ir_version, INT4_IR_VERSION)
         else:
@@ -220,6 +236,7 @@ class QDQRewrite(RewritePass):
         tensors = graph.tensors()
         taken = set(tensors) | {node.name for node in graph.nodes}
         int4: dict[str, np.ndarray] = {}  # graphsurgeon writes no int4: these initializers are set after export
+        shared: dict[str, gs.Constant] = {}  # constants all layers read (the int4 pair table)
         report = RewriteReport(params_before=sum(layer.elements for layer in layers.values()))
         report.params_after = report.params_before  # quantization keeps every weight, in fewer bits
 
@@ -236,7 +253,7 @@ class QDQRewrite(RewritePass):
                 continue
             layer, node = layers[entry.node], nodes[entry.node]
             new_nodes, weight_scales = self._quantize_weight(graph, node, layer, entry, plan, weights[layer.weight],
-                                                             taken, int4)
+                                                             taken, int4, shared)
             # A computed bias, or one broadcast from another shape (Gemm's C), stays float: no scales line up.
             bias = weights.get(layer.bias)
             if entry.activations == "int8" and self.runtime == "onnxruntime" and bias is not None \
@@ -283,18 +300,21 @@ class QDQRewrite(RewritePass):
         return scale
 
     def _quantize_weight(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, entry: QuantEntry, plan: Plan,
-                         weight: np.ndarray, taken: set[str], int4: dict) -> tuple[list[str], np.ndarray]:
+                         weight: np.ndarray, taken: set[str], int4: dict, shared: dict
+                         ) -> tuple[list[str], np.ndarray]:
         """The node's weight as integer levels read through a DequantizeLinear of its own (in onnxruntime's
         form, a weight-only per-channel layer's through a Cast and a Mul); its new nodes' names and the weight
         scales."""
         levels, scales, attrs = weight_levels(entry, layer, weight, plan)
         stem = f"{layer.weight}/{node.name}"
-        stored = _constant(f"{stem}/int{entry.bits}", levels, taken)
         dequantized = gs.Variable(unique_name(f"{stem}/dequantized", taken), dtype=np.float32,
                                   shape=list(weight.shape))
-        if self.runtime == "onnxruntime" and entry.activations == "float" and entry.granularity != "block":
+        if self._reads_through_mul(entry):
+            new_nodes = []
             if entry.container == "int4":
-                int4[stored.name] = levels
+                stored, new_nodes = self._unpack_int4(graph, levels, stem, taken, shared)
+            else:
+                stored = _constant(f"{stem}/int{entry.bits}", levels, taken)
             cast_name, mul_name = unique_name(f"{stem}/Cast", taken), unique_name(f"{stem}/Mul", taken)
             widened = gs.Variable(unique_name(f"{stem}/levels", taken), dtype=np.float32, shape=list(weight.shape))
             shape = [1] * weight.ndim
@@ -305,7 +325,8 @@ class QDQRewrite(RewritePass):
                                                                                    scales.reshape(shape), taken)],
                                        outputs=[dequantized]))
             node.inputs[1] = dequantized
-            return [cast_name, mul_name], scales
+            return new_nodes + [cast_name, mul_name], scales
+        stored = _constant(f"{stem}/int{entry.bits}", levels, taken)
         zero = _constant(f"{stem}/zero_point", np.zeros(scales.shape, np.int8), taken)
         if entry.container == "int4":
             int4[stored.name], int4[zero.name] = levels, zero.values
@@ -315,6 +336,41 @@ class QDQRewrite(RewritePass):
                                    outputs=[dequantized]))
         node.inputs[1] = dequantized
         return [name], scales
+
+    def _reads_through_mul(self, entry: QuantEntry) -> bool:
+        """Whether ``entry``'s weight is read as ``Mul(Cast(levels), scales)`` (onnxruntime, weight-only, per
+        channel) rather than through a DequantizeLinear."""
+        return self.runtime == "onnxruntime" and entry.activations == "float" and entry.granularity != "block"
+
+    def _unpack_int4(self, graph: gs.Graph, levels: np.ndarray, stem: str, taken: set[str], shared: dict
+                     ) -> tuple[gs.Variable, list[str]]:
+        """``levels`` stored two per byte and unpacked to int8 in ``levels``' shape by constant nodes: Cast to int32,
+        Gather from :data:`INT4_PAIRS` (one copy per model, kept in ``shared``), Reshape (an odd count first
+        drops its padding level: Reshape to one axis, Slice)."""
+        if "pairs" not in shared:
+            shared["pairs"] = _constant("onnxlrf/int4_pairs_table", INT4_PAIRS, taken)
+        packed = _constant(f"{stem}/int4_pairs", pack_int4_pairs(levels), taken)
+        cast, gather = unique_name(f"{stem}/CastPairs", taken), unique_name(f"{stem}/GatherPairs", taken)
+        indices = gs.Variable(unique_name(f"{stem}/pair_indices", taken), dtype=np.int32, shape=list(packed.shape))
+        pairs = gs.Variable(unique_name(f"{stem}/pairs", taken), dtype=np.int8, shape=[packed.shape[0], 2])
+        graph.nodes.append(gs.Node("Cast", cast, {"to": onnx.TensorProto.INT32}, inputs=[packed], outputs=[indices]))
+        graph.nodes.append(gs.Node("Gather", gather, {"axis": 0}, inputs=[shared["pairs"], indices], outputs=[pairs]))
+        names = [cast, gather]
+        if levels.size % 2:
+            flat, unpadded = (gs.Variable(unique_name(f"{stem}/{what}", taken), dtype=np.int8, shape=[size])
+                              for what, size in (("pairs_flat", pairs.shape[0] * 2), ("pairs_unpadded", levels.size)))
+            names += [unique_name(f"{stem}/Flatten", taken), unique_name(f"{stem}/DropPadding", taken)]
+            graph.nodes.append(gs.Node("Reshape", names[-2], inputs=[
+                pairs, _constant(f"{stem}/flat_shape", np.array([-1], np.int64), taken)], outputs=[flat]))
+            graph.nodes.append(gs.Node("Slice", names[-1], inputs=[
+                flat, _constant(f"{stem}/starts", np.array([0], np.int64), taken),
+                _constant(f"{stem}/ends", np.array([levels.size], np.int64), taken)], outputs=[unpadded]))
+            pairs = unpadded
+        unpacked = gs.Variable(unique_name(f"{stem}/int4", taken), dtype=np.int8, shape=list(levels.shape))
+        names.append(unique_name(f"{stem}/Reshape", taken))
+        graph.nodes.append(gs.Node("Reshape", names[-1], inputs=[
+            pairs, _constant(f"{stem}/shape", np.array(levels.shape, np.int64), taken)], outputs=[unpacked]))
+        return unpacked, names
 
     def _quantize_bias(self, graph: gs.Graph, node: gs.Node, layer: QuantLayer, weights: dict,
                        weight_scales: np.ndarray, input_scale: np.float32, taken: set[str]) -> str:

@@ -3,6 +3,7 @@ TensorRT's symmetric types and axes, int4 containers, kept interfaces, and one-l
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,10 +12,12 @@ from onnx import numpy_helper
 from quant_fixtures import images, matmul_model, residual_cnn
 
 from onnxlrf.errors import OnnxlrfError
+from onnxlrf.graph.layers import count_params
 from onnxlrf.planning.plan import Plan
 from onnxlrf.runtime.sessions import optimized_op_counts
 from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
-from onnxlrf.techniques.quant.rewrite import QDQRewrite, check_tensorrt_form, quantized_activations
+from onnxlrf.techniques.quant.rewrite import (INT4_PAIRS, QDQRewrite, check_tensorrt_form, pack_int4_pairs,
+                                             quantized_activations)
 from onnxlrf.techniques.quant.technique import QUANT
 
 FLOAT_KERNELS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
@@ -95,25 +98,51 @@ def test_tensorrt_check_refuses_asymmetric_quantizers():
         check_tensorrt_form(quantized)
 
 
-def test_four_bits_weight_only_are_packed_int4_at_opset_21_and_equal_the_grid_values():
+def test_four_bits_weight_only_are_packed_two_per_byte_at_the_models_opset_and_equal_the_grid_values():
     model = residual_cnn()
     plan = plan_uniform_quant(model, QuantOptions(bits=4))
     quantized, report = QUANT.rewrite(model, plan)
     onnx.checker.check_model(quantized, full_check=True)
-    assert [o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")] == [21]
+    # No int4 tensor, so no opset 21 (at which onnxruntime fuses Add+LayerNormalization into a slower kernel).
+    assert [o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx")] == [17]
     stored = {init.name: init for init in quantized.graph.initializer}
-    int4 = [init for init in stored.values() if init.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 3  # the weights; onnxruntime's form reads them through Cast and Mul, no zero points
-    weight = next(init for init in int4 if list(init.dims) == [8, 8, 3, 3])
-    assert len(weight.raw_data) == 8 * 8 * 9 // 2
+    packed = [init for init in stored.values() if init.data_type == onnx.TensorProto.UINT8]
+    assert len(packed) == 3 and not any(init.data_type == onnx.TensorProto.INT4 for init in stored.values())
+    assert sorted(len(init.raw_data) for init in packed) == sorted([8 * 3 * 9 // 2, 8 * 8 * 9 // 2, 4 * 8 // 2])
+    assert [init.name for init in stored.values() if list(init.dims) == [256, 2]] == ["onnxlrf/int4_pairs_table"]
     assert {"w1", "w2", "fc_w"}.isdisjoint(stored)  # the float weights are gone
+    assert count_params(quantized) == count_params(model) + 8 + 8 + 4  # each level once, plus a scale per channel
     feed = {"input": images(16, seed=2)}
     np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-5)
     assert len(report.rewritten) == 3 and not report.kept_dense
-    assert all(len(done["new_nodes"]) == 2 for done in report.rewritten)  # Cast, Mul
+    assert all([name.rsplit("/", 1)[1] for name in done["new_nodes"]] == ["CastPairs", "GatherPairs", "Reshape",
+                                                                          "Cast", "Mul"]
+               for done in report.rewritten)
     # onnxruntime folds them into float weights when the session loads: the layers run as the original's.
     counts = optimized_op_counts(quantized)
-    assert not {"Cast", "Mul", "DequantizeLinear"} & set(counts) and counts == optimized_op_counts(model)
+    assert not {"Cast", "Gather", "Mul", "DequantizeLinear"} & set(counts)
+    assert counts == optimized_op_counts(model)
+
+
+def test_int4_pairs_are_packed_as_onnx_packs_int4_and_an_odd_count_drops_its_padding():
+    levels = np.random.default_rng(0).integers(-7, 8, size=(5, 3)).astype(np.int8)
+    onnx_int4 = numpy_helper.from_array(levels.astype(ml_dtypes.int4), "w")
+    assert pack_int4_pairs(levels).tobytes() == onnx_int4.raw_data
+    np.testing.assert_array_equal(INT4_PAIRS[pack_int4_pairs(levels)].reshape(-1)[:15], levels.reshape(-1))
+    # A Gemm whose 15-element weight unpacks through a Slice that drops the padding level.
+    weight = np.random.default_rng(1).standard_normal((5, 3)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gemm", ["x", "w"], ["y"], name="gemm", transB=1)], "odd",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])],
+        [numpy_helper.from_array(weight, "w")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    plan = plan_uniform_quant(model, QuantOptions(bits=4))
+    quantized, report = QUANT.rewrite(model, plan)
+    onnx.checker.check_model(quantized, full_check=True)
+    assert "DropPadding" in " ".join(report.rewritten[0]["new_nodes"]) and count_params(quantized) == 15 + 5
+    feed = {"x": np.random.default_rng(2).standard_normal((2, 3)).astype(np.float32)}
+    np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-6)
 
 
 def test_weight_only_tensorrt_form_keeps_dequantize_linear():
@@ -175,7 +204,7 @@ def test_one_line_errors_for_missing_ranges_and_an_opset_that_cannot_be_raised(m
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
     with pytest.raises(OnnxlrfError) as raised:
-        QUANT.rewrite(model, plan_uniform_quant(model, QuantOptions(bits=4)))
+        QDQRewrite("tensorrt")(model, plan_uniform_quant(model, QuantOptions(bits=4, runtime="tensorrt")))
     assert "\n" not in str(raised.value) and "opset 17 cannot be raised to it" in str(raised.value)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
-from quant_fixtures import residual_cnn
+from quant_fixtures import matmul_model, residual_cnn
 
 from onnxlrf.onnx_io import save_onnx
 from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
@@ -26,13 +26,15 @@ def test_average_weight_bits_counts_float_layers_as_32():
 
 
 def test_file_bytes_counts_containers_and_external_data(tmp_path):
-    model = residual_cnn()
+    model = matmul_model(rows=256, cols=64)
     quantized = {bits: QUANT.rewrite(model, plan_uniform_quant(model, QuantOptions(bits=bits)))[0]
                  for bits in (5, 4, 3)}
     sizes = {name: file_bytes(save_onnx(m, tmp_path / f"{name}.onnx"))
              for name, m in (("float", model), *quantized.items())}
-    # 5 bits live in int8 containers: smaller than float, larger than packed int4, which 3 bits fill alike.
+    # 5 bits live in int8 containers: smaller than float, larger than packed int4, which 3 bits fill alike
+    # (onnxruntime's form: two levels per byte and one 512-byte table to unpack them).
     assert sizes["float"] > sizes[5] > sizes[4] == sizes[3]
+    assert sizes[5] - sizes[4] > 256 * 64 // 2 - 1024
     external = tmp_path / "external.onnx"
     onnx.save(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True, location="w.data",
               size_threshold=0)
