@@ -351,14 +351,13 @@ class QDQRewrite(RewritePass):
             shared["pairs"] = _constant("onnxlrf/int4_pairs_table", INT4_PAIRS, taken)
         packed = _constant(f"{stem}/int4_pairs", pack_int4_pairs(levels), taken)
         cast, gather = unique_name(f"{stem}/CastPairs", taken), unique_name(f"{stem}/GatherPairs", taken)
-        indices = gs.Variable(unique_name(f"{stem}/pair_indices", taken), dtype=np.int32, shape=list(packed.shape))
-        pairs = gs.Variable(unique_name(f"{stem}/pairs", taken), dtype=np.int8, shape=[packed.shape[0], 2])
+        # The intermediate tensors get no value_info (~70 bytes each, a 4% larger ResNet-56): onnx infers them.
+        indices, pairs = (gs.Variable(unique_name(f"{stem}/{what}", taken)) for what in ("pair_indices", "pairs"))
         graph.nodes.append(gs.Node("Cast", cast, {"to": onnx.TensorProto.INT32}, inputs=[packed], outputs=[indices]))
         graph.nodes.append(gs.Node("Gather", gather, {"axis": 0}, inputs=[shared["pairs"], indices], outputs=[pairs]))
         names = [cast, gather]
         if levels.size % 2:
-            flat, unpadded = (gs.Variable(unique_name(f"{stem}/{what}", taken), dtype=np.int8, shape=[size])
-                              for what, size in (("pairs_flat", pairs.shape[0] * 2), ("pairs_unpadded", levels.size)))
+            flat, unpadded = (gs.Variable(unique_name(f"{stem}/{what}", taken)) for what in ("pairs_flat", "pairs_unpadded"))
             names += [unique_name(f"{stem}/Flatten", taken), unique_name(f"{stem}/DropPadding", taken)]
             graph.nodes.append(gs.Node("Reshape", names[-2], inputs=[
                 pairs, _constant(f"{stem}/flat_shape", np.array([-1], np.int64), taken)], outputs=[flat]))
@@ -366,7 +365,7 @@ class QDQRewrite(RewritePass):
                 flat, _constant(f"{stem}/starts", np.array([0], np.int64), taken),
                 _constant(f"{stem}/ends", np.array([levels.size], np.int64), taken)], outputs=[unpadded]))
             pairs = unpadded
-        unpacked = gs.Variable(unique_name(f"{stem}/int4", taken), dtype=np.int8, shape=list(levels.shape))
+        unpacked = gs.Variable(unique_name(f"{stem}/int4", taken))
         names.append(unique_name(f"{stem}/Reshape", taken))
         graph.nodes.append(gs.Node("Reshape", names[-1], inputs=[
             pairs, _constant(f"{stem}/shape", np.array(levels.shape, np.int64), taken)], outputs=[unpacked]))
