@@ -1,0 +1,199 @@
+"""Peers' W8A8 post-training quantization beside onnxlrf's, on the same splits (issue 23, item 7).
+
+    python scripts/quant_peers.py --model cifar10-resnet56 --seeds 1,2,3,4,5 --out scripts/results
+
+Per split seed (calibration / validation / held-out test as `onnxlrf compress --seed S` draws them):
+
+* onnxruntime ``quantize_static``: QDQ, per-channel symmetric int8 weights, uint8 activations (what its
+  CPU provider fuses on x86), Conv/Gemm/MatMul, each of its calibrations (MinMax, Percentile, Entropy) on
+  the calibration split; "best" is the one of highest validation metric (a user's choice: the held-out
+  split is never looked at to pick).
+* NVIDIA ModelOpt's ONNX INT8 PTQ (``modelopt.onnx.quantization.quantize``, ``quantize_mode="int8"``), with
+  ``--modelopt-python``: the Python of a separate environment with ``pip install "nvidia-modelopt[onnx]"``
+  (it pins its own onnxruntime-gpu); its calibrations ``max`` and ``entropy`` on the calibration split on the
+  CPU provider, ``high_precision_dtype="fp32"`` (its fp16 default costs accuracy on onnxruntime's CPU);
+  best on validation as above. Its Q/DQ is TensorRT's placement: evaluated for accuracy here, not speed.
+* onnxlrf ``compress --technique quant --mode uniform --bits 8 --activations int8`` with its defaults, run
+  as the CLI (the same split by construction).
+
+Each model's held-out metric, its change against the original with the 95% paired-bootstrap interval,
+and the mean and range over seeds, in ``quant_peers_<model>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from seeds_benchmark import COMMANDS  # scripts/ is on sys.path when a script runs
+
+from onnxlrf.data import graph_inputs, load_data
+from onnxlrf.onnx_io import load_onnx, save_onnx
+from onnxlrf.pipeline import ExportOptions, load_or_export
+from onnxlrf.runtime.evaluate import change_interval, model_predictions
+from onnxlrf.verify.splits import split_dataset
+
+MODELOPT_CALIBRATIONS = ("max", "entropy")
+# Run by the ModelOpt environment's Python: model, calibration npz (arrays by input name), shapes, method, output.
+MODELOPT_PROGRAM = """
+import sys, numpy as np
+from modelopt.onnx.quantization import quantize
+model, calib, shapes, method, out = sys.argv[1:6]
+quantize(onnx_path=model, quantize_mode="int8", calibration_data=dict(np.load(calib)), calibration_method=method,
+         calibration_shapes=shapes, calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=out)
+"""
+ORT_CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                    "entropy": CalibrationMethod.Entropy}
+BATCH = 32
+
+
+class Batches(CalibrationDataReader):
+    """The calibration split's rows by input name, in equal batches of at most ``BATCH`` (onnxruntime's histogram
+    calibrators fail on a shorter last batch: "inhomogeneous shape")."""
+
+    def __init__(self, inputs: dict[str, np.ndarray]) -> None:
+        rows = len(next(iter(inputs.values())))
+        size = max(b for b in range(1, BATCH + 1) if rows % b == 0)
+        self.feeds = iter([{name: array[i:i + size] for name, array in inputs.items()}
+                           for i in range(0, rows, size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.feeds, None)
+
+
+def option(command: list[str], flag: str, default: str) -> str:
+    return command[command.index(flag) + 1] if flag in command else default
+
+
+def ort_static(reference: Path, calib, method: str, out: Path) -> Path:
+    names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
+    quantize_static(str(reference), str(out), Batches({name: calib.inputs[name] for name in names}),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+                    calibrate_method=ORT_CALIBRATIONS[method])
+    return out
+
+
+def modelopt_int8(python: str, reference: Path, calib, method: str, out: Path) -> Path:
+    """ModelOpt's INT8 PTQ in its own environment; it writes intermediate files beside its input, so it gets a copy
+    of the reference in ``out``'s folder."""
+    names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
+    rows = len(calib.inputs[names[0]])
+    size = max(b for b in range(1, BATCH + 1) if rows % b == 0)
+    folder = out.parent / f"modelopt_{method}"
+    folder.mkdir()
+    model = save_onnx(load_onnx(reference), folder / "reference.onnx")
+    np.savez(folder / "calib.npz", **{name: calib.inputs[name] for name in names})
+    shapes = ",".join(f"{name}:" + "x".join(str(d) for d in (size, *calib.inputs[name].shape[1:])) for name in names)
+    done = subprocess.run([python, "-c", MODELOPT_PROGRAM, str(model), str(folder / "calib.npz"), shapes, method,
+                           str(out)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"ModelOpt ({method}) failed: {done.stderr.strip().splitlines()[-1]}")
+    return out
+
+
+def scored(dataset, predictions: np.ndarray, reference: np.ndarray) -> dict:
+    value, base = dataset.score_predictions(predictions), dataset.score_predictions(reference)
+    return {"value": value, "reference_value": base, "change": value - base,
+            "change_interval": change_interval(dataset, predictions, reference)}
+
+
+def onnxlrf_w8a8(model: str, seed: int, workdir: Path) -> dict:
+    command = [sys.executable, "-m", "onnxlrf.cli", "compress", *COMMANDS[model], "--seed", str(seed),
+               "--technique", "quant", "--mode", "uniform", "--bits", "8", "--activations", "int8",
+               "-o", str(workdir / "onnxlrf_w8a8.onnx"), "--json", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"onnxlrf seed {seed}: {done.stderr.strip().splitlines()[-1]}")
+    result = json.loads(done.stdout)
+    return {"value": result["value"], "reference_value": result["reference_value"],
+            "change": result["value"] - result["reference_value"], "change_interval": result["change_interval"],
+            "command": " ".join(["onnxlrf", *command[3:]])}
+
+
+def run_seed(model: str, seed: int, modelopt_python: str | None) -> dict:
+    command = COMMANDS[model]
+    calib_n, val_n = int(option(command, "--calib", "1000")), int(option(command, "--val", "1000"))
+    with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
+        work = Path(tmp)
+        weights = option(command, "--weights", None) if "--weights" in command else None
+        reference, _ = load_or_export(command[0], work, ExportOptions(weights=weights, dynamic_batch=True))
+        dataset = load_data(option(command, "--data", ""), load_onnx(reference))
+        splits = split_dataset(dataset, calib_n, val_n, seed)
+        reference_val = model_predictions(load_onnx(reference), splits.val, "cpu")
+        reference_test = model_predictions(load_onnx(reference), splits.test, "cpu")
+        row: dict = {"seed": seed}
+        for method in ORT_CALIBRATIONS:
+            start = time.perf_counter()
+            quantized = load_onnx(ort_static(reference, splits.calib, method, work / f"ort_{method}.onnx"))
+            seconds = time.perf_counter() - start
+            row[f"ort_{method}"] = {
+                "val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
+                "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
+                "seconds": seconds}
+        best = max(ORT_CALIBRATIONS, key=lambda m: row[f"ort_{m}"]["val"])
+        row["ort_best"] = {"calibration": best, **row[f"ort_{best}"]}
+        if modelopt_python:
+            for method in MODELOPT_CALIBRATIONS:
+                start = time.perf_counter()
+                quantized = load_onnx(modelopt_int8(modelopt_python, reference, splits.calib, method,
+                                                    work / f"modelopt_{method}.onnx"))
+                seconds = time.perf_counter() - start
+                row[f"modelopt_{method}"] = {
+                    "val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
+                    "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
+                    "seconds": seconds}
+            best = max(MODELOPT_CALIBRATIONS, key=lambda m: row[f"modelopt_{m}"]["val"])
+            row["modelopt_best"] = {"calibration": best, **row[f"modelopt_{best}"]}
+        row["reference_val"] = splits.val.score_predictions(reference_val)
+        row["onnxlrf_w8a8"] = onnxlrf_w8a8(model, seed, work)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(COMMANDS), required=True)
+    parser.add_argument("--seeds", default="1,2,3,4,5")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--modelopt-python", help="Python of an environment with nvidia-modelopt[onnx].")
+    args = parser.parse_args()
+    rows = []
+    methods = ["ort_minmax", "ort_percentile", "ort_entropy", "ort_best"]
+    if args.modelopt_python:
+        methods += ["modelopt_max", "modelopt_entropy", "modelopt_best"]
+    methods.append("onnxlrf_w8a8")
+    for seed in (int(s) for s in args.seeds.split(",")):
+        rows.append(run_seed(args.model, seed, args.modelopt_python))
+        row = rows[-1]
+        cells = [f"{name} {held(row[name])['change']:+.4f} [{held(row[name])['change_interval'][0]:+.4f}, "
+                 f"{held(row[name])['change_interval'][1]:+.4f}]" for name in methods if "best" in name or
+                 name.startswith("onnxlrf")]
+        print(f"seed {seed}: original {held(row['onnxlrf_w8a8'])['reference_value']:.4f}; " + "; ".join(cells),
+              flush=True)
+    summary = {"model": args.model, "seeds": rows}
+    for name in methods:
+        changes = np.array([held(row[name])["change"] for row in rows])
+        summary[name] = {"change_mean": float(changes.mean()), "change_min": float(changes.min()),
+                         "change_max": float(changes.max())}
+        print(f"{name}: held-out change mean {changes.mean():+.4f} (min {changes.min():+.4f}, "
+              f"max {changes.max():+.4f}) over {len(rows)} seeds")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"quant_peers_{args.model}.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def held(result: dict) -> dict:
+    """The held-out figures of a peer's row (``test``) or of onnxlrf's (at the top)."""
+    return result.get("test", result)
+
+
+if __name__ == "__main__":
+    main()
