@@ -217,6 +217,17 @@ def _check_known(where: str, field: str, value: Any, known: Any) -> None:
         raise OnnxlrfError(f"{where}: unknown {field} {value!r} (known: {', '.join(known)})")
 
 
+def weight_scale_count(op_type: str, weight_shape: list[int] | tuple[int, ...], transposed: bool,
+                       block_size: int | None = None) -> int:
+    """How many scales (and zero points) a quantized weight has: one per output channel, or with ``block_size``
+    one per block of that many inputs of each output channel (Gemm/MatMul). ``transposed``: the stored 2-D weight
+    is (inputs, outputs) (MatMul, Gemm with transB=0)."""
+    channels = weight_shape[0] if op_type == "Conv" else weight_shape[1 if transposed else 0]
+    if block_size is None:
+        return channels
+    return channels * -(-weight_shape[0 if transposed else 1] // block_size)
+
+
 @dataclass
 class QuantEntry(PlanEntry):
     """A quantization entry: weight bits (None: the layer stays float), per output channel or per block of
@@ -272,14 +283,9 @@ class QuantEntry(PlanEntry):
         return self.bits, self.container, self.granularity, self.block_size
 
     def scale_count(self, transposed: bool) -> int:
-        """How many scales (and zero points) the quantized weight has: one per output channel, or per block.
-        ``transposed``: the stored 2-D weight is (inputs, outputs) (MatMul, Gemm with transB=0)."""
-        shape = self.weight_shape
-        channels = shape[0] if self.op_type == "Conv" else shape[1 if transposed else 0]
-        if self.granularity != "block":
-            return channels
-        inputs = shape[0 if transposed else 1]
-        return channels * -(-inputs // self.block_size)
+        """How many scales (and zero points) the quantized weight has (:func:`weight_scale_count`)."""
+        return weight_scale_count(self.op_type, self.weight_shape, transposed,
+                                  self.block_size if self.granularity == "block" else None)
 
     def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
         """Quantized layers cost what a ``bytes`` or ``bits`` cost's ``quantized`` says (container and scales, or

@@ -10,7 +10,6 @@ prediction and measurement agree, as truncations are within their measured range
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from ...graph.quantizable import BLOCK_OPS, QuantLayer, find_quantizable
 from ...measure.analysis import calibration_batches, range_batch_size
 from ...measure.sensitivity import agrees, replacement_gains, task_loss
 from ...planning.knapsack import CandidateSet
-from ...planning.plan import QuantEntry
+from ...planning.plan import QuantEntry, weight_scale_count
 from ...progress import ProgressLike
 from ..base import Candidates
 from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
@@ -232,11 +231,9 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
         dense = cost.dense(members)
         removed, dloss, sources = [0], [0.0], [None]
         measured = None if checks is None else checks.get(layer.weight, [])
-        channels = layer.weight_shape[channel_axis(layer)]
         for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range):
             holder = "int8" if option.int8_inputs else container(option.bits)
-            scales = channels if option.block_size is None else \
-                channels * math.ceil(layer.weight_shape[1 - channel_axis(layer)] / option.block_size)
+            scales = weight_scale_count(layer.op_type, layer.weight_shape, layer.transposed, option.block_size)
             removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
                                                                    scales)))
             dloss.append(option.predicted)
