@@ -357,7 +357,8 @@ class QDQRewrite(RewritePass):
         graph.nodes.append(gs.Node("Gather", gather, {"axis": 0}, inputs=[shared["pairs"], indices], outputs=[pairs]))
         names = [cast, gather]
         if levels.size % 2:
-            flat, unpadded = (gs.Variable(unique_name(f"{stem}/{what}", taken)) for what in ("pairs_flat", "pairs_unpadded"))
+            flat, unpadded = (gs.Variable(unique_name(f"{stem}/{what}", taken))
+                              for what in ("pairs_flat", "pairs_unpadded"))
             names += [unique_name(f"{stem}/Flatten", taken), unique_name(f"{stem}/DropPadding", taken)]
             graph.nodes.append(gs.Node("Reshape", names[-2], inputs=[
                 pairs, _constant(f"{stem}/flat_shape", np.array([-1], np.int64), taken)], outputs=[flat]))
