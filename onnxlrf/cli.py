@@ -268,7 +268,7 @@ _verify_options = _OptionGroup(
 _quant_options = _OptionGroup(
     "onnxlrf.techniques.quant.planners.QuantOptions",
     {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size", "rounding",
-                             "reduce_range")},
+                             "reduce_range", "predictor")},
     click.option("--bits", type=click.IntRange(2, 8),
                  help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
                       "packed int4, 5-8 as int8)."),
@@ -294,6 +294,10 @@ _quant_options = _OptionGroup(
                  help="--technique quant, onnxruntime form: W8A8 weights on 7 bits (on), which x86 CPUs without "
                       "VNNI need (their u8 x s8 kernels overflow 8-bit weights), or 8 (off: for CPUs with VNNI "
                       "or ARM); auto: as the machine running onnxlrf needs."),
+    click.option("--predictor", type=click.Choice(["kfac", "hessian-trace"]), default="kfac", show_default=True,
+                 help="--technique quant, loss-aware plans: how each option's loss change is predicted: kfac (the "
+                      "total differential with K-FAC curvature), or hessian-trace (HAWQ-v2's mean Hessian diagonal "
+                      "times ||dW||^2 / 2: a baseline to compare plans with)."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",
@@ -337,8 +341,9 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
         if params["bits"] is not None and params["mode"] != "uniform":
             raise OnnxlrfError(f"--bits is for --mode uniform; mode {params['mode']} chooses bits per layer")
     elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none" \
-            or params["rounding"] is not None:
-        raise OnnxlrfError("--bits, --activations, --block-size and --rounding apply to --technique quant")
+            or params["rounding"] is not None or params["predictor"] != "kfac":
+        raise OnnxlrfError("--bits, --activations, --block-size, --rounding and --predictor apply to --technique "
+                           "quant")
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
     quant = _quant_options.build(params) if technique == "quant" else None

@@ -436,6 +436,8 @@ def compress_quant(
     progress = as_progress(progress)
     if joint is None and options.bits is None:
         raise OnnxlrfError("mode uniform needs --bits")
+    if joint is None and options.predictor != "kfac":
+        raise OnnxlrfError("--predictor applies to lossless and compact plans; uniform plans predict nothing")
     if joint is None and options.rounding == "loss-aware":
         raise OnnxlrfError("--rounding loss-aware needs the analysis of a lossless or compact plan; uniform plans "
                            "round to nearest")
@@ -481,7 +483,7 @@ def compress_quant(
                                        split.calib, options.runtime, options.calibration_method, progress)
                 ranges = every.activation_ranges
             technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
-                              options.block_size)
+                              options.block_size, options.predictor)
             # One round, and no refit: quantization has no improvement step yet.
             rounds = verify_in_rounds(reference, split, joint, analysis,
                                       dataclasses.replace(verify, rounds=1, refit=False),

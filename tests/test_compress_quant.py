@@ -193,3 +193,20 @@ def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+
+
+def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
+    """--predictor hessian-trace (HAWQ-v2's estimate) predicts each option from ||dW|| alone: the plan records it,
+    every check's prediction is that estimate, and rounding to nearest (smallest ||dW||) is what it keeps."""
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
+                                   "--predictor", "hessian-trace", "--plan-out", files / "plan.json", "--json",
+                                   "-q"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["options"]["predictor"] == "hessian-trace"
+    assert all(layer["choice"]["rounding"] in (None, "nearest") for layer in plan["layers"])
+    for layer in plan["layers"]:  # the trace estimate grows with the relative error, as ||dW||^2 does
+        checks = sorted(layer["notes"].get("range_checks", []), key=lambda check: check["relative_error"])
+        assert [check["predicted"] for check in checks] == sorted(check["predicted"] for check in checks)
+    uniform = invoke(*compress_args(files, "--bits", 4, "--predictor", "hessian-trace"))
+    assert uniform.exit_code == 1 and "--predictor applies to lossless and compact plans" in uniform.output

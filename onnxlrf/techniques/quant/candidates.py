@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from ...costs.params import cost_units
+from ...errors import OnnxlrfError
 from ...graph.layers import Layer, find_layers, matrices_to_weight, weight_array, weight_groups, weight_matrices
 from ...graph.quantizable import BLOCK_OPS, QuantLayer, find_quantizable
 from ...measure.analysis import calibration_batches, range_batch_size
@@ -26,7 +27,7 @@ from ...planning.plan import QuantEntry, weight_scale_count
 from ...progress import ProgressLike
 from ..base import Candidates
 from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
-from .planners import INT4_BITS
+from .planners import INT4_BITS, PREDICTORS
 from .rounding import loss_aware_levels
 
 # The weight-only options the planner offers each layer, besides float.
@@ -75,6 +76,13 @@ def loss_aware_error(weight: np.ndarray, layer: Layer, bits: int, ls: Any, kappa
     return delta, (matrices_to_weight(levels, layer, "channel"), scales.reshape(-1))
 
 
+def hessian_trace_dloss(ls: Any, delta: np.ndarray, kappa: float) -> float:
+    """HAWQ-v2's predicted loss change of ``delta`` ((g, m, n) channel matrices): ``kappa`` times the fitted curvature
+    scale times the mean Hessian diagonal ``sum_g tr(B_g) tr(A_g) / (g m n)`` times ``||delta||^2 / 2``."""
+    trace = float(np.sum(np.einsum("gmm->g", ls.output_factor) * np.einsum("gnn->g", ls.input_moment)))
+    return kappa * ls.curvature_scale * 0.5 * trace / delta.size * float(np.sum(delta * delta))
+
+
 def activation_noise_dloss(ls: Any, weight: np.ndarray, step: float, kappa: float) -> float:
     """Predicted loss change of rounding the layer's input to a grid of ``step`` (METHOD.md 8): noise of variance
     ``step^2 / 12`` per element, uncorrelated, acts as the weight perturbation ``W e``:
@@ -102,7 +110,7 @@ class QuantOption:
 
 def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding: str = "loss-aware",
                   cache: dict | None = None, input_steps: dict[str, float] | None = None,
-                  int8_weight_bits: int = 8, block_size: int | None = None
+                  int8_weight_bits: int = 8, block_size: int | None = None, predictor: str = "kfac"
                   ) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
     """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
     options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
@@ -112,7 +120,13 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     the layer's input (grid step by input tensor, from the calibrated ranges), its noise added to the
     prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form).
     ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
-    int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones."""
+    int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones.
+    ``predictor``: :data:`~.planners.PREDICTORS` (``kfac``: :meth:`perturbation_dloss`; ``hessian-trace``:
+    :func:`hessian_trace_dloss`)."""
+    if predictor not in PREDICTORS:
+        raise OnnxlrfError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
+    predict = (lambda ls, delta, kappa: ls.perturbation_dloss(delta, kappa)) if predictor == "kfac" \
+        else hessian_trace_dloss
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
@@ -141,7 +155,7 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                 variants.append(cache[key])
             scored = []
             for delta, grid in variants:
-                predicted = ls.perturbation_dloss(delta, kappa)
+                predicted = predict(ls, delta, kappa)
                 if step is not None:
                     quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
                     predicted += activation_noise_dloss(ls, quantized, step, kappa)
@@ -150,7 +164,7 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
                 delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
-                options.append(QuantOption(bits, ls.perturbation_dloss(delta, kappa),
+                options.append(QuantOption(bits, predict(ls, delta, kappa),
                                            float(np.linalg.norm(delta)) / norm, None, False, block_size))
     return out
 
@@ -190,12 +204,12 @@ def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption, red
 
 def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: int, rounding: str = "loss-aware",
                     cache: dict | None = None, int8_weight_bits: int = 8, block_size: int | None = None,
-                    progress: ProgressLike = None) -> dict[str, list[dict]]:
+                    progress: ProgressLike = None, predictor: str = "kfac") -> dict[str, list[dict]]:
     """Per weight: each option's weights alone, measured on the first ``samples`` calibration samples (the task
     loss on their labels) against its prediction at kappa 1: ``bits`` (and ``block_size`` for a block option),
     ``relative_error``, ``predicted``, ``measured`` and whether they ``agree``
     (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is not part of the measurement."""
-    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size)
+    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size, predictor)
     axes = {layer.node: layer.reduction_axis for layer in find_quantizable(model)[0]}
     replacements = {(members[0].weight, *option.key):
                     {members[0].weight: option_weight(model, members[0], option, axes[members[0].node])}
@@ -218,15 +232,15 @@ def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: 
 def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                      rounding: str = "loss-aware", cache: dict | None = None,
                      input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8,
-                     checks: dict[str, list[dict]] | None = None, block_size: int | None = None
-                     ) -> list[Candidates]:
+                     checks: dict[str, list[dict]] | None = None, block_size: int | None = None,
+                     predictor: str = "kfac") -> list[Candidates]:
     """Per weight group: float, then the options of :func:`layer_options` its checks trust
     (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
     with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). With int8 inputs the
     weights stay in int8 containers (the integer kernels read int8)."""
     out = []
     for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
-                                                  int8_weight_bits, block_size):
+                                                  int8_weight_bits, block_size, predictor):
         layer = members[0]
         dense = cost.dense(members)
         removed, dloss, sources = [0], [0.0], [None]

@@ -19,6 +19,12 @@ from ...planning.plan import QUANT_BITS, ROUNDINGS, Plan, QuantEntry
 from .calibration import CALIBRATION_METHODS
 from .rewrite import RUNTIMES
 
+# How the loss-aware planner predicts an option's loss change: ``kfac``, the total differential with the
+# Kronecker-factored curvature (METHOD.md 8); ``hessian-trace``, HAWQ-v2's estimate, the layer's mean Hessian
+# diagonal (here the K-FAC trace tr(B) tr(A) over its weight count) times ||dW||^2 / 2: a baseline that
+# sees how large a perturbation is, not where it lies.
+PREDICTORS = ("kfac", "hessian-trace")
+
 ACTIVATION_CHOICES = ("none", "int8")
 # The largest value an int4 container holds; fewer bits than this are packed into int4 too.
 INT4_BITS = 4
@@ -68,7 +74,8 @@ class QuantOptions:
     weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel;
     ``rounding``: the loss-aware planner's (None: ``loss-aware``; uniform plans round to nearest);
     ``reduce_range``: W8A8 weights on 7 bits in onnxruntime's form (``on``, ``off``, or ``auto``: where this
-    machine's kernels need it, :func:`reduces_range`)."""
+    machine's kernels need it, :func:`reduces_range`); ``predictor``: how the loss-aware planner predicts each
+    option's loss change (:data:`PREDICTORS`)."""
 
     bits: int | None = None
     activations: str = "none"
@@ -77,6 +84,7 @@ class QuantOptions:
     block_size: int | None = None
     rounding: str | None = None
     reduce_range: str = "on"
+    predictor: str = "kfac"
 
     def __post_init__(self) -> None:
         if self.bits is not None and (not isinstance(self.bits, int) or self.bits not in QUANT_BITS):
@@ -84,7 +92,8 @@ class QuantOptions:
         for flag, value, known in (("--activations", self.activations, ACTIVATION_CHOICES),
                                    ("--reduce-range", self.reduce_range, REDUCE_RANGE_CHOICES),
                                    ("--runtime", self.runtime, RUNTIMES),
-                                   ("--calibration-method", self.calibration_method, CALIBRATION_METHODS)):
+                                   ("--calibration-method", self.calibration_method, CALIBRATION_METHODS),
+                                   ("--predictor", self.predictor, PREDICTORS)):
             if value not in known:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
         if self.rounding not in (None,) + ROUNDINGS:

@@ -32,12 +32,12 @@ class Quant:
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
                  activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8,
-                 block_size: int | None = None) -> None:
+                 block_size: int | None = None, predictor: str = "kfac") -> None:
         """``activation_ranges``: calibrated ranges of every activation a plan may quantize (None: weight-only
         options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form,
         and the 8-bit option has ``int8_weight_bits`` (7: onnxruntime's reduced range). ``block_size``
         (weight-only): Gemm/MatMul layers are also offered int4-and-fewer options with one scale per this
-        many inputs."""
+        many inputs. ``predictor``: how options' loss changes are predicted (:data:`~.planners.PREDICTORS`)."""
         if rounding not in ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         if runtime not in RUNTIMES:
@@ -45,7 +45,7 @@ class Quant:
         if block_size is not None and activation_ranges is not None:
             raise OnnxlrfError("block scales are weight-only: --block-size goes without --activations int8")
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
-        self.block_size = block_size
+        self.block_size, self.predictor = block_size, predictor
         self.int8_weight_bits = int8_weight_bits if activation_ranges is not None else 8
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
@@ -78,7 +78,7 @@ class Quant:
         analysis = joint_analysis(model, calib, options, progress)
         self._grids, self._grids_of = {}, id(analysis)
         self.checks = measure_options(model, analysis, calib, options.range_samples, self.rounding, self._grids,
-                                      self.int8_weight_bits, self.block_size, progress)
+                                      self.int8_weight_bits, self.block_size, progress, self.predictor)
         return analysis
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
@@ -88,7 +88,7 @@ class Quant:
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
         return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
-                                self.int8_weight_bits, self.checks, self.block_size)
+                                self.int8_weight_bits, self.checks, self.block_size, self.predictor)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
@@ -100,6 +100,7 @@ class Quant:
     def plan_options(self, analysis: Any, **options: Any) -> dict:
         return {"technique": self.name, "runtime": self.runtime, "bits_offered": list(PLANNED_BITS),
                 "rounding": self.rounding, "activations": "none" if self.activation_ranges is None else "int8",
+                **({"predictor": self.predictor} if self.predictor != "kfac" else {}),
                 **({"block_size": self.block_size} if self.block_size is not None else {})}
 
     def signature(self, plan: Plan, analysis: Any, kappa: float) -> Hashable:
@@ -149,8 +150,8 @@ class Quant:
                   "(int4 packs two a byte); activations int8: the layer's input is quantized too. predicted dloss: "
                   "the planner's predicted change of the calibration loss from this layer's quantization alone "
                   "(weights as rounded, plus its input's rounding noise), at the plan's kappa. Single-layer "
-                  "checks are the analysis's truncations, which set the range of weight error a layer's options "
-                  "may have; quantization options are not measured one by one.")
+                  "checks: each option measured with only its layer quantized; a layer is offered its options "
+                  "from the most bits down while prediction and measurement agree.")
 
     def view(self, entry: QuantEntry, rewritten: dict | None) -> EntryView:
         """Bits (float where the layer stays as it is), container, granularity and activations."""

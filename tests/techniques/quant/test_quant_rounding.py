@@ -55,3 +55,4 @@ def test_inputs_the_split_never_excites_and_zero_rows_round_to_finite_levels():
     weight[2] = 0.0
     levels, scales = loss_aware_levels(weight[None], moment[None], 4)
     assert np.isfinite(scales).all() and (levels[0, 2] == 0).all()
+
