@@ -196,17 +196,21 @@ def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):
 
 
 def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
-    """--predictor hessian-trace (HAWQ-v2's estimate) predicts each option from ||dW|| alone: the plan records it,
-    every check's prediction is that estimate, and rounding to nearest (smallest ||dW||) is what it keeps."""
-    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
-                                   "--predictor", "hessian-trace", "--plan-out", files / "plan.json", "--json",
-                                   "-q"))
-    assert result.exit_code == 0, result.output
-    plan = json.loads((files / "plan.json").read_text())
-    assert plan["options"]["predictor"] == "hessian-trace"
-    assert all(layer["choice"]["rounding"] in (None, "nearest") for layer in plan["layers"])
-    for layer in plan["layers"]:  # the trace estimate grows with the relative error, as ||dW||^2 does
-        checks = sorted(layer["notes"].get("range_checks", []), key=lambda check: check["relative_error"])
-        assert [check["predicted"] for check in checks] == sorted(check["predicted"] for check in checks)
+    """--predictor hessian-trace (HAWQ-v2's estimate) predicts each option from ||dW|| alone, through the same checks,
+    knapsack and back-off; the rounding of each option is still chosen in the K-FAC metric (loss-aware grids are
+    stored), and with --rounding nearest every layer is rounded to nearest (HAWQ's own rounding)."""
+    for rounding, stores_grids in (("loss-aware", True), ("nearest", False)):
+        result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
+                                       "--predictor", "hessian-trace", "--rounding", rounding, "--plan-out",
+                                       files / "plan.json", "--json", "-q", "--overwrite"))
+        assert result.exit_code == 0, result.output
+        plan = json.loads((files / "plan.json").read_text())
+        assert plan["options"]["predictor"] == "hessian-trace"
+        roundings = {layer["choice"]["rounding"] for layer in plan["layers"]} - {None}
+        assert ("loss-aware" in roundings) == stores_grids and roundings <= {"loss-aware", "nearest"}
+        for layer in plan["layers"]:  # with one rounding, the trace estimate grows with ||dW||^2
+            checks = sorted(layer["notes"].get("range_checks", []), key=lambda check: check["relative_error"])
+            if rounding == "nearest":
+                assert [check["predicted"] for check in checks] == sorted(check["predicted"] for check in checks)
     uniform = invoke(*compress_args(files, "--bits", 4, "--predictor", "hessian-trace"))
     assert uniform.exit_code == 1 and "--predictor applies to lossless and compact plans" in uniform.output

@@ -121,8 +121,10 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form).
     ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
     int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones.
-    ``predictor``: :data:`~.planners.PREDICTORS` (``kfac``: :meth:`perturbation_dloss`; ``hessian-trace``:
-    :func:`hessian_trace_dloss`)."""
+    ``predictor``: :data:`~.planners.PREDICTORS`, each option's predicted loss change (``kfac``:
+    :meth:`perturbation_dloss`; ``hessian-trace``: :func:`hessian_trace_dloss`); the rounding of an option is
+    the one of smaller K-FAC prediction either way (the trace cannot tell two roundings' errors apart beyond
+    their size, which round to nearest always minimizes)."""
     if predictor not in PREDICTORS:
         raise OnnxlrfError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
     predict = (lambda ls, delta, kappa: ls.perturbation_dloss(delta, kappa)) if predictor == "kfac" \
@@ -153,14 +155,14 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                 if key not in cache:
                     cache[key] = loss_aware_error(weight, layer, bits, ls, kappa)
                 variants.append(cache[key])
-            scored = []
-            for delta, grid in variants:
-                predicted = predict(ls, delta, kappa)
-                if step is not None:
-                    quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
-                    predicted += activation_noise_dloss(ls, quantized, step, kappa)
-                scored.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
-            options.append(min(scored, key=lambda option: option.predicted))
+            # The rounding is chosen in the K-FAC metric, which sees where an error lies; the option's
+            # prediction (what the knapsack allocates bits by) is the predictor's.
+            delta, grid = min(variants, key=lambda variant: ls.perturbation_dloss(variant[0], kappa))
+            predicted = predict(ls, delta, kappa)
+            if step is not None:
+                quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
+                predicted += activation_noise_dloss(ls, quantized, step, kappa)
+            options.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
                 delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
