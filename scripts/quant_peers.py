@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from seeds_benchmark import COMMANDS  # scripts/ is on sys.path when a script runs
 
@@ -131,28 +130,21 @@ def run_seed(model: str, seed: int, modelopt_python: str | None) -> dict:
         reference_val = model_predictions(load_onnx(reference), splits.val, "cpu")
         reference_test = model_predictions(load_onnx(reference), splits.test, "cpu")
         row: dict = {"seed": seed}
-        for method in ORT_CALIBRATIONS:
-            start = time.perf_counter()
-            quantized = load_onnx(ort_static(reference, splits.calib, method, work / f"ort_{method}.onnx"))
-            seconds = time.perf_counter() - start
-            row[f"ort_{method}"] = {
-                "val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
-                "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
-                "seconds": seconds}
-        best = max(ORT_CALIBRATIONS, key=lambda m: row[f"ort_{m}"]["val"])
-        row["ort_best"] = {"calibration": best, **row[f"ort_{best}"]}
+        peers = {f"ort_{method}": lambda out, method=method: ort_static(reference, splits.calib, method, out)
+                 for method in ORT_CALIBRATIONS}
         if modelopt_python:
-            for method in MODELOPT_CALIBRATIONS:
-                start = time.perf_counter()
-                quantized = load_onnx(modelopt_int8(modelopt_python, reference, splits.calib, method,
-                                                    work / f"modelopt_{method}.onnx"))
-                seconds = time.perf_counter() - start
-                row[f"modelopt_{method}"] = {
-                    "val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
-                    "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
-                    "seconds": seconds}
-            best = max(MODELOPT_CALIBRATIONS, key=lambda m: row[f"modelopt_{m}"]["val"])
-            row["modelopt_best"] = {"calibration": best, **row[f"modelopt_{best}"]}
+            peers.update({f"modelopt_{method}": lambda out, method=method: modelopt_int8(
+                modelopt_python, reference, splits.calib, method, out) for method in MODELOPT_CALIBRATIONS})
+        for name, quantize in peers.items():
+            start = time.perf_counter()
+            quantized = load_onnx(quantize(work / f"{name}.onnx"))
+            seconds = time.perf_counter() - start
+            row[name] = {"val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
+                         "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
+                         "seconds": seconds}
+        for peer in ("ort", "modelopt") if modelopt_python else ("ort",):
+            best = max((name for name in peers if name.startswith(peer + "_")), key=lambda name: row[name]["val"])
+            row[f"{peer}_best"] = {"calibration": best.split("_", 1)[1], **row[best]}
         row["reference_val"] = splits.val.score_predictions(reference_val)
         row["onnxlrf_w8a8"] = onnxlrf_w8a8(model, seed, work)
     return row
