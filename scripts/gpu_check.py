@@ -84,11 +84,11 @@ def make_models(work: Path) -> dict[str, Path]:
     common = ["cifar10-resnet56", "--weights", str(SHARED / "cifar10/resnet56-4bfd9763.th"), "--dynamic-batch"]
     data = ["--data", "cifar10-jpeg:" + str(SHARED / "cifar10/cifar10_test_jpeg.npz")]
     paths = {"original": work / "original.onnx"}
-    onnxlrf("export", *common, "-o", str(paths["original"]))
+    onnxlrf("export", *common, "-o", str(paths["original"]), "--overwrite")
     for name, flags in MODELS.items():
         if flags is not None:
             paths[name] = work / f"{name}.onnx"
-            onnxlrf("compress", *common, *data, *flags, "-o", str(paths[name]))
+            onnxlrf("compress", *common, *data, *flags, "-o", str(paths[name]), "--overwrite")
     return paths
 
 
