@@ -127,8 +127,6 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     their size, which round to nearest always minimizes)."""
     if predictor not in PREDICTORS:
         raise OnnxlrfError(f"--predictor must be one of {', '.join(PREDICTORS)}, got {predictor!r}")
-    predict = (lambda ls, delta, kappa: ls.perturbation_dloss(delta, kappa)) if predictor == "kfac" \
-        else hessian_trace_dloss
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers and layer.node in quantizable]
     groups, shared_reason = weight_groups(model, layers)
@@ -157,8 +155,10 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                 variants.append(cache[key])
             # The rounding is chosen in the K-FAC metric, which sees where an error lies; the option's
             # prediction (what the knapsack allocates bits by) is the predictor's.
-            delta, grid = min(variants, key=lambda variant: ls.perturbation_dloss(variant[0], kappa))
-            predicted = predict(ls, delta, kappa)
+            kfac = [ls.perturbation_dloss(variant_delta, kappa) for variant_delta, _ in variants]
+            chosen = int(np.argmin(kfac))
+            delta, grid = variants[chosen]
+            predicted = kfac[chosen] if predictor == "kfac" else hessian_trace_dloss(ls, delta, kappa)
             if step is not None:
                 quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
                 predicted += activation_noise_dloss(ls, quantized, step, kappa)
@@ -166,7 +166,9 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
                 delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
-                options.append(QuantOption(bits, predict(ls, delta, kappa),
+                predicted = ls.perturbation_dloss(delta, kappa) if predictor == "kfac" else \
+                    hessian_trace_dloss(ls, delta, kappa)
+                options.append(QuantOption(bits, predicted,
                                            float(np.linalg.norm(delta)) / norm, None, False, block_size))
     return out
 
