@@ -110,6 +110,25 @@ class Dataset:
             output_scales=self.output_scales,
         )
 
+    def token_lengths(self) -> np.ndarray | None:
+        """Each row's length up to its last real token (at least 1), where the rows are token data that may
+        run in batches cut on axis 1 after their longest row: :attr:`token_mask` names a (rows, sequence)
+        array and some row ends in padding. None otherwise. Whether a model's outputs stay the same when
+        cut is its runner's to check (:func:`same_outputs`)."""
+        mask = self.inputs.get(self.token_mask) if self.token_mask else None
+        if mask is None or mask.ndim != 2 or mask.shape[1] < 2:
+            return None
+        real = mask != 0
+        lengths = np.where(real.any(axis=1), mask.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
+        return lengths if lengths.min() < mask.shape[1] else None
+
+    def sample_token_lengths(self) -> np.ndarray | None:
+        """:meth:`token_lengths` per sample: a sentence pair's is its longer sentence's."""
+        lengths = self.token_lengths()
+        if lengths is None or self.task != SENTENCE_SIMILARITY:
+            return lengths
+        return np.maximum(lengths[:len(self)], lengths[len(self):])
+
     def label_free(self) -> Dataset:
         """The same inputs as label-free data, one sample per row (its original's outputs not yet known)."""
         return Dataset(self.name, OUTPUTS, self.inputs, np.zeros((self.rows, 0), np.float32),
@@ -195,6 +214,30 @@ class Dataset:
             difference = outputs[:, start:stop].astype(np.float64) - self.labels[:, start:stop]
             errors += np.mean(difference * difference, axis=1) / scale
         return errors / len(self.output_widths)
+
+
+def cut_tokens(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """Token feeds (every array (rows, sequence)) cut to their first ``width`` positions."""
+    return {name: array[:, :width] for name, array in inputs.items()}
+
+
+def same_outputs(cut: list, full: list) -> bool:
+    """Whether a batch's outputs cut on axis 1 (:func:`cut_tokens`) are those at full width: the same shapes
+    and types, float values within the square root of the type's machine epsilon (3e-4 for float32) times
+    the output's largest magnitude, other values equal."""
+    for a, b in zip(cut, full):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.dtype.kind != "f":
+            if not np.array_equal(a, b):
+                return False
+            continue
+        scale = float(np.max(np.abs(b))) if b.size else 0.0
+        with np.errstate(invalid="ignore"):
+            if not np.all(np.abs(a.astype(np.float64) - b) <= np.sqrt(np.finfo(a.dtype).eps) * scale):
+                return False
+    return True
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -60,8 +60,10 @@ PROBE_CACHE_BYTES = 2 << 30
 
 # Version of the saved analysis (Sensitivity.save); a file of another version is not read. It is part of
 # the analysis cache's key (compress.analysis_key): raise it whenever the analysis computes differently.
-# Version 3 keeps each layer's mean gradient and output factor B (perturbations other than truncations).
-ANALYSIS_VERSION = 3
+# Version 3 keeps each layer's mean gradient and output factor B (perturbations other than truncations);
+# version 4 runs token data in length-sorted micro-batches cut after their last real token (the same sums,
+# added in another order).
+ANALYSIS_VERSION = 4
 _SAVED_ARRAYS = ("s", "x", "y", "first_order", "input_moment", "input_mean", "output_fisher", "gradient",
                  "output_factor")
 

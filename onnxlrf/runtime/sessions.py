@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..data import OUTPUTS, Dataset, graph_inputs
+from ..data import OUTPUTS, Dataset, cut_tokens, graph_inputs, same_outputs
 from ..errors import OnnxlrfError, first_line
 from ..onnx_io import fits_one_message, save_onnx
 from ..progress import ProgressLike, as_progress
@@ -175,7 +175,7 @@ def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str],
     each batch cut on axis 1 after its longest row's last real token; the outputs come back in
     row order. Cutting drops only columns that are padding in every row of the batch, and is kept
     only if the first (shortest) batch, run both cut and at full width, gives outputs of the same
-    shapes and values (see :func:`_same_outputs`): a token-level output
+    shapes and values (see :func:`~onnxlrf.data.same_outputs`): a token-level output
     (``last_hidden_state``) or a model that reads the padding runs every batch at full width.
     """
     static_batch = _static_batch(session)
@@ -198,11 +198,10 @@ def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str],
             fed = static_batch
         width = int(lengths[rows_at].max()) if cut else 0
         if cut and width < feed[inputs[0]].shape[1]:
-            short = {n: a[:, :width] for n, a in feed.items()}
-            values = run_session(session, names, short)
+            values = run_session(session, names, cut_tokens(feed, width))
             if not checked:
                 full = run_session(session, names, feed)
-                cut, checked = _same_outputs(values, full), True
+                cut, checked = same_outputs(values, full), True
                 values = full
         else:
             values = run_session(session, names, feed)
@@ -219,46 +218,19 @@ def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str],
 
 
 def _token_lengths(session: ort.InferenceSession, dataset: Dataset, inputs: list[str]) -> np.ndarray | None:
-    """Each row's length up to its last real token (at least 1), where batches of token data may be
-    cut on axis 1; None where they may not.
-
-    They may where the token mask is one of the session's inputs (padding the model does not
-    see could change its outputs), every input is a (rows, sequence) array of the mask's width
-    with a dynamic axis 1 in the session, and some row ends in padding.
-    """
-    mask_name = dataset.token_mask
-    if mask_name is None or mask_name not in inputs:
+    """:meth:`Dataset.token_lengths`, where the session may run them cut: the token mask is one of its
+    inputs (padding the model does not see could change its outputs), and every input is a (rows,
+    sequence) array of the mask's width with a dynamic axis 1 in the session. None otherwise."""
+    lengths = dataset.token_lengths()
+    if lengths is None or dataset.token_mask not in inputs:
         return None
-    mask = dataset.inputs[mask_name]
-    if mask.ndim != 2 or mask.shape[1] < 2:
-        return None
+    mask = dataset.inputs[dataset.token_mask]
     for inp in session.get_inputs():
         array = dataset.inputs.get(inp.name)
         dims = inp.shape or []
         if array is None or array.shape != mask.shape or len(dims) != 2 or isinstance(dims[1], int):
             return None
-    real = mask != 0
-    lengths = np.where(real.any(axis=1), mask.shape[1] - np.argmax(real[:, ::-1], axis=1), 1)
-    return lengths if lengths.min() < mask.shape[1] else None
-
-
-def _same_outputs(cut: list, full: list) -> bool:
-    """Whether a batch's outputs cut on axis 1 are those at full width: the same shapes and types,
-    float values within the square root of the type's machine epsilon (3e-4 for float32) times the
-    output's largest magnitude, other values equal."""
-    for a, b in zip(cut, full):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return False
-        if a.dtype.kind != "f":
-            if not np.array_equal(a, b):
-                return False
-            continue
-        scale = float(np.max(np.abs(b))) if b.size else 0.0
-        with np.errstate(invalid="ignore"):
-            if not np.all(np.abs(a.astype(np.float64) - b) <= np.sqrt(np.finfo(a.dtype).eps) * scale):
-                return False
-    return True
+    return lengths
 
 
 def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list:

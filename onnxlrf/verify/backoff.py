@@ -250,7 +250,8 @@ def restore_layers(
     gains = replacement_gains(
         technique.perturbed_weights(reference, failing),
         {node: {layers[node].weight: weight_array(held, layers[node])} for node in differing},
-        calibration_batches(calib, calib.labels, range_batch_size(reference, calib)), task_loss(calib),
+        calibration_batches(calib, calib.labels, range_batch_size(reference, calib), reference),
+        task_loss(calib),
         progress, f"back-off: measure each layer's contribution ({len(differing)} layers)")
     order = sorted((node for node in differing if gains[node] > 0), key=lambda node: -gains[node])
     progress.log(f"back-off: restoring the layers of the smallest failing plan ({len(differing)} differ from "

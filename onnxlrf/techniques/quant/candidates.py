@@ -220,7 +220,7 @@ def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: 
                     for members, reason, options in groups for option in options}
     subset = calib.subset(np.arange(min(samples, len(calib))))
     gains = replacement_gains(model, replacements,
-                              calibration_batches(subset, subset.labels, range_batch_size(model, subset)),
+                              calibration_batches(subset, subset.labels, range_batch_size(model, subset), model),
                               task_loss(subset), progress,
                               f"quantization: {len(replacements)} options measured one layer at a time")
     checks = {}
