@@ -8,7 +8,7 @@ with torch built for CUDA, it:
 1. exports the CIFAR-10 ResNet-56 (``../shared/data`` or ``$ONNXLRF_SHARED``) and makes three models with the
    CLI: low-rank (``--mode lossless --target-reduction 0.2``), W8A8 in TensorRT's Q/DQ form (``--technique
    quant --mode uniform --bits 8 --activations int8 --runtime tensorrt``) and 4-bit weight-only in TensorRT's
-   form (int4 DequantizeLinear, opset 21);
+   form (per-channel levels in int8 DequantizeLinear: TensorRT's INT4 is for blocked MatMul/Gemm weights);
 2. validates each on the CUDA provider against the original (``onnxlrf validate --provider cuda``; the
    providers the session really used are checked, not the available ones);
 3. builds a TensorRT engine of each (the original and low-rank in FP16, the Q/DQ models with INT8 and FP16

@@ -27,7 +27,7 @@ from ...planning.plan import QuantEntry, weight_scale_count
 from ...progress import ProgressLike
 from ..base import Candidates
 from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
-from .planners import INT4_BITS, PREDICTORS
+from .planners import INT4_BITS, PREDICTORS, weight_container
 from .rounding import loss_aware_levels
 
 # The weight-only options the planner offers each layer, besides float.
@@ -41,10 +41,6 @@ LOSS_AWARE_OPS = ("Conv", "Gemm", "MatMul")
 def channel_axis(layer: Layer) -> int:
     """The stored weight's axis of output channels (Conv 0; Gemm/MatMul 1 when stored (inputs, outputs))."""
     return 1 if layer.transposed else 0
-
-
-def container(bits: int) -> str:
-    return "int4" if bits <= INT4_BITS else "int8"
 
 
 def quantization_error(weight: np.ndarray, layer: Layer, bits: int) -> np.ndarray:
@@ -237,11 +233,12 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
                      rounding: str = "loss-aware", cache: dict | None = None,
                      input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8,
                      checks: dict[str, list[dict]] | None = None, block_size: int | None = None,
-                     predictor: str = "kfac") -> list[Candidates]:
+                     predictor: str = "kfac", runtime: str = "onnxruntime") -> list[Candidates]:
     """Per weight group: float, then the options of :func:`layer_options` its checks trust
     (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
-    with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). With int8 inputs the
-    weights stay in int8 containers (the integer kernels read int8)."""
+    with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). The weights' container
+    is ``runtime``'s (:func:`~.planners.weight_container`); with int8 inputs it is int8 (the integer kernels
+    read int8)."""
     out = []
     for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
                                                   int8_weight_bits, block_size, predictor):
@@ -250,12 +247,12 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
         removed, dloss, sources = [0], [0.0], [None]
         measured = None if checks is None else checks.get(layer.weight, [])
         for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range):
-            holder = "int8" if option.int8_inputs else container(option.bits)
+            holder = "int8" if option.int8_inputs else weight_container(option.bits, runtime, option.block_size)
             scales = weight_scale_count(layer.op_type, layer.weight_shape, layer.transposed, option.block_size)
             removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
                                                                    scales)))
             dloss.append(option.predicted)
-            sources.append((option, measured))
+            sources.append((option, measured, holder))
         out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
                                                     key=layer.weight), sources, reason))
     return out
@@ -266,7 +263,7 @@ def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dic
     source = group.sources[option]
     if source is None:
         return [float_entry(layer, group.reason) for layer in group.layers], {}
-    chosen, checks = source
+    chosen, checks, holder = source
     notes = {"predicted_dloss": chosen.predicted, "relative_error": chosen.relative}
     if checks:
         notes["range_checks"] = checks
@@ -274,7 +271,7 @@ def quant_entries(group: Candidates, option: int) -> tuple[list[QuantEntry], dic
                           weight_shape=list(layer.weight_shape), bits=chosen.bits,
                           granularity="per_channel" if chosen.block_size is None else "block",
                           block_size=chosen.block_size,
-                          container="int8" if chosen.int8_inputs else container(chosen.bits),
+                          container=holder,
                           activations="int8" if chosen.int8_inputs else "float",
                           weight_scales="absmax" if chosen.grid is None else "searched",
                           rounding="nearest" if chosen.grid is None else "loss-aware",

@@ -38,6 +38,15 @@ ONNXRUNTIME_W8A8_BITS = 7
 REDUCE_RANGE_CHOICES = ("auto", "on", "off")
 
 
+def weight_container(bits: int, runtime: str, block_size: int | None = None) -> str:
+    """The integer type that stores ``bits``-bit weight levels: int4 (two per byte) up to :data:`INT4_BITS`, else
+    int8. In the TensorRT form int4 only with block scales: TensorRT takes INT4 weights only as weight-only
+    MatMul/Gemm with block scales, so its per-channel levels of 4 bits or fewer live in int8."""
+    if bits > INT4_BITS or (runtime == "tensorrt" and block_size is None):
+        return "int8"
+    return "int4"
+
+
 def cpu_sums_in_int32() -> bool:
     """Whether this machine's onnxruntime u8 x s8 kernels add products in int32: an x86 CPU with VNNI
     (AVX512-VNNI or AVX-VNNI, read from /proc/cpuinfo), or an ARM CPU. Unknown (another OS): False."""
@@ -108,7 +117,7 @@ class QuantOptions:
 
 
 def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
-    """Every quantizable layer at ``options.bits`` (int4 container up to 4 bits, else int8), per output channel
+    """Every quantizable layer at ``options.bits`` (in :func:`weight_container`'s integer type), per output channel
     or, for Gemm/MatMul with ``options.block_size``, per block; absmax scales, round to nearest. W8A8 in
     onnxruntime's form has 7-bit weights where the range is reduced (:func:`reduces_range`).
 
@@ -126,7 +135,7 @@ def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
         entries.append(QuantEntry(
             node=layer.node, op_type=layer.op_type, weight=layer.weight, weight_shape=list(layer.weight_shape),
             bits=weight_bits, granularity="block" if block else "per_channel", block_size=block,
-            container="int4" if weight_bits <= INT4_BITS else "int8",
+            container=weight_container(weight_bits, options.runtime, block),
             activations="int8" if options.activations == "int8" else "float",
             weight_scales="absmax", rounding="nearest", params_dense=layer.elements, params_planned=layer.elements))
     return Plan(entries, "uniform", {"technique": QuantEntry.technique, "bits": options.bits,

@@ -22,7 +22,9 @@ get Q/DQ on their activations too, in the form a runtime turns into integer kern
   Block scales keep their DequantizeLinear (MatMulNBits runs them with the weight in 4 bits).
 * ``tensorrt`` (what TensorRT's explicit quantization takes): symmetric int8 everywhere (zero points
   0), Q/DQ only on the inputs of the W8A8 layers and on the skip input of residual Adds fed by one;
-  float biases; TensorRT fuses the rest itself. Weight-only layers keep their DequantizeLinear.
+  float biases; TensorRT fuses the rest itself. Weight-only layers keep their DequantizeLinear; int4 only
+  with block scales (TensorRT's weight-only INT4 on MatMul/Gemm), so per-channel levels of 4 bits or fewer
+  live in int8 there.
 
 int4 DequantizeLinear and block scales need opset 21 (the model's opset is raised, or the rewrite says why
 it cannot be). Graph inputs and outputs keep their names, types and shapes.
@@ -214,6 +216,13 @@ class QDQRewrite(RewritePass):
         if other:
             raise OnnxlrfError(f"{self.name}: plan node {other[0]!r} is not a quantization entry")
         validate_plan(plan, model)
+        if self.runtime == "tensorrt":
+            per_channel_int4 = [entry.node for entry in plan.layers
+                                if entry.changed and entry.container == "int4" and entry.granularity != "block"]
+            if per_channel_int4:
+                raise OnnxlrfError(f"{self.name}: TensorRT takes int4 weights only with block scales (weight-only "
+                                   f"MatMul/Gemm); {per_channel_int4[0]!r} has per-channel int4: store it in "
+                                   f"int8 (the plan's container)")
         missing = [site.tensor for site in quantized_activations(model, plan, self.runtime)
                    if site.tensor not in plan.activation_ranges]
         if missing:
@@ -401,9 +410,9 @@ class QDQRewrite(RewritePass):
 
 
 def check_tensorrt_form(model: onnx.ModelProto) -> None:
-    """Raise OnnxlrfError unless every Q/DQ is symmetric with a type and axis TensorRT takes: int8 (or int4 for
-    weights) with zero point 0, float scales, per-tensor or per-channel (Conv weights axis 0, MatMul weights
-    axis 1) or blocked on weights."""
+    """Raise OnnxlrfError unless every Q/DQ is symmetric with a type and axis TensorRT takes: int8 with zero
+    point 0, float scales, per-tensor or per-channel (Conv weights axis 0, MatMul weights axis 1) or blocked on
+    weights; int4 only for weights with block scales read by MatMul/Gemm (its weight-only INT4)."""
     constants = constant_producers(model)
     allowed = {onnx.TensorProto.INT8, onnx.TensorProto.INT4}
     readers: dict[str, list[onnx.NodeProto]] = {}
@@ -419,6 +428,10 @@ def check_tensorrt_form(model: onnx.ModelProto) -> None:
             raise OnnxlrfError(f"TensorRT form: {node.name!r} has no int8/int4 zero point of 0")
         if scale is None or scale.data_type != onnx.TensorProto.FLOAT:
             raise OnnxlrfError(f"TensorRT form: {node.name!r} has no constant float32 scale")
+        if zero.data_type == onnx.TensorProto.INT4 and (
+                node.op_type != "DequantizeLinear" or len(scale.dims) < 2
+                or any(reader.op_type not in ("MatMul", "Gemm") for reader in readers.get(node.output[0], []))):
+            raise OnnxlrfError(f"TensorRT form: {node.name!r} is int4 outside a blocked MatMul/Gemm weight")
         if node.op_type == "QuantizeLinear" and (len(scale.dims) or zero.data_type != onnx.TensorProto.INT8):
             raise OnnxlrfError(f"TensorRT form: activation quantizer {node.name!r} is not per-tensor int8")
         if node.op_type == "DequantizeLinear" and len(scale.dims) == 1:

@@ -88,7 +88,7 @@ class Quant:
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
         return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
-                                self.int8_weight_bits, self.checks, self.block_size, self.predictor)
+                                self.int8_weight_bits, self.checks, self.block_size, self.predictor, self.runtime)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:

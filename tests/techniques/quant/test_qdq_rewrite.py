@@ -145,16 +145,38 @@ def test_int4_pairs_are_packed_as_onnx_packs_int4_and_an_odd_count_drops_its_pad
     np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-6)
 
 
-def test_weight_only_tensorrt_form_keeps_dequantize_linear():
+def test_weight_only_tensorrt_form_keeps_dequantize_linear_and_per_channel_int4_levels_in_int8():
+    """TensorRT takes int4 weights only with block scales on MatMul/Gemm: per-channel 4-bit levels live in int8."""
     model = residual_cnn()
     plan = plan_uniform_quant(model, QuantOptions(bits=4, runtime="tensorrt"))
+    assert {entry.container for entry in plan.layers} == {"int8"}
     quantized, _ = QDQRewrite("tensorrt")(model, plan)
     check_tensorrt_form(quantized)
-    int4 = [init for init in quantized.graph.initializer if init.data_type == onnx.TensorProto.INT4]
-    assert len(int4) == 6  # weights and their zero points
+    assert not [init for init in quantized.graph.initializer if init.data_type == onnx.TensorProto.INT4]
+    weights = [numpy_helper.to_array(init) for init in quantized.graph.initializer
+               if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1]
+    assert len(weights) == 3 and max(np.abs(w).max() for w in weights) == 7
     assert sum(node.op_type == "DequantizeLinear" for node in quantized.graph.node) == 3
     feed = {"input": images(16, seed=2)}
     np.testing.assert_allclose(run(quantized, feed), run(QUANT.perturbed_weights(model, plan), feed), atol=1e-5)
+
+
+def test_tensorrt_form_refuses_per_channel_int4():
+    model = residual_cnn()
+    plan = plan_uniform_quant(model, QuantOptions(bits=4))  # onnxruntime's plan: int4 containers
+    with pytest.raises(OnnxlrfError, match="TensorRT takes int4 weights only with block scales.*'conv1'"):
+        QDQRewrite("tensorrt")(model, plan)
+    # A model that has one anyway (here the onnxruntime form's levels, as a DequantizeLinear) fails the check.
+    weight = onnx.helper.make_tensor("w", onnx.TensorProto.INT4, [2, 3, 1, 1], [1, -2, 3, -4, 5, -6])
+    nodes = [onnx.helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], name="dq", axis=0),
+             onnx.helper.make_node("Conv", ["x", "wf"], ["y"], name="conv")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 4, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 4, 4])],
+        [weight, numpy_helper.from_array(np.ones(2, np.float32), "s"),
+         onnx.helper.make_tensor("z", onnx.TensorProto.INT4, [2], [0, 0])])
+    with pytest.raises(OnnxlrfError, match="'dq' is int4 outside a blocked MatMul/Gemm weight"):
+        check_tensorrt_form(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)]))
 
 
 def test_sub_8_bit_values_above_4_bits_stay_in_int8():
@@ -204,7 +226,7 @@ def test_one_line_errors_for_missing_ranges_and_an_opset_that_cannot_be_raised(m
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", refuse)
     with pytest.raises(OnnxlrfError) as raised:
-        QDQRewrite("tensorrt")(model, plan_uniform_quant(model, QuantOptions(bits=4, runtime="tensorrt")))
+        QDQRewrite("tensorrt")(matmul_model(), plan_uniform_quant(matmul_model(), QuantOptions(bits=4, block_size=16)))
     assert "\n" not in str(raised.value) and "opset 17 cannot be raised to it" in str(raised.value)
 
 
