@@ -55,8 +55,9 @@ from .torch_graph import TorchGraph, auto_pad, conv_pads, heap_reuse, node_attri
 # dead channels (e.g. zero-padded shortcut channels) without changing the basis
 # of well-conditioned layers.
 DAMPING = 1e-3
-# Activations the truncation probe may keep to start runs at the truncated layer.
-PROBE_CACHE_BYTES = 2 << 30
+# Truncated weights the range checks hold at once: the checks run in chunks of layers whose truncated
+# weights (three levels each, float32) take at most this much; each chunk reruns the original once per batch.
+RANGE_CHUNK_BYTES = 1 << 30
 
 # Version of the saved analysis (Sensitivity.save); a file of another version is not read. It is part of
 # the analysis cache's key (compress.analysis_key): raise it whenever the analysis computes differently.
@@ -763,50 +764,6 @@ def _mean_loss(losses: Iterator[torch.Tensor]) -> float:
     return total / count
 
 
-class TruncationProbe:
-    """Measured loss change of truncating one layer alone, on fixed calibration batches.
-
-    The original's activations on the batches are kept (up to ``cache_bytes``),
-    so a truncated layer's run starts at that layer.
-    """
-
-    def __init__(self, model: onnx.ModelProto, sensitivity: Sensitivity, batches: Callable[[], Iterator[Batch]],
-                 loss_fn: LossFn, cache_bytes: int = PROBE_CACHE_BYTES) -> None:
-        self.model, self.sensitivity, self.batches, self.loss_fn = model, sensitivity, batches, loss_fn
-        self.graph = TorchGraph(model)
-        weights = {**self.graph.constants, **self.graph.parameters}
-        starts = {self.graph.first_reader(ls.layer.weight) for ls in sensitivity.all()}
-        self.traces: list | None = []  # (values, targets) per batch; None when they would not fit
-        total, count, size = 0.0, 0, 0
-        with torch.no_grad():
-            for feeds, targets in batches():
-                values = self.graph.trace({k: torch.as_tensor(v) for k, v in feeds.items()}, resume_from=starts)
-                targets = torch.as_tensor(targets)
-                losses = loss_fn(self.graph.outputs(values), targets)
-                total += float(losses.sum())
-                count += int(losses.numel())
-                if self.traces is not None:
-                    size += sum(v.nbytes for k, v in values.items() if k not in weights and torch.is_tensor(v))
-                    self.traces = self.traces + [(values, targets)] if size <= cache_bytes else None
-        self.base = total / count
-
-    def __call__(self, node: str, rank: int, decomposition: str = "channel") -> float:
-        """Loss change with only ``node`` truncated to ``rank`` components of ``decomposition``, dropped in
-        joint order."""
-        ls = self.sensitivity.get(node, decomposition)
-        keep = ls.keep(rank)
-        replacement = {ls.layer.weight: matrices_to_weight(ls.reconstruct(keep), ls.layer,
-                                                           decomposition).astype(np.float32)}
-        shift = ls.output_shift(keep)
-        if shift is not None or self.traces is None:
-            return measure_loss(self.model, self.batches, self.loss_fn, replacement, graph=self.graph,
-                                output_shifts=None if shift is None else {node: shift}) - self.base
-        start = self.graph.first_reader(ls.layer.weight)
-        with _replaced(self.graph, replacement), torch.no_grad():
-            return _mean_loss(self.loss_fn(self.graph.resume(values, start), targets)
-                              for values, targets in self.traces) - self.base
-
-
 @heap_reuse()
 def replacement_gains(
     model: onnx.ModelProto,
@@ -874,20 +831,20 @@ def measure_ranges(
     while every milder one agreed too (0: the layer stays dense).
     """
     progress = as_progress(progress)
-    probe = TruncationProbe(model, sensitivity, batches, loss_fn)
-    for ls in progress.track(sensitivity.all(), "perturbation ranges", unit="layer"):
-        layer = ls.layer
+    planned = []  # (layer sensitivity, its ranks, most to least)
+    for ls in sensitivity.all():
         ls.curvature_scale = 1.0
+        top = ls.layer.break_even_rank(ls.decomposition)
+        planned.append((ls, sorted({max(1, int(round(top * f))) for f in levels}, reverse=True)))
+    measured = _truncation_losses(model, planned, batches, loss_fn, progress)
+    for ls, ranks in planned:
         rel = ls.relative_error()
-        top = layer.break_even_rank(ls.decomposition)
-        ranks = sorted({max(1, int(round(top * f))) for f in levels}, reverse=True)
         checks = []
         for rank in ranks:
-            keep = ls.keep(rank)
-            measured = probe(layer.node, rank, decomposition=ls.decomposition)
             dropped = np.ones_like(ls.s, dtype=bool)
-            np.put_along_axis(dropped, keep, False, axis=1)
-            checks.append({"rank": rank, "relative_error": float(rel[rank]), "measured": float(measured),
+            np.put_along_axis(dropped, ls.keep(rank), False, axis=1)
+            checks.append({"rank": rank, "relative_error": float(rel[rank]),
+                           "measured": measured[ls.layer.node, ls.decomposition, rank],
                            "first_order": float(ls.first_order[dropped].sum()),
                            "quadratic": float(ls.quadratic[dropped].sum())})
         lin = np.array([c["first_order"] for c in checks])
@@ -905,6 +862,43 @@ def measure_ranges(
             ls.perturbation_range = c["relative_error"]
         ls.range_checks = checks
     _log_ranges(sensitivity, progress)
+
+
+def _truncation_losses(model: onnx.ModelProto, planned: list, batches: Callable[[], Iterator[Batch]],
+                       loss_fn: LossFn, progress: Progress) -> dict[tuple[str, str, int], float]:
+    """Loss change of each (node, decomposition, rank) of ``planned`` with only that layer truncated (in joint
+    order). Batch by batch, one run of the original and each truncation resumed at its layer
+    (:func:`replacement_gains`), over chunks of layers whose truncated weights fit :data:`RANGE_CHUNK_BYTES`;
+    a truncation paired with a bias change (an analysis with bias correction) is a full run of its own."""
+    chunks, chunk, chunk_bytes, shifted = [], {}, 0, {}
+    for ls, ranks in planned:
+        for rank in ranks:
+            keep = ls.keep(rank)
+            weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, ls.decomposition).astype(np.float32)
+            key = (ls.layer.node, ls.decomposition, rank)
+            shift = ls.output_shift(keep)
+            if shift is not None:
+                shifted[key] = ({ls.layer.weight: weight}, {ls.layer.node: shift})
+                continue
+            if chunk and chunk_bytes + weight.nbytes > RANGE_CHUNK_BYTES:
+                chunks.append(chunk)
+                chunk, chunk_bytes = {}, 0
+            chunk[key] = {ls.layer.weight: weight}
+            chunk_bytes += weight.nbytes
+    chunks += [chunk] if chunk else []
+    measured = {}
+    for number, replacements in enumerate(chunks, 1):
+        part = f", part {number} of {len(chunks)}" if len(chunks) > 1 else ""
+        gains = replacement_gains(model, replacements, batches, loss_fn, progress,
+                                  f"perturbation ranges ({len(replacements)} truncations{part})")
+        measured.update({key: -gain for key, gain in gains.items()})
+    if shifted:
+        graph = TorchGraph(model)
+        base = measure_loss(model, batches, loss_fn, graph=graph)
+        for key, (replacement, shifts) in shifted.items():
+            measured[key] = measure_loss(model, batches, loss_fn, replacement, graph=graph,
+                                         output_shifts=shifts) - base
+    return measured
 
 
 def _log_ranges(sensitivity: Sensitivity, progress: Progress) -> None:

@@ -29,7 +29,6 @@ from onnxlrf.measure.analysis import (
     joint_analysis,
 )
 from onnxlrf.measure.sensitivity import (
-    TruncationProbe,
     _joint_basis,
     _spatial_factors,
     _sqrt_and_inverse,
@@ -42,6 +41,7 @@ from onnxlrf.measure.sensitivity import (
     similarity_curvature,
     similarity_loss,
 )
+from onnxlrf.measure import sensitivity as sensitivity_module
 from onnxlrf.measure.torch_graph import TorchGraph
 from onnxlrf.pipeline import compress_joint
 from onnxlrf.planning.joint import PlanOptions
@@ -448,19 +448,34 @@ def test_splits_are_disjoint_and_fixed_by_seed(small_cnn):
     assert np.array_equal(a.test.inputs["input"], b.test.inputs["input"])
 
 
-def test_truncation_probe_with_cached_activations_equals_a_full_run(small_cnn):
+def test_range_checks_measure_each_truncation_as_a_full_run_does_in_chunks_or_not(small_cnn, monkeypatch):
+    """Batch by batch, each truncation resumes at its layer from one run of the original (in chunks of layers
+    when their truncated weights would not fit at once): the loss changes of full runs with that layer truncated."""
     model, data = small_cnn
     calib = data.subset(np.arange(300))
     sens = analyze(model, _batches(calib), classification_loss)
-    cached = TruncationProbe(model, sens, _batches(calib), classification_loss)
-    uncached = TruncationProbe(model, sens, _batches(calib), classification_loss, cache_bytes=0)
-    assert cached.traces and uncached.traces is None
+    measure_ranges(model, sens, _batches(calib), classification_loss)
+    base = measure_loss(model, _batches(calib), classification_loss)
     for ls in sens.layers.values():
-        rank = max(1, ls.s.shape[1] // 2)
-        weight = matrices_to_weight(ls.reconstruct(ls.keep(rank)), ls.layer, "channel").astype(np.float32)
-        full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - cached.base
-        assert cached(ls.layer.node, rank) == pytest.approx(full, rel=1e-4, abs=1e-6)
-        assert uncached(ls.layer.node, rank) == pytest.approx(full, rel=1e-4, abs=1e-6)
+        for check in ls.range_checks:
+            weight = matrices_to_weight(ls.reconstruct(ls.keep(check["rank"])), ls.layer, "channel").astype(np.float32)
+            full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight}) - base
+            assert check["measured"] == pytest.approx(full, rel=1e-4, abs=1e-6)
+    whole = {node: [c["measured"] for c in ls.range_checks] for node, ls in sens.layers.items()}
+    monkeypatch.setattr(sensitivity_module, "RANGE_CHUNK_BYTES", 1)  # one truncation per chunk
+    measure_ranges(model, sens, _batches(calib), classification_loss)
+    for node, ls in sens.layers.items():
+        np.testing.assert_allclose([c["measured"] for c in ls.range_checks], whole[node], rtol=1e-6, atol=1e-9)
+    # A truncation paired with its bias change (bias correction) runs in full, the shift added.
+    corrected = analyze(model, _batches(calib), classification_loss, bias_correction=True)
+    measure_ranges(model, corrected, _batches(calib), classification_loss)
+    ls = next(iter(corrected.layers.values()))
+    check = ls.range_checks[0]
+    keep = ls.keep(check["rank"])
+    weight = matrices_to_weight(ls.reconstruct(keep), ls.layer, "channel").astype(np.float32)
+    full = measure_loss(model, _batches(calib), classification_loss, {ls.layer.weight: weight},
+                        output_shifts={ls.layer.node: ls.output_shift(keep)}) - base
+    assert check["measured"] == pytest.approx(full, rel=1e-4, abs=1e-6)
 
 
 def test_replacement_gains_equal_full_runs_with_each_weight_replaced(small_cnn):
