@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
@@ -43,7 +43,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
-from ...measure.analysis import samples_per_run
+from ...measure.analysis import calibration_batches, samples_per_run
 from ...measure.coverage import analysis_exclusion
 from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
 from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
@@ -56,11 +56,6 @@ __all__ = ["refit_plan"]
 # images give far more (1,000 CIFAR images: 1M positions for 144 features), and the products
 # with all of them were most of the refit's time.
 ROWS_PER_FEATURE = 256
-
-
-def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    for start in range(0, len(dataset), batch_size):
-        yield dataset.subset(np.arange(start, min(start + batch_size, len(dataset)))).inputs
 
 
 def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: LowRankEntry, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +156,9 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
         graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
         if entry.bias_correction:
             shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
-    batches = list(_batches(dataset, samples_per_run(model, dataset, batch_size)))
+    # Token data in length-sorted batches cut after their last real token, as the analysis runs it.
+    batches = [feeds for feeds, _ in calibration_batches(dataset, dataset.labels,
+                                                         samples_per_run(model, dataset, batch_size), model)()]
     originals = [graph_original.feed(feeds) for feeds in batches]
     refits = [graph_refit.feed(feeds) for feeds in batches]
     masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
