@@ -13,6 +13,14 @@ Per split seed (calibration / validation / held-out test as `onnxlrf compress --
   (it pins its own onnxruntime-gpu); its calibrations ``max`` and ``entropy`` on the calibration split on the
   CPU provider, ``high_precision_dtype="fp32"`` (its fp16 default costs accuracy on onnxruntime's CPU);
   best on validation as above. Its Q/DQ is TensorRT's placement: evaluated for accuracy here, not speed.
+* AMD Quark's ONNX PTQ (``quark.onnx.ModelQuantizer`` with a ``QConfig``), with ``--quark-python``: the Python of a
+  separate environment with ``pip install amd-quark onnxruntime`` (and torch, which its fast finetuning needs);
+  QDQ, per-channel symmetric int8 weights (``Int8Spec``, MinMax, ``QuantGranularity.Channel``), asymmetric uint8
+  activations (``UInt8Spec``), Conv/Gemm/MatMul, its other options at their defaults; activation calibrations
+  MinMax and Percentile (its 99.999) on the calibration split; then each of its fast finetunings named in
+  ``--quark-finetune`` (``AdaRoundConfig()``, ``AdaQuantConfig()``: its defaults, 1000 and 3000 iterations at batch
+  1 on the CPU over the whole calibration split) on the calibration of the higher validation metric; best on
+  validation of all.
 * onnxlrf ``compress --technique quant --mode uniform --bits 8 --activations int8`` with its defaults, run
   as the CLI (the same split by construction).
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +50,31 @@ from onnxlrf.runtime.evaluate import change_interval, model_predictions
 from onnxlrf.verify.splits import split_dataset
 
 MODELOPT_CALIBRATIONS = ("max", "entropy")
+QUARK_CALIBRATIONS = ("minmax", "percentile")
+QUARK_FINETUNES = ("adaround", "adaquant")
+# Run by the Quark environment's Python: model, calibration npz, activation calibration, finetune ("" for none),
+# output, batch size.
+QUARK_PROGRAM = """
+import sys, numpy as np
+from quark.onnx import (AdaQuantConfig, AdaRoundConfig, CalibMethod, CalibrationDataReader, Int8Spec, ModelQuantizer,
+                        QConfig, QLayerConfig, QuantGranularity, UInt8Spec)
+model, calib, method, finetune, out, batch = sys.argv[1:7]
+arrays, batch = dict(np.load(calib)), int(batch)
+rows = len(next(iter(arrays.values())))
+class Batches(CalibrationDataReader):
+    def __init__(self):
+        self.feeds = iter([{name: array[i:i + batch] for name, array in arrays.items()}
+                           for i in range(0, rows, batch)])
+    def get_next(self):
+        return next(self.feeds, None)
+calibration = {"minmax": CalibMethod.MinMax, "percentile": CalibMethod.Percentile}[method]
+config = QConfig(global_config=QLayerConfig(
+    activation=UInt8Spec(calibration_method=calibration),
+    weight=Int8Spec(calibration_method=CalibMethod.MinMax, quant_granularity=QuantGranularity.Channel)),
+    algo_config={"": [], "adaround": [AdaRoundConfig()], "adaquant": [AdaQuantConfig()]}[finetune],
+    OpTypesToQuantize=["Conv", "Gemm", "MatMul"])
+ModelQuantizer(config).quantize_model(model, out, Batches())
+"""
 # Run by the ModelOpt environment's Python: model, calibration npz (arrays by input name), shapes, method, output.
 MODELOPT_PROGRAM = """
 import sys, numpy as np
@@ -99,6 +133,20 @@ def modelopt_int8(python: str, reference: Path, calib, method: str, out: Path) -
     return out
 
 
+def quark_int8(python: str, reference: Path, calib, method: str, finetune: str, out: Path) -> Path:
+    """Quark's INT8 PTQ in its own environment, fed the calibration split by npz in ``Batches``' batch size."""
+    names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
+    rows = len(calib.inputs[names[0]])
+    npz = out.with_suffix(".npz")
+    np.savez(npz, **{name: calib.inputs[name] for name in names})
+    done = subprocess.run([python, "-c", QUARK_PROGRAM, str(reference), str(npz), method, finetune, str(out),
+                           str(max(b for b in range(1, BATCH + 1) if rows % b == 0))],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"Quark ({method} {finetune}) failed: {done.stderr.strip().splitlines()[-1]}")
+    return out
+
+
 def scored(dataset, predictions: np.ndarray, reference: np.ndarray) -> dict:
     value, base = dataset.score_predictions(predictions), dataset.score_predictions(reference)
     return {"value": value, "reference_value": base, "change": value - base,
@@ -118,7 +166,8 @@ def onnxlrf_w8a8(model: str, seed: int, workdir: Path) -> dict:
             "command": " ".join(["onnxlrf", *command[3:]])}
 
 
-def run_seed(model: str, seed: int, modelopt_python: str | None) -> dict:
+def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: str | None,
+             quark_finetunes: list[str]) -> dict:
     command = COMMANDS[model]
     calib_n, val_n = int(option(command, "--calib", "1000")), int(option(command, "--val", "1000"))
     with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
@@ -135,6 +184,14 @@ def run_seed(model: str, seed: int, modelopt_python: str | None) -> dict:
         if modelopt_python:
             peers.update({f"modelopt_{method}": lambda out, method=method: modelopt_int8(
                 modelopt_python, reference, splits.calib, method, out) for method in MODELOPT_CALIBRATIONS})
+        if quark_python:
+            peers.update({f"quark_{method}": lambda out, method=method: quark_int8(
+                quark_python, reference, splits.calib, method, "", out) for method in QUARK_CALIBRATIONS})
+            # Run after the plain ones (dicts keep order): each finetunes on the calibration of the best validation.
+            peers.update({f"quark_{finetune}": lambda out, finetune=finetune: quark_int8(
+                quark_python, reference, splits.calib,
+                max(QUARK_CALIBRATIONS, key=lambda method: row[f"quark_{method}"]["val"]), finetune, out)
+                for finetune in quark_finetunes})
         for name, quantize in peers.items():
             start = time.perf_counter()
             quantized = load_onnx(quantize(work / f"{name}.onnx"))
@@ -142,7 +199,7 @@ def run_seed(model: str, seed: int, modelopt_python: str | None) -> dict:
             row[name] = {"val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
                          "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
                          "seconds": seconds}
-        for peer in ("ort", "modelopt") if modelopt_python else ("ort",):
+        for peer in ("ort", *(["modelopt"] if modelopt_python else []), *(["quark"] if quark_python else [])):
             best = max((name for name in peers if name.startswith(peer + "_")), key=lambda name: row[name]["val"])
             row[f"{peer}_best"] = {"calibration": best.split("_", 1)[1], **row[best]}
         row["reference_val"] = splits.val.score_predictions(reference_val)
@@ -156,14 +213,26 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--modelopt-python", help="Python of an environment with nvidia-modelopt[onnx].")
+    parser.add_argument("--quark-python", help="Python of an environment with amd-quark, onnxruntime and torch.")
+    parser.add_argument("--quark-finetune", default=",".join(QUARK_FINETUNES),
+                        help="Quark's fast finetunings to run, comma-separated, of: " + ", ".join(QUARK_FINETUNES)
+                        + " (empty for none).")
     args = parser.parse_args()
+    quark_finetunes = [name for name in args.quark_finetune.split(",") if name]
+    if set(quark_finetunes) - set(QUARK_FINETUNES):
+        parser.error(f"--quark-finetune: one of {', '.join(QUARK_FINETUNES)}, comma-separated")
+    for flag, python in (("--modelopt-python", args.modelopt_python), ("--quark-python", args.quark_python)):
+        if python and not shutil.which(python):
+            parser.error(f"{flag}: no Python at {python}")
     rows = []
     methods = ["ort_minmax", "ort_percentile", "ort_entropy", "ort_best"]
     if args.modelopt_python:
         methods += ["modelopt_max", "modelopt_entropy", "modelopt_best"]
+    if args.quark_python:
+        methods += [f"quark_{name}" for name in (*QUARK_CALIBRATIONS, *quark_finetunes)] + ["quark_best"]
     methods.append("onnxlrf_w8a8")
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(run_seed(args.model, seed, args.modelopt_python))
+        rows.append(run_seed(args.model, seed, args.modelopt_python, args.quark_python, quark_finetunes))
         row = rows[-1]
         cells = [f"{name} {held(row[name])['change']:+.4f} [{held(row[name])['change_interval'][0]:+.4f}, "
                  f"{held(row[name])['change_interval'][1]:+.4f}]" for name in methods if "best" in name or
