@@ -868,9 +868,22 @@ def _truncation_losses(model: onnx.ModelProto, planned: list, batches: Callable[
                        loss_fn: LossFn, progress: Progress) -> dict[tuple[str, str, int], float]:
     """Loss change of each (node, decomposition, rank) of ``planned`` with only that layer truncated (in joint
     order). Batch by batch, one run of the original and each truncation resumed at its layer
-    (:func:`replacement_gains`), over chunks of layers whose truncated weights fit :data:`RANGE_CHUNK_BYTES`;
-    a truncation paired with a bias change (an analysis with bias correction) is a full run of its own."""
-    chunks, chunk, chunk_bytes, shifted = [], {}, 0, {}
+    (:func:`replacement_gains`), in chunks of layers whose truncated weights fit :data:`RANGE_CHUNK_BYTES`
+    (a chunk's weights are made when it runs); a truncation paired with a bias change (an analysis with bias
+    correction) is a full run of its own."""
+    measured: dict[tuple[str, str, int], float] = {}
+    chunk: dict = {}
+    chunk_bytes, part = 0, 0
+
+    def run_chunk() -> None:
+        nonlocal chunk, chunk_bytes, part
+        part += 1
+        gains = replacement_gains(model, chunk, batches, loss_fn, progress,
+                                  f"perturbation ranges ({len(chunk)} truncations, part {part})")
+        measured.update({key: -gain for key, gain in gains.items()})
+        chunk, chunk_bytes = {}, 0
+
+    graph, base = None, None
     for ls, ranks in planned:
         for rank in ranks:
             keep = ls.keep(rank)
@@ -878,26 +891,18 @@ def _truncation_losses(model: onnx.ModelProto, planned: list, batches: Callable[
             key = (ls.layer.node, ls.decomposition, rank)
             shift = ls.output_shift(keep)
             if shift is not None:
-                shifted[key] = ({ls.layer.weight: weight}, {ls.layer.node: shift})
+                if graph is None:
+                    graph = TorchGraph(model)
+                    base = measure_loss(model, batches, loss_fn, graph=graph)
+                measured[key] = measure_loss(model, batches, loss_fn, {ls.layer.weight: weight}, graph=graph,
+                                             output_shifts={ls.layer.node: shift}) - base
                 continue
             if chunk and chunk_bytes + weight.nbytes > RANGE_CHUNK_BYTES:
-                chunks.append(chunk)
-                chunk, chunk_bytes = {}, 0
+                run_chunk()
             chunk[key] = {ls.layer.weight: weight}
             chunk_bytes += weight.nbytes
-    chunks += [chunk] if chunk else []
-    measured = {}
-    for number, replacements in enumerate(chunks, 1):
-        part = f", part {number} of {len(chunks)}" if len(chunks) > 1 else ""
-        gains = replacement_gains(model, replacements, batches, loss_fn, progress,
-                                  f"perturbation ranges ({len(replacements)} truncations{part})")
-        measured.update({key: -gain for key, gain in gains.items()})
-    if shifted:
-        graph = TorchGraph(model)
-        base = measure_loss(model, batches, loss_fn, graph=graph)
-        for key, (replacement, shifts) in shifted.items():
-            measured[key] = measure_loss(model, batches, loss_fn, replacement, graph=graph,
-                                         output_shifts=shifts) - base
+    if chunk:
+        run_chunk()
     return measured
 
 
