@@ -61,6 +61,8 @@ def test_batches_run_in_order_of_length_each_cut_after_its_longest_sample():
     assert lengths is not None
     rows = data.token_lengths()
     np.testing.assert_array_equal(lengths, np.maximum(rows[:len(data)], rows[len(data):]))
+    # Label-free, each sentence is a sample of its own.
+    np.testing.assert_array_equal(token_cut_lengths(encoder(), data.label_free()), rows)
     targets = np.arange(len(data))  # identifies each pair
     seen, widths = [], []
     for feeds, batch_targets in CalibrationBatches(data, targets, 16, lengths)():
