@@ -216,6 +216,21 @@ class Dataset:
         return errors / len(self.output_widths)
 
 
+def token_inputs_cuttable(dataset: Dataset, input_dims: dict[str, list]) -> bool:
+    """Whether a model with inputs ``input_dims`` (name -> dims, an int for a fixed size) may run ``dataset``'s
+    token batches cut on axis 1: the token mask is one of its inputs (padding the model does not see could
+    change its outputs), and every input is a (rows, sequence) array of the mask's shape with a dynamic
+    sequence axis. Whether its outputs stay the same is its runner's to check (:func:`same_outputs`)."""
+    mask = dataset.inputs.get(dataset.token_mask) if dataset.token_mask else None
+    if mask is None or dataset.token_mask not in input_dims:
+        return False
+    for name, dims in input_dims.items():
+        array = dataset.inputs.get(name)
+        if array is None or array.shape != mask.shape or len(dims) != 2 or isinstance(dims[1], int):
+            return False
+    return True
+
+
 def cut_tokens(inputs: dict[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
     """Token feeds (every array (rows, sequence)) cut to their first ``width`` positions."""
     return {name: array[:, :width] for name, array in inputs.items()}

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import onnx
 
-from ..data import cut_tokens, graph_inputs, same_outputs
+from ..data import cut_tokens, graph_inputs, same_outputs, token_inputs_cuttable
 from ..errors import OnnxlrfError
 from ..onnx_io import atomic_path
 from ..progress import Progress, ProgressLike, as_progress
@@ -102,22 +102,17 @@ CUT_CHECK_SAMPLES = 4
 def token_cut_lengths(reference: onnx.ModelProto, dataset: Any) -> np.ndarray | None:
     """Per sample, the length the analysis' micro-batches of ``dataset`` may be cut to
     (:meth:`~onnxlrf.data.Dataset.sample_token_lengths`); None where they may not: no token mask, no padding,
-    a graph input that is not a (rows, sequence) array of the mask's width with a dynamic sequence axis, or
-    outputs that differ on the shortest samples run cut and at full width (a token-level output, a model
+    graph inputs that may not be cut (:func:`~onnxlrf.data.token_inputs_cuttable`), or outputs that differ on the shortest samples run cut and at full width (a token-level output, a model
     that reads the padding)."""
     import torch
 
     from .torch_graph import TorchGraph
 
     lengths = dataset.sample_token_lengths()
-    if lengths is None:
+    dims = {inp.name: [dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+                       for dim in inp.type.tensor_type.shape.dim] for inp in graph_inputs(reference)}
+    if lengths is None or not token_inputs_cuttable(dataset, dims):
         return None
-    mask = dataset.inputs[dataset.token_mask]
-    for inp in graph_inputs(reference):
-        dims = inp.type.tensor_type.shape.dim
-        array = dataset.inputs.get(inp.name)
-        if array is None or array.shape != mask.shape or len(dims) != 2 or dims[1].HasField("dim_value"):
-            return None
     shortest = np.argsort(lengths, kind="stable")[:CUT_CHECK_SAMPLES]
     feeds = dataset.subset(shortest).inputs
     graph = TorchGraph(reference)
@@ -326,13 +321,15 @@ def _analyze(reference: onnx.ModelProto, calib: Any, labels: str, range_samples:
     micro_batch = samples_in_memory(reference, calib, batchable)
     if micro_batch < min(batchable, len(calib)):
         progress.log(f"analysis: micro-batches of {micro_batch} samples, to stay within half of the memory free")
-    sensitivity = analyze(reference, calibration_batches(calib, targets, micro_batch, reference), loss_fn,
+    lengths = token_cut_lengths(reference, calib)  # one check for the gradient pass and the range checks
+    sensitivity = analyze(reference, CalibrationBatches(calib, targets, micro_batch, lengths), loss_fn,
                           loss_name=loss_name, progress=progress,
                           curvature_fn=curvature_fn, token_mask=calib.token_mask, spatial=spatial,
                           first_order=first_order)
     n_range = min(range_samples, len(calib))
     measure_ranges(reference, sensitivity,
-                   calibration_batches(calib.subset(np.arange(n_range)), targets[:n_range],
-                                       range_batch_size(reference, calib), reference),
+                   CalibrationBatches(calib.subset(np.arange(n_range)), targets[:n_range],
+                                      range_batch_size(reference, calib),
+                                      None if lengths is None else lengths[:n_range]),
                    loss_fn, progress=progress)
     return sensitivity

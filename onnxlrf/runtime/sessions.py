@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..data import OUTPUTS, Dataset, cut_tokens, graph_inputs, same_outputs
+from ..data import OUTPUTS, Dataset, cut_tokens, graph_inputs, same_outputs, token_inputs_cuttable
 from ..errors import OnnxlrfError, first_line
 from ..onnx_io import fits_one_message, save_onnx
 from ..progress import ProgressLike, as_progress
@@ -181,7 +181,7 @@ def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str],
     static_batch = _static_batch(session)
     batch_size = static_batch or batch_size
     inputs = [i.name for i in session.get_inputs()]
-    lengths = _token_lengths(session, dataset, inputs)
+    lengths = _token_lengths(session, dataset)
     order = None if lengths is None else np.argsort(lengths, kind="stable")
     cut = lengths is not None  # until the first batch that can be cut says otherwise
     checked = False
@@ -217,20 +217,12 @@ def _run_rows(session: ort.InferenceSession, dataset: Dataset, names: list[str],
     return [array[back] for array in results]
 
 
-def _token_lengths(session: ort.InferenceSession, dataset: Dataset, inputs: list[str]) -> np.ndarray | None:
-    """:meth:`Dataset.token_lengths`, where the session may run them cut: the token mask is one of its
-    inputs (padding the model does not see could change its outputs), and every input is a (rows,
-    sequence) array of the mask's width with a dynamic axis 1 in the session. None otherwise."""
-    lengths = dataset.token_lengths()
-    if lengths is None or dataset.token_mask not in inputs:
+def _token_lengths(session: ort.InferenceSession, dataset: Dataset) -> np.ndarray | None:
+    """:meth:`Dataset.token_lengths`, where the session may run them cut
+    (:func:`~onnxlrf.data.token_inputs_cuttable` on its inputs); None otherwise."""
+    if not token_inputs_cuttable(dataset, {inp.name: inp.shape or [] for inp in session.get_inputs()}):
         return None
-    mask = dataset.inputs[dataset.token_mask]
-    for inp in session.get_inputs():
-        array = dataset.inputs.get(inp.name)
-        dims = inp.shape or []
-        if array is None or array.shape != mask.shape or len(dims) != 2 or isinstance(dims[1], int):
-            return None
-    return lengths
+    return dataset.token_lengths()
 
 
 def run_session(session: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray]) -> list:

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_data import IR_VERSION, masked_mean
 
-from onnxlrf.data import SENTENCE_SIMILARITY, Dataset
+from onnxlrf.data import SENTENCE_SIMILARITY, Dataset, token_inputs_cuttable
 from onnxlrf.measure.analysis import CalibrationBatches, calibration_batches, token_cut_lengths
 from onnxlrf.measure.sensitivity import analyze, measure_ranges, similarity_loss
 
@@ -115,3 +115,11 @@ def test_the_analysis_and_its_range_checks_are_the_same_on_cut_batches():
         measured = [check["measured"] for check in ls.range_checks]
         np.testing.assert_allclose([check["measured"] for check in other.range_checks], measured,
                                    rtol=1e-3, atol=1e-7)
+
+
+def test_inputs_may_be_cut_only_with_the_mask_among_them_and_a_dynamic_sequence_axis():
+    data = pairs()
+    assert token_inputs_cuttable(data, {"input_ids": ["N", "S"], "attention_mask": ["N", "S"]})
+    assert not token_inputs_cuttable(data, {"input_ids": ["N", "S"]})  # the model would not see the padding
+    assert not token_inputs_cuttable(data, {"input_ids": ["N", WIDTH], "attention_mask": ["N", WIDTH]})
+    assert not token_inputs_cuttable(data, {"input_ids": ["N", "S"], "attention_mask": ["N", "S"], "other": ["N"]})
