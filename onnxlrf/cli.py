@@ -256,9 +256,9 @@ _verify_options = _OptionGroup(
                  help="Joint modes: analyse and back off again around each round's truncated weights "
                       "(compact: until a round adds nothing; lossless: the target in equal steps)."),
     click.option("--refit/--no-refit", default=True, show_default=True,
-                 help="Joint modes: also try the back-off's plans with each layer's factors refit on the "
-                      "calibration split to undo what the layers before it changed; kept where validation says "
-                      "it is better."),
+                 help="Joint modes: also try the back-off's plans improved on the calibration split to undo "
+                      "what the layers before each layer changed (low-rank: its factors refit; quant: its weights "
+                      "rounded again on the quantized model's inputs); kept where validation says it is better."),
     click.option("--acceptance-z", default=DEFAULT_ACCEPTANCE_Z, show_default=True, callback=_acceptance_z,
                  metavar="Z|off",
                  help="compact: a plan holds on validation when its metric is at least the original's and its "

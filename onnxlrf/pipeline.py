@@ -423,7 +423,8 @@ def compress_quant(
     :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes`` or ``bits``: the loss-aware plan (weight-only
     bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
     (default loss-aware), the knapsack over bytes, the back-off and its acceptance rule on the validation
-    split; one round, no refit). With ``data``, it is split as
+    split; one round; with ``verify.refit``, the back-off also tries its plans rounded again in graph order,
+    :func:`~onnxlrf.techniques.quant.sequential.sequential_rounding`). With ``data``, it is split as
     for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
     result is validated against the original on the held-out test split (W8A8 and the joint modes need
     ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all Conv/Gemm/MatMul
@@ -484,9 +485,8 @@ def compress_quant(
                 ranges = every.activation_ranges
             technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
                               options.block_size, options.predictor)
-            # One round, and no refit: quantization has no improvement step yet.
-            rounds = verify_in_rounds(reference, split, joint, analysis,
-                                      dataclasses.replace(verify, rounds=1, refit=False),
+            # One round; the improvement step (``verify.refit``) is the sequential rounding.
+            rounds = verify_in_rounds(reference, split, joint, analysis, dataclasses.replace(verify, rounds=1),
                                       cost_model(reference, joint.target), provider, progress, technique=technique)
             plan = technique.with_ranges(reference, rounds.plan)
             plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]

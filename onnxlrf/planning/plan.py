@@ -206,9 +206,13 @@ QUANT_ACTIVATIONS = ("float", "int8")
 # Where the weight scales come from: "absmax", the channel's (block's) largest |w| maps to the largest level;
 # "searched", a clipping ratio per channel chosen under the loss's metric (stored with the plan).
 WEIGHT_SCALES = ("absmax", "searched")
-# "nearest": the nearest grid point, ties to even (computed by the rewrite); "loss-aware": rounded with error
-# feedback in the loss's metric (METHOD.md 9; the levels are stored with the plan).
+# How a planner rounds: "nearest", the nearest grid point, ties to even (computed by the rewrite); "loss-aware",
+# with error feedback in the loss's metric (METHOD.md 9; the levels are stored with the plan).
 ROUNDINGS = ("nearest", "loss-aware")
+# An entry may also say "sequential": rounded again in graph order on the inputs the quantized model gives the
+# layer (the back-off's improvement step; stored with the plan too).
+ENTRY_ROUNDINGS = ROUNDINGS + ("sequential",)
+STORED_ROUNDINGS = ("loss-aware", "sequential")
 
 
 def _check_known(where: str, field: str, value: Any, known: Any) -> None:
@@ -260,7 +264,7 @@ class QuantEntry(PlanEntry):
     @property
     def stores_grid(self) -> bool:
         """Its levels and scales are stored with the plan (``Plan.bases``), not computed by the rewrite."""
-        return self.changed and (self.rounding == "loss-aware" or self.weight_scales == "searched")
+        return self.changed and (self.rounding in STORED_ROUNDINGS or self.weight_scales == "searched")
 
     def _check_grid(self, layer: QuantLayer, plan: "Plan", where: str) -> None:
         if self.granularity != "per_channel":
@@ -312,7 +316,7 @@ class QuantEntry(PlanEntry):
         if self.bits > QUANT_CONTAINERS[self.container]:
             raise OnnxlrfError(f"{where}: {self.bits}-bit values do not fit container {self.container}")
         _check_known(where, "weight_scales", self.weight_scales, WEIGHT_SCALES)
-        _check_known(where, "rounding", self.rounding, ROUNDINGS)
+        _check_known(where, "rounding", self.rounding, ENTRY_ROUNDINGS)
         if self.stores_grid:
             self._check_grid(layer, plan, where)
         if self.granularity == "block":

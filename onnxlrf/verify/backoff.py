@@ -314,10 +314,10 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     def attempt(plan: Plan, bar: float, description: str, strictly: bool = False) -> Verified | None:
         improved = technique.improve(reference, plan, calib, progress=progress)
         if improved is None:  # the same plan: already judged
-            progress.log(f"  {description}: nothing to refit (its factorized layers are spatial or share weights)")
+            progress.log(f"  {description}: nothing to improve (none of its changed layers can be)")
             return None
         compressed, report = technique.rewrite(reference, improved, progress=progress)
-        added = count_params(compressed) - (count_params(reference) - plan.summary()["params_removed"])
+        added = report.params_after - (report.params_before - plan.summary()["params_removed"])
         if added > 0:  # e.g. a refit bias change on a layer with no bias to fold it into
             progress.log(f"  {description} refit: adds {added:,} parameters the plan does not count: rejected")
             return None

@@ -26,13 +26,11 @@ fine-tuning.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from typing import Any
 
 import numpy as np
 import onnx
-import torch
 
 from ...errors import OnnxlrfError
 from ...graph.layers import (
@@ -43,10 +41,10 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
-from ...measure.analysis import calibration_batches, samples_per_run
 from ...measure.coverage import analysis_exclusion
-from ...measure.sensitivity import DAMPING, layer_input_rows, shift_outputs
-from ...measure.torch_graph import TorchGraph, channels_last, heap_reuse
+from ...measure.sensitivity import DAMPING
+from ...measure.sequential import PairedInputs
+from ...measure.torch_graph import heap_reuse
 from ...planning.plan import LowRankEntry, Plan
 from ...progress import ProgressLike, as_progress
 
@@ -68,32 +66,6 @@ def _planned_matrices(model: onnx.ModelProto, plan: Plan, entry: LowRankEntry, l
     if entry.bias_correction:
         shift = -np.einsum("gmn,gn->gm", planned - dense, plan.bases[layer.weight][3]).reshape(-1)
     return planned, shift
-
-
-def _stored_weight(matrices: np.ndarray, layer: Layer, decomposition: str) -> torch.Tensor:
-    """``(g, m, n)`` matrices as the weight tensor the torch evaluator reads."""
-    weight = torch.from_numpy(np.ascontiguousarray(matrices_to_weight(matrices, layer, decomposition),
-                                                   dtype=np.float32))
-    return channels_last(weight) if layer.op_type == "Conv" else weight
-
-
-def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_refit: torch.Tensor,
-                 token_mask: torch.Tensor | None, wanted: int | None,
-                 sample: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs; all of them if None or fewer.
-
-    Only enough samples to give 4 times ``wanted`` rows (before padding tokens are left
-    out) are unfolded: unfolding every position of every image took most of the refit's time.
-    """
-    per_sample = layer_input_rows(node, layer, x[:1]).shape[1]
-    if wanted is None or per_sample * len(x) <= wanted:
-        return layer_input_rows(node, layer, x, token_mask), layer_input_rows(node, layer, x_refit, token_mask)
-    samples = min(len(x), math.ceil(4 * wanted / per_sample))
-    mask = None if token_mask is None else token_mask[:samples]
-    x, x_refit = (layer_input_rows(node, layer, x[:samples], mask),
-                  layer_input_rows(node, layer, x_refit[:samples], mask))
-    pick = torch.randperm(x.shape[1], generator=sample)[:wanted]
-    return x[:, pick], x_refit[:, pick]
 
 
 def _reduced_rank_fit(target: np.ndarray, cross: np.ndarray, cov: np.ndarray, rank: int) -> np.ndarray:
@@ -128,9 +100,6 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
     """
     progress = as_progress(progress)
     layers = {layer.node: layer for layer in find_layers(model)[0]}
-    graph_original, graph_refit = TorchGraph(model), TorchGraph(model)
-    index = {node.name: i for i, node in enumerate(graph_original.nodes)}
-    nodes = {node.name: node for node in graph_original.nodes}
     users = Counter(entry.weight for entry in plan.layers if entry.decomposition != "dense")
     entries, skipped, as_planned = [], [], []
     for entry in plan.layers:
@@ -148,58 +117,32 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             as_planned.append(entry)
         else:
             entries.append(entry)
-    entries.sort(key=lambda e: index[e.node])
 
-    shifts: dict[str, torch.Tensor] = {}
-    for entry in as_planned:  # truncated as planned, so the layers after them see what the rewrite will give them
-        planned, shift = _planned_matrices(model, plan, entry, layers[entry.node])
-        graph_refit.constants[entry.weight] = _stored_weight(planned, layers[entry.node], entry.decomposition)
+    # Layers kept as planned are truncated from the start, so the layers after them see what the rewrite
+    # will give them.
+    fixed, fixed_shifts = {}, {}
+    for entry in as_planned:
+        layer = layers[entry.node]
+        planned, shift = _planned_matrices(model, plan, entry, layer)
+        fixed[entry.weight] = matrices_to_weight(planned, layer, entry.decomposition)
         if entry.bias_correction:
-            shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
-    # Token data in length-sorted batches cut after their last real token, as the analysis runs it.
-    batches = [feeds for feeds, _ in calibration_batches(dataset, dataset.labels,
-                                                         samples_per_run(model, dataset, batch_size), model)()]
-    originals = [graph_original.feed(feeds) for feeds in batches]
-    refits = [graph_refit.feed(feeds) for feeds in batches]
-    masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
+            fixed_shifts[entry.node] = shift
+    paired = PairedInputs(model, dataset, layers, batch_size, fixed, fixed_shifts)
     refit_entries, bases = {}, dict(plan.bases)
-    position = 0
-    with torch.no_grad():
-        for entry in progress.track(entries, "refit", unit="layer"):
-            layer, node, stop = layers[entry.node], nodes[entry.node], index[entry.node]
-            g, m, n = layer.matrix_shape("channel")
-            rows, sums = 0, torch.zeros(2, g, n, dtype=torch.float64)
-            cov = torch.zeros(g, n, n, dtype=torch.float64)
-            cross = torch.zeros(g, n, n, dtype=torch.float64)
-            sample = torch.Generator().manual_seed(stop)
-            wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(originals))
-            for b in range(len(originals)):
-                originals[b] = graph_original.advance(originals[b], position, stop)
-                refits[b] = graph_refit.advance(refits[b], position, stop, shift_outputs(shifts), set(shifts))
-                x, x_refit = _paired_rows(node, layer, originals[b][node.input[0]], refits[b][node.input[0]],
-                                          masks[b], wanted, sample)
-                # float32 products (fast), float64 accumulation across batches.
-                cov += (x_refit.transpose(1, 2) @ x_refit).to(torch.float64)
-                cross += (x.transpose(1, 2) @ x_refit).to(torch.float64)
-                sums[0] += x.sum(1).to(torch.float64)
-                sums[1] += x_refit.sum(1).to(torch.float64)
-                rows += x.shape[1]
-            position = stop
-            mean, mean_refit = (sums / rows).numpy()
-            cov = (cov / rows).numpy() - mean_refit[:, :, None] * mean_refit[:, None, :]
-            cross = (cross / rows).numpy() - mean[:, :, None] * mean_refit[:, None, :]
-            planned, planned_shift = _planned_matrices(model, plan, entry, layer)
-            fitted = np.stack([_reduced_rank_fit(planned[j], cross[j], cov[j], entry.rank) for j in range(g)])
-            shift = planned_shift + (np.einsum("gmn,gn->gm", planned, mean)
-                                     - np.einsum("gmn,gn->gm", fitted, mean_refit)).reshape(-1)
-            weight = _stored_weight(fitted, layer, "channel")
-            for env in refits:
-                env[layer.weight] = weight
-            shifts[entry.node] = torch.from_numpy(shift.astype(np.float32))
-            u, s, vh = svd(fitted)
-            bases[layer.weight] = (u[:, :, :entry.rank].astype(np.float32), s[:, :entry.rank].astype(np.float32),
-                                   vh[:, :entry.rank].astype(np.float32), None, shift.astype(np.float32))
-            refit_entries[entry.node] = dataclasses.replace(entry, basis="refit", keep=None, bias_correction=False)
+    for node in progress.track(paired.order([entry.node for entry in entries]), "refit", unit="layer"):
+        entry, layer = next(e for e in entries if e.node == node), layers[node]
+        moments = paired.moments(layer, rows_per_feature)
+        cov, cross = moments.covariances()
+        planned, planned_shift = _planned_matrices(model, plan, entry, layer)
+        fitted = np.stack([_reduced_rank_fit(planned[j], cross[j], cov[j], entry.rank)
+                           for j in range(layer.groups)])
+        shift = planned_shift + (np.einsum("gmn,gn->gm", planned, moments.mean)
+                                 - np.einsum("gmn,gn->gm", fitted, moments.mean_changed)).reshape(-1)
+        paired.replace(layer, matrices_to_weight(fitted, layer, "channel"), shift)
+        u, s, vh = svd(fitted)
+        bases[layer.weight] = (u[:, :, :entry.rank].astype(np.float32), s[:, :entry.rank].astype(np.float32),
+                               vh[:, :entry.rank].astype(np.float32), None, shift.astype(np.float32))
+        refit_entries[node] = dataclasses.replace(entry, basis="refit", keep=None, bias_correction=False)
     layers_out = [refit_entries.get(entry.node, entry) for entry in plan.layers]
     options = {**plan.options, "refit": {"samples": len(dataset), "nodes": len(refit_entries)}}
     refit = dataclasses.replace(plan, layers=layers_out, options=options, bases=bases)

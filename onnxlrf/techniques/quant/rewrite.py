@@ -47,7 +47,7 @@ from ...onnx_io import default_opset, unique_name
 from ...planning.plan import Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
-from .grid import quantize_blocks, quantize_per_channel
+from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 # Per-channel QuantizeLinear/DequantizeLinear (their axis) came with opset 13; int4 tensors and
@@ -199,6 +199,23 @@ def weight_levels(entry: QuantEntry, layer: QuantLayer, weight: np.ndarray, plan
         return levels, scales, {"axis": layer.reduction_axis, "block_size": entry.block_size}
     levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
     return levels, scales, {"axis": layer.channel_axis}
+
+
+def planned_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
+    """The float32 weight (stored layout) each quantized entry of ``plan`` stands for, by weight name: what its
+    DequantizeLinear computes."""
+    validate_plan(plan, model)
+    layers = {layer.node: layer for layer in find_quantizable(model)[0]}
+    constants = constant_producers(model)
+    out = {}
+    for entry in plan.layers:
+        if not entry.changed:
+            continue
+        layer = layers[entry.node]
+        levels, scales, attrs = weight_levels(entry, layer, numpy_helper.to_array(constants[layer.weight]), plan)
+        out[layer.weight] = dequantize_blocks(levels, scales, attrs["axis"], attrs["block_size"]) \
+            if "block_size" in attrs else dequantize_per_channel(levels, scales, attrs["axis"])
+    return out
 
 
 class QDQRewrite(RewritePass):

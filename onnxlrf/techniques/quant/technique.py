@@ -11,7 +11,7 @@ from typing import Any, Hashable
 import onnx
 from onnx import numpy_helper
 
-from ...graph.layers import Layer, constant_producers
+from ...graph.layers import Layer
 from ...graph.quantizable import find_quantizable
 from ...errors import OnnxlrfError
 from ...measure.analysis import AnalysisOptions, joint_analysis
@@ -19,8 +19,8 @@ from ...planning.plan import ROUNDINGS, Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
-from .grid import dequantize_blocks, dequantize_per_channel
-from .rewrite import RUNTIMES, QDQRewrite, int8_scale, quantized_activations, uint8_params, weight_levels
+from .rewrite import RUNTIMES, QDQRewrite, int8_scale, planned_weights, quantized_activations, uint8_params
+from .sequential import sequential_rounding
 
 FLOAT_BITS = 32
 
@@ -113,8 +113,9 @@ class Quant:
         return tuple((entry.node, entry.bits, entry.rounding, stored(entry)) for entry in plan.layers if entry.changed)
 
     def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
-        """Nothing to improve: the loss-aware rounding is chosen with each option (:mod:`.candidates`)."""
-        return None
+        """The plan's layers rounded again in graph order on the inputs the quantized model gives them
+        (:func:`~.sequential.sequential_rounding`); None where no layer can be."""
+        return sequential_rounding(model, self.with_ranges(model, plan), calib, self.input_steps(), progress=progress)
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
@@ -125,17 +126,7 @@ class Quant:
 
     def perturbed_weights(self, model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
         """The float graph with each planned weight replaced by its dequantized grid values."""
-        validate_plan(plan, model)
-        layers = {layer.node: layer for layer in find_quantizable(model)[0]}
-        constants = constant_producers(model)
-        replaced = {}
-        for entry in plan.layers:
-            if not entry.changed:
-                continue
-            layer = layers[entry.node]
-            levels, scales, attrs = weight_levels(entry, layer, numpy_helper.to_array(constants[layer.weight]), plan)
-            replaced[layer.weight] = dequantize_blocks(levels, scales, attrs["axis"], attrs["block_size"]) \
-                if "block_size" in attrs else dequantize_per_channel(levels, scales, attrs["axis"])
+        replaced = planned_weights(model, plan)
         result = onnx.ModelProto()
         result.CopyFrom(model)
         for init in result.graph.initializer:

@@ -1,0 +1,104 @@
+"""Sequential rounding: a quantization plan's layers rounded again, in graph order, on the inputs the
+quantized model gives them.
+
+The loss-aware rounding (:mod:`.rounding`) rounds each layer toward its float weight ``W`` in the metric of
+its input's second moment in the original model, as if it were the only layer quantized. In the quantized
+model a layer's input ``x'`` has moved from the original ``x`` by what the layers before it lost, and the
+errors compound. Going through the plan's layers in graph order (as GPTQ quantizes a network, Frantar et
+al. 2022), each is rounded again at its planned bits to minimize
+
+    E || W x - Q x' ||^2  =  (Q - T) H (Q - T)^T + const,   H = E[x' x'^T],  T = W E[x x'^T] H^-1
+
+that is toward the weight ``T`` that best reproduces the float layer's output from the quantized model's
+input (the asymmetric target of GPTAQ and Qronos, 2025), in ``H``'s metric: the same error-feedback rounding
+and clipping search (:func:`~.rounding.loss_aware_levels`), with second moments (no bias change), before
+the next layer's inputs are taken. A layer whose input is int8 adds that grid's rounding noise,
+``step^2 / 12`` per input, to ``H`` (METHOD.md 8). Bits, containers and activations stay as planned: the
+plan's sizes do not change. No gradient step is taken: this is not fine-tuning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ...graph.layers import find_layers, matrices_to_weight, weight_array, weight_matrices
+from ...graph.quantizable import find_quantizable
+from ...measure.coverage import analysis_exclusion
+from ...measure.sequential import PairedInputs
+from ...measure.torch_graph import heap_reuse
+from ...planning.plan import Plan
+from ...progress import ProgressLike, as_progress
+from .grid import dequantize_per_channel
+from .rewrite import planned_weights
+from .rounding import DAMPING, loss_aware_levels
+
+__all__ = ["sequential_rounding"]
+
+# Rows per input feature a layer's moments are estimated from (as the low-rank refit's).
+ROWS_PER_FEATURE = 256
+LOSS_AWARE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def sequential_target(weight: np.ndarray, second: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """``T = W K H^-1`` of ``(g, m, n)`` weights, ``H = E[x' x'^T]``, ``K = E[x x'^T]``, with ``H`` damped as the
+    rounding damps it and the damping's pull toward ``W``: unchanged inputs (``K = H``) give ``W`` exactly."""
+    out = np.empty(weight.shape, dtype=np.float64)
+    for j in range(weight.shape[0]):
+        h = second[j]
+        damped = h + DAMPING * max(float(np.diag(h).mean()), 1e-12) * np.eye(h.shape[0])
+        w = weight[j].astype(np.float64)
+        out[j] = w + np.linalg.solve(damped, (w @ (cross[j] - h)).T).T
+    return out
+
+
+@heap_reuse()
+def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, input_steps: dict[str, float] | None = None,
+                        batch_size: int = 100, rows_per_feature: int | None = ROWS_PER_FEATURE,
+                        progress: ProgressLike = None) -> Plan | None:
+    """``plan`` with its per-channel Conv/Gemm/MatMul layers rounded again in graph order on ``dataset`` (the
+    calibration split), ``rounding: "sequential"`` and their levels and scales stored in ``plan.bases``; None
+    if no layer qualifies. ``input_steps``: the int8 grid step of each quantized input tensor.
+
+    Layers with block scales, a weight shared with another node, or outside the analysis keep their planned
+    grid (and the layers after them see it).
+    """
+    progress = as_progress(progress)
+    quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
+    layers = {layer.node: layer for layer in find_layers(model)[0] if layer.node in quantizable}
+    users = Counter(entry.weight for entry in plan.layers if entry.changed)
+    changed = [entry for entry in plan.layers if entry.changed]
+    qualifies = {entry.node for entry in changed
+                 if entry.granularity == "per_channel" and entry.op_type in LOSS_AWARE_OPS
+                 and users[entry.weight] == 1 and analysis_exclusion(layers[entry.node]) is None}
+    if not qualifies:
+        return None
+    planned = planned_weights(model, plan)
+    as_planned = {entry.weight: planned[entry.weight] for entry in changed if entry.node not in qualifies}
+    paired = PairedInputs(model, dataset, layers, batch_size, as_planned)
+    entries, bases = {}, dict(plan.bases)
+    by_node = {entry.node: entry for entry in changed}
+    for node in progress.track(paired.order(sorted(qualifies)), "sequential rounding", unit="layer"):
+        entry, layer = by_node[node], layers[node]
+        moments = paired.moments(layer, rows_per_feature)
+        second = moments.second_changed
+        if entry.activations == "int8" and input_steps is not None:
+            noise = input_steps[quantizable[node].input] ** 2 / 12.0
+            second = second + noise * np.eye(second.shape[-1])
+        weight = weight_matrices(weight_array(model, layer), layer, "channel")
+        target = sequential_target(weight, second, moments.cross)
+        levels, scales = loss_aware_levels(target, second, entry.bits)
+        levels = matrices_to_weight(levels, layer, "channel")
+        scales = scales.reshape(-1)
+        paired.replace(layer, dequantize_per_channel(levels, scales, quantizable[node].channel_axis))
+        bases[entry.weight] = (levels, scales)
+        entries[node] = dataclasses.replace(entry, rounding="sequential", weight_scales="searched")
+    options = {**plan.options, "sequential_rounding": {"samples": len(dataset), "nodes": len(entries)}}
+    progress.log(f"sequential rounding: {len(entries)} layers rounded again on {len(dataset)} calibration samples"
+                 + (f"; {len(as_planned)} kept as planned" if as_planned else ""))
+    return dataclasses.replace(plan, layers=[entries.get(entry.node, entry) for entry in plan.layers],
+                               options=options, bases=bases)

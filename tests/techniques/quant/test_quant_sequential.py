@@ -1,0 +1,98 @@
+"""sequential_rounding: a quantization plan's layers rounded again in graph order on the inputs the quantized model
+gives them, on models built here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from test_refit import _dataset, _values, convnet, mlp
+
+from onnxlrf.graph.layers import find_layers, matrices_to_weight, weight_array, weight_matrices
+from onnxlrf.measure.sensitivity import layer_input_rows
+from onnxlrf.pipeline import rewrite_file
+from onnxlrf.planning.plan import Plan, validate_plan
+from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
+from onnxlrf.techniques.quant.rewrite import QDQRewrite
+from onnxlrf.techniques.quant.rounding import loss_aware_levels
+from onnxlrf.techniques.quant.sequential import sequential_rounding, sequential_target
+
+BITS = 3
+
+
+def test_the_target_is_the_weight_where_inputs_did_not_move_and_reproduces_the_output_better_where_they_did():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 12)) @ rng.standard_normal((12, 12))
+    moved = x @ (np.eye(12) + 0.2 * rng.standard_normal((12, 12))) + 0.1 * rng.standard_normal(x.shape)
+    w = rng.standard_normal((1, 6, 12))
+    second = (x.T @ x / len(x))[None]
+    np.testing.assert_allclose(sequential_target(w, second, second), w, rtol=1e-12, atol=1e-12)
+    target = sequential_target(w, (moved.T @ moved / len(x))[None], (x.T @ moved / len(x))[None])[0]
+    error = np.mean((x @ w[0].T - moved @ target.T) ** 2)
+    assert error < 0.1 * np.mean((x @ w[0].T - moved @ w[0].T) ** 2)
+
+
+def _independent(model: onnx.ModelProto, plan: Plan, calib) -> Plan:
+    """``plan`` with each layer rounded loss-aware on its input in the float model, as if it were the only one
+    quantized (what the planner's loss-aware options do)."""
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    nodes = {node.name: node for node in model.graph.node}
+    bases = {}
+    for entry in plan.layers:
+        layer = layers[entry.node]
+        (x,) = _values(model, calib, [nodes[entry.node].input[0]])
+        rows = layer_input_rows(nodes[entry.node], layer, torch.from_numpy(x)).double().numpy()
+        moment = np.einsum("grn,grk->gnk", rows, rows) / rows.shape[1]
+        levels, scales = loss_aware_levels(weight_matrices(weight_array(model, layer), layer, "channel"), moment, BITS)
+        bases[entry.weight] = (matrices_to_weight(levels, layer, "channel"), scales.reshape(-1))
+    entries = [dataclasses.replace(e, rounding="loss-aware", weight_scales="searched") for e in plan.layers]
+    return dataclasses.replace(plan, layers=entries, bases=bases)
+
+
+# The three-layer MLP's last layers see inputs two roundings moved; the two convs' second sees one.
+@pytest.mark.parametrize("build, output, ratio", [(mlp, "y", 0.85), (convnet, "y", 0.98)],
+                         ids=["matmul-gemm", "conv-grouped"])
+def test_sequential_rounding_reproduces_the_float_model_better_than_rounding_each_layer_alone(build, output, ratio,
+                                                                                            tmp_path):
+    model = build()
+    calib, held_out = _dataset(model, seed=1), _dataset(model, seed=2)
+    plan = plan_uniform_quant(model, QuantOptions(bits=BITS))
+    independent = _independent(model, plan, calib)
+    sequential = sequential_rounding(model, plan, calib, rows_per_feature=None)
+
+    # Same bits, containers and activations: the plan's sizes do not change.
+    for before, after in zip(plan.layers, sequential.layers):
+        assert after.rounding == "sequential" and after.weight_scales == "searched"
+        assert (after.bits, after.container, after.activations) == (before.bits, before.container, before.activations)
+    validate_plan(sequential, model)  # levels within the 3-bit grid, one scale per channel
+    assert sequential.options["sequential_rounding"] == {"samples": len(calib), "nodes": len(plan.layers)}
+
+    # The first layer in graph order sees the float model's input: it is rounded as if it were alone.
+    first = plan.layers[0].weight
+    agree = np.mean(sequential.bases[first][0] == independent.bases[first][0])
+    assert agree > 0.99
+    # The later ones correct what the layers before them lost, on samples they were not fit on too.
+    (reference,) = _values(model, held_out, [output])
+    errors = {}
+    for name, candidate in {"independent": independent, "sequential": sequential}.items():
+        (value,) = _values(QDQRewrite()(model, candidate)[0], held_out, [output])
+        errors[name] = float(np.mean((value - reference) ** 2))
+    assert errors["sequential"] < ratio * errors["independent"], errors
+
+    # The stored grids make the plan re-applicable from its JSON, byte for byte.
+    sequential.save(tmp_path / "plan.json")
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    rewrite_file(tmp_path / "model.onnx", tmp_path / "plan.json", tmp_path / "again.onnx")
+    assert onnx.load(str(tmp_path / "again.onnx")) == QDQRewrite()(model, sequential)[0]
+
+
+def test_layers_that_cannot_be_rounded_again_keep_their_planned_grid():
+    model = mlp()
+    calib = _dataset(model, seed=1)
+    blocked = plan_uniform_quant(model, QuantOptions(bits=4, block_size=16))
+    # Block scales on every layer (fc3 is a Gemm with transB: a block option as well): nothing qualifies.
+    assert {entry.granularity for entry in blocked.layers} == {"block"}
+    assert sequential_rounding(model, blocked, calib) is None
