@@ -285,11 +285,13 @@ _quant_options = _OptionGroup(
                  help="--technique quant: Gemm/MatMul weights get one scale per block of this many inputs "
                       "(weight-only, --bits 4 or fewer; opset 21); lossless/compact plans offer them such "
                       "options at 4, 3 and 2 bits beside the per-channel ones."),
-    click.option("--rounding", type=click.Choice(["loss-aware", "nearest"]),
-                 help="--technique quant, loss-aware plans (lossless, compact): loss-aware (the default) rounds "
+    click.option("--rounding", type=click.Choice(["loss-aware", "nearest", "sequential"]),
+                 help="--technique quant. Loss-aware plans (lossless, compact): loss-aware (the default) rounds "
                       "each layer's option both ways, with error feedback in the loss's curvature and searched "
                       "clipping, or to nearest, and keeps the one of smaller predicted loss change; nearest: round "
-                      "to nearest only. Uniform plans run no analysis and round to nearest."),
+                      "to nearest only. Uniform plans run no analysis: nearest (the default), or sequential: every "
+                      "layer then rounded again in graph order, with error feedback, toward the weight that best "
+                      "reproduces its float output from the quantized model's inputs on the calibration split."),
     click.option("--reduce-range", type=click.Choice(["on", "off", "auto"]), default="on", show_default=True,
                  help="--technique quant, onnxruntime form: W8A8 weights on 7 bits (on), which x86 CPUs without "
                       "VNNI need (their u8 x s8 kernels overflow 8-bit weights), or 8 (off: for CPUs with VNNI "

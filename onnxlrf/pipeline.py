@@ -46,6 +46,7 @@ from .techniques.lowrank.rewrite import apply_plan
 from .techniques.quant.calibration import calibrate_plan
 from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
+from .techniques.quant.sequential import sequential_rounding
 from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
 from .verify.rounds import verify_in_rounds
@@ -419,7 +420,8 @@ def compress_quant(
 ) -> CompressResult:
     """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
 
-    ``joint`` None: every quantizable layer at ``options.bits`` (uniform). ``joint`` a lossless or compact
+    ``joint`` None: every quantizable layer at ``options.bits`` (uniform; ``options.rounding`` ``sequential``:
+    then rounded again in graph order on the calibration split). ``joint`` a lossless or compact
     :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes`` or ``bits``: the loss-aware plan (weight-only
     bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
     (default loss-aware), the knapsack over bytes, the back-off and its acceptance rule on the validation
@@ -441,7 +443,12 @@ def compress_quant(
         raise OnnxlrfError("--predictor applies to lossless and compact plans; uniform plans predict nothing")
     if joint is None and options.rounding == "loss-aware":
         raise OnnxlrfError("--rounding loss-aware needs the analysis of a lossless or compact plan; uniform plans "
-                           "round to nearest")
+                           "round to nearest or sequentially")
+    if joint is None and options.rounding == "sequential" and data is None:
+        raise OnnxlrfError("--rounding sequential needs --data: each layer is rounded again on its calibration split")
+    if joint is not None and options.rounding == "sequential":
+        raise OnnxlrfError("--rounding sequential is for uniform plans; lossless and compact plans round the back-off's "
+                           "plans sequentially as their improvement step (--refit)")
     if joint is not None:
         if joint.mode not in JOINT_MODES:
             raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
@@ -472,6 +479,8 @@ def compress_quant(
             plan = plan_uniform_quant(reference, options)
             if options.activations == "int8":
                 calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
+            if options.rounding == "sequential":
+                plan = sequential_rounding(reference, plan, split.calib, options.runtime, progress=progress) or plan
         else:
             if split.calib.task == OUTPUTS:
                 raise OnnxlrfError("the loss-aware quantization plans need labelled data so far")

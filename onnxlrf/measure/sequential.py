@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -56,18 +56,21 @@ class PairedInputs:
     """Both models run on ``dataset`` (the calibration split) up to each layer asked for, in graph order.
 
     ``changed``: weights (stored layout) the changed model has from the start, e.g. the layers a correction
-    leaves as planned; ``shifts``: per node, a change of its output channels (bias) there. Token data runs
-    in length-sorted batches cut after their last real token, as the analysis runs it; padding tokens' rows
-    are left out of the moments.
+    leaves as planned; ``shifts``: per node, a change of its output channels (bias) there; ``inputs``: per
+    node, what the changed model does to its first input before the node reads it (e.g. rounds it to an
+    int8 grid), in the moments and in what the node computes. Token data runs in length-sorted batches cut
+    after their last real token, as the analysis runs it; padding tokens' rows are left out of the moments.
     """
 
     def __init__(self, model: onnx.ModelProto, dataset: Any, layers: dict[str, Layer], batch_size: int = 100,
-                 changed: dict[str, np.ndarray] | None = None, shifts: dict[str, np.ndarray] | None = None) -> None:
+                 changed: dict[str, np.ndarray] | None = None, shifts: dict[str, np.ndarray] | None = None,
+                 inputs: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
         self.graph = TorchGraph(model)
         self.index = {node.name: i for i, node in enumerate(self.graph.nodes)}
         self.nodes = {node.name: node for node in self.graph.nodes}
         self.shifts = {node: torch.from_numpy(np.asarray(shift, dtype=np.float32))
                        for node, shift in (shifts or {}).items()}
+        self.inputs = dict(inputs or {})
         batches = [feeds for feeds, _ in calibration_batches(dataset, dataset.labels,
                                                              samples_per_run(model, dataset, batch_size), model)()]
         self.originals = [self.graph.feed(feeds) for feeds in batches]
@@ -99,10 +102,13 @@ class PairedInputs:
         with torch.no_grad():
             for b in range(len(self.originals)):
                 self.originals[b] = self.graph.advance(self.originals[b], self.position, stop)
-                self.changed[b] = self.graph.advance(self.changed[b], self.position, stop,
-                                                     shift_outputs(self.shifts), set(self.shifts))
-                x, x_changed = _paired_rows(node, layer, self.originals[b][node.input[0]],
-                                            self.changed[b][node.input[0]], self.masks[b], wanted, sample)
+                self.changed[b] = self.graph.advance(self.changed[b], self.position, stop, self._hook,
+                                                     set(self.shifts) | set(self.inputs))
+                x_changed = self.changed[b][node.input[0]]
+                if layer.node in self.inputs:
+                    x_changed = self.inputs[layer.node](x_changed)
+                x, x_changed = _paired_rows(node, layer, self.originals[b][node.input[0]], x_changed,
+                                            self.masks[b], wanted, sample)
                 # float32 products (fast), float64 accumulation across batches.
                 second += (x_changed.transpose(1, 2) @ x_changed).to(torch.float64)
                 cross += (x.transpose(1, 2) @ x_changed).to(torch.float64)
@@ -112,6 +118,15 @@ class PairedInputs:
         self.position = stop
         mean, mean_changed = (sums / rows).numpy()
         return PairedMoments(rows, mean, mean_changed, (second / rows).numpy(), (cross / rows).numpy())
+
+    def _hook(self, node: onnx.NodeProto, args: list, output: torch.Tensor) -> torch.Tensor:
+        """The changed model's output of ``node``: computed from its changed input, then shifted."""
+        if node.name in self.inputs:
+            index = self.index[node.name]
+            output = self.graph.ops[index](self.inputs[node.name](args[0]), *args[1:], a=self.graph.attrs[index])
+        if node.name in self.shifts:
+            output = shift_outputs(self.shifts)(node, args, output)
+        return output
 
     def replace(self, layer: Layer, weight: np.ndarray, shift: np.ndarray | None = None) -> None:
         """Give the changed model ``layer``'s new weight (stored layout) and output shift from here on."""

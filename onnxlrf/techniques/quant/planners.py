@@ -15,7 +15,7 @@ import onnx
 
 from ...errors import OnnxlrfError
 from ...graph.quantizable import BLOCK_OPS, find_quantizable
-from ...planning.plan import QUANT_BITS, ROUNDINGS, Plan, QuantEntry
+from ...planning.plan import ENTRY_ROUNDINGS, QUANT_BITS, Plan, QuantEntry
 from .calibration import CALIBRATION_METHODS
 from .rewrite import RUNTIMES
 
@@ -81,7 +81,9 @@ class QuantOptions:
     (W8A8, with 8-bit weights); ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
     ``calibration_method``: onnxruntime's calibrator for activation ranges; ``block_size``: Gemm/MatMul
     weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel;
-    ``rounding``: the loss-aware planner's (None: ``loss-aware``; uniform plans round to nearest);
+    ``rounding``: the loss-aware planner's (None: ``loss-aware``), or for uniform plans ``nearest`` (None) or
+    ``sequential`` (each layer rounded again in graph order on the calibration split,
+    :func:`~.sequential.sequential_rounding`);
     ``reduce_range``: W8A8 weights on 7 bits in onnxruntime's form (``on``, ``off``, or ``auto``: where this
     machine's kernels need it, :func:`reduces_range`); ``predictor``: how the loss-aware planner predicts each
     option's loss change (:data:`PREDICTORS`)."""
@@ -105,8 +107,8 @@ class QuantOptions:
                                    ("--predictor", self.predictor, PREDICTORS)):
             if value not in known:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
-        if self.rounding not in (None,) + ROUNDINGS:
-            raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
+        if self.rounding not in (None,) + ENTRY_ROUNDINGS:
+            raise OnnxlrfError(f"--rounding must be one of {', '.join(ENTRY_ROUNDINGS)}, got {self.rounding!r}")
         if self.activations == "int8" and self.bits not in (None, 8):
             raise OnnxlrfError(f"--activations int8 goes with --bits 8 (W8A8), not --bits {self.bits}")
         if self.block_size is not None:

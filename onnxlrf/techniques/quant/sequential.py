@@ -12,8 +12,9 @@ al. 2022), each is rounded again at its planned bits to minimize
 that is toward the weight ``T`` that best reproduces the float layer's output from the quantized model's
 input (the asymmetric target of GPTAQ and Qronos, 2025), in ``H``'s metric: the same error-feedback rounding
 and clipping search (:func:`~.rounding.loss_aware_levels`), with second moments (no bias change), before
-the next layer's inputs are taken. A layer whose input is int8 adds that grid's rounding noise,
-``step^2 / 12`` per input, to ``H`` (METHOD.md 8). Bits, containers and activations stay as planned: the
+the next layer's inputs are taken. A layer whose input is int8 reads ``x'`` rounded to its grid, as the
+rewritten model does; other activations the rewrite quantizes (residual Adds, a Conv's output read by the
+next) stay float here. Bits, containers and activations stay as planned: the
 plan's sizes do not change. No gradient step is taken: this is not fine-tuning.
 """
 
@@ -21,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
+import torch
 
 from ...graph.layers import find_layers, matrices_to_weight, weight_array, weight_matrices
 from ...graph.quantizable import find_quantizable
@@ -34,7 +36,7 @@ from ...measure.torch_graph import heap_reuse
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .grid import dequantize_per_channel
-from .rewrite import planned_weights
+from .rewrite import UINT8_LEVELS, int8_scale, planned_weights, uint8_params
 from .rounding import DAMPING, loss_aware_levels
 
 __all__ = ["sequential_rounding"]
@@ -56,13 +58,28 @@ def sequential_target(weight: np.ndarray, second: np.ndarray, cross: np.ndarray)
     return out
 
 
+def input_rounding(bounds: list[float], runtime: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What QuantizeLinear then DequantizeLinear do to an activation calibrated to ``bounds`` in ``runtime``'s
+    form (onnxruntime: asymmetric uint8; tensorrt: symmetric int8), rounding half to even as they do."""
+    if runtime == "onnxruntime":
+        scale, zero_point = (float(v) for v in uint8_params(*bounds))
+        low, high = 0.0, float(UINT8_LEVELS)
+    else:
+        scale, zero_point, low, high = float(int8_scale(*bounds)), 0.0, -128.0, 127.0
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return (torch.clamp(torch.round(x / scale) + zero_point, low, high) - zero_point) * scale
+    return rounded
+
+
 @heap_reuse()
-def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, input_steps: dict[str, float] | None = None,
+def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtime: str = "onnxruntime",
                         batch_size: int = 100, rows_per_feature: int | None = ROWS_PER_FEATURE,
                         progress: ProgressLike = None) -> Plan | None:
     """``plan`` with its per-channel Conv/Gemm/MatMul layers rounded again in graph order on ``dataset`` (the
     calibration split), ``rounding: "sequential"`` and their levels and scales stored in ``plan.bases``; None
-    if no layer qualifies. ``input_steps``: the int8 grid step of each quantized input tensor.
+    if no layer qualifies. A layer with int8 inputs reads them rounded to the plan's calibrated grid
+    (``plan.activation_ranges`` in ``runtime``'s form), in its moments and in what it passes on.
 
     Layers with block scales, a weight shared with another node, or outside the analysis keep their planned
     grid (and the layers after them see it).
@@ -79,19 +96,17 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, input_
         return None
     planned = planned_weights(model, plan)
     as_planned = {entry.weight: planned[entry.weight] for entry in changed if entry.node not in qualifies}
-    paired = PairedInputs(model, dataset, layers, batch_size, as_planned)
+    int8_inputs = {entry.node: input_rounding(plan.activation_ranges[quantizable[entry.node].input], runtime)
+                   for entry in changed if entry.activations == "int8"}
+    paired = PairedInputs(model, dataset, layers, batch_size, as_planned, inputs=int8_inputs)
     entries, bases = {}, dict(plan.bases)
     by_node = {entry.node: entry for entry in changed}
     for node in progress.track(paired.order(sorted(qualifies)), "sequential rounding", unit="layer"):
         entry, layer = by_node[node], layers[node]
         moments = paired.moments(layer, rows_per_feature)
-        second = moments.second_changed
-        if entry.activations == "int8" and input_steps is not None:
-            noise = input_steps[quantizable[node].input] ** 2 / 12.0
-            second = second + noise * np.eye(second.shape[-1])
         weight = weight_matrices(weight_array(model, layer), layer, "channel")
-        target = sequential_target(weight, second, moments.cross)
-        levels, scales = loss_aware_levels(target, second, entry.bits)
+        target = sequential_target(weight, moments.second_changed, moments.cross)
+        levels, scales = loss_aware_levels(target, moments.second_changed, entry.bits)
         levels = matrices_to_weight(levels, layer, "channel")
         scales = scales.reshape(-1)
         paired.replace(layer, dequantize_per_channel(levels, scales, quantizable[node].channel_axis))

@@ -115,7 +115,7 @@ class Quant:
     def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None) -> Plan | None:
         """The plan's layers rounded again in graph order on the inputs the quantized model gives them
         (:func:`~.sequential.sequential_rounding`); None where no layer can be."""
-        return sequential_rounding(model, self.with_ranges(model, plan), calib, self.input_steps(), progress=progress)
+        return sequential_rounding(model, self.with_ranges(model, plan), calib, self.runtime, progress=progress)
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
