@@ -54,6 +54,20 @@ def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_p
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
 
 
+def test_w8a8_rounded_sequentially_keeps_its_kernels_and_rewrite_reapplies_the_plan(files):
+    result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--rounding", "sequential",
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["average_weight_bits"] == 7.0 and payload["optimized_op_counts"]["QLinearConv"] == 2
+    plan = json.loads((files / "plan.json").read_text())
+    assert {layer["choice"]["rounding"] for layer in plan["layers"]} == {"sequential"}
+    assert plan["options"]["sequential_rounding"]["nodes"] == 3
+    again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
+    assert again.exit_code == 0, again.output
+    assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+
+
 def test_weight_only_without_data_and_the_tensorrt_form(files):
     result = invoke("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--bits", 4,
                     "--runtime", "tensorrt", "-o", files / "out.onnx", "--json", "-q")
@@ -67,6 +81,8 @@ def test_weight_only_without_data_and_the_tensorrt_form(files):
     (("--bits", 4, "--activations", "int8"), "--activations int8 goes with --bits 8"),
     ((), "mode uniform needs --bits"),
     (("--bits", 8, "--block-size", 32), "--block-size is for weight-only int4"),
+    (("--rounding", "sequential", "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8),
+     "--rounding sequential is for uniform plans"),
 ])
 def test_bad_quant_flags_are_one_line_errors_and_write_nothing(files, extra, message):
     result = invoke(*compress_args(files, *extra))
@@ -82,6 +98,10 @@ def test_quant_flags_need_the_quant_technique(files):
     assert result.exit_code == 1 and "--bits is for --mode uniform" in result.output
     result = invoke(*compress_args(files), "--mode", "compact")
     assert result.exit_code == 1 and "pass --target bytes or --target bits" in result.output
+    result = invoke("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--bits", 4,
+                    "--rounding", "sequential", "-o", files / "out.onnx")
+    assert result.exit_code == 1 and "--rounding sequential needs --data" in result.output
+    assert not (files / "out.onnx").exists()
 
 
 def test_loss_aware_plans_choose_bits_per_layer_in_bytes_and_verify_them(files):

@@ -7,6 +7,8 @@ import dataclasses
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 import pytest
 import torch
 from test_refit import _dataset, _values, convnet, mlp
@@ -18,7 +20,7 @@ from onnxlrf.planning.plan import Plan, validate_plan
 from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
 from onnxlrf.techniques.quant.rewrite import QDQRewrite
 from onnxlrf.techniques.quant.rounding import loss_aware_levels
-from onnxlrf.techniques.quant.sequential import sequential_rounding, sequential_target
+from onnxlrf.techniques.quant.sequential import input_rounding, sequential_rounding, sequential_target
 
 BITS = 3
 
@@ -96,3 +98,22 @@ def test_layers_that_cannot_be_rounded_again_keep_their_planned_grid():
     # Block scales on every layer (fc3 is a Gemm with transB: a block option as well): nothing qualifies.
     assert {entry.granularity for entry in blocked.layers} == {"block"}
     assert sequential_rounding(model, blocked, calib) is None
+
+
+@pytest.mark.parametrize("runtime, zero_point", [("onnxruntime", np.uint8(0)), ("tensorrt", np.int8(0))])
+def test_int8_inputs_are_rounded_as_quantize_then_dequantize_linear_round_them(runtime, zero_point):
+    bounds = [-1.3, 2.9]
+    rounded = input_rounding(bounds, runtime)
+    x = np.random.default_rng(0).uniform(-2.0, 4.0, (64, 50)).astype(np.float32)
+    from onnxlrf.techniques.quant.rewrite import int8_scale, uint8_params
+
+    scale, zero_point = uint8_params(*bounds) if runtime == "onnxruntime" else (int8_scale(*bounds), zero_point)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 50])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64, 50])],
+        [numpy_helper.from_array(np.array(scale, np.float32), "s"), numpy_helper.from_array(np.array(zero_point), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_allclose(rounded(torch.from_numpy(x)).numpy(), expected, rtol=0, atol=1e-6)
