@@ -168,8 +168,11 @@ def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it
     assert payload["average_weight_bits"] <= 4.8 + 1e-9
     plan = json.loads((files / "plan.json").read_text())
     roundings = {layer["choice"]["rounding"] for layer in plan["layers"]}
-    # Loss-aware rounding predicts less than round to nearest on these layers' correlated inputs.
-    assert "loss-aware" in roundings and plan["options"]["rounding"] == "loss-aware"
+    # Every plan the back-off verifies is rounded again in graph order (the default --refit), and so is
+    # the chosen one.
+    assert roundings <= {"sequential", None} and plan["options"]["rounding"] == "loss-aware"
+    sequential = [layer for layer in plan["layers"] if layer["choice"]["rounding"] == "sequential"]
+    assert sequential and plan["options"]["sequential_rounding"]["nodes"] == len(sequential)
     # Each quantized layer's options were measured alone; the chosen bits are among those that agreed.
     for layer in plan["layers"]:
         checks = {check["bits"]: check for check in layer["notes"]["range_checks"]}
@@ -179,8 +182,16 @@ def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+    alone = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
+                                  "--no-refit", "--plan-out", files / "plan.json", "--overwrite", "-q"))
+    assert alone.exit_code == 0, alone.output
+    plan = json.loads((files / "plan.json").read_text())
+    # Without it, loss-aware rounding predicts less than round to nearest on these layers' correlated inputs.
+    assert "loss-aware" in {layer["choice"]["rounding"] for layer in plan["layers"]}
+    assert "sequential_rounding" not in plan["options"]
     nearest = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
-                                    "--rounding", "nearest", "--plan-out", files / "plan.json", "--overwrite", "-q"))
+                                    "--rounding", "nearest", "--no-refit", "--plan-out", files / "plan.json",
+                                    "--overwrite", "-q"))
     assert nearest.exit_code == 0, nearest.output
     plan = json.loads((files / "plan.json").read_text())
     assert {layer["choice"]["rounding"] for layer in plan["layers"]} <= {"nearest", None}
@@ -218,10 +229,11 @@ def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):
 def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
     """--predictor hessian-trace (HAWQ-v2's estimate) predicts each option from ||dW|| alone, through the same checks,
     knapsack and back-off; the rounding of each option is still chosen in the K-FAC metric (loss-aware grids are
-    stored), and with --rounding nearest every layer is rounded to nearest (HAWQ's own rounding)."""
+    stored), and with --rounding nearest every layer is rounded to nearest (HAWQ's own rounding; --no-refit: no
+    sequential rounding after)."""
     for rounding, stores_grids in (("loss-aware", True), ("nearest", False)):
         result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
-                                       "--predictor", "hessian-trace", "--rounding", rounding, "--plan-out",
+                                       "--predictor", "hessian-trace", "--rounding", rounding, "--no-refit", "--plan-out",
                                        files / "plan.json", "--json", "-q", "--overwrite"))
         assert result.exit_code == 0, result.output
         plan = json.loads((files / "plan.json").read_text())

@@ -7,7 +7,9 @@ A technique (low-rank factorization today; quantization next) is one object regi
   :class:`~onnxlrf.planning.knapsack.CandidateSet`: what each option saves and its predicted loss change;
 * the back-off (:mod:`onnxlrf.verify.backoff`) asks for plans at a curvature multiplier, rewrites
   them with the technique's pass, measures the weights a plan produces (for restoring layers),
-  and lets the technique improve a chosen plan (low-rank: the refit);
+  and lets the technique improve its plans: the chosen one, kept where validation says it is better
+  (low-rank: the refit), or every plan before it is verified (quantization: the sequential rounding), as
+  :attr:`Technique.improves_every_plan` says;
 * the report asks the technique for its per-layer columns.
 
 A rewrite is a :class:`RewritePass`: it checks its preconditions, changes only what the plan
@@ -151,6 +153,11 @@ class Technique(Protocol):
     def improve(self, model: onnx.ModelProto, plan: Plan, calib: Any, progress: ProgressLike = None
                 ) -> Plan | None:
         """An improved plan from calibration data without fine-tuning (None: nothing to improve)."""
+
+    # True: the improvement is part of how the technique makes a plan (it only brings the model closer to
+    # the original's outputs), so the back-off verifies every plan improved; False: it can also undo what
+    # the plan wanted, so the back-off tries the improved plan beside the chosen one and validation decides.
+    improves_every_plan: bool
 
     keep_plot: KeepPlot
     numeric_columns: tuple[str, ...]  # which of the view's cells are numbers (right-aligned)

@@ -153,7 +153,8 @@ def backoff_plan(
     The search (:class:`~onnxlrf.verify.search.BackoffSearch`) chooses; then, in compact mode and
     given ``calib``, the smallest plan that failed with its worst layers (measured on ``calib``)
     set back until it holds on ``val`` (:func:`restore_layers`), if that is larger. ``refit``
-    (needs ``calib``): then :func:`refit_chosen`. Compact with no plan that holds keeps the model
+    (needs ``calib``): every plan is verified as the technique improves it where
+    :attr:`~onnxlrf.techniques.base.Technique.improves_every_plan`, else :func:`refit_chosen` at the end. Compact with no plan that holds keeps the model
     as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
@@ -165,6 +166,9 @@ def backoff_plan(
     progress = as_progress(progress)
     rank_multiple = options.rank_multiple or 1
 
+    improve_each = refit and calib is not None and technique.improves_every_plan
+    improved: dict = {}  # by the plan's signature: a plan proposed again is not improved again
+
     def propose(kappa: float, size: float | None) -> Plan:
         plan = plan_joint(reference, technique, analysis, mode if size is None else "lossless",
                           target_reduction=options.target_reduction if size is None else size,
@@ -172,6 +176,11 @@ def backoff_plan(
                           cost=cost, rank_multiple=rank_multiple)
         if size is not None:  # planned as lossless at that size, chosen as compact
             plan = dataclasses.replace(plan, mode=mode, options={**plan.options, "size_search": True})
+        if improve_each:
+            key = technique.signature(plan, analysis, kappa)
+            if key not in improved:
+                improved[key] = technique.improve(reference, plan, calib, progress=progress) or plan
+            plan = _as_improved(plan, improved[key])
         return plan
 
     allowance = metric_allowance(val, options)
@@ -195,7 +204,7 @@ def backoff_plan(
                                           val=restored.value)
             best = restored
             attempts.append(restored.attempt)
-    if refit and calib is not None:
+    if refit and calib is not None and not improve_each:
         best = refit_chosen(reference, best, failing, calib, evaluator, technique, progress, attempts,
                             search.accepts if mode == "compact" else None) or best
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
@@ -348,6 +357,14 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     if chosen is None and best is not None and best.plan.options["achieved_reduction"] > 0:
         chosen = attempt(best.plan, best.value, f"the chosen plan ({reduction_text(best.plan)})", strictly=True)
     return chosen
+
+
+def _as_improved(plan: Plan, improved: Plan) -> Plan:
+    """``plan`` with the choices and stored arrays of ``improved`` (the same plan improved, possibly proposed at
+    another kappa): its own notes and options, and what the improvement recorded in its options."""
+    by_node = {entry.node: entry for entry in improved.layers}
+    layers = [dataclasses.replace(by_node[entry.node], notes=entry.notes) for entry in plan.layers]
+    return dataclasses.replace(plan, layers=layers, bases=improved.bases, options={**improved.options, **plan.options})
 
 
 def _set_back(reference: onnx.ModelProto, failing: Plan, holding: Plan, nodes: frozenset, cost: Any) -> Plan:

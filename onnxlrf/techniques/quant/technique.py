@@ -29,6 +29,7 @@ class Quant:
     """Per layer: weight bits, granularity and container, and whether its input activations are int8 too."""
 
     name = QuantEntry.technique
+    improves_every_plan = True  # the sequential rounding only brings each layer closer to its float output
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
                  activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8,

@@ -117,3 +117,36 @@ def test_int8_inputs_are_rounded_as_quantize_then_dequantize_linear_round_them(r
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_allclose(rounded(torch.from_numpy(x)).numpy(), expected, rtol=0, atol=1e-6)
+
+
+def test_the_backoff_verifies_every_plan_rounded_sequentially_and_rounds_each_plan_once():
+    from onnxlrf.measure.analysis import AnalysisOptions
+    from onnxlrf.planning.joint import PlanOptions
+    from onnxlrf.runtime.sessions import make_session
+    from onnxlrf.techniques.quant.technique import Quant
+    from onnxlrf.verify.backoff import backoff_plan
+
+    model = mlp()
+    data = _dataset(model, seed=3)
+    data.labels = make_session(model, providers=["CPUExecutionProvider"]).run(None, data.inputs)[0].argmax(axis=1)
+    calib, val = data.subset(np.arange(0, 256)), data.subset(np.arange(256, 512))
+    technique = Quant()
+    analysis = technique.analyse(model, calib, AnalysisOptions(labels="labels", range_samples=128))
+    improved = []
+    improve = technique.improve
+    technique.improve = lambda *args, **kwargs: improved.append(args[1]) or improve(*args, **kwargs)
+    options = PlanOptions("lossless", target_reduction=0.85, target="bits")
+    result = backoff_plan(model, analysis, val, options, calib=calib, refit=True, technique=technique)
+
+    # Every plan verified is rounded sequentially: no separate refit attempt, and the model the back-off
+    # scored is the chosen plan's.
+    assert not any(attempt.refit for attempt in result.attempts)
+    assert {entry.rounding for entry in result.plan.layers if entry.changed} == {"sequential"}
+    assert result.model == technique.rewrite(model, result.plan)[0]
+    # A plan proposed again at another kappa is not rounded again.
+    signatures = {technique.signature(plan, analysis, plan.options["kappa"]) for plan in improved}
+    assert len(signatures) == len(improved) < len(result.attempts)
+
+    plain = backoff_plan(model, analysis, val, options, calib=calib, refit=False, technique=technique)
+    assert {entry.rounding for entry in plain.plan.layers if entry.changed} <= {"loss-aware", "nearest"}
+    assert len(improved) == len(signatures)  # --no-refit: nothing rounded again
