@@ -46,10 +46,10 @@ class PairedMoments:
                 self.cross - self.mean[:, :, None] * self.mean_changed[:, None, :])
 
 
-def torch_weight(weight: np.ndarray, layer: Layer) -> torch.Tensor:
+def torch_weight(weight: np.ndarray, conv: bool) -> torch.Tensor:
     """A weight in its stored layout as the torch graph reads it (a Conv's channels last)."""
     value = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
-    return channels_last(value) if layer.op_type == "Conv" else value
+    return channels_last(value) if conv else value
 
 
 class PairedInputs:
@@ -62,7 +62,7 @@ class PairedInputs:
     after their last real token, as the analysis runs it; padding tokens' rows are left out of the moments.
     """
 
-    def __init__(self, model: onnx.ModelProto, dataset: Any, layers: dict[str, Layer], batch_size: int = 100,
+    def __init__(self, model: onnx.ModelProto, dataset: Any, batch_size: int = 100,
                  changed: dict[str, np.ndarray] | None = None, shifts: dict[str, np.ndarray] | None = None,
                  inputs: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None) -> None:
         self.graph = TorchGraph(model)
@@ -75,9 +75,9 @@ class PairedInputs:
                                                              samples_per_run(model, dataset, batch_size), model)()]
         self.originals = [self.graph.feed(feeds) for feeds in batches]
         self.changed = [self.graph.feed(feeds) for feeds in batches]
-        by_weight = {layer.weight: layer for layer in layers.values()}
+        conv_weights = {node.input[1] for node in self.graph.nodes if node.op_type == "Conv"}
         for name, weight in (changed or {}).items():
-            value = torch_weight(weight, by_weight[name])
+            value = torch_weight(weight, name in conv_weights)
             for env in self.changed:
                 env[name] = value
         self.masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
@@ -130,7 +130,7 @@ class PairedInputs:
 
     def replace(self, layer: Layer, weight: np.ndarray, shift: np.ndarray | None = None) -> None:
         """Give the changed model ``layer``'s new weight (stored layout) and output shift from here on."""
-        value = torch_weight(weight, layer)
+        value = torch_weight(weight, layer.op_type == "Conv")
         for env in self.changed:
             env[layer.weight] = value
         if shift is not None:

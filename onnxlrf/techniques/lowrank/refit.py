@@ -127,7 +127,7 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
         fixed[entry.weight] = matrices_to_weight(planned, layer, entry.decomposition)
         if entry.bias_correction:
             fixed_shifts[entry.node] = shift
-    paired = PairedInputs(model, dataset, layers, batch_size, fixed, fixed_shifts)
+    paired = PairedInputs(model, dataset, batch_size, fixed, fixed_shifts)
     refit_entries, bases = {}, dict(plan.bases)
     for node in progress.track(paired.order([entry.node for entry in entries]), "refit", unit="layer"):
         entry, layer = next(e for e in entries if e.node == node), layers[node]

@@ -35,6 +35,7 @@ from ...measure.sequential import PairedInputs
 from ...measure.torch_graph import heap_reuse
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
+from .candidates import LOSS_AWARE_OPS
 from .grid import dequantize_per_channel
 from .rewrite import UINT8_LEVELS, int8_scale, planned_weights, uint8_params
 from .rounding import DAMPING, loss_aware_levels
@@ -43,7 +44,6 @@ __all__ = ["sequential_rounding"]
 
 # Rows per input feature a layer's moments are estimated from (as the low-rank refit's).
 ROWS_PER_FEATURE = 256
-LOSS_AWARE_OPS = ("Conv", "Gemm", "MatMul")
 
 
 def sequential_target(weight: np.ndarray, second: np.ndarray, cross: np.ndarray) -> np.ndarray:
@@ -90,7 +90,7 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
     users = Counter(entry.weight for entry in plan.layers if entry.changed)
     changed = [entry for entry in plan.layers if entry.changed]
     qualifies = {entry.node for entry in changed
-                 if entry.granularity == "per_channel" and entry.op_type in LOSS_AWARE_OPS
+                 if entry.granularity == "per_channel" and entry.op_type in LOSS_AWARE_OPS and entry.node in layers
                  and users[entry.weight] == 1 and analysis_exclusion(layers[entry.node]) is None}
     if not qualifies:
         return None
@@ -98,7 +98,7 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
     as_planned = {entry.weight: planned[entry.weight] for entry in changed if entry.node not in qualifies}
     int8_inputs = {entry.node: input_rounding(plan.activation_ranges[quantizable[entry.node].input], runtime)
                    for entry in changed if entry.activations == "int8"}
-    paired = PairedInputs(model, dataset, layers, batch_size, as_planned, inputs=int8_inputs)
+    paired = PairedInputs(model, dataset, batch_size, as_planned, inputs=int8_inputs)
     entries, bases = {}, dict(plan.bases)
     by_node = {entry.node: entry for entry in changed}
     for node in progress.track(paired.order(sorted(qualifies)), "sequential rounding", unit="layer"):
