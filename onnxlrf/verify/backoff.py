@@ -154,8 +154,8 @@ def backoff_plan(
     given ``calib``, the smallest plan that failed with its worst layers (measured on ``calib``)
     set back until it holds on ``val`` (:func:`restore_layers`), if that is larger. ``refit``
     (needs ``calib``): every plan is verified as the technique improves it where
-    :attr:`~onnxlrf.techniques.base.Technique.improves_every_plan`, else :func:`refit_chosen` at the end. Compact with no plan that holds keeps the model
-    as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here).
+    :attr:`~onnxlrf.techniques.base.Technique.improves_every_plan`, else :func:`refit_chosen` at the end.
+    Compact with no plan that holds keeps the model as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
     """

@@ -15,7 +15,7 @@ from ...graph.layers import Layer
 from ...graph.quantizable import find_quantizable
 from ...errors import OnnxlrfError
 from ...measure.analysis import AnalysisOptions, joint_analysis
-from ...planning.plan import ROUNDINGS, Plan, QuantEntry, validate_plan
+from ...planning.plan import ROUNDINGS, Plan, QuantEntry
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
