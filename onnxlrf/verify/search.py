@@ -135,7 +135,7 @@ class Verified:
 
     value: float
     plan: Plan
-    model: Any  # the rewritten model (an onnx.ModelProto)
+    model: Any  # the rewritten model (an onnx.ModelProto); None once scored in the search, see BackoffSearch.run
     report: Any  # what the rewrite changed
     attempt: Attempt | None
     score: Score | None = None  # the value with its per-sample losses
@@ -204,7 +204,10 @@ class BackoffSearch:
         self._task: Any = None
 
     def run(self) -> Verified | None:
-        """The plan the search chooses (compact: None where no plan held)."""
+        """The plan the search chooses (compact: None where no plan held), with its model.
+
+        Each plan's model is let go once scored (the search may score a dozen), and the chosen plan is
+        rewritten again at the end (rewrites are deterministic)."""
         with self.progress.task(f"back-off ({self.mode})", unit="plan") as self._task:
             self.reference_score = self.evaluator.reference_score()
             self.reference = self.reference_score.value
@@ -225,6 +228,9 @@ class BackoffSearch:
                 best = self._bisect(failed_kappa, best)
             if self.mode == "compact" and best is not None and not best.plan.options["achieved_reduction"] > 0:
                 best = self._search_sizes(best)
+        if best is not None:  # the scored models were let go (a 110M encoder's are 0.4 GB each): rewrite it again
+            model, report = self.evaluator.rewrite(best.plan)
+            best = dataclasses.replace(best, model=model, report=report)
         return best
 
     @property
@@ -299,7 +305,7 @@ class BackoffSearch:
         else:
             self.progress.log(f"{summary}: rejected ({self.rule.describe()}, {self._required_text()})"
                               + ("" if label else ", trusting the curvature less"))
-        return Verified(value, plan, model, report, attempt, score)
+        return Verified(value, plan, None, report, attempt, score)
 
     def _bisect(self, failed_kappa: float, best: Verified) -> Verified:
         """Doubling overshoots: bisect kappa (log scale) between the last failing and the first passing value."""

@@ -298,13 +298,6 @@ def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: 
     chosen = group.sources[option]
     ls, rank = chosen.analysis, chosen.rank
     decomposition = ls.decomposition
-    priority = ls.drop_order()[:, ::-1]  # most important first
-    x = np.take_along_axis(ls.x, priority[:, None, :], axis=2)
-    s = np.take_along_axis(ls.s, priority, axis=1)
-    y = np.take_along_axis(ls.y, priority[:, None, :], axis=2)
-    basis = (x.astype(np.float32), s.astype(np.float32), np.ascontiguousarray(y.transpose(0, 2, 1)).astype(np.float32))
-    if ls.input_mean is not None:
-        basis += (ls.input_mean.astype(np.float32),)
     entries = [LowRankEntry(layer.node, layer.op_type, layer.weight, list(layer.weight_shape), decomposition, rank,
                             layer.max_rank(decomposition), None, layer.params,
                             layer.factorized_params(decomposition, rank),
@@ -315,7 +308,7 @@ def joint_entries(model: onnx.ModelProto, sens: Any, group: Candidates, option: 
                              **cost.notes(layer, decomposition, rank)},
                             basis="joint", bias_correction=ls.input_mean is not None)
                for layer in group.layers]
-    return entries, {group.layers[0].weight: basis}
+    return entries, {group.layers[0].weight: ls.stored_basis()}
 
 
 def _dense_entry(layer: Layer, reason: str, sens: Any, cost: Any) -> LowRankEntry:
