@@ -129,8 +129,9 @@ def refit_plan(model: onnx.ModelProto, plan: Plan, dataset: Any, batch_size: int
             fixed_shifts[entry.node] = shift
     paired = PairedInputs(model, dataset, batch_size, fixed, fixed_shifts)
     refit_entries, bases = {}, dict(plan.bases)
-    for node in progress.track(paired.order([entry.node for entry in entries]), "refit", unit="layer"):
-        entry, layer = next(e for e in entries if e.node == node), layers[node]
+    by_node = {entry.node: entry for entry in entries}
+    for node in progress.track(paired.order(list(by_node)), "refit", unit="layer"):
+        entry, layer = by_node[node], layers[node]
         moments = paired.moments(layer, rows_per_feature)
         cov, cross = moments.covariances()
         planned, planned_shift = _planned_matrices(model, plan, entry, layer)
