@@ -127,3 +127,32 @@ def test_attempts_keep_the_json_keys_of_the_plan_options() -> None:
                      refit=True, round=2, chosen=True).to_dict()
     assert list(record) == ["round", "kappa", "refit", "restored", "achieved_reduction", "predicted_dloss",
                             "speedup", "val", "target_reduction", "same_as_kappa", "chosen"]
+
+
+def test_the_search_keeps_no_scored_model_and_rewrites_the_chosen_plan_again() -> None:
+    # A 110M encoder's models are 0.4 GB each, and the search keeps every plan it scored.
+    import gc
+    import weakref
+
+    class Model:
+        def __init__(self, plan: Plan) -> None:
+            self.options = plan.options
+
+    class Rewriting(FakeEvaluator):
+        def rewrite(self, plan: Plan) -> tuple[Model, None]:
+            self.rewritten.append(plan)
+            model = Model(plan)
+            models.append(weakref.ref(model))
+            return model, None
+
+        def score(self, model: Model, description: str) -> Score:  # keeps no model either
+            self.scored.append(model.options)
+            return Score(self.value_of(model.options["achieved_reduction"]))
+
+    models: list = []
+    evaluator = Rewriting(lambda r: 0.80 - abs(r - 0.05))
+    best = search("lossless", evaluator).run()
+    gc.collect()
+    alive = [ref() for ref in models if ref() is not None]
+    assert alive == [best.model] and best.model.options is best.plan.options
+    assert evaluator.rewritten[-1] is best.plan and len(evaluator.rewritten) == len(evaluator.scored) + 1
