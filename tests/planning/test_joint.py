@@ -112,3 +112,16 @@ def test_plans_of_one_analysis_share_its_stored_basis(model_and_data) -> None:
     for weight in shared:
         assert all(a is b for a, b in zip(small.bases[weight], large.bases[weight]))
         assert small.bases[weight][0].dtype == np.float32
+
+
+def test_a_low_rank_run_lets_the_quantization_statistics_go_and_its_cache_keeps_them(model_and_data, tmp_path) -> None:
+    from onnxlrf.techniques.quant.technique import Quant
+
+    model, data = model_and_data
+    calib = data.subset(np.arange(200))
+    options = AnalysisOptions(range_samples=100, cache=tmp_path)
+    lowrank = LOWRANK.analyse(model, calib, options)
+    assert all(ls.gradient is None and ls.output_factor is None for ls in lowrank.all())
+    quant = Quant().analyse(model, calib, options)  # read from the same cache entry
+    assert all(ls.gradient is not None and ls.output_factor is not None for ls in quant.all())
+    assert len(list(tmp_path.rglob("*.npz"))) == 1

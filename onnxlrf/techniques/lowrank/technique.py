@@ -34,8 +34,11 @@ class LowRank:
 
     def analyse(self, model: onnx.ModelProto, calib: Any, options: AnalysisOptions,
                 progress: ProgressLike = None) -> Any:
-        """:func:`~onnxlrf.measure.analysis.joint_analysis`: gradients, K-FAC statistics, joint bases, ranges."""
-        return joint_analysis(model, calib, options, progress)
+        """:func:`~onnxlrf.measure.analysis.joint_analysis`: gradients, K-FAC statistics, joint bases, ranges;
+        the statistics only quantization's predictions read are let go (a cache keeps them)."""
+        analysis = joint_analysis(model, calib, options, progress)
+        analysis.release_perturbation_statistics()
+        return analysis
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
                    rank_multiple: int = 1) -> list[Candidates]:
