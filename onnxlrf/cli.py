@@ -210,7 +210,8 @@ _plan_options = _OptionGroup(
                  help="What --target-reduction counts: parameters, Conv/ConvTranspose/Gemm/MatMul FLOPs at --batch, "
                       "latency measured on --provider at --batch (layers whose factorized pair is not faster stay "
                       "dense), bytes of the weights as stored, or logical bits of the Conv/Gemm/MatMul weights "
-                      "(float32: 32; 0.9 is 3.2 average bits). --technique quant plans bytes or bits."),
+                      "(float32: 32; 0.9 is 3.2 average bits). --technique quant plans bytes, bits, or latency "
+                      "(W8A8 layers, --activations int8: layers not measured faster with int8 inputs stay float)."),
     click.option("--rank-multiple", type=click.IntRange(min=1),
                  help="Ranks are multiples of this (default: 8 on CUDA and for --target latency or flops, else 1)."),
     click.option("--rank-fraction", type=click.FloatRange(0, 1, min_open=True),

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .costs.latency import default_rank_multiple, make_cost
+from .costs.latency import QuantLatencyCost, default_rank_multiple, make_cost
 from .costs.params import cost_model
 from .errors import OnnxlrfError, first_line
 from .graph.heads import PostProcessing, cut_at_heads, find_post_processing
@@ -56,7 +56,7 @@ from .verify.splits import SplitOptions, split_dataset
 PLANNING_MODES = ("uniform", "energy")
 MODES = JOINT_MODES + PLANNING_MODES
 # What loss-aware quantization plans count (the quantization technique chooses bits, not ranks).
-QUANT_TARGETS = ("bytes", "bits")
+QUANT_TARGETS = ("bytes", "bits", "latency")
 # Fewer calibration or validation samples than this get a warning: validation on them decides by chance.
 SMALL_SPLIT = 100
 
@@ -453,7 +453,12 @@ def compress_quant(
         if joint.mode not in JOINT_MODES:
             raise OnnxlrfError(f"--technique quant has modes uniform, {', '.join(JOINT_MODES)}; not {joint.mode!r}")
         if joint.target not in QUANT_TARGETS:
-            raise OnnxlrfError("--technique quant plans bytes or bits: pass --target bytes or --target bits")
+            raise OnnxlrfError("--technique quant plans bytes, bits or latency: pass --target bytes, bits or "
+                               "latency")
+        if joint.target == "latency" and (options.activations != "int8" or options.runtime != "onnxruntime"):
+            raise OnnxlrfError("--technique quant --target latency plans W8A8 layers in onnxruntime's form, measured "
+                               "here: pass --activations int8 (weight-only layers run float weights in onnxruntime) "
+                               "and --runtime onnxruntime (TensorRT cannot be timed here)")
         if data is None:
             raise OnnxlrfError(f"mode {joint.mode} needs --data (calibration, validation and test splits come "
                                f"from it)")
@@ -495,8 +500,14 @@ def compress_quant(
             technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
                               options.block_size, options.predictor)
             # One round; the improvement step (``verify.refit``) is the sequential rounding.
+            if joint.target == "latency":
+                post_processing(reference, joint.target)
+                cost = QuantLatencyCost(reference, w8a8_weight_bits(options), batch=export.batch, provider=provider,
+                                        progress=progress)
+            else:
+                cost = cost_model(reference, joint.target)
             rounds = verify_in_rounds(reference, split, joint, analysis, dataclasses.replace(verify, rounds=1),
-                                      cost_model(reference, joint.target), provider, progress, technique=technique)
+                                      cost, provider, progress, technique=technique)
             plan = technique.with_ranges(reference, rounds.plan)
             plan.options["backoff"] = [attempt.to_dict() for attempt in rounds.attempts]
             plan.options["runtime"] = options.runtime

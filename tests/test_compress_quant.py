@@ -83,6 +83,9 @@ def test_weight_only_without_data_and_the_tensorrt_form(files):
     (("--bits", 8, "--block-size", 32), "--block-size is for weight-only int4"),
     (("--rounding", "sequential", "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8),
      "--rounding sequential is for uniform plans"),
+    (("--mode", "lossless", "--target", "latency", "--target-reduction", 0.3), "pass --activations int8"),
+    (("--mode", "lossless", "--target", "latency", "--target-reduction", 0.3, "--activations", "int8", "--runtime",
+      "tensorrt"), "TensorRT cannot be timed here"),
 ])
 def test_bad_quant_flags_are_one_line_errors_and_write_nothing(files, extra, message):
     result = invoke(*compress_args(files, *extra))
@@ -97,7 +100,7 @@ def test_quant_flags_need_the_quant_technique(files):
     result = invoke(*compress_args(files, "--bits", 8), "--mode", "compact")
     assert result.exit_code == 1 and "--bits is for --mode uniform" in result.output
     result = invoke(*compress_args(files), "--mode", "compact")
-    assert result.exit_code == 1 and "pass --target bytes or --target bits" in result.output
+    assert result.exit_code == 1 and "pass --target bytes, bits or latency" in result.output
     result = invoke("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--bits", 4,
                     "--rounding", "sequential", "-o", files / "out.onnx")
     assert result.exit_code == 1 and "--rounding sequential needs --data" in result.output
@@ -246,3 +249,37 @@ def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
                 assert [check["predicted"] for check in checks] == sorted(check["predicted"] for check in checks)
     uniform = invoke(*compress_args(files, "--bits", 4, "--predictor", "hessian-trace"))
     assert uniform.exit_code == 1 and "--predictor applies to lossless and compact plans" in uniform.output
+
+
+def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(files, monkeypatch):
+    from onnxlrf.costs import latency as latency_module
+    from onnxlrf.costs.latency import QuantLatencyCost
+    from onnxlrf.runtime.shapes import count_flops
+
+    def timer(runners, **kwargs):  # 1 ns a FLOP, a quarter with int8 activations, 10 us a Q/DQ node
+        times = []
+        for runner in runners:
+            ops = [node.op_type for node in runner.model.graph.node]
+            conversions = ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
+            speed = 4 if "QuantizeLinear" in ops else 1
+            times.append([1e-6 + 1e-9 * count_flops(runner.model) / speed + 1e-5 * conversions] * 5)
+        return times
+
+    monkeypatch.setattr(latency_module, "time_interleaved", timer)
+    monkeypatch.setenv("ONNXLRF_CACHE", str(files / "cache"))
+    monkeypatch.setattr(QuantLatencyCost, "measured_speedup", lambda self, compressed, runs=10: 1.3)
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "latency", "--target-reduction", 0.2,
+                                   "--activations", "int8", "--batch", 16, "--plan-out", files / "plan.json",
+                                   "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["options"]["target"] == "latency" and plan["options"]["achieved_reduction"] >= 0.2
+    assert plan["options"]["cost_model"]["batch"] == 16 and "w8a8_weight_bits" in plan["options"]["cost_model"]
+    assert all(attempt["speedup"] == 1.3 for attempt in plan["options"]["backoff"])
+    choices = {layer["node"]: layer["choice"] for layer in plan["layers"]}
+    assert choices["fc"]["bits"] is None  # the 8-to-4 Gemm is not faster with int8 inputs under this timer
+    assert all(c["activations"] == "int8" for c in choices.values() if c["bits"] is not None)
+    assert any(c["bits"] is not None for c in choices.values())
+    payload = json.loads(result.stdout)
+    assert payload["optimized_op_counts"].get("QLinearConv", 0) == sum(
+        c["bits"] is not None for node, c in choices.items() if node.startswith("conv"))

@@ -20,6 +20,10 @@ A per-layer sum is not the whole model (weights stay in cache between single-nod
 runs, activations are fused in the graph, other ops take time): the total
 (:meth:`LatencyCost.total`) is the model's own measured latency, and the per-layer
 latencies are scaled by one factor calibrated on the model (see :class:`LatencyCost`).
+
+Quantization plans under a latency target use :class:`QuantLatencyCost`: each layer's node timed
+float and W8A8 as onnxruntime's Q/DQ form runs it (the same context, cache and calibration,
+:class:`MeasuredLatency`).
 """
 
 from __future__ import annotations
@@ -182,7 +186,7 @@ class LayerTiming:
     """Measured latency (ms, per-call overhead subtracted) of one op signature."""
 
     dense_ms: float
-    pair_ms: dict[str, dict[int, float]]  # decomposition -> rank -> ms
+    pair_ms: dict[str, dict[int, float]]  # decomposition -> rank -> ms; or W8A8 -> weight bits -> ms
 
     def factorized_ms(self, decomposition: str, rank: int) -> float:
         """Interpolated in rank, non-decreasing; below/above the grid: the nearest measured value."""
@@ -249,29 +253,20 @@ class ModelRunner:
         self.run()
 
 
-class LatencyCost:
-    """Measured latency (ms) of each layer, dense and factorized, on one provider at one batch.
-
-    Layers are measured at construction (cached measurements are reused);
-    ``rank_multiple`` sets the grid of measured ranks. ``total()`` is the whole
-    model's measured median latency. Single-node timings miss in-graph effects
-    (weights no longer in cache, fused activations, thread scheduling), so they are
-    calibrated: the original and a probe rewrite (every layer whose pair is faster,
-    at a quarter of its rank) are timed interleaved, and ``scale`` = measured
-    saving / per-layer predicted saving multiplies every layer latency
-    (``rest_ms``: what the scaled dense layers leave of the whole model).
-    ``timer``: what times the :class:`ModelRunner` objects, with
-    :func:`~onnxlrf.runtime.timing.time_interleaved`'s arguments (None: that function; tests give
-    a timer that does not depend on how busy the machine is).
-    """
+class MeasuredLatency:
+    """What every measured latency cost shares: the measurement context (provider, device, threads, onnxruntime
+    version, I/O binding), its on-disk cache, the fixed cost of one ``session.run`` call, the whole model's
+    measured latency (``total()``, set by the subclass's calibration) and whole-model speedups measured where
+    the costs were. ``timer``: what times the :class:`ModelRunner` objects, with
+    :func:`~onnxlrf.runtime.timing.time_interleaved`'s arguments (None: that function; tests give a timer
+    that does not depend on how busy the machine is)."""
 
     target = "latency"
     resolution = 1e6  # ms -> ns for the integer knapsack
 
-    def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128, provider: str = "auto",
-                 threads: int | None = None, rank_multiple: int = 1, io_binding: bool | None = None,
-                 cache: str | os.PathLike | None = None, budget_s: float = 0.5,
-                 progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, batch: int, seq_length: int, provider: str, threads: int | None,
+                 io_binding: bool | None, cache: str | os.PathLike | None, budget_s: float, progress: ProgressLike,
+                 timer: Callable[..., list[list[float]]] | None) -> None:
         from ..runtime.sessions import select_providers
 
         self.timer = timer or time_interleaved
@@ -280,7 +275,6 @@ class LatencyCost:
         self.providers = select_providers(provider)
         self.threads = threads or min(2, os.cpu_count() or 1)  # as validation.make_session
         self.io_binding = (self.providers[0] != "CPUExecutionProvider") if io_binding is None else io_binding
-        self.rank_multiple = rank_multiple
         self.budget_s = budget_s
         self.flops = FlopsCost(model, batch, seq_length)
         self.context = {"provider": self.providers[0], "device": device_name(self.providers),
@@ -289,27 +283,13 @@ class LatencyCost:
         self.progress = as_progress(progress)
         self.call_overhead_ms = self._call_overhead_ms()
         self.timings: dict[str, LayerTiming] = {}
-        self._measure_layers()
-        self.scale, self.rest_ms = 1.0, 0.0
-        self.model_ms = self.layer_sum_ms()  # until calibrated
-        self._calibrate()
-
-    # -- cost interface used by the planners
+        self.scale, self.rest_ms, self.model_ms = 1.0, 0.0, 0.0
 
     def total(self) -> float:
         return self.model_ms
 
     def dense(self, layers: list[Layer]) -> float:
         return self.scale * sum(self.timings[layer.node].dense_ms for layer in layers)
-
-    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
-        return self.scale * sum(self.timings[layer.node].factorized_ms(decomposition, rank) for layer in layers)
-
-    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
-        dense = self.dense([layer])
-        planned = dense if decomposition is None else self.factorized([layer], decomposition, rank)
-        return {**self.flops.notes(layer, decomposition, rank),
-                "latency_ms_dense": round(dense, 6), "latency_ms_planned": round(planned, 6)}
 
     def describe(self) -> dict:
         """How the latencies were measured, for the plan's options."""
@@ -330,9 +310,7 @@ class LatencyCost:
 
     def layer_sum_ms(self) -> float:
         """Sum of the dense layers' single-node latencies, unscaled (compare with the whole model's)."""
-        return sum(self.timings[layer.node].dense_ms for layer in find_layers(self.model)[0])
-
-    # -- measurement
+        return sum(timing.dense_ms for timing in self.timings.values())
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         from ..runtime.sessions import make_session
@@ -352,6 +330,63 @@ class LatencyCost:
         probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
         run = self._runner(probe, {"x": np.zeros(1, np.float32)})
         return statistics.median(self.timer([run], warmup=20, budget_s=0.2, min_rounds=50)[0]) * 1e3
+
+    def _calibrate(self, probe: onnx.ModelProto | None, predicted_saving: float) -> None:
+        """Time the model and ``probe`` (a rewrite predicted to save ``predicted_saving`` ms, or None) interleaved:
+        ``model_ms``, and ``scale`` = measured saving / predicted saving (within :data:`CALIBRATION_SCALE_RANGE`)."""
+        from ..runtime.sessions import random_feeds
+
+        feeds = random_feeds(self.model, self.batch)
+        runners = [self._runner(self.model, feeds)]
+        if probe is not None and predicted_saving > 0:
+            runners.append(self._runner(probe, feeds))
+        with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
+            times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
+        medians = [max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times]
+        self.model_ms = medians[0]
+        if len(medians) == 2 and medians[0] > medians[1]:
+            self.scale = float(np.clip((medians[0] - medians[1]) / predicted_saving, *CALIBRATION_SCALE_RANGE))
+        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
+        self.progress.log(f"latency: whole model {self.model_ms:.3f} ms, sum of single-node layers "
+                          f"{self.layer_sum_ms():.3f} ms, in-graph scale {self.scale:.2f}")
+
+
+class LatencyCost(MeasuredLatency):
+    """Measured latency (ms) of each layer, dense and factorized, on one provider at one batch.
+
+    Layers are measured at construction (cached measurements are reused);
+    ``rank_multiple`` sets the grid of measured ranks. ``total()`` is the whole
+    model's measured median latency. Single-node timings miss in-graph effects
+    (weights no longer in cache, fused activations, thread scheduling), so they are
+    calibrated: the original and a probe rewrite (every layer whose pair is faster,
+    at a quarter of its rank) are timed interleaved, and ``scale`` = measured
+    saving / per-layer predicted saving multiplies every layer latency
+    (``rest_ms``: what the scaled dense layers leave of the whole model).
+    ``timer``: see :class:`MeasuredLatency`.
+    """
+
+    def __init__(self, model: onnx.ModelProto, batch: int = 1, seq_length: int = 128, provider: str = "auto",
+                 threads: int | None = None, rank_multiple: int = 1, io_binding: bool | None = None,
+                 cache: str | os.PathLike | None = None, budget_s: float = 0.5,
+                 progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> None:
+        super().__init__(model, batch, seq_length, provider, threads, io_binding, cache, budget_s, progress, timer)
+        self.rank_multiple = rank_multiple
+        self._measure_layers()
+        self.model_ms = self.layer_sum_ms()  # until calibrated
+        self._calibrate_ranks()
+
+    # -- cost interface used by the planners
+
+    def factorized(self, layers: list[Layer], decomposition: str, rank: int) -> float:
+        return self.scale * sum(self.timings[layer.node].factorized_ms(decomposition, rank) for layer in layers)
+
+    def notes(self, layer: Layer, decomposition: str | None, rank: int | None) -> dict:
+        dense = self.dense([layer])
+        planned = dense if decomposition is None else self.factorized([layer], decomposition, rank)
+        return {**self.flops.notes(layer, decomposition, rank),
+                "latency_ms_dense": round(dense, 6), "latency_ms_planned": round(planned, 6)}
+
+    # -- measurement
 
     def _measure_layers(self) -> None:
         shapes = self.flops.shapes
@@ -395,28 +430,108 @@ class LatencyCost:
             dense_ms = known.dense_ms  # keep the value the cached pairs were compared with
         return LayerTiming(dense_ms, pair_ms)
 
-    def _calibrate(self) -> None:
-        from ..runtime.sessions import random_feeds
+    def _calibrate_ranks(self) -> None:
         from ..techniques.lowrank.planners import plan_uniform
 
         probe_plan = plan_uniform(self.model, rank_fraction=CALIBRATION_RANK_FRACTION, target="latency",
                                   rank_multiple=self.rank_multiple, cost=self)
         predicted_saving = sum(entry.notes["latency_ms_dense"] - entry.notes["latency_ms_planned"]
                                for entry in probe_plan.layers)
-        feeds = random_feeds(self.model, self.batch)
-        runners = [self._runner(self.model, feeds)]
-        if predicted_saving > 0:
-            runners.append(self._runner(rewrite_with_random_factors(self.model, probe_plan), feeds))
-        with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
-            times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
-        medians = [max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times]
-        self.model_ms = medians[0]
-        if len(medians) == 2 and medians[0] > medians[1]:
-            self.scale = float(np.clip((medians[0] - medians[1]) / predicted_saving, *CALIBRATION_SCALE_RANGE))
-        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
-        self.progress.log(f"latency: whole model {self.model_ms:.3f} ms, sum of single-node layers "
-                          f"{self.layer_sum_ms():.3f} ms, in-graph scale {self.scale:.2f}")
+        probe = rewrite_with_random_factors(self.model, probe_plan) if predicted_saving > 0 else None
+        self._calibrate(probe, predicted_saving)
 
+
+
+# The variant of a LayerTiming that holds a layer's W8A8 latency, by weight bits.
+W8A8 = "w8a8"
+# The range every probe's activations are quantized to: values do not change the run time.
+PROBE_RANGE = (-4.0, 4.0)
+
+
+class QuantLatencyCost(MeasuredLatency):
+    """Measured latency (ms) of each quantizable layer in float and as W8A8 in onnxruntime's Q/DQ form, on one
+    provider at one batch: the cost of quantization plans under a latency target.
+
+    Each layer's node alone (random weights of its shapes, its real input shape) is timed float and rewritten
+    W8A8 by the real rewrite (:class:`~onnxlrf.techniques.quant.rewrite.QDQRewrite`, ``weight_bits``-bit
+    weights): its input quantized, and a Conv's output too (QLinearConv needs it; in the model the next
+    quantized layer's input is that quantization). Both conversions count, so a layer is measured faster only
+    where its integer kernel pays for them. A weight-only layer costs what the float one does: onnxruntime's
+    form gives it a float weight at load. Calibrated as :class:`LatencyCost`: the model and its all-W8A8
+    rewrite timed interleaved. ``timer``: see :class:`MeasuredLatency`.
+    """
+
+    def __init__(self, model: onnx.ModelProto, weight_bits: int = 8, batch: int = 1, seq_length: int = 128,
+                 provider: str = "auto", threads: int | None = None, io_binding: bool | None = None,
+                 cache: str | os.PathLike | None = None, budget_s: float = 0.5,
+                 progress: ProgressLike = None, timer: Callable[..., list[list[float]]] | None = None) -> None:
+        super().__init__(model, batch, seq_length, provider, threads, io_binding, cache, budget_s, progress, timer)
+        self.weight_bits = weight_bits
+        self._measure_layers()
+        self.model_ms = self.layer_sum_ms()  # until calibrated
+        predicted_saving = sum(timing.dense_ms - timing.pair_ms[W8A8][weight_bits] for timing in self.timings.values())
+        self._calibrate(self._w8a8(model), predicted_saving)
+
+    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int,
+                  int8_inputs: bool = False) -> float:
+        """W8A8 where ``int8_inputs`` (the integer kernels' time does not depend on the weight's logical bits),
+        else the float layer's."""
+        if not int8_inputs:
+            return self.dense(layers)
+        return self.scale * sum(self.timings[layer.node].pair_ms[W8A8][self.weight_bits] for layer in layers)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "w8a8_weight_bits": self.weight_bits}
+
+    def _w8a8(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """``model`` with every quantizable layer W8A8 in onnxruntime's form (activations at :data:`PROBE_RANGE`)."""
+        from ..techniques.quant.planners import QuantOptions, plan_uniform_quant
+        from ..techniques.quant.rewrite import QDQRewrite, quantized_activations
+
+        plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8",
+                                                      reduce_range="on" if self.weight_bits < 8 else "off"))
+        plan.activation_ranges = {site.tensor: list(PROBE_RANGE)
+                                  for site in quantized_activations(model, plan, "onnxruntime")}
+        return QDQRewrite("onnxruntime")(model, plan)[0]
+
+    def _measure_layers(self) -> None:
+        from ..graph.quantizable import find_quantizable
+
+        shapes = self.flops.shapes
+        layers = find_quantizable(self.model)[0]
+        with self.progress.task("latency: measure layers, float and W8A8", len(layers), "layer") as task:
+            for layer in layers:
+                if layer.node not in shapes:
+                    raise OnnxlrfError(f"cannot measure node {layer.node!r}: no input shape inferred for it")
+                signature = f"{W8A8} {_signature(self.model, layer, shapes[layer.node][0])}"
+                timing = self.cache.get(signature)
+                if timing is None or self.weight_bits not in timing.pair_ms.get(W8A8, {}):
+                    timing = self._measure(layer, shapes[layer.node][0])
+                    self.cache.put(signature, timing)
+                self.timings[layer.node] = timing
+                task.update()
+
+    def _measure(self, layer: Any, input_shape: list[int]) -> LayerTiming:
+        from ..techniques.quant.rewrite import uint8_params
+
+        single = _single_node_model(self.model, layer, input_shape)
+        quantized = self._w8a8(single)
+        if layer.op_type == "Conv":  # its output quantized, then read back as float
+            graph = quantized.graph
+            output = graph.output[0].name
+            producer = next(node for node in graph.node if output in node.output)
+            producer.output[list(producer.output).index(output)] = "probe_float"
+            scale, zero_point = uint8_params(*PROBE_RANGE)
+            graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), "probe_scale"),
+                                      numpy_helper.from_array(np.array(zero_point, np.uint8), "probe_zero_point")])
+            graph.node.extend([
+                helper.make_node("QuantizeLinear", ["probe_float", "probe_scale", "probe_zero_point"], ["probe_q"]),
+                helper.make_node("DequantizeLinear", ["probe_q", "probe_scale", "probe_zero_point"], [output])])
+        dtype = helper.tensor_dtype_to_np_dtype(single.graph.input[0].type.tensor_type.elem_type)
+        feeds = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(dtype)}
+        times = self.timer([self._runner(single, feeds), self._runner(quantized, feeds)], budget_s=self.budget_s)
+        dense_ms, int8_ms = (max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times)
+        return LayerTiming(dense_ms, {W8A8: {self.weight_bits: int8_ms}})
 
 def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",
               rank_multiple: int = 1, cache: str | os.PathLike | None = None, threads: int | None = None,

@@ -59,9 +59,10 @@ class BytesCost(ParamsCost):
     target = "bytes"
     per_param = FLOAT32_BYTES
 
-    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
+    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int,
+                  int8_inputs: bool = False) -> float:
         """``layers``' weight in ``container_bits``-bit integers with ``scales`` scales and zero points (``bits``,
-        the logical bits, do not change what the file stores)."""
+        the logical bits, and whether the inputs are int8 too do not change what the file stores)."""
         return float(-(-layers[0].params * container_bits // 8) + FLOAT32_BYTES * scales
                      - (-scales * container_bits // 8))
 
@@ -77,7 +78,8 @@ class BitsCost(ParamsCost):
     def __init__(self, model: onnx.ModelProto) -> None:
         self._total = sum({layer.weight: layer.params for layer in find_layers(model)[0]}.values())
 
-    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int) -> float:
+    def quantized(self, layers: list[Layer], bits: int, container_bits: int, scales: int,
+                  int8_inputs: bool = False) -> float:
         return float(bits * layers[0].params)
 
 

@@ -292,12 +292,12 @@ class QuantEntry(PlanEntry):
                                   self.block_size if self.granularity == "block" else None)
 
     def planned_cost(self, cost: Any, layers: list[Layer]) -> float:
-        """Quantized layers cost what a ``bytes`` or ``bits`` cost's ``quantized`` says (container and scales, or
-        logical bits)."""
+        """Quantized layers cost what a ``bytes``, ``bits`` or ``latency`` cost's ``quantized`` says (container and
+        scales, logical bits, or measured W8A8 time)."""
         if not self.changed:
             return cost.dense(layers)
         return cost.quantized(layers, self.bits, QUANT_CONTAINERS[self.container],
-                              self.scale_count(layers[0].transposed))
+                              self.scale_count(layers[0].transposed), self.activations == "int8")
 
     def check(self, layer: QuantLayer, plan: "Plan") -> None:
         where = f"plan node {self.node!r}"

@@ -386,3 +386,50 @@ def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
     assert all((a.val is not None) == (speedup > 1) for a in attempts)
     assert result.plan.options["backoff"] == [a.to_dict() for a in attempts]
     assert len({a.val for a in attempts}) == 1
+
+
+def conversion_timer(seen):
+    """Each run takes 1 us, plus 1 ns per FLOP (a quarter of that in a model with int8 activations), plus 10 us
+    per QuantizeLinear/DequantizeLinear node: int8 pays on wide layers only. ``seen`` collects the models."""
+    def timer(runners, **kwargs):
+        times = []
+        for runner in runners:
+            seen.append(runner.model)
+            ops = [node.op_type for node in runner.model.graph.node]
+            conversions = ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
+            speed = 4 if "QuantizeLinear" in ops else 1
+            times.append([1e-6 + 1e-9 * count_flops(runner.model) / speed + 1e-5 * conversions] * 5)
+        return times
+    return timer
+
+
+def test_quant_latency_cost_times_each_layer_float_and_w8a8_as_onnxruntime_fuses_it(tmp_path):
+    from onnxlrf.costs.latency import W8A8, QuantLatencyCost
+    from onnxlrf.graph.quantizable import find_quantizable
+    from onnxlrf.pipeline import optimized_op_counts
+
+    model, seen = small_net(), []
+    cost = QuantLatencyCost(model, weight_bits=7, batch=16, provider="cpu", threads=1, cache=tmp_path,
+                            timer=conversion_timer(seen))
+    layers = find_quantizable(model)[0]
+    assert set(cost.timings) == {layer.node for layer in layers}
+    faster = set()
+    for layer in layers:
+        timing = cost.timings[layer.node]
+        assert set(timing.pair_ms) == {W8A8} and set(timing.pair_ms[W8A8]) == {7}
+        dense, w8a8 = cost.dense([layer]), cost.quantized([layer], 7, 8, 1, int8_inputs=True)
+        assert w8a8 == pytest.approx(cost.scale * timing.pair_ms[W8A8][7])
+        assert cost.quantized([layer], 4, 8, 1) == dense  # weight-only: a float weight once onnxruntime loads it
+        if w8a8 < dense:
+            faster.add(layer.op_type)
+    assert "Conv" in faster and "Gemm" not in faster  # the fake timer's verdict: wide layers pay for conversions
+    assert cost.total() == cost.model_ms > 0 and cost.describe()["w8a8_weight_bits"] == 7
+    # The probes are what onnxruntime fuses: a Conv's probe runs as QLinearConv, a MatMul's as an integer kernel.
+    counts = [optimized_op_counts(probe) for probe in seen if any(n.op_type == "QuantizeLinear" for n in probe.graph.node)
+              and len(probe.graph.node) < 8]
+    assert any(c.get("QLinearConv") for c in counts)
+    assert any(c.get("MatMulIntegerToFloat") or c.get("QLinearMatMul") for c in counts)
+    again = QuantLatencyCost(model, weight_bits=7, batch=16, provider="cpu", threads=1, cache=tmp_path,
+                             timer=conversion_timer(seen := []))
+    assert {k: v.to_json() for k, v in again.timings.items()} == {k: v.to_json() for k, v in cost.timings.items()}
+    assert len(seen) == 2 + 1  # from the cache: only the call overhead and the whole model, original and probe

@@ -236,9 +236,10 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
                      predictor: str = "kfac", runtime: str = "onnxruntime") -> list[Candidates]:
     """Per weight group: float, then the options of :func:`layer_options` its checks trust
     (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
-    with predicted loss change and cost saved (``cost``: a ``bytes`` or ``bits`` cost). The weights' container
-    is ``runtime``'s (:func:`~.planners.weight_container`); with int8 inputs it is int8 (the integer kernels
-    read int8)."""
+    with predicted loss change and cost saved (``cost``: a ``bytes``, ``bits`` or measured ``latency`` cost). An
+    option that saves nothing is not offered: under a latency target a layer not measured faster with int8
+    inputs stays float. The weights' container is ``runtime``'s (:func:`~.planners.weight_container`); with
+    int8 inputs it is int8 (the integer kernels read int8)."""
     out = []
     for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
                                                   int8_weight_bits, block_size, predictor):
@@ -249,8 +250,11 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
         for option in trusted_options(options, measured, analysis.get(layer.node).perturbation_range):
             holder = "int8" if option.int8_inputs else weight_container(option.bits, runtime, option.block_size)
             scales = weight_scale_count(layer.op_type, layer.weight_shape, layer.transposed, option.block_size)
-            removed.append(cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder],
-                                                                   scales)))
+            saved = cost_units(cost, dense - cost.quantized(members, option.bits, CONTAINER_BITS[holder], scales,
+                                                            option.int8_inputs))
+            if saved <= 0:
+                continue
+            removed.append(saved)
             dloss.append(option.predicted)
             sources.append((option, measured, holder))
         out.append(Candidates(members, CandidateSet(np.array(removed, dtype=np.int64), np.array(dloss),
