@@ -278,6 +278,10 @@ def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(
     assert all(attempt["speedup"] == 1.3 for attempt in plan["options"]["backoff"])
     choices = {layer["node"]: layer["choice"] for layer in plan["layers"]}
     assert choices["fc"]["bits"] is None  # the 8-to-4 Gemm is not faster with int8 inputs under this timer
+    notes = {layer["node"]: layer["notes"] for layer in plan["layers"]}
+    assert notes["fc"]["latency_ms_planned"] == notes["fc"]["latency_ms_dense"]
+    assert all(notes[node]["latency_ms_planned"] < notes[node]["latency_ms_dense"]
+               for node, c in choices.items() if c["bits"] is not None)
     assert all(c["activations"] == "int8" for c in choices.values() if c["bits"] is not None)
     assert any(c["bits"] is not None for c in choices.values())
     payload = json.loads(result.stdout)

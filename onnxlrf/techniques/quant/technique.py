@@ -93,7 +93,14 @@ class Quant:
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
-        return quant_entries(group, option)
+        """:func:`~.candidates.quant_entries`; under a latency target each entry also notes its layer's time float
+        and as planned (ms, as the report shows low-rank's)."""
+        entries, grid = quant_entries(group, option)
+        if cost.target == "latency":
+            for entry, layer in zip(entries, group.layers):
+                entry.notes.update(latency_ms_dense=round(cost.dense([layer]), 6),
+                                   latency_ms_planned=round(entry.planned_cost(cost, [layer]), 6))
+        return entries, grid
 
     def unplanned_entry(self, model: onnx.ModelProto, layer: Layer, analysis: Any, cost: Any) -> QuantEntry:
         return float_entry(layer)
