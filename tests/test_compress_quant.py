@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from quant_fixtures import images, residual_cnn
+from quant_fixtures import conversion_timer, images, residual_cnn
 
 from onnxlrf.cli import cli
 
@@ -254,18 +254,8 @@ def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
 def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(files, monkeypatch):
     from onnxlrf.costs import latency as latency_module
     from onnxlrf.costs.latency import QuantLatencyCost
-    from onnxlrf.runtime.shapes import count_flops
 
-    def timer(runners, **kwargs):  # 1 ns a FLOP, a quarter with int8 activations, 10 us a Q/DQ node
-        times = []
-        for runner in runners:
-            ops = [node.op_type for node in runner.model.graph.node]
-            conversions = ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
-            speed = 4 if "QuantizeLinear" in ops else 1
-            times.append([1e-6 + 1e-9 * count_flops(runner.model) / speed + 1e-5 * conversions] * 5)
-        return times
-
-    monkeypatch.setattr(latency_module, "time_interleaved", timer)
+    monkeypatch.setattr(latency_module, "time_interleaved", conversion_timer())
     monkeypatch.setenv("ONNXLRF_CACHE", str(files / "cache"))
     monkeypatch.setattr(QuantLatencyCost, "measured_speedup", lambda self, compressed, runs=10: 1.3)
     result = invoke(*compress_args(files, "--mode", "lossless", "--target", "latency", "--target-reduction", 0.2,

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from onnx import helper
+from quant_fixtures import conversion_timer
 from test_plan import small_net
 from test_rewrite import CONV2D_VARIANTS, conv_model, gemm_model, make_model
 
@@ -386,21 +387,6 @@ def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
     assert all((a.val is not None) == (speedup > 1) for a in attempts)
     assert result.plan.options["backoff"] == [a.to_dict() for a in attempts]
     assert len({a.val for a in attempts}) == 1
-
-
-def conversion_timer(seen):
-    """Each run takes 1 us, plus 1 ns per FLOP (a quarter of that in a model with int8 activations), plus 10 us
-    per QuantizeLinear/DequantizeLinear node: int8 pays on wide layers only. ``seen`` collects the models."""
-    def timer(runners, **kwargs):
-        times = []
-        for runner in runners:
-            seen.append(runner.model)
-            ops = [node.op_type for node in runner.model.graph.node]
-            conversions = ops.count("QuantizeLinear") + ops.count("DequantizeLinear")
-            speed = 4 if "QuantizeLinear" in ops else 1
-            times.append([1e-6 + 1e-9 * count_flops(runner.model) / speed + 1e-5 * conversions] * 5)
-        return times
-    return timer
 
 
 def test_quant_latency_cost_times_each_layer_float_and_w8a8_as_onnxruntime_fuses_it(tmp_path):
