@@ -35,7 +35,27 @@ COMMANDS = {
 }
 
 
-def run_seed(model: str, mode: str, seed: int, extra: list[str]) -> dict:
+def export_args(model: str) -> list[str]:
+    """The model flags of ``COMMANDS[model]``, without the data and split flags (what ``onnxlrf export`` takes)."""
+    args, flags = [], iter(COMMANDS[model])
+    for flag in flags:
+        if flag in ("--data", "--calib", "--val"):
+            next(flags)
+        else:
+            args.append(flag)
+    return args
+
+
+def bench(output: Path, reference: Path, batch: int) -> dict:
+    """``onnxlrf bench`` of ``output`` against ``reference``, interleaved, 1 thread, CPU provider."""
+    command = [sys.executable, "-m", "onnxlrf.cli", "bench", str(output), "--reference", str(reference), "--batch",
+               str(batch), "--threads", "1", "--provider", "cpu", "--runs", "20", "--json", "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return {"command": " ".join(["onnxlrf", *command[3:]]), **json.loads(done.stdout)}
+
+
+def run_seed(model: str, mode: str, seed: int, extra: list[str], reference: Path | None = None,
+             bench_batch: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "onnxlrf.cli", "compress", *COMMANDS[model], "--mode", mode,
                    "--seed", str(seed), "-o", str(Path(tmp) / "out.onnx"), "--json", *extra]
@@ -44,12 +64,13 @@ def run_seed(model: str, mode: str, seed: int, extra: list[str]) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    if done.returncode != 0:
-        raise SystemExit(f"seed {seed}: {done.stderr.strip().splitlines()[-1]}")
+        if done.returncode != 0:
+            raise SystemExit(f"seed {seed}: {done.stderr.strip().splitlines()[-1]}")
+        speed = None if bench_batch is None else bench(Path(tmp) / "out.onnx", reference, bench_batch)
     result = json.loads(done.stdout)
     # ru_maxrss of children is the largest child so far (KiB): exact for the first, a bound after.
     return {"seed": seed, "command": " ".join(["onnxlrf", *command[3:]]), "seconds": seconds,
-            "peak_rss_gib": max(peak, before) / 2**20, "result": result}
+            "peak_rss_gib": max(peak, before) / 2**20, "result": result, **({"bench": speed} if speed else {})}
 
 
 def held_out(result: dict) -> dict:
@@ -70,18 +91,40 @@ def main() -> int:
     parser.add_argument("--seeds", default="1,2,3,4,5")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--tag", default="", help="Suffix of the results file (a variant's name).")
+    parser.add_argument("--bench-batch", type=int,
+                        help="Also time each compressed model against the original (onnxlrf bench, interleaved, "
+                             "1 thread, CPU) at this batch.")
     args, extra = parser.parse_known_args()
     extra = [flag for flag in extra if flag != "--"]
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        row = run_seed(args.model, args.mode, seed, extra)
-        rows.append(row)
-        test = held_out(row["result"])
-        change = test["value"] - test["reference_value"]
-        low, high = test["change_interval"]
-        print(f"seed {seed}: {size_text(row['result'])}, held-out "
-              f"{test['value']:.4f} (original {test['reference_value']:.4f}), change {change:+.4f} "
-              f"[{low:+.4f}, {high:+.4f}], {row['seconds']:.0f} s, peak {row['peak_rss_gib']:.2f} GiB", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = None
+        if args.bench_batch:
+            reference = Path(tmp) / "reference.onnx"
+            subprocess.run([sys.executable, "-m", "onnxlrf.cli", "export", *export_args(args.model), "-o",
+                            str(reference), "--quiet"], check=True)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            rows.append(run_seed(args.model, args.mode, seed, extra, reference, args.bench_batch))
+            report(rows[-1])
+    summarize(args, extra, rows)
+    return 0
+
+
+def report(row: dict) -> None:
+    """One seed's line."""
+    seed = row["seed"]
+    test = held_out(row["result"])
+    change = test["value"] - test["reference_value"]
+    low, high = test["change_interval"]
+    speed = f", {row['bench']['speedup']:.2f}x the original's speed" if "bench" in row else ""
+    print(f"seed {seed}: {size_text(row['result'])}, held-out "
+          f"{test['value']:.4f} (original {test['reference_value']:.4f}), change {change:+.4f} "
+          f"[{low:+.4f}, {high:+.4f}]{speed}, {row['seconds']:.0f} s, peak {row['peak_rss_gib']:.2f} GiB",
+          flush=True)
+
+
+def summarize(args: argparse.Namespace, extra: list[str], rows: list[dict]) -> None:
+    """The mean and spread over the seeds, printed and (with ``--out``) written as JSON."""
     reductions = np.array([r["result"]["params_reduction"] for r in rows])
     changes = np.array([held_out(r["result"])["value"] - held_out(r["result"])["reference_value"] for r in rows])
     seconds = np.array([r["seconds"] for r in rows])
@@ -90,6 +133,12 @@ def main() -> int:
                "reduction_max": float(reductions.max()), "change_mean": float(changes.mean()),
                "change_min": float(changes.min()), "change_max": float(changes.max()),
                "seconds_mean": float(seconds.mean()), "seconds_max": float(seconds.max()), "runs": rows}
+    if all("bench" in r for r in rows):
+        speedups = np.array([r["bench"]["speedup"] for r in rows])
+        summary.update(speedup_mean=float(speedups.mean()), speedup_min=float(speedups.min()),
+                       speedup_max=float(speedups.max()))
+        print(f"speed against the original at batch {args.bench_batch}: {speedups.mean():.2f}x "
+              f"(min {speedups.min():.2f}x, max {speedups.max():.2f}x)")
     print(f"mean over seeds {summary['seeds']}: {summary['reduction_mean']:.1%} fewer parameters "
           f"(min {summary['reduction_min']:.1%}, max {summary['reduction_max']:.1%}), held-out change "
           f"{summary['change_mean']:+.4f} (min {summary['change_min']:+.4f}, max {summary['change_max']:+.4f}), "
@@ -98,7 +147,6 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"seeds_{args.model}_{args.mode}{'_' + args.tag if args.tag else ''}.json"
         (args.out / name).write_text(json.dumps(summary, indent=1))
-    return 0
 
 
 if __name__ == "__main__":
