@@ -134,14 +134,15 @@ def modelopt_int8(python: str, reference: Path, calib, method: str, out: Path) -
 
 
 def quark_int8(python: str, reference: Path, calib, method: str, finetune: str, out: Path) -> Path:
-    """Quark's INT8 PTQ in its own environment, fed the calibration split by npz in ``Batches``' batch size."""
+    """Quark's INT8 PTQ in its own environment, fed the calibration split by npz in ``Batches``' batch size, run in
+    ``out``'s folder (Quark writes ``quantized_info.csv`` into its working directory)."""
     names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
     rows = len(calib.inputs[names[0]])
     npz = out.with_suffix(".npz")
     np.savez(npz, **{name: calib.inputs[name] for name in names})
     done = subprocess.run([python, "-c", QUARK_PROGRAM, str(reference), str(npz), method, finetune, str(out),
                            str(max(b for b in range(1, BATCH + 1) if rows % b == 0))],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, cwd=out.parent)
     if done.returncode != 0:
         raise SystemExit(f"Quark ({method} {finetune}) failed: {done.stderr.strip().splitlines()[-1]}")
     return out
