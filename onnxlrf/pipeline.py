@@ -422,9 +422,10 @@ def compress_quant(
 
     ``joint`` None: every quantizable layer at ``options.bits`` (uniform; ``options.rounding`` ``sequential``:
     then rounded again in graph order on the calibration split). ``joint`` a lossless or compact
-    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes`` or ``bits``: the loss-aware plan (weight-only
-    bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
-    (default loss-aware), the knapsack over bytes, the back-off and its acceptance rule on the validation
+    :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``, ``bits`` or ``latency``: the loss-aware plan
+    (bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
+    (default loss-aware), the knapsack over the target (latency: each layer's time float and W8A8 measured on
+    ``provider`` at ``export.batch``, :class:`~onnxlrf.costs.latency.QuantLatencyCost`), the back-off and its acceptance rule on the validation
     split; one round; with ``verify.refit``, the back-off also tries its plans rounded again in graph order,
     :func:`~onnxlrf.techniques.quant.sequential.sequential_rounding`). With ``data``, it is split as
     for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
@@ -499,13 +500,13 @@ def compress_quant(
                 ranges = every.activation_ranges
             technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
                               options.block_size, options.predictor)
-            # One round; the improvement step (``verify.refit``) is the sequential rounding.
             if joint.target == "latency":
                 post_processing(reference, joint.target)
                 cost = QuantLatencyCost(reference, w8a8_weight_bits(options), batch=export.batch, provider=provider,
                                         progress=progress)
             else:
                 cost = cost_model(reference, joint.target)
+            # One round; the improvement step (``verify.refit``) is the sequential rounding.
             rounds = verify_in_rounds(reference, split, joint, analysis, dataclasses.replace(verify, rounds=1),
                                       cost, provider, progress, technique=technique)
             plan = technique.with_ranges(reference, rounds.plan)
