@@ -425,8 +425,8 @@ def compress_quant(
     :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``, ``bits`` or ``latency``: the loss-aware plan
     (bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
     (default loss-aware), the knapsack over the target (latency: each layer's time float and W8A8 measured on
-    ``provider`` at ``export.batch``, :class:`~onnxlrf.costs.latency.QuantLatencyCost`), the back-off and its acceptance rule on the validation
-    split; one round; with ``verify.refit``, the back-off also tries its plans rounded again in graph order,
+    ``provider`` at ``export.batch``, :class:`~onnxlrf.costs.latency.QuantLatencyCost`), the back-off and its
+    acceptance rule on the validation split; one round; with ``verify.refit``, the back-off also tries its plans rounded again in graph order,
     :func:`~onnxlrf.techniques.quant.sequential.sequential_rounding`). With ``data``, it is split as
     for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
     result is validated against the original on the held-out test split (W8A8 and the joint modes need
