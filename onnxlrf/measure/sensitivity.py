@@ -154,13 +154,19 @@ class LayerSensitivity:
         section 8): ``<G, delta>`` (shrunk by the replication of the first-order terms, as for truncations;
         0 in an analysis without first-order terms)
         plus ``kappa`` times the fitted curvature scale times ``tr(B delta A delta^T) / 2``."""
+        first, quadratic = self.perturbation_terms(delta)
+        return first + kappa * quadratic
+
+    def perturbation_terms(self, delta: np.ndarray) -> tuple[float, float]:
+        """The two terms of :meth:`perturbation_dloss`: the first-order one, and the quadratic one at kappa 1
+        (the fitted curvature scale included), so that callers trying several kappas compute them once."""
         if self.gradient is None or self.output_factor is None or self.input_moment is None:
             raise OnnxlrfError(f"the analysis of node {self.layer.node!r} keeps no gradient and Kronecker factors "
                                f"(an analysis cached before version {ANALYSIS_VERSION}, or a low-rank run's, which "
                                f"lets them go): analyse again")
         first = self.replication * float(np.sum(self.gradient * delta))
         quadratic = 0.5 * float(np.sum((self.output_factor @ delta @ self.input_moment) * delta))
-        return first + kappa * self.curvature_scale * quadratic
+        return first, self.curvature_scale * quadratic
 
     def relative_error(self) -> np.ndarray:
         """(k+1,) ||W - W_r||_F / ||W||_F when keeping rank r = 0..k in :meth:`drop_order`."""

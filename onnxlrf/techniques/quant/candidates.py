@@ -84,7 +84,7 @@ def activation_noise_dloss(ls: Any, weight: np.ndarray, step: float, kappa: floa
     ``step^2 / 12`` per element, uncorrelated, acts as the weight perturbation ``W e``:
     ``kappa`` times the fitted curvature scale times ``step^2 / 12 * tr(B W W^T) / 2`` (``weight``: the
     layer's (quantized) channel matrices)."""
-    trace = float(np.einsum("gmk,gmn,gkn->", ls.output_factor, weight, weight))
+    trace = float(np.sum((ls.output_factor @ weight) * weight))  # sum_g tr(B_g W_g W_g^T), as BLAS products
     return kappa * ls.curvature_scale * 0.5 * step**2 / 12.0 * trace
 
 
@@ -111,8 +111,8 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
     options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
     each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
-    change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), reused
-    across calls on the same analysis. ``input_steps``: with int8 activations, every option also quantizes
+    change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), and the
+    predictions' kappa-free terms, reused across calls on the same analysis (and the same ``input_steps``). ``input_steps``: with int8 activations, every option also quantizes
     the layer's input (grid step by input tensor, from the calibrated ranges), its noise added to the
     prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form).
     ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
@@ -142,22 +142,33 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
         for bits in PLANNED_BITS:
             if bits == 8:
                 bits = int8_weight_bits
+            # The shifted target moves with kappa only through first-order terms; so does the option's
+            # rounding, and what depends on it. Predictions are linear in kappa: their terms are kept.
+            moving = kappa if ls.replication else None
             variants = [(quantization_error(weight, layer, bits), None)]
             if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
-                # The shifted target moves with kappa only through first-order terms.
-                key = (layer.weight, bits, kappa if ls.replication else None)
+                key = (layer.weight, bits, moving)
                 if key not in cache:
                     cache[key] = loss_aware_error(weight, layer, bits, ls, kappa)
                 variants.append(cache[key])
             # The rounding is chosen in the K-FAC metric, which sees where an error lies; the option's
             # prediction (what the knapsack allocates bits by) is the predictor's.
-            kfac = [ls.perturbation_dloss(variant_delta, kappa) for variant_delta, _ in variants]
+            terms = []
+            for index, (variant_delta, _) in enumerate(variants):
+                key = ("terms", layer.weight, bits, index, moving if index else None)
+                if key not in cache:
+                    cache[key] = ls.perturbation_terms(variant_delta)
+                terms.append(cache[key])
+            kfac = [first + kappa * quadratic for first, quadratic in terms]
             chosen = int(np.argmin(kfac))
             delta, grid = variants[chosen]
             predicted = kfac[chosen] if predictor == "kfac" else hessian_trace_dloss(ls, delta, kappa)
             if step is not None:
-                quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
-                predicted += activation_noise_dloss(ls, quantized, step, kappa)
+                key = ("noise", layer.weight, bits, chosen, moving)
+                if key not in cache:
+                    quantized = weight_matrices(weight, layer, "channel").astype(np.float64) + delta
+                    cache[key] = activation_noise_dloss(ls, quantized, step, 1.0)
+                predicted += kappa * cache[key]
             options.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
