@@ -21,6 +21,18 @@ Per split seed (calibration / validation / held-out test as `onnxlrf compress --
   ``--quark-finetune`` (``AdaRoundConfig()``, ``AdaQuantConfig()``: its defaults, 1000 and 3000 iterations at batch
   1 on the CPU over the whole calibration split) on the calibration of the higher validation metric; best on
   validation of all.
+* Quark's auto mixed precision (``AutoMixprecisionConfig`` in the ``QConfig``'s ``algo_config``), with
+  ``--quark-amp``: Quark's integer types are 8, 16 and 32 bits (4 bits only as its MX/MXFP block formats, Quark
+  custom ops that plain onnxruntime cannot run), so it mixes int8 with int16 per Conv/Gemm/MatMul, with per-tensor
+  weights (it re-quantizes a promoted weight per tensor and fails on per-channel ones): ``quality``
+  starts from W8A8 as above but per-tensor and promotes the most sensitive layers (its layer-wise sensitivity analysis) to
+  int16 weights and uint16 activations until the validation metric's drop is at most ``--quark-amp-threshold``
+  (its ``speed``, from A16W16 demoting layers to W8A8, ran here but was not run to its end: not offered).
+  Calibration on the calibration split (the calibration of the higher validation metric of the plain ones); its
+  metric (``metric_evaluate_fn``, top-1) on the validation split: the script hands its AutoMixprecision step a
+  reader of the validation split in place of the calibration one. Classification only; not a candidate for
+  ``quark_best`` (another size); its weight bytes and average weight bits (of Conv/Gemm/MatMul weights as
+  stored) and the layers at 16 bits are reported.
 * onnxlrf ``compress --technique quant --mode uniform --bits 8 --activations int8`` with its defaults, run
   as the CLI (the same split by construction).
 
@@ -40,10 +52,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from seeds_benchmark import COMMANDS  # scripts/ is on sys.path when a script runs
 
-from onnxlrf.data import graph_inputs, load_data
+from onnxlrf.data import CLASSIFICATION, graph_inputs, load_data
 from onnxlrf.onnx_io import load_onnx, save_onnx
 from onnxlrf.pipeline import ExportOptions, load_or_export
 from onnxlrf.runtime.evaluate import change_interval, model_predictions
@@ -52,6 +66,7 @@ from onnxlrf.verify.splits import split_dataset
 MODELOPT_CALIBRATIONS = ("max", "entropy")
 QUARK_CALIBRATIONS = ("minmax", "percentile")
 QUARK_FINETUNES = ("adaround", "adaquant")
+QUARK_AMP_MODES = ("quality",)
 # Run by the Quark environment's Python: model, calibration npz, activation calibration, finetune ("" for none),
 # output, batch size.
 QUARK_PROGRAM = """
@@ -74,6 +89,51 @@ config = QConfig(global_config=QLayerConfig(
     algo_config={"": [], "adaround": [AdaRoundConfig()], "adaquant": [AdaQuantConfig()]}[finetune],
     OpTypesToQuantize=["Conv", "Gemm", "MatMul"])
 ModelQuantizer(config).quantize_model(model, out, Batches())
+"""
+# Run by the Quark environment's Python: model, calibration npz, activation calibration, validation npz, validation
+# labels npy, output, batch size, mode ("quality" or "speed"), threshold.
+QUARK_AMP_PROGRAM = """
+import sys, numpy as np
+import quark.onnx.postprocess.postproc as postproc
+from quark.onnx import (AutoMixprecisionConfig, CalibMethod, CalibrationDataReader, Int8Spec, Int16Spec,
+                        ModelQuantizer, QConfig, QLayerConfig, QuantGranularity, UInt8Spec, UInt16Spec)
+from quark.onnx.calibration import CachedDataReader
+model, calib, method, val, labels, out, batch, mode, threshold = sys.argv[1:10]
+batch, labels = int(batch), np.load(labels)
+class Batches(CalibrationDataReader):
+    def __init__(self, arrays):
+        rows = len(next(iter(arrays.values())))
+        self.feeds = iter([{name: array[i:i + batch] for name, array in arrays.items()}
+                           for i in range(0, rows, batch)])
+    def get_next(self):
+        return next(self.feeds, None)
+validation = CachedDataReader(Batches(dict(np.load(val))))
+def top1(outputs):  # outputs: per batch, [the model's first output]
+    logits = np.concatenate([batch[0] for batch in outputs])
+    return float(np.mean(logits.reshape(len(logits), -1).argmax(axis=1) == labels))
+# Quark runs AutoMixprecision on its calibration reader; this hands it the validation split's instead (its
+# calibration, tensor ranges included, stays on the calibration split).
+quark_post = postproc.apply_post_quant_algorithms
+def on_validation(float_model, quant_model, data_reader, *args, **kwargs):
+    if kwargs.get("algorithm") == "AutoMixprecision":
+        data_reader = validation
+    return quark_post(float_model, quant_model, data_reader, *args, **kwargs)
+postproc.apply_post_quant_algorithms = on_validation
+calibration = {"minmax": CalibMethod.MinMax, "percentile": CalibMethod.Percentile}[method]
+# Per-tensor weights: AutoMixprecision re-quantizes a promoted weight from its whole tensor's range, and a per-channel
+# one fails there (MixingStrategy._dequantize_weight: "operands could not be broadcast together with shapes
+# (16,3,3,3) (16,)").
+int8 = QLayerConfig(activation=UInt8Spec(calibration_method=calibration),
+                    weight=Int8Spec(calibration_method=CalibMethod.MinMax, quant_granularity=QuantGranularity.Tensor))
+int16 = QLayerConfig(activation=UInt16Spec(calibration_method=calibration),
+                     weight=Int16Spec(calibration_method=CalibMethod.MinMax, quant_granularity=QuantGranularity.Tensor))
+base, target = (int8, int16) if mode == "quality" else (int16, int8)
+# DataSize counts batches; its default 0 stops after one batch (inference_model: len(results) > data_num).
+amp = AutoMixprecisionConfig(target_layer_config=target, target_op_type=["Conv", "Gemm", "MatMul"],
+                             data_size=len(validation._data_cache), metric_evaluate_fn=top1,
+                             metric_threshold=float(threshold), metric_optimize_object=mode)
+config = QConfig(global_config=base, algo_config=[amp], OpTypesToQuantize=["Conv", "Gemm", "MatMul"])
+ModelQuantizer(config).quantize_model(model, out, Batches(dict(np.load(calib))))
 """
 # Run by the ModelOpt environment's Python: model, calibration npz (arrays by input name), shapes, method, output.
 MODELOPT_PROGRAM = """
@@ -148,6 +208,65 @@ def quark_int8(python: str, reference: Path, calib, method: str, finetune: str, 
     return out
 
 
+def quark_amp(python: str, reference: Path, calib, val, method: str, mode: str, threshold: float, out: Path) -> Path:
+    """Quark's auto mixed precision (``mode`` "quality" or "speed") in its own environment, calibrated on ``calib``,
+    its metric (top-1) on ``val``; run in ``out``'s folder as :func:`quark_int8`."""
+    if val.task != CLASSIFICATION:
+        raise SystemExit(f"Quark AutoMixprecision: top-1 on classification data only, not {val.task}")
+    names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
+    rows = len(calib.inputs[names[0]])
+    np.savez(out.with_suffix(".calib.npz"), **{name: calib.inputs[name] for name in names})
+    np.savez(out.with_suffix(".val.npz"), **{name: val.inputs[name] for name in names})
+    np.save(out.with_suffix(".labels.npy"), val.labels)
+    done = subprocess.run([python, "-c", QUARK_AMP_PROGRAM, str(reference), str(out.with_suffix(".calib.npz")), method,
+                           str(out.with_suffix(".val.npz")), str(out.with_suffix(".labels.npy")), str(out),
+                           str(max(b for b in range(1, BATCH + 1) if rows % b == 0)), mode, str(threshold)],
+                          capture_output=True, text=True, check=False, cwd=out.parent)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()  # its last line is often a progress bar's
+        raise SystemExit(f"Quark AutoMixprecision ({mode}) failed: "
+                         + next((line for line in reversed(lines) if "Error" in line), lines[-1]))
+    # Its log of the search (the W8A8 or A16W16 start's validation drop, each step's, the count) beside the model.
+    steps = [line.split("]: ", 1)[1].replace("\x1b[0m", "") for line in (done.stdout + done.stderr).splitlines()
+             if "]: " in line and ("baseline score" in line or "Mixing precision" in line
+                                   or "Automatic Mixed Precision has" in line)]
+    out.with_suffix(".amp.json").write_text(json.dumps(steps))
+    return out
+
+
+def weight_precision(model) -> dict:
+    """Of a Q/DQ model's Conv/Gemm/MatMul weights (initializers, directly or through a DequantizeLinear): the bytes
+    as stored, the average bits per weight, and the layers whose weight or input activation is 16-bit."""
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    bits = {TensorProto.INT8: 8, TensorProto.UINT8: 8, TensorProto.INT16: 16, TensorProto.UINT16: 16,
+            TensorProto.INT32: 32, TensorProto.FLOAT: 32, TensorProto.FLOAT16: 16, TensorProto.BFLOAT16: 16}
+
+    def stored(name: str) -> onnx.TensorProto | None:
+        node = producers.get(name)
+        if node is not None and node.op_type == "DequantizeLinear":
+            name = node.input[0]
+        return initializers.get(name)
+
+    total_bits = params = 0
+    wide = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        weight = stored(node.input[1])
+        if weight is None:
+            continue
+        count = int(np.prod(weight.dims))
+        total_bits, params = total_bits + bits[weight.data_type] * count, params + count
+        activation = producers.get(node.input[0])
+        zero_point = (initializers.get(activation.input[2]) if activation is not None and
+                      activation.op_type == "DequantizeLinear" and len(activation.input) > 2 else None)
+        if bits[weight.data_type] == 16 or (zero_point is not None and bits[zero_point.data_type] == 16):
+            wide.append(node.name)
+    return {"weight_bytes": total_bits // 8, "weight_params": params, "average_weight_bits": total_bits / params,
+            "layers_16bit": len(wide), "layers_16bit_names": wide}
+
+
 def scored(dataset, predictions: np.ndarray, reference: np.ndarray) -> dict:
     value, base = dataset.score_predictions(predictions), dataset.score_predictions(reference)
     return {"value": value, "reference_value": base, "change": value - base,
@@ -168,7 +287,7 @@ def onnxlrf_w8a8(model: str, seed: int, workdir: Path) -> dict:
 
 
 def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: str | None,
-             quark_finetunes: list[str]) -> dict:
+             quark_finetunes: list[str], quark_amp_modes: list[str] = (), quark_amp_threshold: float = 0.001) -> dict:
     command = COMMANDS[model]
     calib_n, val_n = int(option(command, "--calib", "1000")), int(option(command, "--val", "1000"))
     with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
@@ -193,6 +312,10 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
                 quark_python, reference, splits.calib,
                 max(QUARK_CALIBRATIONS, key=lambda method: row[f"quark_{method}"]["val"]), finetune, out)
                 for finetune in quark_finetunes})
+            peers.update({f"quark_amp_{mode}": lambda out, mode=mode: quark_amp(
+                quark_python, reference, splits.calib, splits.val,
+                max(QUARK_CALIBRATIONS, key=lambda method: row[f"quark_{method}"]["val"]), mode, quark_amp_threshold,
+                out) for mode in quark_amp_modes})
         for name, quantize in peers.items():
             start = time.perf_counter()
             quantized = load_onnx(quantize(work / f"{name}.onnx"))
@@ -200,8 +323,13 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
             row[name] = {"val": splits.val.score_predictions(model_predictions(quantized, splits.val, "cpu")),
                          "test": scored(splits.test, model_predictions(quantized, splits.test, "cpu"), reference_test),
                          "seconds": seconds}
+            if name.startswith("quark_amp_"):
+                row[name].update(weight_precision(quantized), file_bytes=(work / f"{name}.onnx").stat().st_size,
+                                 threshold=quark_amp_threshold,
+                                 search_log=json.loads((work / f"{name}.amp.json").read_text()))
         for peer in ("ort", *(["modelopt"] if modelopt_python else []), *(["quark"] if quark_python else [])):
-            best = max((name for name in peers if name.startswith(peer + "_")), key=lambda name: row[name]["val"])
+            best = max((name for name in peers if name.startswith(peer + "_") and not name.startswith("quark_amp_")),
+                       key=lambda name: row[name]["val"])
             row[f"{peer}_best"] = {"calibration": best.split("_", 1)[1], **row[best]}
         row["reference_val"] = splits.val.score_predictions(reference_val)
         row["onnxlrf_w8a8"] = onnxlrf_w8a8(model, seed, work)
@@ -218,7 +346,18 @@ def main() -> None:
     parser.add_argument("--quark-finetune", default=",".join(QUARK_FINETUNES),
                         help="Quark's fast finetunings to run, comma-separated, of: " + ", ".join(QUARK_FINETUNES)
                         + " (empty for none).")
+    parser.add_argument("--quark-amp", default="",
+                        help="Quark's AutoMixprecision runs, comma-separated, of: " + ", ".join(QUARK_AMP_MODES)
+                        + " (empty, the default, for none).")
+    parser.add_argument("--quark-amp-threshold", type=float, default=0.001,
+                        help="AutoMixprecision's threshold: the most the validation top-1 may drop (not 0: Quark reads "
+                        "0 as no threshold).")
     args = parser.parse_args()
+    quark_amp_modes = [name for name in args.quark_amp.split(",") if name]
+    if set(quark_amp_modes) - set(QUARK_AMP_MODES):
+        parser.error(f"--quark-amp: one of {', '.join(QUARK_AMP_MODES)}, comma-separated")
+    if quark_amp_modes and not args.quark_python:
+        parser.error("--quark-amp needs --quark-python")
     quark_finetunes = [name for name in args.quark_finetune.split(",") if name]
     if set(quark_finetunes) - set(QUARK_FINETUNES):
         parser.error(f"--quark-finetune: one of {', '.join(QUARK_FINETUNES)}, comma-separated")
@@ -231,13 +370,15 @@ def main() -> None:
         methods += ["modelopt_max", "modelopt_entropy", "modelopt_best"]
     if args.quark_python:
         methods += [f"quark_{name}" for name in (*QUARK_CALIBRATIONS, *quark_finetunes)] + ["quark_best"]
+        methods += [f"quark_amp_{mode}" for mode in quark_amp_modes]
     methods.append("onnxlrf_w8a8")
     for seed in (int(s) for s in args.seeds.split(",")):
-        rows.append(run_seed(args.model, seed, args.modelopt_python, args.quark_python, quark_finetunes))
+        rows.append(run_seed(args.model, seed, args.modelopt_python, args.quark_python, quark_finetunes,
+                             quark_amp_modes, args.quark_amp_threshold))
         row = rows[-1]
         cells = [f"{name} {held(row[name])['change']:+.4f} [{held(row[name])['change_interval'][0]:+.4f}, "
                  f"{held(row[name])['change_interval'][1]:+.4f}]" for name in methods if "best" in name or
-                 name.startswith("onnxlrf")]
+                 name.startswith("onnxlrf") or name.startswith("quark_amp_")]
         print(f"seed {seed}: original {held(row['onnxlrf_w8a8'])['reference_value']:.4f}; " + "; ".join(cells),
               flush=True)
     summary = {"model": args.model, "seeds": rows}
