@@ -260,7 +260,7 @@ def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(
     monkeypatch.setattr(QuantLatencyCost, "measured_speedup", lambda self, compressed, runs=10: 1.3)
     result = invoke(*compress_args(files, "--mode", "lossless", "--target", "latency", "--target-reduction", 0.2,
                                    "--activations", "int8", "--batch", 16, "--plan-out", files / "plan.json",
-                                   "--json", "-q"))
+                                   "--report", files / "report", "--json", "-q"))
     assert result.exit_code == 0, result.output
     plan = json.loads((files / "plan.json").read_text())
     assert plan["options"]["target"] == "latency" and plan["options"]["achieved_reduction"] >= 0.2
@@ -272,6 +272,8 @@ def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(
     assert notes["fc"]["latency_ms_planned"] == notes["fc"]["latency_ms_dense"]
     assert all(notes[node]["latency_ms_planned"] < notes[node]["latency_ms_dense"]
                for node, c in choices.items() if c["bits"] is not None)
+    fc_row = next(line for line in (files / "report" / "report.md").read_text().splitlines() if "| fc |" in line)
+    assert f"{notes['fc']['latency_ms_dense']:.3f}" in fc_row  # the report's latency column
     assert all(c["activations"] == "int8" for c in choices.values() if c["bits"] is not None)
     assert any(c["bits"] is not None for c in choices.values())
     payload = json.loads(result.stdout)
