@@ -321,7 +321,7 @@ _export_options = _OptionGroup(
 @_verify_options
 @click.option("--technique", type=click.Choice(["lowrank", "quant"]), default="lowrank", show_default=True,
               help="lowrank: low-rank factorization; quant: quantization (--mode uniform, or lossless/compact "
-                   "with --target bytes).")
+                   "with --target bytes, bits or latency).")
 @_quant_options
 @click.option("--data", help="DATA spec, e.g. cifar10-jpeg:PATH, stsb:PATH, npz:PATH (joint modes need it).")
 @_export_options
@@ -343,6 +343,9 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
     if technique == "quant":
         if params["bits"] is not None and params["mode"] != "uniform":
             raise OnnxlrfError(f"--bits is for --mode uniform; mode {params['mode']} chooses bits per layer")
+        if params["mode"] == "uniform" and (params["target"] != "params" or params["target_reduction"] is not None):
+            raise OnnxlrfError("--target and --target-reduction are for --mode lossless or compact; --mode uniform "
+                               "quantizes every layer at --bits")
     elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none" \
             or params["rounding"] is not None or params["predictor"] != "kfac":
         raise OnnxlrfError("--bits, --activations, --block-size, --rounding and --predictor apply to --technique "

@@ -84,6 +84,8 @@ def test_weight_only_without_data_and_the_tensorrt_form(files):
     (("--rounding", "sequential", "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8),
      "--rounding sequential is for uniform plans"),
     (("--mode", "lossless", "--target", "latency", "--target-reduction", 0.3), "pass --activations int8"),
+    (("--bits", 4, "--target", "latency"), "--target and --target-reduction are for --mode lossless or compact"),
+    (("--bits", 4, "--target-reduction", 0.5), "--target and --target-reduction are for --mode lossless or compact"),
     (("--mode", "lossless", "--target", "latency", "--target-reduction", 0.3, "--activations", "int8", "--runtime",
       "tensorrt"), "TensorRT cannot be timed here"),
 ])
