@@ -426,10 +426,10 @@ def compress_quant(
     (bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
     (default loss-aware), the knapsack over the target (latency: each layer's time float and W8A8 measured on
     ``provider`` at ``export.batch``, :class:`~onnxlrf.costs.latency.QuantLatencyCost`), the back-off and its
-    acceptance rule on the validation split; one round; with ``verify.refit``, the back-off also tries its plans rounded again in graph order,
-    :func:`~onnxlrf.techniques.quant.sequential.sequential_rounding`). With ``data``, it is split as
-    for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and the
-    result is validated against the original on the held-out test split (W8A8 and the joint modes need
+    acceptance rule on the validation split; one round; with ``verify.refit``, the back-off also tries its plans
+    rounded again in graph order, :func:`~onnxlrf.techniques.quant.sequential.sequential_rounding`). With ``data``,
+    it is split as for the joint modes (``splits``): int8 activations are calibrated on the calibration split, and
+    the result is validated against the original on the held-out test split (W8A8 and the joint modes need
     ``data``). ``extra`` holds the sizes: ``average_weight_bits`` (logical bits of all Conv/Gemm/MatMul
     weights, float32 counting 32), ``model_bytes`` and ``reference_model_bytes`` (files on disk), and the op
     types onnxruntime's optimized graph has (``optimized_op_counts``). ``stage``: as :func:`compress`.

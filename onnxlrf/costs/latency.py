@@ -331,6 +331,10 @@ class MeasuredLatency:
         run = self._runner(probe, {"x": np.zeros(1, np.float32)})
         return statistics.median(self.timer([run], warmup=20, budget_s=0.2, min_rounds=50)[0]) * 1e3
 
+    def _net_ms(self, seconds: list[float]) -> float:
+        """The median of timed runs (seconds) in ms, less the fixed cost of one call (at least 0)."""
+        return max(statistics.median(seconds) * 1e3 - self.call_overhead_ms, 0.0)
+
     def _calibrate(self, probe: onnx.ModelProto | None, predicted_saving: float) -> None:
         """Time the model and ``probe`` (a rewrite predicted to save ``predicted_saving`` ms, or None) interleaved:
         ``model_ms``, and ``scale`` = measured saving / predicted saving (within :data:`CALIBRATION_SCALE_RANGE`)."""
@@ -342,7 +346,7 @@ class MeasuredLatency:
             runners.append(self._runner(probe, feeds))
         with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
             times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
-        medians = [max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times]
+        medians = [self._net_ms(t) for t in times]
         self.model_ms = medians[0]
         if len(medians) == 2 and medians[0] > medians[1]:
             self.scale = float(np.clip((medians[0] - medians[1]) / predicted_saving, *CALIBRATION_SCALE_RANGE))
@@ -423,9 +427,9 @@ class LatencyCost(MeasuredLatency):
             times = self.timer(runners, budget_s=self.budget_s)
             dense_times += times[0]
             for (d, r), t in zip(chunk, times[1:]):
-                pair_ms.setdefault(d, {})[r] = max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0)
+                pair_ms.setdefault(d, {})[r] = self._net_ms(t)
             del runners
-        dense_ms = max(statistics.median(dense_times) * 1e3 - self.call_overhead_ms, 0.0)
+        dense_ms = self._net_ms(dense_times)
         if known is not None:
             dense_ms = known.dense_ms  # keep the value the cached pairs were compared with
         return LayerTiming(dense_ms, pair_ms)
@@ -468,7 +472,6 @@ class QuantLatencyCost(MeasuredLatency):
         super().__init__(model, batch, seq_length, provider, threads, io_binding, cache, budget_s, progress, timer)
         self.weight_bits = weight_bits
         self._measure_layers()
-        self.model_ms = self.layer_sum_ms()  # until calibrated
         predicted_saving = sum(timing.dense_ms - timing.pair_ms[W8A8][weight_bits] for timing in self.timings.values())
         self._calibrate(self._w8a8(model), predicted_saving)
 
@@ -530,7 +533,7 @@ class QuantLatencyCost(MeasuredLatency):
         dtype = helper.tensor_dtype_to_np_dtype(single.graph.input[0].type.tensor_type.elem_type)
         feeds = {"x": np.random.default_rng(0).standard_normal(input_shape).astype(dtype)}
         times = self.timer([self._runner(single, feeds), self._runner(quantized, feeds)], budget_s=self.budget_s)
-        dense_ms, int8_ms = (max(statistics.median(t) * 1e3 - self.call_overhead_ms, 0.0) for t in times)
+        dense_ms, int8_ms = (self._net_ms(t) for t in times)
         return LayerTiming(dense_ms, {W8A8: {self.weight_bits: int8_ms}})
 
 def make_cost(model: onnx.ModelProto, target: str, batch: int = 1, seq_length: int = 128, provider: str = "auto",

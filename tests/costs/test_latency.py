@@ -411,8 +411,9 @@ def test_quant_latency_cost_times_each_layer_float_and_w8a8_as_onnxruntime_fuses
     assert "Conv" in faster and "Gemm" not in faster  # the fake timer's verdict: wide layers pay for conversions
     assert cost.total() == cost.model_ms > 0 and cost.describe()["w8a8_weight_bits"] == 7
     # The probes are what onnxruntime fuses: a Conv's probe runs as QLinearConv, a MatMul's as an integer kernel.
-    counts = [optimized_op_counts(probe) for probe in seen if any(n.op_type == "QuantizeLinear" for n in probe.graph.node)
-              and len(probe.graph.node) < 8]
+    probes = [model for model in seen if len(model.graph.node) < 8
+              and any(node.op_type == "QuantizeLinear" for node in model.graph.node)]
+    counts = [optimized_op_counts(probe) for probe in probes]
     assert any(c.get("QLinearConv") for c in counts)
     assert any(c.get("MatMulIntegerToFloat") or c.get("QLinearMatMul") for c in counts)
     again = QuantLatencyCost(model, weight_bits=7, batch=16, provider="cpu", threads=1, cache=tmp_path,

@@ -112,9 +112,10 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
     each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
     change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), and the
-    predictions' kappa-free terms, reused across calls on the same analysis (and the same ``input_steps``). ``input_steps``: with int8 activations, every option also quantizes
-    the layer's input (grid step by input tensor, from the calibrated ranges), its noise added to the
-    prediction. ``int8_weight_bits``: what the 8-bit option has (7 for onnxruntime's W8A8 form).
+    predictions' kappa-free terms, reused across calls on the same analysis (and the same ``input_steps``).
+    ``input_steps``: with int8 activations, every option also quantizes the layer's input (grid step by input
+    tensor, from the calibrated ranges), its noise added to the prediction. ``int8_weight_bits``: what the 8-bit
+    option has (7 for onnxruntime's W8A8 form).
     ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
     int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones.
     ``predictor``: :data:`~.planners.PREDICTORS`, each option's predicted loss change (``kfac``:
