@@ -284,6 +284,7 @@ class MeasuredLatency:
         self.call_overhead_ms = self._call_overhead_ms()
         self.timings: dict[str, LayerTiming] = {}
         self.scale, self.rest_ms, self.model_ms = 1.0, 0.0, 0.0
+        self.rescaled: list[dict] = []  # rescale()'s, in order
 
     def total(self) -> float:
         return self.model_ms
@@ -294,7 +295,8 @@ class MeasuredLatency:
     def describe(self) -> dict:
         """How the latencies were measured, for the plan's options."""
         return {**self.context, "batch": self.batch, "model_ms": self.model_ms,
-                "layer_sum_ms": self.layer_sum_ms(), "scale": self.scale, "rest_ms": self.rest_ms}
+                "layer_sum_ms": self.layer_sum_ms(), "scale": self.scale, "rest_ms": self.rest_ms,
+                **({"rescaled": list(self.rescaled)} if self.rescaled else {})}
 
     def measured_speedup(self, compressed: onnx.ModelProto, runs: int = 10) -> float:
         """Whole-model speedup of ``compressed`` over the model, timed interleaved where the costs were measured.
@@ -335,24 +337,53 @@ class MeasuredLatency:
         """The median of timed runs (seconds) in ms, less the fixed cost of one call (at least 0)."""
         return max(statistics.median(seconds) * 1e3 - self.call_overhead_ms, 0.0)
 
+    def time_plan(self, compressed: onnx.ModelProto, predicted_saving: float) -> tuple[float, float]:
+        """``compressed`` (a rewrite the costs, at the current scale, predict to save ``predicted_saving`` ms) and
+        the model timed interleaved: the saving measured, as a fraction of the model's latency, and the scale
+        that would have predicted it (the current one where it saves nothing). ``model_ms`` is measured again.
+
+        The first calibration's probe changes every layer the same way; a plan mixes changed and unchanged
+        layers, and pays for the conversions between them, which no single-layer time holds."""
+        saving = self._time_against(compressed, "the plan")
+        fitted = self._fitted_scale(saving, predicted_saving / self.scale)
+        self.progress.log(f"latency: plan predicted {predicted_saving / self.model_ms:.1%} faster, measured "
+                          f"{saving / self.model_ms:.1%}; scale fitted to it {fitted:.2f} (was {self.scale:.2f})")
+        return saving / self.model_ms, fitted
+
+    def rescale(self, scale: float, reason: str) -> None:
+        """Multiply the per-layer times by ``scale`` from now on; ``describe()`` records it with ``reason``."""
+        self.rescaled.append({"scale": scale, "was": self.scale, "reason": reason})
+        self.scale = scale
+        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
+
     def _calibrate(self, probe: onnx.ModelProto | None, predicted_saving: float) -> None:
         """Time the model and ``probe`` (a rewrite predicted to save ``predicted_saving`` ms, or None) interleaved:
         ``model_ms``, and ``scale`` = measured saving / predicted saving (within :data:`CALIBRATION_SCALE_RANGE`)."""
-        from ..runtime.sessions import random_feeds
-
-        feeds = random_feeds(self.model, self.batch)
-        runners = [self._runner(self.model, feeds)]
-        if probe is not None and predicted_saving > 0:
-            runners.append(self._runner(probe, feeds))
-        with self.progress.task("latency: whole model, original and probe rewrite", None, "round"):
-            times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
-        medians = [self._net_ms(t) for t in times]
-        self.model_ms = medians[0]
-        if len(medians) == 2 and medians[0] > medians[1]:
-            self.scale = float(np.clip((medians[0] - medians[1]) / predicted_saving, *CALIBRATION_SCALE_RANGE))
+        saving = self._time_against(probe if predicted_saving > 0 else None, "probe rewrite")
+        self.scale = self._fitted_scale(saving, predicted_saving)
         self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
         self.progress.log(f"latency: whole model {self.model_ms:.3f} ms, sum of single-node layers "
                           f"{self.layer_sum_ms():.3f} ms, in-graph scale {self.scale:.2f}")
+
+    def _time_against(self, probe: onnx.ModelProto | None, what: str) -> float:
+        """The model and ``probe`` (or the model alone) timed interleaved: sets ``model_ms``, returns the saving
+        (ms; 0 without a probe)."""
+        from ..runtime.sessions import random_feeds
+
+        feeds = random_feeds(self.model, self.batch)
+        runners = [self._runner(self.model, feeds)] + ([self._runner(probe, feeds)] if probe is not None else [])
+        with self.progress.task(f"latency: whole model, original and {what}", None, "round"):
+            times = self.timer(runners, warmup=2, budget_s=4 * self.budget_s, min_rounds=7, max_rounds=60)
+        medians = [self._net_ms(t) for t in times]
+        self.model_ms = medians[0]
+        return medians[0] - medians[1] if probe is not None else 0.0
+
+    def _fitted_scale(self, saving: float, predicted_saving: float) -> float:
+        """Measured saving / unscaled predicted saving, within :data:`CALIBRATION_SCALE_RANGE`; the current scale
+        where either is not positive."""
+        if saving <= 0 or predicted_saving <= 0:
+            return self.scale
+        return float(np.clip(saving / predicted_saving, *CALIBRATION_SCALE_RANGE))
 
 
 class LatencyCost(MeasuredLatency):

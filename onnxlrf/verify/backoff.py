@@ -169,11 +169,14 @@ def backoff_plan(
     improve_each = refit and calib is not None and technique.improves_every_plan
     improved: dict = {}  # by the plan's signature: a plan proposed again is not improved again
 
-    def propose(kappa: float, size: float | None) -> Plan:
-        plan = plan_joint(reference, technique, analysis, mode if size is None else "lossless",
+    def propose_plain(kappa: float, size: float | None = None) -> Plan:  # as the planner gives it, not improved
+        return plan_joint(reference, technique, analysis, mode if size is None else "lossless",
                           target_reduction=options.target_reduction if size is None else size,
                           tolerance=options.tolerance, kappa=kappa, solver=options.solver, target=options.target,
                           cost=cost, rank_multiple=rank_multiple)
+
+    def propose(kappa: float, size: float | None) -> Plan:
+        plan = propose_plain(kappa, size)
         if size is not None:  # planned as lossless at that size, chosen as compact
             plan = dataclasses.replace(plan, mode=mode, options={**plan.options, "size_search": True})
         if improve_each:
@@ -185,6 +188,8 @@ def backoff_plan(
 
     allowance = metric_allowance(val, options)
     evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_score, allowance)
+    if mode == "lossless" and hasattr(cost, "time_plan"):
+        calibrate_on_plans(lambda: propose_plain(1.0), evaluator, options.target_reduction, progress)
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
                            progress, allowance=allowance, rule=rule)
     best = search.run()
@@ -221,6 +226,41 @@ def backoff_plan(
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
     return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
+
+
+# How many times a measured-latency cost is fitted again on the planner's own plan before the back-off.
+PLAN_CALIBRATIONS = 2
+
+
+def calibrate_on_plans(plan_at: Callable[[], Plan], evaluator: "ValidationEvaluator", target_reduction: float,
+                       progress: Progress) -> None:
+    """Fit a measured-latency cost (``evaluator.cost``) to the plans it makes, before the back-off verifies them.
+
+    The cost's per-layer times carry one scale, fitted on a probe that changes every layer; a plan that changes
+    some layers also pays for the conversions (and layout changes) between changed and unchanged neighbours, so
+    it can run slower than predicted and miss ``target_reduction``. Up to :data:`PLAN_CALIBRATIONS` times, the
+    plan ``plan_at()`` gives is rewritten and timed against the original; where it saves less than the target,
+    the cost takes the scale fitted to it, and the next plan is made with that scale. A scale under which the
+    target is out of reach is not taken (the back-off then reports the measured speed of its plans).
+    """
+    cost = evaluator.cost
+    plan = plan_at()
+    for _ in range(PLAN_CALIBRATIONS):
+        predicted_saving = plan.options["achieved_reduction"] * cost.total()
+        if predicted_saving <= 0:
+            return
+        measured, fitted = cost.time_plan(evaluator.rewrite(plan)[0], predicted_saving)
+        if measured >= target_reduction or fitted == cost.scale:
+            return
+        scale = cost.scale
+        cost.rescale(fitted, f"the plan predicted {plan.options['achieved_reduction']:.4f} faster measured "
+                             f"{measured:.4f}")
+        try:
+            plan = plan_at()
+        except OnnxlrfError:
+            progress.log("latency: the target is out of reach at the plan's scale; the probe's scale stays")
+            cost.rescale(scale, "the target is out of reach at the plan's scale")
+            return
 
 
 def restore_layers(

@@ -389,6 +389,89 @@ def test_backoff_rejects_latency_plans_not_measured_faster(speedup):
     assert len({a.val for a in attempts}) == 1
 
 
+class ScaledStub(StubLatency):
+    """StubLatency whose per-layer costs carry a scale, as measured costs do; a plan, timed, saves ``efficiency``
+    times what its unscaled costs say (what conversions between changed and unchanged layers take back)."""
+
+    def __init__(self, model, efficiency):
+        super().__init__(model)
+        self.efficiency, self.scale, self.rescaled, self.timed = efficiency, 1.0, [], []
+
+    def dense(self, layers):
+        return self.scale * super().dense(layers)
+
+    def factorized(self, layers, decomposition, rank):
+        return self.scale * super().factorized(layers, decomposition, rank)
+
+    def time_plan(self, plan, predicted_saving):  # the evaluator below hands the plan itself over as its model
+        saving = self.efficiency * predicted_saving / self.scale
+        self.timed.append(plan)
+        return saving / self.total(), max(self.efficiency, 0.25)
+
+    def rescale(self, scale, reason):
+        self.rescaled.append((scale, reason))
+        self.scale = scale
+
+
+class PlanAsModel:
+    def __init__(self, cost):
+        self.cost = cost
+
+    def rewrite(self, plan):
+        return plan, None
+
+
+@pytest.mark.parametrize("efficiency", [0.6, 0.2, 1.0])
+def test_a_latency_plan_that_misses_its_target_refits_the_scale_and_plans_again(efficiency):
+    from onnxlrf.progress import as_progress
+    from onnxlrf.verify.backoff import PLAN_CALIBRATIONS, calibrate_on_plans
+
+    model = small_net()
+    sens = synthetic_sensitivity(model)
+    cost = ScaledStub(model, efficiency)
+    plan_at = lambda: plan_joint(model, sens, "lossless", target_reduction=0.3, target="latency", cost=cost)  # noqa: E731
+    first = plan_at()
+    calibrate_on_plans(plan_at, PlanAsModel(cost), 0.3, as_progress(None))
+    assert cost.timed[0].options["achieved_reduction"] == first.options["achieved_reduction"] >= 0.3
+    if efficiency == 1.0:  # the plan saved what it predicted: kept as it is
+        assert cost.rescaled == [] and len(cost.timed) == 1
+    elif efficiency == 0.6:  # the plan is short of the target: the scale fitted to it, and the next plan meets it
+        assert [scale for scale, _ in cost.rescaled] == [0.6] and len(cost.timed) == 2 <= PLAN_CALIBRATIONS
+        again = plan_at()
+        assert again.options["achieved_reduction"] >= 0.3  # predicted at the fitted scale
+        assert efficiency * again.options["achieved_reduction"] / cost.scale >= 0.3  # and what it would measure
+        assert again.summary()["factorized"] >= first.summary()["factorized"]
+    else:  # at the fitted scale no plan reaches 30%: the probe's scale stays
+        assert [scale for scale, _ in cost.rescaled] == [0.25, 1.0] and "out of reach" in cost.rescaled[1][1]
+        assert cost.scale == 1.0 and len(cost.timed) == 1
+
+
+def test_time_plan_fits_the_scale_to_a_plan_timed_against_the_model(tmp_path):
+    from onnxlrf.costs.latency import ModelRunner, QuantLatencyCost
+    from onnxlrf.techniques.quant.candidates import float_entry
+    from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
+    from onnxlrf.techniques.quant.rewrite import QDQRewrite, quantized_activations
+
+    model, seen = small_net(), []
+    timer = conversion_timer(seen)
+    cost = QuantLatencyCost(model, weight_bits=8, batch=16, provider="cpu", threads=1, cache=tmp_path, timer=timer)
+    plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8"))
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    plan.layers = [entry if entry.node == "conv1" else float_entry(layers[entry.node]) for entry in plan.layers]
+    plan.activation_ranges = {site.tensor: [-4.0, 4.0] for site in quantized_activations(model, plan, "onnxruntime")}
+    compressed = QDQRewrite("onnxruntime")(model, plan)[0]
+    model_s, compressed_s = (t[0] for t in timer([ModelRunner(m, None) for m in (model, compressed)]))
+    scale = cost.scale
+    measured, fitted = cost.time_plan(compressed, predicted_saving=0.5 * cost.model_ms)
+    assert cost.model_ms == pytest.approx(model_s * 1e3 - cost.call_overhead_ms)
+    assert measured == pytest.approx((model_s - compressed_s) / (model_s - cost.call_overhead_ms / 1e3))
+    assert fitted == pytest.approx(np.clip(measured * cost.model_ms / (0.5 * cost.model_ms / scale), 0.25, 4.0))
+    assert cost.scale == scale  # time_plan fits; rescale takes it
+    cost.rescale(fitted, "test")
+    assert cost.scale == fitted and cost.describe()["rescaled"] == [{"scale": fitted, "was": scale, "reason": "test"}]
+    assert cost.rest_ms == pytest.approx(max(cost.model_ms - fitted * cost.layer_sum_ms(), 0.0))
+
+
 def test_quant_latency_cost_times_each_layer_float_and_w8a8_as_onnxruntime_fuses_it(tmp_path):
     from onnxlrf.costs.latency import W8A8, QuantLatencyCost
     from onnxlrf.graph.quantizable import find_quantizable
