@@ -272,10 +272,10 @@ _quant_options = _OptionGroup(
                              "reduce_range", "predictor")},
     click.option("--bits", type=click.IntRange(2, 8),
                  help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
-                      "packed int4, 5-8 as int8)."),
+                      "packed int4, 5-8 as int8; all in int8 with --activations int8)."),
     click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-                 help="--technique quant: int8 also quantizes the layers' input activations (W8A8, --bits 8; "
-                      "ranges calibrated on the calibration split of --data)."),
+                 help="--technique quant: int8 also quantizes the layers' input activations (W8A8 with --bits 8, "
+                      "W4A8 with --bits 4; ranges calibrated on the calibration split of --data)."),
     click.option("--runtime", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
                  show_default=True,
                  help="--technique quant: the Q/DQ form: what onnxruntime's CPU provider fuses into integer kernels "

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
+from onnx import numpy_helper
 from quant_fixtures import conversion_timer, images, residual_cnn
 
 from onnxlrf.cli import cli
@@ -54,6 +55,28 @@ def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_p
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "tensorrt"])
+def test_w4a8_stores_4_bit_levels_in_int8_for_the_integer_kernels(files, runtime):
+    result = invoke(*compress_args(files, "--bits", 4, "--activations", "int8", "--runtime", runtime,
+                                   "--plan-out", files / "plan.json", "--json", "-q", "--overwrite"))
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["average_weight_bits"] == 4.0 and payload["layers_quantized"] == 3
+    plan = json.loads((files / "plan.json").read_text())
+    assert {(layer["choice"]["bits"], layer["choice"]["container"], layer["choice"]["activations"])
+            for layer in plan["layers"]} == {(4, "int8", "int8")}
+    model = onnx.load(files / "out.onnx")
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
+               if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1}
+    assert len(weights) == 3 and all(np.abs(w).max() <= 7 for w in weights.values())
+    if runtime == "onnxruntime":
+        assert payload["optimized_op_counts"]["QLinearConv"] == 2
+    else:
+        from onnxlrf.techniques.quant.rewrite import check_tensorrt_form
+
+        check_tensorrt_form(model)  # symmetric, int8 weights and activations
+
+
 def test_w8a8_rounded_sequentially_keeps_its_kernels_and_rewrite_reapplies_the_plan(files):
     result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--rounding", "sequential",
                                    "--plan-out", files / "plan.json", "--json", "-q"))
@@ -78,7 +101,6 @@ def test_weight_only_without_data_and_the_tensorrt_form(files):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (("--bits", 4, "--activations", "int8"), "--activations int8 goes with --bits 8"),
     ((), "mode uniform needs --bits"),
     (("--bits", 8, "--block-size", 32), "--block-size is for weight-only int4"),
     (("--rounding", "sequential", "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8),

@@ -78,7 +78,8 @@ def w8a8_weight_bits(options: "QuantOptions") -> int:
 class QuantOptions:
     """``bits``: weight bits of every quantized layer (uniform plans; None: the loss-aware planner chooses per
     layer); ``activations``: ``int8`` quantizes their inputs too
-    (W8A8, with 8-bit weights); ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
+    (W8A8 at 8 bits; below, W4A8 and the like: the weights' levels in int8, which the integer kernels read);
+    ``runtime``: the Q/DQ form (``onnxruntime`` or ``tensorrt``);
     ``calibration_method``: onnxruntime's calibrator for activation ranges; ``block_size``: Gemm/MatMul
     weights get one scale per block of this many inputs (INT4 weight-only) instead of per output channel;
     ``rounding``: the loss-aware planner's (None: ``loss-aware``), or for uniform plans ``nearest`` (None) or
@@ -109,8 +110,6 @@ class QuantOptions:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
         if self.rounding not in (None,) + ENTRY_ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ENTRY_ROUNDINGS)}, got {self.rounding!r}")
-        if self.activations == "int8" and self.bits not in (None, 8):
-            raise OnnxlrfError(f"--activations int8 goes with --bits 8 (W8A8), not --bits {self.bits}")
         if self.block_size is not None:
             if (self.bits is not None and self.bits > INT4_BITS) or self.activations != "none":
                 raise OnnxlrfError("--block-size is for weight-only int4 (--bits 4 or fewer, --activations none)")
@@ -119,16 +118,17 @@ class QuantOptions:
 
 
 def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
-    """Every quantizable layer at ``options.bits`` (in :func:`weight_container`'s integer type), per output channel
-    or, for Gemm/MatMul with ``options.block_size``, per block; absmax scales, round to nearest. W8A8 in
-    onnxruntime's form has 7-bit weights where the range is reduced (:func:`reduces_range`).
+    """Every quantizable layer at ``options.bits`` (in :func:`weight_container`'s integer type; int8 with int8
+    inputs), per output channel or, for Gemm/MatMul with ``options.block_size``, per block; absmax scales, round
+    to nearest. W8A8 in onnxruntime's form has 7-bit weights where the range is reduced (:func:`reduces_range`).
 
     With int8 activations the plan still needs its activation ranges (:func:`calibration.calibrate_plan`).
     """
     if options.bits is None:
         raise OnnxlrfError("mode uniform needs --bits")
     layers = find_quantizable(model)[0]
-    weight_bits = w8a8_weight_bits(options) if options.activations == "int8" else options.bits
+    int8_inputs = options.activations == "int8"
+    weight_bits = min(options.bits, w8a8_weight_bits(options)) if int8_inputs else options.bits
     if not layers:
         raise OnnxlrfError("the model has no quantizable Conv/Gemm/MatMul layer (constant float32 weight)")
     entries = []
@@ -137,8 +137,8 @@ def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
         entries.append(QuantEntry(
             node=layer.node, op_type=layer.op_type, weight=layer.weight, weight_shape=list(layer.weight_shape),
             bits=weight_bits, granularity="block" if block else "per_channel", block_size=block,
-            container=weight_container(weight_bits, options.runtime, block),
-            activations="int8" if options.activations == "int8" else "float",
+            container="int8" if int8_inputs else weight_container(weight_bits, options.runtime, block),
+            activations="int8" if int8_inputs else "float",
             weight_scales="absmax", rounding="nearest", params_dense=layer.elements, params_planned=layer.elements))
     return Plan(entries, "uniform", {"technique": QuantEntry.technique, "bits": options.bits,
                                      "activations": options.activations, "runtime": options.runtime,
