@@ -58,7 +58,8 @@ def run_seed(model: str, mode: str, seed: int, extra: list[str], reference: Path
              bench_batch: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "onnxlrf.cli", "compress", *COMMANDS[model], "--mode", mode,
-                   "--seed", str(seed), "-o", str(Path(tmp) / "out.onnx"), "--json", *extra]
+                   "--seed", str(seed), "-o", str(Path(tmp) / "out.onnx"), "--plan-out", str(Path(tmp) / "plan.json"),
+                   "--json", *extra]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -67,10 +68,12 @@ def run_seed(model: str, mode: str, seed: int, extra: list[str], reference: Path
         if done.returncode != 0:
             raise SystemExit(f"seed {seed}: {done.stderr.strip().splitlines()[-1]}")
         speed = None if bench_batch is None else bench(Path(tmp) / "out.onnx", reference, bench_batch)
+        plan_options = json.loads((Path(tmp) / "plan.json").read_text())["options"]
     result = json.loads(done.stdout)
     # ru_maxrss of children is the largest child so far (KiB): exact for the first, a bound after.
     return {"seed": seed, "command": " ".join(["onnxlrf", *command[3:]]), "seconds": seconds,
-            "peak_rss_gib": max(peak, before) / 2**20, "result": result, **({"bench": speed} if speed else {})}
+            "peak_rss_gib": max(peak, before) / 2**20, "result": result, **({"bench": speed} if speed else {}),
+            "plan_options": plan_options, "log": [line for line in done.stderr.splitlines() if line.strip()]}
 
 
 def held_out(result: dict) -> dict:
