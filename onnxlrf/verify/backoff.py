@@ -155,7 +155,8 @@ def backoff_plan(
     set back until it holds on ``val`` (:func:`restore_layers`), if that is larger. ``refit``
     (needs ``calib``): every plan is verified as the technique improves it where
     :attr:`~onnxlrf.techniques.base.Technique.improves_every_plan`, else :func:`refit_chosen` at the end.
-    Compact with no plan that holds keeps the model as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here).
+    Compact with no plan that holds keeps the model as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here);
+    a measured latency in lossless mode is first fitted to the planner's own plans (:func:`calibrate_on_plans`).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
     """
@@ -241,7 +242,7 @@ def calibrate_on_plans(plan_at: Callable[[], Plan], evaluator: "ValidationEvalua
     it can run slower than predicted and miss ``target_reduction``. Up to :data:`PLAN_CALIBRATIONS` times, the
     plan ``plan_at()`` gives is rewritten and timed against the original; where it saves less than the target,
     the cost takes the scale fitted to it, and the next plan is made with that scale. A scale under which the
-    target is out of reach is not taken (the back-off then reports the measured speed of its plans).
+    target is out of reach is taken back (the back-off then reports the measured speed of its plans).
     """
     cost = evaluator.cost
     plan = plan_at()
@@ -258,7 +259,7 @@ def calibrate_on_plans(plan_at: Callable[[], Plan], evaluator: "ValidationEvalua
         try:
             plan = plan_at()
         except OnnxlrfError:
-            progress.log("latency: the target is out of reach at the plan's scale; the probe's scale stays")
+            progress.log(f"latency: the target is out of reach at the plan's scale; the scale stays {scale:.2f}")
             cost.rescale(scale, "the target is out of reach at the plan's scale")
             return
 
