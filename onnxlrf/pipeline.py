@@ -44,6 +44,7 @@ from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
 from .techniques.quant.calibration import calibrate_plan
+from .techniques.quant.candidates import PLANNED_BITS
 from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
 from .techniques.quant.sequential import sequential_rounding
@@ -498,8 +499,11 @@ def compress_quant(
                 every = calibrate_plan(reference, plan_uniform_quant(reference, dataclasses.replace(options, bits=8)),
                                        split.calib, options.runtime, options.calibration_method, progress)
                 ranges = every.activation_ranges
+            # Under a latency target the integer kernels take as long whatever the weights' logical bits: fewer
+            # bits cost loss and save no time, so only W8A8 is offered (and measured).
+            bits_offered = (8,) if joint.target == "latency" else PLANNED_BITS
             technique = Quant(options.rounding or "loss-aware", options.runtime, ranges, w8a8_weight_bits(options),
-                              options.block_size, options.predictor)
+                              options.block_size, options.predictor, bits_offered)
             if joint.target == "latency":
                 post_processing(reference, joint.target)
                 cost = QuantLatencyCost(reference, w8a8_weight_bits(options), batch=export.batch, provider=provider,

@@ -290,6 +290,8 @@ def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(
     assert plan["options"]["target"] == "latency" and plan["options"]["achieved_reduction"] >= 0.2
     assert plan["options"]["cost_model"]["batch"] == 16 and "w8a8_weight_bits" in plan["options"]["cost_model"]
     assert all(attempt["speedup"] == 1.3 for attempt in plan["options"]["backoff"])
+    assert plan["options"]["bits_offered"] == [8]  # fewer bits would cost loss and save no time: not measured
+    assert all(len(layer["notes"]["range_checks"]) == 1 for layer in plan["layers"] if layer["choice"]["bits"])
     choices = {layer["node"]: layer["choice"] for layer in plan["layers"]}
     assert choices["fc"]["bits"] is None  # the 8-to-4 Gemm is not faster with int8 inputs under this timer
     notes = {layer["node"]: layer["notes"] for layer in plan["layers"]}

@@ -106,17 +106,18 @@ class QuantOption:
 
 def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding: str = "loss-aware",
                   cache: dict | None = None, input_steps: dict[str, float] | None = None,
-                  int8_weight_bits: int = 8, block_size: int | None = None, predictor: str = "kfac"
+                  int8_weight_bits: int = 8, block_size: int | None = None, predictor: str = "kfac",
+                  bits_offered: tuple[int, ...] = PLANNED_BITS
                   ) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
     """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
-    options (or None), and each of :data:`PLANNED_BITS` as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
+    options (or None), and each of ``bits_offered`` (some of :data:`PLANNED_BITS`) as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
     each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
     change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), and the
     predictions' kappa-free terms, reused across calls on the same analysis (and the same ``input_steps``).
     ``input_steps``: with int8 activations, every option also quantizes the layer's input (grid step by input
     tensor, from the calibrated ranges), its noise added to the prediction. ``int8_weight_bits``: what the 8-bit
     option has (7 for onnxruntime's W8A8 form).
-    ``block_size``: Gemm/MatMul weights are also offered weight-only options of :data:`PLANNED_BITS` up to
+    ``block_size``: Gemm/MatMul weights are also offered weight-only options of ``bits_offered`` up to
     int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones.
     ``predictor``: :data:`~.planners.PREDICTORS`, each option's predicted loss change (``kfac``:
     :meth:`perturbation_dloss`; ``hessian-trace``: :func:`hessian_trace_dloss`); the rounding of an option is
@@ -140,7 +141,7 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
         weight = weight_array(model, layer)
         norm = max(float(np.linalg.norm(weight)), 1e-30)
         step = None if input_steps is None else input_steps[quantizable[layer.node].input]
-        for bits in PLANNED_BITS:
+        for bits in bits_offered:
             if bits == 8:
                 bits = int8_weight_bits
             # The shifted target moves with kappa only through first-order terms; so does the option's
@@ -172,7 +173,7 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                 predicted += kappa * cache[key]
             options.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
-            for bits in (bits for bits in PLANNED_BITS if bits <= INT4_BITS):
+            for bits in (bits for bits in bits_offered if bits <= INT4_BITS):
                 delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
                 predicted = ls.perturbation_dloss(delta, kappa) if predictor == "kfac" else \
                     hessian_trace_dloss(ls, delta, kappa)
@@ -216,12 +217,14 @@ def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption, red
 
 def measure_options(model: onnx.ModelProto, analysis: Any, calib: Any, samples: int, rounding: str = "loss-aware",
                     cache: dict | None = None, int8_weight_bits: int = 8, block_size: int | None = None,
-                    progress: ProgressLike = None, predictor: str = "kfac") -> dict[str, list[dict]]:
+                    progress: ProgressLike = None, predictor: str = "kfac",
+                    bits_offered: tuple[int, ...] = PLANNED_BITS) -> dict[str, list[dict]]:
     """Per weight: each option's weights alone, measured on the first ``samples`` calibration samples (the task
     loss on their labels) against its prediction at kappa 1: ``bits`` (and ``block_size`` for a block option),
     ``relative_error``, ``predicted``, ``measured`` and whether they ``agree``
     (:func:`~onnxlrf.measure.sensitivity.agrees`). Input quantization is not part of the measurement."""
-    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size, predictor)
+    groups = layer_options(model, analysis, 1.0, rounding, cache, None, int8_weight_bits, block_size, predictor,
+                           bits_offered)
     axes = {layer.node: layer.reduction_axis for layer in find_quantizable(model)[0]}
     replacements = {(members[0].weight, *option.key):
                     {members[0].weight: option_weight(model, members[0], option, axes[members[0].node])}
@@ -245,7 +248,8 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
                      rounding: str = "loss-aware", cache: dict | None = None,
                      input_steps: dict[str, float] | None = None, int8_weight_bits: int = 8,
                      checks: dict[str, list[dict]] | None = None, block_size: int | None = None,
-                     predictor: str = "kfac", runtime: str = "onnxruntime") -> list[Candidates]:
+                     predictor: str = "kfac", runtime: str = "onnxruntime",
+                     bits_offered: tuple[int, ...] = PLANNED_BITS) -> list[Candidates]:
     """Per weight group: float, then the options of :func:`layer_options` its checks trust
     (:func:`trusted_options`; ``checks`` from :func:`measure_options`, else the truncations' trusted range),
     with predicted loss change and cost saved (``cost``: a ``bytes``, ``bits`` or measured ``latency`` cost). An
@@ -254,7 +258,7 @@ def quant_candidates(model: onnx.ModelProto, analysis: Any, kappa: float, cost: 
     int8 inputs it is int8 (the integer kernels read int8)."""
     out = []
     for members, reason, options in layer_options(model, analysis, kappa, rounding, cache, input_steps,
-                                                  int8_weight_bits, block_size, predictor):
+                                                  int8_weight_bits, block_size, predictor, bits_offered):
         layer = members[0]
         dense = cost.dense(members)
         removed, dloss, sources = [0], [0.0], [None]

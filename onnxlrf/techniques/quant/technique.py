@@ -33,12 +33,14 @@ class Quant:
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
                  activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8,
-                 block_size: int | None = None, predictor: str = "kfac") -> None:
+                 block_size: int | None = None, predictor: str = "kfac",
+                 bits_offered: tuple[int, ...] = PLANNED_BITS) -> None:
         """``activation_ranges``: calibrated ranges of every activation a plan may quantize (None: weight-only
         options); with them every option quantizes the layer's input to int8 as well, in ``runtime``'s form,
         and the 8-bit option has ``int8_weight_bits`` (7: onnxruntime's reduced range). ``block_size``
         (weight-only): Gemm/MatMul layers are also offered int4-and-fewer options with one scale per this
-        many inputs. ``predictor``: how options' loss changes are predicted (:data:`~.planners.PREDICTORS`)."""
+        many inputs. ``predictor``: how options' loss changes are predicted (:data:`~.planners.PREDICTORS`).
+        ``bits_offered``: the weight bits each layer is offered (some of :data:`~.candidates.PLANNED_BITS`)."""
         if rounding not in ROUNDINGS:
             raise OnnxlrfError(f"--rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         if runtime not in RUNTIMES:
@@ -46,7 +48,9 @@ class Quant:
         if block_size is not None and activation_ranges is not None:
             raise OnnxlrfError("block scales are weight-only: --block-size goes without --activations int8")
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
-        self.block_size, self.predictor = block_size, predictor
+        if not bits_offered or not set(bits_offered) <= set(PLANNED_BITS):
+            raise OnnxlrfError(f"bits offered must be some of {', '.join(map(str, PLANNED_BITS))}, got {bits_offered!r}")
+        self.block_size, self.predictor, self.bits_offered = block_size, predictor, tuple(bits_offered)
         self.int8_weight_bits = int8_weight_bits if activation_ranges is not None else 8
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
         self._grids_of: int | None = None
@@ -79,7 +83,8 @@ class Quant:
         analysis = joint_analysis(model, calib, options, progress)
         self._grids, self._grids_of = {}, id(analysis)
         self.checks = measure_options(model, analysis, calib, options.range_samples, self.rounding, self._grids,
-                                      self.int8_weight_bits, self.block_size, progress, self.predictor)
+                                      self.int8_weight_bits, self.block_size, progress, self.predictor,
+                                      self.bits_offered)
         return analysis
 
     def candidates(self, model: onnx.ModelProto, analysis: Any, kappa: float, cost: Any,
@@ -89,7 +94,8 @@ class Quant:
         if self._grids_of != id(analysis):
             self._grids, self._grids_of = {}, id(analysis)
         return quant_candidates(model, analysis, kappa, cost, self.rounding, self._grids, self.input_steps(),
-                                self.int8_weight_bits, self.checks, self.block_size, self.predictor, self.runtime)
+                                self.int8_weight_bits, self.checks, self.block_size, self.predictor, self.runtime,
+                                self.bits_offered)
 
     def entries(self, model: onnx.ModelProto, analysis: Any, group: Candidates, option: int, kappa: float,
                 cost: Any) -> tuple[list[QuantEntry], dict]:
@@ -106,7 +112,7 @@ class Quant:
         return float_entry(layer)
 
     def plan_options(self, analysis: Any, **options: Any) -> dict:
-        return {"technique": self.name, "runtime": self.runtime, "bits_offered": list(PLANNED_BITS),
+        return {"technique": self.name, "runtime": self.runtime, "bits_offered": list(self.bits_offered),
                 "rounding": self.rounding, "activations": "none" if self.activation_ranges is None else "int8",
                 **({"predictor": self.predictor} if self.predictor != "kfac" else {}),
                 **({"block_size": self.block_size} if self.block_size is not None else {})}
