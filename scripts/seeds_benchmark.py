@@ -109,6 +109,7 @@ def main() -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             rows.append(run_seed(args.model, args.mode, seed, extra, reference, args.bench_batch))
             report(rows[-1])
+            write(args, extra, rows)  # after every seed: a long run cut short keeps the seeds it finished
     summarize(args, extra, rows)
     return 0
 
@@ -127,7 +128,19 @@ def report(row: dict) -> None:
 
 
 def summarize(args: argparse.Namespace, extra: list[str], rows: list[dict]) -> None:
-    """The mean and spread over the seeds, printed and (with ``--out``) written as JSON."""
+    """The mean and spread over the seeds, printed."""
+    summary = write(args, extra, rows)
+    if "speedup_mean" in summary:
+        print(f"speed against the original at batch {args.bench_batch}: {summary['speedup_mean']:.2f}x "
+              f"(min {summary['speedup_min']:.2f}x, max {summary['speedup_max']:.2f}x)")
+    print(f"mean over seeds {summary['seeds']}: {summary['reduction_mean']:.1%} fewer parameters "
+          f"(min {summary['reduction_min']:.1%}, max {summary['reduction_max']:.1%}), held-out change "
+          f"{summary['change_mean']:+.4f} (min {summary['change_min']:+.4f}, max {summary['change_max']:+.4f}), "
+          f"{summary['seconds_mean']:.0f} s (max {summary['seconds_max']:.0f} s)")
+
+
+def write(args: argparse.Namespace, extra: list[str], rows: list[dict]) -> dict:
+    """The mean and spread over the seeds so far, written as JSON with ``--out``."""
     reductions = np.array([r["result"]["params_reduction"] for r in rows])
     changes = np.array([held_out(r["result"])["value"] - held_out(r["result"])["reference_value"] for r in rows])
     seconds = np.array([r["seconds"] for r in rows])
@@ -140,16 +153,11 @@ def summarize(args: argparse.Namespace, extra: list[str], rows: list[dict]) -> N
         speedups = np.array([r["bench"]["speedup"] for r in rows])
         summary.update(speedup_mean=float(speedups.mean()), speedup_min=float(speedups.min()),
                        speedup_max=float(speedups.max()))
-        print(f"speed against the original at batch {args.bench_batch}: {speedups.mean():.2f}x "
-              f"(min {speedups.min():.2f}x, max {speedups.max():.2f}x)")
-    print(f"mean over seeds {summary['seeds']}: {summary['reduction_mean']:.1%} fewer parameters "
-          f"(min {summary['reduction_min']:.1%}, max {summary['reduction_max']:.1%}), held-out change "
-          f"{summary['change_mean']:+.4f} (min {summary['change_min']:+.4f}, max {summary['change_max']:+.4f}), "
-          f"{summary['seconds_mean']:.0f} s (max {summary['seconds_max']:.0f} s)")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         name = f"seeds_{args.model}_{args.mode}{'_' + args.tag if args.tag else ''}.json"
         (args.out / name).write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 if __name__ == "__main__":
