@@ -413,7 +413,7 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
     if page["curve"]["backoff"]:
         md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
                "|---|---|---|---|---|"]
-        md += [f"| {b['kappa']:.4g} | {b['achieved_reduction']:.1%} | {b['predicted_dloss']:+.3g} | "
+        md += [f"| {_kappa(b)} | {b['achieved_reduction']:.1%} | {_dloss(b)} | "
                f"{_metric(b.get('val'))} | {_backoff_note(b)} |"
                for b in page["curve"]["backoff"]]
         md.append("")
@@ -524,8 +524,8 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
     if page["curve"]["backoff"]:
         out += ["<h2>Back-off on the validation split</h2>", "<table><tr><th>kappa</th><th>reduction</th>"
                 "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
-        out += [f"<tr><td class=\"num\">{b['kappa']:.4g}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
-                f"<td class=\"num\">{b['predicted_dloss']:+.3g}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
+        out += [f"<tr><td class=\"num\">{e(_kappa(b))}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
+                f"<td class=\"num\">{_dloss(b)}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
                 f"<td>{e(_backoff_note(b))}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
@@ -762,7 +762,7 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
         for b in backoff:  # points unclipped: one at 0% removed is whole, not cut in half by the axes
             dot, = axes.plot(b["achieved_reduction"], b["val"], markerfacecolor=BLUE if b.get("chosen") else "white",
                              clip_on=False, **attempt)
-            tips.add(dot, f"kappa {b['kappa']:.4g}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}")
+            tips.add(dot, f"{_attempt_name(b)}: {b['achieved_reduction']:.1%} fewer, validation {b['val']:.4f}")
         if backoff:
             legend.append(Line2D([], [], markerfacecolor="white", label="back-off attempt, validation", **attempt))
         methods: dict[str, list[dict]] = {}
@@ -789,12 +789,26 @@ def curve_plot(curve: dict, metric: str, baselines: list[dict]) -> str | None:
         return _svg(figure, CURVE_TITLE, tips)
 
 
+def _kappa(attempt: dict) -> str:
+    """A back-off attempt's kappa, or the baseline it verified."""
+    return f"{attempt['kappa']:.4g}" if attempt.get("kappa") is not None else attempt.get("baseline", "-")
+
+
+def _dloss(attempt: dict) -> str:
+    return f"{attempt['predicted_dloss']:+.3g}" if attempt.get("predicted_dloss") is not None else "-"
+
+
+def _attempt_name(attempt: dict) -> str:
+    return f"kappa {attempt['kappa']:.4g}" if attempt.get("kappa") is not None else attempt.get("baseline", "baseline")
+
+
 def _label_attempts(axes: Axes, backoff: list[dict]) -> None:
     """Label each back-off attempt with its kappa beside its point, where the label overlaps no other label."""
     placed: list[Bbox] = []
     # The chosen attempt is labelled first, so it keeps its label when attempts crowd together.
     for b in sorted(backoff, key=lambda b: not b.get("chosen")):
-        label = f"\u03ba{b['kappa']:.3g}" + ("+r" if b.get("restored") else "+refit" if b.get("refit") else "")
+        label = (f"\u03ba{b['kappa']:.3g}" if b.get("kappa") is not None else "uniform") + \
+            ("+r" if b.get("restored") else "+refit" if b.get("refit") else "")
         for offset, ha, va in (((5, 3), "left", "bottom"), ((5, -3), "left", "top"), ((-5, 3), "right", "bottom")):
             text = axes.annotate(label, (b["achieved_reduction"], b["val"]), xytext=offset, textcoords="offset points",
                                  ha=ha, va=va, fontsize=7.5, color=BLUE)

@@ -226,6 +226,28 @@ def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it
     assert uniform.exit_code == 1 and "uniform plans round to nearest" in uniform.output
 
 
+def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(files):
+    result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.875,
+                                   "--plan-out", files / "plan.json", "--report", files / "report", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((files / "plan.json").read_text())
+    attempts = plan["options"]["backoff"]
+    baseline = [attempt for attempt in attempts if attempt.get("baseline")]
+    # 4 bits a weight: the most bits whose uniform plan meets 87.5% fewer weight bits.
+    assert [(a["baseline"], a["kappa"], a["predicted_dloss"]) for a in baseline] == [("uniform 4 bits", None, None)]
+    assert baseline[0]["achieved_reduction"] == pytest.approx(0.875) and "val" in baseline[0]
+    verified = [a for a in attempts if "val" in a]
+    chosen = next(a for a in attempts if a.get("chosen"))
+    assert chosen["val"] == max(a["val"] for a in verified)
+    assert chosen is verified[[a["val"] for a in verified].index(chosen["val"])]  # a tie: the first verified
+    choices = {(layer["choice"]["bits"], layer["choice"]["rounding"]) for layer in plan["layers"]}
+    assert (choices == {(4, "nearest")}) == ("baseline" in chosen)
+    assert "| uniform 4 bits |" in (files / "report" / "report.md").read_text()
+    again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
+    assert again.exit_code == 0, again.output
+    assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+
+
 def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):
     """With --block-size the Gemm is also offered int4-and-fewer options with one scale per 4 inputs, each measured
     alone; the Convs are not. Chosen at 3.2 average bits, a block option is written as a blocked DequantizeLinear."""

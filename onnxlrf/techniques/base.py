@@ -154,6 +154,10 @@ class Technique(Protocol):
                 ) -> Plan | None:
         """An improved plan from calibration data without fine-tuning (None: nothing to improve)."""
 
+    def uniform_plans(self, model: onnx.ModelProto, analysis: Any) -> list[Plan]:
+        """The technique's calibration-only baselines over the layers ``analysis`` covers, every layer changed
+        alike, least compressed first; lossless mode also verifies the first that meets its target (empty: none)."""
+
     # True: the improvement is part of how the technique makes a plan (it only brings the model closer to
     # the original's outputs), so the back-off verifies every plan improved; False: it can also undo what
     # the plan wanted, so the back-off tries the improved plan beside the chosen one and validation decides.

@@ -20,7 +20,7 @@ from ..errors import OnnxlrfError
 from ..graph.layers import count_params, find_layers, weight_array
 from ..measure.analysis import calibration_batches, range_batch_size
 from ..measure.sensitivity import replacement_gains, task_loss
-from ..planning.joint import JOINT_MODES, PlanOptions, plan_joint
+from ..planning.joint import JOINT_MODES, PlanOptions, plan_joint, plan_source
 from ..planning.plan import Plan
 from ..progress import Progress, ProgressLike, as_progress
 from ..runtime.evaluate import model_outputs
@@ -34,6 +34,7 @@ from .search import (
     Score,
     Verified,
     paired_loss_change,
+    plan_label,
     reduction_text,
 )
 
@@ -191,8 +192,9 @@ def backoff_plan(
     evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_score, allowance)
     if mode == "lossless" and hasattr(cost, "time_plan"):
         calibrate_on_plans(lambda: propose_plain(1.0), evaluator, options.target_reduction, progress)
+    baseline = uniform_baseline(reference, technique, analysis, options, cost) if mode == "lossless" else None
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
-                           progress, allowance=allowance, rule=rule)
+                           progress, allowance=allowance, rule=rule, baseline=baseline)
     best = search.run()
     reference_val = search.reference
     if best is None and mode == "lossless":
@@ -220,13 +222,33 @@ def backoff_plan(
     else:
         best.attempt.chosen = True
         set_back = best.plan.options.get("restored")
-        progress.log(f"back-off chose kappa {best.plan.options['kappa']:.3g}"
+        progress.log(f"back-off chose {plan_label(best.plan)}"
                      + (f" with {len(set_back['layers'])} layers set back" if set_back else "")
                      + (" refit" if best.plan.options.get("refit") else "")
                      + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})")
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
     return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
+
+
+def uniform_baseline(reference: onnx.ModelProto, technique: Technique, analysis: Any, options: PlanOptions,
+                     cost: Any) -> Plan | None:
+    """The first of the technique's uniform plans (:meth:`~onnxlrf.techniques.base.Technique.uniform_plans`, the
+    least compressed first) that meets ``options.target_reduction`` in the cost's units; None where none does.
+
+    Lossless mode verifies it beside the knapsack's plans. It is a feasible point of the same knapsack that the
+    predictions rank lower, and where they cannot tell plans apart it can be the better one: at 4 bits a weight
+    ResNet-56's uniform plan scored above the loss-aware mixed plan on every split seed (README)."""
+    for plan in technique.uniform_plans(reference, analysis):
+        plan = with_sizes(reference, plan, cost)
+        if plan.options["achieved_reduction"] >= options.target_reduction:
+            plan.options.update(target_reduction=options.target_reduction, target=cost.target, kappa=None,
+                                predicted_dloss=None)
+            plan.source = plan_source(reference)
+            if cost.describe():
+                plan.options["cost_model"] = cost.describe()
+            return plan
+    return None
 
 
 # How many times a measured-latency cost is fitted again on the planner's own plan before the back-off.

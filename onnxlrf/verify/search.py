@@ -91,9 +91,9 @@ DEFAULT_ACCEPTANCE = AcceptanceRule(loss_z=2.2)
 class Attempt:
     """One plan the back-off looked at, as the plan's ``options["backoff"]`` records it (:meth:`to_dict`)."""
 
-    kappa: float
+    kappa: float | None  # None: the technique's uniform baseline (``baseline`` says which)
     achieved_reduction: float
-    predicted_dloss: float
+    predicted_dloss: float | None  # None: the baseline, which predicts nothing
     val: float | None = None  # the validation metric; None: not evaluated (rejected for speed)
     speedup: float | None = None  # measured against the original, under a latency target
     target_reduction: float | None = None  # compact's size search: planned as lossless at this size
@@ -103,6 +103,7 @@ class Attempt:
     loss_se: float | None = None  # its standard error
     refit: bool = False  # the plan's factors refit on the calibration split
     round: int | None = None  # with several rounds: which one
+    baseline: str | None = None  # the technique's uniform plan verified beside the kappas', e.g. "uniform 4 bits"
     chosen: bool = False
 
     def to_dict(self) -> dict:
@@ -115,7 +116,7 @@ class Attempt:
             out["restored"] = self.restored
         out["achieved_reduction"] = self.achieved_reduction
         out["predicted_dloss"] = self.predicted_dloss
-        for key in ("speedup", "val", "loss_change", "loss_se", "target_reduction", "same_as_kappa"):
+        for key in ("baseline", "speedup", "val", "loss_change", "loss_se", "target_reduction", "same_as_kappa"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.chosen:
@@ -157,6 +158,12 @@ class Evaluator(Protocol):
         """``model``'s measured speedup over the original, where the target is latency (else None)."""
 
 
+def plan_label(plan: Plan) -> str:
+    """How logs name a plan: its kappa, or the baseline it is."""
+    kappa = plan.options.get("kappa")
+    return f"kappa {kappa:.3g}" if kappa is not None else plan.options.get("baseline", "the plan")
+
+
 def reduction_text(plan: Plan) -> str:
     """The plan's size in its target's words, e.g. '12.0% fewer parameters', '30.1% less latency' or
     '70.2% less bytes'."""
@@ -172,7 +179,8 @@ def reduction_text(plan: Plan) -> str:
 class BackoffSearch:
     """Verify plans on validation, trusting the curvature model less each time.
 
-    lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`; the best validation metric wins.
+    lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`, and the technique's ``baseline`` plan that meets
+    the same target where there is one; the best validation metric wins (a tie: the first).
     compact: the first plan whose validation metric is at least the original's, then a bisection
     of kappa (log scale) between the last that failed and the first that held, for a larger plan
     that holds. Where the plan that holds removes nothing, because no component is free at the
@@ -191,8 +199,9 @@ class BackoffSearch:
     def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
                  signature: Callable[[Plan, float], Hashable], progress: Progress,
                  kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS,
-                 allowance: float = 0.0, rule: AcceptanceRule | None = None) -> None:
+                 allowance: float = 0.0, rule: AcceptanceRule | None = None, baseline: Plan | None = None) -> None:
         self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
+        self.baseline = baseline
         self.progress, self.kappas, self.bisections, self.allowance = progress, kappas, bisections, allowance
         self.rule = DEFAULT_ACCEPTANCE if rule is None else rule
         self.attempts: list[Attempt] = []
@@ -223,6 +232,10 @@ class BackoffSearch:
                     break
                 failed_kappa = kappa
                 if self.mode == "lossless" and (best is None or result.value > best.value):
+                    best = result
+            if self.mode == "lossless" and self.baseline is not None:
+                result = self._verify(self.baseline, None, "")
+                if result is not None and (best is None or result.value > best.value):
                     best = result
             if self.mode == "compact" and best is not None and failed_kappa is not None:
                 best = self._bisect(failed_kappa, best)
@@ -277,26 +290,30 @@ class BackoffSearch:
             self.attempts[-1].target_reduction = size
         return result
 
-    def _verify(self, plan: Plan, kappa: float, label: str) -> Verified | None:
+    def _verify(self, plan: Plan, kappa: float | None, label: str) -> Verified | None:
+        """``plan`` (of ``kappa``; None: the baseline) rewritten, timed where the target is latency, and scored."""
         model, report = self.evaluator.rewrite(plan)
-        attempt = Attempt(kappa, plan.options["achieved_reduction"], plan.options["predicted_dloss"])
+        attempt = Attempt(kappa, plan.options["achieved_reduction"], plan.options["predicted_dloss"],
+                          baseline=None if kappa is not None else plan.options["baseline"])
         self.attempts.append(attempt)
+        name = f"kappa {kappa:.3g}" if kappa is not None else plan.options["baseline"]
         attempt.speedup = self.evaluator.speedup(model)
         if attempt.speedup is not None and attempt.speedup <= 1.0:  # not faster: no plan for a latency target
             self.unreachable = OnnxlrfError(f"no plan for this latency target measured faster than the original "
-                                            f"(kappa {kappa:.3g}: {attempt.speedup:.2f}x)")
-            self.progress.log(f"  kappa {kappa:.3g}: {reduction_text(plan)} predicted, measured "
+                                            f"({name}: {attempt.speedup:.2f}x)")
+            self.progress.log(f"  {name}: {reduction_text(plan)} predicted, measured "
                               f"{attempt.speedup:.2f}x the original's speed: rejected")
             self._task.update()
             return None
-        score = self.evaluator.score(model, f"validate the plan at kappa {kappa:.3g}")
+        score = self.evaluator.score(model, f"validate the plan of {name}")
         value = attempt.val = score.value
         change = paired_loss_change(score, self.reference_score)
         if change is not None:
             attempt.loss_change, attempt.loss_se = change
         self._task.update()
-        summary = (f"  kappa {kappa:.3g}{label}: {reduction_text(plan)}, "
-                   f"predicted dloss {plan.options['predicted_dloss']:+.3g}, val {value:.4f}"
+        predicted = plan.options["predicted_dloss"]
+        summary = (f"  {name}{label}: {reduction_text(plan)}, "
+                   + ("" if predicted is None else f"predicted dloss {predicted:+.3g}, ") + f"val {value:.4f}"
                    + ("" if change is None else f", loss change {change[0]:+.4f} (s.e. {change[1]:.4f})"))
         if self.mode == "lossless":
             self.progress.log(f"{summary} (original {self.reference:.4f})")

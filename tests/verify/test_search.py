@@ -70,6 +70,29 @@ def test_lossless_keeps_the_best_validation_metric_over_every_kappa() -> None:
     assert [p.options["kappa"] for p in run.failing()] == [k for k in BACKOFF_KAPPAS if k != 8.0]
 
 
+@pytest.mark.parametrize("baseline_value", [0.79, 0.80, 0.81])
+def test_lossless_verifies_the_baseline_after_the_kappas_and_keeps_it_only_when_better(baseline_value) -> None:
+    baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.5,
+                                                         "predicted_dloss": None, "baseline": "uniform 4 bits"})
+    evaluator = FakeEvaluator(lambda r: baseline_value if r == 0.5 else 0.80 - abs(r - 0.05))
+    run = BackoffSearch(shrinking, evaluator, "lossless", by_kappa, Progress(enabled=False), baseline=baseline)
+    best = run.run()
+    assert [a.kappa for a in run.attempts] == [*BACKOFF_KAPPAS, None]
+    last = run.attempts[-1]
+    assert (last.baseline, last.val, last.predicted_dloss) == ("uniform 4 bits", baseline_value, None)
+    assert last.to_dict()["baseline"] == "uniform 4 bits" and last.to_dict()["kappa"] is None
+    assert (best.plan is baseline) == (baseline_value > 0.80)  # a tie keeps the knapsack's plan of kappa 8
+
+
+def test_a_baseline_not_measured_faster_is_not_chosen() -> None:
+    baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.5,
+                                                         "predicted_dloss": None, "baseline": "uniform 8 bits"})
+    run = BackoffSearch(shrinking, FakeEvaluator(lambda r: 0.9, speedup=0.9), "lossless", by_kappa,
+                        Progress(enabled=False), baseline=baseline)
+    assert run.run() is None and all(a.val is None for a in run.attempts)
+    assert "uniform 8 bits: 0.90x" in str(run.unreachable)  # what the back-off raises: the last rejection
+
+
 def test_compact_stops_at_the_first_plan_that_holds_then_bisects_kappa() -> None:
     evaluator = FakeEvaluator(lambda r: 0.81 if r <= 0.15 else 0.70)  # holds up to 15% smaller
     run = search("compact", evaluator)

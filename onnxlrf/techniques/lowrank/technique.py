@@ -73,6 +73,11 @@ class LowRank:
         refit, summary = refit_plan(model, plan, calib, progress=progress)
         return refit if summary["refit"] else None
 
+    def uniform_plans(self, model: onnx.ModelProto, analysis: Any) -> list[Plan]:
+        """None: a uniform rank fraction keeps the same share of every layer whatever its spectrum, and the joint
+        plan's refit is verified beside it instead."""
+        return []
+
     keep_plot = KeepPlot("rank kept per layer", "rank", "rank kept",
                          "Rank kept per layer (grey: maximum rank; blue: kept; dense layers in light grey).")
     numeric_columns = ("max rank", "rank")

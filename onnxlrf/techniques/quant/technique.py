@@ -11,7 +11,7 @@ from typing import Any, Hashable
 import onnx
 from onnx import numpy_helper
 
-from ...graph.layers import Layer
+from ...graph.layers import Layer, find_layers, weight_groups
 from ...graph.quantizable import find_quantizable
 from ...errors import OnnxlrfError
 from ...measure.analysis import AnalysisOptions, joint_analysis
@@ -19,6 +19,7 @@ from ...planning.plan import ROUNDINGS, Plan, QuantEntry
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
+from .planners import weight_container
 from .rewrite import RUNTIMES, QDQRewrite, int8_scale, planned_weights, quantized_activations, uint8_params
 from .sequential import sequential_rounding
 
@@ -130,6 +131,33 @@ class Quant:
         """The plan's layers rounded again in graph order on the inputs the quantized model gives them
         (:func:`~.sequential.sequential_rounding`); None where no layer can be."""
         return sequential_rounding(model, self.with_ranges(model, plan), calib, self.runtime, progress=progress)
+
+    def uniform_plans(self, model: onnx.ModelProto, analysis: Any) -> list[Plan]:
+        """Every layer the analysis covers at one width of :attr:`bits_offered`, most bits first, as ``--mode uniform
+        --bits B`` quantizes it (per channel, absmax scales, rounded to nearest; with int8 inputs where the technique
+        has them, the levels in int8); a weight group that must stay float (:func:`~onnxlrf.graph.layers.weight_groups`)
+        stays float, as in the knapsack."""
+        layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers]
+        groups, shared = weight_groups(model, [layer for layer in layers
+                                               if layer.node in {q.node for q in find_quantizable(model)[0]}])
+        int8_inputs = self.activation_ranges is not None
+        plans = []
+        for bits in sorted(self.bits_offered, reverse=True):
+            weight_bits = self.int8_weight_bits if bits == 8 and int8_inputs else bits
+            quantized = {}
+            for members in groups:
+                if shared.get(members[0].weight) is None:
+                    quantized.update((layer.node, QuantEntry(
+                        node=layer.node, op_type=layer.op_type, weight=layer.weight,
+                        weight_shape=list(layer.weight_shape), bits=weight_bits, granularity="per_channel",
+                        block_size=None, container="int8" if int8_inputs else weight_container(weight_bits,
+                                                                                                self.runtime),
+                        activations="int8" if int8_inputs else "float", weight_scales="absmax", rounding="nearest",
+                        params_dense=layer.params, params_planned=layer.params)) for layer in members)
+            entries = [quantized.get(layer.node) or float_entry(layer) for layer in find_layers(model)[0]]
+            plans.append(Plan(entries, "lossless", {"baseline": f"uniform {weight_bits} bits", "runtime": self.runtime,
+                                                    **self.plan_options(analysis)}))
+        return plans
 
     def rewrite(self, model: onnx.ModelProto, plan: Plan, progress: ProgressLike = None
                 ) -> tuple[onnx.ModelProto, RewriteReport]:
