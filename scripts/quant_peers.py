@@ -33,11 +33,31 @@ Per split seed (calibration / validation / held-out test as `onnxlrf compress --
   reader of the validation split in place of the calibration one. Classification only; not a candidate for
   ``quark_best`` (another size); its weight bytes and average weight bits (of Conv/Gemm/MatMul weights as
   stored) and the layers at 16 bits are reported.
+* Intel Neural Compressor's accuracy-driven PTQ (2.x: ``neural_compressor.quantization.fit`` with
+  ``PostTrainingQuantConfig(approach="static", quant_format="QDQ")``, its ONNX Runtime adaptor), with
+  ``--inc-python``: the Python of a separate environment with ``pip install neural-compressor==2.6 onnx==1.16.2
+  onnxruntime==1.18.1 "numpy<2" "pandas<3" six`` (3.x has no ONNX backend; 2.6 imports six without declaring it).
+  Its defaults otherwise: int8 symmetric per-channel weights (Conv and MatMul), uint8 asymmetric activations,
+  all the op types it quantizes (Add, Gather, pooling, ... besides Conv/MatMul; Gemm becomes MatMul + Add), its
+  graph optimization first (onnxruntime's basic level for a CV model, extended for an NLP one), its MinMax
+  calibration on the whole calibration split. Then its tuning until the validation metric (its ``eval_func``:
+  top-1 or Spearman, scored by this script as every peer's) is at most ``--inc-tolerance`` below the original's
+  (absolute), in at most ``--inc-max-trials`` trials: with ``--inc-quant-level auto`` (its default) its default
+  config, then its conservative strategy (from fp32, each whole op type of Conv and MatMul to int8, kept if the
+  criterion holds; it ends there once any trial met it), then its basic strategy (other calibrations per op type,
+  its recipes such as the first and last Conv/MatMul in fp32, then ops falling back to fp32 one at a time, then
+  together); ``1``: the basic strategy alone. If no trial meets the criterion, the trial of highest validation
+  metric is scored (``met_criterion`` false). Reported: average weight bits (of Conv/Gemm/MatMul), the layers
+  with fp32 weights, the activation MatMuls and whether they are quantized, the ops INC left fp32, each
+  evaluation's validation metric (the first is the original's) and its log of the search. Not a candidate for any
+  ``_best``.
 * onnxlrf ``compress --technique quant --mode uniform --bits 8 --activations int8`` with its defaults, run
   as the CLI (the same split by construction).
 
 Each model's held-out metric, its change against the original with the 95% paired-bootstrap interval,
-and the mean and range over seeds, in ``quant_peers_<model>.json``.
+and the mean and range over seeds, in ``quant_peers_<model>.json``. ``--skip-ort`` leaves out onnxruntime's
+``quantize_static`` and onnxlrf's W8A8 (both in the full runs' files for the same seeds); ``--threads N`` sets
+the intra-op threads of every onnxruntime session this script and the INC environment open.
 """
 
 from __future__ import annotations
@@ -53,6 +73,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from seeds_benchmark import COMMANDS  # scripts/ is on sys.path when a script runs
@@ -142,6 +163,58 @@ from modelopt.onnx.quantization import quantize
 model, calib, shapes, method, out = sys.argv[1:6]
 quantize(onnx_path=model, quantize_mode="int8", calibration_data=dict(np.load(calib)), calibration_method=method,
          calibration_shapes=shapes, calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=out)
+"""
+# Run by the INC environment's Python: model, calibration npz, output, batch size, tolerance, max trials, threads
+# (0: onnxruntime's default), quant level ("auto", 0 or 1). Its eval_func asks the script to score each candidate on the validation split: it
+# writes the candidate's path on its protocol line (the original stdout; its own prints and logs go to stderr) and
+# reads the metric back from stdin. Beside the output, ``.inc.json``: the ops its final config leaves fp32.
+INC_PROGRAM = """
+import json, os, sys, numpy as np
+model, calib, out, batch, tolerance, trials, threads, level = sys.argv[1:9]
+protocol = os.fdopen(os.dup(1), "w", buffering=1)
+os.dup2(2, 1)
+import onnx, onnxruntime as ort
+if int(threads):
+    session_init = ort.InferenceSession.__init__
+    def with_threads(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        sess_options = sess_options or ort.SessionOptions()
+        sess_options.intra_op_num_threads = int(threads)
+        session_init(self, path_or_bytes, sess_options, *args, **kwargs)
+    ort.InferenceSession.__init__ = with_threads
+from neural_compressor import quantization
+from neural_compressor.config import AccuracyCriterion, PostTrainingQuantConfig, TuningCriterion
+arrays, batch = dict(np.load(calib)), int(batch)
+rows = len(next(iter(arrays.values())))
+class Batches:
+    batch_size = batch
+    def __iter__(self):
+        for i in range(0, rows, batch):
+            yield {name: array[i:i + batch] for name, array in arrays.items()}, None
+    def __len__(self):
+        return rows // batch
+count = 0
+def evaluate(candidate):
+    global count
+    count += 1
+    path = os.path.abspath(f"inc_candidate_{count}.onnx")
+    onnx.save(candidate if isinstance(candidate, onnx.ModelProto) else onnx.load(candidate), path)
+    protocol.write(path + "\\n")
+    return float(sys.stdin.readline())
+config = PostTrainingQuantConfig(approach="static", quant_format="QDQ", backend="default", device="cpu",
+                                 calibration_sampling_size=[rows],
+                                 quant_level=level if level == "auto" else int(level),
+                                 accuracy_criterion=AccuracyCriterion(criterion="absolute",
+                                                                      tolerable_loss=float(tolerance)),
+                                 tuning_criterion=TuningCriterion(max_trials=int(trials)))
+quantized = quantization.fit(model, config, calib_dataloader=Batches(), eval_func=evaluate)
+fp32, quantized_ops = [], []
+if quantized is not None:
+    quantized.save(out)
+    for (name, op_type), op in ((quantized.q_config or {}).get("op") or {}).items():
+        activation = op.get("activation", {}) if isinstance(op, dict) else {}
+        (fp32 if activation.get("dtype") == "fp32" else quantized_ops).append(f"{name} ({op_type})")
+json.dump({"met_criterion": quantized is not None, "fp32_ops": fp32, "quantized_ops": len(quantized_ops)},
+          open(out + ".inc.json", "w"))
 """
 ORT_CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                     "entropy": CalibrationMethod.Entropy}
@@ -234,6 +307,87 @@ def quark_amp(python: str, reference: Path, calib, val, method: str, mode: str, 
     return out
 
 
+def inc_int8(python: str, reference: Path, calib, val, tolerance: float, trials: int, threads: int, level: str,
+             out: Path) -> Path:
+    """INC's accuracy-driven static QDQ PTQ in its own environment (``INC_PROGRAM``), calibrated on ``calib``; each
+    candidate it evaluates is scored here on ``val`` (its first evaluation is the original's). Run in ``out``'s
+    folder (it writes ``nc_workspace/`` into its working directory). Beside the model, ``.inc.json``: whether a trial
+    met the criterion, the ops INC left fp32 and the validation metric of every evaluation. With no trial meeting
+    it, ``out`` is the candidate of highest validation metric."""
+    names = [inp.name for inp in graph_inputs(load_onnx(reference, load_external_data=False))]
+    rows = len(calib.inputs[names[0]])
+    npz = out.with_suffix(".npz")
+    np.savez(npz, **{name: calib.inputs[name] for name in names})
+    log = out.with_suffix(".log")
+    evaluations: list[float] = []
+    best = None
+    with log.open("w") as stderr:
+        process = subprocess.Popen([python, "-c", INC_PROGRAM, str(reference), str(npz), str(out),
+                                    str(max(b for b in range(1, BATCH + 1) if rows % b == 0)), str(tolerance),
+                                    str(trials), str(threads), level],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   cwd=out.parent)
+        for line in process.stdout:
+            candidate = Path(line.strip())
+            evaluations.append(val.score_predictions(model_predictions(load_onnx(candidate), val, "cpu")))
+            process.stdin.write(f"{evaluations[-1]!r}\n")
+            process.stdin.flush()
+            if len(evaluations) > 1 and (best is None or evaluations[-1] > max(evaluations[1:-1])):
+                best = shutil.copyfile(candidate, out.with_suffix(".best.onnx"))
+            candidate.unlink()
+        process.wait()
+    if process.returncode != 0:
+        lines = log.read_text().strip().splitlines() or ["(no output)"]
+        raise SystemExit("INC failed: " + next((line for line in reversed(lines) if "Error" in line), lines[-1]))
+    report = json.loads(Path(str(out) + ".inc.json").read_text())
+    if not report["met_criterion"]:
+        if best is None:
+            raise SystemExit("INC evaluated no quantized candidate")
+        shutil.copyfile(best, out)
+    report["evaluations"] = evaluations
+    # INC's account of its search (its strategies' steps, each trial's result), from its log.
+    steps = ("result is:", "*** ", "allback", "Apply ", "Quantize the model", "Start ")
+    report["trials"] = [step for step in (line.split("] ", 1)[-1] for line in log.read_text().splitlines())
+                        if any(word in step for word in steps) and not step.startswith("|")]
+    out.with_suffix(".inc.json").write_text(json.dumps(report))
+    return out
+
+
+def float_layers(model) -> dict:
+    """Of a Q/DQ model: the Conv/Gemm/MatMul nodes whose weight (an initializer) is stored as float; the MatMuls of
+    two activations (onnxruntime's FusedMatMul included) and how many of them have both inputs from a
+    DequantizeLinear; the op types of other domains (a graph optimization's fused ops) with their counts; the op types
+    with an input from a DequantizeLinear; the weights (DequantizeLinear of an initializer) with per-channel scales."""
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    floats, activation_matmuls, quantized = [], 0, 0
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "FusedMatMul") or len(node.input) < 2:
+            continue
+        weight = producers.get(node.input[1])
+        if node.input[1] in initializers:
+            floats.append(node.name)
+        elif weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in initializers:
+            activation_matmuls += 1
+            quantized += all((producers.get(name) is not None and producers[name].op_type == "DequantizeLinear")
+                             for name in node.input[:2])
+    per_channel = sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear"
+                      and node.input[0] in initializers and len(node.input) > 1 and node.input[1] in initializers
+                      and int(np.prod(next(t.dims for t in model.graph.initializer if t.name == node.input[1]))) > 1)
+    fused: dict[str, int] = {}
+    fed: dict[str, int] = {}  # op types with an input from a DequantizeLinear: what runs on quantized values
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            fused[f"{node.domain}.{node.op_type}"] = fused.get(f"{node.domain}.{node.op_type}", 0) + 1
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
+                producers.get(name) is not None and producers[name].op_type == "DequantizeLinear"
+                for name in node.input):
+            fed[node.op_type] = fed.get(node.op_type, 0) + 1
+    return {"float_weight_layers": floats, "activation_matmuls": activation_matmuls,
+            "activation_matmuls_quantized": quantized, "other_domain_ops": fused, "quantized_op_types": fed,
+            "per_channel_weights": per_channel}
+
+
 def weight_precision(model) -> dict:
     """Of a Q/DQ model's Conv/Gemm/MatMul weights (initializers, directly or through a DequantizeLinear): the bytes
     as stored, the average bits per weight, and the layers whose weight or input activation is 16-bit."""
@@ -287,7 +441,9 @@ def onnxlrf_w8a8(model: str, seed: int, workdir: Path) -> dict:
 
 
 def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: str | None,
-             quark_finetunes: list[str], quark_amp_modes: list[str] = (), quark_amp_threshold: float = 0.001) -> dict:
+             quark_finetunes: list[str], quark_amp_modes: list[str] = (), quark_amp_threshold: float = 0.001,
+             inc_python: str | None = None, inc_tolerance: float = 0.001, inc_max_trials: int = 30,
+             threads: int = 0, skip_ort: bool = False, inc_quant_level: str = "auto") -> dict:
     command = COMMANDS[model]
     calib_n, val_n = int(option(command, "--calib", "1000")), int(option(command, "--val", "1000"))
     with tempfile.TemporaryDirectory(prefix="quant-peers-") as tmp:
@@ -299,8 +455,9 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
         reference_val = model_predictions(load_onnx(reference), splits.val, "cpu")
         reference_test = model_predictions(load_onnx(reference), splits.test, "cpu")
         row: dict = {"seed": seed}
-        peers = {f"ort_{method}": lambda out, method=method: ort_static(reference, splits.calib, method, out)
-                 for method in ORT_CALIBRATIONS}
+        peers = {} if skip_ort else {
+            f"ort_{method}": lambda out, method=method: ort_static(reference, splits.calib, method, out)
+            for method in ORT_CALIBRATIONS}
         if modelopt_python:
             peers.update({f"modelopt_{method}": lambda out, method=method: modelopt_int8(
                 modelopt_python, reference, splits.calib, method, out) for method in MODELOPT_CALIBRATIONS})
@@ -316,6 +473,9 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
                 quark_python, reference, splits.calib, splits.val,
                 max(QUARK_CALIBRATIONS, key=lambda method: row[f"quark_{method}"]["val"]), mode, quark_amp_threshold,
                 out) for mode in quark_amp_modes})
+        if inc_python:
+            peers["inc"] = lambda out: inc_int8(inc_python, reference, splits.calib, splits.val, inc_tolerance,
+                                                inc_max_trials, threads, inc_quant_level, out)
         for name, quantize in peers.items():
             start = time.perf_counter()
             quantized = load_onnx(quantize(work / f"{name}.onnx"))
@@ -327,12 +487,19 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
                 row[name].update(weight_precision(quantized), file_bytes=(work / f"{name}.onnx").stat().st_size,
                                  threshold=quark_amp_threshold,
                                  search_log=json.loads((work / f"{name}.amp.json").read_text()))
-        for peer in ("ort", *(["modelopt"] if modelopt_python else []), *(["quark"] if quark_python else [])):
+            if name == "inc":
+                row[name].update(**weight_precision(quantized), **float_layers(quantized),
+                                 file_bytes=(work / f"{name}.onnx").stat().st_size, tolerance=inc_tolerance,
+                                 max_trials=inc_max_trials, quant_level=inc_quant_level, **json.loads((work / "inc.inc.json").read_text()))
+        for peer in (*([] if skip_ort else ["ort"]), *(["modelopt"] if modelopt_python else []),
+                     *(["quark"] if quark_python else [])):
             best = max((name for name in peers if name.startswith(peer + "_") and not name.startswith("quark_amp_")),
                        key=lambda name: row[name]["val"])
             row[f"{peer}_best"] = {"calibration": best.split("_", 1)[1], **row[best]}
         row["reference_val"] = splits.val.score_predictions(reference_val)
-        row["onnxlrf_w8a8"] = onnxlrf_w8a8(model, seed, work)
+        row["reference_test"] = splits.test.score_predictions(reference_test)
+        if not skip_ort:
+            row["onnxlrf_w8a8"] = onnxlrf_w8a8(model, seed, work)
     return row
 
 
@@ -352,7 +519,30 @@ def main() -> None:
     parser.add_argument("--quark-amp-threshold", type=float, default=0.001,
                         help="AutoMixprecision's threshold: the most the validation top-1 may drop (not 0: Quark reads "
                         "0 as no threshold).")
+    parser.add_argument("--inc-python", help="Python of an environment with neural-compressor 2.x and onnxruntime.")
+    parser.add_argument("--inc-tolerance", type=float, default=0.001,
+                        help="INC's accuracy criterion: the most the validation metric may drop, absolute.")
+    parser.add_argument("--inc-max-trials", type=int, default=30,
+                        help="INC's tuning trials at most (each a calibration and a validation run).")
+    parser.add_argument("--inc-quant-level", choices=("auto", "0", "1"), default="auto",
+                        help="INC's quant_level: auto (its default: the default config, then its conservative "
+                        "strategy, which quantizes whole op types and keeps those that meet the criterion, then basic), "
+                        "0 (conservative only) or 1 (basic only: ops fall back to fp32 one at a time).")
+    parser.add_argument("--skip-ort", action="store_true",
+                        help="Leave out onnxruntime's quantize_static and onnxlrf's W8A8.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="Intra-op threads of every onnxruntime session here and in the INC environment "
+                        "(0: their defaults).")
     args = parser.parse_args()
+    if args.threads:
+        session_init = ort.InferenceSession.__init__
+
+        def with_threads(self, path_or_bytes, sess_options=None, *rest, **kwargs):
+            sess_options = sess_options or ort.SessionOptions()
+            sess_options.intra_op_num_threads = args.threads
+            session_init(self, path_or_bytes, sess_options, *rest, **kwargs)
+
+        ort.InferenceSession.__init__ = with_threads
     quark_amp_modes = [name for name in args.quark_amp.split(",") if name]
     if set(quark_amp_modes) - set(QUARK_AMP_MODES):
         parser.error(f"--quark-amp: one of {', '.join(QUARK_AMP_MODES)}, comma-separated")
@@ -361,26 +551,30 @@ def main() -> None:
     quark_finetunes = [name for name in args.quark_finetune.split(",") if name]
     if set(quark_finetunes) - set(QUARK_FINETUNES):
         parser.error(f"--quark-finetune: one of {', '.join(QUARK_FINETUNES)}, comma-separated")
-    for flag, python in (("--modelopt-python", args.modelopt_python), ("--quark-python", args.quark_python)):
+    for flag, python in (("--modelopt-python", args.modelopt_python), ("--quark-python", args.quark_python),
+                         ("--inc-python", args.inc_python)):
         if python and not shutil.which(python):
             parser.error(f"{flag}: no Python at {python}")
     rows = []
-    methods = ["ort_minmax", "ort_percentile", "ort_entropy", "ort_best"]
+    methods = [] if args.skip_ort else ["ort_minmax", "ort_percentile", "ort_entropy", "ort_best"]
     if args.modelopt_python:
         methods += ["modelopt_max", "modelopt_entropy", "modelopt_best"]
     if args.quark_python:
         methods += [f"quark_{name}" for name in (*QUARK_CALIBRATIONS, *quark_finetunes)] + ["quark_best"]
         methods += [f"quark_amp_{mode}" for mode in quark_amp_modes]
-    methods.append("onnxlrf_w8a8")
+    if args.inc_python:
+        methods.append("inc")
+    if not args.skip_ort:
+        methods.append("onnxlrf_w8a8")
     for seed in (int(s) for s in args.seeds.split(",")):
         rows.append(run_seed(args.model, seed, args.modelopt_python, args.quark_python, quark_finetunes,
-                             quark_amp_modes, args.quark_amp_threshold))
+                             quark_amp_modes, args.quark_amp_threshold, args.inc_python, args.inc_tolerance,
+                             args.inc_max_trials, args.threads, args.skip_ort, args.inc_quant_level))
         row = rows[-1]
         cells = [f"{name} {held(row[name])['change']:+.4f} [{held(row[name])['change_interval'][0]:+.4f}, "
                  f"{held(row[name])['change_interval'][1]:+.4f}]" for name in methods if "best" in name or
-                 name.startswith("onnxlrf") or name.startswith("quark_amp_")]
-        print(f"seed {seed}: original {held(row['onnxlrf_w8a8'])['reference_value']:.4f}; " + "; ".join(cells),
-              flush=True)
+                 name.startswith(("onnxlrf", "quark_amp_", "inc"))]
+        print(f"seed {seed}: original {row['reference_test']:.4f}; " + "; ".join(cells), flush=True)
     summary = {"model": args.model, "seeds": rows}
     for name in methods:
         changes = np.array([held(row[name])["change"] for row in rows])
