@@ -165,9 +165,9 @@ quantize(onnx_path=model, quantize_mode="int8", calibration_data=dict(np.load(ca
          calibration_shapes=shapes, calibration_eps=["cpu"], high_precision_dtype="fp32", output_path=out)
 """
 # Run by the INC environment's Python: model, calibration npz, output, batch size, tolerance, max trials, threads
-# (0: onnxruntime's default), quant level ("auto", 0 or 1). Its eval_func asks the script to score each candidate on the validation split: it
-# writes the candidate's path on its protocol line (the original stdout; its own prints and logs go to stderr) and
-# reads the metric back from stdin. Beside the output, ``.inc.json``: the ops its final config leaves fp32.
+# (0: onnxruntime's default), quant level ("auto", 0 or 1). Its eval_func asks the script to score each candidate
+# on the validation split: it writes the candidate's path on its protocol line (the original stdout; its own prints
+# and logs go to stderr) and reads the metric back from stdin. Beside the output, ``.inc.json``: the ops its final config leaves fp32.
 INC_PROGRAM = """
 import json, os, sys, numpy as np
 model, calib, out, batch, tolerance, trials, threads, level = sys.argv[1:9]
@@ -490,7 +490,8 @@ def run_seed(model: str, seed: int, modelopt_python: str | None, quark_python: s
             if name == "inc":
                 row[name].update(**weight_precision(quantized), **float_layers(quantized),
                                  file_bytes=(work / f"{name}.onnx").stat().st_size, tolerance=inc_tolerance,
-                                 max_trials=inc_max_trials, quant_level=inc_quant_level, **json.loads((work / "inc.inc.json").read_text()))
+                                 max_trials=inc_max_trials, quant_level=inc_quant_level,
+                                 **json.loads((work / "inc.inc.json").read_text()))
         for peer in (*([] if skip_ort else ["ort"]), *(["modelopt"] if modelopt_python else []),
                      *(["quark"] if quark_python else [])):
             best = max((name for name in peers if name.startswith(peer + "_") and not name.startswith("quark_amp_")),

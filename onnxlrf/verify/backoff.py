@@ -156,8 +156,10 @@ def backoff_plan(
     set back until it holds on ``val`` (:func:`restore_layers`), if that is larger. ``refit``
     (needs ``calib``): every plan is verified as the technique improves it where
     :attr:`~onnxlrf.techniques.base.Technique.improves_every_plan`, else :func:`refit_chosen` at the end.
-    Compact with no plan that holds keeps the model as it is. ``cost``: a prepared cost model for ``options.target`` (else one is built here);
-    a measured latency in lossless mode is first fitted to the planner's own plans (:func:`calibrate_on_plans`).
+    Compact with no plan that holds keeps the model as it is. ``cost``: a prepared cost model for
+    ``options.target`` (else one is built here); a measured latency in lossless mode is first fitted to the
+    planner's own plans (:func:`calibrate_on_plans`). Lossless mode also verifies the technique's uniform plan
+    that meets the target (:func:`uniform_baseline`).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
     """

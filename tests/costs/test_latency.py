@@ -429,7 +429,10 @@ def test_a_latency_plan_that_misses_its_target_refits_the_scale_and_plans_again(
     model = small_net()
     sens = synthetic_sensitivity(model)
     cost = ScaledStub(model, efficiency)
-    plan_at = lambda: plan_joint(model, sens, "lossless", target_reduction=0.3, target="latency", cost=cost)  # noqa: E731
+
+    def plan_at():
+        return plan_joint(model, sens, "lossless", target_reduction=0.3, target="latency", cost=cost)
+
     first = plan_at()
     calibrate_on_plans(plan_at, PlanAsModel(cost), 0.3, as_progress(None))
     assert cost.timed[0].options["achieved_reduction"] == first.options["achieved_reduction"] >= 0.3

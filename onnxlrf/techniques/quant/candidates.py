@@ -110,7 +110,8 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                   bits_offered: tuple[int, ...] = PLANNED_BITS
                   ) -> list[tuple[list[Layer], str | None, list[QuantOption]]]:
     """Per weight group of layers the analysis covers and that take quantized weights: its layers, why it has no
-    options (or None), and each of ``bits_offered`` (some of :data:`PLANNED_BITS`) as a :class:`QuantOption`. ``rounding`` ``loss-aware``:
+    options (or None), and each of ``bits_offered`` (some of :data:`PLANNED_BITS`) as a :class:`QuantOption`.
+    ``rounding`` ``loss-aware``:
     each option is rounded to nearest and loss-aware (METHOD.md 9) and keeps the one of smaller predicted loss
     change; ``nearest``: round to nearest only. ``cache``: loss-aware grids by (weight, bits, kappa), and the
     predictions' kappa-free terms, reused across calls on the same analysis (and the same ``input_steps``).

@@ -50,7 +50,8 @@ class Quant:
             raise OnnxlrfError("block scales are weight-only: --block-size goes without --activations int8")
         self.rounding, self.runtime, self.activation_ranges = rounding, runtime, activation_ranges
         if not bits_offered or not set(bits_offered) <= set(PLANNED_BITS):
-            raise OnnxlrfError(f"bits offered must be some of {', '.join(map(str, PLANNED_BITS))}, got {bits_offered!r}")
+            raise OnnxlrfError(f"bits offered must be some of {', '.join(map(str, PLANNED_BITS))}, "
+                               f"got {bits_offered!r}")
         self.block_size, self.predictor, self.bits_offered = block_size, predictor, tuple(bits_offered)
         self.int8_weight_bits = int8_weight_bits if activation_ranges is not None else 8
         self._grids: dict = {}  # loss-aware grids of the last analysis, reused across kappas
