@@ -180,7 +180,8 @@ class BackoffSearch:
     """Verify plans on validation, trusting the curvature model less each time.
 
     lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`, and the technique's ``baseline`` plan that meets
-    the same target where there is one; the best validation metric wins (a tie: the first).
+    the same target where there is one; the best validation metric wins (a tie: the first), and under a latency
+    target among the plans whose measured speed meets the target first.
     compact: the first plan whose validation metric is at least the original's, then a bisection
     of kappa (log scale) between the last that failed and the first that held, for a larger plan
     that holds. Where the plan that holds removes nothing, because no component is free at the
@@ -231,12 +232,15 @@ class BackoffSearch:
                     best = result
                     break
                 failed_kappa = kappa
-                if self.mode == "lossless" and (best is None or result.value > best.value):
+                if self.mode == "lossless" and self._better(result, best):
                     best = result
             if self.mode == "lossless" and self.baseline is not None:
                 result = self._verify(self.baseline, None, "")
-                if result is not None and (best is None or result.value > best.value):
+                if result is not None and self._better(result, best):
                     best = result
+            if self.mode == "lossless" and best is not None and not self._meets_target(best):
+                self.progress.log(f"back-off: no plan measured {best.plan.options['target_reduction']:.1%} less "
+                                  f"latency; the best on validation of those measured faster is kept")
             if self.mode == "compact" and best is not None and failed_kappa is not None:
                 best = self._bisect(failed_kappa, best)
             if self.mode == "compact" and best is not None and not best.plan.options["achieved_reduction"] > 0:
@@ -245,6 +249,19 @@ class BackoffSearch:
             model, report = self.evaluator.rewrite(best.plan)
             best = dataclasses.replace(best, model=model, report=report)
         return best
+
+    @staticmethod
+    def _meets_target(result: Verified) -> bool:
+        """Whether the plan's measured speed reaches its latency target (true for every other target)."""
+        speedup = result.attempt.speedup if result.attempt is not None else None
+        return speedup is None or speedup * (1.0 - result.plan.options["target_reduction"]) >= 1.0
+
+    def _better(self, result: Verified, best: Verified | None) -> bool:
+        """Lossless: a plan measured to meet its target beats one that does not; then the higher validation metric
+        (a tie keeps ``best``, the first)."""
+        if best is None:
+            return True
+        return (self._meets_target(result), result.value) > (self._meets_target(best), best.value)
 
     @property
     def required(self) -> float:

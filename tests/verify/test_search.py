@@ -44,7 +44,7 @@ class FakeEvaluator:
         return Score(self.value_of(model.options["achieved_reduction"]))
 
     def speedup(self, model: Plan) -> float | None:
-        return self.fixed_speedup
+        return self.fixed_speedup(model) if callable(self.fixed_speedup) else self.fixed_speedup
 
 
 def shrinking(kappa: float, size: float | None) -> Plan:
@@ -82,6 +82,26 @@ def test_lossless_verifies_the_baseline_after_the_kappas_and_keeps_it_only_when_
     assert (last.baseline, last.val, last.predicted_dloss) == ("uniform 4 bits", baseline_value, None)
     assert last.to_dict()["baseline"] == "uniform 4 bits" and last.to_dict()["kappa"] is None
     assert (best.plan is baseline) == (baseline_value > 0.80)  # a tie keeps the knapsack's plan of kappa 8
+
+
+def test_under_a_latency_target_a_plan_measured_to_meet_it_beats_a_better_scoring_one() -> None:
+    baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.9, "target": "latency",
+                                                         "predicted_dloss": None, "baseline": "uniform 8 bits",
+                                                         "target_reduction": 0.4})
+
+    def latency_plan(kappa: float, size: float | None) -> Plan:
+        return Plan(layers=[], mode="lossless", options={**shrinking(kappa, size).options, "target_reduction": 0.4})
+
+    speed = {0.4: 1.7, 0.2: 1.2, 0.9: 2.0}  # 40% less latency is 1.67x: only kappa 1's plan and the baseline reach it
+    evaluator = FakeEvaluator(lambda r: {0.4: 0.78, 0.2: 0.82, 0.9: 0.79}.get(r, 0.70),
+                              speedup=lambda plan: speed.get(plan.options["achieved_reduction"], 1.1))
+    best = BackoffSearch(latency_plan, evaluator, "lossless", by_kappa, Progress(enabled=False),
+                         baseline=baseline).run()
+    assert best.plan is baseline  # 0.79 beats kappa 1's 0.78; kappa 2's 0.82 ran 1.2x
+    evaluator.fixed_speedup = lambda plan: 1.2  # nothing meets the target: the best scoring of those faster
+    best = BackoffSearch(latency_plan, evaluator, "lossless", by_kappa, Progress(enabled=False),
+                         baseline=baseline).run()
+    assert best.plan.options["kappa"] == 2.0
 
 
 def test_a_baseline_not_measured_faster_is_not_chosen() -> None:
