@@ -297,6 +297,37 @@ def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
     assert uniform.exit_code == 1 and "--predictor applies to lossless and compact plans" in uniform.output
 
 
+def test_the_uniform_baseline_of_a_latency_target_leaves_the_layers_not_measured_faster_float(tmp_path):
+    from types import SimpleNamespace
+
+    from onnxlrf.costs.latency import QuantLatencyCost
+    from onnxlrf.costs.params import BitsCost
+    from onnxlrf.graph.layers import find_layers
+    from onnxlrf.planning.joint import PlanOptions
+    from onnxlrf.techniques.quant.technique import Quant
+    from onnxlrf.verify.backoff import uniform_baseline
+
+    model = residual_cnn()
+    cost = QuantLatencyCost(model, weight_bits=7, batch=16, provider="cpu", threads=1, cache=tmp_path,
+                            timer=conversion_timer())
+    layers = find_layers(model)[0]
+    technique = Quant(activation_ranges={name: [-3.0, 3.0] for name in ("input", "r1", "c2", "a", "flat")},
+                      int8_weight_bits=7)
+    analysis = SimpleNamespace(layers={layer.node: None for layer in layers})
+    plan = uniform_baseline(model, technique, analysis, PlanOptions("lossless", target_reduction=0.1,
+                                                                    target="latency"), cost)
+    faster = {layer.node for layer in layers if cost.quantized([layer], 7, 8, 1, True) < cost.dense([layer])}
+    assert faster and faster != {layer.node for layer in layers}  # this timer: the Gemm is not faster
+    assert {entry.node for entry in plan.layers if entry.changed} == faster
+    assert plan.options["baseline"] == "uniform 7 bits" and plan.options["kappa"] is None
+    assert plan.options["achieved_reduction"] >= 0.1 and plan.options["target"] == "latency"
+    bits = BitsCost(model)  # the most bits that meet the target: 3 for 90% fewer weight bits; none for 99%
+    assert uniform_baseline(model, technique, analysis, PlanOptions("lossless", target_reduction=0.9, target="bits"),
+                            bits).options["baseline"] == "uniform 3 bits"
+    assert uniform_baseline(model, technique, analysis, PlanOptions("lossless", target_reduction=0.99, target="bits"),
+                            bits) is None
+
+
 def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(files, monkeypatch):
     from onnxlrf.costs import latency as latency_module
     from onnxlrf.costs.latency import QuantLatencyCost

@@ -236,13 +236,20 @@ def backoff_plan(
 def uniform_baseline(reference: onnx.ModelProto, technique: Technique, analysis: Any, options: PlanOptions,
                      cost: Any) -> Plan | None:
     """The first of the technique's uniform plans (:meth:`~onnxlrf.techniques.base.Technique.uniform_plans`, the
-    least compressed first) that meets ``options.target_reduction`` in the cost's units; None where none does.
+    least compressed first) that meets ``options.target_reduction`` in the cost's units, with the layers whose change
+    saves nothing left as they are; None where none does.
 
     Lossless mode verifies it beside the knapsack's plans. It is a feasible point of the same knapsack that the
     predictions rank lower, and where they cannot tell plans apart it can be the better one: at 4 bits a weight
     ResNet-56's uniform plan scored above the loss-aware mixed plan on every split seed (README)."""
+    layers = {layer.node: layer for layer in find_layers(reference)[0]}
     for plan in technique.uniform_plans(reference, analysis):
-        plan = with_sizes(reference, plan, cost)
+        # A layer whose change saves nothing in the target's units (under a latency target: not measured faster)
+        # stays as it is, as the knapsack offers it nothing.
+        entries = [technique.unplanned_entry(reference, layers[e.node], analysis, cost)
+                   if e.changed and cost.dense([layers[e.node]]) <= e.planned_cost(cost, [layers[e.node]]) else e
+                   for e in plan.layers]
+        plan = with_sizes(reference, dataclasses.replace(plan, layers=entries), cost)
         if plan.options["achieved_reduction"] >= options.target_reduction:
             plan.options.update(target_reduction=options.target_reduction, target=cost.target, kappa=None,
                                 predicted_dloss=None)
