@@ -799,7 +799,7 @@ def _dloss(attempt: dict) -> str:
 
 
 def _attempt_name(attempt: dict) -> str:
-    return f"kappa {attempt['kappa']:.4g}" if attempt.get("kappa") is not None else attempt.get("baseline", "baseline")
+    return f"kappa {_kappa(attempt)}" if attempt.get("kappa") is not None else _kappa(attempt)
 
 
 def _label_attempts(axes: Axes, backoff: list[dict]) -> None:

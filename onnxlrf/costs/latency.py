@@ -344,26 +344,30 @@ class MeasuredLatency:
 
         The first calibration's probe changes every layer the same way; a plan mixes changed and unchanged
         layers, and pays for the conversions between them, which no single-layer time holds."""
+        predicted = predicted_saving / self.model_ms  # of the model time the prediction was made with
         saving = self._time_against(compressed, "the plan")
         fitted = self._fitted_scale(saving, predicted_saving / self.scale)
-        self.progress.log(f"latency: plan predicted {predicted_saving / self.model_ms:.1%} faster, measured "
+        self.progress.log(f"latency: plan predicted {predicted:.1%} faster, measured "
                           f"{saving / self.model_ms:.1%}; scale fitted to it {fitted:.2f} (was {self.scale:.2f})")
         return saving / self.model_ms, fitted
 
     def rescale(self, scale: float, reason: str) -> None:
         """Multiply the per-layer times by ``scale`` from now on; ``describe()`` records it with ``reason``."""
         self.rescaled.append({"scale": scale, "was": self.scale, "reason": reason})
-        self.scale = scale
-        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
+        self._set_scale(scale)
 
     def _calibrate(self, probe: onnx.ModelProto | None, predicted_saving: float) -> None:
         """Time the model and ``probe`` (a rewrite predicted to save ``predicted_saving`` ms, or None) interleaved:
         ``model_ms``, and ``scale`` = measured saving / predicted saving (within :data:`CALIBRATION_SCALE_RANGE`)."""
         saving = self._time_against(probe if predicted_saving > 0 else None, "probe rewrite")
-        self.scale = self._fitted_scale(saving, predicted_saving)
-        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
+        self._set_scale(self._fitted_scale(saving, predicted_saving))
         self.progress.log(f"latency: whole model {self.model_ms:.3f} ms, sum of single-node layers "
                           f"{self.layer_sum_ms():.3f} ms, in-graph scale {self.scale:.2f}")
+
+    def _set_scale(self, scale: float) -> None:
+        """``scale``, and ``rest_ms``: what the scaled dense layers leave of the whole model."""
+        self.scale = scale
+        self.rest_ms = max(self.model_ms - self.scale * self.layer_sum_ms(), 0.0)
 
     def _time_against(self, probe: onnx.ModelProto | None, what: str) -> float:
         """The model and ``probe`` (or the model alone) timed interleaved: sets ``model_ms``, returns the saving

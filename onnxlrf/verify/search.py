@@ -313,7 +313,7 @@ class BackoffSearch:
         attempt = Attempt(kappa, plan.options["achieved_reduction"], plan.options["predicted_dloss"],
                           baseline=None if kappa is not None else plan.options["baseline"])
         self.attempts.append(attempt)
-        name = f"kappa {kappa:.3g}" if kappa is not None else plan.options["baseline"]
+        name = plan_label(plan)
         attempt.speedup = self.evaluator.speedup(model)
         if attempt.speedup is not None and attempt.speedup <= 1.0:  # not faster: no plan for a latency target
             self.unreachable = OnnxlrfError(f"no plan for this latency target measured faster than the original "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -117,6 +118,19 @@ class QuantOptions:
                 raise OnnxlrfError(f"--block-size must be an integer >= 2, got {self.block_size!r}")
 
 
+def uniform_entry(layer: Any, bits: int, params: int, int8_inputs: bool, runtime: str,
+                  block_size: int | None = None) -> QuantEntry:
+    """``layer`` (a :class:`~onnxlrf.graph.layers.Layer` or quantizable layer) at ``bits`` as a uniform plan
+    quantizes it: absmax scales per output channel (or per block of ``block_size`` inputs), rounded to nearest,
+    in ``runtime``'s container (:func:`weight_container`; int8 with ``int8_inputs``, which the integer kernels read)."""
+    return QuantEntry(
+        node=layer.node, op_type=layer.op_type, weight=layer.weight, weight_shape=list(layer.weight_shape),
+        bits=bits, granularity="block" if block_size else "per_channel", block_size=block_size,
+        container="int8" if int8_inputs else weight_container(bits, runtime, block_size),
+        activations="int8" if int8_inputs else "float",
+        weight_scales="absmax", rounding="nearest", params_dense=params, params_planned=params)
+
+
 def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
     """Every quantizable layer at ``options.bits`` (in :func:`weight_container`'s integer type; int8 with int8
     inputs), per output channel or, for Gemm/MatMul with ``options.block_size``, per block; absmax scales, round
@@ -131,15 +145,9 @@ def plan_uniform_quant(model: onnx.ModelProto, options: QuantOptions) -> Plan:
     weight_bits = min(options.bits, w8a8_weight_bits(options)) if int8_inputs else options.bits
     if not layers:
         raise OnnxlrfError("the model has no quantizable Conv/Gemm/MatMul layer (constant float32 weight)")
-    entries = []
-    for layer in layers:
-        block = options.block_size if options.block_size is not None and layer.op_type in BLOCK_OPS else None
-        entries.append(QuantEntry(
-            node=layer.node, op_type=layer.op_type, weight=layer.weight, weight_shape=list(layer.weight_shape),
-            bits=weight_bits, granularity="block" if block else "per_channel", block_size=block,
-            container="int8" if int8_inputs else weight_container(weight_bits, options.runtime, block),
-            activations="int8" if int8_inputs else "float",
-            weight_scales="absmax", rounding="nearest", params_dense=layer.elements, params_planned=layer.elements))
+    entries = [uniform_entry(layer, weight_bits, layer.elements, int8_inputs, options.runtime,
+                             options.block_size if options.block_size is not None and layer.op_type in BLOCK_OPS
+                             else None) for layer in layers]
     return Plan(entries, "uniform", {"technique": QuantEntry.technique, "bits": options.bits,
                                      "activations": options.activations, "runtime": options.runtime,
                                      "calibration_method": options.calibration_method,

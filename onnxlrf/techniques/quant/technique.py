@@ -19,7 +19,7 @@ from ...planning.plan import ROUNDINGS, Plan, QuantEntry
 from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
-from .planners import weight_container
+from .planners import uniform_entry
 from .rewrite import RUNTIMES, QDQRewrite, int8_scale, planned_weights, quantized_activations, uint8_params
 from .sequential import sequential_rounding
 
@@ -138,24 +138,18 @@ class Quant:
         --bits B`` quantizes it (per channel, absmax scales, rounded to nearest; with int8 inputs where the technique
         has them, the levels in int8); a weight group that must stay float (:func:`~onnxlrf.graph.layers.weight_groups`)
         stays float, as in the knapsack."""
-        layers = [layer for layer in find_layers(model)[0] if layer.node in analysis.layers]
-        groups, shared = weight_groups(model, [layer for layer in layers
-                                               if layer.node in {q.node for q in find_quantizable(model)[0]}])
+        every = find_layers(model)[0]
+        quantizable = {layer.node for layer in find_quantizable(model)[0]}
+        groups, shared = weight_groups(model, [layer for layer in every
+                                               if layer.node in analysis.layers and layer.node in quantizable])
+        planned = [layer for members in groups if shared.get(members[0].weight) is None for layer in members]
         int8_inputs = self.activation_ranges is not None
         plans = []
         for bits in sorted(self.bits_offered, reverse=True):
             weight_bits = self.int8_weight_bits if bits == 8 and int8_inputs else bits
-            quantized = {}
-            for members in groups:
-                if shared.get(members[0].weight) is None:
-                    quantized.update((layer.node, QuantEntry(
-                        node=layer.node, op_type=layer.op_type, weight=layer.weight,
-                        weight_shape=list(layer.weight_shape), bits=weight_bits, granularity="per_channel",
-                        block_size=None, container="int8" if int8_inputs else weight_container(weight_bits,
-                                                                                                self.runtime),
-                        activations="int8" if int8_inputs else "float", weight_scales="absmax", rounding="nearest",
-                        params_dense=layer.params, params_planned=layer.params)) for layer in members)
-            entries = [quantized.get(layer.node) or float_entry(layer) for layer in find_layers(model)[0]]
+            quantized = {layer.node: uniform_entry(layer, weight_bits, layer.params, int8_inputs, self.runtime)
+                         for layer in planned}
+            entries = [quantized.get(layer.node) or float_entry(layer) for layer in every]
             plans.append(Plan(entries, "lossless", {"baseline": f"uniform {weight_bits} bits", "runtime": self.runtime,
                                                     **self.plan_options(analysis)}))
         return plans
