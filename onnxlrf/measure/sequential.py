@@ -32,16 +32,13 @@ __all__ = ["PairedInputs", "PairedMoments"]
 class PairedMoments:
     """Moments of one layer's input in the original model (``x``) and in the changed one (``x'``), per group:
     ``mean`` ``E[x]`` and ``mean_changed`` ``E[x']`` ``(g, n)``; ``second_changed`` ``E[x' x'^T]`` and ``cross``
-    ``E[x x'^T]`` ``(g, n, n)``; over ``rows`` rows (positions). ``residual_cross``: ``E[d x'^T]`` ``(g, m, n)``,
-    ``d = s - s'`` the drift of the residual stream ``s`` a residual Add adds to the layer's output (None: not
-    asked for, or the layer feeds no residual Add)."""
+    ``E[x x'^T]`` ``(g, n, n)``; over ``rows`` rows (positions)."""
 
     rows: int
     mean: np.ndarray
     mean_changed: np.ndarray
     second_changed: np.ndarray
     cross: np.ndarray
-    residual_cross: np.ndarray | None = None
 
     def covariances(self) -> tuple[np.ndarray, np.ndarray]:
         """``Cov(x')`` and ``Cov(x, x')``."""
@@ -85,55 +82,21 @@ class PairedInputs:
                 env[name] = value
         self.masks = [torch.as_tensor(feeds[dataset.token_mask]) if dataset.token_mask else None for feeds in batches]
         self.position = 0
-        self.readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.nodes:
-            for name in node.input:
-                self.readers.setdefault(name, []).append(node)
-        self.producer = {name: i for i, node in enumerate(self.graph.nodes) for name in node.output}
 
     def order(self, nodes: list[str]) -> list[str]:
         """``nodes`` in graph order (the order :meth:`moments` must be asked in)."""
         return sorted(nodes, key=self.index.__getitem__)
 
-    def residual_stream(self, layer: Layer) -> str | None:
-        """The other input of the residual Add that reads ``layer``'s output (directly or after one Add of a
-        constant, its bias), when it is computed before the layer; None if there is no such Add."""
-        output, stop = self.nodes[layer.node].output[0], self.index[layer.node]
-        for _ in range(2):
-            readers = self.readers.get(output, [])
-            if len(readers) != 1 or readers[0].op_type != "Add":
-                return None
-            add = readers[0]
-            other = next((name for name in add.input if name != output), None)
-            if other is None:
-                return None
-            if self._constant(other):
-                output = add.output[0]  # the layer's bias: the residual Add reads this Add's output
-                continue
-            if other in self.graph.input_names or self.producer.get(other, stop) < stop:
-                return other
-            return None
-        return None
-
-    def _constant(self, name: str) -> bool:
-        return name in self.graph.constants or name in self.producer \
-            and self.graph.nodes[self.producer[name]].op_type == "Constant"
-
-    def moments(self, layer: Layer, rows_per_feature: int | None = None, residual: bool = False) -> PairedMoments:
+    def moments(self, layer: Layer, rows_per_feature: int | None = None) -> PairedMoments:
         """The moments of ``layer``'s input in both models, from at most ``rows_per_feature`` rows per input
-        feature sampled at random (seeded by the layer's place) from every batch (None: all rows).
-
-        ``residual``: also ``E[d x'^T]`` of the drift ``d`` of the residual stream the layer's output is added
-        to (:meth:`residual_stream`), where that stream has the output's shape."""
+        feature sampled at random (seeded by the layer's place) from every batch (None: all rows)."""
         node, stop = self.nodes[layer.node], self.index[layer.node]
         if stop < self.position:
             raise ValueError(f"{layer.node!r} comes before the layers already taken")
-        g, m, n = layer.matrix_shape("channel")
-        stream = self.residual_stream(layer) if residual else None
+        g, _, n = layer.matrix_shape("channel")
         rows, sums = 0, torch.zeros(2, g, n, dtype=torch.float64)
         second = torch.zeros(g, n, n, dtype=torch.float64)
         cross = torch.zeros(g, n, n, dtype=torch.float64)
-        drift_cross = torch.zeros(g, m, n, dtype=torch.float64) if stream else None
         sample = torch.Generator().manual_seed(stop)
         wanted = None if rows_per_feature is None else math.ceil(rows_per_feature * n / len(self.originals))
         with torch.no_grad():
@@ -144,25 +107,17 @@ class PairedInputs:
                 x_changed = self.changed[b][node.input[0]]
                 if layer.node in self.inputs:
                     x_changed = self.inputs[layer.node](x_changed)
-                drift = None
-                if drift_cross is not None:
-                    drift = self.originals[b][stream] - self.changed[b][stream]
-                x, x_changed, drift = _paired_rows(node, layer, self.originals[b][node.input[0]], x_changed,
-                                                   self.masks[b], wanted, sample, drift)
-                if drift is None:
-                    drift_cross = None  # the stream is not the output's shape: not a residual of this layer
+                x, x_changed = _paired_rows(node, layer, self.originals[b][node.input[0]], x_changed,
+                                            self.masks[b], wanted, sample)
                 # float32 products (fast), float64 accumulation across batches.
                 second += (x_changed.transpose(1, 2) @ x_changed).to(torch.float64)
-                if drift_cross is not None:
-                    drift_cross += (drift.transpose(1, 2) @ x_changed).to(torch.float64)
                 cross += (x.transpose(1, 2) @ x_changed).to(torch.float64)
                 sums[0] += x.sum(1).to(torch.float64)
                 sums[1] += x_changed.sum(1).to(torch.float64)
                 rows += x.shape[1]
         self.position = stop
         mean, mean_changed = (sums / rows).numpy()
-        return PairedMoments(rows, mean, mean_changed, (second / rows).numpy(), (cross / rows).numpy(),
-                             None if drift_cross is None else (drift_cross / rows).numpy())
+        return PairedMoments(rows, mean, mean_changed, (second / rows).numpy(), (cross / rows).numpy())
 
     def _hook(self, node: onnx.NodeProto, args: list, output: torch.Tensor) -> torch.Tensor:
         """The changed model's output of ``node``: computed from its changed input, then shifted."""
@@ -182,41 +137,20 @@ class PairedInputs:
             self.shifts[layer.node] = torch.from_numpy(np.asarray(shift, dtype=np.float32))
 
 
-def _output_rows(layer: Layer, y: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A tensor of the layer's output shape as ``(g, rows, m)``, rows in :func:`layer_input_rows`'s order; None
-    where its shape cannot be the layer's output's."""
-    g, m, _ = layer.matrix_shape("channel")
-    if layer.op_type == "Conv":
-        if y.dim() < 3 or y.shape[1] != g * m:
-            return None
-        y = y.movedim(1, -1)
-    elif y.shape[-1] != g * m or layer.op_type == "Gemm":
-        return None
-    if token_mask is not None and tuple(y.shape[:-1]) == tuple(token_mask.shape):
-        y = y[token_mask != 0]
-    return y.reshape(-1, g, m).transpose(0, 1)
-
-
 def _paired_rows(node: onnx.NodeProto, layer: Layer, x: torch.Tensor, x_changed: torch.Tensor,
-                 token_mask: torch.Tensor | None, wanted: int | None, sample: torch.Generator,
-                 drift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs, and of ``drift`` (a tensor of
-    the layer's output shape; None where it is not); all of them if None or fewer.
+                 token_mask: torch.Tensor | None, wanted: int | None,
+                 sample: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same ``wanted`` random rows (:func:`layer_input_rows`) of both inputs; all of them if None or fewer.
 
     Only enough samples to give 4 times ``wanted`` rows (before padding tokens are left
     out) are unfolded: unfolding every position of every image took most of the refit's time.
     """
     per_sample = layer_input_rows(node, layer, x[:1]).shape[1]
-    subsample = wanted is not None and per_sample * len(x) > wanted
-    samples = min(len(x), math.ceil(4 * wanted / per_sample)) if subsample else len(x)
+    if wanted is None or per_sample * len(x) <= wanted:
+        return layer_input_rows(node, layer, x, token_mask), layer_input_rows(node, layer, x_changed, token_mask)
+    samples = min(len(x), math.ceil(4 * wanted / per_sample))
     mask = None if token_mask is None else token_mask[:samples]
     x, x_changed = (layer_input_rows(node, layer, x[:samples], mask),
                     layer_input_rows(node, layer, x_changed[:samples], mask))
-    if drift is not None:
-        drift = _output_rows(layer, drift[:samples], mask)
-        if drift is not None and drift.shape[1] != x.shape[1]:
-            drift = None
-    if not subsample:
-        return x, x_changed, drift
     pick = torch.randperm(x.shape[1], generator=sample)[:wanted]
-    return x[:, pick], x_changed[:, pick], None if drift is None else drift[:, pick]
+    return x[:, pick], x_changed[:, pick]

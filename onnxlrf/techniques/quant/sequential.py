@@ -46,18 +46,15 @@ __all__ = ["sequential_rounding"]
 ROWS_PER_FEATURE = 256
 
 
-def sequential_target(weight: np.ndarray, second: np.ndarray, cross: np.ndarray,
-                      residual_cross: np.ndarray | None = None) -> np.ndarray:
-    """``T = (W K + D) H^-1`` of ``(g, m, n)`` weights, ``H = E[x' x'^T]``, ``K = E[x x'^T]``, ``D = E[d x'^T]``
-    (``d`` the residual stream's drift; None: zero), with ``H`` damped as the rounding damps it and the damping's
-    pull toward ``W``: unchanged inputs and stream (``K = H``, ``D = 0``) give ``W`` exactly."""
+def sequential_target(weight: np.ndarray, second: np.ndarray, cross: np.ndarray) -> np.ndarray:
+    """``T = W K H^-1`` of ``(g, m, n)`` weights, ``H = E[x' x'^T]``, ``K = E[x x'^T]``, with ``H`` damped as the
+    rounding damps it and the damping's pull toward ``W``: unchanged inputs (``K = H``) give ``W`` exactly."""
     out = np.empty(weight.shape, dtype=np.float64)
     for j in range(weight.shape[0]):
         h = second[j]
         damped = h + DAMPING * max(float(np.diag(h).mean()), 1e-12) * np.eye(h.shape[0])
         w = weight[j].astype(np.float64)
-        moved = w @ (cross[j] - h) if residual_cross is None else w @ (cross[j] - h) + residual_cross[j]
-        out[j] = w + np.linalg.solve(damped, moved.T).T
+        out[j] = w + np.linalg.solve(damped, (w @ (cross[j] - h)).T).T
     return out
 
 
@@ -102,14 +99,13 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
     int8_inputs = {entry.node: input_rounding(plan.activation_ranges[quantizable[entry.node].input], runtime)
                    for entry in changed if entry.activations == "int8"}
     paired = PairedInputs(model, dataset, batch_size, as_planned, inputs=int8_inputs)
-    entries, bases, with_stream = {}, dict(plan.bases), 0
+    entries, bases = {}, dict(plan.bases)
     by_node = {entry.node: entry for entry in changed}
     for node in progress.track(paired.order(sorted(qualifies)), "sequential rounding", unit="layer"):
         entry, layer = by_node[node], layers[node]
-        moments = paired.moments(layer, rows_per_feature, residual=True)
+        moments = paired.moments(layer, rows_per_feature)
         weight = weight_matrices(weight_array(model, layer), layer, "channel")
-        target = sequential_target(weight, moments.second_changed, moments.cross, moments.residual_cross)
-        with_stream += moments.residual_cross is not None
+        target = sequential_target(weight, moments.second_changed, moments.cross)
         levels, scales = loss_aware_levels(target, moments.second_changed, entry.bits)
         levels = matrices_to_weight(levels, layer, "channel")
         scales = scales.reshape(-1)
@@ -118,7 +114,6 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
         entries[node] = dataclasses.replace(entry, rounding="sequential", weight_scales="searched")
     options = {**plan.options, "sequential_rounding": {"samples": len(dataset), "nodes": len(entries)}}
     progress.log(f"sequential rounding: {len(entries)} layers rounded again on {len(dataset)} calibration samples"
-                 f" ({with_stream} also correcting the residual stream they are added to)"
                  + (f"; {len(as_planned)} kept as planned" if as_planned else ""))
     return dataclasses.replace(plan, layers=[entries.get(entry.node, entry) for entry in plan.layers],
                                options=options, bases=bases)

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 import pytest
 import torch
-from test_refit import _dataset, _decaying, _model, _values, convnet, mlp
+from test_refit import _dataset, _values, convnet, mlp
 
 from onnxlrf.graph.layers import find_layers, matrices_to_weight, weight_array, weight_matrices
 from onnxlrf.measure.sensitivity import layer_input_rows
@@ -150,84 +150,3 @@ def test_the_backoff_verifies_every_plan_rounded_sequentially_and_rounds_each_pl
     plain = backoff_plan(model, analysis, val, options, calib=calib, refit=False, technique=technique)
     assert {entry.rounding for entry in plain.plan.layers if entry.changed} <= {"loss-aware", "nearest"}
     assert len(improved) == len(signatures)  # --no-refit: nothing rounded again
-
-
-def residual_mlp() -> onnx.ModelProto:
-    """A residual block: x[N,48] -> fc1 -> r1[N,64]; fc2(r1) + bias + r1 -> relu -> fc3 -> y[N,10]."""
-    rng = np.random.default_rng(0)
-    return _model(
-        [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
-         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-         helper.make_node("MatMul", ["r1", "w2"], ["h2"], name="fc2"),
-         helper.make_node("Add", ["h2", "b2"], ["a2"], name="fc2_bias"),
-         helper.make_node("Add", ["r1", "a2"], ["s2"], name="residual"),
-         helper.make_node("Relu", ["s2"], ["r2"], name="relu2"),
-         helper.make_node("MatMul", ["r2", "w3"], ["y"], name="fc3")],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 48])], "y", ["batch", 10],
-        {"w1": _decaying(rng, 48, 64), "w2": _decaying(rng, 64, 64) / 4, "b2": rng.standard_normal(64) / 5,
-         "w3": _decaying(rng, 64, 10)})
-
-
-def residual_convnet() -> onnx.ModelProto:
-    """A residual block of 3x3 convs: x[N,6,8,8] -> conv1 -> r1[N,16,8,8]; conv2(r1) + r1 -> relu -> y."""
-    rng = np.random.default_rng(0)
-    return _model(
-        [helper.make_node("Conv", ["x", "w1", "b1"], ["h1"], name="conv1", pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
-         helper.make_node("Conv", ["r1", "w2", "b2"], ["h2"], name="conv2", pads=[1, 1, 1, 1]),
-         helper.make_node("Add", ["h2", "r1"], ["s2"], name="residual"),
-         helper.make_node("Relu", ["s2"], ["y"], name="relu2")],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6, 8, 8])], "y", ["batch", 16, 8, 8],
-        {"w1": _decaying(rng, 16, 6 * 9).reshape(16, 6, 3, 3), "b1": rng.standard_normal(16) / 5,
-         "w2": _decaying(rng, 16, 16 * 9).reshape(16, 16, 3, 3) / 4, "b2": rng.standard_normal(16) / 5})
-
-
-def _rows(node: onnx.NodeProto, layer, x: np.ndarray, stream: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The layer's input rows ``(rows, n)`` and the stream's matching rows ``(rows, m)`` (one group)."""
-    rows = layer_input_rows(node, layer, torch.from_numpy(x))[0].double().numpy()
-    return rows, np.moveaxis(stream, 1, -1).reshape(len(rows), -1) if stream.ndim == 4 else stream
-
-
-@pytest.mark.parametrize("build, first, second", [(residual_mlp, "fc1", "fc2"), (residual_convnet, "conv1", "conv2")],
-                         ids=["matmul", "conv"])
-def test_a_layer_added_to_a_residual_stream_is_rounded_to_correct_the_streams_drift(build, first, second):
-    from onnxlrf.measure.sequential import PairedInputs
-    from onnxlrf.techniques.quant.grid import dequantize_per_channel, quantize_per_channel
-
-    model = build()
-    calib, held_out = _dataset(model, seed=1), _dataset(model, seed=2)
-    layers = {layer.node: layer for layer in find_layers(model)[0]}
-    nodes = {node.name: node for node in model.graph.node}
-    w1 = weight_array(model, layers[first])
-    moved = dequantize_per_channel(*quantize_per_channel(w1, 0 if w1.ndim == 4 else 1, BITS), 0 if w1.ndim == 4 else 1)
-    paired = PairedInputs(model, calib, changed={layers[first].weight: moved})
-    # The stream is what the residual Add adds to the layer's output (after its bias); the first layer has none.
-    assert paired.residual_stream(layers[first]) is None and paired.residual_stream(layers[second]) == "r1"
-    moments = paired.moments(layers[second], residual=True)
-
-    changed_model = onnx.ModelProto()
-    changed_model.CopyFrom(model)
-    for init in changed_model.graph.initializer:
-        if init.name == layers[first].weight:
-            init.CopyFrom(numpy_helper.from_array(moved, init.name))
-
-    def block(data):
-        (r1,), (r1_changed,) = _values(model, data, ["r1"]), _values(changed_model, data, ["r1"])
-        x, s = _rows(nodes[second], layers[second], r1, r1)
-        x_changed, s_changed = _rows(nodes[second], layers[second], r1_changed, r1_changed)
-        return x, s, x_changed, s_changed
-
-    x, s, x_changed, s_changed = block(calib)
-    np.testing.assert_allclose(moments.residual_cross[0], (s - s_changed).T @ x_changed / len(x), rtol=1e-4, atol=1e-6)
-
-    # Rounded toward the target that takes the drift in, the block's output (before its Relu) is closer to the
-    # float model's on samples the moments were not taken on than rounded toward the layer's own output alone.
-    weight = weight_matrices(weight_array(model, layers[second]), layers[second], "channel")
-    x, s, x_changed, s_changed = block(held_out)
-    errors = []
-    for drift in (None, moments.residual_cross):
-        target = sequential_target(weight, moments.second_changed, moments.cross, drift)
-        levels, scales = loss_aware_levels(target, moments.second_changed, BITS)
-        rounded = levels[0].astype(np.float64) * scales[0, :, None]
-        errors.append(np.mean((x @ weight[0].T + s - x_changed @ rounded.T - s_changed) ** 2))
-    assert errors[1] < 0.8 * errors[0], errors
