@@ -358,31 +358,30 @@ def float_layers(model) -> dict:
     two activations (onnxruntime's FusedMatMul included) and how many of them have both inputs from a
     DequantizeLinear; the op types of other domains (a graph optimization's fused ops) with their counts; the op types
     with an input from a DequantizeLinear; the weights (DequantizeLinear of an initializer) with per-channel scales."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     producers = {output: node for node in model.graph.node for output in node.output}
-    floats, activation_matmuls, quantized = [], 0, 0
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul", "FusedMatMul") or len(node.input) < 2:
-            continue
-        weight = producers.get(node.input[1])
-        if node.input[1] in initializers:
-            floats.append(node.name)
-        elif weight is None or weight.op_type != "DequantizeLinear" or weight.input[0] not in initializers:
-            activation_matmuls += 1
-            quantized += all((producers.get(name) is not None and producers[name].op_type == "DequantizeLinear")
-                             for name in node.input[:2])
-    per_channel = sum(1 for node in model.graph.node if node.op_type == "DequantizeLinear"
-                      and node.input[0] in initializers and len(node.input) > 1 and node.input[1] in initializers
-                      and int(np.prod(next(t.dims for t in model.graph.initializer if t.name == node.input[1]))) > 1)
+
+    def dequantized(name: str) -> bool:
+        return name in producers and producers[name].op_type == "DequantizeLinear"
+
+    floats, activation_matmuls, quantized, per_channel = [], 0, 0, 0
     fused: dict[str, int] = {}
     fed: dict[str, int] = {}  # op types with an input from a DequantizeLinear: what runs on quantized values
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
             fused[f"{node.domain}.{node.op_type}"] = fused.get(f"{node.domain}.{node.op_type}", 0) + 1
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(
-                producers.get(name) is not None and producers[name].op_type == "DequantizeLinear"
-                for name in node.input):
+        if node.op_type == "DequantizeLinear":
+            per_channel += (node.input[0] in initializers and len(node.input) > 1 and node.input[1] in initializers
+                            and int(np.prod(initializers[node.input[1]].dims)) > 1)
+        elif node.op_type != "QuantizeLinear" and any(dequantized(name) for name in node.input):
             fed[node.op_type] = fed.get(node.op_type, 0) + 1
+        if node.op_type not in ("Conv", "Gemm", "MatMul", "FusedMatMul") or len(node.input) < 2:
+            continue
+        if node.input[1] in initializers:
+            floats.append(node.name)
+        elif not dequantized(node.input[1]) or producers[node.input[1]].input[0] not in initializers:
+            activation_matmuls += 1
+            quantized += all(dequantized(name) for name in node.input[:2])
     return {"float_weight_layers": floats, "activation_matmuls": activation_matmuls,
             "activation_matmuls_quantized": quantized, "other_domain_ops": fused, "quantized_op_types": fed,
             "per_channel_weights": per_channel}
