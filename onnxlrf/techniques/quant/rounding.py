@@ -10,10 +10,7 @@ over its grid: ``(q - t_i) A (q - t_i)^T`` toward the first-order-shifted target
 ``t_i = w_i - (c b_i)^-1 g_i A^-1`` (no shift in an analysis without first-order terms). It is solved as
 GPTQ/OBQ solve it: entries rounded one input at a time, each error fed back to the inputs not yet rounded
 along ``A^-1``'s Cholesky factor, so the errors land where ``A`` is flat. The scale of each row comes first,
-from a search of the clipping ratio under the same metric (round to nearest at each ratio). The rounding is
-then refined on the same objective: sweeps of exact coordinate descent over the integer levels (CDQuant, Nair
-and Suggala 2024), each followed by the least-squares scale of the row's levels, until a sweep moves nothing.
-No step raises the objective, so the result is never worse in ``A``'s metric than the error feedback alone.
+from a search of the clipping ratio under the same metric (round to nearest at each ratio).
 """
 
 from __future__ import annotations
@@ -27,8 +24,6 @@ CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 # A's diagonal is raised by this share of its mean before inverting (GPTQ's dampening): inputs the
 # calibration split never excites still get a finite, positive curvature.
 DAMPING = 0.01
-# At most this many coordinate-descent sweeps refine each rounding (they usually settle in two or three).
-REFINE_SWEEPS = 8
 
 
 def loss_aware_levels(weight: np.ndarray, moment: np.ndarray, bits: int, gradient: np.ndarray | None = None,
@@ -49,8 +44,7 @@ def loss_aware_levels(weight: np.ndarray, moment: np.ndarray, bits: int, gradien
         hessian = _damped(moment[j].astype(np.float64))
         target = w if gradient is None else _shifted_target(w, hessian, gradient[j], curvature[j])
         scales[j] = _searched_scales(w, target, hessian, level)
-        rounded = _error_feedback_round(target, hessian, scales[j].astype(np.float64), level)
-        levels[j], scales[j] = _refined(rounded, scales[j].astype(np.float64), target, hessian, level)
+        levels[j] = _error_feedback_round(target, hessian, scales[j].astype(np.float64), level)
     return levels, scales
 
 
@@ -103,34 +97,3 @@ def _error_feedback_round(target: np.ndarray, hessian: np.ndarray, scales: np.nd
     levels = np.empty_like(out)
     levels[:, order] = out
     return levels
-
-
-def _refined(levels: np.ndarray, scales: np.ndarray, target: np.ndarray, hessian: np.ndarray, level: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``levels`` and ``scales`` moved downhill on ``(s_i q_i - t_i) A (s_i q_i - t_i)^T``, row by row: each sweep
-    sets every level in turn to the integer on its grid that minimizes the objective with the others fixed, then
-    each row's scale to its least-squares value ``q_i A t_i^T / q_i A q_i^T``."""
-    q = levels.astype(np.float64)
-    s = scales.copy()
-    for _ in range(REFINE_SWEEPS):
-        gradient = (q * s[:, None] - target) @ hessian  # half the objective's gradient in the weights
-        moved = False
-        for k in range(q.shape[1]):
-            curve = hessian[k, k] * s
-            step = np.clip(np.rint(-gradient[:, k] / np.where(curve > 0, curve, np.inf)), -level - q[:, k],
-                           level - q[:, k])
-            rows = np.flatnonzero(step)
-            if rows.size:
-                moved = True
-                q[rows, k] += step[rows]
-                gradient[rows] += (step[rows] * s[rows])[:, None] * hessian[k]
-        weighted = q @ hessian
-        numerator = np.einsum("mn,mn->m", weighted, target)
-        denominator = np.einsum("mn,mn->m", weighted, q)
-        fitted = denominator > 0
-        fitted &= numerator > 0
-        rescaled = not np.allclose(s[fitted], numerator[fitted] / denominator[fitted], rtol=1e-9, atol=0.0)
-        s[fitted] = numerator[fitted] / denominator[fitted]
-        if not moved and not rescaled:
-            break
-    return q.astype(np.int8), s.astype(np.float32)
