@@ -204,7 +204,7 @@ QUANT_GRANULARITIES = ("per_channel", "block")
 QUANT_CONTAINERS = {"int8": 8, "int4": 4}  # container -> bits it holds
 QUANT_ACTIVATIONS = ("float", "int8")
 # Where the weight scales come from: "absmax", the channel's (block's) largest |w| maps to the largest level;
-# "searched", a clipping ratio per channel chosen under the loss's metric (stored with the plan).
+# "searched", a clipping ratio per channel (block) chosen under the loss's metric (stored with the plan).
 WEIGHT_SCALES = ("absmax", "searched")
 # How a planner rounds: "nearest", the nearest grid point, ties to even (computed by the rewrite); "loss-aware",
 # with error feedback in the loss's metric (METHOD.md 9; the levels are stored with the plan).
@@ -267,18 +267,21 @@ class QuantEntry(PlanEntry):
         return self.changed and (self.rounding in STORED_ROUNDINGS or self.weight_scales == "searched")
 
     def _check_grid(self, layer: QuantLayer, plan: "Plan", where: str) -> None:
-        if self.granularity != "per_channel":
-            raise OnnxlrfError(f"{where}: a stored grid (rounding {self.rounding!r}, weight_scales "
-                               f"{self.weight_scales!r}) is per channel")
         grid = plan.bases.get(self.weight)
         if grid is None or len(grid) != len(GRID_PARTS):
             raise OnnxlrfError(f"{where}: rounding {self.rounding!r} with weight_scales {self.weight_scales!r}, but the "
                                f"plan stores no levels and scales for {self.weight!r}")
         levels, scales = grid
-        channels = self.weight_shape[layer.channel_axis]
-        if list(levels.shape) != list(self.weight_shape) or scales.shape != (channels,):
+        if self.granularity == "block":  # DequantizeLinear's layout: the summed axis shortened to its blocks
+            expected = list(self.weight_shape)
+            expected[layer.reduction_axis] = -(-expected[layer.reduction_axis] // self.block_size)
+            fits, scale_text = list(scales.shape) == expected, f"{self.block_size}-input blocks"
+        else:
+            expected = [self.weight_shape[layer.channel_axis]]
+            fits, scale_text = list(scales.shape) == expected, f"{expected[0]} channels"
+        if list(levels.shape) != list(self.weight_shape) or not fits:
             raise OnnxlrfError(f"{where}: stored levels {list(levels.shape)} and scales {list(scales.shape)} do not fit "
-                               f"the weight {list(self.weight_shape)} with {channels} channels")
+                               f"the weight {list(self.weight_shape)} with {scale_text}")
         bound = 2 ** (self.bits - 1) - 1
         if np.abs(levels.astype(np.int64)).max(initial=0) > bound:
             raise OnnxlrfError(f"{where}: stored levels exceed the {self.bits}-bit grid (+-{bound})")
@@ -317,8 +320,6 @@ class QuantEntry(PlanEntry):
             raise OnnxlrfError(f"{where}: {self.bits}-bit values do not fit container {self.container}")
         _check_known(where, "weight_scales", self.weight_scales, WEIGHT_SCALES)
         _check_known(where, "rounding", self.rounding, ENTRY_ROUNDINGS)
-        if self.stores_grid:
-            self._check_grid(layer, plan, where)
         if self.granularity == "block":
             if layer.op_type not in BLOCK_OPS:
                 raise OnnxlrfError(f"{where}: block scales are for {'/'.join(BLOCK_OPS)}, not {layer.op_type}")
@@ -328,6 +329,8 @@ class QuantEntry(PlanEntry):
                 raise OnnxlrfError(f"{where}: block scales are weight-only (activations 'float')")
         elif self.block_size is not None:
             raise OnnxlrfError(f"{where}: block_size applies to granularity 'block' only")
+        if self.stores_grid:
+            self._check_grid(layer, plan, where)
         if self.activations == "int8":
             if self.container != "int8":
                 raise OnnxlrfError(f"{where}: int8 activations need the weights in an int8 container (the integer "
@@ -630,10 +633,10 @@ def _grid_tuple(path: Path, weight: str, parts: dict) -> tuple:
         raise OnnxlrfError(f"the plan's bases {path}: weight {weight!r} has parts {sorted(parts)}, a grid has "
                            f"exactly {', '.join(GRID_PARTS)}")
     levels, scales = parts["levels"], parts["scales"]
-    if levels.dtype != np.int8 or scales.dtype != np.float32 or scales.ndim != 1 \
+    if levels.dtype != np.int8 or scales.dtype != np.float32 or scales.ndim not in (1, levels.ndim) \
             or not (np.isfinite(scales).all() and (scales > 0).all()):
         raise OnnxlrfError(f"the plan's bases {path}: the grid of {weight!r} needs int8 levels and finite positive "
-                           f"float32 scales, one per channel")
+                           f"float32 scales, one per channel or per block")
     return levels, scales
 
 

@@ -100,3 +100,19 @@ def test_a_stored_grid_of_the_wrong_types_is_refused_on_load(tmp_path):
     plan.save(tmp_path / "plan.json")
     with pytest.raises(OnnxlrfError, match="the grid of 'w2' needs int8 levels"):
         Plan.load(tmp_path / "plan.json")
+
+
+def test_a_block_entry_rounded_again_stores_its_block_scales_in_dequantize_linears_layout(tmp_path):
+    plan = plan_uniform_quant(residual_cnn(), QuantOptions(bits=3, block_size=4))
+    entry = next(e for e in plan.layers if e.node == "fc")  # a Gemm weight (4 outputs, 8 inputs): 2 blocks a row
+    assert entry.granularity == "block"
+    entry.rounding, entry.weight_scales = "sequential", "searched"
+    levels = np.random.default_rng(0).integers(-3, 4, size=entry.weight_shape).astype(np.int8)
+    plan.bases[entry.weight] = (levels, np.full((4, 2), 0.05, np.float32))
+    plan.save(tmp_path / "plan.json")
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded.bases["fc_w"][1].shape == (4, 2)
+    validate_plan(loaded, residual_cnn())
+    loaded.bases["fc_w"] = (levels, np.full(4, 0.05, np.float32))  # one scale per channel: not this entry's grid
+    with pytest.raises(OnnxlrfError, match=r"scales \[4\] do not fit the weight \[4, 8\] with 4-input blocks"):
+        validate_plan(loaded, residual_cnn())

@@ -28,7 +28,7 @@ from ...progress import ProgressLike
 from ..base import Candidates
 from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
 from .planners import INT4_BITS, PREDICTORS, weight_container
-from .rounding import loss_aware_levels
+from .rounding import loss_aware_block_levels, loss_aware_levels
 
 # The weight-only options the planner offers each layer, besides float.
 PLANNED_BITS = (8, 6, 5, 4, 3, 2)
@@ -70,6 +70,20 @@ def loss_aware_error(weight: np.ndarray, layer: Layer, bits: int, ls: Any, kappa
     levels, scales = loss_aware_levels(matrices, ls.input_moment, bits, gradient, curvature)
     delta = levels.astype(np.float64) * scales[..., None].astype(np.float64) - matrices.astype(np.float64)
     return delta, (matrices_to_weight(levels, layer, "channel"), scales.reshape(-1))
+
+
+def loss_aware_block_error(weight: np.ndarray, layer: Layer, quantizable: QuantLayer, bits: int, block_size: int,
+                           ls: Any, kappa: float) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """``Q(W) - W`` as channel matrices for the loss-aware rounding with block scales
+    (:func:`~.rounding.loss_aware_block_levels`; a Gemm/MatMul, one matrix) and its grid in the stored layout
+    (DequantizeLinear's: the summed axis in blocks)."""
+    matrix = weight_matrices(weight, layer, "channel")[0]
+    gradient = ls.replication * ls.gradient[0] if ls.replication else None
+    curvature = kappa * ls.curvature_scale * np.diagonal(ls.output_factor[0])
+    levels, scales = loss_aware_block_levels(matrix, ls.input_moment[0], bits, block_size, gradient, curvature)
+    grid = tuple(matrices_to_weight(part[None], layer, "channel") for part in (levels, scales))
+    delta = dequantize_blocks(*grid, quantizable.reduction_axis, block_size).astype(np.float64) - weight
+    return weight_matrices(delta, layer, "channel"), grid
 
 
 def hessian_trace_dloss(ls: Any, delta: np.ndarray, kappa: float) -> float:
@@ -119,7 +133,8 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
     tensor, from the calibrated ranges), its noise added to the prediction. ``int8_weight_bits``: what the 8-bit
     option has (7 for onnxruntime's W8A8 form).
     ``block_size``: Gemm/MatMul weights are also offered weight-only options of ``bits_offered`` up to
-    int4 with one scale per ``block_size`` inputs (round to nearest), beside the per-channel ones.
+    int4 with one scale per ``block_size`` inputs (rounded as the per-channel ones: to nearest, and loss-aware
+    block by block where ``rounding`` says so), beside the per-channel ones.
     ``predictor``: :data:`~.planners.PREDICTORS`, each option's predicted loss change (``kfac``:
     :meth:`perturbation_dloss`; ``hessian-trace``: :func:`hessian_trace_dloss`); the rounding of an option is
     the one of smaller K-FAC prediction either way (the trace cannot tell two roundings' errors apart beyond
@@ -175,11 +190,20 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
             options.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in bits_offered if bits <= INT4_BITS):
-                delta = block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size)
-                predicted = ls.perturbation_dloss(delta, kappa) if predictor == "kfac" else \
-                    hessian_trace_dloss(ls, delta, kappa)
+                moving = kappa if ls.replication else None
+                variants = [(block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size), None)]
+                if rounding == "loss-aware":
+                    key = ("block", layer.weight, bits, block_size, moving)
+                    if key not in cache:
+                        cache[key] = loss_aware_block_error(weight, layer, quantizable[layer.node], bits, block_size,
+                                                            ls, kappa)
+                    variants.append(cache[key])
+                kfac = [ls.perturbation_dloss(variant_delta, kappa) for variant_delta, _ in variants]
+                chosen = int(np.argmin(kfac))
+                delta, grid = variants[chosen]
+                predicted = kfac[chosen] if predictor == "kfac" else hessian_trace_dloss(ls, delta, kappa)
                 options.append(QuantOption(bits, predicted,
-                                           float(np.linalg.norm(delta)) / norm, None, False, block_size))
+                                           float(np.linalg.norm(delta)) / norm, grid, False, block_size))
     return out
 
 
@@ -205,13 +229,14 @@ def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption, red
                   ) -> np.ndarray:
     """The float32 weight ``option`` stands for, in the stored layout (what DequantizeLinear computes);
     ``reduction_axis``: the axis a block option's blocks run along (Gemm/MatMul)."""
+    if option.block_size is not None:
+        levels, scales = option.grid or quantize_blocks(weight_array(model, layer), reduction_axis, option.block_size,
+                                                        option.bits)
+        return dequantize_blocks(levels, scales, reduction_axis, option.block_size)
     if option.grid is not None:
         levels, scales = option.grid
         return dequantize_per_channel(levels, scales, channel_axis(layer))
     weight = weight_array(model, layer)
-    if option.block_size is not None:
-        levels, scales = quantize_blocks(weight, reduction_axis, option.block_size, option.bits)
-        return dequantize_blocks(levels, scales, reduction_axis, option.block_size)
     levels, scales = quantize_per_channel(weight, channel_axis(layer), option.bits)
     return dequantize_per_channel(levels, scales, channel_axis(layer))
 

@@ -190,13 +190,15 @@ def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto
 def weight_levels(entry: QuantEntry, layer: QuantLayer, weight: np.ndarray, plan: Plan
                   ) -> tuple[np.ndarray, np.ndarray, dict]:
     """The integer levels and scales of ``entry``'s weight, and DequantizeLinear's attributes: the plan's stored
-    grid where the entry was rounded loss-aware, else round to nearest on absmax scales (per channel or block)."""
+    grid where the entry was rounded loss-aware or sequentially, else round to nearest on absmax scales (per channel
+    or block)."""
+    if entry.granularity == "block":
+        levels, scales = plan.bases[entry.weight] if entry.stores_grid else \
+            quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
+        return levels, scales, {"axis": layer.reduction_axis, "block_size": entry.block_size}
     if entry.stores_grid:
         levels, scales = plan.bases[entry.weight]
         return levels, scales, {"axis": layer.channel_axis}
-    if entry.granularity == "block":
-        levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
-        return levels, scales, {"axis": layer.reduction_axis, "block_size": entry.block_size}
     levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
     return levels, scales, {"axis": layer.channel_axis}
 

@@ -11,6 +11,10 @@ over its grid: ``(q - t_i) A (q - t_i)^T`` toward the first-order-shifted target
 GPTQ/OBQ solve it: entries rounded one input at a time, each error fed back to the inputs not yet rounded
 along ``A^-1``'s Cholesky factor, so the errors land where ``A`` is flat. The scale of each row comes first,
 from a search of the clipping ratio under the same metric (round to nearest at each ratio).
+
+With block scales (Gemm/MatMul weights, one scale per ``block_size`` consecutive inputs of a row) the inputs are
+rounded in their own order, as GPTQ rounds with groups: each block's scales are searched when its first input
+comes, on the weights as the errors fed back so far have moved them, in the block's part of the metric.
 """
 
 from __future__ import annotations
@@ -46,6 +50,33 @@ def loss_aware_levels(weight: np.ndarray, moment: np.ndarray, bits: int, gradien
         scales[j] = _searched_scales(w, target, hessian, level)
         levels[j] = _error_feedback_round(target, hessian, scales[j].astype(np.float64), level)
     return levels, scales
+
+
+def loss_aware_block_levels(weight: np.ndarray, moment: np.ndarray, bits: int, block_size: int,
+                            gradient: np.ndarray | None = None, curvature: np.ndarray | None = None
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    """Integer levels ``(m, n)`` int8 and block scales ``(m, ceil(n / block_size))`` float32 of an ``(m, n)`` weight
+    matrix rounded with error feedback in the metric of its input's second moment ``moment`` ``(n, n)``, toward
+    the first-order-shifted target where ``gradient`` ``(m, n)`` and ``curvature`` ``(m,)`` are given (as
+    :func:`loss_aware_levels`); the last block may be short."""
+    level = largest_level(bits)
+    hessian = _damped(moment.astype(np.float64))
+    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T  # A^-1 = U^T U
+    w = weight.astype(np.float64)
+    w = w.copy() if gradient is None else _shifted_target(w, hessian, gradient, curvature)
+    m, n = w.shape
+    levels = np.empty((m, n), dtype=np.int8)
+    scales = np.empty((m, -(-n // block_size)), dtype=np.float64)
+    for i in range(n):
+        block = i // block_size
+        if i % block_size == 0:
+            inputs = slice(i, min(i + block_size, n))
+            scales[:, block] = _searched_scales(w[:, inputs], w[:, inputs], hessian[inputs, inputs], level)
+        q = np.clip(np.rint(w[:, i] / scales[:, block]), -level, level)
+        levels[:, i] = q
+        error = (w[:, i] - q * scales[:, block]) / upper[i, i]
+        w[:, i + 1:] -= np.outer(error, upper[i, i + 1:])
+    return levels, scales.astype(np.float32)
 
 
 def _damped(moment: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ al. 2022), each is rounded again at its planned bits to minimize
 
 that is toward the weight ``T`` that best reproduces the float layer's output from the quantized model's
 input (the asymmetric target of GPTAQ and Qronos, 2025), in ``H``'s metric: the same error-feedback rounding
-and clipping search (:func:`~.rounding.loss_aware_levels`), with second moments (no bias change), before
+and clipping search (:func:`~.rounding.loss_aware_levels`; block scales block by block), with second moments (no bias change), before
 the next layer's inputs are taken. A layer whose input is int8 reads ``x'`` rounded to its grid, as the
 rewritten model does; other activations the rewrite quantizes (residual Adds, a Conv's output read by the
 next) stay float here. Bits, containers and activations stay as planned: the
@@ -36,9 +36,9 @@ from ...measure.torch_graph import heap_reuse
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .candidates import LOSS_AWARE_OPS
-from .grid import dequantize_per_channel
+from .grid import dequantize_blocks, dequantize_per_channel
 from .rewrite import UINT8_LEVELS, int8_scale, planned_weights, uint8_params
-from .rounding import DAMPING, loss_aware_levels
+from .rounding import DAMPING, loss_aware_block_levels, loss_aware_levels
 
 __all__ = ["sequential_rounding"]
 
@@ -81,8 +81,9 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
     if no layer qualifies. A layer with int8 inputs reads them rounded to the plan's calibrated grid
     (``plan.activation_ranges`` in ``runtime``'s form), in its moments and in what it passes on.
 
-    Layers with block scales, a weight shared with another node, or outside the analysis keep their planned
-    grid (and the layers after them see it).
+    A layer with block scales is rounded block by block (:func:`~.rounding.loss_aware_block_levels`). Layers whose
+    weight another node shares, or outside the analysis, keep their planned grid (and the layers after them see
+    it).
     """
     progress = as_progress(progress)
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
@@ -90,7 +91,7 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
     users = Counter(entry.weight for entry in plan.layers if entry.changed)
     changed = [entry for entry in plan.layers if entry.changed]
     qualifies = {entry.node for entry in changed
-                 if entry.granularity == "per_channel" and entry.op_type in LOSS_AWARE_OPS and entry.node in layers
+                 if entry.op_type in LOSS_AWARE_OPS and entry.node in layers
                  and users[entry.weight] == 1 and analysis_exclusion(layers[entry.node]) is None}
     if not qualifies:
         return None
@@ -106,10 +107,16 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
         moments = paired.moments(layer, rows_per_feature)
         weight = weight_matrices(weight_array(model, layer), layer, "channel")
         target = sequential_target(weight, moments.second_changed, moments.cross)
-        levels, scales = loss_aware_levels(target, moments.second_changed, entry.bits)
-        levels = matrices_to_weight(levels, layer, "channel")
-        scales = scales.reshape(-1)
-        paired.replace(layer, dequantize_per_channel(levels, scales, quantizable[node].channel_axis))
+        if entry.granularity == "block":  # a Gemm/MatMul: one matrix, rows its output channels
+            levels, scales = loss_aware_block_levels(target[0], moments.second_changed[0], entry.bits,
+                                                     entry.block_size)
+            levels, scales = (matrices_to_weight(part[None], layer, "channel") for part in (levels, scales))
+            dequantized = dequantize_blocks(levels, scales, quantizable[node].reduction_axis, entry.block_size)
+        else:
+            levels, scales = loss_aware_levels(target, moments.second_changed, entry.bits)
+            levels, scales = matrices_to_weight(levels, layer, "channel"), scales.reshape(-1)
+            dequantized = dequantize_per_channel(levels, scales, quantizable[node].channel_axis)
+        paired.replace(layer, dequantized)
         bases[entry.weight] = (levels, scales)
         entries[node] = dataclasses.replace(entry, rounding="sequential", weight_scales="searched")
     options = {**plan.options, "sequential_rounding": {"samples": len(dataset), "nodes": len(entries)}}

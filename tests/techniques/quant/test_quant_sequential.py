@@ -91,13 +91,54 @@ def test_sequential_rounding_reproduces_the_float_model_better_than_rounding_eac
     assert onnx.load(str(tmp_path / "again.onnx")) == QDQRewrite()(model, sequential)[0]
 
 
-def test_layers_that_cannot_be_rounded_again_keep_their_planned_grid():
-    model = mlp()
-    calib = _dataset(model, seed=1)
-    blocked = plan_uniform_quant(model, QuantOptions(bits=4, block_size=16))
-    # Block scales on every layer (fc3 is a Gemm with transB: a block option as well): nothing qualifies.
-    assert {entry.granularity for entry in blocked.layers} == {"block"}
-    assert sequential_rounding(model, blocked, calib) is None
+@pytest.mark.parametrize("bits", [3, 4])
+def test_block_scaled_layers_are_rounded_block_by_block_and_reproduce_the_float_model_better(bits, tmp_path):
+    model = mlp()  # fc1, fc2: MatMul weights stored (inputs, outputs); fc3: a Gemm with transB, (outputs, inputs)
+    calib, held_out = _dataset(model, seed=1), _dataset(model, seed=2)
+    nearest = plan_uniform_quant(model, QuantOptions(bits=bits, block_size=16))
+    assert {entry.granularity for entry in nearest.layers} == {"block"}
+    sequential = sequential_rounding(model, nearest, calib, rows_per_feature=None)
+
+    assert sequential.options["sequential_rounding"]["nodes"] == 3
+    layers = {layer.node: layer for layer in find_layers(model)[0]}
+    for before, after in zip(nearest.layers, sequential.layers):
+        assert (after.rounding, after.weight_scales) == ("sequential", "searched")
+        assert (after.bits, after.granularity, after.block_size, after.container) == \
+            (before.bits, before.granularity, before.block_size, before.container)
+        levels, scales = sequential.bases[after.weight]
+        inputs = 64 if after.node != "fc1" else 48
+        # DequantizeLinear's block layout: the summed axis (0 for the MatMuls, 1 for the transposed Gemm) in blocks.
+        assert scales.shape == ((inputs // 16, 64) if layers[after.node].transposed else (10, inputs // 16))
+        assert np.abs(levels).max() <= 2 ** (bits - 1) - 1
+    validate_plan(sequential, model)
+
+    (reference,) = _values(model, held_out, ["y"])
+    errors = {}
+    for name, candidate in {"nearest": nearest, "sequential": sequential}.items():
+        (value,) = _values(QDQRewrite()(model, candidate)[0], held_out, ["y"])
+        errors[name] = float(np.mean((value - reference) ** 2))
+    assert errors["sequential"] < 0.7 * errors["nearest"], errors
+
+    # The block grids travel with the plan: applied from its JSON, the same model byte for byte.
+    sequential.save(tmp_path / "plan.json")
+    onnx.save(model, str(tmp_path / "model.onnx"))
+    rewrite_file(tmp_path / "model.onnx", tmp_path / "plan.json", tmp_path / "again.onnx")
+    assert onnx.load(str(tmp_path / "again.onnx")) == QDQRewrite()(model, sequential)[0]
+
+
+def test_a_weight_two_nodes_share_keeps_its_planned_grid():
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+         helper.make_node("Relu", ["h"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "w"], ["y"], name="second")], "shared",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        [numpy_helper.from_array(rng.standard_normal((16, 16)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    plan = plan_uniform_quant(model, QuantOptions(bits=4))
+    assert [entry.weight for entry in plan.layers if entry.changed] == ["w", "w"]
+    assert sequential_rounding(model, plan, _dataset(model, seed=1)) is None
 
 
 @pytest.mark.parametrize("runtime, zero_point", [("onnxruntime", np.uint8(0)), ("tensorrt", np.int8(0))])
