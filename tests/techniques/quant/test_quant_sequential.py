@@ -18,7 +18,7 @@ from onnxlrf.measure.sensitivity import layer_input_rows
 from onnxlrf.pipeline import rewrite_file
 from onnxlrf.planning.plan import Plan, validate_plan
 from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
-from onnxlrf.techniques.quant.rewrite import QDQRewrite
+from onnxlrf.techniques.quant.rewrite import QDQRewrite, check_tensorrt_form
 from onnxlrf.techniques.quant.rounding import loss_aware_levels
 from onnxlrf.techniques.quant.sequential import input_rounding, sequential_rounding, sequential_target
 
@@ -118,6 +118,11 @@ def test_block_scaled_layers_are_rounded_block_by_block_and_reproduce_the_float_
         (value,) = _values(QDQRewrite()(model, candidate)[0], held_out, ["y"])
         errors[name] = float(np.mean((value - reference) ** 2))
     assert errors["sequential"] < 0.7 * errors["nearest"], errors
+    # TensorRT's form of the same plan: int4 block DequantizeLinears of the stored levels, symmetric, checked.
+    tensorrt = QDQRewrite("tensorrt")(model, sequential)[0]
+    check_tensorrt_form(tensorrt)
+    int4 = {init.name for init in tensorrt.graph.initializer if init.data_type == TensorProto.INT4}
+    assert sum(node.op_type == "DequantizeLinear" and node.input[0] in int4 for node in tensorrt.graph.node) == 3
 
     # The block grids travel with the plan: applied from its JSON, the same model byte for byte.
     sequential.save(tmp_path / "plan.json")
