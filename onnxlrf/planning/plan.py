@@ -275,11 +275,11 @@ class QuantEntry(PlanEntry):
         if self.granularity == "block":  # DequantizeLinear's layout: the summed axis shortened to its blocks
             expected = list(self.weight_shape)
             expected[layer.reduction_axis] = -(-expected[layer.reduction_axis] // self.block_size)
-            fits, scale_text = list(scales.shape) == expected, f"{self.block_size}-input blocks"
+            scale_text = f"{self.block_size}-input blocks"
         else:
             expected = [self.weight_shape[layer.channel_axis]]
-            fits, scale_text = list(scales.shape) == expected, f"{expected[0]} channels"
-        if list(levels.shape) != list(self.weight_shape) or not fits:
+            scale_text = f"{expected[0]} channels"
+        if list(levels.shape) != list(self.weight_shape) or list(scales.shape) != expected:
             raise OnnxlrfError(f"{where}: stored levels {list(levels.shape)} and scales {list(scales.shape)} do not fit "
                                f"the weight {list(self.weight_shape)} with {scale_text}")
         bound = 2 ** (self.bits - 1) - 1

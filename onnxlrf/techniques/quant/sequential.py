@@ -11,8 +11,8 @@ al. 2022), each is rounded again at its planned bits to minimize
 
 that is toward the weight ``T`` that best reproduces the float layer's output from the quantized model's
 input (the asymmetric target of GPTAQ and Qronos, 2025), in ``H``'s metric: the same error-feedback rounding
-and clipping search (:func:`~.rounding.loss_aware_levels`; block scales block by block), with second moments (no bias change), before
-the next layer's inputs are taken. A layer whose input is int8 reads ``x'`` rounded to its grid, as the
+and clipping search (:func:`~.rounding.loss_aware_levels`; block scales block by block), with second moments
+(no bias change), before the next layer's inputs are taken. A layer whose input is int8 reads ``x'`` rounded to its grid, as the
 rewritten model does; other activations the rewrite quantizes (residual Adds, a Conv's output read by the
 next) stay float here. Bits, containers and activations stay as planned: the
 plan's sizes do not change. No gradient step is taken: this is not fine-tuning.
