@@ -326,6 +326,11 @@ def test_the_uniform_baseline_of_a_latency_target_leaves_the_layers_not_measured
                             bits).options["baseline"] == "uniform 3 bits"
     assert uniform_baseline(model, technique, analysis, PlanOptions("lossless", target_reduction=0.99, target="bits"),
                             bits) is None
+    # With --block-size the Gemm's weight is in blocks, as `--mode uniform --bits 3 --block-size 4` writes it.
+    blocked = uniform_baseline(model, Quant(block_size=4), analysis, PlanOptions("lossless", target_reduction=0.9,
+                                                                                 target="bits"), bits)
+    assert {entry.node: (entry.bits, entry.granularity, entry.block_size) for entry in blocked.layers} == {
+        "conv1": (3, "per_channel", None), "conv2": (3, "per_channel", None), "fc": (3, "block", 4)}
 
 
 def test_a_latency_target_quantizes_the_layers_measured_faster_with_int8_inputs(files, monkeypatch):

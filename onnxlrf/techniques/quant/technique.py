@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from ...graph.layers import Layer, find_layers, weight_groups
-from ...graph.quantizable import find_quantizable
+from ...graph.quantizable import BLOCK_OPS, find_quantizable
 from ...errors import OnnxlrfError
 from ...measure.analysis import AnalysisOptions, joint_analysis
 from ...planning.plan import ROUNDINGS, Plan, QuantEntry
@@ -136,8 +136,9 @@ class Quant:
     def uniform_plans(self, model: onnx.ModelProto, analysis: Any) -> list[Plan]:
         """Every layer the analysis covers at one width of :attr:`bits_offered`, most bits first, as ``--mode uniform
         --bits B`` quantizes it (per channel, absmax scales, rounded to nearest; with int8 inputs where the technique
-        has them, the levels in int8); a weight group that must stay float (:func:`~onnxlrf.graph.layers.weight_groups`)
-        stays float, as in the knapsack."""
+        has them, the levels in int8; with :attr:`block_size`, Gemm/MatMul weights in blocks, as ``--block-size``
+        writes them); a weight group that must stay float (:func:`~onnxlrf.graph.layers.weight_groups`) stays float,
+        as in the knapsack."""
         every = find_layers(model)[0]
         quantizable = {layer.node for layer in find_quantizable(model)[0]}
         groups, shared = weight_groups(model, [layer for layer in every
@@ -147,7 +148,8 @@ class Quant:
         plans = []
         for bits in sorted(self.bits_offered, reverse=True):
             weight_bits = self.int8_weight_bits if bits == 8 and int8_inputs else bits
-            quantized = {layer.node: uniform_entry(layer, weight_bits, layer.params, int8_inputs, self.runtime)
+            quantized = {layer.node: uniform_entry(layer, weight_bits, layer.params, int8_inputs, self.runtime,
+                                                   self.block_size if layer.op_type in BLOCK_OPS else None)
                          for layer in planned}
             entries = [quantized.get(layer.node) or float_entry(layer) for layer in every]
             plans.append(Plan(entries, "lossless", {"baseline": f"uniform {weight_bits} bits", "runtime": self.runtime,
