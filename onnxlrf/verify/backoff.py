@@ -194,15 +194,9 @@ def backoff_plan(
     evaluator = ValidationEvaluator(reference, val, technique, cost, provider, progress, reference_score, allowance)
     if mode == "lossless" and hasattr(cost, "time_plan"):
         calibrate_on_plans(lambda: propose_plain(1.0), evaluator, options.target_reduction, progress)
-    baselines = ()
-    if mode == "lossless" and (uniform := uniform_baseline(reference, technique, analysis, options, cost)) is not None:
-        # Improved, the uniform plan is also one of the technique's plans: both are verified, validation decides.
-        improved_uniform = technique.improve(reference, uniform, calib, progress=progress) if improve_each else None
-        baselines = (uniform,) if improved_uniform is None else (uniform, dataclasses.replace(
-            improved_uniform, options={**improved_uniform.options,
-                                       "baseline": f"{uniform.options['baseline']}, {technique.improvement}"}))
+    baseline = uniform_baseline(reference, technique, analysis, options, cost) if mode == "lossless" else None
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
-                           progress, allowance=allowance, rule=rule, baselines=baselines)
+                           progress, allowance=allowance, rule=rule, baseline=baseline)
     best = search.run()
     reference_val = search.reference
     if best is None and mode == "lossless":
