@@ -157,12 +157,12 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
         weight = weight_array(model, layer)
         norm = max(float(np.linalg.norm(weight)), 1e-30)
         step = None if input_steps is None else input_steps[quantizable[layer.node].input]
+        # The shifted target moves with kappa only through first-order terms; so does the option's
+        # rounding, and what depends on it. Predictions are linear in kappa: their terms are kept.
+        moving = kappa if ls.replication else None
         for bits in bits_offered:
             if bits == 8:
                 bits = int8_weight_bits
-            # The shifted target moves with kappa only through first-order terms; so does the option's
-            # rounding, and what depends on it. Predictions are linear in kappa: their terms are kept.
-            moving = kappa if ls.replication else None
             variants = [(quantization_error(weight, layer, bits), None)]
             if rounding == "loss-aware" and layer.op_type in LOSS_AWARE_OPS:
                 key = (layer.weight, bits, moving)
@@ -171,13 +171,7 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                 variants.append(cache[key])
             # The rounding is chosen in the K-FAC metric, which sees where an error lies; the option's
             # prediction (what the knapsack allocates bits by) is the predictor's.
-            terms = []
-            for index, (variant_delta, _) in enumerate(variants):
-                key = ("terms", layer.weight, bits, index, moving if index else None)
-                if key not in cache:
-                    cache[key] = ls.perturbation_terms(variant_delta)
-                terms.append(cache[key])
-            kfac = [first + kappa * quadratic for first, quadratic in terms]
+            kfac = _kfac_predictions(ls, variants, kappa, cache, (layer.weight, bits), moving)
             chosen = int(np.argmin(kfac))
             delta, grid = variants[chosen]
             predicted = kfac[chosen] if predictor == "kfac" else hessian_trace_dloss(ls, delta, kappa)
@@ -190,7 +184,6 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
             options.append(QuantOption(bits, predicted, float(np.linalg.norm(delta)) / norm, grid, step is not None))
         if block_size is not None and step is None and layer.op_type in BLOCK_OPS:
             for bits in (bits for bits in bits_offered if bits <= INT4_BITS):
-                moving = kappa if ls.replication else None
                 variants = [(block_quantization_error(weight, layer, quantizable[layer.node], bits, block_size), None)]
                 if rounding == "loss-aware":
                     key = ("block", layer.weight, bits, block_size, moving)
@@ -198,13 +191,28 @@ def layer_options(model: onnx.ModelProto, analysis: Any, kappa: float, rounding:
                         cache[key] = loss_aware_block_error(weight, layer, quantizable[layer.node], bits, block_size,
                                                             ls, kappa)
                     variants.append(cache[key])
-                kfac = [ls.perturbation_dloss(variant_delta, kappa) for variant_delta, _ in variants]
+                kfac = _kfac_predictions(ls, variants, kappa, cache, (layer.weight, bits, "block", block_size), moving)
                 chosen = int(np.argmin(kfac))
                 delta, grid = variants[chosen]
                 predicted = kfac[chosen] if predictor == "kfac" else hessian_trace_dloss(ls, delta, kappa)
                 options.append(QuantOption(bits, predicted,
                                            float(np.linalg.norm(delta)) / norm, grid, False, block_size))
     return out
+
+
+def _kfac_predictions(ls: Any, variants: list[tuple[np.ndarray, Any]], kappa: float, cache: dict, key: tuple,
+                      moving: float | None) -> list[float]:
+    """Each of an option's roundings ``(delta, grid)`` predicted at ``kappa``; the kappa-free terms are cached under
+    ``key`` and the rounding's index (a loss-aware rounding's also under ``moving``, the kappa its target moves
+    with)."""
+    predictions = []
+    for index, (delta, _) in enumerate(variants):
+        terms_key = ("terms", *key, index, moving if index else None)
+        if terms_key not in cache:
+            cache[terms_key] = ls.perturbation_terms(delta)
+        first, quadratic = cache[terms_key]
+        predictions.append(first + kappa * quadratic)
+    return predictions
 
 
 def trusted_options(options: list[QuantOption], checks: list[dict] | None, perturbation_range: float
@@ -229,15 +237,14 @@ def option_weight(model: onnx.ModelProto, layer: Layer, option: QuantOption, red
                   ) -> np.ndarray:
     """The float32 weight ``option`` stands for, in the stored layout (what DequantizeLinear computes);
     ``reduction_axis``: the axis a block option's blocks run along (Gemm/MatMul)."""
-    if option.block_size is not None:
-        levels, scales = option.grid or quantize_blocks(weight_array(model, layer), reduction_axis, option.block_size,
-                                                        option.bits)
-        return dequantize_blocks(levels, scales, reduction_axis, option.block_size)
     if option.grid is not None:
         levels, scales = option.grid
-        return dequantize_per_channel(levels, scales, channel_axis(layer))
-    weight = weight_array(model, layer)
-    levels, scales = quantize_per_channel(weight, channel_axis(layer), option.bits)
+    elif option.block_size is not None:
+        levels, scales = quantize_blocks(weight_array(model, layer), reduction_axis, option.block_size, option.bits)
+    else:
+        levels, scales = quantize_per_channel(weight_array(model, layer), channel_axis(layer), option.bits)
+    if option.block_size is not None:
+        return dequantize_blocks(levels, scales, reduction_axis, option.block_size)
     return dequantize_per_channel(levels, scales, channel_axis(layer))
 
 

@@ -192,15 +192,15 @@ def weight_levels(entry: QuantEntry, layer: QuantLayer, weight: np.ndarray, plan
     """The integer levels and scales of ``entry``'s weight, and DequantizeLinear's attributes: the plan's stored
     grid where the entry was rounded loss-aware or sequentially, else round to nearest on absmax scales (per channel
     or block)."""
-    if entry.granularity == "block":
-        levels, scales = plan.bases[entry.weight] if entry.stores_grid else \
-            quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
-        return levels, scales, {"axis": layer.reduction_axis, "block_size": entry.block_size}
+    block = entry.granularity == "block"
     if entry.stores_grid:
         levels, scales = plan.bases[entry.weight]
-        return levels, scales, {"axis": layer.channel_axis}
-    levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
-    return levels, scales, {"axis": layer.channel_axis}
+    elif block:
+        levels, scales = quantize_blocks(weight, layer.reduction_axis, entry.block_size, entry.bits)
+    else:
+        levels, scales = quantize_per_channel(weight, layer.channel_axis, entry.bits)
+    attrs = {"axis": layer.reduction_axis, "block_size": entry.block_size} if block else {"axis": layer.channel_axis}
+    return levels, scales, attrs
 
 
 def planned_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
