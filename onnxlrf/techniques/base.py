@@ -162,6 +162,7 @@ class Technique(Protocol):
     # the original's outputs), so the back-off verifies every plan improved; False: it can also undo what
     # the plan wanted, so the back-off tries the improved plan beside the chosen one and validation decides.
     improves_every_plan: bool
+    improvement: str  # what :meth:`improve` does, as a plan's label says it ("refit", "rounded sequentially")
 
     keep_plot: KeepPlot
     numeric_columns: tuple[str, ...]  # which of the view's cells are numbers (right-aligned)

@@ -179,8 +179,8 @@ def reduction_text(plan: Plan) -> str:
 class BackoffSearch:
     """Verify plans on validation, trusting the curvature model less each time.
 
-    lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`, and the technique's ``baseline`` plan that meets
-    the same target where there is one; the best validation metric wins (a tie: the first), and under a latency
+    lossless: the plan of each kappa in :data:`BACKOFF_KAPPAS`, and the technique's ``baselines``, uniform plans
+    that meet the same target; the best validation metric wins (a tie: the first), and under a latency
     target among the plans whose measured speed meets the target first.
     compact: the first plan whose validation metric is at least the original's, then a bisection
     of kappa (log scale) between the last that failed and the first that held, for a larger plan
@@ -200,9 +200,9 @@ class BackoffSearch:
     def __init__(self, propose: Callable[[float, float | None], Plan], evaluator: Evaluator, mode: str,
                  signature: Callable[[Plan, float], Hashable], progress: Progress,
                  kappas: tuple[float, ...] = BACKOFF_KAPPAS, bisections: int = BACKOFF_BISECTIONS,
-                 allowance: float = 0.0, rule: AcceptanceRule | None = None, baseline: Plan | None = None) -> None:
+                 allowance: float = 0.0, rule: AcceptanceRule | None = None, baselines: tuple[Plan, ...] = ()) -> None:
         self.propose, self.evaluator, self.mode, self.signature = propose, evaluator, mode, signature
-        self.baseline = baseline
+        self.baselines = baselines
         self.progress, self.kappas, self.bisections, self.allowance = progress, kappas, bisections, allowance
         self.rule = DEFAULT_ACCEPTANCE if rule is None else rule
         self.attempts: list[Attempt] = []
@@ -234,8 +234,8 @@ class BackoffSearch:
                 failed_kappa = kappa
                 if self.mode == "lossless" and self._better(result, best):
                     best = result
-            if self.mode == "lossless" and self.baseline is not None:
-                result = self._verify(self.baseline, None, "")
+            for baseline in self.baselines if self.mode == "lossless" else ():
+                result = self._verify(baseline, None, "")
                 if result is not None and self._better(result, best):
                     best = result
             if self.mode == "lossless" and best is not None and not self._meets_target(best):

@@ -75,13 +75,27 @@ def test_lossless_verifies_the_baseline_after_the_kappas_and_keeps_it_only_when_
     baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.5,
                                                          "predicted_dloss": None, "baseline": "uniform 4 bits"})
     evaluator = FakeEvaluator(lambda r: baseline_value if r == 0.5 else 0.80 - abs(r - 0.05))
-    run = BackoffSearch(shrinking, evaluator, "lossless", by_kappa, Progress(enabled=False), baseline=baseline)
+    run = BackoffSearch(shrinking, evaluator, "lossless", by_kappa, Progress(enabled=False), baselines=(baseline,))
     best = run.run()
     assert [a.kappa for a in run.attempts] == [*BACKOFF_KAPPAS, None]
     last = run.attempts[-1]
     assert (last.baseline, last.val, last.predicted_dloss) == ("uniform 4 bits", baseline_value, None)
     assert last.to_dict()["baseline"] == "uniform 4 bits" and last.to_dict()["kappa"] is None
     assert (best.plan is baseline) == (baseline_value > 0.80)  # a tie keeps the knapsack's plan of kappa 8
+
+
+def test_lossless_verifies_each_baseline_in_turn_and_a_tie_keeps_the_earlier() -> None:
+    def uniform(name: str, reduction: float) -> Plan:
+        return Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": reduction,
+                                                         "predicted_dloss": None, "baseline": name})
+
+    plain, improved = uniform("uniform 3 bits", 0.6), uniform("uniform 3 bits, rounded sequentially", 0.7)
+    for improved_value, chosen in ((0.82, improved), (0.81, plain), (0.79, plain)):
+        evaluator = FakeEvaluator(lambda r: {0.6: 0.81, 0.7: improved_value}.get(r, 0.80 - abs(r - 0.05)))
+        run = BackoffSearch(shrinking, evaluator, "lossless", by_kappa, Progress(enabled=False),
+                            baselines=(plain, improved))
+        assert run.run().plan is chosen
+        assert [a.baseline for a in run.attempts[-2:]] == ["uniform 3 bits", "uniform 3 bits, rounded sequentially"]
 
 
 def test_under_a_latency_target_a_plan_measured_to_meet_it_beats_a_better_scoring_one() -> None:
@@ -96,11 +110,11 @@ def test_under_a_latency_target_a_plan_measured_to_meet_it_beats_a_better_scorin
     evaluator = FakeEvaluator(lambda r: {0.4: 0.78, 0.2: 0.82, 0.9: 0.79}.get(r, 0.70),
                               speedup=lambda plan: speed.get(plan.options["achieved_reduction"], 1.1))
     best = BackoffSearch(latency_plan, evaluator, "lossless", by_kappa, Progress(enabled=False),
-                         baseline=baseline).run()
+                         baselines=(baseline,)).run()
     assert best.plan is baseline  # 0.79 beats kappa 1's 0.78; kappa 2's 0.82 ran 1.2x
     evaluator.fixed_speedup = lambda plan: 1.2  # nothing meets the target: the best scoring of those faster
     best = BackoffSearch(latency_plan, evaluator, "lossless", by_kappa, Progress(enabled=False),
-                         baseline=baseline).run()
+                         baselines=(baseline,)).run()
     assert best.plan.options["kappa"] == 2.0
 
 
@@ -108,7 +122,7 @@ def test_a_baseline_not_measured_faster_is_not_chosen() -> None:
     baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.5,
                                                          "predicted_dloss": None, "baseline": "uniform 8 bits"})
     run = BackoffSearch(shrinking, FakeEvaluator(lambda r: 0.9, speedup=0.9), "lossless", by_kappa,
-                        Progress(enabled=False), baseline=baseline)
+                        Progress(enabled=False), baselines=(baseline,))
     assert run.run() is None and all(a.val is None for a in run.attempts)
     assert "uniform 8 bits: 0.90x" in str(run.unreachable)  # what the back-off raises: the last rejection
 

@@ -28,6 +28,7 @@ class LowRank:
 
     name = LowRankEntry.technique
     improves_every_plan = False  # the refit also undoes the drops the joint plan wanted: validation decides
+    improvement = "refit"
 
     def ineligible(self, model: onnx.ModelProto) -> dict[str, str]:
         return {skipped.node: skipped.reason for skipped in find_layers(model)[1]}

@@ -31,6 +31,7 @@ class Quant:
 
     name = QuantEntry.technique
     improves_every_plan = True  # the sequential rounding only brings each layer closer to its float output
+    improvement = "rounded sequentially"
 
     def __init__(self, rounding: str = "loss-aware", runtime: str = "onnxruntime",
                  activation_ranges: dict[str, list[float]] | None = None, int8_weight_bits: int = 8,
