@@ -21,7 +21,7 @@ import onnx
 
 from onnxlrf.data import load_data
 from onnxlrf.runtime.evaluate import model_metric
-from onnxlrf.verify.splits import split_dataset
+from onnxlrf.verify.splits import SplitOptions, split_dataset
 from seeds_benchmark import COMMANDS  # scripts/ is on sys.path when a script runs
 
 ROUNDINGS = ("nearest", "sequential")
@@ -41,10 +41,12 @@ def main() -> int:
     extra = [flag for flag in extra if flag != "--"]
     flags = COMMANDS[args.model]
     data_spec = split_flag(flags, "--data", "")
-    calib, val = int(split_flag(flags, "--calib", "1000")), int(split_flag(flags, "--val", "1000"))
-    rows = []
+    calib = int(split_flag(flags, "--calib", str(SplitOptions.calib)))
+    val = int(split_flag(flags, "--val", str(SplitOptions.val)))
+    rows, dataset = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
+            splits = None
             for rounding in ROUNDINGS:
                 path = Path(tmp) / f"{seed}-{rounding}.onnx"
                 command = [sys.executable, "-m", "onnxlrf.cli", "compress", *flags, "--mode", "uniform", "--seed",
@@ -52,9 +54,12 @@ def main() -> int:
                            rounding, *extra]
                 result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
                 model = onnx.load(str(path))
-                splits = split_dataset(load_data(data_spec, model), calib, val, seed)
+                # Every model here has the original's inputs: the data is loaded once, split once a seed.
+                if splits is None:
+                    dataset = load_data(data_spec, model) if dataset is None else dataset
+                    splits = split_dataset(dataset, calib, val, seed)
                 rows.append({"seed": seed, "rounding": rounding, "command": " ".join(["onnxlrf", *command[3:]]),
-                             "val": model_metric(model, splits.val, "cpu"),
+                             "val": model_metric(model, splits.val, "auto"),
                              "held_out_change": result["value"] - result["reference_value"],
                              "change_interval": result["change_interval"]})
                 print(f"seed {seed}, {rounding}: validation {rows[-1]['val']:.4f}, held-out change "
