@@ -252,7 +252,8 @@ _analysis_options = _OptionGroup(
                       "calibration split and options are the same, so another target or mode skips the analysis."),
 )
 _verify_options = _OptionGroup(
-    "onnxlrf.verify.backoff.VerifyOptions", {"rounds": "rounds", "refit": "refit", "acceptance_z": "acceptance_z"},
+    "onnxlrf.verify.backoff.VerifyOptions",
+    {"rounds": "rounds", "refit": "refit", "acceptance_z": "acceptance_z", "select": "select"},
     click.option("--rounds", default=1, show_default=True, type=click.IntRange(min=1),
                  help="Joint modes: analyse and back off again around each round's truncated weights "
                       "(compact: until a round adds nothing; lossless: the target in equal steps)."),
@@ -265,6 +266,11 @@ _verify_options = _OptionGroup(
                  help="compact: a plan holds on validation when its metric is at least the original's and its "
                       "mean per-sample loss change is Z standard errors below 0 (paired), which keeps plans that "
                       "are only lucky on the validation split out at a measured rate; off: the metric alone."),
+    click.option("--select", type=click.Choice(["auto", "loss", "metric"]), default="auto", show_default=True,
+                 help="lossless: how the back-off chooses among the plans it verified: loss, the lowest mean "
+                      "validation loss (it moves on every sample, where top-1 moves on the few that flip); metric, "
+                      "the highest validation metric; auto: loss for classification, metric otherwise (a sentence "
+                      "encoder's loss is not what its Spearman metric rewards)."),
 )
 _quant_options = _OptionGroup(
     "onnxlrf.techniques.quant.planners.QuantOptions",

@@ -28,6 +28,7 @@ from ..techniques import TECHNIQUES
 from ..techniques.base import RewriteReport, Technique
 from .search import (
     DEFAULT_ACCEPTANCE,
+    SELECTIONS,
     AcceptanceRule,
     Attempt,
     BackoffSearch,
@@ -36,6 +37,7 @@ from .search import (
     paired_loss_change,
     plan_label,
     reduction_text,
+    selection_key,
 )
 
 
@@ -47,17 +49,21 @@ class VerifyOptions:
     ``refit``: the back-off also tries its plans improved by the technique (low-rank: refit factors);
     ``acceptance_z``: when a plan holds on validation: its metric at least the original's and its
     paired validation-loss change at least this many standard errors below 0 (None: the metric only;
-    see :class:`~onnxlrf.verify.search.AcceptanceRule` and :data:`~onnxlrf.verify.search.DEFAULT_ACCEPTANCE`).
+    see :class:`~onnxlrf.verify.search.AcceptanceRule` and :data:`~onnxlrf.verify.search.DEFAULT_ACCEPTANCE`);
+    ``select``: how lossless mode chooses among the plans it verified (:func:`lossless_selection`).
     """
 
     rounds: int = 1
     refit: bool = True
     acceptance_z: float | None = DEFAULT_ACCEPTANCE.loss_z
+    select: str = "auto"
 
     def __post_init__(self) -> None:
         if self.acceptance_z is not None and not (isinstance(self.acceptance_z, (int, float))
                                                   and math.isfinite(self.acceptance_z)):
             raise OnnxlrfError(f"--acceptance-z must be a finite number or 'off', got {self.acceptance_z!r}")
+        if self.select not in ("auto", *SELECTIONS):
+            raise OnnxlrfError(f"--select must be auto, {' or '.join(SELECTIONS)}; got {self.select!r}")
 
     @property
     def acceptance(self) -> AcceptanceRule:
@@ -123,6 +129,20 @@ class ValidationEvaluator:
         return self.cost.measured_speedup(model) if self.measures_speed else None
 
 
+def lossless_selection(select: str, val: Any) -> str:
+    """How lossless mode chooses among the plans it verified on ``val`` (:func:`~onnxlrf.verify.search.selection_key`):
+    ``select`` itself, or for "auto" the lowest mean validation loss where the data are classified (the
+    cross-entropy on each sample's label moves on every sample, where top-1 moves on the few that flip), else the
+    highest validation metric: a sentence encoder's loss (the squared error of each pair's cosine against its gold
+    score) is not what its Spearman metric rewards (a shift of every cosine changes the loss and no rank), and
+    label-free data has no per-sample losses here."""
+    from ..data import CLASSIFICATION
+
+    if select != "auto":
+        return select
+    return "loss" if val.task == CLASSIFICATION else "metric"
+
+
 def metric_allowance(val: Any, options: PlanOptions) -> float:
     """How far below the original's validation metric a plan may score and still hold: 0, except for
     label-free data, whose metric is fidelity to the original's outputs (the original's is 1, every
@@ -147,6 +167,7 @@ def backoff_plan(
     progress: ProgressLike = None,
     technique: Technique = TECHNIQUES["lowrank"],
     rule: AcceptanceRule = DEFAULT_ACCEPTANCE,
+    select: str = "auto",
 ) -> BackoffResult:
     """Verify plans on the validation split ``val``, trusting the curvature model less each time (METHOD.md 5).
 
@@ -162,6 +183,7 @@ def backoff_plan(
     that meets the target (:func:`uniform_baseline`), and where the back-off improves every plan, that plan
     improved too (quantization: rounded sequentially).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
+    ``select``: how lossless mode chooses among its verified plans, the refit one included (:func:`lossless_selection`).
     The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
     """
     mode = options.mode
@@ -202,8 +224,9 @@ def backoff_plan(
         baselines = (uniform,) if improved_uniform is None else (uniform, dataclasses.replace(
             improved_uniform, options={**improved_uniform.options,
                                        "baseline": f"{uniform.options['baseline']}, {technique.improvement}"}))
+    select = lossless_selection(select, val)
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
-                           progress, allowance=allowance, rule=rule, baselines=baselines)
+                           progress, allowance=allowance, rule=rule, baselines=baselines, select=select)
     best = search.run()
     reference_val = search.reference
     if best is None and mode == "lossless":
@@ -223,7 +246,8 @@ def backoff_plan(
             attempts.append(restored.attempt)
     if refit and calib is not None and not improve_each:
         best = refit_chosen(reference, best, failing, calib, evaluator, technique, progress, attempts,
-                            search.accepts if mode == "compact" else None) or best
+                            search.accepts if mode == "compact" else None,
+                            select if mode == "lossless" else "metric") or best
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
         progress.log("back-off: no plan held on validation; the model stays dense")
         compressed, report = technique.rewrite(reference, holding, progress=progress)
@@ -234,7 +258,8 @@ def backoff_plan(
         progress.log(f"back-off chose {plan_label(best.plan)}"
                      + (f" with {len(set_back['layers'])} layers set back" if set_back else "")
                      + (" refit" if best.plan.options.get("refit") else "")
-                     + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})")
+                     + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})"
+                     + (", the lowest validation loss" if mode == "lossless" and select == "loss" else ""))
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
     return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
@@ -382,14 +407,14 @@ def _restore_smallest_failing(reference: onnx.ModelProto, failing: list[Plan], h
 
 def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: list[Plan], calib: Any,
                  evaluator: Any, technique: Technique, progress: Progress, attempts: list[Attempt],
-                 accepts: Callable[[Score], bool] | None = None) -> Verified | None:
+                 accepts: Callable[[Score], bool] | None = None, select: str = "metric") -> Verified | None:
     """The back-off's choice improved by the technique (low-rank: refit factors), where validation says it is better.
 
     The refit undoes how the earlier layers' truncations change a layer's inputs, the
     wanted changes too: it helps where truncation error compounds and can hurt where the
     joint plan gains by its drops (ResNet-56 at 10% fewer parameters), so validation decides.
-    lossless: the chosen plan refit, if it scores better (a tie keeps the plan: on ResNet-56's
-    compact plan a tie on validation lost 0.8 points held-out). compact: first the plans that
+    lossless: the chosen plan refit, if it scores better by ``select`` (:func:`~onnxlrf.verify.search.selection_key`;
+    a tie keeps the plan: on ResNet-56's compact plan a tie on validation lost 0.8 points held-out). compact: first the plans that
     failed and are larger than the chosen one, smallest first, for as long as each holds once
     refit; then, if none did, the chosen plan refit (unless it factorizes nothing), if it scores better.
     Under a latency target, a refit plan must also be measured faster than the original. An
@@ -400,7 +425,9 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     """
     required = evaluator.required_value()
 
-    def attempt(plan: Plan, bar: float, description: str, strictly: bool = False) -> Verified | None:
+    def attempt(plan: Plan, bar: float, description: str, strictly: bool = False, by: str = "metric") -> Verified | None:
+        """``plan`` improved and scored; kept where its :func:`selection_key` by ``by`` reaches ``bar`` (``strictly``:
+        exceeds it) and ``accepts`` it."""
         improved = technique.improve(reference, plan, calib, progress=progress)
         if improved is None:  # the same plan: already judged
             progress.log(f"  {description}: nothing to improve (none of its changed layers can be)")
@@ -417,12 +444,16 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
         if change is not None:
             record.loss_change, record.loss_se = change
         attempts.append(record)
-        holds = (value > bar if strictly else value >= bar) and (accepts is None or accepts(score))
+        key = selection_key(score, by)
+        holds = (key > bar if strictly else key >= bar) and (accepts is None or accepts(score))
         if holds:
             record.speedup = evaluator.speedup(compressed)
             holds = record.speedup is None or record.speedup > 1.0
-        progress.log(f"  {description} refit: val {value:.4f} (needs {'more than ' if strictly else ''}"
-                     f"{bar:.4f}): {'kept' if holds else 'rejected'}")
+        by_loss = by == "loss" and score.losses is not None
+        sign = -1.0 if by_loss else 1.0  # the key of a loss is its negative
+        progress.log(f"  {description} refit: {'validation loss' if by_loss else 'val'} {sign * key:.4f} (needs "
+                     f"{('below ' if strictly else 'at most ') if by_loss else ('more than ' if strictly else '')}"
+                     f"{sign * bar:.4f}): {'kept' if holds else 'rejected'}")
         return Verified(value, improved, compressed, report, record, score) if holds else None
 
     chosen = None
@@ -435,7 +466,9 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
             break
         chosen = result
     if chosen is None and best is not None and best.plan.options["achieved_reduction"] > 0:
-        chosen = attempt(best.plan, best.value, f"the chosen plan ({reduction_text(best.plan)})", strictly=True)
+        by = select if best.score is not None and best.score.losses is not None else "metric"
+        bar = selection_key(best.score, by) if best.score is not None else best.value
+        chosen = attempt(best.plan, bar, f"the chosen plan ({reduction_text(best.plan)})", strictly=True, by=by)
     return chosen
 
 

@@ -20,6 +20,7 @@ from .backoff import (
     VerifyOptions,
     backoff_plan,
     metric_allowance,
+    lossless_selection,
     refit_chosen,
     with_sizes,
 )
@@ -63,7 +64,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
         result = backoff_plan(current, analysis, splits.val, dataclasses.replace(options, target_reduction=target),
                               calib=splits.calib, refit=verify.refit and rounds == 1, reference_score=reference_score,
                               cost=cost, provider=provider, progress=progress, technique=technique,
-                              rule=verify.acceptance)
+                              rule=verify.acceptance, select=verify.select)
         reference_score = result.reference_score
         merged = merge_rounds(reference, plan, result.plan, cost)
         for attempt in result.attempts:
@@ -88,8 +89,9 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
         accepts = (verify.acceptance.check_against(reference_score, allowance) if options.mode == "compact"
                    else None)
         refits: list[Attempt] = []
+        select = lossless_selection(verify.select, splits.val) if options.mode == "lossless" else "metric"
         refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None), [],
-                                splits.calib, evaluator, technique, progress, refits, accepts)
+                                splits.calib, evaluator, technique, progress, refits, accepts, select)
         for attempt in refits:
             attempt.round = len(history)
         attempts += refits
