@@ -240,8 +240,9 @@ def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(f
     assert all(a["achieved_reduction"] == pytest.approx(0.875) and "val" in a for a in baseline)
     verified = [a for a in attempts if "val" in a]
     chosen = next(a for a in attempts if a.get("chosen"))
-    assert chosen["val"] == max(a["val"] for a in verified)
-    assert chosen is verified[[a["val"] for a in verified].index(chosen["val"])]  # a tie: the first verified
+    # Classified data: the lowest mean validation loss wins (--select auto), a tie the first verified.
+    losses = [a["loss_change"] for a in verified]
+    assert chosen is verified[losses.index(min(losses))]
     choices = {(layer["choice"]["bits"], layer["choice"]["rounding"]) for layer in plan["layers"]}
     expected = {"uniform 4 bits": {(4, "nearest")}, "uniform 4 bits, rounded sequentially": {(4, "sequential")}}
     assert choices == expected.get(chosen.get("baseline"), choices)
@@ -250,6 +251,13 @@ def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(f
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+    by_metric = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.875,
+                                      "--select", "metric", "--plan-out", files / "plan.json", "--overwrite", "-q"))
+    assert by_metric.exit_code == 0, by_metric.output
+    attempts = json.loads((files / "plan.json").read_text())["options"]["backoff"]
+    verified = [a for a in attempts if "val" in a]
+    values = [a["val"] for a in verified]
+    assert verified[values.index(max(values))].get("chosen")  # the highest metric, a tie the first verified
 
 
 def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):

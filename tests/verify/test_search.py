@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from onnxlrf.errors import OnnxlrfError
@@ -25,15 +26,16 @@ def plan_of(kappa: float, reduction: float, size: float | None = None) -> Plan:
 
 
 class FakeEvaluator:
-    """Scores a plan by its size: ``score(reduction)``; the "model" of a plan is the plan itself."""
+    """Scores a plan by its size: ``score(reduction)``, and with ``loss`` its per-sample losses ``loss(reduction)``;
+    the "model" of a plan is the plan itself."""
 
-    def __init__(self, score, reference: float = 0.80, speedup: float | None = None) -> None:
-        self.value_of, self.reference, self.fixed_speedup = score, reference, speedup
+    def __init__(self, score, reference: float = 0.80, speedup: float | None = None, loss=None) -> None:
+        self.value_of, self.reference, self.fixed_speedup, self.loss_of = score, reference, speedup, loss
         self.rewritten: list[Plan] = []
         self.scored: list[Plan] = []
 
     def reference_score(self) -> Score:
-        return Score(self.reference)
+        return Score(self.reference, None if self.loss_of is None else self.loss_of(0.0))
 
     def rewrite(self, plan: Plan) -> tuple[Plan, None]:
         self.rewritten.append(plan)
@@ -41,7 +43,8 @@ class FakeEvaluator:
 
     def score(self, model: Plan, description: str) -> Score:
         self.scored.append(model)
-        return Score(self.value_of(model.options["achieved_reduction"]))
+        reduction = model.options["achieved_reduction"]
+        return Score(self.value_of(reduction), None if self.loss_of is None else self.loss_of(reduction))
 
     def speedup(self, model: Plan) -> float | None:
         return self.fixed_speedup(model) if callable(self.fixed_speedup) else self.fixed_speedup
@@ -96,6 +99,29 @@ def test_lossless_verifies_each_baseline_in_turn_and_a_tie_keeps_the_earlier() -
                             baselines=(plain, improved))
         assert run.run().plan is chosen
         assert [a.baseline for a in run.attempts[-2:]] == ["uniform 3 bits", "uniform 3 bits, rounded sequentially"]
+
+
+def test_lossless_by_loss_keeps_the_lowest_mean_validation_loss_whatever_the_metric() -> None:
+    baseline = Plan(layers=[], mode="lossless", options={"kappa": None, "achieved_reduction": 0.4,
+                                                         "predicted_dloss": None, "baseline": "uniform 4 bits"})
+    metric = lambda r: 0.80 - abs(r - 0.05)  # noqa: E731  best metric: kappa 8's plan (5%)
+    loss = lambda r: np.full(10, 1.0 + abs(r - 0.1))  # noqa: E731  lowest loss: kappa 4's plan (10%)
+    by_loss = BackoffSearch(shrinking, FakeEvaluator(metric, loss=loss), "lossless", by_kappa,
+                            Progress(enabled=False), select="loss").run()
+    assert by_loss.plan.options["kappa"] == 4.0
+    by_metric = BackoffSearch(shrinking, FakeEvaluator(metric, loss=loss), "lossless", by_kappa,
+                              Progress(enabled=False)).run()
+    assert by_metric.plan.options["kappa"] == 8.0
+    # The baseline has kappa 1's size and so its loss: a tie keeps the plan verified first.
+    tied = BackoffSearch(shrinking, FakeEvaluator(metric, loss=lambda r: np.full(10, 1.0 + abs(r - 0.4))),
+                         "lossless", by_kappa, Progress(enabled=False), select="loss", baselines=(baseline,)).run()
+    assert tied.plan.options["kappa"] == 1.0
+    no_losses = BackoffSearch(shrinking, FakeEvaluator(metric), "lossless", by_kappa, Progress(enabled=False),
+                              select="loss").run()
+    assert no_losses.plan.options["kappa"] == 8.0  # no per-sample losses: the metric decides
+    with pytest.raises(OnnxlrfError, match="unknown lossless selection 'accuracy'"):
+        BackoffSearch(shrinking, FakeEvaluator(metric), "lossless", by_kappa, Progress(enabled=False),
+                      select="accuracy")
 
 
 def test_under_a_latency_target_a_plan_measured_to_meet_it_beats_a_better_scoring_one() -> None:
