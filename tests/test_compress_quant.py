@@ -210,10 +210,13 @@ def test_loss_aware_rounding_on_a_bits_target_is_stored_and_rewrite_reapplies_it
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
     alone = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
-                                  "--no-refit", "--plan-out", files / "plan.json", "--overwrite", "-q"))
+                                  "--no-refit", "--select", "metric", "--plan-out", files / "plan.json", "--overwrite",
+                                  "-q"))
     assert alone.exit_code == 0, alone.output
     plan = json.loads((files / "plan.json").read_text())
-    # Without it, loss-aware rounding predicts less than round to nearest on these layers' correlated inputs.
+    # Without it, loss-aware rounding predicts less than round to nearest on these layers' correlated inputs (the
+    # knapsack's plan, chosen here by the metric; by the loss the uniform plan rounded to nearest wins).
+    assert plan["options"]["backoff"][0].get("chosen") and plan["options"]["backoff"][0]["kappa"] == 1.0
     assert "loss-aware" in {layer["choice"]["rounding"] for layer in plan["layers"]}
     assert "sequential_rounding" not in plan["options"]
     nearest = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.85,
@@ -241,6 +244,7 @@ def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(f
     verified = [a for a in attempts if "val" in a]
     chosen = next(a for a in attempts if a.get("chosen"))
     # Classified data: the lowest mean validation loss wins (--select auto), a tie the first verified.
+    assert plan["options"]["select"] == "loss"
     losses = [a["loss_change"] for a in verified]
     assert chosen is verified[losses.index(min(losses))]
     choices = {(layer["choice"]["bits"], layer["choice"]["rounding"]) for layer in plan["layers"]}
@@ -263,11 +267,13 @@ def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(f
 def test_loss_aware_plans_offer_gemm_block_options_with_block_size(files):
     """With --block-size the Gemm is also offered int4-and-fewer options with one scale per 4 inputs, each measured
     alone; the Convs are not. Chosen at 3.2 average bits, a block option is written as a blocked DequantizeLinear."""
+    # --select metric: on this fixture the knapsack's plan has the best metric, the uniform one the lowest loss.
     result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.9,
-                                   "--block-size", 4, "--plan-out", files / "plan.json", "--json", "-q"))
+                                   "--block-size", 4, "--select", "metric", "--plan-out", files / "plan.json", "--json",
+                                   "-q"))
     assert result.exit_code == 0, result.output
     plan = json.loads((files / "plan.json").read_text())
-    assert plan["options"]["block_size"] == 4
+    assert plan["options"]["block_size"] == 4 and plan["options"]["backoff"][0]["kappa"] == 1.0
     layers = {layer["node"]: layer for layer in plan["layers"]}
     fc_checks = layers["fc"]["notes"]["range_checks"]
     assert sorted(check["bits"] for check in fc_checks if check.get("block_size") == 4) == [2, 3, 4]
@@ -291,11 +297,11 @@ def test_the_hessian_trace_baseline_plans_through_the_same_knapsack(files):
     """--predictor hessian-trace (HAWQ-v2's estimate) predicts each option from ||dW|| alone, through the same checks,
     knapsack and back-off; the rounding of each option is still chosen in the K-FAC metric (loss-aware grids are
     stored), and with --rounding nearest every layer is rounded to nearest (HAWQ's own rounding; --no-refit: no
-    sequential rounding after)."""
+    sequential rounding after; --select metric: the knapsack's plan, which the uniform one beats on loss here)."""
     for rounding, stores_grids in (("loss-aware", True), ("nearest", False)):
         result = invoke(*compress_args(files, "--mode", "lossless", "--target", "bits", "--target-reduction", 0.8,
-                                       "--predictor", "hessian-trace", "--rounding", rounding, "--no-refit", "--plan-out",
-                                       files / "plan.json", "--json", "-q", "--overwrite"))
+                                       "--predictor", "hessian-trace", "--rounding", rounding, "--no-refit", "--select",
+                                       "metric", "--plan-out", files / "plan.json", "--json", "-q", "--overwrite"))
         assert result.exit_code == 0, result.output
         plan = json.loads((files / "plan.json").read_text())
         assert plan["options"]["predictor"] == "hessian-trace"

@@ -184,7 +184,8 @@ def backoff_plan(
     improved too (quantization: rounded sequentially).
     ``rule``: when a plan holds on validation, in every step (:class:`~onnxlrf.verify.search.AcceptanceRule`).
     ``select``: how lossless mode chooses among its verified plans, the refit one included (:func:`lossless_selection`).
-    The chosen plan's options record every attempt (``"backoff"``) and ``"reference_val"``.
+    The chosen plan's options record every attempt (``"backoff"``), ``"reference_val"`` and, in lossless mode,
+    how the plan was chosen (``"select"``).
     """
     mode = options.mode
     if mode not in JOINT_MODES:
@@ -262,6 +263,8 @@ def backoff_plan(
                      + (", the lowest validation loss" if mode == "lossless" and select == "loss" else ""))
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
+    if mode == "lossless":
+        best.plan.options["select"] = select
     return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
 
 
