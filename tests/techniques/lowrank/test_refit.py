@@ -186,7 +186,7 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
     # The plans this scenario was built on (a refit beating its plan on validation) come with first-order terms.
     sensitivity = joint_analysis(model, calib, AnalysisOptions(labels="labels", first_order=True))
     result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.7), calib=calib,
-                          refit=True)
+                          refit=True, select="metric")
     plan, backoff = result.plan, result.attempts
     refit = [entry for entry in backoff if entry.refit]
     assert len(refit) == 1 and refit[0].chosen and [e for e in backoff if e.chosen] == refit
@@ -199,11 +199,23 @@ def test_backoff_keeps_the_refit_plan_where_validation_is_better() -> None:
 
     # A refit plan that does not beat the plan on validation is recorded, and the plan kept.
     result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=0.2), calib=calib,
-                          refit=True)
+                          refit=True, select="metric")
     (refit,) = [entry for entry in result.attempts if entry.refit]
     (chosen,) = [entry for entry in result.attempts if entry.chosen]
     assert refit is not chosen and refit.val <= chosen.val
     assert "refit" not in {e.basis for e in result.plan.layers}
+    # Classified data chooses by the mean validation loss (select "auto"), the refit included.
+    for target in (0.2, 0.7):
+        result = backoff_plan(model, sensitivity, val, PlanOptions("lossless", target_reduction=target), calib=calib,
+                              refit=True)
+        assert result.plan.options["select"] == "loss"
+        (refit,) = [entry for entry in result.attempts if entry.refit]
+        plain = [e for e in result.attempts if not e.refit and e.val is not None and e.same_as_kappa is None]
+        lowest = min(e.loss_change for e in plain)
+        (chosen,) = [entry for entry in result.attempts if entry.chosen]
+        assert chosen.loss_change == min(lowest, refit.loss_change)
+        assert (chosen is refit) == (refit.loss_change < lowest)
+        assert ("refit" in {e.basis for e in result.plan.layers}) == (chosen is refit)
 
 
 def token_encoder(decay: float = 0.93) -> onnx.ModelProto:
