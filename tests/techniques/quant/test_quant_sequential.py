@@ -182,7 +182,8 @@ def test_the_backoff_verifies_every_plan_rounded_sequentially_and_rounds_each_pl
     improve = technique.improve
     technique.improve = lambda *args, **kwargs: improved.append(args[1]) or improve(*args, **kwargs)
     options = PlanOptions("lossless", target_reduction=0.85, target="bits")
-    result = backoff_plan(model, analysis, val, options, calib=calib, refit=True, technique=technique)
+    # select "metric": the knapsack's plan is chosen here (the uniform plan rounded to nearest has the lowest loss).
+    result = backoff_plan(model, analysis, val, options, calib=calib, refit=True, technique=technique, select="metric")
 
     # Every plan verified is rounded sequentially: no separate refit attempt, and the model the back-off
     # scored is the chosen plan's.
@@ -193,6 +194,7 @@ def test_the_backoff_verifies_every_plan_rounded_sequentially_and_rounds_each_pl
     signatures = {technique.signature(plan, analysis, plan.options["kappa"]) for plan in improved}
     assert len(signatures) == len(improved) < len(result.attempts)
 
-    plain = backoff_plan(model, analysis, val, options, calib=calib, refit=False, technique=technique)
+    plain = backoff_plan(model, analysis, val, options, calib=calib, refit=False, technique=technique,
+                         select="metric")
     assert {entry.rounding for entry in plain.plan.layers if entry.changed} <= {"loss-aware", "nearest"}
     assert len(improved) == len(signatures)  # --no-refit: nothing rounded again
