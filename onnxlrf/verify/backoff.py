@@ -81,6 +81,7 @@ class BackoffResult:
     attempts: list[Attempt]
     value: float  # the chosen plan's validation metric
     reference_score: Score  # the original's, with its per-sample losses
+    score: Score | None = None  # the chosen plan's, with its per-sample losses (None: compact kept the model as it is)
 
     @property
     def reference_value(self) -> float:
@@ -265,7 +266,8 @@ def backoff_plan(
     best.plan.options["reference_val"] = reference_val
     if mode == "lossless":
         best.plan.options["select"] = select
-    return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score)
+    return BackoffResult(best.plan, best.model, best.report, attempts, best.value, search.reference_score,
+                         best.score if best.attempt is not None else None)
 
 
 def uniform_baseline(reference: onnx.ModelProto, technique: Technique, analysis: Any, options: PlanOptions,

@@ -74,7 +74,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
                 merged.options["achieved_reduction"] <= plan.options["achieved_reduction"]:
             progress.log(f"round {index + 1} added nothing that holds on validation; stopping")
             break
-        plan = merged
+        plan, chosen_score = merged, result.score
         history.append({"round": index + 1, "achieved_reduction": plan.options["achieved_reduction"],
                         "params_reduction": plan.options["params_reduction"], "kappa": result.plan.options["kappa"],
                         "val": next((a.val for a in result.attempts if a.chosen), None)})
@@ -90,8 +90,9 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
                    else None)
         refits: list[Attempt] = []
         select = lossless_selection(verify.select, splits.val) if options.mode == "lossless" else "metric"
-        refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None), [],
-                                splits.calib, evaluator, technique, progress, refits, accepts, select)
+        # The last round's back-off scored the merged plan's model (its weights carry the earlier rounds' choices).
+        refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None, chosen_score),
+                                [], splits.calib, evaluator, technique, progress, refits, accepts, select)
         for attempt in refits:
             attempt.round = len(history)
         attempts += refits

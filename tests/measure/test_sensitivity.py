@@ -531,6 +531,10 @@ def test_rounds_refit_the_final_plan_only(small_cnn):
     assert [e.round for e in refit] == [2]
     (chosen,) = [e for e in result.backoff if e.chosen and e.round == 2]
     assert (chosen is refit[0]) == ("refit" in {e.basis for e in result.plan.layers})
+    # Classified data: the last round chose by the validation loss, and the refit is kept only where it lowers it.
+    assert result.plan.options["select"] == "loss"
+    last = [e for e in result.backoff if e.round == 2 and not e.refit and e.val is not None and e.same_as_kappa is None]
+    assert (chosen is refit[0]) == (refit[0].loss_change < min(e.loss_change for e in last))
     rewritten, _ = apply_plan(model, result.plan)
     assert rewritten.SerializeToString() == result.compressed.SerializeToString()
 
