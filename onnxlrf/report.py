@@ -273,7 +273,7 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     curve = {"reduction": plan.options.get("achieved_reduction", result.params_reduction), "final": final,
              "axis": TARGET_AXES.get(target, f"{target} removed"),
              "val_reference": plan.options.get("reference_val"),
-             "backoff": list(plan.options.get("backoff") or [])}
+             "backoff": list(plan.options.get("backoff") or []), "select": plan.options.get("select")}
     summary = [
         ("model", str(plan.source.get("model", "-"))),
         ("mode", plan.mode),
@@ -411,10 +411,12 @@ def render_markdown(page: dict, plots: dict[str, str | None]) -> str:
         else:
             md += [f"*{title.capitalize()}: {PLOT_MISSING[key]}.*", ""]
     if page["curve"]["backoff"]:
-        md += ["## Back-off on the validation split", "", "| kappa | reduction | predicted dloss | validation | |",
-               "|---|---|---|---|---|"]
+        md += ["## Back-off on the validation split", "", *([_selection_words(page["curve"]["select"]), ""]
+                                                              if page["curve"]["select"] else []),
+               "| kappa | reduction | predicted dloss | validation | loss change (s.e.) | |",
+               "|---|---|---|---|---|---|"]
         md += [f"| {_kappa(b)} | {b['achieved_reduction']:.1%} | {_dloss(b)} | "
-               f"{_metric(b.get('val'))} | {_backoff_note(b)} |"
+               f"{_metric(b.get('val'))} | {_loss_change(b)} | {_backoff_note(b)} |"
                for b in page["curve"]["backoff"]]
         md.append("")
     md += ["## Run", "", "Command:", "", "```", page["command"] or "(not recorded: Python API)", "```", "",
@@ -522,11 +524,14 @@ def render_html(page: dict, plots: dict[str, str | None]) -> str:
         else:
             out.append(f'<p class="note">{e(title.capitalize())}: {e(PLOT_MISSING[key])}.</p>')
     if page["curve"]["backoff"]:
-        out += ["<h2>Back-off on the validation split</h2>", "<table><tr><th>kappa</th><th>reduction</th>"
-                "<th>predicted dloss</th><th>validation</th><th></th></tr>"]
+        out += ["<h2>Back-off on the validation split</h2>"]
+        if page["curve"]["select"]:
+            out.append(f"<p>{e(_selection_words(page['curve']['select']))}</p>")
+        out += ["<table><tr><th>kappa</th><th>reduction</th><th>predicted dloss</th><th>validation</th>"
+                "<th>loss change (s.e.)</th><th></th></tr>"]
         out += [f"<tr><td class=\"num\">{e(_kappa(b))}</td><td class=\"num\">{b['achieved_reduction']:.1%}</td>"
                 f"<td class=\"num\">{_dloss(b)}</td><td class=\"num\">{_metric(b.get('val'))}</td>"
-                f"<td>{e(_backoff_note(b))}</td></tr>"
+                f"<td class=\"num\">{_loss_change(b)}</td><td>{e(_backoff_note(b))}</td></tr>"
                 for b in page["curve"]["backoff"]]
         out.append("</table>")
     command = page["command"] or "(not recorded: Python API)"
@@ -796,6 +801,19 @@ def _kappa(attempt: dict) -> str:
 
 def _dloss(attempt: dict) -> str:
     return f"{attempt['predicted_dloss']:+.3g}" if attempt.get("predicted_dloss") is not None else "-"
+
+
+def _loss_change(attempt: dict) -> str:
+    """The attempt's mean per-sample validation loss change against the original, with its standard error."""
+    if attempt.get("loss_change") is None:
+        return "-"
+    return f"{attempt['loss_change']:+.4f} ({attempt['loss_se']:.4f})"
+
+
+def _selection_words(select: str) -> str:
+    """How lossless mode chose among the plans below (``--select``)."""
+    return {"loss": "Lossless chose the plan of lowest mean validation loss (`--select`).",
+            "metric": "Lossless chose the plan of highest validation metric (`--select`)."}[select]
 
 
 def _attempt_name(attempt: dict) -> str:

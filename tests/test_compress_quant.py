@@ -252,6 +252,11 @@ def test_lossless_verifies_the_uniform_plan_of_the_target_beside_the_knapsacks(f
     assert choices == expected.get(chosen.get("baseline"), choices)
     report = (files / "report" / "report.md").read_text()
     assert "| uniform 4 bits |" in report and "| uniform 4 bits, rounded sequentially |" in report
+    assert "Lossless chose the plan of lowest mean validation loss" in report
+    row = next(line for line in report.splitlines() if line.startswith("| uniform 4 bits |"))
+    assert f"| {baseline[0]['loss_change']:+.4f} ({baseline[0]['loss_se']:.4f}) |" in row
+    html = (files / "report" / "report.html").read_text()
+    assert "<th>loss change (s.e.)</th>" in html and "Lossless chose the plan of lowest mean validation loss" in html
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()

@@ -249,16 +249,18 @@ def test_back_off_table_says_what_became_of_each_attempt(work: Path, compact: tu
     # A latency plan rejected before validation, and a later kappa that repeated the first plan.
     backoff += [{"kappa": 512.0, "achieved_reduction": 0.3, "predicted_dloss": 0.01, "speedup": 0.93},
                 {**first, "kappa": 1024.0, "same_as_kappa": first["kappa"], "chosen": False},
-                {"kappa": 2048.0, "restored": 2, "achieved_reduction": 0.25, "predicted_dloss": 0.02, "val": 0.5},
+                {"kappa": 2048.0, "restored": 2, "achieved_reduction": 0.25, "predicted_dloss": 0.02, "val": 0.5,
+                 "loss_change": -0.0123, "loss_se": 0.0045},
                 {"kappa": 1.0, "target_reduction": 0.04, "achieved_reduction": 0.041, "predicted_dloss": 0.003,
                  "val": 0.25}]
     md_path, html_path = write_report(result, work / "backoff-report")
     markdown = md_path.read_text()
-    assert "| 512 | 30.0% | +0.01 | - | rejected: 0.93x the original's speed |" in markdown
+    assert "| 512 | 30.0% | +0.01 | - | - | rejected: 0.93x the original's speed |" in markdown
     assert f"| 1024 | {first['achieved_reduction']:.1%} |" in markdown
     assert f"the plan of kappa {first['kappa']:.4g} |" in markdown
-    assert "| 2048 | 25.0% | +0.02 | 0.5000 | 2 layers restored (worst measured first) |" in markdown
-    assert "| 1 | 4.1% | +0.003 | 0.2500 | size search: lossless at 0.04 |" in markdown
+    assert "| 2048 | 25.0% | +0.02 | 0.5000 | -0.0123 (0.0045) | 2 layers restored (worst measured first) |" in markdown
+    assert "| 1 | 4.1% | +0.003 | 0.2500 | - | size search: lossless at 0.04 |" in markdown
+    assert "Lossless chose" not in markdown  # compact: no selection among plans
     curve = (work / "backoff-report" / PLOTS["curve"]).read_text()
     # Neither the plan rejected before validation nor a repeat of an earlier plan has a point.
     assert curve.count("<title>kappa") == sum("val" in b and "same_as_kappa" not in b for b in backoff)
