@@ -31,8 +31,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_benchmark import load_setup
 
-KAPPAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # the back-off's (onnxlrf.verify.search.BACKOFF_KAPPAS)
-
 
 def record(args: argparse.Namespace) -> None:
     from onnxlrf.costs.params import cost_model
@@ -43,6 +41,7 @@ def record(args: argparse.Namespace) -> None:
     from onnxlrf.techniques.quant.planners import QuantOptions, w8a8_weight_bits
     from onnxlrf.techniques.quant.technique import Quant
     from onnxlrf.verify.backoff import uniform_baseline
+    from onnxlrf.verify.search import BACKOFF_KAPPAS
     from onnxlrf.verify.splits import split_dataset
 
     reference, dataset, n_calib, n_val = load_setup(args.model)
@@ -60,7 +59,7 @@ def record(args: argparse.Namespace) -> None:
         analysis = technique.analyse(reference, splits.calib, AnalysisOptions(
             labels=default_labels(splits.calib), spatial=False, cache=args.analysis_cache))
         plans, seen = [], set()
-        for kappa in KAPPAS:  # the back-off's order: the knapsack's plans, then the uniform plan, then improved
+        for kappa in BACKOFF_KAPPAS:  # the back-off's order: the knapsack's plans, then the uniform plan, then improved
             try:
                 plan = plan_joint(reference, technique, analysis, "lossless", target_reduction=args.bits_reduction,
                                   kappa=kappa, target="bits", cost=cost, rank_multiple=1)
@@ -162,7 +161,10 @@ def main() -> int:
     rep.add_argument("--resplits", type=int, default=200)
     rep.add_argument("--json", type=Path, help="Write the rows here.")
     args = parser.parse_args()
-    record(args) if args.command == "record" else replay(args)
+    if args.command == "record":
+        record(args)
+    else:
+        replay(args)
     return 0
 
 

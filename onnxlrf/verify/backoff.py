@@ -418,10 +418,11 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     The refit undoes how the earlier layers' truncations change a layer's inputs, the
     wanted changes too: it helps where truncation error compounds and can hurt where the
     joint plan gains by its drops (ResNet-56 at 10% fewer parameters), so validation decides.
-    lossless: the chosen plan refit, if it scores better by ``select`` (:func:`~onnxlrf.verify.search.selection_key`;
-    a tie keeps the plan: on ResNet-56's compact plan a tie on validation lost 0.8 points held-out). compact: first the plans that
-    failed and are larger than the chosen one, smallest first, for as long as each holds once
-    refit; then, if none did, the chosen plan refit (unless it factorizes nothing), if it scores better.
+    lossless: the chosen plan refit, if it scores better by ``select``
+    (:func:`~onnxlrf.verify.search.selection_key`; a tie keeps the plan: on ResNet-56's compact plan a tie on
+    validation lost 0.8 points held-out). compact: first the plans that failed and are larger than the chosen one,
+    smallest first, for as long as each holds once refit; then, if none did, the chosen plan refit (unless it
+    factorizes nothing), if it scores better.
     Under a latency target, a refit plan must also be measured faster than the original. An
     improvement that adds parameters the plan does not count (a refit bias change on a layer whose
     bias cannot take it becomes a new bias) is rejected before validation: lossless plans keep their size.
@@ -430,7 +431,8 @@ def refit_chosen(reference: onnx.ModelProto, best: Verified | None, failing: lis
     """
     required = evaluator.required_value()
 
-    def attempt(plan: Plan, bar: float, description: str, strictly: bool = False, by: str = "metric") -> Verified | None:
+    def attempt(plan: Plan, bar: float, description: str, strictly: bool = False,
+                by: str = "metric") -> Verified | None:
         """``plan`` improved and scored; kept where its :func:`selection_key` by ``by`` reaches ``bar`` (``strictly``:
         exceeds it) and ``accepts`` it."""
         improved = technique.improve(reference, plan, calib, progress=progress)
