@@ -125,10 +125,9 @@ def replay(args: argparse.Namespace) -> None:
             row[select] = {"own_split": {"plan": meta["plans"][chosen[0]], "held_out_change": changes[0]},
                            "resplits_mean_change": float(np.mean(changes[1:])),
                            "resplits_chosen": {meta["plans"][p]: chosen[1:].count(p) for p in sorted(set(chosen[1:]))}}
-        # Per re-draw: the loss rule's held-out change less the metric rule's (paired over the same draws).
-        row["loss_minus_metric"] = row["loss"]["resplits_mean_change"] - row["metric"]["resplits_mean_change"]
-        row["best_plan_held_out"] = max(float(right[p, n_val:].mean() - right[0, n_val:].mean())
-                                        for p in range(1, len(loss)))
+        # Each plan kept whatever validation says (a fixed choice, e.g. always the uniform plan), on the same draws.
+        row["fixed"] = {meta["plans"][p]: float(np.mean([right[p, order[n_val:]].mean() - right[0, order[n_val:]].mean()
+                                                         for order in draws[1:]])) for p in range(1, count)}
         results.append(row)
         print(f"{meta['model']} {meta['bits_reduction']:g} seed {meta['seed']}: own split metric "
               f"{row['metric']['own_split']['held_out_change']:+.4f} ({row['metric']['own_split']['plan']}), loss "
@@ -139,9 +138,12 @@ def replay(args: argparse.Namespace) -> None:
     for row in results:
         by_budget.setdefault((row["model"], row["bits_reduction"]), []).append(row)
     for (model, reduction), rows in by_budget.items():
+        fixed = {name: np.mean([r["fixed"][name] for r in rows]) for name in rows[0]["fixed"]
+                 if all(name in r["fixed"] for r in rows)}
         print(f"{model} {reduction:g}, {len(rows)} seeds: re-draws' mean held-out change, metric "
               f"{np.mean([r['metric']['resplits_mean_change'] for r in rows]):+.4f}, loss "
-              f"{np.mean([r['loss']['resplits_mean_change'] for r in rows]):+.4f}")
+              f"{np.mean([r['loss']['resplits_mean_change'] for r in rows]):+.4f}; always "
+              + ", ".join(f"{name} {value:+.4f}" for name, value in fixed.items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 
