@@ -113,6 +113,10 @@ def test_compress_lossless_label_free(files: dict[str, Path]) -> None:
     assert payload["test"]["change_interval"] == payload["change_interval"]
     plan = Plan.load(plan_path)
     assert plan.options["labels"] == "outputs" and plan.options["reference_val"] == pytest.approx(1.0, abs=1e-9)
+    # No per-sample losses on label-free data: lossless keeps the highest validation fidelity.
+    assert plan.options["select"] == "metric"
+    verified = [attempt for attempt in plan.options["backoff"] if "val" in attempt]
+    assert next(a for a in verified if a.get("chosen"))["val"] == max(a["val"] for a in verified)
 
     validated, _ = invoke_json("validate", out, "--reference", files["model"], "--data", f"npz:{files['data']}")
     assert validated["metric"] == "fidelity" and validated["reference_value"] == pytest.approx(1.0, abs=1e-9)
