@@ -130,15 +130,18 @@ class ValidationEvaluator:
         return self.cost.measured_speedup(model) if self.measures_speed else None
 
 
-def lossless_selection(select: str, val: Any) -> str:
-    """How lossless mode chooses among the plans it verified on ``val`` (:func:`~onnxlrf.verify.search.selection_key`):
-    ``select`` itself, or for "auto" the lowest mean validation loss where the data are classified (the
+def lossless_selection(select: str, val: Any, mode: str = "lossless") -> str:
+    """How lossless mode chooses among the plans it verified on ``val`` (:func:`~onnxlrf.verify.search.selection_key`),
+    the refit of the chosen plan included; other modes compare by the metric. ``select`` itself, or for "auto"
+    the lowest mean validation loss where the data are classified (the
     cross-entropy on each sample's label moves on every sample, where top-1 moves on the few that flip), else the
     highest validation metric: a sentence encoder's loss (the squared error of each pair's cosine against its gold
     score) is not what its Spearman metric rewards (a shift of every cosine changes the loss and no rank), and
     label-free data has no per-sample losses here."""
     from ..data import CLASSIFICATION
 
+    if mode != "lossless":
+        return "metric"
     if select != "auto":
         return select
     return "loss" if val.task == CLASSIFICATION else "metric"
@@ -226,7 +229,7 @@ def backoff_plan(
         baselines = (uniform,) if improved_uniform is None else (uniform, dataclasses.replace(
             improved_uniform, options={**improved_uniform.options,
                                        "baseline": f"{uniform.options['baseline']}, {technique.improvement}"}))
-    select = lossless_selection(select, val)
+    select = lossless_selection(select, val, mode)
     search = BackoffSearch(propose, evaluator, mode, lambda plan, kappa: technique.signature(plan, analysis, kappa),
                            progress, allowance=allowance, rule=rule, baselines=baselines, select=select)
     best = search.run()
@@ -248,8 +251,7 @@ def backoff_plan(
             attempts.append(restored.attempt)
     if refit and calib is not None and not improve_each:
         best = refit_chosen(reference, best, failing, calib, evaluator, technique, progress, attempts,
-                            search.accepts if mode == "compact" else None,
-                            select if mode == "lossless" else "metric") or best
+                            search.accepts if mode == "compact" else None, select) or best
     if best is None:  # compact, and no plan held on validation: no compression is the smallest safe plan
         progress.log("back-off: no plan held on validation; the model stays dense")
         compressed, report = technique.rewrite(reference, holding, progress=progress)
@@ -261,7 +263,7 @@ def backoff_plan(
                      + (f" with {len(set_back['layers'])} layers set back" if set_back else "")
                      + (" refit" if best.plan.options.get("refit") else "")
                      + f": {reduction_text(best.plan)}, val {best.value:.4f} (original {reference_val:.4f})"
-                     + (", the lowest validation loss" if mode == "lossless" and select == "loss" else ""))
+                     + (", the lowest validation loss" if select == "loss" else ""))
     best.plan.options["backoff"] = [attempt.to_dict() for attempt in attempts]
     best.plan.options["reference_val"] = reference_val
     if mode == "lossless":

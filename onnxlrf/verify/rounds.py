@@ -89,7 +89,7 @@ def verify_in_rounds(reference: onnx.ModelProto, splits: Splits, options: Any, a
         accepts = (verify.acceptance.check_against(reference_score, allowance) if options.mode == "compact"
                    else None)
         refits: list[Attempt] = []
-        select = lossless_selection(verify.select, splits.val) if options.mode == "lossless" else "metric"
+        select = lossless_selection(verify.select, splits.val, options.mode)
         # The last round's back-off scored the merged plan's model (its weights carry the earlier rounds' choices).
         refitted = refit_chosen(reference, Verified(history[-1]["val"], plan, compressed, report, None, chosen_score),
                                 [], splits.calib, evaluator, technique, progress, refits, accepts, select)

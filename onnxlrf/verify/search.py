@@ -278,18 +278,12 @@ class BackoffSearch:
         return speedup is None or speedup * (1.0 - result.plan.options["target_reduction"]) >= 1.0
 
     def _better(self, result: Verified, best: Verified | None) -> bool:
-        """Lossless: a plan measured to meet its target beats one that does not; then :meth:`prefers` (a tie keeps
-        ``best``, the first)."""
+        """Lossless: a plan measured to meet its target beats one that does not; then the higher
+        :func:`selection_key` by :attr:`select` (a tie keeps ``best``, the first)."""
         if best is None:
             return True
-        if self._meets_target(result) != self._meets_target(best):
-            return self._meets_target(result)
-        return self.prefers(result.score, best.score)
-
-    def prefers(self, candidate: Score, incumbent: Score) -> bool:
-        """Whether lossless mode chooses a plan of score ``candidate`` over one of ``incumbent``: strictly
-        higher :func:`selection_key` by :attr:`select`."""
-        return selection_key(candidate, self.select) > selection_key(incumbent, self.select)
+        return ((self._meets_target(result), selection_key(result.score, self.select))
+                > (self._meets_target(best), selection_key(best.score, self.select)))
 
     @property
     def required(self) -> float:

@@ -21,6 +21,7 @@ def test_auto_selects_by_loss_only_where_the_data_are_classified(task, chosen) -
     val = SimpleNamespace(task=task)
     assert lossless_selection("auto", val) == chosen
     assert lossless_selection("metric", val) == "metric" and lossless_selection("loss", val) == "loss"
+    assert lossless_selection("auto", val, "compact") == lossless_selection("loss", val, "compact") == "metric"
 
 
 def test_verify_options_refuse_an_unknown_selection() -> None:
