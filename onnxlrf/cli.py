@@ -275,7 +275,7 @@ _verify_options = _OptionGroup(
 _quant_options = _OptionGroup(
     "onnxlrf.techniques.quant.planners.QuantOptions",
     {name: name for name in ("bits", "activations", "runtime", "calibration_method", "block_size", "rounding",
-                             "reduce_range", "predictor")},
+                             "reduce_range", "predictor", "smoothing")},
     click.option("--bits", type=click.IntRange(2, 8),
                  help="--technique quant: weight bits of every quantized layer (2-8; 4 or fewer are stored as "
                       "packed int4, 5-8 as int8; all in int8 with --activations int8)."),
@@ -307,6 +307,11 @@ _quant_options = _OptionGroup(
                  help="--technique quant, loss-aware plans: how each option's loss change is predicted: kfac (the "
                       "total differential with K-FAC curvature), or hessian-trace (HAWQ-v2's mean Hessian diagonal "
                       "times ||dW||^2 / 2: a baseline to compare plans with)."),
+    click.option("--smoothing", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+                 help="--technique quant, uniform W8A8 plans: auto divides each Gemm/MatMul input's channels by "
+                      "s and multiplies the weight's rows by s (SmoothQuant), with s's strength searched per input "
+                      "on the calibration split (or none, where none quantizes its readers' outputs closer to the "
+                      "float ones); off: no smoothing. Lossless and compact plans are not smoothed."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",

@@ -43,11 +43,12 @@ from .techniques import TECHNIQUES
 from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
-from .techniques.quant.calibration import calibrate_plan
+from .techniques.quant.calibration import calibrate_plan, calibration_batch_rows
 from .techniques.quant.candidates import PLANNED_BITS
 from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
 from .techniques.quant.sequential import sequential_rounding
+from .techniques.quant.smoothing import search_smoothing
 from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
 from .verify.rounds import verify_in_rounds
@@ -421,8 +422,9 @@ def compress_quant(
 ) -> CompressResult:
     """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
 
-    ``joint`` None: every quantizable layer at ``options.bits`` (uniform; ``options.rounding`` ``sequential``:
-    then rounded again in graph order on the calibration split). ``joint`` a lossless or compact
+    ``joint`` None: every quantizable layer at ``options.bits`` (uniform; W8A8 Gemm/MatMul inputs smoothed where
+    ``options.smoothing`` is ``auto`` and the search finds it closer to float, :mod:`~onnxlrf.techniques.quant.smoothing`;
+    ``options.rounding`` ``sequential``: then rounded again in graph order on the calibration split). ``joint`` a lossless or compact
     :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``, ``bits`` or ``latency``: the loss-aware plan
     (bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
     (default loss-aware), the knapsack over the target (latency: each layer's time float and W8A8 measured on
@@ -485,6 +487,9 @@ def compress_quant(
         if joint is None:
             plan = plan_uniform_quant(reference, options)
             if options.activations == "int8":
+                if options.smoothing == "auto":
+                    plan = search_smoothing(reference, plan, split.calib, options.runtime,
+                                            calibration_batch_rows(reference), progress)
                 calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
             if options.rounding == "sequential":
                 plan = sequential_rounding(reference, plan, split.calib, options.runtime, progress=progress) or plan
@@ -543,6 +548,7 @@ def compress_quant(
         if options.activations == "int8":
             extra["calibration_method"] = options.calibration_method
             extra["reduce_range"] = reduces_range(options)
+            extra["smoothed_inputs"] = len(plan.smoothing)
         params = count_params(reference)
         return CompressResult(output=output, plan=plan, rewrite=report, params=params, reference_params=params,
                               validation=validation, export=exported, extra=extra, reference=reference,

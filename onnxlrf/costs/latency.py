@@ -550,7 +550,7 @@ class QuantLatencyCost(MeasuredLatency):
                 task.update()
 
     def _measure(self, layer: Any, input_shape: list[int]) -> LayerTiming:
-        from ..techniques.quant.rewrite import uint8_params
+        from ..techniques.quant.grid import uint8_params
 
         single = _single_node_model(self.model, layer, input_shape)
         quantized = self._w8a8(single)

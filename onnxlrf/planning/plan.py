@@ -29,8 +29,10 @@ PLAN_FORMAT = "onnxlrf.plan"
 # Version 1 (low-rank fields at the top of each entry) is still read, and written by nothing.
 # Version 3 adds "activation_ranges" (calibrated [low, high] per tensor, for quantized activations);
 # a version-2 plan is read as one without ranges.
-PLAN_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+# Version 4 adds "smoothing" (per smoothed activation tensor, its alpha and per-channel max |x|); older plans smooth
+# nothing.
+PLAN_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 PLAN_DECOMPOSITIONS = ("channel", "spatial", "dense")
 # "svd": the weight's own SVD, computed by the rewrite; any other basis is stored with the plan
 # (Plan.bases): "joint" (onnxlrf's), "fwsvd" and "whitened" (baselines), "refit" (the refit's).
@@ -335,7 +337,8 @@ class QuantEntry(PlanEntry):
             if self.container != "int8":
                 raise OnnxlrfError(f"{where}: int8 activations need the weights in an int8 container (the integer "
                                    f"kernels read int8), not {self.container}")
-            if layer.input not in plan.activation_ranges:
+            # A smoothed input's range is its smoothed tensor's, which the rewrite checks where it creates it.
+            if layer.input not in plan.activation_ranges and layer.input not in plan.smoothing:
                 raise OnnxlrfError(f"{where}: int8 activations, but the plan has no calibrated range for its input "
                                    f"{layer.input!r}")
 
@@ -411,6 +414,9 @@ class Plan:
     bases: dict = field(default_factory=dict, repr=False)
     # Calibrated [low, high] of each activation tensor that quantized layers read or write, by tensor name.
     activation_ranges: dict = field(default_factory=dict)
+    # Smoothed inputs of W8A8 Gemm/MatMul layers, by tensor name: {"alpha": a, "channel_absmax": [max |x_j|, ...]}
+    # (onnxlrf.techniques.quant.smoothing).
+    smoothing: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """The plan as a JSON-ready dict (without the stored bases), in the current version."""
@@ -422,6 +428,7 @@ class Plan:
             "source": self.source,
             "layers": [layer.to_dict() for layer in self.layers],
             "activation_ranges": self.activation_ranges,
+            "smoothing": self.smoothing,
         }
 
     @classmethod
@@ -450,7 +457,8 @@ class Plan:
             raise OnnxlrfError("plan option 'bases_file' must be a file name beside the plan")
         layers = [_entry_from_dict(i, entry, version) for i, entry in enumerate(data["layers"])]
         return cls(layers=layers, mode=data["mode"], options=data.get("options") or {},
-                   source=data.get("source") or {}, activation_ranges=_activation_ranges(data, version))
+                   source=data.get("source") or {}, activation_ranges=_activation_ranges(data, version),
+                   smoothing=_smoothing(data, version))
 
     def to_json(self) -> str:
         """The plan as JSON text."""
@@ -521,6 +529,25 @@ def _activation_ranges(data: dict, version: int) -> dict:
                 and value[0] <= value[1]):
             raise OnnxlrfError(f"plan activation range of {name!r} must be [low, high], finite, low <= high")
     return ranges
+
+
+def _smoothing(data: dict, version: int) -> dict:
+    """The plan's smoothed tensors (version 4; none before), each an alpha in (0, 1] and finite, non-negative
+    per-channel maxima."""
+    smoothing = data.get("smoothing") if version >= 4 else None
+    smoothing = {} if smoothing is None else smoothing
+    if not isinstance(smoothing, dict):
+        raise OnnxlrfError("plan key 'smoothing' must be an object")
+    for name, value in smoothing.items():
+        if not isinstance(value, dict) or set(value) != {"alpha", "channel_absmax"}:
+            raise OnnxlrfError(f"plan smoothing of {name!r} must be an object with keys 'alpha' and 'channel_absmax'")
+        alpha, absmax = value["alpha"], value["channel_absmax"]
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha <= 1):
+            raise OnnxlrfError(f"plan smoothing of {name!r}: 'alpha' must be a number in (0, 1], got {alpha!r}")
+        if not (isinstance(absmax, list) and absmax and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v >= 0 for v in absmax)):
+            raise OnnxlrfError(f"plan smoothing of {name!r}: 'channel_absmax' must be a list of finite numbers >= 0")
+    return smoothing
 
 
 def validate_plan(plan: Plan, model: onnx.ModelProto) -> None:

@@ -25,6 +25,7 @@ from ...onnx_io import save_onnx
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .rewrite import quantized_activations
+from .smoothing import apply_smoothing
 
 CALIBRATION_METHODS = {"minmax": MinMaxCalibrater, "percentile": PercentileCalibrater, "entropy": EntropyCalibrater}
 # Rows per collect_data call: enough for the histograms' statistics, little memory for intermediate tensors.
@@ -42,7 +43,7 @@ class _Batches(CalibrationDataReader):
         return feed
 
 
-def _batch_rows(model: onnx.ModelProto) -> int:
+def calibration_batch_rows(model: onnx.ModelProto) -> int:
     """Rows per run: the model's static batch size if it has one, else :data:`CALIBRATION_BATCH`."""
     dims = graph_inputs(model)[0].type.tensor_type.shape.dim
     static = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
@@ -80,7 +81,7 @@ def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str],
         return {}
     wanted = set(tensors)
     op_types = sorted({node.op_type for node in model.graph.node if wanted & {*node.input, *node.output}})
-    rows = _batch_rows(model)
+    rows = calibration_batch_rows(model)
     names = [inp.name for inp in graph_inputs(model)]
     starts = range(0, max(calib.rows - rows + 1, 1), rows)  # a static batch takes only full batches
     # The histogram calibrators print a line per batch on stdout, which belongs to the CLI's result.
@@ -109,9 +110,11 @@ def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str],
 def calibrate_plan(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str, method: str = "minmax",
                    progress: ProgressLike = None) -> Plan:
     """``plan`` with the ranges of the activations its int8 layers quantize in ``runtime``'s form, measured
-    on ``calib`` by onnxruntime's ``method`` calibrator (recorded in ``plan.options``)."""
-    tensors = [site.tensor for site in quantized_activations(model, plan, runtime)]
-    plan.activation_ranges = calibrate_ranges(model, calib, tensors, method, progress)
+    on ``calib`` by onnxruntime's ``method`` calibrator (recorded in ``plan.options``); a smoothed input's range is
+    that of its smoothed tensor (:func:`~.smoothing.apply_smoothing`)."""
+    smoothed = apply_smoothing(model, plan)
+    tensors = [site.tensor for site in quantized_activations(smoothed, plan, runtime)]
+    plan.activation_ranges = calibrate_ranges(smoothed, calib, tensors, method, progress)
     plan.options["calibration_method"] = method
     plan.options["calibration_samples"] = len(calib)
     return plan

@@ -1,4 +1,5 @@
-"""Symmetric integer grids for weights: per output channel or per block of inputs, round to nearest.
+"""Integer grids: symmetric ones for weights, per output channel or per block of inputs, round to nearest; and the
+per-tensor grids of activations (asymmetric uint8 or symmetric int8).
 
 A ``bits``-bit symmetric grid has the levels ``-(2^(bits-1) - 1) .. 2^(bits-1) - 1`` times a scale (zero
 point 0, the form TensorRT accepts; the most negative level is left out so the grid is symmetric).
@@ -12,6 +13,8 @@ import numpy as np
 # A channel (block) of zeros gets this scale: any positive scale represents it exactly, and runtimes
 # reject a zero scale.
 ZERO_CHANNEL_SCALE = 1.0
+UINT8_LEVELS = 255
+INT8_LEVEL = 127
 
 
 def largest_level(bits: int) -> int:
@@ -73,3 +76,28 @@ def dequantize_blocks(levels: np.ndarray, scales: np.ndarray, axis: int, block_s
     repeated = np.repeat(scales, block_size, axis=axis)
     repeated = np.take(repeated, np.arange(levels.shape[axis]), axis=axis)
     return (levels.astype(np.float32) * repeated).astype(np.float32)
+
+
+def uint8_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
+    """Scale and zero point of an asymmetric uint8 grid covering [low, high] and 0 (as onnxruntime's quantizer)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high == low:
+        return np.float32(1.0), np.uint8(0)
+    scale = (high - low) / UINT8_LEVELS
+    return np.float32(scale), np.uint8(np.clip(round(-low / scale), 0, UINT8_LEVELS))
+
+
+def int8_scale(low: float, high: float) -> np.float32:
+    """Scale of a symmetric int8 grid (zero point 0) covering [low, high]."""
+    peak = max(abs(low), abs(high))
+    return np.float32(peak / INT8_LEVEL if peak > 0 else 1.0)
+
+
+def round_activation(values: np.ndarray, low: float, high: float, symmetric: bool) -> np.ndarray:
+    """``values`` through QuantizeLinear and DequantizeLinear on the grid of [low, high]: asymmetric uint8
+    (:func:`uint8_params`) or symmetric int8 (:func:`int8_scale`), rounding half to even as they do."""
+    if symmetric:
+        scale = float(int8_scale(low, high))
+        return np.clip(np.rint(values / scale), -INT8_LEVEL - 1, INT8_LEVEL) * scale
+    scale, zero = (float(v) for v in uint8_params(low, high))
+    return (np.clip(np.rint(values / scale) + zero, 0, UINT8_LEVELS) - zero) * scale

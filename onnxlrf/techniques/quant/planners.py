@@ -19,6 +19,7 @@ from ...graph.quantizable import BLOCK_OPS, find_quantizable
 from ...planning.plan import ENTRY_ROUNDINGS, QUANT_BITS, Plan, QuantEntry
 from .calibration import CALIBRATION_METHODS
 from .rewrite import RUNTIMES
+from .smoothing import SMOOTHINGS
 
 # How the loss-aware planner predicts an option's loss change: ``kfac``, the total differential with the
 # Kronecker-factored curvature (METHOD.md 8); ``hessian-trace``, HAWQ-v2's estimate, the layer's mean Hessian
@@ -88,7 +89,8 @@ class QuantOptions:
     :func:`~.sequential.sequential_rounding`);
     ``reduce_range``: W8A8 weights on 7 bits in onnxruntime's form (``on``, ``off``, or ``auto``: where this
     machine's kernels need it, :func:`reduces_range`); ``predictor``: how the loss-aware planner predicts each
-    option's loss change (:data:`PREDICTORS`)."""
+    option's loss change (:data:`PREDICTORS`); ``smoothing``: ``auto`` searches a smoothing of each W8A8 Gemm/MatMul
+    input of a uniform plan on the calibration split (:func:`~.smoothing.search_smoothing`), ``off`` none."""
 
     bits: int | None = None
     activations: str = "none"
@@ -98,6 +100,7 @@ class QuantOptions:
     rounding: str | None = None
     reduce_range: str = "on"
     predictor: str = "kfac"
+    smoothing: str = "auto"
 
     def __post_init__(self) -> None:
         if self.bits is not None and (not isinstance(self.bits, int) or self.bits not in QUANT_BITS):
@@ -106,7 +109,8 @@ class QuantOptions:
                                    ("--reduce-range", self.reduce_range, REDUCE_RANGE_CHOICES),
                                    ("--runtime", self.runtime, RUNTIMES),
                                    ("--calibration-method", self.calibration_method, CALIBRATION_METHODS),
-                                   ("--predictor", self.predictor, PREDICTORS)):
+                                   ("--predictor", self.predictor, PREDICTORS),
+                                   ("--smoothing", self.smoothing, SMOOTHINGS)):
             if value not in known:
                 raise OnnxlrfError(f"{flag} must be one of {', '.join(known)}, got {value!r}")
         if self.rounding not in (None,) + ENTRY_ROUNDINGS:

@@ -26,6 +26,9 @@ get Q/DQ on their activations too, in the form a runtime turns into integer kern
   with block scales (TensorRT's weight-only INT4 on MatMul/Gemm), so per-channel levels of 4 bits or fewer
   live in int8 there.
 
+Smoothed inputs (``plan.smoothing``, :mod:`.smoothing`) are applied first: their readers read ``Mul(x, 1/s)``,
+which is what gets quantized, and store ``s * W``.
+
 int4 DequantizeLinear and block scales need opset 21 (the model's opset is raised, or the rewrite says why
 it cannot be). Graph inputs and outputs keep their names, types and shapes.
 """
@@ -47,15 +50,15 @@ from ...onnx_io import default_opset, unique_name
 from ...planning.plan import Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
-from .grid import dequantize_blocks, dequantize_per_channel, quantize_blocks, quantize_per_channel
+from .grid import (dequantize_blocks, dequantize_per_channel, int8_scale, quantize_blocks, quantize_per_channel,
+                   uint8_params)
+from .smoothing import apply_smoothing, check_smoothing, smoothing_groups
 
 RUNTIMES = ("onnxruntime", "tensorrt")
 # Per-channel QuantizeLinear/DequantizeLinear (their axis) came with opset 13; int4 tensors and
 # DequantizeLinear's block_size with opset 21 (and IR version 10).
 PER_CHANNEL_OPSET = 13
 INT4_OPSET, INT4_IR_VERSION = 21, 10
-UINT8_LEVELS = 255
-INT8_LEVEL = 127
 # The per-channel axis TensorRT takes for a layer's weight (output channels); Gemm follows its transB.
 WEIGHT_AXES = {"Conv": 0, "MatMul": 1}
 # Each byte's two int4 levels (low nibble first, two's complement): the table onnxruntime's form unpacks
@@ -159,21 +162,6 @@ def quantized_activations(model: onnx.ModelProto, plan: Plan, runtime: str) -> l
     return list(sites.values())
 
 
-def uint8_params(low: float, high: float) -> tuple[np.float32, np.uint8]:
-    """Scale and zero point of an asymmetric uint8 grid covering [low, high] and 0 (as onnxruntime's quantizer)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    if high == low:
-        return np.float32(1.0), np.uint8(0)
-    scale = (high - low) / UINT8_LEVELS
-    return np.float32(scale), np.uint8(np.clip(round(-low / scale), 0, UINT8_LEVELS))
-
-
-def int8_scale(low: float, high: float) -> np.float32:
-    """Scale of a symmetric int8 grid (zero point 0) covering [low, high]."""
-    peak = max(abs(low), abs(high))
-    return np.float32(peak / INT8_LEVEL if peak > 0 else 1.0)
-
-
 def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto:
     """A copy of ``model`` at default-domain opset ``opset`` or more, or a one-line error that says ``why`` the
     rewrite needs it."""
@@ -242,7 +230,8 @@ class QDQRewrite(RewritePass):
                 raise OnnxlrfError(f"{self.name}: TensorRT takes int4 weights only with block scales (weight-only "
                                    f"MatMul/Gemm); {per_channel_int4[0]!r} has per-channel int4: store it in "
                                    f"int8 (the plan's container)")
-        missing = [site.tensor for site in quantized_activations(model, plan, self.runtime)
+        check_smoothing(model, plan)
+        missing = [site.tensor for site in quantized_activations(apply_smoothing(model, plan), plan, self.runtime)
                    if site.tensor not in plan.activation_ranges]
         if missing:
             raise OnnxlrfError(f"{self.name}: the plan has no calibrated range for activation {missing[0]!r}")
@@ -256,6 +245,9 @@ class QDQRewrite(RewritePass):
             work.ir_version = max(work.ir_version, INT4_IR_VERSION)
         else:
             work = raise_opset(model, PER_CHANNEL_OPSET, "per-channel scales")
+        alphas = {layer.node: plan.smoothing[tensor]["alpha"] for tensor, readers in smoothing_groups(work, plan).items()
+                  if tensor in plan.smoothing for layer in readers}
+        work = apply_smoothing(work, plan)
         layers = {layer.node: layer for layer in find_quantizable(work)[0]}
         sites = quantized_activations(work, plan, self.runtime)
         weights = {name: numpy_helper.to_array(tensor) for name, tensor in constant_producers(work).items()}
@@ -291,6 +283,7 @@ class QDQRewrite(RewritePass):
             report.rewritten.append({
                 "node": entry.node, "op_type": layer.op_type, "bits": entry.bits, "container": entry.container,
                 "granularity": entry.granularity, "activations": entry.activations,
+                "smoothing_alpha": alphas.get(entry.node),
                 "params_before": layer.elements, "params_after": layer.elements, "new_nodes": new_nodes,
             })
         graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -36,9 +36,10 @@ from ...measure.torch_graph import heap_reuse
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .candidates import LOSS_AWARE_OPS
-from .grid import dequantize_blocks, dequantize_per_channel
-from .rewrite import UINT8_LEVELS, int8_scale, planned_weights, uint8_params
+from .grid import UINT8_LEVELS, dequantize_blocks, dequantize_per_channel, int8_scale, uint8_params
+from .rewrite import planned_weights
 from .rounding import DAMPING, loss_aware_block_levels, loss_aware_levels
+from .smoothing import apply_smoothing
 
 __all__ = ["sequential_rounding"]
 
@@ -83,9 +84,10 @@ def sequential_rounding(model: onnx.ModelProto, plan: Plan, dataset: Any, runtim
 
     A layer with block scales is rounded block by block (:func:`~.rounding.loss_aware_block_levels`). Layers whose
     weight another node shares, or outside the analysis, keep their planned grid (and the layers after them see
-    it).
+    it). Smoothed inputs (``plan.smoothing``) are applied first: the stored grids are of the smoothed weights.
     """
     progress = as_progress(progress)
+    model = apply_smoothing(model, plan)
     quantizable = {layer.node: layer for layer in find_quantizable(model)[0]}
     layers = {layer.node: layer for layer in find_layers(model)[0] if layer.node in quantizable}
     users = Counter(entry.weight for entry in plan.layers if entry.changed)

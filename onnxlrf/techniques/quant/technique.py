@@ -20,7 +20,8 @@ from ...progress import ProgressLike
 from ..base import Candidates, EntryView, KeepPlot, RewriteReport
 from .candidates import PLANNED_BITS, float_entry, measure_options, quant_candidates, quant_entries
 from .planners import uniform_entry
-from .rewrite import RUNTIMES, QDQRewrite, int8_scale, planned_weights, quantized_activations, uint8_params
+from .grid import int8_scale, uint8_params
+from .rewrite import RUNTIMES, QDQRewrite, planned_weights, quantized_activations
 from .sequential import sequential_rounding
 
 FLOAT_BITS = 32

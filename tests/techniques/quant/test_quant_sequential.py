@@ -151,7 +151,7 @@ def test_int8_inputs_are_rounded_as_quantize_then_dequantize_linear_round_them(r
     bounds = [-1.3, 2.9]
     rounded = input_rounding(bounds, runtime)
     x = np.random.default_rng(0).uniform(-2.0, 4.0, (64, 50)).astype(np.float32)
-    from onnxlrf.techniques.quant.rewrite import int8_scale, uint8_params
+    from onnxlrf.techniques.quant.grid import int8_scale, uint8_params
 
     scale, zero_point = uint8_params(*bounds) if runtime == "onnxruntime" else (int8_scale(*bounds), zero_point)
     graph = helper.make_graph(
