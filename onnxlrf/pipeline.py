@@ -43,12 +43,11 @@ from .techniques import TECHNIQUES
 from .techniques.base import RewriteReport
 from .techniques.lowrank.planners import plan_energy, plan_uniform
 from .techniques.lowrank.rewrite import apply_plan
-from .techniques.quant.calibration import calibrate_plan, calibration_batch_rows
+from .techniques.quant.calibration import calibrate_plan, search_smoothing
 from .techniques.quant.candidates import PLANNED_BITS
 from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
 from .techniques.quant.sequential import sequential_rounding
-from .techniques.quant.smoothing import search_smoothing
 from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
 from .verify.rounds import verify_in_rounds
@@ -488,8 +487,7 @@ def compress_quant(
             plan = plan_uniform_quant(reference, options)
             if options.activations == "int8":
                 if options.smoothing == "auto":
-                    plan = search_smoothing(reference, plan, split.calib, options.runtime,
-                                            calibration_batch_rows(reference), progress)
+                    plan = search_smoothing(reference, plan, split.calib, options.runtime, progress)
                 calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
             if options.rounding == "sequential":
                 plan = sequential_rounding(reference, plan, split.calib, options.runtime, progress=progress) or plan

@@ -1,4 +1,5 @@
-"""Activation ranges from the calibration split, measured by onnxruntime's calibrators.
+"""Activation ranges from the calibration split, measured by onnxruntime's calibrators; and the search of each W8A8
+Gemm/MatMul input's smoothing (:mod:`.smoothing`) on the same split.
 
 onnxruntime's calibrators (MinMax, Percentile, Entropy) run an augmented copy of the model that outputs the
 tensors to calibrate (here only those the rewrite quantizes); onnxlrf only feeds it the calibration split in batches and reads the
@@ -9,6 +10,7 @@ histograms) instead of every intermediate tensor of the whole split.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import tempfile
 from pathlib import Path
@@ -16,20 +18,25 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
 from ...data import Dataset, graph_inputs
 from ...errors import OnnxlrfError, first_line
 from ...onnx_io import save_onnx
+from ...graph.quantizable import QuantLayer
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
 from .rewrite import quantized_activations
-from .smoothing import apply_smoothing
+from .grid import dequantize_per_channel, quantize_per_channel, round_activation
+from .smoothing import ALPHAS, apply_smoothing, smoothing_groups, smoothing_scales, weight_rows
 
 CALIBRATION_METHODS = {"minmax": MinMaxCalibrater, "percentile": PercentileCalibrater, "entropy": EntropyCalibrater}
 # Rows per collect_data call: enough for the histograms' statistics, little memory for intermediate tensors.
 CALIBRATION_BATCH = 32
+# Calibration rows each input's smoothing search is scored on (sampled evenly across the batches).
+SAMPLE_ROWS = 4096
 
 
 class _Batches(CalibrationDataReader):
@@ -43,11 +50,14 @@ class _Batches(CalibrationDataReader):
         return feed
 
 
-def calibration_batch_rows(model: onnx.ModelProto) -> int:
-    """Rows per run: the model's static batch size if it has one, else :data:`CALIBRATION_BATCH`."""
+def calibration_batches(model: onnx.ModelProto, calib: Dataset) -> list[tuple[int, int]]:
+    """(start, stop) rows of each run over ``calib``: the model's static batch size, full batches only, if it has
+    one; else :data:`CALIBRATION_BATCH` rows, the last batch what is left."""
     dims = graph_inputs(model)[0].type.tensor_type.shape.dim
     static = dims[0].dim_value if dims and dims[0].HasField("dim_value") else 0
-    return static or CALIBRATION_BATCH
+    if static:
+        return [(start, start + static) for start in range(0, max(calib.rows - static + 1, 1), static)]
+    return [(start, min(start + CALIBRATION_BATCH, calib.rows)) for start in range(0, calib.rows, CALIBRATION_BATCH)]
 
 
 def _calibrator(method: str, path: Path, op_types: list[str], augmented: str, wanted: set[str]) -> Any:
@@ -81,16 +91,15 @@ def calibrate_ranges(model: onnx.ModelProto, calib: Dataset, tensors: list[str],
         return {}
     wanted = set(tensors)
     op_types = sorted({node.op_type for node in model.graph.node if wanted & {*node.input, *node.output}})
-    rows = calibration_batch_rows(model)
     names = [inp.name for inp in graph_inputs(model)]
-    starts = range(0, max(calib.rows - rows + 1, 1), rows)  # a static batch takes only full batches
     # The histogram calibrators print a line per batch on stdout, which belongs to the CLI's result.
     with tempfile.TemporaryDirectory(prefix="onnxlrf-calibrate-") as tmp, contextlib.redirect_stdout(io.StringIO()):
         path = save_onnx(model, Path(tmp) / "model.onnx")
         try:
             calibrator = _calibrator(method, path, op_types, str(Path(tmp) / "augmented.onnx"), wanted)
-            for start in as_progress(progress).track(starts, f"calibrate ({method})", unit="batch"):
-                calibrator.collect_data(_Batches({name: calib.inputs[name][start:start + rows] for name in names}))
+            for start, stop in as_progress(progress).track(calibration_batches(model, calib), f"calibrate ({method})",
+                                                           unit="batch"):
+                calibrator.collect_data(_Batches({name: calib.inputs[name][start:stop] for name in names}))
             computed = calibrator.compute_data()
         except OnnxlrfError:
             raise
@@ -118,3 +127,79 @@ def calibrate_plan(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: 
     plan.options["calibration_method"] = method
     plan.options["calibration_samples"] = len(calib)
     return plan
+
+
+def _channel_statistics(model: onnx.ModelProto, calib: Dataset, tensors: list[str]
+                        ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per tensor: per-channel minimum and maximum over the calibration split, and up to :data:`SAMPLE_ROWS`
+    of its rows (last axis the channels), run by onnxruntime in the calibrators' batches."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {out.name for out in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in outputs)
+    batches = calibration_batches(model, calib)
+    quota = -(-SAMPLE_ROWS // len(batches))
+    rng = np.random.default_rng(0)
+    names = [inp.name for inp in graph_inputs(model)]
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
+    sampled: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+    with tempfile.TemporaryDirectory(prefix="onnxlrf-smooth-") as tmp, contextlib.redirect_stdout(io.StringIO()):
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(save_onnx(probe, Path(tmp) / "probe.onnx")), options,
+                                       providers=["CPUExecutionProvider"])
+        for start, stop in batches:
+            values = session.run(tensors, {name: calib.inputs[name][start:stop] for name in names})
+            for name, value in zip(tensors, values):
+                rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
+                low[name] = np.minimum(low[name], rows.min(0)) if name in low else rows.min(0)
+                high[name] = np.maximum(high[name], rows.max(0)) if name in high else rows.max(0)
+                sampled[name].append(rows[rng.choice(len(rows), min(len(rows), quota), replace=False)])
+    return {name: (low[name], high[name], np.concatenate(sampled[name])) for name in tensors}
+
+
+def _output_error(inputs: np.ndarray, low: np.ndarray, high: np.ndarray, layers: list[QuantLayer],
+                  rows: list[np.ndarray], bits: dict[str, int], scales: np.ndarray, runtime: str) -> float:
+    """Squared error of the readers' outputs with input ``inputs / scales`` on its grid and weights ``scales * W``
+    rounded per output channel, against the float outputs."""
+    grid = round_activation(inputs / scales, float((low / scales).min()), float((high / scales).max()),
+                            symmetric=runtime == "tensorrt")
+    error = 0.0
+    for layer, weight in zip(layers, rows):
+        levels, channel_scales = quantize_per_channel(weight * scales[:, None], 1, bits[layer.node])
+        error += float(np.square(grid @ dequantize_per_channel(levels, channel_scales, 1) - inputs @ weight).sum())
+    return error
+
+
+def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str,
+                     progress: ProgressLike = None) -> Plan:
+    """``plan`` with ``smoothing`` for each tensor of :func:`smoothing_groups` whose readers' quantized outputs
+    some alpha of :data:`ALPHAS` brings closer to the float ones than no smoothing does (module doc), searched
+    on ``calib`` (the calibration split, in the calibrators' batches); its ranges must be calibrated after
+    (:func:`calibrate_plan`)."""
+    groups = smoothing_groups(model, plan)
+    if not groups:
+        return plan
+    progress = as_progress(progress)
+    statistics = _channel_statistics(model, calib, sorted(groups))
+    bits = {entry.node: entry.bits for entry in plan.layers}
+    chosen = {}
+    for tensor in progress.track(sorted(groups), "smoothing search", unit="tensor"):
+        low, high, inputs = statistics[tensor]
+        rows = [weight_rows(model, layer) for layer in groups[tensor]]
+        absmax = np.maximum(np.abs(low), np.abs(high))
+        best_alpha = None
+        best = _output_error(inputs, low, high, groups[tensor], rows, bits, np.ones_like(absmax), runtime)
+        for alpha in ALPHAS:
+            error = _output_error(inputs, low, high, groups[tensor], rows, bits, smoothing_scales(absmax, rows, alpha),
+                                  runtime)
+            if error < best:
+                best_alpha, best = alpha, error
+        if best_alpha is not None:
+            chosen[tensor] = {"alpha": best_alpha, "channel_absmax": [float(v) for v in absmax]}
+    progress.log(f"smoothing: {len(chosen)} of {len(groups)} Gemm/MatMul inputs smoothed on {len(calib)} "
+                 f"calibration samples")
+    options = {**plan.options, "smoothing": {"tensors": len(chosen), "searched": len(groups),
+                                             "alphas": list(ALPHAS), "samples": len(calib)}}
+    return dataclasses.replace(plan, smoothing=chosen, options=options)

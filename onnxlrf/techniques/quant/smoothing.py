@@ -8,7 +8,7 @@ multiplying row ``j`` of the weight (its input channel) by ``s_j`` computes the 
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
 
 (``max|w_j|`` over every layer that reads the tensor) the activation narrows and the weight, quantized per
-output channel, widens. ``alpha`` is searched per input tensor among :data:`ALPHAS` and no smoothing, by the
+output channel, widens. ``alpha`` is searched per input tensor (:func:`~.calibration.search_smoothing`) among :data:`ALPHAS` and no smoothing, by the
 squared error of its readers' outputs quantized as the rewrite quantizes them (the calibrated range the minmax
 calibrator measures, the runtime's activation grid, each layer's weight bits per channel) against the float
 outputs, on rows of the calibration split. The plan records each smoothed tensor's ``alpha`` and the per-channel
@@ -21,32 +21,22 @@ it; other readers keep ``x``) and stores ``s * W``: the float function is unchan
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import io
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 
-from ...data import Dataset, graph_inputs
 from ...errors import OnnxlrfError
 from ...graph.layers import constant_producers
 from ...graph.quantizable import QuantLayer, find_quantizable
-from ...onnx_io import save_onnx, unique_name
+from ...onnx_io import unique_name
 from ...planning.plan import Plan, QuantEntry
-from ...progress import ProgressLike, as_progress
-from .grid import dequantize_per_channel, quantize_per_channel, round_activation
 
-__all__ = ["ALPHAS", "SMOOTHINGS", "apply_smoothing", "check_smoothing", "search_smoothing", "smoothing_groups"]
+__all__ = ["ALPHAS", "SMOOTHINGS", "apply_smoothing", "check_smoothing", "smoothing_groups", "smoothing_scales",
+           "weight_rows"]
 
 SMOOTHINGS = ("auto", "off")
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# Calibration rows each tensor's search is scored on (sampled evenly across the split's batches).
-SAMPLE_ROWS = 4096
 SMOOTHED_OPS = ("Gemm", "MatMul")
 
 
@@ -73,13 +63,13 @@ def smoothing_groups(model: onnx.ModelProto, plan: Plan) -> dict[str, list[Quant
     return groups
 
 
-def _weight_rows(model: onnx.ModelProto, layer: QuantLayer) -> np.ndarray:
+def weight_rows(model: onnx.ModelProto, layer: QuantLayer) -> np.ndarray:
     """``layer``'s weight as (input channels, output channels)."""
     weight = onnx.numpy_helper.to_array(constant_producers(model)[layer.weight]).astype(np.float32)
     return weight if layer.reduction_axis == 0 else weight.T
 
 
-def _scales(absmax: np.ndarray, rows: list[np.ndarray], alpha: float) -> np.ndarray:
+def smoothing_scales(absmax: np.ndarray, rows: list[np.ndarray], alpha: float) -> np.ndarray:
     """``s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)``, 1 where either is 0."""
     weight_max = np.max([np.abs(w).max(axis=1) for w in rows], axis=0).astype(np.float64)
     absmax = np.asarray(absmax, dtype=np.float64)
@@ -99,7 +89,7 @@ def check_smoothing(model: onnx.ModelProto, plan: Plan) -> None:
         if tensor not in groups:
             raise OnnxlrfError(f"plan smooths tensor {tensor!r}, which no W8A8 Gemm/MatMul entry with per-channel "
                                f"scales (the only reader of its weight) reads")
-        channels = _weight_rows(model, groups[tensor][0]).shape[0]
+        channels = weight_rows(model, groups[tensor][0]).shape[0]
         if len(smoothing["channel_absmax"]) != channels:
             raise OnnxlrfError(f"plan smoothing of {tensor!r} has {len(smoothing['channel_absmax'])} channel_absmax "
                                f"values; its readers have {channels} input channels")
@@ -120,8 +110,8 @@ def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     taken = set(tensors) | set(nodes)
     for tensor in sorted(plan.smoothing):
         layers = groups[tensor]
-        rows = [_weight_rows(work, layer) for layer in layers]
-        scales = _scales(np.asarray(plan.smoothing[tensor]["channel_absmax"]), rows, plan.smoothing[tensor]["alpha"])
+        rows = [weight_rows(work, layer) for layer in layers]
+        scales = smoothing_scales(np.asarray(plan.smoothing[tensor]["channel_absmax"]), rows, plan.smoothing[tensor]["alpha"])
         for layer, weight in zip(layers, rows):
             scaled = weight * scales[:, None]
             tensors[layer.weight].values = np.ascontiguousarray(scaled if layer.reduction_axis == 0 else scaled.T)
@@ -140,78 +130,3 @@ def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     del result.metadata_props[:]
     result.metadata_props.extend(work.metadata_props)
     return result
-
-
-def _channel_statistics(model: onnx.ModelProto, calib: Dataset, tensors: list[str], batch_rows: int
-                        ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per tensor: per-channel minimum and maximum over the calibration split, and up to :data:`SAMPLE_ROWS`
-    of its rows (last axis the channels), run by onnxruntime in the calibrators' batches."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    outputs = {out.name for out in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in tensors if name not in outputs)
-    starts = list(range(0, max(calib.rows - batch_rows + 1, 1), batch_rows))
-    quota = -(-SAMPLE_ROWS // len(starts))
-    rng = np.random.default_rng(0)
-    names = [inp.name for inp in graph_inputs(model)]
-    low: dict[str, np.ndarray] = {}
-    high: dict[str, np.ndarray] = {}
-    sampled: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-    with tempfile.TemporaryDirectory(prefix="onnxlrf-smooth-") as tmp, contextlib.redirect_stdout(io.StringIO()):
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(save_onnx(probe, Path(tmp) / "probe.onnx")), options,
-                                       providers=["CPUExecutionProvider"])
-        for start in starts:
-            values = session.run(tensors, {name: calib.inputs[name][start:start + batch_rows] for name in names})
-            for name, value in zip(tensors, values):
-                rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
-                low[name] = np.minimum(low[name], rows.min(0)) if name in low else rows.min(0)
-                high[name] = np.maximum(high[name], rows.max(0)) if name in high else rows.max(0)
-                sampled[name].append(rows[rng.choice(len(rows), min(len(rows), quota), replace=False)])
-    return {name: (low[name], high[name], np.concatenate(sampled[name])) for name in tensors}
-
-
-def _output_error(inputs: np.ndarray, low: np.ndarray, high: np.ndarray, layers: list[QuantLayer],
-                  rows: list[np.ndarray], bits: dict[str, int], scales: np.ndarray, runtime: str) -> float:
-    """Squared error of the readers' outputs with input ``inputs / scales`` on its grid and weights ``scales * W``
-    rounded per output channel, against the float outputs."""
-    grid = round_activation(inputs / scales, float((low / scales).min()), float((high / scales).max()),
-                            symmetric=runtime == "tensorrt")
-    error = 0.0
-    for layer, weight in zip(layers, rows):
-        levels, channel_scales = quantize_per_channel(weight * scales[:, None], 1, bits[layer.node])
-        error += float(np.square(grid @ dequantize_per_channel(levels, channel_scales, 1) - inputs @ weight).sum())
-    return error
-
-
-def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str, batch_rows: int,
-                     progress: ProgressLike = None) -> Plan:
-    """``plan`` with ``smoothing`` for each tensor of :func:`smoothing_groups` whose readers' quantized outputs
-    some alpha of :data:`ALPHAS` brings closer to the float ones than no smoothing does (module doc), searched
-    on ``calib`` (the calibration split, in batches of ``batch_rows``); its ranges must be calibrated after."""
-    groups = smoothing_groups(model, plan)
-    if not groups:
-        return plan
-    progress = as_progress(progress)
-    statistics = _channel_statistics(model, calib, sorted(groups), batch_rows)
-    bits = {entry.node: entry.bits for entry in plan.layers}
-    chosen = {}
-    for tensor in progress.track(sorted(groups), "smoothing search", unit="tensor"):
-        low, high, inputs = statistics[tensor]
-        rows = [_weight_rows(model, layer) for layer in groups[tensor]]
-        absmax = np.maximum(np.abs(low), np.abs(high))
-        best_alpha = None
-        best = _output_error(inputs, low, high, groups[tensor], rows, bits, np.ones_like(absmax), runtime)
-        for alpha in ALPHAS:
-            error = _output_error(inputs, low, high, groups[tensor], rows, bits, _scales(absmax, rows, alpha),
-                                  runtime)
-            if error < best:
-                best_alpha, best = alpha, error
-        if best_alpha is not None:
-            chosen[tensor] = {"alpha": best_alpha, "channel_absmax": [float(v) for v in absmax]}
-    progress.log(f"smoothing: {len(chosen)} of {len(groups)} Gemm/MatMul inputs smoothed on {len(calib)} "
-                 f"calibration samples")
-    options = {**plan.options, "smoothing": {"tensors": len(chosen), "searched": len(groups),
-                                             "alphas": list(ALPHAS), "samples": len(calib)}}
-    return dataclasses.replace(plan, smoothing=chosen, options=options)
