@@ -285,12 +285,17 @@ def _collect(result: Any, command: str | None, baselines: list[dict]) -> dict:
     if "average_weight_bits" in result.extra:
         summary.append(("weight bits (Conv/Gemm/MatMul, logical)",
                         f"32 -> {result.extra['average_weight_bits']:.2f} on average"))
+    if "smoothing" in plan.options:
+        alphas = sorted({smoothing["alpha"] for smoothing in plan.smoothing.values()})
+        summary.append(("smoothed W8A8 Gemm/MatMul inputs (SmoothQuant)",
+                        f"{len(plan.smoothing)} of {plan.options['smoothing']['searched']}"
+                        + (f", alpha {', '.join(map(str, alphas))}" if alphas else "")))
     if flops_compressed is not None:
         before = _flops(flops_original) if flops_original is not None else "-"
         ratio = f" ({1 - flops_compressed / flops_original:.1%} fewer)" if flops_original else ""
         summary.append(("FLOPs (Conv/ConvTranspose/Gemm/MatMul)", f"{before} -> {_flops(flops_compressed)}{ratio}, "
                                                      f"inputs {flops_inputs}"))
-    options = {k: v for k, v in plan.options.items() if k not in ("backoff", "bases_file")}
+    options = {k: v for k, v in plan.options.items() if k not in ("backoff", "bases_file", "smoothing")}
     summary.append(("plan options", ", ".join(f"{k} {_value(v)}" for k, v in options.items() if v is not None)))
     if validation is not None:
         fidelity = [f"max abs diff {validation.max_abs_diff:.3g}" if validation.max_abs_diff is not None else "",

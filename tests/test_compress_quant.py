@@ -40,7 +40,7 @@ def compress_args(files, *extra):
 
 def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_plan(files):
     result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--reduce-range", "on",
-                                   "--plan-out", files / "plan.json", "--json", "-q"))
+                                   "--plan-out", files / "plan.json", "--report", files / "report", "--json", "-q"))
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["layers_quantized"] == 3 and payload["samples"] == SAMPLES - 150
@@ -50,9 +50,22 @@ def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_p
     assert payload["optimized_op_counts"]["QLinearConv"] == 2 and payload["value"] >= 0.9
     plan = json.loads((files / "plan.json").read_text())
     assert plan["options"]["calibration_method"] == "minmax" and "r1" in plan["activation_ranges"]
+    # The Gemm's input is the one smoothing can apply to (searched by default; kept where it quantizes closer).
+    assert plan["options"]["smoothing"]["searched"] == 1 and payload["smoothed_inputs"] == len(plan["smoothing"])
+    assert f"smoothed W8A8 Gemm/MatMul inputs (SmoothQuant) | {len(plan['smoothing'])} of 1" in (
+        files / "report" / "report.md").read_text()
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()
+
+
+def test_w8a8_without_smoothing_searches_none(files):
+    result = invoke(*compress_args(files, "--bits", 8, "--activations", "int8", "--smoothing", "off",
+                                   "--plan-out", files / "plan.json", "--json", "-q"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["smoothed_inputs"] == 0
+    plan = json.loads((files / "plan.json").read_text())
+    assert plan["smoothing"] == {} and "smoothing" not in plan["options"]
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "tensorrt"])

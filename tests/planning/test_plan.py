@@ -131,11 +131,15 @@ def version_1(data: dict) -> dict:
     return {**data, "version": 1, "layers": layers}
 
 
-def test_entries_name_their_technique_and_version_1_and_2_plans_still_load(tmp_path):
+def test_entries_name_their_technique_and_version_1_to_3_plans_still_load(tmp_path):
     plan = plan_uniform(MODEL, rank_fraction=0.5)
     data = plan.to_dict()
-    assert data["version"] == 3 and data["activation_ranges"] == {}
-    version_2 = {key: value for key, value in data.items() if key != "activation_ranges"}
+    assert data["version"] == 4 and data["activation_ranges"] == {} and data["smoothing"] == {}
+    version_3 = {key: value for key, value in data.items() if key != "smoothing"}
+    assert Plan.from_dict({**version_3, "version": 3}) == plan
+    # A version-3 plan smooths nothing, whatever a "smoothing" key holds.
+    assert Plan.from_dict({**data, "version": 3, "smoothing": {"x": {"alpha": 2}}}).smoothing == {}
+    version_2 = {key: value for key, value in version_3.items() if key != "activation_ranges"}
     assert Plan.from_dict({**version_2, "version": 2}) == plan
     entry = data["layers"][0]
     assert list(entry) == ["node", "op_type", "weight", "weight_shape", "technique", "choice", "params_dense",
@@ -153,8 +157,8 @@ def test_entries_name_their_technique_and_version_1_and_2_plans_still_load(tmp_p
     path.write_text(json.dumps(old))
     assert apply_plan(MODEL, Plan.load(path))[0].SerializeToString() == apply_plan(MODEL, plan)[0].SerializeToString()
     # Saving writes the current version.
-    Plan.load(path).save(tmp_path / "v3.json")
-    assert json.loads((tmp_path / "v3.json").read_text())["version"] == 3
+    Plan.load(path).save(tmp_path / "v4.json")
+    assert json.loads((tmp_path / "v4.json").read_text())["version"] == 4
 
 
 def test_plan_load_rejects_bad_json_and_missing_file(tmp_path):

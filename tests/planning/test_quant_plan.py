@@ -29,7 +29,7 @@ def test_quant_plan_round_trips_with_its_ranges(tmp_path):
     plan.save(tmp_path / "plan.json")
     loaded = Plan.load(tmp_path / "plan.json")
     assert loaded == plan and loaded.activation_ranges == {"input": [-1.0, 2.0]}
-    assert json.loads((tmp_path / "plan.json").read_text())["version"] == 3
+    assert json.loads((tmp_path / "plan.json").read_text())["version"] == 4
     validate_plan(loaded, residual_cnn())
 
 
