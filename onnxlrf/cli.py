@@ -307,11 +307,12 @@ _quant_options = _OptionGroup(
                  help="--technique quant, loss-aware plans: how each option's loss change is predicted: kfac (the "
                       "total differential with K-FAC curvature), or hessian-trace (HAWQ-v2's mean Hessian diagonal "
                       "times ||dW||^2 / 2: a baseline to compare plans with)."),
-    click.option("--smoothing", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
-                 help="--technique quant, uniform W8A8 plans: auto divides each Gemm/MatMul input's channels by "
-                      "s and multiplies the weight's rows by s (SmoothQuant), with s's strength searched per input "
-                      "on the calibration split (or none, where none quantizes its readers' outputs closer to the "
-                      "float ones); off: no smoothing. Lossless and compact plans are not smoothed."),
+    click.option("--smoothing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                 help="--technique quant, uniform plans with --activations int8: divide each Gemm/MatMul input's "
+                      "channels by s and multiply the weight's rows by s (SmoothQuant), s's strength searched per "
+                      "input on the calibration split (none where none quantizes its readers' outputs closer to "
+                      "float). auto: the inputs of W8A8 layers (7- or 8-bit weights); on: also below 8 bits (W4A8); "
+                      "off: none. Lossless and compact plans are not smoothed."),
 )
 _export_options = _OptionGroup(
     "onnxlrf.pipeline.ExportOptions",

@@ -48,6 +48,7 @@ from .techniques.quant.candidates import PLANNED_BITS
 from .techniques.quant.planners import QuantOptions, plan_uniform_quant, reduces_range, w8a8_weight_bits
 from .techniques.quant.rewrite import QDQRewrite
 from .techniques.quant.sequential import sequential_rounding
+from .techniques.quant.smoothing import W8A8_WEIGHT_BITS
 from .techniques.quant.sizes import average_weight_bits, file_bytes
 from .verify.backoff import VerifyOptions
 from .verify.rounds import verify_in_rounds
@@ -421,8 +422,9 @@ def compress_quant(
 ) -> CompressResult:
     """Quantize ``model`` (a model name or an ONNX path) and write ``output`` in ``options.runtime``'s Q/DQ form.
 
-    ``joint`` None: every quantizable layer at ``options.bits`` (uniform; W8A8 Gemm/MatMul inputs smoothed where
-    ``options.smoothing`` is ``auto`` and the search finds it closer to float, :mod:`~onnxlrf.techniques.quant.smoothing`;
+    ``joint`` None: every quantizable layer at ``options.bits`` (uniform; Gemm/MatMul inputs smoothed where
+    ``options.smoothing`` says (``auto``: W8A8 layers' inputs; ``on``: every int8 one) and the search finds it closer
+    to float, :mod:`~onnxlrf.techniques.quant.smoothing`;
     ``options.rounding`` ``sequential``: then rounded again in graph order on the calibration split). ``joint`` a lossless or compact
     :class:`~onnxlrf.planning.joint.PlanOptions` with target ``bytes``, ``bits`` or ``latency``: the loss-aware plan
     (bits per layer from the joint analysis' predicted loss changes, each rounded as ``options.rounding`` says
@@ -486,8 +488,9 @@ def compress_quant(
         if joint is None:
             plan = plan_uniform_quant(reference, options)
             if options.activations == "int8":
-                if options.smoothing == "auto":
-                    plan = search_smoothing(reference, plan, split.calib, options.runtime, progress)
+                if options.smoothing != "off":
+                    plan = search_smoothing(reference, plan, split.calib, options.runtime,
+                                            W8A8_WEIGHT_BITS if options.smoothing == "auto" else 2, progress)
                 calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
             if options.rounding == "sequential":
                 plan = sequential_rounding(reference, plan, split.calib, options.runtime, progress=progress) or plan

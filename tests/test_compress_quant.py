@@ -78,6 +78,7 @@ def test_w4a8_stores_4_bit_levels_in_int8_for_the_integer_kernels(files, runtime
     plan = json.loads((files / "plan.json").read_text())
     assert {(layer["choice"]["bits"], layer["choice"]["container"], layer["choice"]["activations"])
             for layer in plan["layers"]} == {(4, "int8", "int8")}
+    assert plan["smoothing"] == {} and "smoothing" not in plan["options"]  # auto smooths W8A8 inputs only
     model = onnx.load(files / "out.onnx")
     weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer
                if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1}

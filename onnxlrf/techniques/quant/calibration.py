@@ -172,18 +172,19 @@ def _output_error(inputs: np.ndarray, low: np.ndarray, high: np.ndarray, layers:
     return error
 
 
-def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str,
+def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str, min_weight_bits: int = 2,
                      progress: ProgressLike = None) -> Plan:
-    """``plan`` with ``smoothing`` for each tensor of :func:`smoothing_groups` whose readers' quantized outputs
-    some alpha of :data:`ALPHAS` brings closer to the float ones than no smoothing does (module doc), searched
-    on ``calib`` (the calibration split, in the calibrators' batches); its ranges must be calibrated after
-    (:func:`calibrate_plan`)."""
-    groups = smoothing_groups(model, plan)
+    """``plan`` with ``smoothing`` for each tensor of :func:`smoothing_groups` whose readers all have at least
+    ``min_weight_bits`` and whose quantized outputs some alpha of :data:`ALPHAS` brings closer to the float ones
+    than no smoothing does (module doc), searched on ``calib`` (the calibration split, in the calibrators'
+    batches); its ranges must be calibrated after (:func:`calibrate_plan`)."""
+    bits = {entry.node: entry.bits for entry in plan.layers}
+    groups = {tensor: layers for tensor, layers in smoothing_groups(model, plan).items()
+              if all(bits[layer.node] >= min_weight_bits for layer in layers)}
     if not groups:
         return plan
     progress = as_progress(progress)
     statistics = _channel_statistics(model, calib, sorted(groups))
-    bits = {entry.node: entry.bits for entry in plan.layers}
     chosen = {}
     for tensor in progress.track(sorted(groups), "smoothing search", unit="tensor"):
         low, high, inputs = statistics[tensor]

@@ -90,7 +90,8 @@ class QuantOptions:
     ``reduce_range``: W8A8 weights on 7 bits in onnxruntime's form (``on``, ``off``, or ``auto``: where this
     machine's kernels need it, :func:`reduces_range`); ``predictor``: how the loss-aware planner predicts each
     option's loss change (:data:`PREDICTORS`); ``smoothing``: ``auto`` searches a smoothing of each W8A8 Gemm/MatMul
-    input of a uniform plan on the calibration split (:func:`~.smoothing.search_smoothing`), ``off`` none."""
+    input of a uniform plan on the calibration split (:func:`~.calibration.search_smoothing`), ``on`` of every
+    Gemm/MatMul input with int8 activations (W4A8 too), ``off`` none (:data:`~.smoothing.SMOOTHINGS`)."""
 
     bits: int | None = None
     activations: str = "none"

@@ -18,7 +18,7 @@ from onnxlrf.techniques.quant.calibration import calibrate_plan, search_smoothin
 from onnxlrf.techniques.quant.planners import QuantOptions, plan_uniform_quant
 from onnxlrf.techniques.quant.rewrite import QDQRewrite, check_tensorrt_form
 from onnxlrf.techniques.quant.sequential import sequential_rounding
-from onnxlrf.techniques.quant.smoothing import ALPHAS, apply_smoothing, smoothing_groups
+from onnxlrf.techniques.quant.smoothing import ALPHAS, W8A8_WEIGHT_BITS, apply_smoothing, smoothing_groups
 
 WIDTH, WIDE = 32, (3, 17)
 
@@ -108,6 +108,15 @@ def test_a_saved_plan_rewrites_the_same_bytes_and_sequential_rounding_keeps_the_
     error = {name: float(np.mean((outputs(QDQRewrite()(model, p)[0], data(2))[0] - reference) ** 2))
              for name, p in (("nearest", plan), ("sequential", rounded))}
     assert error["sequential"] < error["nearest"]
+
+
+def test_a_floor_on_weight_bits_leaves_w4a8_inputs_alone():
+    model = projections()
+    w4a8 = plan_uniform_quant(model, QuantOptions(bits=4, activations="int8"))
+    assert search_smoothing(model, w4a8, data(1), "onnxruntime", W8A8_WEIGHT_BITS).smoothing == {}
+    assert "x" in search_smoothing(model, w4a8, data(1), "onnxruntime").smoothing
+    w8a8_plan = plan_uniform_quant(model, QuantOptions(bits=8, activations="int8"))  # 7-bit weights: reduced range
+    assert "x" in search_smoothing(model, w8a8_plan, data(1), "onnxruntime", W8A8_WEIGHT_BITS).smoothing
 
 
 def test_what_cannot_be_smoothed_is_left_alone():
