@@ -33,6 +33,7 @@ def test_readme_python_example_runs(tmp_path: Path, resnet20_weights: Path, cifa
     done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("resnet20.onnx", "resnet20-lrf.onnx", "resnet20-lrf.plan.json", "resnet20-edited.onnx",
-                 "resnet20-uniform.onnx", "resnet20-report/report.html", "resnet20-report/report.md"):
+                 "resnet20-uniform.onnx", "resnet20-w8a8.onnx", "resnet20-report/report.html",
+                 "resnet20-report/report.md"):
         assert (tmp_path / name).is_file(), name
-    assert "back-off chose kappa" in done.stderr or "no plan held on validation" in done.stderr
+    assert "back-off chose" in done.stderr
