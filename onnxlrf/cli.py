@@ -359,9 +359,9 @@ def compress(model: str, output: str, technique: str, data: str | None, plan_out
             raise OnnxlrfError("--target and --target-reduction are for --mode lossless or compact; --mode uniform "
                                "quantizes every layer at --bits")
     elif params["bits"] is not None or params["block_size"] is not None or params["activations"] != "none" \
-            or params["rounding"] is not None or params["predictor"] != "kfac":
-        raise OnnxlrfError("--bits, --activations, --block-size, --rounding and --predictor apply to --technique "
-                           "quant")
+            or params["rounding"] is not None or params["predictor"] != "kfac" or params["smoothing"] != "auto":
+        raise OnnxlrfError("--bits, --activations, --block-size, --rounding, --predictor and --smoothing apply to "
+                           "--technique quant")
     if report_dir is not None:
         check_report_dir(report_dir, overwrite)  # before the work, not after
     quant = _quant_options.build(params) if technique == "quant" else None

@@ -451,6 +451,9 @@ def compress_quant(
                            "round to nearest or sequentially")
     if joint is None and options.rounding == "sequential" and data is None:
         raise OnnxlrfError("--rounding sequential needs --data: each layer is rounded again on its calibration split")
+    if options.smoothing == "on" and (joint is not None or options.activations != "int8"):
+        raise OnnxlrfError("--smoothing on is for uniform plans with --activations int8 (weight-only layers have no "
+                           "input to smooth; lossless and compact plans are not smoothed)")
     if joint is not None and options.rounding == "sequential":
         raise OnnxlrfError("--rounding sequential is for uniform plans; lossless and compact plans round the back-off's "
                            "plans sequentially as their improvement step (--refit)")

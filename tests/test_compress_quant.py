@@ -142,6 +142,11 @@ def test_quant_flags_need_the_quant_technique(files):
     result = invoke("compress", files / "model.onnx", "--technique", "quant", "--mode", "uniform", "--bits", 4,
                     "--rounding", "sequential", "-o", files / "out.onnx")
     assert result.exit_code == 1 and "--rounding sequential needs --data" in result.output
+    result = invoke("compress", files / "model.onnx", "--mode", "uniform", "--rank-fraction", 0.5, "--smoothing", "off",
+                    "-o", files / "out.onnx")
+    assert result.exit_code == 1 and "--smoothing apply to --technique quant" in result.output
+    result = invoke(*compress_args(files, "--bits", 8, "--smoothing", "on"))
+    assert result.exit_code == 1 and "--smoothing on is for uniform plans with --activations int8" in result.output
     assert not (files / "out.onnx").exists()
 
 
