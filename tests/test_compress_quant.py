@@ -52,8 +52,9 @@ def test_w8a8_reports_bits_bytes_and_integer_kernels_and_rewrite_reapplies_the_p
     assert plan["options"]["calibration_method"] == "minmax" and "r1" in plan["activation_ranges"]
     # The Gemm's input is the one smoothing can apply to (searched by default; kept where it quantizes closer).
     assert plan["options"]["smoothing"]["searched"] == 1 and payload["smoothed_inputs"] == len(plan["smoothing"])
-    assert f"smoothed W8A8 Gemm/MatMul inputs (SmoothQuant) | {len(plan['smoothing'])} of 1" in (
-        files / "report" / "report.md").read_text()
+    markdown = (files / "report" / "report.md").read_text()
+    assert f"smoothed W8A8 Gemm/MatMul inputs (SmoothQuant) | {len(plan['smoothing'])} of 1" in markdown
+    assert ("input smoothed, alpha" in markdown) == bool(plan["smoothing"])
     again = invoke("rewrite", files / "model.onnx", "--plan", files / "plan.json", "-o", files / "again.onnx", "-q")
     assert again.exit_code == 0, again.output
     assert (files / "again.onnx").read_bytes() == (files / "out.onnx").read_bytes()

@@ -179,7 +179,8 @@ class Quant:
                          "Weight bits per layer (grey: float32; blue: planned bits).")
     numeric_columns = ("bits",)
     table_note = ("bits: logical weight bits (float: not quantized); container: the integer type that stores them "
-                  "(int4 packs two a byte); activations int8: the layer's input is quantized too. predicted dloss: "
+                  "(int4 packs two a byte); activations int8: the layer's input is quantized too; input smoothed: its "
+                  "channels divided by s and the weight's rows multiplied by s first (SmoothQuant). predicted dloss: "
                   "the planner's predicted change of the calibration loss from this layer's quantization alone "
                   "(weights as rounded, plus its input's rounding noise), at the plan's kappa. Single-layer "
                   "checks: each option measured with only its layer quantized; a layer is offered its options "
@@ -193,6 +194,8 @@ class Quant:
                  "granularity": (f"block {entry.block_size}" if entry.granularity == "block" else "per channel")
                  if rewritten else "-",
                  "activations": entry.activations}
+        if rewritten and rewritten.get("smoothing_alpha") is not None:
+            cells["input smoothed, alpha"] = str(rewritten["smoothing_alpha"])
         return EntryView(cells, bits, FLOAT_BITS, "float" if bits is None else f"{bits}b")
 
     def check_key(self, check: dict) -> Any:
