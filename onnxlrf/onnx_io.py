@@ -127,6 +127,26 @@ def default_opset(model: onnx.ModelProto, missing: int = 0) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), missing)
 
 
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for graphsurgeon to import (it keeps lazy references to the tensors it imports)."""
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    return work
+
+
+def keep_model_fields(source: onnx.ModelProto, result: onnx.ModelProto) -> None:
+    """What graphsurgeon's export does not carry: IR version, opsets, producer, metadata and functions of
+    ``source``."""
+    result.ir_version = source.ir_version
+    del result.opset_import[:]
+    result.opset_import.extend(source.opset_import)
+    result.producer_name, result.producer_version = source.producer_name, source.producer_version
+    del result.metadata_props[:]
+    result.metadata_props.extend(source.metadata_props)
+    del result.functions[:]
+    result.functions.extend(source.functions)
+
+
 def unique_name(name: str, taken: set[str]) -> str:
     """``name``, or ``name.1``, ``name.2``, ... : the first not in ``taken``, which it is added to."""
     candidate, i = name, 1

@@ -493,7 +493,7 @@ def compress_quant(
             if options.activations == "int8":
                 if options.smoothing != "off":
                     plan = search_smoothing(reference, plan, split.calib, options.runtime,
-                                            W8A8_WEIGHT_BITS if options.smoothing == "auto" else 2, progress)
+                                            W8A8_WEIGHT_BITS if options.smoothing == "auto" else 0, progress)
                 calibrate_plan(reference, plan, split.calib, options.runtime, options.calibration_method, progress)
             if options.rounding == "sequential":
                 plan = sequential_rounding(reference, plan, split.calib, options.runtime, progress=progress) or plan

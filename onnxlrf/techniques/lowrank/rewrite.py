@@ -34,7 +34,7 @@ from ...graph.layers import (
     weight_matrices,
 )
 from ...graph.linalg import svd
-from ...onnx_io import check_graph_reads, default_opset, unique_name
+from ...onnx_io import check_graph_reads, copy_model, default_opset, unique_name
 from ...planning.plan import LowRankEntry, Plan, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
@@ -145,8 +145,7 @@ def _rewrite(model: onnx.ModelProto, plan: Plan, keep_dense_if_larger: bool, pro
     layers = {layer.node: layer for layer in find_layers(model)[0]}
     report = RewriteReport(params_before=count_params(model))
 
-    work = onnx.ModelProto()
-    work.CopyFrom(model)  # graphsurgeon keeps lazy references to the tensors it imports
+    work = copy_model(model)
     graph = gs.import_onnx(work)
     nodes = {node.name: node for node in graph.nodes}
     taken = set(graph.tensors()) | {n.name for n in graph.nodes}

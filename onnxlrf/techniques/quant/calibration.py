@@ -18,18 +18,18 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization.calibrate import EntropyCalibrater, MinMaxCalibrater, PercentileCalibrater
 
 from ...data import Dataset, graph_inputs
 from ...errors import OnnxlrfError, first_line
-from ...onnx_io import save_onnx
 from ...graph.quantizable import QuantLayer
+from ...onnx_io import save_onnx
 from ...planning.plan import Plan
 from ...progress import ProgressLike, as_progress
-from .rewrite import quantized_activations
+from ...runtime.sessions import make_session
 from .grid import dequantize_per_channel, quantize_per_channel, round_activation
+from .rewrite import quantized_activations
 from .smoothing import ALPHAS, apply_smoothing, smoothing_groups, smoothing_scales, weight_rows
 
 CALIBRATION_METHODS = {"minmax": MinMaxCalibrater, "percentile": PercentileCalibrater, "entropy": EntropyCalibrater}
@@ -144,18 +144,14 @@ def _channel_statistics(model: onnx.ModelProto, calib: Dataset, tensors: list[st
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
     sampled: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
-    with tempfile.TemporaryDirectory(prefix="onnxlrf-smooth-") as tmp, contextlib.redirect_stdout(io.StringIO()):
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(save_onnx(probe, Path(tmp) / "probe.onnx")), options,
-                                       providers=["CPUExecutionProvider"])
-        for start, stop in batches:
-            values = session.run(tensors, {name: calib.inputs[name][start:stop] for name in names})
-            for name, value in zip(tensors, values):
-                rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
-                low[name] = np.minimum(low[name], rows.min(0)) if name in low else rows.min(0)
-                high[name] = np.maximum(high[name], rows.max(0)) if name in high else rows.max(0)
-                sampled[name].append(rows[rng.choice(len(rows), min(len(rows), quota), replace=False)])
+    session = make_session(probe, providers=["CPUExecutionProvider"])
+    for start, stop in batches:
+        values = session.run(tensors, {name: calib.inputs[name][start:stop] for name in names})
+        for name, value in zip(tensors, values):
+            rows = np.asarray(value, dtype=np.float32).reshape(-1, value.shape[-1])
+            low[name] = np.minimum(low[name], rows.min(0)) if name in low else rows.min(0)
+            high[name] = np.maximum(high[name], rows.max(0)) if name in high else rows.max(0)
+            sampled[name].append(rows[rng.choice(len(rows), min(len(rows), quota), replace=False)])
     return {name: (low[name], high[name], np.concatenate(sampled[name])) for name in tensors}
 
 
@@ -172,7 +168,7 @@ def _output_error(inputs: np.ndarray, low: np.ndarray, high: np.ndarray, layers:
     return error
 
 
-def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str, min_weight_bits: int = 2,
+def search_smoothing(model: onnx.ModelProto, plan: Plan, calib: Dataset, runtime: str, min_weight_bits: int = 0,
                      progress: ProgressLike = None) -> Plan:
     """``plan`` with ``smoothing`` for each tensor of :func:`smoothing_groups` whose readers all have at least
     ``min_weight_bits`` and whose quantized outputs some alpha of :data:`ALPHAS` brings closer to the float ones

@@ -46,7 +46,7 @@ from onnx import numpy_helper, version_converter
 from ...errors import OnnxlrfError, first_line
 from ...graph.layers import constant_producers, dequantized_weights
 from ...graph.quantizable import QuantLayer, find_quantizable
-from ...onnx_io import default_opset, unique_name
+from ...onnx_io import copy_model, default_opset, keep_model_fields, unique_name
 from ...planning.plan import Plan, QuantEntry, validate_plan
 from ...progress import ProgressLike, as_progress
 from ..base import RewritePass, RewriteReport
@@ -167,7 +167,7 @@ def raise_opset(model: onnx.ModelProto, opset: int, why: str) -> onnx.ModelProto
     rewrite needs it."""
     current = default_opset(model)
     if current >= opset:
-        return _copy(model)
+        return copy_model(model)
     try:
         return version_converter.convert_version(model, opset)
     except Exception as exc:  # the converter raises RuntimeError/ConvertError with adapter names
@@ -291,7 +291,7 @@ class QDQRewrite(RewritePass):
         for init in result.graph.initializer:
             if init.name in int4:
                 init.CopyFrom(numpy_helper.from_array(int4[init.name].astype(ml_dtypes.int4), init.name))
-        _keep_model_fields(work, result)
+        keep_model_fields(work, result)
         return result, report
 
     def _quantize_activation(self, graph: gs.Graph, nodes: dict, tensors: dict, site: ActivationSite, low: float,
@@ -453,24 +453,6 @@ def check_tensorrt_form(model: onnx.ModelProto) -> None:
                         and axis != WEIGHT_AXES[reader.op_type]:
                     raise OnnxlrfError(f"TensorRT form: {node.name!r} has per-channel axis {axis} for a "
                                        f"{reader.op_type} weight (TensorRT takes {WEIGHT_AXES[reader.op_type]})")
-
-
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    work = onnx.ModelProto()
-    work.CopyFrom(model)  # graphsurgeon keeps lazy references to the tensors it imports
-    return work
-
-
-def _keep_model_fields(source: onnx.ModelProto, result: onnx.ModelProto) -> None:
-    """What graphsurgeon does not carry: IR version, opsets, producer, metadata and functions of ``source``."""
-    result.ir_version = source.ir_version
-    del result.opset_import[:]
-    result.opset_import.extend(source.opset_import)
-    result.producer_name, result.producer_version = source.producer_name, source.producer_version
-    del result.metadata_props[:]
-    result.metadata_props.extend(source.metadata_props)
-    del result.functions[:]
-    result.functions.extend(source.functions)
 
 
 def _constant(name: str, value: np.ndarray | np.generic, taken: set[str]) -> gs.Constant:

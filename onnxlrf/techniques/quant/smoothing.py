@@ -8,8 +8,8 @@ multiplying row ``j`` of the weight (its input channel) by ``s_j`` computes the 
     s_j = max|x_j|^alpha / max|w_j|^(1 - alpha)
 
 (``max|w_j|`` over every layer that reads the tensor) the activation narrows and the weight, quantized per
-output channel, widens. ``alpha`` is searched per input tensor (:func:`~.calibration.search_smoothing`) among :data:`ALPHAS` and no smoothing, by the
-squared error of its readers' outputs quantized as the rewrite quantizes them (the calibrated range the minmax
+output channel, widens. ``alpha`` is searched per input tensor (:func:`~.calibration.search_smoothing`) among
+:data:`ALPHAS` and no smoothing, by the squared error of its readers' outputs quantized as the rewrite quantizes them (the calibrated range the minmax
 calibrator measures, the runtime's activation grid, each layer's weight bits per channel) against the float
 outputs, on rows of the calibration split. The plan records each smoothed tensor's ``alpha`` and the per-channel
 ``max|x_j|`` it was searched on (``Plan.smoothing``); :func:`apply_smoothing` computes ``s`` from them and the
@@ -21,7 +21,6 @@ it; other readers keep ``x``) and stores ``s * W``: the float function is unchan
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -29,11 +28,11 @@ import onnx_graphsurgeon as gs
 from ...errors import OnnxlrfError
 from ...graph.layers import constant_producers
 from ...graph.quantizable import QuantLayer, find_quantizable
-from ...onnx_io import unique_name
+from ...onnx_io import copy_model, keep_model_fields, unique_name
 from ...planning.plan import Plan, QuantEntry
 
-__all__ = ["ALPHAS", "SMOOTHINGS", "W8A8_WEIGHT_BITS", "apply_smoothing", "check_smoothing", "smoothing_groups", "smoothing_scales",
-           "weight_rows"]
+__all__ = ["ALPHAS", "SMOOTHINGS", "W8A8_WEIGHT_BITS", "apply_smoothing", "check_smoothing", "smoothing_groups",
+           "smoothing_scales", "weight_rows"]
 
 # auto: the inputs of W8A8 layers (weights of at least W8A8_WEIGHT_BITS: 8, or 7 where the range is reduced); on:
 # those of every layer with int8 activations; off: none. Below 7 bits the weights carry the error smoothing moves
@@ -83,12 +82,10 @@ def smoothing_scales(absmax: np.ndarray, rows: list[np.ndarray], alpha: float) -
     return scales.astype(np.float32)
 
 
-def check_smoothing(model: onnx.ModelProto, plan: Plan) -> None:
-    """Raise OnnxlrfError unless every smoothed tensor of ``plan`` is one :func:`smoothing_groups` allows, with a
+def check_smoothing(model: onnx.ModelProto, plan: Plan) -> dict[str, list[QuantLayer]]:
+    """:func:`smoothing_groups`; raise OnnxlrfError unless every smoothed tensor of ``plan`` is one of them, with a
     ``channel_absmax`` per input channel."""
-    if not plan.smoothing:
-        return
-    groups = smoothing_groups(model, plan)
+    groups = smoothing_groups(model, plan) if plan.smoothing else {}
     for tensor, smoothing in plan.smoothing.items():
         if tensor not in groups:
             raise OnnxlrfError(f"plan smooths tensor {tensor!r}, which no W8A8 Gemm/MatMul entry with per-channel "
@@ -97,6 +94,7 @@ def check_smoothing(model: onnx.ModelProto, plan: Plan) -> None:
         if len(smoothing["channel_absmax"]) != channels:
             raise OnnxlrfError(f"plan smoothing of {tensor!r} has {len(smoothing['channel_absmax'])} channel_absmax "
                                f"values; its readers have {channels} input channels")
+    return groups
 
 
 def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
@@ -104,10 +102,8 @@ def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     read ``Mul(x, 1/s)`` and store ``s * W`` (names: ``<x>/smoothed``, ``<x>/Smooth``; see the module doc)."""
     if not plan.smoothing:
         return model
-    check_smoothing(model, plan)
-    groups = smoothing_groups(model, plan)
-    work = onnx.ModelProto()
-    work.CopyFrom(model)  # graphsurgeon keeps lazy references to the tensors it imports
+    groups = check_smoothing(model, plan)
+    work = copy_model(model)
     graph = gs.import_onnx(work)
     nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
@@ -115,7 +111,8 @@ def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
     for tensor in sorted(plan.smoothing):
         layers = groups[tensor]
         rows = [weight_rows(work, layer) for layer in layers]
-        scales = smoothing_scales(np.asarray(plan.smoothing[tensor]["channel_absmax"]), rows, plan.smoothing[tensor]["alpha"])
+        smoothing = plan.smoothing[tensor]
+        scales = smoothing_scales(np.asarray(smoothing["channel_absmax"]), rows, smoothing["alpha"])
         for layer, weight in zip(layers, rows):
             scaled = weight * scales[:, None]
             tensors[layer.weight].values = np.ascontiguousarray(scaled if layer.reduction_axis == 0 else scaled.T)
@@ -127,10 +124,5 @@ def apply_smoothing(model: onnx.ModelProto, plan: Plan) -> onnx.ModelProto:
             nodes[layer.node].inputs[0] = smoothed
     graph.toposort()
     result = gs.export_onnx(graph, do_type_check=False)
-    for field_name in ("ir_version", "producer_name", "producer_version"):
-        setattr(result, field_name, getattr(work, field_name))
-    del result.opset_import[:]
-    result.opset_import.extend(work.opset_import)
-    del result.metadata_props[:]
-    result.metadata_props.extend(work.metadata_props)
+    keep_model_fields(work, result)
     return result
